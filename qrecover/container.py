@@ -1,0 +1,220 @@
+"""The outer archive: a concatenation of small tar archives, read in one pass.
+
+Qubes appended each chunk and each ``.hmac`` to the backup as its own
+``tar -cO --posix`` archive, so the file holds many end-of-archive markers
+(the recovery page's ``tar -i``).  qrecover reads it as a stream, never
+seeking, so a backup can come from a pipe (``ssh host cat backup |``).  A
+folder that a person already untarred by hand (the page's step 1) is read in
+the same order.
+
+Member names come from the backup and are checked before any use: relative,
+ASCII, no ``..``, and only the shapes Qubes wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from qrecover.errors import BackupError, UsageError
+
+HEADER = "backup-header"
+HEADER_HMAC = "backup-header.hmac"
+QUBES_XML = "qubes.xml"
+READ_SIZE = 1024 * 1024
+MAX_NAME = 512
+
+# One path component of a stored name: what Qubes' file and VM names look like.
+_COMPONENT = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
+# NAME.NNN or NAME.NNN.hmac; "%03d" numbering, so chunk 1000 is NAME.1000.
+_CHUNK = re.compile(r"^(?P<stored>.+)\.(?P<index>[0-9]{3,})(?P<hmac>\.hmac)?$")
+
+
+@dataclass(frozen=True, order=True)
+class ChunkName:
+    """``vm7/private.img.012`` parsed: stored file, index, whether it is the .hmac."""
+
+    stored: str
+    index: int
+    is_hmac: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.stored}.{self.index:03d}" + (".hmac" if self.is_hmac else "")
+
+    @property
+    def data_name(self) -> str:
+        return f"{self.stored}.{self.index:03d}"
+
+
+def validate_stored_name(stored: str) -> None:
+    """A stored file's name, e.g. ``vm7/private.img``, ``vm3/.``, ``dom0-home/user``."""
+    parts = stored.split("/")
+    if not 1 <= len(parts) <= 3:
+        raise ValueError("unexpected depth")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        # A template's whole directory is stored under the name ".".
+        if last and part == "." and len(parts) > 1:
+            continue
+        if part in ("", ".", "..") or not _COMPONENT.match(part):
+            raise ValueError(f"bad path component {part!r}")
+
+
+def parse_member_name(name: str) -> ChunkName | None:
+    """Parse and validate an outer member name.
+
+    Returns None for the two header members; raises BackupError for anything
+    that is not a shape Qubes wrote (absolute paths, ``..``, control
+    characters, non-ASCII, non-canonical chunk numbers).
+    """
+    shown = name.encode("ascii", "backslashreplace").decode("ascii")
+    if len(name) > MAX_NAME or not name.isascii() or not name.isprintable():
+        raise BackupError(f"outer archive: refusing member name {shown[:120]!r}")
+    if name in (HEADER, HEADER_HMAC):
+        return None
+    match = _CHUNK.match(name)
+    if match is None or name.startswith("/"):
+        raise BackupError(f"outer archive: unexpected member {shown!r} (not a Qubes chunk name)")
+    digits = match.group("index")
+    index = int(digits)
+    if digits != f"{index:03d}":
+        raise BackupError(f"outer archive: non-canonical chunk number in {shown!r}")
+    stored = match.group("stored")
+    try:
+        validate_stored_name(stored)
+    except ValueError as exc:
+        raise BackupError(f"outer archive: refusing member {shown!r}: {exc}") from None
+    return ChunkName(stored, index, match.group("hmac") is not None)
+
+
+@dataclass
+class Member:
+    """One file of the backup, readable once, in order."""
+
+    name: str
+    size: int
+    stream: IO[bytes] | None = None  # for a member of a stream
+    path: Path | None = None  # for a file of an untarred folder
+
+    def open(self) -> IO[bytes]:
+        if self.stream is not None:
+            return self.stream
+        assert self.path is not None
+        return self.path.open("rb")
+
+    def read_all(self, limit: int) -> bytes:
+        """The whole member, refused when larger than ``limit``."""
+        if self.size > limit:
+            raise BackupError(f"{self.name}: {self.size} bytes, more than the {limit} allowed")
+        with self.open() as f:
+            data = f.read(limit + 1)
+        if len(data) != self.size:
+            raise BackupError(f"{self.name}: truncated ({len(data)} of {self.size} bytes)")
+        return data
+
+
+class StreamSource:
+    """Members of a (possibly concatenated) tar stream: a file or a pipe."""
+
+    def __init__(self, fileobj: BinaryIO, label: str) -> None:
+        self.fileobj = fileobj
+        self.label = label
+
+    def members(self) -> Iterator[Member]:
+        try:
+            archive = tarfile.open(  # noqa: SIM115 - closed in the finally below
+                fileobj=self.fileobj, mode="r|", ignore_zeros=True, bufsize=READ_SIZE
+            )
+        except tarfile.ReadError:
+            raise BackupError(
+                f"{self.label}: empty, or not a tar archive (a Qubes backup is one)"
+            ) from None
+        try:
+            while True:
+                try:
+                    info = archive.next()
+                except tarfile.ReadError as exc:
+                    raise BackupError(
+                        f"{self.label}: outer archive is damaged or truncated ({exc})"
+                    ) from None
+                except EOFError:
+                    raise BackupError(
+                        f"{self.label}: stream ended inside a member (truncated backup)"
+                    ) from None
+                if info is None:
+                    return
+                if info.isdir():
+                    continue
+                if not info.isreg():
+                    raise BackupError(f"outer archive: member {info.name!r} is not a regular file")
+                stream = archive.extractfile(info)
+                assert stream is not None
+                yield Member(info.name, info.size, stream=stream)
+        finally:
+            archive.close()
+
+
+def _chunk_sort_key(name: str) -> tuple[int, str, int, int]:
+    if name == HEADER:
+        return (0, "", 0, 0)
+    if name == HEADER_HMAC:
+        return (0, "", 0, 1)
+    match = _CHUNK.match(name)
+    if match is None:
+        return (3, name, 0, 0)
+    stored = match.group("stored")
+    # qubes.xml first, then stored files by name; chunks in numeric order,
+    # each followed by its .hmac (so .999 then .1000, never the glob's order).
+    rank = 1 if stored == QUBES_XML else 2
+    return (rank, stored, int(match.group("index")), 1 if match.group("hmac") else 0)
+
+
+class FolderSource:
+    """A backup a person already untarred (``tar -i -xf backup`` into a folder)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def members(self) -> Iterator[Member]:
+        names: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for filename in filenames:
+                rel = filename if rel_dir == "." else f"{rel_dir}/{filename}"
+                names.append(rel)
+        if HEADER not in names:
+            raise BackupError(
+                f"{self.root}: no backup-header in this folder (is it an untarred Qubes backup?)"
+            )
+        for name in sorted(names, key=_chunk_sort_key):
+            path = self.root / name
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                raise BackupError(f"{path}: not a regular file")
+            yield Member(name, st.st_size, path=path)
+
+
+def open_source(backup: str) -> StreamSource | FolderSource:
+    """BACKUP as given on the command line: a file, ``-`` for stdin, or a folder."""
+    import sys
+
+    if backup == "-":
+        return StreamSource(sys.stdin.buffer, "standard input")
+    path = Path(backup)
+    if path.is_dir():
+        return FolderSource(path)
+    try:
+        fileobj = path.open("rb")
+    except FileNotFoundError:
+        raise UsageError(f"{backup}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"{backup}: cannot open ({exc.strerror})") from None
+    return StreamSource(fileobj, str(path))

@@ -1,0 +1,176 @@
+"""qubes.xml: which VMs a backup holds, and where their files are stored.
+
+Only VMs with ``backup_content="True"`` have data in the backup; their
+``backup_path`` (``vm7`` when names were hidden, ``appvms/work`` otherwise,
+``dom0-home/USER`` for dom0) is the prefix of their stored files.  Every name
+and path read here ends up in a file system path, so each is validated.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from qrecover.container import validate_stored_name
+from qrecover.errors import BackupError, UsageError
+
+DOM0 = "dom0"
+DOM0_HOME = "dom0-home"
+MAX_XML = 64 * 1024 * 1024
+
+# Qubes' own rule for VM names (qubes.utils / qvm-create), a little wider.
+_VM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+# Names that would collide with what qrecover itself writes into DIR.
+_RESERVED = {"qubes.xml", DOM0_HOME}
+
+_R3_TYPES = {
+    "QubesAdminVm": "AdminVM",
+    "QubesAppVm": "AppVM",
+    "QubesTemplateVm": "TemplateVM",
+    "QubesNetVm": "NetVM",
+    "QubesProxyVm": "ProxyVM",
+    "QubesHVm": "HVM",
+    "QubesTemplateHVm": "TemplateHVM",
+    "QubesDisposableVm": "DispVM",
+}
+
+
+@dataclass(frozen=True)
+class Entity:
+    """Something a user can restore: one VM's files, or dom0's home."""
+
+    name: str  # the VM's name; "dom0" for dom0's home
+    type: str  # AppVM, TemplateVM, NetVM, ... ("AdminVM" for dom0)
+    template: str | None
+    backup_path: str
+    size: int
+    dest: str  # where it lands inside the output folder: "work", "dom0-home/user"
+
+    def owns(self, stored: str) -> bool:
+        return stored == self.backup_path or stored.startswith(self.backup_path + "/")
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "template": self.template,
+            "backup_path": self.backup_path,
+            "size": self.size,
+        }
+
+
+@dataclass(frozen=True)
+class Inventory:
+    entities: tuple[Entity, ...]
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entities]
+
+    def owner(self, stored: str) -> Entity | None:
+        for entity in self.entities:
+            if entity.owns(stored):
+                return entity
+        return None
+
+    def select(self, names: Sequence[str]) -> tuple[Entity, ...]:
+        """The entities named (all when none are); unknown names are a usage error."""
+        if not names:
+            return self.entities
+        known = {e.name: e for e in self.entities}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            available = ", ".join(self.names()) or "(none)"
+            raise UsageError(f"not in this backup: {', '.join(unknown)}; available: {available}")
+        return tuple(known[n] for n in dict.fromkeys(names))
+
+
+def _refuse_dtd(data: bytes) -> None:
+    # qubes.xml never had a DTD; a DOCTYPE or ENTITY here can only be an
+    # attack on the parser (billion laughs, external entities).
+    head = data.upper()
+    if b"<!DOCTYPE" in head or b"<!ENTITY" in head:
+        raise BackupError("qubes.xml: contains a DOCTYPE/ENTITY declaration; refused")
+
+
+def _size(value: str | None) -> int:
+    if value is None or not value.isdigit():
+        return 0
+    return int(value)
+
+
+def _check_path(name: str, path: str) -> str:
+    try:
+        validate_stored_name(path)
+    except ValueError as exc:
+        raise BackupError(
+            f"qubes.xml: VM {name!r} has an unsafe backup_path {path!r}: {exc}"
+        ) from None
+    if path.endswith("/.") or len(path.split("/")) > 2:
+        raise BackupError(f"qubes.xml: VM {name!r} has an unexpected backup_path {path!r}")
+    return path
+
+
+def parse_inventory(data: bytes) -> Inventory:
+    """Parse qubes.xml (R2/R3 ``QubesVmCollection`` form)."""
+    if len(data) > MAX_XML:
+        raise BackupError("qubes.xml: larger than any real qubes.xml")
+    _refuse_dtd(data)
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise BackupError(f"qubes.xml: not well-formed XML ({exc})") from None
+    if root.tag != "QubesVmCollection":
+        raise BackupError(
+            f"qubes.xml: unexpected root element <{root.tag[:40]}> "
+            "(expected QubesVmCollection, the R2/R3 form)"
+        )
+    by_qid: dict[str, str] = {}
+    for elem in root:
+        qid, name = elem.get("qid"), elem.get("name")
+        if qid is not None and name is not None:
+            by_qid[qid] = name
+    entities: list[Entity] = []
+    for elem in root:
+        if elem.get("backup_content") != "True":
+            continue
+        name = elem.get("name") or ""
+        path = elem.get("backup_path") or ""
+        vm_type = _R3_TYPES.get(elem.tag, elem.tag.removeprefix("Qubes"))
+        if elem.tag == "QubesAdminVm" or name == DOM0:
+            _check_path(DOM0, path)
+            user = path.split("/")[-1]
+            if not path.startswith(DOM0_HOME + "/") or not _USER_NAME.match(user):
+                raise BackupError(f"qubes.xml: dom0 has an unexpected backup_path {path!r}")
+            entities.append(
+                Entity(
+                    DOM0,
+                    "AdminVM",
+                    None,
+                    path,
+                    _size(elem.get("backup_size")),
+                    f"{DOM0_HOME}/{user}",
+                )
+            )
+            continue
+        if not _VM_NAME.match(name) or name in _RESERVED:
+            raise BackupError(f"qubes.xml: refusing VM name {name[:80]!r}")
+        _check_path(name, path)
+        template = by_qid.get(elem.get("template_qid") or "")
+        entities.append(Entity(name, vm_type, template, path, _size(elem.get("backup_size")), name))
+    seen: set[str] = set()
+    for entity in entities:
+        for key in (entity.name, entity.backup_path):
+            if key in seen:
+                raise BackupError(f"qubes.xml: {key!r} appears twice")
+            seen.add(key)
+    for entity in entities:
+        for other in entities:
+            if other is not entity and other.owns(entity.backup_path):
+                raise BackupError(
+                    f"qubes.xml: backup_path {entity.backup_path!r} lies "
+                    f"inside {other.backup_path!r}"
+                )
+    return Inventory(tuple(entities))

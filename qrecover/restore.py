@@ -1,0 +1,754 @@
+"""One streaming pass over a backup: verify, decrypt, decompress, extract.
+
+The order is the recovery page's, done for every stored file in turn:
+
+1. read ``backup-header`` and ``backup-header.hmac`` (step 1), authenticate
+   the header before reading it (step 2), parse it (step 3);
+2. for each stored file (``qubes.xml`` first), take its chunks in numeric
+   order; copy each to private scratch while computing its HMAC, compare
+   with its ``.hmac`` (step 4), and only then let ``cat`` feed it into the
+   stored file's one ``openssl enc -d | gzip -d | tar -x`` pipeline
+   (steps 5-7).  While ``cat`` feeds chunk N, chunk N+1 is read and
+   verified, so scratch holds at most two chunks whatever the backup's size.
+3. a stored file that fails stops there: what its pipeline already wrote is
+   kept only as ``NAME.partial``; the other stored files go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal, Protocol
+
+from qrecover.container import (
+    HEADER,
+    HEADER_HMAC,
+    QUBES_XML,
+    READ_SIZE,
+    ChunkName,
+    FolderSource,
+    Member,
+    StreamSource,
+    parse_member_name,
+)
+from qrecover.decompress import decompress_stage
+from qrecover.decrypt import decrypt_stage
+from qrecover.errors import BackupError, MissingProgramError, OutputError, QrecoverError
+from qrecover.extract import extract_stage, list_stage, qubes_xml_stage
+from qrecover.header import MAX_HEADER, BackupHeader, read_header
+from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
+from qrecover.runner import (
+    PASS_ENV,
+    Pipeline,
+    Stage,
+    StageResult,
+    announce,
+    control,
+    first_failure,
+    render_pipeline,
+    which,
+)
+from qrecover.verify import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
+
+Mode = Literal["info", "verify", "restore"]
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1024 * 1024
+PARTIAL = ".partial"
+# Messages from a stage that mean the output side failed, not the backup.
+_OUTPUT_TROUBLE = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Permission denied",
+)
+
+
+@dataclass
+class Request:
+    mode: Mode
+    vms: Sequence[str] = ()
+    output: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class FileResult:
+    """What became of one stored file."""
+
+    stored: str
+    owner: str  # VM name, "dom0", or "" for qubes.xml
+    chunks: int = 0
+    stored_bytes: int = 0
+    restored_bytes: int = 0
+    members: int = 0
+    places: list[Path] = field(default_factory=list)
+    error: str | None = None
+    output_trouble: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Report:
+    header: BackupHeader | None = None
+    inventory: Inventory | None = None
+    selected: tuple[Entity, ...] = ()
+    files: list[FileResult] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # not tied to one stored file
+    output: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(f.ok for f in self.files)
+
+
+class Observer(Protocol):
+    def file_done(self, result: FileResult) -> None: ...
+
+
+class _Quiet:
+    def file_done(self, result: FileResult) -> None:
+        pass
+
+
+class _Truncated(BackupError):
+    """The stream ended, or broke, inside a member."""
+
+
+class _Peekable:
+    """Members one at a time; a broken stream ends it and is remembered."""
+
+    def __init__(self, it: Iterator[Member]) -> None:
+        self._it = it
+        self._next: Member | None = None
+        self._done = False
+        self.error: BackupError | None = None
+
+    def peek(self) -> Member | None:
+        if self._next is None and not self._done:
+            try:
+                self._next = next(self._it)
+            except StopIteration:
+                self._done = True
+            except BackupError as exc:
+                self.stop(exc)
+        return self._next
+
+    def take(self) -> Member | None:
+        member = self.peek()
+        self._next = None
+        return member
+
+    def stop(self, error: BackupError) -> None:
+        self._done = True
+        self._next = None
+        if self.error is None:
+            self.error = error
+
+    def require(self, what: str) -> Member:
+        member = self.peek()
+        if member is None:
+            if self.error is not None:
+                raise self.error
+            raise BackupError(f"{what} is missing: the backup ends before it")
+        return member
+
+
+def _is_output_trouble(text: str) -> bool:
+    return any(marker in text for marker in _OUTPUT_TROUBLE)
+
+
+def _tree_size(path: Path) -> int:
+    st = path.lstat()
+    if not path.is_dir() or path.is_symlink():
+        return st.st_size
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+class Output:
+    """The output folder: checks before writing, and placing finished files."""
+
+    def __init__(self, root: Path, force: bool) -> None:
+        self.root = root
+        self.force = force
+        self.created = False
+
+    def prepare(self) -> None:
+        if self.root.is_symlink() and not self.root.is_dir():
+            raise OutputError(f"{self.root}: is a dangling symbolic link")
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"{self.root}: exists and is not a folder")
+        if not self.root.exists():
+            try:
+                self.root.mkdir(parents=True)
+            except OSError as exc:
+                raise OutputError(f"{self.root}: cannot create ({exc.strerror})") from None
+            self.created = True
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise OutputError(f"{self.root}: not writable")
+
+    def dest(self, rel: str) -> Path:
+        return self.root / rel
+
+    def conflicts(self, rels: Sequence[str]) -> list[Path]:
+        return [self.root / rel for rel in rels if os.path.lexists(self.root / rel)]
+
+    def ensure_dir(self, rel: str) -> Path:
+        """Create DIR/rel, refusing any component that is not a plain folder."""
+        path = self.root
+        for part in Path(rel).parts:
+            path = path / part
+            if path.is_symlink():
+                raise OutputError(f"{path}: is a symbolic link; refusing to write through it")
+            if not path.exists():
+                try:
+                    path.mkdir()
+                except OSError as exc:
+                    raise OutputError(f"{path}: cannot create ({exc.strerror})") from None
+            elif not path.is_dir():
+                raise OutputError(f"{path}: exists and is not a folder")
+        return path
+
+    def place(self, entry: Path, folder: Path, partial: bool) -> Path:
+        """Move a finished (or, with ``partial``, failed) entry to its place."""
+        target = folder / (entry.name + (PARTIAL if partial else ""))
+        if partial:
+            n = 1
+            while os.path.lexists(target):
+                target = folder / f"{entry.name}{PARTIAL}.{n}"
+                n += 1
+        elif os.path.lexists(target):
+            if not self.force:
+                raise OutputError(f"{target}: already exists (use --force to replace it)")
+            _remove(target)
+        os.rename(entry, target)
+        return target
+
+    def write_file(self, rel: str, data: bytes) -> Path:
+        """Write a small file completely under a temporary name, then rename."""
+        target = self.root / rel
+        if os.path.lexists(target) and not self.force:
+            raise OutputError(f"{target}: already exists (use --force to replace it)")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            if target.is_dir() and not target.is_symlink():
+                raise OutputError(f"{target}: is a folder")
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return target
+
+
+@dataclass
+class _Sink:
+    """Where a stored file's inner archive goes."""
+
+    kind: Literal["capture", "list", "extract"]
+    staging: Path | None = None
+    strip: int = 0
+    folder_rel: str = ""
+
+
+class _StoredFile:
+    """One stored file's pipeline, fed chunk by chunk."""
+
+    def __init__(self, engine: Recovery, stored: str, owner: str, sink: _Sink) -> None:
+        self.engine = engine
+        self.stored = stored
+        self.sink = sink
+        self.result = FileResult(stored, owner)
+        self.pipeline: Pipeline | None = None
+        self.feed_w: int | None = None
+        self.out_file: IO[bytes] | None = None
+        self.cat: Pipeline | None = None
+        self.cat_path: Path | None = None
+        self.cat_owned = False
+
+    def stages(self) -> list[Stage]:
+        header = self.engine.header
+        assert header is not None
+        stages = [s for s in (decrypt_stage(header), decompress_stage(header)) if s is not None]
+        if self.sink.kind == "capture":
+            stages.append(qubes_xml_stage())
+        elif self.sink.kind == "list":
+            stages.append(list_stage())
+        else:
+            assert self.sink.staging is not None
+            stages.append(extract_stage(self.sink.staging, self.sink.strip))
+        return stages
+
+    def _start(self) -> None:
+        stages = self.stages()
+        read_end, self.feed_w = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.feed_w, F_SETPIPE_SZ, PIPE_SIZE)
+        if self.sink.kind != "extract":
+            self.out_file = tempfile.TemporaryFile(dir=self.engine.scratch)  # noqa: SIM115
+        announce(
+            render_pipeline(stages, stdin=f"<chunks of {self.stored}>")
+            if self.sink.kind != "capture"
+            else render_pipeline(stages)
+        )
+        try:
+            self.pipeline = Pipeline(
+                stages,
+                stdin=read_end,
+                stdout=self.out_file,
+                secrets={PASS_ENV: self.engine.passphrase},
+                scratch=self.engine.scratch,
+            ).start()
+        finally:
+            os.close(read_end)
+
+    def _reap_cat(self) -> None:
+        if self.cat is None:
+            return
+        (result,) = self.cat.wait()
+        if self.cat_owned and self.cat_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.cat_path.unlink()
+        self.cat = None
+        if not result.ok and self.result.error is None:
+            # Usually a consequence: the pipeline died and cat hit a closed pipe.
+            self.result.error = f"feeding {self.cat_path}: {result.describe()}"
+
+    def feed(self, path: Path, owned: bool) -> None:
+        """Queue a verified chunk; returns while cat is still feeding it."""
+        if self.pipeline is None:
+            self._start()
+        self._reap_cat()
+        assert self.feed_w is not None
+        stage = Stage(("cat", str(path)))
+        announce(stage.render() + f"  # into the pipeline of {self.stored}")
+        self.cat = Pipeline(
+            [stage], stdin=subprocess.DEVNULL, stdout=self.feed_w, scratch=self.engine.scratch
+        ).start()
+        self.cat_path = path
+        self.cat_owned = owned
+
+    def fail(self, message: str, output_trouble: bool = False) -> None:
+        if self.result.error is None:
+            self.result.error = message
+            self.result.output_trouble = output_trouble
+
+    def kill(self) -> None:
+        for running in (self.cat, self.pipeline):
+            if running is not None:
+                running.kill()
+        if self.feed_w is not None:
+            os.close(self.feed_w)
+            self.feed_w = None
+
+    def finish(self) -> FileResult:
+        """Close the feed, wait for every stage, and place (or keep as partial)."""
+        self._reap_cat()
+        if self.feed_w is not None:
+            os.close(self.feed_w)
+            self.feed_w = None
+        results: list[StageResult] = []
+        if self.pipeline is not None:
+            results = self.pipeline.wait()
+        elif self.result.error is None:
+            self.fail(f"{self.stored}: no chunk of it could be used")
+        failure = first_failure(results)
+        if failure is not None:
+            trouble = _is_output_trouble(failure.stderr)
+            cat_error = self.result.error is not None and self.result.error.startswith("feeding")
+            if cat_error:
+                self.result.error = None
+            self.fail(f"{self.stored}: {failure.describe()}", output_trouble=trouble)
+        if self.out_file is not None:
+            self.out_file.seek(0)
+        if self.sink.kind == "list" and self.out_file is not None:
+            self.result.members = sum(1 for _ in self.out_file)
+        if self.sink.kind == "extract":
+            self._place()
+        return self.result
+
+    def _place(self) -> None:
+        output = self.engine.output
+        staging = self.sink.staging
+        assert output is not None and staging is not None
+        entries = sorted(staging.iterdir()) if staging.exists() else []
+        if not entries:
+            if self.result.ok:
+                self.fail(f"{self.stored}: its archive held nothing to restore")
+            return
+        folder = output.ensure_dir(self.sink.folder_rel)
+        for entry in entries:
+            size = _tree_size(entry)
+            try:
+                self.result.places.append(output.place(entry, folder, partial=not self.result.ok))
+            except OutputError as exc:
+                self.fail(str(exc), output_trouble=True)
+                self.result.places.append(output.place(entry, folder, partial=True))
+            self.result.restored_bytes += size
+        with contextlib.suppress(OSError):
+            staging.rmdir()
+
+
+class Recovery:
+    """The whole procedure for one backup; ``run()`` returns a Report."""
+
+    def __init__(
+        self,
+        source: StreamSource | FolderSource,
+        passphrase: str,
+        request: Request,
+        observer: Observer | None = None,
+    ) -> None:
+        self.source = source
+        self.passphrase = passphrase
+        self.key = passphrase.encode("utf-8")
+        self.request = request
+        self.observer: Observer = observer or _Quiet()
+        self.header: BackupHeader | None = None
+        self.output: Output | None = None
+        self.scratch: Path | None = None
+        self.report = Report(output=request.output)
+        self._seen: set[str] = set()
+        self._stage_n = 0
+        self._active: _StoredFile | None = None
+
+    # -- the pass -----------------------------------------------------------
+
+    def run(self) -> Report:
+        members = _Peekable(self.source.members())
+        try:
+            self.header = self._read_header(members)
+            self.report.header = self.header
+            self._check_programs(self.header)
+            if self.request.mode == "restore":
+                assert self.request.output is not None
+                self.output = Output(self.request.output, self.request.force)
+                self.output.prepare()
+                self.scratch = Path(tempfile.mkdtemp(prefix=".qrecover-", dir=self.output.root))
+            else:
+                self.scratch = Path(tempfile.mkdtemp(prefix="qrecover-"))
+            xml = self._read_qubes_xml(members)
+            inventory = parse_inventory(xml)
+            self.report.inventory = inventory
+            selected = inventory.select(self.request.vms)
+            self.report.selected = selected
+            if self.request.mode == "info":
+                return self.report
+            if self.output is not None:
+                self._check_conflicts(selected)
+                self.output.write_file(QUBES_XML, xml)
+            self._stream(members, inventory, selected)
+        except BaseException:
+            if self._active is not None:
+                self._active.kill()
+            raise
+        finally:
+            self._cleanup()
+        return self.report
+
+    def _cleanup(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+        if self.output is not None and self.output.created:
+            with contextlib.suppress(OSError):
+                self.output.root.rmdir()  # only if we made it and nothing landed
+
+    def _read_header(self, members: _Peekable) -> BackupHeader:
+        if members.peek() is None and members.error is None:
+            raise BackupError("the backup is empty (no members): not a Qubes backup")
+        first = members.require("backup-header")
+        members.take()
+        if first.name != HEADER:
+            name = first.name.encode("ascii", "backslashreplace").decode()[:80]
+            if name.startswith("qubes.xml.000"):
+                raise BackupError(
+                    "no backup-header: this looks like a format 2 backup "
+                    "(Qubes R2 beta), which qrecover does not read"
+                )
+            raise BackupError(
+                f"the backup does not start with backup-header (found {name!r}): "
+                "not a Qubes backup of format 3"
+            )
+        data = first.read_all(MAX_HEADER)
+        second = members.require("backup-header.hmac")
+        if second.name != HEADER_HMAC:
+            raise BackupError("backup-header.hmac is missing: the header cannot be verified")
+        members.take()
+        hmac_text = second.read_all(MAX_HMAC_FILE)
+        header = read_header(data, hmac_text, self.key)
+        announce(
+            f'openssl dgst {header.digest.openssl_flag} -hmac "${PASS_ENV}" '
+            f"< {HEADER}  # done in-process: matches {HEADER_HMAC}"
+        )
+        return header
+
+    def _check_programs(self, header: BackupHeader) -> None:
+        needed = ["tar", "cat"]
+        stage = decrypt_stage(header)
+        if stage is not None:
+            needed.append(stage.program)
+        stage = decompress_stage(header)
+        if stage is not None:
+            needed.append(stage.program)
+        for program in needed:
+            which(program)
+        if "GNU tar" not in control("tar", "--version"):
+            raise MissingProgramError(
+                "tar is not GNU tar (needed for sparse VM images)",
+                hint="install GNU tar (package 'tar') and put it first on PATH",
+            )
+
+    def _read_qubes_xml(self, members: _Peekable) -> bytes:
+        first = members.require("qubes.xml.000")
+        name = parse_member_name(first.name)
+        if name is None or name.stored != QUBES_XML:
+            raise BackupError(
+                "qubes.xml.000 is missing after the header: cannot tell which VMs the backup holds"
+            )
+        job = _StoredFile(self, QUBES_XML, "", _Sink("capture"))
+        self._consume(members, job)
+        result = job.finish()
+        if members.error is not None:
+            raise members.error
+        if not result.ok:
+            raise BackupError(f"qubes.xml: {result.error}")
+        assert job.out_file is not None
+        data = job.out_file.read(MAX_XML + 1)
+        job.out_file.close()
+        return data
+
+    def _check_conflicts(self, selected: Sequence[Entity]) -> None:
+        assert self.output is not None
+        if self.output.force:
+            return
+        existing = self.output.conflicts([QUBES_XML, *(e.dest for e in selected)])
+        if existing:
+            shown = ", ".join(str(p) for p in existing[:5])
+            raise OutputError(
+                f"would overwrite existing files: {shown}",
+                hint="choose an empty --output folder, or use --force",
+            )
+
+    def _stream(self, members: _Peekable, inventory: Inventory, selected: Sequence[Entity]) -> None:
+        chosen = {e.backup_path for e in selected}
+        while True:
+            member = members.peek()
+            if member is None:
+                break
+            name = parse_member_name(member.name)
+            if name is None:
+                raise BackupError(f"{member.name}: appears again inside the backup")
+            owner = inventory.owner(name.stored)
+            if owner is None:
+                members.take()
+                self.report.problems.append(
+                    f"{member.name}: stored file not listed in qubes.xml; skipped"
+                )
+                continue
+            if owner.backup_path not in chosen:
+                members.take()  # the stream skips its bytes without reading them into us
+                continue
+            job = _StoredFile(self, name.stored, owner.name, self._sink_for(owner, name.stored))
+            self._active = job
+            self._consume(members, job)
+            result = job.finish()
+            self._active = None
+            self.report.files.append(result)
+            self.observer.file_done(result)
+            if result.output_trouble and not result.ok and self._is_fatal_output(result):
+                raise OutputError(result.error or "output problem")
+        if members.error is not None:
+            self.report.problems.append(str(members.error))
+        missing = [
+            e.name for e in selected if not any(f.owner == e.name for f in self.report.files)
+        ]
+        for vm in missing:
+            self.report.problems.append(
+                f"{vm}: listed in qubes.xml but none of its files are in the backup (truncated?)"
+            )
+
+    @staticmethod
+    def _is_fatal_output(result: FileResult) -> bool:
+        # A full or read-only disk will fail every later file too: stop.
+        return result.error is not None and any(
+            m in result.error for m in ("No space left", "Disk quota", "Read-only")
+        )
+
+    def _sink_for(self, owner: Entity, stored: str) -> _Sink:
+        if self.request.mode != "restore":
+            return _Sink("list")
+        assert self.scratch is not None
+        self._stage_n += 1
+        staging = self.scratch / f"stage-{self._stage_n}"
+        staging.mkdir(mode=0o700)
+        depth = len(owner.backup_path.split("/"))
+        if stored == owner.backup_path:
+            # dom0's home: the stored name is the home folder itself.
+            parent = owner.dest.rsplit("/", 1)[0] if "/" in owner.dest else ""
+            return _Sink("extract", staging, depth - 1, parent)
+        return _Sink("extract", staging, depth, owner.dest)
+
+    # -- one stored file ----------------------------------------------------
+
+    def _consume(self, members: _Peekable, job: _StoredFile) -> None:
+        """Take every member of ``job``'s stored file, verifying and feeding chunks."""
+        stored = job.stored
+        if stored in self._seen:
+            job.fail(f"{stored}: its chunks appear in two places in the backup")
+        self._seen.add(stored)
+        header = self.header
+        assert header is not None
+        expected = 0
+        while True:
+            member = members.peek()
+            if member is None:
+                break
+            name = parse_member_name(member.name)
+            if name is None or name.stored != stored:
+                break
+            members.take()
+            if job.result.error is not None:
+                continue
+            if name.is_hmac:
+                job.fail(
+                    f"{member.name}: an .hmac without its chunk (chunk {name.data_name} missing)"
+                )
+                continue
+            if name.index != expected:
+                want = ChunkName(stored, expected).name
+                what = "duplicated or out of order" if name.index < expected else "missing"
+                job.fail(f"{want}: chunk {what} (found {member.name} instead)")
+                continue
+            try:
+                path, owned, digest_hex = self._take_chunk(member, header.digest)
+            except _Truncated as exc:
+                job.fail(str(exc))
+                members.stop(exc)
+                break
+            job.result.chunks += 1
+            job.result.stored_bytes += member.size
+            nxt = members.peek()
+            nxt_name = parse_member_name(nxt.name) if nxt is not None else None
+            if nxt is None or nxt_name != ChunkName(stored, name.index, True):
+                self._drop(path, owned)
+                job.fail(f"{member.name}.hmac is missing: the chunk cannot be verified")
+                continue
+            members.take()
+            expected_hex = (
+                parse_hmac_text(nxt.read_all(MAX_HMAC_FILE)) if nxt.size <= MAX_HMAC_FILE else None
+            )
+            if expected_hex is None:
+                self._drop(path, owned)
+                job.fail(f"{nxt.name}: not an HMAC line (or larger than 4 KiB)")
+                continue
+            if not matches(digest_hex, expected_hex):
+                self._drop(path, owned)
+                job.fail(
+                    f"{member.name}: HMAC mismatch: the chunk is damaged or was "
+                    "tampered with; nothing of it was used"
+                )
+                continue
+            announce(
+                f'openssl dgst {header.digest.openssl_flag} -hmac "${PASS_ENV}" '
+                f"< {member.name}  # done in-process: matches {nxt.name}"
+            )
+            try:
+                job.feed(path, owned)
+            except OSError as exc:
+                self._drop(path, owned)
+                job.fail(f"{member.name}: could not start the pipeline ({exc})")
+            expected += 1
+
+    def _drop(self, path: Path, owned: bool) -> None:
+        if owned:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _take_chunk(self, member: Member, digest: Digest) -> tuple[Path, bool, str]:
+        """Compute the chunk's HMAC; from a stream, keep a private copy to feed later."""
+        mac = digest.new(self.key)
+        if member.path is not None:
+            with member.path.open("rb") as f:
+                while block := f.read(READ_SIZE):
+                    mac.update(block)
+            return member.path, False, mac.hexdigest()
+        assert self.scratch is not None
+        path = self.scratch / f"chunk-{member.name.replace('/', '_')}"
+        stream = member.open()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise OutputError(f"scratch file {path}: {exc.strerror}") from None
+        got = 0
+        try:
+            while True:
+                block = stream.read(READ_SIZE)
+                if not block:
+                    break
+                got += len(block)
+                mac.update(block)
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except OSError as exc:
+            os.close(fd)
+            path.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutputError(
+                    f"no space left for scratch copy of {member.name} in {self.scratch}"
+                ) from None
+            raise
+        except Exception as exc:
+            os.close(fd)
+            path.unlink()
+            raise _Truncated(
+                f"{member.name}: the backup ends inside this chunk (truncated backup): {exc}"
+            ) from None
+        os.close(fd)
+        if got != member.size:
+            path.unlink()
+            raise _Truncated(f"{member.name}: truncated ({got} of {member.size} bytes)")
+        return path, True, mac.hexdigest()
+
+
+def run(
+    source: StreamSource | FolderSource,
+    passphrase: str,
+    request: Request,
+    observer: Observer | None = None,
+) -> Report:
+    """Run the procedure; raises QrecoverError for what stops everything."""
+    return Recovery(source, passphrase, request, observer).run()
+
+
+__all__ = ["FileResult", "QrecoverError", "Report", "Request", "run"]

@@ -1,0 +1,264 @@
+"""The one command runner: every external program starts here.
+
+A :class:`Stage` is an argv plus the names of the environment variables that
+carry the passphrase to it.  The argv that runs is the argv that is logged
+(``+ shlex.join(argv)``, like ``set -x``), so what qrecover does and what it
+shows for replay cannot drift apart.  The passphrase itself never is in an
+argv: a stage that needs it reads it from an environment variable given to
+that one child only (``openssl ... -pass env:backup_pass``).
+
+Data moves between stages through OS pipes; stderr of every stage goes to a
+private scratch file so that a failure can be diagnosed from all stages, not
+only the last one.  Short control commands (``tar --version``,
+``openssl version``) go through the ``sh`` package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from qrecover.errors import MissingProgramError
+
+log = logging.getLogger("qrecover")
+
+# Environment variable through which a stage receives the passphrase.  The
+# same name is used by the official recovery page's v4 steps and by the
+# scripts qrecover writes, so a logged command can be replayed as it is.
+PASS_ENV = "backup_pass"
+# Variables that may carry the passphrase into qrecover; never passed on.
+SECRET_ENV_NAMES = ("QRECOVER_PASSPHRASE", PASS_ENV)
+
+# Which distribution package provides each program we may run.
+PACKAGES: dict[str, str] = {
+    "openssl": "openssl",
+    "tar": "tar",
+    "cat": "coreutils",
+    "gzip": "gzip",
+    "pigz": "pigz",
+    "bzip2": "bzip2",
+    "xz": "xz-utils (Fedora: xz)",
+    "lzma": "xz-utils (Fedora: xz)",
+    "zstd": "zstd",
+    "scrypt": "scrypt",
+    "debugfs": "e2fsprogs",
+}
+
+
+def which(program: str) -> str:
+    """Full path of ``program``, or a :class:`MissingProgramError` naming its package."""
+    found = shutil.which(program)
+    if found is None:
+        package = PACKAGES.get(program, program)
+        raise MissingProgramError(
+            f"{program} not found on PATH",
+            hint=f"install the package '{package}' (e.g. apt-get install {package.split()[0]})",
+        )
+    return found
+
+
+def child_env(secrets: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child: ours, minus anything secret, plus ``secrets``."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV_NAMES}
+    if secrets:
+        env.update(secrets)
+    return env
+
+
+def control(program: str, *args: str) -> str:
+    """Run a short control command (no secrets, small output) and return its stdout.
+
+    These go through ``sh`` with ``_tty_out=False`` so that the output is a
+    plain pipe, never a pty; ``_env`` replaces the whole environment in sh,
+    hence the explicit merged copy.
+    """
+    import sh  # imported here: only control commands need it
+
+    path = which(program)
+    log.debug("+ %s", shlex.join([program, *args]))
+    try:
+        out = sh.Command(path)(
+            *args, _tty_out=False, _env=child_env(), _encoding="utf-8", _decode_errors="replace"
+        )
+    except sh.ErrorReturnCode as exc:
+        return str(exc.stdout.decode("utf-8", "replace"))
+    return str(out)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One program of a pipeline: its argv and the env names that carry the secret."""
+
+    argv: tuple[str, ...]
+    secret_env: tuple[str, ...] = ()
+
+    @property
+    def program(self) -> str:
+        return self.argv[0]
+
+    def render(self) -> str:
+        return shlex.join(self.argv)
+
+
+def render_pipeline(
+    stages: Sequence[Stage], stdin: str | None = None, stdout: str | None = None
+) -> str:
+    """The shell form of a pipeline, pasteable into sh/bash/dash."""
+    text = " | ".join(stage.render() for stage in stages)
+    if stdin is not None:
+        text = f"{text} < {shlex.quote(stdin)}"
+    if stdout is not None:
+        text = f"{text} > {shlex.quote(stdout)}"
+    return text
+
+
+# Every command qrecover runs is announced here.  The CLI attaches the
+# logger (``-v``) and, for transcripts, further listeners.
+CommandListener = Callable[[str], None]
+_listeners: list[CommandListener] = []
+
+
+def add_listener(listener: CommandListener) -> None:
+    _listeners.append(listener)
+
+
+def remove_listener(listener: CommandListener) -> None:
+    if listener in _listeners:
+        _listeners.remove(listener)
+
+
+def announce(command: str) -> None:
+    log.info("+ %s", command)
+    for listener in list(_listeners):
+        listener(command)
+
+
+@dataclass
+class StageResult:
+    stage: Stage
+    returncode: int
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def describe(self) -> str:
+        """`openssl exited 1: bad decrypt` — the stage and the last line it said."""
+        tail = last_meaningful_line(self.stderr)
+        if self.returncode < 0:
+            what = f"{self.stage.program} was killed by signal {-self.returncode}"
+        else:
+            what = f"{self.stage.program} exited {self.returncode}"
+        return f"{what}: {tail}" if tail else what
+
+
+# Lines that programs print on stderr although nothing is wrong.
+_EXPECTED_NOISE = (
+    "deprecated key derivation used",  # OpenSSL 3 on `enc -md md5` without -pbkdf2
+    "Using -iter or -pbkdf2 would be better",
+)
+
+
+def last_meaningful_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not any(noise in ln for noise in _EXPECTED_NOISE)]
+    return lines[-1][:300] if lines else ""
+
+
+@dataclass
+class Pipeline:
+    """Stages joined by OS pipes; started at once, waited for together."""
+
+    stages: Sequence[Stage]
+    stdin: int  # an fd; the caller keeps ownership
+    stdout: int | IO[bytes] | None = None  # None: discard
+    secrets: Mapping[str, str] = field(default_factory=dict)
+    scratch: Path | None = None
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _errfiles: list[IO[bytes]] = field(default_factory=list)
+
+    def start(self) -> Pipeline:
+        # Resolve every program before starting any, so a missing one fails
+        # cleanly instead of leaving half a pipeline running.
+        paths = [which(stage.program) for stage in self.stages]
+        prev = self.stdin
+        try:
+            for i, (stage, path) in enumerate(zip(self.stages, paths, strict=True)):
+                last = i == len(self.stages) - 1
+                errfile = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115 - kept until wait()
+                self._errfiles.append(errfile)
+                env = child_env({k: self.secrets[k] for k in stage.secret_env})
+                out: int | IO[bytes] | None
+                if last:
+                    out = self.stdout if self.stdout is not None else subprocess.DEVNULL
+                else:
+                    out = subprocess.PIPE
+                proc = subprocess.Popen(
+                    [path, *stage.argv[1:]],
+                    stdin=prev,
+                    stdout=out,
+                    stderr=errfile,
+                    env=env,
+                    close_fds=True,
+                )
+                self.procs.append(proc)
+                if i > 0:
+                    # The child has its copy; ours would keep the pipe open.
+                    os.close(prev)
+                if not last:
+                    assert proc.stdout is not None
+                    prev = os.dup(proc.stdout.fileno())
+                    proc.stdout.close()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+    def wait(self) -> list[StageResult]:
+        results = []
+        for proc, stage, errfile in zip(self.procs, self.stages, self._errfiles, strict=True):
+            code = proc.wait()
+            errfile.seek(0, os.SEEK_END)
+            size = errfile.tell()
+            errfile.seek(max(0, size - 4096))
+            text = errfile.read().decode("utf-8", "replace")
+            errfile.close()
+            results.append(StageResult(stage, code, text))
+        return results
+
+
+def first_failure(results: Sequence[StageResult]) -> StageResult | None:
+    """The stage that explains a failed pipeline.
+
+    Downstream stages fail as a consequence of upstream ones (gzip reports
+    "not in gzip format" and openssl then dies writing into a closed pipe),
+    so prefer the most upstream stage that failed on its own: a stage killed
+    by SIGPIPE or complaining about writing output is a consequence.
+    """
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return None
+    consequences = ("error writing output", "Broken pipe", "write error")
+    for result in failed:
+        if result.returncode == -13:  # SIGPIPE
+            continue
+        if any(c in result.stderr for c in consequences):
+            continue
+        return result
+    return failed[0]
