@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
@@ -53,8 +53,8 @@ BackupArg = Annotated[
     ),
 ]
 PassFileOpt = Annotated[
-    Optional[Path],
-    typer.Option(  # noqa: UP045 - typer needs Optional
+    Path | None,
+    typer.Option(
         "--passphrase-file",
         help="Read the passphrase from the first line of this file "
         "(else $QRECOVER_PASSPHRASE, else a prompt on the terminal).",
@@ -62,8 +62,8 @@ PassFileOpt = Annotated[
     ),
 ]
 VmOpt = Annotated[
-    Optional[list[str]],
-    typer.Option(  # noqa: UP045
+    list[str] | None,
+    typer.Option(
         "--vm",
         help="Only this VM (repeatable); 'dom0' selects dom0's home. "
         "Default: everything in the backup.",
@@ -265,8 +265,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: the one place where errors become messages and exit codes."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=list(argv) if argv is not None else None, standalone_mode=False)
-        code = EXIT_OK
+        # Without standalone mode, click returns typer.Exit's code instead of raising it.
+        returned = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        code = returned if isinstance(returned, int) else EXIT_OK
     except typer.Exit as exc:
         code = exc.exit_code
     except click.exceptions.Exit as exc:

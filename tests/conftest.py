@@ -1,0 +1,151 @@
+"""Shared test fixtures: backups written by scripts/make_backup.py, the installed CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import make_backup as gen  # noqa: E402  (the independent writer, never qrecover code)
+
+PASSPHRASE = "correct horse battery staple ünïcödé"
+
+
+def qrecover_exe() -> list[str]:
+    """The installed console script (``pip install .``), as a user would run it."""
+    exe = shutil.which("qrecover")
+    if exe is None:
+        raise RuntimeError("qrecover is not installed: run pip install -e '.[test]' first")
+    return [exe]
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+def run_cli(*args: str | Path, stdin: bytes | None = None, env: dict[str, str] | None = None,
+            cwd: Path | None = None, timeout: float = 300) -> Run:
+    full_env = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [*qrecover_exe(), *map(str, args)],
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
+    return Run(proc.returncode, proc.stdout.decode("utf-8", "replace"),
+               proc.stderr.decode("utf-8", "replace"))
+
+
+@dataclass
+class Backup:
+    path: Path
+    passfile: Path
+    manifest: Any
+    vms: list[Any]
+    dom0_home: Path | None
+
+    def expected_files(self, vm_names: list[str] | None = None) -> dict[str, Path]:
+        """Output-relative path -> source file, for every regular file the writer stored."""
+        result: dict[str, Path] = {}
+        for stored in self.manifest.files:
+            if stored.vm is None or (vm_names is not None and stored.vm not in vm_names):
+                continue
+            source = Path(stored.source)
+            if stored.vm == "dom0":
+                base = f"dom0-home/{source.name}"
+            elif stored.name.endswith("/."):
+                base = stored.vm
+            else:
+                base = f"{stored.vm}/{source.name}"
+            if source.is_dir():
+                for path in source.rglob("*"):
+                    if path.is_file() and not path.is_symlink():
+                        result[f"{base}/{path.relative_to(source)}"] = path
+            else:
+                result[base] = source
+        return result
+
+
+def sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def assert_restored(out: Path, backup: Backup, vm_names: list[str] | None = None) -> None:
+    """Every stored file is back, byte for byte, and images stay sparse."""
+    expected = backup.expected_files(vm_names)
+    assert expected, "the fixture should hold files"
+    for rel, source in expected.items():
+        restored = out / rel
+        assert restored.is_file(), f"missing {rel}"
+        assert restored.stat().st_size == source.stat().st_size, rel
+        assert sha(restored) == sha(source), f"content differs: {rel}"
+        if source.stat().st_size >= 1 << 20:
+            src_alloc = source.stat().st_blocks * 512
+            if src_alloc < source.stat().st_size // 2:  # a sparse source stays sparse
+                assert restored.stat().st_blocks * 512 <= src_alloc + (1 << 20), rel
+    assert (out / "qubes.xml").is_file()
+    leftovers = [p for p in out.rglob("*") if ".partial" in p.name or p.name.startswith(".qrecover")]
+    assert not leftovers, leftovers
+
+
+@pytest.fixture(scope="session")
+def sample_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], Path]:
+    return gen.make_sample_tree(tmp_path_factory.mktemp("tree"), image_mb=4)  # type: ignore[no-any-return]
+
+
+MakeBackup = Callable[..., Backup]
+
+
+@pytest.fixture(scope="session")
+def make(tmp_path_factory: pytest.TempPathFactory,
+         sample_tree: tuple[list[Any], Path]) -> Iterator[MakeBackup]:
+    """Build (and cache) a backup of the sample tree with the given writer options."""
+    cache: dict[str, Backup] = {}
+    vms, home = sample_tree
+
+    def build(**options: Any) -> Backup:
+        key = repr(sorted(options.items()))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp("backup")
+            passfile = folder / "passphrase"
+            passfile.write_text(PASSPHRASE + "\n", encoding="utf-8")
+            use_vms = options.pop("vms", vms)
+            use_home = options.pop("dom0_home", home)
+            path = folder / "qubes-backup"
+            manifest = gen.make_backup(path, PASSPHRASE, use_vms, dom0_home=use_home,
+                                       workdir=folder, **options)
+            cache[key] = Backup(path, passfile, manifest, use_vms, use_home)
+        return cache[key]
+
+    yield build
+
+
+@pytest.fixture
+def default_backup(make: MakeBackup) -> Backup:
+    return make()

@@ -1,0 +1,203 @@
+"""End to end through the installed CLI, on backups written the way Qubes R3.2 wrote them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import PASSPHRASE, gen, Backup, MakeBackup, assert_restored, run_cli, sha
+
+from qrecover.errors import EXIT_CODES
+
+
+def restore(backup: Backup, out: Path, *extra: str) -> None:
+    result = run_cli("restore", backup.path, "--output", out, "--passphrase-file",
+                     backup.passfile, *extra)
+    assert result.code == 0, result.text
+    assert "all HMACs matched" in result.out
+
+
+def test_restore_everything(default_backup: Backup, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    restore(default_backup, out)
+    assert_restored(out, default_backup)
+    # the layout: DIR/<vm>/..., a template's directory whole, dom0's home
+    assert (out / "work" / "private.img").is_file()
+    assert (out / "fedora-23" / "root.img").is_file()
+    assert (out / "dom0-home" / "user").is_dir()
+    assert not (out / "vm7").exists()
+
+
+def test_restore_from_pipe(default_backup: Backup, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli("restore", "-", "--output", out, "--passphrase-file", default_backup.passfile,
+                     stdin=default_backup.path.read_bytes())
+    assert result.code == 0, result.text
+    assert_restored(out, default_backup)
+
+
+def test_restore_from_folder_untarred_by_hand(default_backup: Backup, tmp_path: Path) -> None:
+    folder = tmp_path / "untarred"
+    folder.mkdir()
+    subprocess.run(["tar", "-i", "-xf", str(default_backup.path), "-C", str(folder)], check=True)
+    out = tmp_path / "out"
+    restore(Backup(folder, default_backup.passfile, default_backup.manifest, default_backup.vms,
+                   default_backup.dom0_home), out)
+    assert_restored(out, default_backup)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"compression": "bzip2"},
+        {"compression": "xz"},
+        {"compression": None},
+        {"encrypted": False},
+        {"encrypted": False, "compression": None},
+        {"hmac_algorithm": "SHA256", "hmac_style": "openssl3"},
+        {"hide_names": False},
+        {"crypto_algorithm": "aes-128-cbc"},
+    ],
+    ids=str,
+)
+def test_writer_variants(make: MakeBackup, tmp_path: Path, options: dict[str, object]) -> None:
+    backup = make(**options)
+    out = tmp_path / "out"
+    restore(backup, out)
+    assert_restored(out, backup)
+
+
+def test_passphrase_from_environment(default_backup: Backup, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli("restore", default_backup.path, "-o", out, "--vm", "work",
+                     env={"QRECOVER_PASSPHRASE": PASSPHRASE})
+    assert result.code == 0, result.text
+    assert_restored(out, default_backup, ["work"])
+
+
+def test_chunk_1000_and_beyond(make: MakeBackup, tmp_path_factory: pytest.TempPathFactory,
+                               tmp_path: Path) -> None:
+    src = tmp_path_factory.mktemp("tiny") / "tiny"
+    src.mkdir()
+    (src / "private.img").write_bytes(os.urandom(300 * 1024))
+    tiny = gen.VmSpec("tiny", 12, source=src)
+    backup = make(vms=[tiny], dom0_home=None, chunk_size=300, compression=None)
+    names = backup.manifest.member_names()
+    assert "vm12/private.img.1000" in names and "vm12/private.img.999" in names
+    out = tmp_path / "out"
+    restore(backup, out)
+    assert_restored(out, backup)
+
+
+def test_vm_selection(default_backup: Backup, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    restore(default_backup, out, "--vm", "work", "--vm", "dom0")
+    assert_restored(out, default_backup, ["work", "dom0"])
+    assert sorted(p.name for p in out.iterdir()) == ["dom0-home", "qubes.xml", "work"]
+
+
+def test_unknown_vm_is_usage_error_listing_names(default_backup: Backup, tmp_path: Path) -> None:
+    result = run_cli("restore", default_backup.path, "-o", tmp_path / "o", "--vm", "nosuch",
+                     "--passphrase-file", default_backup.passfile)
+    assert result.code == 2
+    assert "nosuch" in result.err and "work" in result.err and "dom0" in result.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_verify_and_info(default_backup: Backup) -> None:
+    result = run_cli("verify", default_backup.path, "--passphrase-file", default_backup.passfile)
+    assert result.code == 0, result.text
+    stored = [f.name for f in default_backup.manifest.files if f.name != "qubes.xml"]
+    for name in stored:
+        assert any(line.startswith("OK") and f" {name} " in line + " "
+                   for line in result.out.splitlines()), name
+    info = run_cli("info", default_backup.path, "--json", "--passphrase-file",
+                   default_backup.passfile)
+    assert info.code == 0, info.text
+    data = json.loads(info.out)
+    assert data["header"]["version"] == 3 and data["header"]["compression-filter"] == "gzip"
+    by_name = {vm["name"]: vm for vm in data["vms"]}
+    assert set(by_name) >= {"work", "fedora-23", "dom0"}
+    assert by_name["work"]["template"] == "fedora-23"
+    assert by_name["work"]["backup_path"] == "vm7"
+    assert by_name["fedora-23"]["type"] == "TemplateVM"
+    assert set(by_name["work"]) == {"name", "type", "template", "backup_path", "size"}
+    text = run_cli("info", default_backup.path, "--passphrase-file", default_backup.passfile)
+    assert text.code == 0 and "work" in text.out and "vm7" in text.out
+
+
+def test_wrong_passphrase_exit_3_nothing_written(default_backup: Backup, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.write_text("not it\n")
+    out = tmp_path / "out"
+    result = run_cli("restore", default_backup.path, "-o", out, "--passphrase-file", bad)
+    assert result.code == 3
+    assert "passphrase" in result.err and "Traceback" not in result.text
+    assert not out.exists()
+
+
+def test_no_passphrase_and_no_terminal_is_usage_error(default_backup: Backup) -> None:
+    proc = subprocess.run(["setsid", "qrecover", "info", str(default_backup.path)],
+                          capture_output=True, text=True, env={**os.environ,
+                                                                 "QRECOVER_PASSPHRASE": ""},
+                          check=False, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    assert "passphrase" in proc.stderr
+
+
+def test_tampered_chunk_keeps_partial_and_restores_the_rest(make: MakeBackup, tmp_path: Path,
+                                                            sample_tree: tuple[list, Path]) -> None:
+    vms, home = sample_tree
+    backup = make(chunk_size=16 * 1024)
+    folder = tmp_path / "untarred"
+    folder.mkdir()
+    subprocess.run(["tar", "-i", "-xf", str(backup.path), "-C", str(folder)], check=True)
+    victim = folder / "vm7" / "private.img.001"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0x01
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    result = run_cli("restore", folder, "-o", out, "--passphrase-file", backup.passfile)
+    assert result.code == 4, result.text
+    assert "vm7/private.img.001" in result.err and "HMAC mismatch" in result.err
+    assert not (out / "work" / "private.img").exists()
+    assert (out / "work" / "private.img.partial").exists()
+    # everything else came back
+    expected = {k: v for k, v in backup.expected_files().items() if k != "work/private.img"}
+    for rel, source in expected.items():
+        assert sha(out / rel) == sha(source), rel
+
+
+def test_missing_program_exit_5(default_backup: Backup, tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for prog in ("tar", "gzip", "cat"):
+        os.symlink(subprocess.check_output(["which", prog], text=True).strip(), bindir / prog)
+    result = run_cli("verify", default_backup.path, "--passphrase-file", default_backup.passfile,
+                     env={"PATH": str(bindir)})
+    assert result.code == 5, result.text
+    assert "openssl" in result.err and "install" in result.err
+
+
+def test_existing_output_exit_6_then_force(default_backup: Backup, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "work").mkdir(parents=True)
+    mine = out / "work" / "private.img"
+    mine.write_bytes(b"the user's own file")
+    result = run_cli("restore", default_backup.path, "-o", out, "--passphrase-file",
+                     default_backup.passfile)
+    assert result.code == 6, result.text
+    assert mine.read_bytes() == b"the user's own file"
+    restore(default_backup, out, "--force")
+    assert_restored(out, default_backup)
+
+
+def test_exit_codes_documented() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    helptext = run_cli("--help").out
+    for code in EXIT_CODES:
+        assert f"| {code} |" in readme, code
+        assert f"{code}:" in helptext, code
