@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, gen, Backup, MakeBackup, assert_restored, run_cli, sha
+from conftest import PASSPHRASE, gen, qrecover_exe, Backup, MakeBackup, assert_restored, run_cli, sha
 
 from qrecover.errors import EXIT_CODES
 
@@ -140,7 +140,7 @@ def test_wrong_passphrase_exit_3_nothing_written(default_backup: Backup, tmp_pat
 
 
 def test_no_passphrase_and_no_terminal_is_usage_error(default_backup: Backup) -> None:
-    proc = subprocess.run(["setsid", "qrecover", "info", str(default_backup.path)],
+    proc = subprocess.run(["setsid", *qrecover_exe(), "info", str(default_backup.path)],
                           capture_output=True, text=True, env={**os.environ,
                                                                  "QRECOVER_PASSPHRASE": ""},
                           check=False, stdin=subprocess.DEVNULL)
