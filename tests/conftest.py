@@ -42,8 +42,13 @@ class Run:
         return self.out + self.err
 
 
-def run_cli(*args: str | Path, stdin: bytes | None = None, env: dict[str, str] | None = None,
-            cwd: Path | None = None, timeout: float = 300) -> Run:
+def run_cli(
+    *args: str | Path,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+) -> Run:
     full_env = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
     full_env.update(env or {})
     proc = subprocess.run(
@@ -55,8 +60,11 @@ def run_cli(*args: str | Path, stdin: bytes | None = None, env: dict[str, str] |
         timeout=timeout,
         check=False,
     )
-    return Run(proc.returncode, proc.stdout.decode("utf-8", "replace"),
-               proc.stderr.decode("utf-8", "replace"))
+    return Run(
+        proc.returncode,
+        proc.stdout.decode("utf-8", "replace"),
+        proc.stderr.decode("utf-8", "replace"),
+    )
 
 
 @dataclass
@@ -111,7 +119,9 @@ def assert_restored(out: Path, backup: Backup, vm_names: list[str] | None = None
             if src_alloc < source.stat().st_size // 2:  # a sparse source stays sparse
                 assert restored.stat().st_blocks * 512 <= src_alloc + (1 << 20), rel
     assert (out / "qubes.xml").is_file()
-    leftovers = [p for p in out.rglob("*") if ".partial" in p.name or p.name.startswith(".qrecover")]
+    leftovers = [
+        p for p in out.rglob("*") if ".partial" in p.name or p.name.startswith(".qrecover")
+    ]
     assert not leftovers, leftovers
 
 
@@ -124,8 +134,9 @@ MakeBackup = Callable[..., Backup]
 
 
 @pytest.fixture(scope="session")
-def make(tmp_path_factory: pytest.TempPathFactory,
-         sample_tree: tuple[list[Any], Path]) -> Iterator[MakeBackup]:
+def make(
+    tmp_path_factory: pytest.TempPathFactory, sample_tree: tuple[list[Any], Path]
+) -> Iterator[MakeBackup]:
     """Build (and cache) a backup of the sample tree with the given writer options."""
     cache: dict[str, Backup] = {}
     vms, home = sample_tree
@@ -139,8 +150,9 @@ def make(tmp_path_factory: pytest.TempPathFactory,
             use_vms = options.pop("vms", vms)
             use_home = options.pop("dom0_home", home)
             path = folder / "qubes-backup"
-            manifest = gen.make_backup(path, PASSPHRASE, use_vms, dom0_home=use_home,
-                                       workdir=folder, **options)
+            manifest = gen.make_backup(
+                path, PASSPHRASE, use_vms, dom0_home=use_home, workdir=folder, **options
+            )
             cache[key] = Backup(path, passfile, manifest, use_vms, use_home)
         return cache[key]
 

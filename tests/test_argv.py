@@ -22,8 +22,16 @@ def test_decrypt_uses_md5_and_env_never_pass() -> None:
     h = parse_header(header(b"crypto-algorithm=aes-256-cbc\nencrypted=True\ncompressed=True\n"))
     stage = decrypt_stage(h)
     assert stage is not None
-    assert stage.argv == ("openssl", "enc", "-d", "-aes-256-cbc", "-md", "md5", "-pass",
-                          f"env:{PASS_ENV}")
+    assert stage.argv == (
+        "openssl",
+        "enc",
+        "-d",
+        "-aes-256-cbc",
+        "-md",
+        "md5",
+        "-pass",
+        f"env:{PASS_ENV}",
+    )
     assert stage.secret_env == (PASS_ENV,)
     assert not any(a.startswith("pass:") for a in stage.argv)
 
@@ -36,8 +44,9 @@ def test_unencrypted_has_no_decrypt_stage() -> None:
 
 def test_decompressors() -> None:
     for name, argv in [("gzip", ("gzip", "-d")), ("bzip2", ("bzip2", "-d")), ("xz", ("xz", "-d"))]:
-        h = parse_header(header(f"encrypted=True\ncompressed=True\ncompression-filter={name}\n"
-                                .encode()))
+        h = parse_header(
+            header(f"encrypted=True\ncompressed=True\ncompression-filter={name}\n".encode())
+        )
         stage = decompress_stage(h)
         assert stage is not None and stage.argv == argv
 

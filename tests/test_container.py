@@ -22,7 +22,10 @@ from qrecover.errors import BackupError
         ("vm3/..000", ChunkName("vm3/.", 0)),
         ("vm3/..001.hmac", ChunkName("vm3/.", 1, True)),
         ("vm-templates/fedora-23/..000", ChunkName("vm-templates/fedora-23/.", 0)),
-        ("appvms/work/whitelisted-appmenus.list.000", ChunkName("appvms/work/whitelisted-appmenus.list", 0)),
+        (
+            "appvms/work/whitelisted-appmenus.list.000",
+            ChunkName("appvms/work/whitelisted-appmenus.list", 0),
+        ),
         ("dom0-home/user.000", ChunkName("dom0-home/user", 0)),
     ],
 )

@@ -16,9 +16,12 @@ CONTENTS = ROOT / "fixtures" / "sample-backup.contents.json"
 def test_sample_backup_restores_as_recorded(tmp_path: Path) -> None:
     info = run_cli("info", SAMPLE, "--json", "--passphrase-file", PASSFILE)
     assert info.code == 0, info.text
-    dest = {vm["backup_path"]: ("dom0-home/" + vm["backup_path"].split("/")[1]
-                                if vm["name"] == "dom0" else vm["name"])
-            for vm in json.loads(info.out)["vms"]}
+    dest = {
+        vm["backup_path"]: (
+            "dom0-home/" + vm["backup_path"].split("/")[1] if vm["name"] == "dom0" else vm["name"]
+        )
+        for vm in json.loads(info.out)["vms"]
+    }
     out = tmp_path / "restored"
     result = run_cli("restore", SAMPLE, "--output", out, "--passphrase-file", PASSFILE)
     assert result.code == 0, result.text
@@ -27,7 +30,7 @@ def test_sample_backup_restores_as_recorded(tmp_path: Path) -> None:
     for entry in entries:
         name: str = entry["name"]
         prefix = next(p for p in dest if name == p or name.startswith(p + "/"))
-        rest = name[len(prefix):].lstrip("/").removeprefix("./")
+        rest = name[len(prefix) :].lstrip("/").removeprefix("./")
         rest = "" if rest == "." else rest
         path = out / dest[prefix] / rest if rest else out / dest[prefix]
         if entry["type"] == "file":
@@ -42,4 +45,4 @@ def test_sample_backup_restores_as_recorded(tmp_path: Path) -> None:
     # the marker text the fixture README points at, inside work's private.img
     image = (out / "work" / "private.img").read_bytes()
     marker = b"qrecover-sample: the quick brown fox restored from work/private.img"
-    assert image[2359296:2359296 + len(marker)] == marker
+    assert image[2359296 : 2359296 + len(marker)] == marker

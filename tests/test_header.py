@@ -30,7 +30,9 @@ def test_good_header_parses_into_model() -> None:
     assert header.filter == "gzip"
 
 
-@pytest.mark.parametrize("style", ["(stdin)= ", "SHA2-512(stdin)= ", "HMAC-SHA512(backup-header)= "])
+@pytest.mark.parametrize(
+    "style", ["(stdin)= ", "SHA2-512(stdin)= ", "HMAC-SHA512(backup-header)= "]
+)
 def test_both_openssl_hmac_styles_accepted(style: str) -> None:
     assert read_header(GOOD, hmac_line(GOOD, style=style), PASS).version == 3
 

@@ -33,12 +33,20 @@ def test_real_r3_sample() -> None:
 
 
 def test_hidden_names_and_selection() -> None:
-    inv = parse_inventory(xml(
-        vm(qid="1", name="fedora-23", backup_content="False"),
-        vm(qid="7", name="work", template_qid="1", backup_content="True", backup_path="vm7",
-           backup_size="123"),
-        vm("QubesTemplateVm", qid="3", name="tpl", backup_content="True", backup_path="vm3"),
-    ))
+    inv = parse_inventory(
+        xml(
+            vm(qid="1", name="fedora-23", backup_content="False"),
+            vm(
+                qid="7",
+                name="work",
+                template_qid="1",
+                backup_content="True",
+                backup_path="vm7",
+                backup_size="123",
+            ),
+            vm("QubesTemplateVm", qid="3", name="tpl", backup_content="True", backup_path="vm3"),
+        )
+    )
     assert inv.names() == ["work", "tpl"]
     assert inv.owner("vm7/private.img").name == "work"  # type: ignore[union-attr]
     assert inv.owner("vm70/private.img") is None
@@ -63,10 +71,14 @@ def test_hidden_names_and_selection() -> None:
         xml(vm(name="a/b", backup_content="True", backup_path="vm7")),
         xml(vm(name="..", backup_content="True", backup_path="vm7")),
         xml(vm(name="qubes.xml", backup_content="True", backup_path="vm7")),
-        xml(vm(name="work", backup_content="True", backup_path="vm7"),
-            vm(name="play", backup_content="True", backup_path="vm7")),
-        xml(vm(name="work", backup_content="True", backup_path="appvms"),
-            vm(name="play", backup_content="True", backup_path="appvms/play")),
+        xml(
+            vm(name="work", backup_content="True", backup_path="vm7"),
+            vm(name="play", backup_content="True", backup_path="vm7"),
+        ),
+        xml(
+            vm(name="work", backup_content="True", backup_path="appvms"),
+            vm(name="play", backup_content="True", backup_path="appvms/play"),
+        ),
         xml(vm("QubesAdminVm", name="dom0", backup_content="True", backup_path="home/../x")),
     ],
 )

@@ -8,14 +8,24 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, gen, qrecover_exe, Backup, MakeBackup, assert_restored, run_cli, sha
+from conftest import (
+    PASSPHRASE,
+    Backup,
+    MakeBackup,
+    assert_restored,
+    gen,
+    qrecover_exe,
+    run_cli,
+    sha,
+)
 
 from qrecover.errors import EXIT_CODES
 
 
 def restore(backup: Backup, out: Path, *extra: str) -> None:
-    result = run_cli("restore", backup.path, "--output", out, "--passphrase-file",
-                     backup.passfile, *extra)
+    result = run_cli(
+        "restore", backup.path, "--output", out, "--passphrase-file", backup.passfile, *extra
+    )
     assert result.code == 0, result.text
     assert "all HMACs matched" in result.out
 
@@ -33,8 +43,15 @@ def test_restore_everything(default_backup: Backup, tmp_path: Path) -> None:
 
 def test_restore_from_pipe(default_backup: Backup, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_cli("restore", "-", "--output", out, "--passphrase-file", default_backup.passfile,
-                     stdin=default_backup.path.read_bytes())
+    result = run_cli(
+        "restore",
+        "-",
+        "--output",
+        out,
+        "--passphrase-file",
+        default_backup.passfile,
+        stdin=default_backup.path.read_bytes(),
+    )
     assert result.code == 0, result.text
     assert_restored(out, default_backup)
 
@@ -44,8 +61,16 @@ def test_restore_from_folder_untarred_by_hand(default_backup: Backup, tmp_path: 
     folder.mkdir()
     subprocess.run(["tar", "-i", "-xf", str(default_backup.path), "-C", str(folder)], check=True)
     out = tmp_path / "out"
-    restore(Backup(folder, default_backup.passfile, default_backup.manifest, default_backup.vms,
-                   default_backup.dom0_home), out)
+    restore(
+        Backup(
+            folder,
+            default_backup.passfile,
+            default_backup.manifest,
+            default_backup.vms,
+            default_backup.dom0_home,
+        ),
+        out,
+    )
     assert_restored(out, default_backup)
 
 
@@ -72,14 +97,22 @@ def test_writer_variants(make: MakeBackup, tmp_path: Path, options: dict[str, ob
 
 def test_passphrase_from_environment(default_backup: Backup, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_cli("restore", default_backup.path, "-o", out, "--vm", "work",
-                     env={"QRECOVER_PASSPHRASE": PASSPHRASE})
+    result = run_cli(
+        "restore",
+        default_backup.path,
+        "-o",
+        out,
+        "--vm",
+        "work",
+        env={"QRECOVER_PASSPHRASE": PASSPHRASE},
+    )
     assert result.code == 0, result.text
     assert_restored(out, default_backup, ["work"])
 
 
-def test_chunk_1000_and_beyond(make: MakeBackup, tmp_path_factory: pytest.TempPathFactory,
-                               tmp_path: Path) -> None:
+def test_chunk_1000_and_beyond(
+    make: MakeBackup, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
     src = tmp_path_factory.mktemp("tiny") / "tiny"
     src.mkdir()
     (src / "private.img").write_bytes(os.urandom(300 * 1024))
@@ -100,8 +133,16 @@ def test_vm_selection(default_backup: Backup, tmp_path: Path) -> None:
 
 
 def test_unknown_vm_is_usage_error_listing_names(default_backup: Backup, tmp_path: Path) -> None:
-    result = run_cli("restore", default_backup.path, "-o", tmp_path / "o", "--vm", "nosuch",
-                     "--passphrase-file", default_backup.passfile)
+    result = run_cli(
+        "restore",
+        default_backup.path,
+        "-o",
+        tmp_path / "o",
+        "--vm",
+        "nosuch",
+        "--passphrase-file",
+        default_backup.passfile,
+    )
     assert result.code == 2
     assert "nosuch" in result.err and "work" in result.err and "dom0" in result.err
     assert not (tmp_path / "o").exists()
@@ -112,10 +153,12 @@ def test_verify_and_info(default_backup: Backup) -> None:
     assert result.code == 0, result.text
     stored = [f.name for f in default_backup.manifest.files if f.name != "qubes.xml"]
     for name in stored:
-        assert any(line.startswith("OK") and f" {name} " in line + " "
-                   for line in result.out.splitlines()), name
-    info = run_cli("info", default_backup.path, "--json", "--passphrase-file",
-                   default_backup.passfile)
+        assert any(
+            line.startswith("OK") and f" {name} " in line + " " for line in result.out.splitlines()
+        ), name
+    info = run_cli(
+        "info", default_backup.path, "--json", "--passphrase-file", default_backup.passfile
+    )
     assert info.code == 0, info.text
     data = json.loads(info.out)
     assert data["header"]["version"] == 3 and data["header"]["compression-filter"] == "gzip"
@@ -140,17 +183,22 @@ def test_wrong_passphrase_exit_3_nothing_written(default_backup: Backup, tmp_pat
 
 
 def test_no_passphrase_and_no_terminal_is_usage_error(default_backup: Backup) -> None:
-    proc = subprocess.run(["setsid", *qrecover_exe(), "info", str(default_backup.path)],
-                          capture_output=True, text=True, env={**os.environ,
-                                                                 "QRECOVER_PASSPHRASE": ""},
-                          check=False, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        ["setsid", *qrecover_exe(), "info", str(default_backup.path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QRECOVER_PASSPHRASE": ""},
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "passphrase" in proc.stderr
 
 
-def test_tampered_chunk_keeps_partial_and_restores_the_rest(make: MakeBackup, tmp_path: Path,
-                                                            sample_tree: tuple[list, Path]) -> None:
-    vms, home = sample_tree
+def test_tampered_chunk_keeps_partial_and_restores_the_rest(
+    make: MakeBackup, tmp_path: Path, sample_tree: tuple[list, Path]
+) -> None:
+    _vms, _home = sample_tree
     backup = make(chunk_size=16 * 1024)
     folder = tmp_path / "untarred"
     folder.mkdir()
@@ -176,8 +224,13 @@ def test_missing_program_exit_5(default_backup: Backup, tmp_path: Path) -> None:
     bindir.mkdir()
     for prog in ("tar", "gzip", "cat"):
         os.symlink(subprocess.check_output(["which", prog], text=True).strip(), bindir / prog)
-    result = run_cli("verify", default_backup.path, "--passphrase-file", default_backup.passfile,
-                     env={"PATH": str(bindir)})
+    result = run_cli(
+        "verify",
+        default_backup.path,
+        "--passphrase-file",
+        default_backup.passfile,
+        env={"PATH": str(bindir)},
+    )
     assert result.code == 5, result.text
     assert "openssl" in result.err and "install" in result.err
 
@@ -187,8 +240,9 @@ def test_existing_output_exit_6_then_force(default_backup: Backup, tmp_path: Pat
     (out / "work").mkdir(parents=True)
     mine = out / "work" / "private.img"
     mine.write_bytes(b"the user's own file")
-    result = run_cli("restore", default_backup.path, "-o", out, "--passphrase-file",
-                     default_backup.passfile)
+    result = run_cli(
+        "restore", default_backup.path, "-o", out, "--passphrase-file", default_backup.passfile
+    )
     assert result.code == 6, result.text
     assert mine.read_bytes() == b"the user's own file"
     restore(default_backup, out, "--force")
