@@ -61,6 +61,14 @@ PassFileOpt = Annotated[
         metavar="FILE",
     ),
 ]
+NoLimitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-size-limit",
+        help="Do not stop a stored file that expands to more than twice what qubes.xml "
+        "declares for its VM (the decompression-bomb check).",
+    ),
+]
 VmOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -169,16 +177,24 @@ def _run(backup: str, passphrase_file: Path | None, request: Request) -> Report:
 
 
 def restore_command(
-    backup: str, output: Path, vms: Sequence[str], force: bool, passphrase_file: Path | None
+    backup: str,
+    output: Path,
+    vms: Sequence[str],
+    force: bool,
+    passphrase_file: Path | None,
+    size_limit: bool = True,
 ) -> int:
-    report = _run(
-        backup, passphrase_file, Request("restore", vms=tuple(vms), output=output, force=force)
-    )
+    request = Request("restore", vms=tuple(vms), output=output, force=force,
+                      size_limit=size_limit)
+    report = _run(backup, passphrase_file, request)
     return _finish("restore", report)
 
 
-def verify_command(backup: str, vms: Sequence[str], passphrase_file: Path | None) -> int:
-    report = _run(backup, passphrase_file, Request("verify", vms=tuple(vms)))
+def verify_command(
+    backup: str, vms: Sequence[str], passphrase_file: Path | None, size_limit: bool = True
+) -> int:
+    report = _run(backup, passphrase_file,
+                  Request("verify", vms=tuple(vms), size_limit=size_limit))
     return _finish("verify", report)
 
 
@@ -233,16 +249,24 @@ def restore(
         ),
     ] = False,
     passphrase_file: PassFileOpt = None,
+    no_size_limit: NoLimitOpt = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
-    raise typer.Exit(restore_command(backup, output, vm or [], force, passphrase_file))
+    raise typer.Exit(
+        restore_command(backup, output, vm or [], force, passphrase_file, not no_size_limit)
+    )
 
 
 @app.command()
-def verify(backup: BackupArg, vm: VmOpt = None, passphrase_file: PassFileOpt = None) -> None:
+def verify(
+    backup: BackupArg,
+    vm: VmOpt = None,
+    passphrase_file: PassFileOpt = None,
+    no_size_limit: NoLimitOpt = False,
+) -> None:
     """Check everything restore would, writing nothing: every HMAC, decryption,
     decompression, and a listing of each inner archive."""
-    raise typer.Exit(verify_command(backup, vm or [], passphrase_file))
+    raise typer.Exit(verify_command(backup, vm or [], passphrase_file, not no_size_limit))
 
 
 @app.command()

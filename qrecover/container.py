@@ -79,6 +79,8 @@ def parse_member_name(name: str) -> ChunkName | None:
         raise BackupError(f"outer archive: refusing member name {shown[:120]!r}")
     if name in (HEADER, HEADER_HMAC):
         return None
+    if name.startswith("/"):
+        raise BackupError(f"outer archive: refusing member {shown!r}: absolute path")
     match = _CHUNK.match(name)
     if match is None or name.startswith("/"):
         raise BackupError(f"outer archive: unexpected member {shown!r} (not a Qubes chunk name)")

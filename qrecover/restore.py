@@ -43,10 +43,13 @@ from qrecover.decompress import decompress_stage
 from qrecover.decrypt import decrypt_stage
 from qrecover.errors import BackupError, MissingProgramError, OutputError, QrecoverError
 from qrecover.extract import extract_stage, list_stage, qubes_xml_stage
+from qrecover.guard import TarGuard
 from qrecover.header import MAX_HEADER, BackupHeader, read_header
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
 from qrecover.runner import (
+    F_SETPIPE_SZ,
     PASS_ENV,
+    PIPE_SIZE,
     Pipeline,
     Stage,
     StageResult,
@@ -59,8 +62,6 @@ from qrecover.runner import (
 from qrecover.verify import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 
 Mode = Literal["info", "verify", "restore"]
-F_SETPIPE_SZ = 1031
-PIPE_SIZE = 1024 * 1024
 PARTIAL = ".partial"
 # Messages from a stage that mean the output side failed, not the backup.
 _OUTPUT_TROUBLE = (
@@ -77,6 +78,13 @@ class Request:
     vms: Sequence[str] = ()
     output: Path | None = None
     force: bool = False
+    size_limit: bool = True
+
+
+# How far an entity's inner archives may exceed the size qubes.xml declares
+# for it (du of the VM's folder) before qrecover calls it a decompression bomb.
+SIZE_FACTOR = 2
+SIZE_SLACK = 64 * 1024 * 1024
 
 
 @dataclass
@@ -90,6 +98,7 @@ class FileResult:
     restored_bytes: int = 0
     members: int = 0
     places: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     error: str | None = None
     output_trouble: bool = False
 
@@ -278,6 +287,7 @@ class _Sink:
     staging: Path | None = None
     strip: int = 0
     folder_rel: str = ""
+    limit: int | None = None  # bytes the inner archive may expand to
 
 
 class _StoredFile:
@@ -327,9 +337,13 @@ class _StoredFile:
                 stdout=self.out_file,
                 secrets={PASS_ENV: self.engine.passphrase},
                 scratch=self.engine.scratch,
+                guard=self._guard,
             ).start()
         finally:
             os.close(read_end)
+
+    def _guard(self, src: int, dst: int) -> TarGuard:
+        return TarGuard(src, dst, self.sink.limit, self.stored, prefix=self.stored)
 
     def _reap_cat(self) -> None:
         if self.cat is None:
@@ -381,8 +395,17 @@ class _StoredFile:
             results = self.pipeline.wait()
         elif self.result.error is None:
             self.fail(f"{self.stored}: no chunk of it could be used")
+        guarded = self.pipeline.guarded if self.pipeline is not None else None
+        if guarded is not None:
+            self.result.notes.extend(guarded.skipped)
+            self.engine.spend(self.result.owner, guarded.passed)
         failure = first_failure(results)
-        if failure is not None:
+        if guarded is not None and guarded.error is not None:
+            # The guard cut the stream: what the stages said is a consequence.
+            if self.result.error is not None and self.result.error.startswith("feeding"):
+                self.result.error = None
+            self.fail(guarded.error)
+        elif failure is not None:
             trouble = _is_output_trouble(failure.stderr)
             cat_error = self.result.error is not None and self.result.error.startswith("feeding")
             if cat_error:
@@ -438,6 +461,7 @@ class Recovery:
         self.scratch: Path | None = None
         self.report = Report(output=request.output)
         self._seen: set[str] = set()
+        self._spent: dict[str, int] = {}
         self._stage_n = 0
         self._active: _StoredFile | None = None
 
@@ -535,7 +559,7 @@ class Recovery:
             raise BackupError(
                 "qubes.xml.000 is missing after the header: cannot tell which VMs the backup holds"
             )
-        job = _StoredFile(self, QUBES_XML, "", _Sink("capture"))
+        job = _StoredFile(self, QUBES_XML, "", _Sink("capture", limit=MAX_XML + SIZE_SLACK))
         self._consume(members, job)
         result = job.finish()
         if members.error is not None:
@@ -584,6 +608,9 @@ class Recovery:
             result = job.finish()
             self._active = None
             self.report.files.append(result)
+            # Special files were left out: the rest of the stored file is
+            # complete and verified, but the backup was not restored whole.
+            self.report.problems.extend(f"{result.stored}: {note}" for note in result.notes)
             self.observer.file_done(result)
             if result.output_trouble and not result.ok and self._is_fatal_output(result):
                 raise OutputError(result.error or "output problem")
@@ -604,9 +631,20 @@ class Recovery:
             m in result.error for m in ("No space left", "Disk quota", "Read-only")
         )
 
+    def spend(self, owner: str, size: int) -> None:
+        self._spent[owner] = self._spent.get(owner, 0) + size
+
+    def _limit(self, owner: Entity) -> int | None:
+        """What is left of the entity's budget; None when there is no limit."""
+        if not self.request.size_limit or owner.size <= 0:
+            return None
+        budget = owner.size * SIZE_FACTOR + SIZE_SLACK
+        return max(0, budget - self._spent.get(owner.name, 0))
+
     def _sink_for(self, owner: Entity, stored: str) -> _Sink:
+        limit = self._limit(owner)
         if self.request.mode != "restore":
-            return _Sink("list")
+            return _Sink("list", limit=limit)
         assert self.scratch is not None
         self._stage_n += 1
         staging = self.scratch / f"stage-{self._stage_n}"
@@ -615,8 +653,8 @@ class Recovery:
         if stored == owner.backup_path:
             # dom0's home: the stored name is the home folder itself.
             parent = owner.dest.rsplit("/", 1)[0] if "/" in owner.dest else ""
-            return _Sink("extract", staging, depth - 1, parent)
-        return _Sink("extract", staging, depth, owner.dest)
+            return _Sink("extract", staging, depth - 1, parent, limit)
+        return _Sink("extract", staging, depth, owner.dest, limit)
 
     # -- one stored file ----------------------------------------------------
 

@@ -15,20 +15,27 @@ only the last one.  Short control commands (``tar --version``,
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from qrecover.errors import MissingProgramError
+from qrecover.guard import TarGuard
 
 log = logging.getLogger("qrecover")
+
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in Python >= 3.10 only on some builds
+PIPE_SIZE = 1024 * 1024
 
 # Environment variable through which a stage receives the passphrase.  The
 # same name is used by the official recovery page's v4 steps and by the
@@ -153,7 +160,7 @@ class StageResult:
 
     def describe(self) -> str:
         """`openssl exited 1: bad decrypt` — the stage and the last line it said."""
-        tail = last_meaningful_line(self.stderr)
+        tail = first_meaningful_line(self.stderr)
         if self.returncode < 0:
             what = f"{self.stage.program} was killed by signal {-self.returncode}"
         else:
@@ -161,17 +168,21 @@ class StageResult:
         return f"{what}: {tail}" if tail else what
 
 
-# Lines that programs print on stderr although nothing is wrong.
+# Lines that say nothing about what went wrong: expected warnings, and
+# summaries that hide the real error printed before them.
 _EXPECTED_NOISE = (
     "deprecated key derivation used",  # OpenSSL 3 on `enc -md md5` without -pbkdf2
     "Using -iter or -pbkdf2 would be better",
+    "Exiting with failure status due to previous errors",  # GNU tar
+    "Removing leading",  # GNU tar, harmless rewrite of a name
 )
 
 
-def last_meaningful_line(text: str) -> str:
+def first_meaningful_line(text: str) -> str:
+    """The first line that says what went wrong (later lines are consequences)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     lines = [ln for ln in lines if not any(noise in ln for noise in _EXPECTED_NOISE)]
-    return lines[-1][:300] if lines else ""
+    return lines[0][:300] if lines else ""
 
 
 @dataclass
@@ -183,8 +194,24 @@ class Pipeline:
     stdout: int | IO[bytes] | None = None  # None: discard
     secrets: Mapping[str, str] = field(default_factory=dict)
     scratch: Path | None = None
+    # Makes the in-process guard that screens the stream into the last stage
+    # (tar); given the fds it reads from and writes to, which it then owns.
+    guard: Callable[[int, int], TarGuard] | None = None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    guarded: TarGuard | None = None
+    _guard_thread: threading.Thread | None = None
     _errfiles: list[IO[bytes]] = field(default_factory=list)
+
+    def _start_guard(self, src: int) -> int:
+        """Run the guard on ``src``; return the fd the last stage reads from."""
+        assert self.guard is not None
+        read_end, write_end = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
+        self.guarded = self.guard(src, write_end)
+        self._guard_thread = threading.Thread(target=self.guarded.run, daemon=True)
+        self._guard_thread.start()
+        return read_end
 
     def start(self) -> Pipeline:
         # Resolve every program before starting any, so a missing one fails
@@ -194,6 +221,9 @@ class Pipeline:
         try:
             for i, (stage, path) in enumerate(zip(self.stages, paths, strict=True)):
                 last = i == len(self.stages) - 1
+                if last and self.guard is not None:
+                    # The guard owns what it reads: our pipe end, or a copy of the caller's.
+                    prev = self._start_guard(prev if i > 0 else os.dup(prev))
                 errfile = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115 - kept until wait()
                 self._errfiles.append(errfile)
                 env = child_env({k: self.secrets[k] for k in stage.secret_env})
@@ -211,7 +241,7 @@ class Pipeline:
                     close_fds=True,
                 )
                 self.procs.append(proc)
-                if i > 0:
+                if i > 0 or (last and self.guard is not None):
                     # The child has its copy; ours would keep the pipe open.
                     os.close(prev)
                 if not last:
@@ -229,6 +259,8 @@ class Pipeline:
                 proc.kill()
         for proc in self.procs:
             proc.wait()
+        if self._guard_thread is not None:
+            self._guard_thread.join(timeout=5)
 
     def wait(self) -> list[StageResult]:
         results = []
@@ -240,6 +272,8 @@ class Pipeline:
             text = errfile.read().decode("utf-8", "replace")
             errfile.close()
             results.append(StageResult(stage, code, text))
+        if self._guard_thread is not None:
+            self._guard_thread.join()
         return results
 
 

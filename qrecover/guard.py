@@ -1,0 +1,293 @@
+"""A guard on the inner tar stream, between the decompressor and GNU tar.
+
+GNU tar already refuses member names with ``..``, strips leading ``/`` and
+will not write through a symlink it just extracted.  Two things it would
+still do with a hostile (but authenticated) archive are stopped here:
+
+* device nodes and FIFOs: tar creates FIFOs for anyone and device nodes as
+  root.  Their headers (and any long-name/pax headers that belong to them)
+  are dropped from the stream, so tar never sees them;
+* decompression bombs: a few KiB that expand far past what qubes.xml
+  declares.  The stream is counted and cut off past a limit.
+
+Only 512-byte headers are read into Python; member data moves from pipe to
+pipe with ``os.splice``, so the guard costs next to nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from dataclasses import dataclass, field
+
+BLOCK = 512
+_ZERO = bytes(BLOCK)
+_MAX_META = 1024 * 1024  # long names, pax headers
+_SPLICE = 1024 * 1024
+
+# Member types passed on to tar: files, hard and symbolic links, folders,
+# GNU sparse files, contiguous files (treated as files), GNU dumpdir, volume labels.
+_KEEP = frozenset(b"0\x001257SDV")
+# Of those, the ones whose data follows the header; the others must say size 0,
+# so that the guard and tar can never disagree on where the next header is.
+_WITH_DATA = frozenset(b"0\x007SD")
+# Headers that describe the member that follows them.
+_PREFIX = frozenset(b"LKxX")
+_DESCRIBE = {ord("3"): "character device", ord("4"): "block device", ord("6"): "FIFO"}
+
+
+class GuardError(Exception):
+    """The inner archive was cut off: malformed, or past its size limit."""
+
+
+def _octal(field_: bytes) -> int:
+    if field_ and field_[0] & 0x80:  # GNU base-256 for sizes past 8 GiB
+        value = field_[0] & 0x7F
+        for byte in field_[1:]:
+            value = (value << 8) | byte
+        return value
+    text = field_.replace(b"\0", b" ").strip()
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise GuardError("inner archive: malformed header (size field)") from None
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _octal(header[148:156])
+    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    return stored == unsigned
+
+
+def _round(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    records = {}
+    for line in data.split(b"\n"):
+        _, _, record = line.partition(b" ")
+        key, sep, value = record.partition(b"=")
+        if sep:
+            records[key] = value
+    return records
+
+
+def _pax_size(meta: list[bytes]) -> int | None:
+    """A pax ``size`` record overrides the header's size field, for tar too."""
+    size = None
+    for blob in meta:
+        if blob[156] in (ord("x"), ord("X")):
+            value = _pax_records(blob[BLOCK:]).get(b"size")
+            if value is not None:
+                if not value.isdigit():
+                    raise GuardError("inner archive: malformed pax size record")
+                size = int(value)
+    return size
+
+
+def _linkname(header: bytes, meta: list[bytes]) -> str:
+    for blob in meta:
+        kind, data = blob[156], blob[BLOCK:]
+        if kind == ord("K"):
+            return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+        if kind in (ord("x"), ord("X")) and b"linkpath" in (records := _pax_records(data)):
+            return records[b"linkpath"].decode("utf-8", "replace")
+    return header[157:257].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def outside(name: str, prefix: str) -> bool:
+    """Whether an inner member name escapes its stored file's prefix.
+
+    Qubes' writer named every member PREFIX or PREFIX/...: ``vm7/private.img``,
+    ``vm3/./root.img`` for a template stored as ``vm3/.``.
+    """
+    if name.startswith("/") or ".." in name.split("/"):
+        return True
+    return not (name == prefix or name.startswith(prefix + "/"))
+
+
+def _name(header: bytes, meta: list[bytes]) -> str:
+    for blob in meta:
+        kind, data = blob[156], blob[BLOCK:]
+        if kind == ord("L"):
+            return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+        if kind in (ord("x"), ord("X")) and b"path" in (records := _pax_records(data)):
+            return records[b"path"].decode("utf-8", "replace")
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "replace")
+
+
+@dataclass
+class TarGuard:
+    """Copy a tar stream from ``src`` to ``dst`` (fds it owns), screening members."""
+
+    src: int
+    dst: int
+    limit: int | None
+    label: str
+    prefix: str | None = None  # every member must be this, or under it
+    passed: int = 0
+    skipped: list[str] = field(default_factory=list)
+    error: str | None = None
+    # Paths of the members that are not folders (files, links): nothing may
+    # later be written beneath one, as it would go through a symlink.
+    _leaves: set[str] = field(default_factory=set)
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except GuardError as exc:
+            self.error = str(exc)
+        except OSError as exc:
+            # EPIPE: tar stopped reading (it failed, or the archive ended);
+            # tar's own status says which.
+            if exc.errno != errno.EPIPE:
+                self.error = f"inner archive guard: {exc.strerror}"
+        finally:
+            for fd in (self.src, self.dst):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _check_names(self, kind: int, header: bytes, meta: list[bytes]) -> None:
+        assert self.prefix is not None
+        name = _name(header, meta)
+        if outside(name, self.prefix):
+            raise GuardError(f"{self.label}: inner archive member {name[:200]!r} lies "
+                             f"outside {self.prefix!r}; refused")
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        for depth in range(1, len(parts)):
+            above = "/".join(parts[:depth])
+            if above in self._leaves:
+                raise GuardError(f"{self.label}: inner archive member {name[:200]!r} "
+                                 f"would be written through {above!r}, which is not a "
+                                 "folder (a symlink trick?); refused")
+        key = "/".join(parts)
+        if kind == ord("5"):
+            if key in self._leaves:
+                raise GuardError(f"{self.label}: inner archive folder {name[:200]!r} "
+                                 "replaces a file or link of the same name; refused")
+        else:
+            self._leaves.add(key)
+        if kind == ord("1"):
+            target = _linkname(header, meta)
+            if outside(target, self.prefix):
+                raise GuardError(f"{self.label}: inner archive hard link {name[:200]!r} "
+                                 f"points outside {self.prefix!r} ({target[:200]!r}); "
+                                 "refused")
+
+    def _read(self, size: int) -> bytes:
+        parts = []
+        while size:
+            block = os.read(self.src, min(size, _SPLICE))
+            if not block:
+                raise GuardError(f"{self.label}: inner archive ends inside a member "
+                                 "(truncated)")
+            parts.append(block)
+            size -= len(block)
+        return b"".join(parts)
+
+    def _write(self, data: bytes) -> None:
+        self._count(len(data))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.dst, view):]
+
+    def _count(self, size: int) -> None:
+        self.passed += size
+        if self.limit is not None and self.passed > self.limit:
+            raise GuardError(
+                f"{self.label}: expands past {self.limit} bytes, far more than qubes.xml "
+                "declares for it (a decompression bomb?); stopped (--no-size-limit "
+                "lifts this check)")
+
+    def _splice(self, size: int) -> None:
+        while size:
+            self._count(0)
+            moved = os.splice(self.src, self.dst, min(size, _SPLICE))
+            if moved == 0:
+                raise GuardError(f"{self.label}: inner archive ends inside a member "
+                                 "(truncated)")
+            size -= moved
+            self._count(moved)
+
+    def _skip(self, size: int) -> None:
+        while size:
+            block = os.read(self.src, min(size, _SPLICE))
+            if not block:
+                raise GuardError(f"{self.label}: inner archive ends inside a member "
+                                 "(truncated)")
+            size -= len(block)
+
+    def _rest(self) -> None:
+        # After the end-of-archive block: pass what follows (padding) until
+        # EOF; tar may already have stopped reading, which is fine.
+        with contextlib.suppress(BrokenPipeError):
+            while True:
+                moved = os.splice(self.src, self.dst, _SPLICE)
+                if moved == 0:
+                    return
+                self._count(moved)
+
+    def _run(self) -> None:
+        meta: list[bytes] = []
+        while True:
+            header = os.read(self.src, BLOCK)
+            if not header:
+                return  # EOF without end-of-archive: tar decides
+            if len(header) < BLOCK:
+                header += self._read(BLOCK - len(header))
+            if header == _ZERO:
+                self._write(b"".join(meta) + header)
+                self._rest()
+                return
+            if not _checksum_ok(header):
+                raise GuardError(f"{self.label}: inner archive has a damaged header "
+                                 f"(after {self.passed} bytes)")
+            kind = header[156]
+            size = _octal(header[124:136])
+            if kind in _PREFIX:
+                if size > _MAX_META:
+                    raise GuardError(f"{self.label}: inner archive has a {size}-byte "
+                                     "name/pax header; refused")
+                meta.append(header + self._read(_round(size)))
+                continue
+            if kind == ord("g"):
+                data = self._read(_round(size))
+                if b"size" in _pax_records(data):
+                    raise GuardError(f"{self.label}: inner archive has a global size "
+                                     "record; refused")
+                self._write(header + data)
+                continue
+            override = _pax_size(meta)
+            if override is not None:
+                size = override
+            extension = b""
+            if kind == ord("S") and header[482]:
+                block = self._read(BLOCK)
+                extension = block
+                while block[504]:
+                    block = self._read(BLOCK)
+                    extension += block
+            if size and kind not in _WITH_DATA:
+                raise GuardError(f"{self.label}: inner archive member "
+                                 f"{_name(header, meta)!r} of type {chr(kind)!r} claims "
+                                 "data; refused")
+            if self.prefix is not None and kind in _KEEP:
+                self._check_names(kind, header, meta)
+            if kind not in _KEEP:
+                what = _DESCRIBE.get(kind, f"member of type {chr(kind)!r}")
+                self.skipped.append(f"{_name(header, meta)} ({what}, not restored)")
+                meta.clear()
+                self._skip(_round(size))
+                continue
+            self._write(b"".join(meta) + header + extension)
+            meta.clear()
+            self._splice(_round(size))

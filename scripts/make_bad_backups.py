@@ -1,0 +1,354 @@
+#!/usr/bin/env python3
+"""Write crafted bad backups: damaged, truncated, tampered, hostile.
+
+Each case starts from a valid format-3 backup written by make_backup.py (the
+Qubes R3.2 writer's own commands) and changes it the way a dying disk, a
+half-finished copy or an attacker would.  Where an attacker who knows the
+passphrase re-signs what they changed, the new HMACs come from the same
+``openssl dgst -hmac`` the writer used, and new inner archives go through
+the same ``gzip`` and ``openssl enc -md md5``.  Hostile names that GNU tar
+refuses to write are written with Python's tarfile (an attacker's tool).
+
+stdlib only; never imports qrecover.  ``cases(workdir)`` returns the cases;
+``python3 scripts/make_bad_backups.py DIR`` writes them with a cases.json.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import make_backup as gen
+
+PASSPHRASE = "bad-backup passphrase"
+CHUNK = 4096
+Members = list[tuple[str, bytes]]
+
+EXIT_AUTH = 3
+EXIT_BACKUP = 4
+
+
+@dataclass
+class Case:
+    name: str
+    path: str
+    code: int  # the documented exit code qrecover must end with
+    message: str  # must appear in the one-line error (names the file or chunk)
+    passphrase: str = PASSPHRASE
+    partial: str | None = None  # output path that must exist only as .partial
+
+
+# -- the writer's own commands --------------------------------------------
+
+
+def openssl_hmac(data: bytes, algorithm: str = "SHA512") -> bytes:
+    """``openssl dgst -ALG -hmac PASS`` on stdin, in OpenSSL 1.0's text style."""
+    out = subprocess.run(["openssl", "dgst", "-" + algorithm, "-hmac", PASSPHRASE],
+                         input=data, capture_output=True, check=True).stdout
+    return out[out.index(b"(stdin)= "):]
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    return subprocess.run(["gzip", "-c"], input=data, capture_output=True, check=True).stdout
+
+
+def encrypt(data: bytes) -> bytes:
+    return subprocess.run(
+        ["openssl", "enc", "-e", "-aes-256-cbc", "-md", "md5", "-pass", "pass:" + PASSPHRASE],
+        input=data, capture_output=True, check=True).stdout
+
+
+def stored(name: str, inner_tar: bytes, chunk: int = 1 << 20) -> Members:
+    """A stored file's members: gzip | openssl enc | split, each chunk with its .hmac."""
+    stream = encrypt(gzip_bytes(inner_tar))
+    members: Members = []
+    for i, start in enumerate(range(0, max(len(stream), 1), chunk)):
+        data = stream[start:start + chunk]
+        members += [(f"{name}.{i:03d}", data), (f"{name}.{i:03d}.hmac", openssl_hmac(data))]
+    return members
+
+
+def inner_tar(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for info in entries:
+            payload = (data or {}).get(info.name)
+            if payload is not None:
+                info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return buf.getvalue()
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.mode = 0o644
+    info.mtime = 1470279173
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        info.devmajor, info.devminor = 1, 3
+    return info
+
+
+def write_outer(path: Path, members: Members) -> None:
+    """Concatenate one ``tar -cO --posix`` archive per member, as Qubes did.
+
+    Names GNU tar would rewrite (``..``, absolute, control characters) are
+    written with Python's tarfile instead, so they reach the reader as is.
+    """
+    with path.open("wb") as out, tempfile.TemporaryDirectory() as stage:
+        for name, data in members:
+            plain = (name.isprintable() and not name.startswith("/")
+                     and ".." not in name.split("/") and name.isascii())
+            if plain:
+                target = Path(stage) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                out.flush()
+                subprocess.run(["tar", "-cO", "--posix", "-C", stage, name], stdout=out,
+                               check=True)
+                target.unlink()
+            else:
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                out.write(buf.getvalue())
+
+
+def read_outer(path: Path) -> Members:
+    with tarfile.open(path, mode="r:", ignore_zeros=True) as tar:
+        result = []
+        for info in tar:
+            f = tar.extractfile(info)
+            assert f is not None
+            result.append((info.name, f.read()))
+        return result
+
+
+# -- the cases -------------------------------------------------------------
+
+HEADER = (b"version=3\nhmac-algorithm=SHA512\ncrypto-algorithm=aes-256-cbc\n"
+          b"encrypted=True\ncompressed=True\ncompression-filter=gzip\n")
+
+
+def qubes_xml(*vms: str, with_dom0: bool = False) -> bytes:
+    dom0 = '<QubesAdminVm qid="0" name="dom0" backup_content="False"/>'
+    return ("<QubesVmCollection>" + dom0 + "".join(vms) + "</QubesVmCollection>").encode()
+
+
+def vm_xml(name: str = "work", path: str = "vm7", size: int = 4096) -> str:
+    return (f'<QubesAppVm qid="7" name="{name}" backup_content="True" backup_path="{path}" '
+            f'backup_size="{size}" template_qid="none"/>')
+
+
+def xml_members(doc: bytes) -> Members:
+    return stored("qubes.xml", inner_tar([member("qubes.xml")], {"qubes.xml": doc}))
+
+
+def signed_header(text: bytes) -> Members:
+    return [("backup-header", text), ("backup-header.hmac", openssl_hmac(text))]
+
+
+def hostile(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None,
+            size: int = 4096, name: str = "vm7/private.img") -> Members:
+    """A validly signed backup whose one VM's stored file ``name`` holds ``entries``."""
+    return (signed_header(HEADER) + xml_members(qubes_xml(vm_xml(size=size)))
+            + stored(name, inner_tar(entries, data)))
+
+
+def bomb_members() -> Members:
+    """A few hundred KiB that gunzip to 256 MiB of zeros, declared as 4 KiB."""
+    size = 256 * 1024 * 1024
+    info = member("vm7/private.img")
+    info.size = size
+    head = info.tobuf(format=tarfile.GNU_FORMAT)
+    proc = subprocess.Popen(["gzip", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def feed() -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(head)
+        zeros = bytes(1 << 20)
+        for _ in range(size >> 20):
+            proc.stdin.write(zeros)
+        proc.stdin.write(bytes(1024))
+        proc.stdin.close()
+
+    import threading
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    compressed = proc.stdout.read()
+    writer.join()
+    proc.wait()
+    stream = encrypt(compressed)
+    return (signed_header(HEADER) + xml_members(qubes_xml(vm_xml(size=4096)))
+            + [("vm7/private.img.000", stream),
+               ("vm7/private.img.000.hmac", openssl_hmac(stream))])
+
+
+def valid_backup(workdir: Path) -> tuple[Path, Members]:
+    """A real backup of one small VM, several chunks long, from make_backup."""
+    src = workdir / "src" / "work"
+    src.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(7)
+    (src / "private.img").write_bytes(bytes(rng.getrandbits(8) for _ in range(6 * CHUNK)))
+    (src / "icon.png").write_bytes(b"\x89PNG icon")
+    path = workdir / "valid"
+    gen.make_backup(path, PASSPHRASE, [gen.VmSpec("work", 7, source=src)],
+                    chunk_size=CHUNK, workdir=workdir)
+    return path, read_outer(path)
+
+
+def cases(workdir: Path) -> list[Case]:
+    """Write every case under ``workdir``; return them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    _valid_path, valid = valid_backup(workdir)
+    names = [n for n, _ in valid]
+    img = [n for n in names if n.startswith("vm7/private.img.") and not n.endswith(".hmac")]
+    assert len(img) >= 4, img
+    result: list[Case] = []
+
+    def add(name: str, content: Members | bytes, code: int, message: str, **kw: str) -> None:
+        path = workdir / f"{name}.backup"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            write_outer(path, content)
+        result.append(Case(name, str(path), code, message, **kw))
+
+    def without(*drop: str) -> Members:
+        return [(n, d) for n, d in valid if n not in drop]
+
+    def replace(name: str, fn: Callable[[bytes], bytes]) -> Members:
+        return [(n, fn(d) if n == name else d) for n, d in valid]
+
+    def header_case(name: str, text: bytes, message: str) -> None:
+        add(name, signed_header(text) + valid[2:], EXIT_BACKUP, message)
+
+    # passphrase and header
+    add("wrong-passphrase", valid, EXIT_AUTH, "passphrase", passphrase="not the passphrase")
+    add("header-tampered", replace("backup-header", lambda d: d.replace(b"gzip", b"xz")),
+        EXIT_AUTH, "backup-header")
+    add("header-hmac-missing", without("backup-header.hmac"), EXIT_BACKUP,
+        "backup-header.hmac")
+    header_case("header-hmac-not-a-digest", HEADER.replace(b"SHA512", b"whirlpool"),
+                "hmac-algorithm")
+    header_case("header-cipher-option", HEADER.replace(b"aes-256-cbc", b"-engine"),
+                "crypto-algorithm")
+    header_case("header-cipher-path", HEADER.replace(b"aes-256-cbc", b"../../bin/sh"),
+                "backup-header line 3")
+    header_case("header-filter-option", HEADER.replace(b"filter=gzip", b"filter=--to-stdout"),
+                "compression-filter")
+    header_case("header-filter-program", HEADER.replace(b"filter=gzip", b"filter=sh"),
+                "compression-filter")
+    header_case("header-version-5", HEADER.replace(b"version=3", b"version=5"), "version 5")
+    header_case("header-missing-keys", b"version=3\nhmac-algorithm=SHA512\n", "encrypted")
+    header_case("header-duplicate-key", HEADER + b"encrypted=False\n", "duplicate key")
+    header_case("header-non-ascii", HEADER + "comment=caf\u00e9\n".encode(), "not ASCII")
+    header_case("header-long-line", HEADER + b"x=" + b"a" * 100000 + b"\n", "backup-header")
+
+    # chunks
+    add("chunk-byte-flipped", replace(img[1], lambda d: d[:10] + bytes([d[10] ^ 1]) + d[11:]),
+        EXIT_BACKUP, img[1], partial="work/private.img")
+    add("chunk-truncated", replace(img[2], lambda d: d[: len(d) // 2]), EXIT_BACKUP, img[2],
+        partial="work/private.img")
+    add("chunk-missing-middle", without(img[1], img[1] + ".hmac"), EXIT_BACKUP, img[1],
+        partial="work/private.img")
+    add("chunk-last-missing", without(img[-1], img[-1] + ".hmac"), EXIT_BACKUP,
+        "vm7/private.img", partial="work/private.img")
+    add("chunk-hmac-missing", without(img[2] + ".hmac"), EXIT_BACKUP, img[2] + ".hmac",
+        partial="work/private.img")
+    i1, i2 = names.index(img[1]), names.index(img[2])
+    swapped = list(valid)
+    swapped[i1:i1 + 2], swapped[i2:i2 + 2] = valid[i2:i2 + 2], valid[i1:i1 + 2]
+    add("chunks-out-of-order", swapped, EXIT_BACKUP, img[1], partial="work/private.img")
+    dup = list(valid)
+    dup[i2:i2] = valid[i1:i1 + 2]
+    add("chunk-duplicated", dup, EXIT_BACKUP, img[1], partial="work/private.img")
+    add("hmac-over-4k", replace(img[1] + ".hmac", lambda d: d + b"\n" * 5000), EXIT_BACKUP,
+        img[1] + ".hmac", partial="work/private.img")
+    whole = (workdir / "valid").read_bytes()
+    cut = whole.find(valid[names.index(img[2])][1][:64])
+    add("stream-cut-mid-member", whole[: cut + 100], EXIT_BACKUP, img[2],
+        partial="work/private.img")
+
+    # not a backup
+    add("empty", b"", EXIT_BACKUP, "empty")
+    add("random-bytes", random.Random(1).randbytes(256 * 1024), EXIT_BACKUP, "not a")
+    add("ordinary-tarball", [("README", b"hello\n"), ("src/main.c", b"int main;\n")],
+        EXIT_BACKUP, "README")
+    add("no-qubes-xml", valid[:2] + valid[4:], EXIT_BACKUP, "qubes.xml")
+
+    # hostile outer names
+    for label, bad in [("dotdot", "../../evil.000"), ("absolute", "/tmp/evil.000"),
+                       ("control-chars", "vm7/priv\x1b[2Jate.img.000")]:
+        add(f"outer-name-{label}", [*valid[:4], (bad, b"x"), (bad + ".hmac", b"x")],
+            EXIT_BACKUP, "refusing" if label != "control-chars" else "refusing member name")
+
+    # hostile qubes.xml (signed with the passphrase)
+    laughs = (b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa">'
+              + b"".join(b'<!ENTITY %c "&%c;&%c;&%c;&%c;&%c;&%c;&%c;&%c;&%c;&%c;">'
+                         % ((98 + i,) + (97 + i,) * 10) for i in range(9))
+              + b"]><QubesVmCollection>&j;</QubesVmCollection>")
+    for label, doc in [
+        ("malformed", b"<QubesVmCollection><QubesAppVm"),
+        ("billion-laughs", laughs),
+        ("path-dotdot", qubes_xml(vm_xml(path="../../x"))),
+        ("path-absolute", qubes_xml(vm_xml(path="/etc"))),
+        ("name-slash", qubes_xml(vm_xml(name="a/b"))),
+    ]:
+        add(f"qubes-xml-{label}", signed_header(HEADER) + xml_members(doc) + valid[4:],
+            EXIT_BACKUP, "qubes.xml")
+
+    # hostile inner archives (validly authenticated)
+    f = member("vm7/private.img")
+    add("inner-dotdot", hostile([f, member("vm7/private.img/../../../escape")],
+                                {"vm7/private.img": b"x"}), EXIT_BACKUP, "outside")
+    add("inner-absolute", hostile([member("/tmp/qrecover-escape")],
+                                  {"/tmp/qrecover-escape": b"x"}), EXIT_BACKUP, "outside")
+    add("inner-symlink-then-write",
+        hostile([member("vm7/private.img", tarfile.SYMTYPE, "/tmp"),
+                 member("vm7/private.img/qrecover-escape")],
+                {"vm7/private.img/qrecover-escape": b"x"}), EXIT_BACKUP, "written through")
+    add("inner-hardlink-outside",
+        hostile([member("vm7/private.img", tarfile.LNKTYPE, "/etc/hostname")]),
+        EXIT_BACKUP, "hard link")
+    add("inner-device-and-fifo",
+        hostile([member("vm7/apps", tarfile.DIRTYPE), member("vm7/apps/null", tarfile.CHRTYPE),
+                 member("vm7/apps/fifo", tarfile.FIFOTYPE), member("vm7/apps/ok.desktop")],
+                {"vm7/apps/ok.desktop": b"[Desktop Entry]\n"}, name="vm7/apps"),
+        EXIT_BACKUP, "character device")
+    add("inner-bomb", bomb_members(), EXIT_BACKUP, "decompression bomb",
+        partial="work/private.img")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: make_bad_backups.py DIR", file=sys.stderr)
+        return 2
+    folder = Path(args[0])
+    made = cases(folder)
+    (folder / "cases.json").write_text(json.dumps([asdict(c) for c in made], indent=2))
+    print(f"{len(made)} cases in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.umask(0o022)
+    sys.exit(main())

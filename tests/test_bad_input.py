@@ -1,0 +1,100 @@
+"""Crafted bad backups (scripts/make_bad_backups.py): each ends the documented way.
+
+For every case: the documented exit code, a message naming the file or chunk
+at fault, no traceback, nothing written outside the output folder, nothing
+under a final name that is not complete and verified, and the user's own
+files untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import make_bad_backups as bad  # scripts/ is on sys.path (conftest)
+import pytest
+from conftest import ROOT, run_cli
+
+CASES_DIR: Path | None = None
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bad.Case]:
+    folder = tmp_path_factory.mktemp("bad")
+    return {c.name: c for c in bad.cases(folder)}
+
+
+def _case_names() -> list[str]:
+    # The names are fixed in the generator; listed here so each is its own test.
+    source = (ROOT / "scripts" / "make_bad_backups.py").read_text()
+    import re
+
+    found = re.findall(r'add\(\s*f?"([a-z0-9-]+)"', source)
+    found += [f"outer-name-{n}" for n in ("dotdot", "absolute", "control-chars")]
+    found += [f"qubes-xml-{n}" for n in ("malformed", "billion-laughs", "path-dotdot",
+                                          "path-absolute", "name-slash")]
+    found += [n for n in re.findall(r'header_case\("([a-z0-9-]+)"', source)]
+    return sorted(set(found) - {"outer-name-", "qubes-xml-"})
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("name", _case_names())
+@pytest.mark.parametrize("command", ["restore", "verify"])
+def test_bad_backup(cases: dict[str, bad.Case], name: str, command: str, tmp_path: Path) -> None:
+    case = cases[name]
+    passfile = tmp_path / "pass"
+    passfile.write_text(case.passphrase + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "my-notes.txt"  # the user's own file, already in the folder
+    mine.write_text("mine")
+    before = _tree(tmp_path)
+    args = [command, case.path, "--passphrase-file", passfile]
+    if command == "restore":
+        args += ["--output", out]
+    result = run_cli(*args)
+    assert result.code == case.code, result.text
+    assert case.message in result.err, result.err
+    assert "Traceback" not in result.text
+    assert result.err.strip(), "an error must be reported"
+    assert mine.read_text() == "mine"
+    # nothing outside the output folder, and no scratch left behind
+    after = _tree(tmp_path)
+    assert {p for p in after - before if not p.startswith("out")} == set()
+    assert not any(".qrecover" in p for p in after)
+    assert not Path("/tmp/qrecover-escape").exists()
+    for path in out.rglob("*"):
+        mode = path.lstat().st_mode
+        assert not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)), path
+    if command == "verify":
+        assert _tree(out) == {"my-notes.txt"}
+    elif case.partial is not None:
+        assert not (out / case.partial).exists(), "a failed file under its final name"
+        assert os.path.lexists(out / (case.partial + ".partial"))
+    if case.code == 3:
+        assert _tree(out) == {"my-notes.txt"}, "nothing may be written after a bad passphrase"
+
+
+def test_special_files_skipped_rest_restored(cases: dict[str, bad.Case], tmp_path: Path) -> None:
+    case = cases["inner-device-and-fifo"]
+    passfile = tmp_path / "pass"
+    passfile.write_text(case.passphrase + "\n")
+    result = run_cli("restore", case.path, "-o", tmp_path / "out", "--passphrase-file", passfile)
+    assert result.code == 4
+    assert "FIFO" in result.err and "character device" in result.err
+    assert (tmp_path / "out" / "work" / "apps" / "ok.desktop").read_text() == "[Desktop Entry]\n"
+    assert not os.path.lexists(tmp_path / "out" / "work" / "apps" / "fifo")
+    assert not os.path.lexists(tmp_path / "out" / "work" / "apps" / "null")
+
+
+def test_no_size_limit_lets_a_large_expansion_through(cases: dict[str, bad.Case],
+                                                      tmp_path: Path) -> None:
+    case = cases["inner-bomb"]
+    passfile = tmp_path / "pass"
+    passfile.write_text(case.passphrase + "\n")
+    result = run_cli("verify", case.path, "--passphrase-file", passfile, "--no-size-limit")
+    assert result.code == 0, result.text
