@@ -62,8 +62,12 @@ class OutputError(QrecoverError):
     exit_code = EXIT_OUTPUT
 
 
-class Interrupted(QrecoverError):
-    """Raised from a signal handler so that clean-up runs on the way out."""
+class Interrupted(BaseException):
+    """Raised from a signal handler so that clean-up runs on the way out.
+
+    A BaseException, like KeyboardInterrupt, so that no handler for errors
+    mistakes it for one.
+    """
 
     def __init__(self, signum: int, exit_code: int) -> None:
         super().__init__(f"interrupted by signal {signum}")

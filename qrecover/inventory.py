@@ -49,6 +49,18 @@ class Entity:
     size: int
     dest: str  # where it lands inside the output folder: "work", "dom0-home/user"
 
+    def required_stored(self) -> str:
+        """The stored file Qubes' writer always wrote for this entity.
+
+        dom0's home is one stored file; a template is stored as its whole
+        folder (``vm3/.``); every other VM has at least its ``private.img``.
+        """
+        if self.name == DOM0:
+            return self.backup_path
+        if "Template" in self.type:
+            return self.backup_path + "/."
+        return self.backup_path + "/private.img"
+
     def owns(self, stored: str) -> bool:
         return stored == self.backup_path or stored.startswith(self.backup_path + "/")
 

@@ -22,6 +22,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -573,6 +574,14 @@ class Recovery:
 
     def _check_conflicts(self, selected: Sequence[Entity]) -> None:
         assert self.output is not None
+        # Even with --force, never write through a symbolic link inside DIR.
+        for rel in [QUBES_XML, *(e.dest for e in selected)]:
+            path = self.output.root
+            for part in Path(rel).parts:
+                path = path / part
+                if path.is_symlink():
+                    raise OutputError(f"{path}: is a symbolic link; refusing to write "
+                                      "through it", hint="remove it or choose another --output")
         if self.output.force:
             return
         existing = self.output.conflicts([QUBES_XML, *(e.dest for e in selected)])
@@ -616,13 +625,14 @@ class Recovery:
                 raise OutputError(result.error or "output problem")
         if members.error is not None:
             self.report.problems.append(str(members.error))
-        missing = [
-            e.name for e in selected if not any(f.owner == e.name for f in self.report.files)
-        ]
-        for vm in missing:
-            self.report.problems.append(
-                f"{vm}: listed in qubes.xml but none of its files are in the backup (truncated?)"
-            )
+        found = {f.stored for f in self.report.files}
+        for entity in selected:
+            required = entity.required_stored()
+            if required not in found:
+                self.report.problems.append(
+                    f"{required}: missing from the backup, although qubes.xml says "
+                    f"{entity.name}'s data is in it (truncated or damaged backup?)"
+                )
 
     @staticmethod
     def _is_fatal_output(result: FileResult) -> bool:
@@ -750,7 +760,11 @@ class Recovery:
         got = 0
         try:
             while True:
-                block = stream.read(READ_SIZE)
+                try:
+                    block = stream.read(READ_SIZE)
+                except (tarfile.TarError, EOFError, OSError) as exc:
+                    raise _Truncated(f"{member.name}: the backup ends inside this chunk "
+                                     f"(truncated backup): {exc}") from None
                 if not block:
                     break
                 got += len(block)
@@ -762,16 +776,13 @@ class Recovery:
             os.close(fd)
             path.unlink()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutputError(
-                    f"no space left for scratch copy of {member.name} in {self.scratch}"
-                ) from None
-            raise
-        except Exception as exc:
+                raise OutputError(f"no space left for scratch copy of {member.name} "
+                                  f"in {self.scratch}") from None
+            raise OutputError(f"scratch copy of {member.name}: {exc.strerror}") from None
+        except BaseException:
             os.close(fd)
             path.unlink()
-            raise _Truncated(
-                f"{member.name}: the backup ends inside this chunk (truncated backup): {exc}"
-            ) from None
+            raise
         os.close(fd)
         if got != member.size:
             path.unlink()

@@ -270,6 +270,8 @@ def cases(workdir: Path) -> list[Case]:
         partial="work/private.img")
     add("chunk-last-missing", without(img[-1], img[-1] + ".hmac"), EXIT_BACKUP,
         "vm7/private.img", partial="work/private.img")
+    add("stored-file-missing", without(*img, *(n + ".hmac" for n in img)), EXIT_BACKUP,
+        "vm7/private.img: missing")
     add("chunk-hmac-missing", without(img[2] + ".hmac"), EXIT_BACKUP, img[2] + ".hmac",
         partial="work/private.img")
     i1, i2 = names.index(img[1]), names.index(img[2])
