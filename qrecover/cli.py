@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import signal
@@ -11,7 +12,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
-import click
 import typer
 
 from qrecover import __version__
@@ -24,6 +24,7 @@ from qrecover.errors import (
     EXIT_OUTPUT,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    EXIT_USAGE,
     Interrupted,
     QrecoverError,
 )
@@ -281,6 +282,22 @@ def info(
     raise typer.Exit(info_command(backup, as_json, passphrase_file))
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """typer's usage-error classes: its own since typer 0.29 (which vendors
+    click), click's before; imported by name so that either works."""
+    found: list[type[Exception]] = []
+    typer_base = getattr(typer, "TyperException", None)
+    if isinstance(typer_base, type) and issubclass(typer_base, Exception):
+        found.append(typer_base)
+    try:
+        click = importlib.import_module("click")
+    except ImportError:
+        pass
+    else:
+        found.append(click.ClickException)
+    return tuple(found)
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum, EXIT_SIGTERM)
 
@@ -294,12 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = returned if isinstance(returned, int) else EXIT_OK
     except typer.Exit as exc:
         code = exc.exit_code
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         _err("interrupted; scratch files removed, nothing left under a final name")
         code = EXIT_SIGINT
     except Interrupted as exc:
@@ -309,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         hint = f" ({exc.hint})" if exc.hint else ""
         _err(f"error: {exc.message}{hint}")
         code = exc.exit_code
+    except _usage_errors() as exc:
+        exc.show()  # type: ignore[attr-defined]
+        code = getattr(exc, "exit_code", EXIT_USAGE)
     except Exception as exc:  # a bug: say so, without a traceback unless asked
         _err(
             f"internal error: {type(exc).__name__}: {exc}; please report this "
