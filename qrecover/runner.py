@@ -50,6 +50,7 @@ PACKAGES: dict[str, str] = {
     "zstd": "zstd",
     "scrypt": "scrypt",
     "debugfs": "e2fsprogs",
+    "printf": "coreutils",
 }
 
 
@@ -183,6 +184,7 @@ class Pipeline:
     stdout: int | IO[bytes] | None = None  # None: discard
     secrets: Mapping[str, str] = field(default_factory=dict)
     scratch: Path | None = None
+    cwd: Path | None = None  # where every stage runs (debugfs rdump writes relative to it)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _errfiles: list[IO[bytes]] = field(default_factory=list)
 
@@ -208,6 +210,7 @@ class Pipeline:
                     stdout=out,
                     stderr=errfile,
                     env=env,
+                    cwd=self.cwd,
                     close_fds=True,
                 )
                 self.procs.append(proc)
