@@ -385,7 +385,12 @@ class Debugfs:
             pipeline = Pipeline(
                 stages, stdin=devnull.fileno(), stdout=out, scratch=self.scratch, cwd=cwd
             )
-            results = pipeline.start().wait()
+            pipeline.start()
+            try:
+                results = pipeline.wait()
+            except BaseException:
+                pipeline.kill()  # interrupted: stop debugfs before its staging is removed
+                raise
             out.seek(0)
             data = out.read()
         last = results[-1]
@@ -449,14 +454,16 @@ def walk(fs: Debugfs, path: str) -> Tree:
         found = [e for e in listings.get(top.ino, []) if os.fsdecode(e.name) == part]
         where = f"{where}/{part}"
         if not found:
+            full = "/" + "/".join(parts)
             raise PathNotFound(
-                f"{where}: not found in {fs.image}",
+                f"{show(full)}: not found in {fs.image}"
+                + (f" (there is no {show(where)})" if where != full else ""),
                 hint=f"see what it holds with: qrecover files {fs.image} --list /",
             )
         raw = found[0]
         top = Entry(raw.ino, raw.mode, part, raw.size, "", where)
         if i < len(parts) - 1 and top.kind != "dir":
-            raise PathNotFound(f"{where}: not a folder in {fs.image}")
+            raise PathNotFound(f"{show(where)}: not a folder in {fs.image}")
     tree = Tree(where or "/", top, [top])
     if top.kind == "special":
         raise PathNotFound(f"{where}: is a {top.special_kind()}, nothing to copy")
