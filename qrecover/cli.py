@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +29,17 @@ from qrecover.errors import (
     EXIT_USAGE,
     Interrupted,
     QrecoverError,
+    UsageError,
+)
+from qrecover.files import (
+    DEFAULT_PATH,
+    CopyResult,
+    FilesRequest,
+    PathNotFound,
+    copy_files,
+    find_debugfs,
+    list_trees,
+    show,
 )
 from qrecover.passphrase import get_passphrase
 from qrecover.restore import FileResult, Report, Request, run
@@ -184,11 +197,106 @@ def restore_command(
     force: bool,
     passphrase_file: Path | None,
     size_limit: bool = True,
+    files: bool = False,
 ) -> int:
-    request = Request("restore", vms=tuple(vms), output=output, force=force,
-                      size_limit=size_limit)
+    if files:
+        find_debugfs()  # a missing debugfs stops us before the restore, not after it
+    request = Request(
+        "restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit
+    )
     report = _run(backup, passphrase_file, request)
-    return _finish("restore", report)
+    code = _finish("restore", report)
+    if files:
+        files_code = _restore_files(report, output, force)
+        code = code if code != EXIT_OK else files_code
+    return code
+
+
+def _print_copy(result: CopyResult) -> None:
+    for skipped in result.skipped:
+        _err(f"note: skipped special file {skipped}: not copied")
+    if result.ok:
+        print(
+            f"COPIED    {show(result.path)} -> {result.place} ({result.files} file(s), "
+            f"{result.folders} folder(s), {result.links} symlink(s), {_human(result.bytes)})",
+            flush=True,
+        )
+    else:
+        kept = f" (kept as {result.place})" if result.place else ""
+        print(f"FAILED    {show(result.path)}: {result.error}{kept}", flush=True)
+
+
+def _restore_files(report: Report, output: Path, force: bool) -> int:
+    """After a restore: each restored VM's home files into DIR/<vm>/files/."""
+    failed: list[str] = []
+    trouble = False
+    for entity in report.selected:
+        if entity.name == "dom0":
+            continue
+        image = output / entity.dest / "private.img"
+        results = [f for f in report.files if f.owner == entity.name]
+        if not image.is_file() or not results or not all(f.ok for f in results):
+            if results and not all(f.ok for f in results):
+                _err(f"{entity.name}: not restored completely; its files are not copied")
+            continue
+        print(f"FILES     {entity.name:<16} {image}:{DEFAULT_PATH}", flush=True)
+        try:
+            copied = copy_files(
+                FilesRequest(image, (DEFAULT_PATH,), image.parent / "files", force),
+                _print_copy,
+            )
+        except PathNotFound:
+            _err(f"note: {entity.name}: no {DEFAULT_PATH} in its private.img; nothing to copy")
+            continue
+        except QrecoverError as exc:
+            hint = f" ({exc.hint})" if exc.hint else ""
+            print(f"FAILED    {entity.name}: {exc.message}{hint}", flush=True)
+            failed.append(f"{entity.name}: {exc.message}")
+            trouble = trouble or exc.exit_code == EXIT_OUTPUT
+            continue
+        for result in copied:
+            if not result.ok:
+                failed.append(f"{entity.name}: {result.error}")
+                trouble = trouble or result.output_trouble
+    if failed:
+        _err(f"copying files out of {len(failed)} image(s) failed:")
+        for failure in failed:
+            _err(f"  {failure}")
+        return EXIT_OUTPUT if trouble else EXIT_BACKUP
+    return EXIT_OK
+
+
+def files_command(
+    image: Path, output: Path | None, paths: Sequence[str], list_only: bool, force: bool
+) -> int:
+    request = FilesRequest(image, tuple(paths) or (DEFAULT_PATH,), output, force)
+    if list_only:
+        return _list_files(request)
+    if output is None:
+        raise UsageError("--output DIR is needed to copy files (or use --list)")
+    results = copy_files(request, _print_copy)
+    failures = [r for r in results if not r.ok]
+    if not failures:
+        return EXIT_OK
+    _err(f"{len(failures)} of {len(results)} PATH(s) failed:")
+    for failure in failures:
+        _err(f"  {show(failure.path)}: {failure.error}")
+    return EXIT_OUTPUT if any(r.output_trouble for r in failures) else EXIT_BACKUP
+
+
+def _list_files(request: FilesRequest) -> int:
+    code = EXIT_OK
+    for tree in list_trees(request):
+        # Sorted by path, so each folder's contents follow it.
+        for entry in sorted(tree.entries, key=lambda e: os.fsencode(e.image_path).split(b"/")):
+            mode = stat.filemode(entry.mode)
+            size = "-" if entry.kind == "dir" else str(entry.size)
+            suffix = "/" if entry.kind == "dir" and entry.image_path != "/" else ""
+            print(f"{mode} {size:>12}  {show(entry.image_path)}{suffix}")
+        for problem in tree.problems:
+            _err(f"problem: {problem}")
+            code = EXIT_BACKUP
+    return code
 
 
 def verify_command(
@@ -250,12 +358,65 @@ def restore(
         ),
     ] = False,
     passphrase_file: PassFileOpt = None,
+    files: Annotated[
+        bool,
+        typer.Option(
+            "--files",
+            help=f"Also copy each restored VM's {DEFAULT_PATH} out of its private.img "
+            "into DIR/<vm>/files/ (with debugfs: no root, no mount).",
+        ),
+    ] = False,
     no_size_limit: NoLimitOpt = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(
-        restore_command(backup, output, vm or [], force, passphrase_file, not no_size_limit)
+        restore_command(
+            backup, output, vm or [], force, passphrase_file,
+            size_limit=not no_size_limit, files=files,
+        )
     )
+
+
+@app.command()
+def files(
+    image: Annotated[
+        Path,
+        typer.Argument(
+            help="A restored private.img (an ext2/3/4 file system image).", metavar="IMAGE"
+        ),
+    ],
+    paths: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help=f"Folders or files inside the image to copy (default: {DEFAULT_PATH}; "
+            "the image's root holds home/, config/ and usrlocal/). Each is copied into DIR "
+            "under its last name: /home/user -> DIR/user; / -> DIR/rw.",
+            metavar="PATH",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Folder to copy into.", metavar="DIR"),
+    ] = None,
+    list_only: Annotated[
+        bool,
+        typer.Option("--list", help="Print the tree below each PATH (stdout) instead of copying."),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace DIR/<name> if it exists (only once the new copy is complete).",
+        ),
+    ] = False,
+) -> None:
+    """Copy files out of a restored private.img, without root and without mounting it.
+
+    Uses e2fsprogs' debugfs read-only (-c): permissions and times are kept,
+    symbolic links are copied as links and never followed, special files
+    (devices, FIFOs, sockets) are skipped with a note.
+    """
+    raise typer.Exit(files_command(image, output, paths or [], list_only, force))
 
 
 @app.command()
@@ -329,8 +490,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"internal error: {type(exc).__name__}: {exc}; please report this "
             "(set QRECOVER_DEBUG=1 for a traceback)"
         )
-        import os
-
         if os.environ.get("QRECOVER_DEBUG"):
             raise
         code = EXIT_INTERNAL

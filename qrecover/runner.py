@@ -57,6 +57,7 @@ PACKAGES: dict[str, str] = {
     "zstd": "zstd",
     "scrypt": "scrypt",
     "debugfs": "e2fsprogs",
+    "printf": "coreutils",
 }
 
 
@@ -197,6 +198,7 @@ class Pipeline:
     # Makes the in-process guard that screens the stream into the last stage
     # (tar); given the fds it reads from and writes to, which it then owns.
     guard: Callable[[int, int], TarGuard] | None = None
+    cwd: Path | None = None  # where every stage runs (debugfs rdump writes relative to it)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     guarded: TarGuard | None = None
     _guard_thread: threading.Thread | None = None
@@ -238,6 +240,7 @@ class Pipeline:
                     stdout=out,
                     stderr=errfile,
                     env=env,
+                    cwd=self.cwd,
                     close_fds=True,
                 )
                 self.procs.append(proc)
