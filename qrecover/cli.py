@@ -145,9 +145,14 @@ def _finish(mode: str, report: Report) -> int:
     if report.ok:
         verb = "verified" if mode == "verify" else "restored"
         where = f" into {report.output}" if mode == "restore" else ""
+        checked = (
+            "every chunk authenticated by scrypt"
+            if report.header is not None and report.header.version == 4
+            else "all HMACs matched"
+        )
         print(
             f"{verb} {count} stored file(s) of {len(report.selected)} VM(s){where}: "
-            "all HMACs matched, every stage succeeded",
+            f"{checked}, every stage succeeded",
             flush=True,
         )
         return EXIT_OK
