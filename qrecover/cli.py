@@ -48,9 +48,11 @@ EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.item
 
 app = typer.Typer(
     name="qrecover",
-    help="Recover data from Qubes OS backups (format 3: Qubes R2 to R3.2) without Qubes.\n\n"
-    "Runs the official emergency recovery procedure (tar, openssl, gzip/bzip2/xz, tar) "
-    "as real pipelines, verifying every HMAC before anything is decrypted.\n\n"
+    help="Recover data from Qubes OS backups without Qubes: format 3 (Qubes R2 to R3.2) "
+    "and format 4 (Qubes R4), told apart automatically.\n\n"
+    "Runs the official emergency recovery procedure (tar, openssl or scrypt, "
+    "gzip/bzip2/xz, tar) as real pipelines, authenticating every chunk before "
+    "anything of it is decrypted or decompressed.\n\n"
     "Exit codes:\n\n" + EXIT_CODE_HELP,
     no_args_is_help=True,
     add_completion=False,
@@ -165,9 +167,14 @@ def _finish(mode: str, report: Report) -> int:
     if report.ok:
         verb = "verified" if mode == "verify" else "restored"
         where = f" into {report.output}" if mode == "restore" else ""
+        checked = (
+            "every chunk authenticated by scrypt"
+            if report.header is not None and report.header.version == 4
+            else "all HMACs matched"
+        )
         print(
             f"{verb} {count} stored file(s) of {len(report.selected)} VM(s){where}: "
-            "all HMACs matched, every stage succeeded",
+            f"{checked}, every stage succeeded",
             flush=True,
         )
         return EXIT_OK
@@ -317,10 +324,11 @@ def info_command(backup: str, as_json: bool, passphrase_file: Path | None) -> in
         }
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    print(
-        f"Backup {backup}: format {report.header.version} (header verified with HMAC-"
-        f"{report.header.hmac_algorithm})"
-    )
+    version = report.header.version
+    method = "scrypt" if version == 4 else f"HMAC-{report.header.hmac_algorithm}"
+    written_by = "Qubes R4" if version == 4 else "Qubes R2-R3.2"
+    print(f"Backup {backup}: format {version}, written by {written_by}")
+    print(f"  header verified with {method}")
     for key, value in report.header.fields().items():
         print(f"  {key}: {value}")
     print("VMs with data in this backup:")

@@ -32,21 +32,26 @@ MAX_NAME = 512
 
 # One path component of a stored name: what Qubes' file and VM names look like.
 _COMPONENT = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
-# NAME.NNN or NAME.NNN.hmac; "%03d" numbering, so chunk 1000 is NAME.1000.
-_CHUNK = re.compile(r"^(?P<stored>.+)\.(?P<index>[0-9]{3,})(?P<hmac>\.hmac)?$")
+# NAME.NNN or NAME.NNN.hmac (format 3), NAME.NNN.enc (format 4); "%03d"
+# numbering, so chunk 1000 is NAME.1000.  Which shapes a backup may hold
+# depends on its format: the engine refuses the other format's shapes.
+_CHUNK = re.compile(r"^(?P<stored>.+)\.(?P<index>[0-9]{3,})(?:(?P<hmac>\.hmac)|(?P<enc>\.enc))?$")
 
 
 @dataclass(frozen=True, order=True)
 class ChunkName:
-    """``vm7/private.img.012`` parsed: stored file, index, whether it is the .hmac."""
+    """``vm7/private.img.012`` parsed: stored file, index, whether it is the .hmac
+    (format 3) or a scrypt-encrypted ``.enc`` chunk (format 4)."""
 
     stored: str
     index: int
     is_hmac: bool = False
+    is_enc: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.stored}.{self.index:03d}" + (".hmac" if self.is_hmac else "")
+        suffix = ".hmac" if self.is_hmac else ".enc" if self.is_enc else ""
+        return f"{self.stored}.{self.index:03d}{suffix}"
 
     @property
     def data_name(self) -> str:
@@ -93,7 +98,7 @@ def parse_member_name(name: str) -> ChunkName | None:
         validate_stored_name(stored)
     except ValueError as exc:
         raise BackupError(f"outer archive: refusing member {shown!r}: {exc}") from None
-    return ChunkName(stored, index, match.group("hmac") is not None)
+    return ChunkName(stored, index, match.group("hmac") is not None, match.group("enc") is not None)
 
 
 @dataclass

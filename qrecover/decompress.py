@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from qrecover.header import DECOMPRESSORS, BackupHeader
+from qrecover.header import DECOMPRESSORS, AnyHeader
 from qrecover.runner import Stage
 
 
-def decompress_stage(header: BackupHeader) -> Stage | None:
+def decompress_stage(header: AnyHeader) -> Stage | None:
     """``gzip -d`` / ``bzip2 -d`` / ``xz -d`` ...; None for an uncompressed backup."""
     name = header.filter
     if name is None:

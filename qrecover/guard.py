@@ -115,8 +115,13 @@ def _name(header: bytes, meta: list[bytes]) -> str:
         kind, data = blob[156], blob[BLOCK:]
         if kind == ord("L"):
             return data.split(b"\0", 1)[0].decode("utf-8", "replace")
-        if kind in (ord("x"), ord("X")) and b"path" in (records := _pax_records(data)):
-            return records[b"path"].decode("utf-8", "replace")
+        if kind in (ord("x"), ord("X")):
+            records = _pax_records(data)
+            # GNU sparse 0.1/1.0 members (Qubes R4) are extracted under
+            # GNU.sparse.name, not under their GNUSparseFile.N/ header name.
+            for key in (b"GNU.sparse.name", b"path"):
+                if key in records:
+                    return records[key].decode("utf-8", "replace")
     name = header[:100].split(b"\0", 1)[0]
     if header[257:262] == b"ustar":
         prefix = header[345:500].split(b"\0", 1)[0]

@@ -4,6 +4,7 @@ The header names the HMAC algorithm that protects it, so it cannot be read
 before it is verified.  As Qubes' own reader did, qrecover tries the
 allow-listed digests in turn (sha512 first) until one matches, then parses
 the text and checks that the algorithm it names is the one that matched.
+Format 4 headers are authenticated by scrypt instead (see qrecover.formats).
 Every value that reaches a command line is checked against an allow-list.
 """
 
@@ -33,7 +34,10 @@ DECOMPRESSORS: dict[str, tuple[str, ...]] = {
     "lzma": ("xz", "--format=lzma", "-d"),
     "zstd": ("zstd", "-d", "-q"),
 }
-SUPPORTED_VERSIONS = (3,)
+SUPPORTED_VERSIONS = (3, 4)
+# Qubes R4 writes `%Y%m%dT%H%M%S-PID`; it only ever goes into scrypt's
+# passphrase, never onto a command line, but is bounded all the same.
+BACKUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
 
 
 def _parse_bool(value: object) -> bool:
@@ -45,6 +49,14 @@ def _parse_bool(value: object) -> bool:
     if text == "false":
         return False
     raise ValueError("must be True or False")
+
+
+def _check_filter(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value.lower() not in DECOMPRESSORS:
+        raise ValueError(f"not an allowed compression filter (allowed: {', '.join(DECOMPRESSORS)})")
+    return value.lower()
 
 
 class BackupHeader(BaseModel):
@@ -66,8 +78,8 @@ class BackupHeader(BaseModel):
         if not text.isdigit():
             raise ValueError("must be a number")
         number = int(text)
-        if number not in SUPPORTED_VERSIONS:
-            raise ValueError(f"format {number} is not supported (qrecover reads format 3)")
+        if number != 3:
+            raise ValueError(f"format {number} is not a format-3 header")
         return number
 
     @field_validator("hmac_algorithm")
@@ -92,13 +104,7 @@ class BackupHeader(BaseModel):
     @field_validator("compression_filter")
     @classmethod
     def _filter(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if value.lower() not in DECOMPRESSORS:
-            raise ValueError(
-                f"not an allowed compression filter (allowed: {', '.join(DECOMPRESSORS)})"
-            )
-        return value.lower()
+        return _check_filter(value)
 
     @property
     def digest(self) -> Digest:
@@ -121,6 +127,72 @@ class BackupHeader(BaseModel):
             "compressed": self.compressed,
             "compression-filter": self.filter,
         }
+
+
+class BackupHeaderV4(BaseModel):
+    """A verified format-4 (Qubes R4) backup header."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    version: Literal[4]
+    hmac_algorithm: Literal["scrypt"]
+    # R4 always encrypts (scrypt does both); early R4.0 could write False.
+    encrypted: bool = True
+    compressed: bool
+    compression_filter: str | None = None
+    backup_id: str
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: object) -> int:
+        if str(value) != "4":
+            raise ValueError("not a format-4 header")
+        return 4
+
+    @field_validator("hmac_algorithm", mode="before")
+    @classmethod
+    def _hmac(cls, value: object) -> str:
+        if str(value).lower() != "scrypt":
+            raise ValueError("format 4 is authenticated with scrypt only")
+        return "scrypt"
+
+    @field_validator("encrypted", "compressed", mode="before")
+    @classmethod
+    def _bools(cls, value: object) -> bool:
+        return _parse_bool(value)
+
+    @field_validator("compression_filter")
+    @classmethod
+    def _filter(cls, value: str | None) -> str | None:
+        return _check_filter(value)
+
+    @field_validator("backup_id")
+    @classmethod
+    def _backup_id(cls, value: str) -> str:
+        if not BACKUP_ID_PATTERN.match(value):
+            raise ValueError("not a backup id (1-128 of A-Z a-z 0-9 -)")
+        return value
+
+    @property
+    def filter(self) -> str | None:
+        """The compression program, or None for an uncompressed backup."""
+        if not self.compressed:
+            return None
+        return self.compression_filter or "gzip"
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "hmac-algorithm": self.hmac_algorithm,
+            "encrypted": self.encrypted,
+            "compressed": self.compressed,
+            "compression-filter": self.filter,
+            "backup-id": self.backup_id,
+        }
+
+
+# Either format's header, once verified.
+AnyHeader = BackupHeader | BackupHeaderV4
 
 
 def split_header(data: bytes) -> dict[str, str]:
@@ -148,18 +220,22 @@ def split_header(data: bytes) -> dict[str, str]:
     return values
 
 
-def parse_header(data: bytes) -> BackupHeader:
+def parse_header(data: bytes) -> AnyHeader:
+    """Parse an authenticated header into the model of the version it names."""
     values = split_header(data)
     if "version" not in values:
         raise BackupError("backup-header: no 'version' key")
     version = values["version"]
-    if version.isdigit() and int(version) not in SUPPORTED_VERSIONS:
+    if not version.isdigit() or int(version) not in SUPPORTED_VERSIONS:
         raise BackupError(
             f"backup-header: format version {version} is not supported "
-            "(qrecover reads format 3, written by Qubes R2 to R3.2)"
+            "(qrecover reads format 3, written by Qubes R2 to R3.2, "
+            "and format 4, written by Qubes R4)"
         )
+    model: type[BackupHeader] | type[BackupHeaderV4]
+    model = BackupHeaderV4 if int(version) == 4 else BackupHeader
     try:
-        return BackupHeader.model_validate({k.replace("-", "_"): v for k, v in values.items()})
+        return model.model_validate({k.replace("-", "_"): v for k, v in values.items()})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -197,6 +273,11 @@ def read_header(data: bytes, hmac_text: bytes, passphrase: bytes) -> BackupHeade
     """Authenticate, then parse, then cross-check the header."""
     digest = authenticate_header(data, hmac_text, passphrase)
     header = parse_header(data)
+    if not isinstance(header, BackupHeader):
+        raise BackupError(
+            f"backup-header: names format {header.version} but was authenticated with "
+            f"HMAC-{digest.name}, as format 3 is"
+        )
     if header.hmac_algorithm != digest.name:
         raise BackupError(
             f"backup-header: names hmac-algorithm={header.hmac_algorithm} but was "

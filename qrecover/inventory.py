@@ -4,10 +4,17 @@ Only VMs with ``backup_content="True"`` have data in the backup; their
 ``backup_path`` (``vm7`` when names were hidden, ``appvms/work`` otherwise,
 ``dom0-home/USER`` for dom0) is the prefix of their stored files.  Every name
 and path read here ends up in a file system path, so each is validated.
+
+Two forms exist: R2/R3's ``<QubesVmCollection>`` with one element per VM and
+attributes, and R4's ``<qubes><domains><domain class="AppVM">`` with
+``<property name="name">`` and the features ``backup-content``,
+``backup-path`` (``vm7/``, with a slash) and ``backup-size``.  Both give the
+same entities.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -48,15 +55,20 @@ class Entity:
     backup_path: str
     size: int
     dest: str  # where it lands inside the output folder: "work", "dom0-home/user"
+    r4: bool = False  # listed in an R4 qubes.xml (format 4)
 
-    def required_stored(self) -> str:
-        """The stored file Qubes' writer always wrote for this entity.
+    def required_stored(self) -> str | None:
+        """The stored file Qubes' writer always wrote for this entity, if known.
 
-        dom0's home is one stored file; a template is stored as its whole
-        folder (``vm3/.``); every other VM has at least its ``private.img``.
+        dom0's home is one stored file.  R2-R3.2 stored a template as its
+        whole folder (``vm3/.``) and every other VM with at least its
+        ``private.img``; R4 stores volumes, and an ``empty`` placeholder for
+        a VM without any, so there only "some file of it" can be required.
         """
         if self.name == DOM0:
             return self.backup_path
+        if self.r4:
+            return None
         if "Template" in self.type:
             return self.backup_path + "/."
         return self.backup_path + "/private.img"
@@ -125,8 +137,54 @@ def _check_path(name: str, path: str) -> str:
     return path
 
 
+def _dom0(path: str, size: int) -> Entity:
+    _check_path(DOM0, path)
+    user = path.split("/")[-1]
+    if not path.startswith(DOM0_HOME + "/") or not _USER_NAME.match(user):
+        raise BackupError(f"qubes.xml: dom0 has an unexpected backup_path {path!r}")
+    return Entity(DOM0, "AdminVM", None, path, size, f"{DOM0_HOME}/{user}")
+
+
+def _vm(name: str, vm_type: str, template: str | None, path: str, size: int) -> Entity:
+    if not _VM_NAME.match(name) or name in _RESERVED:
+        raise BackupError(f"qubes.xml: refusing VM name {name[:80]!r}")
+    _check_path(name, path)
+    return Entity(name, vm_type, template, path, size, name)
+
+
+# R4 stored features as text: True as "1" (or "True"), False as "".
+_FALSE_TEXT = ("", "0", "false", "no", "off")
+
+
+def _r4_entities(root: ET.Element) -> list[Entity]:
+    """The entities of an R4 ``<qubes>`` qubes.xml."""
+    domains = root.find("domains")
+    if domains is None:
+        raise BackupError("qubes.xml: <qubes> without <domains>: not an R4 qubes.xml")
+    entities: list[Entity] = []
+    for domain in domains.findall("domain"):
+        props = {p.get("name"): p.text or "" for p in domain.findall("./properties/property")}
+        feats = {f.get("name"): f.text or "" for f in domain.findall("./features/feature")}
+        if feats.get("backup-content", "").strip().lower() in _FALSE_TEXT:
+            continue
+        # R4 writes the VM's folder in the backup with a trailing slash: "vm7/".
+        path = feats.get("backup-path", "").removesuffix("/")
+        size = _size(feats.get("backup-size"))
+        klass = domain.get("class") or ""
+        if klass == "AdminVM":
+            entities.append(_dom0(path, size))
+            continue
+        name = props.get("name", "")
+        template = props.get("template") or None
+        if template is not None and not _VM_NAME.match(template):
+            template = None  # only ever shown; a strange one is not worth stopping for
+        vm_type = klass if re.match(r"^[A-Za-z]{1,40}$", klass) else "?"
+        entities.append(_vm(name, vm_type, template, path, size))
+    return [dataclasses.replace(e, r4=True) for e in entities]
+
+
 def parse_inventory(data: bytes) -> Inventory:
-    """Parse qubes.xml (R2/R3 ``QubesVmCollection`` form)."""
+    """Parse qubes.xml (R2/R3 ``QubesVmCollection`` form, or R4 ``qubes`` form)."""
     if len(data) > MAX_XML:
         raise BackupError("qubes.xml: larger than any real qubes.xml")
     _refuse_dtd(data)
@@ -134,10 +192,12 @@ def parse_inventory(data: bytes) -> Inventory:
         root = ET.fromstring(data)
     except ET.ParseError as exc:
         raise BackupError(f"qubes.xml: not well-formed XML ({exc})") from None
+    if root.tag == "qubes":
+        return _checked(_r4_entities(root))
     if root.tag != "QubesVmCollection":
         raise BackupError(
             f"qubes.xml: unexpected root element <{root.tag[:40]}> "
-            "(expected QubesVmCollection, the R2/R3 form)"
+            "(expected QubesVmCollection, the R2/R3 form, or qubes, the R4 form)"
         )
     by_qid: dict[str, str] = {}
     for elem in root:
@@ -152,26 +212,15 @@ def parse_inventory(data: bytes) -> Inventory:
         path = elem.get("backup_path") or ""
         vm_type = _R3_TYPES.get(elem.tag, elem.tag.removeprefix("Qubes"))
         if elem.tag == "QubesAdminVm" or name == DOM0:
-            _check_path(DOM0, path)
-            user = path.split("/")[-1]
-            if not path.startswith(DOM0_HOME + "/") or not _USER_NAME.match(user):
-                raise BackupError(f"qubes.xml: dom0 has an unexpected backup_path {path!r}")
-            entities.append(
-                Entity(
-                    DOM0,
-                    "AdminVM",
-                    None,
-                    path,
-                    _size(elem.get("backup_size")),
-                    f"{DOM0_HOME}/{user}",
-                )
-            )
+            entities.append(_dom0(path, _size(elem.get("backup_size"))))
             continue
-        if not _VM_NAME.match(name) or name in _RESERVED:
-            raise BackupError(f"qubes.xml: refusing VM name {name[:80]!r}")
-        _check_path(name, path)
         template = by_qid.get(elem.get("template_qid") or "")
-        entities.append(Entity(name, vm_type, template, path, _size(elem.get("backup_size")), name))
+        entities.append(_vm(name, vm_type, template, path, _size(elem.get("backup_size"))))
+    return _checked(entities)
+
+
+def _checked(entities: list[Entity]) -> Inventory:
+    """No name or path twice, and no VM's files inside another's."""
     seen: set[str] = set()
     for entity in entities:
         for key in (entity.name, entity.backup_path):

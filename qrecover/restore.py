@@ -3,13 +3,17 @@
 The order is the recovery page's, done for every stored file in turn:
 
 1. read ``backup-header`` and ``backup-header.hmac`` (step 1), authenticate
-   the header before reading it (step 2), parse it (step 3);
+   the header before reading it (step 2), parse it (step 3); the shape of
+   ``backup-header.hmac`` tells format 3 from format 4 (qrecover.formats);
 2. for each stored file (``qubes.xml`` first), take its chunks in numeric
    order; copy each to private scratch while computing its HMAC, compare
    with its ``.hmac`` (step 4), and only then let ``cat`` feed it into the
    stored file's one ``openssl enc -d | gzip -d | tar -x`` pipeline
    (steps 5-7).  While ``cat`` feeds chunk N, chunk N+1 is read and
    verified, so scratch holds at most two chunks whatever the backup's size.
+   Format 4 instead decrypts each ``.enc`` chunk with ``scrypt dec`` into a
+   scratch file, and ``cat`` feeds that plaintext into ``gzip -d | tar -x``
+   only once scrypt has exited 0 (it checks the chunk's HMAC at the end).
 3. a stored file that fails stops there: what its pipeline already wrote is
    kept only as ``NAME.partial``; the other stored files go on.
 """
@@ -40,12 +44,11 @@ from qrecover.container import (
     StreamSource,
     parse_member_name,
 )
-from qrecover.decompress import decompress_stage
-from qrecover.decrypt import decrypt_stage
 from qrecover.errors import BackupError, MissingProgramError, OutputError, QrecoverError
 from qrecover.extract import extract_stage, list_stage, qubes_xml_stage
+from qrecover.formats import MAX_HEADER_HMAC, Format, Format3, Format4, authenticate
 from qrecover.guard import TarGuard
-from qrecover.header import MAX_HEADER, BackupHeader, read_header
+from qrecover.header import MAX_HEADER, AnyHeader
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
 from qrecover.runner import (
     F_SETPIPE_SZ,
@@ -110,7 +113,7 @@ class FileResult:
 
 @dataclass
 class Report:
-    header: BackupHeader | None = None
+    header: AnyHeader | None = None
     inventory: Inventory | None = None
     selected: tuple[Entity, ...] = ()
     files: list[FileResult] = field(default_factory=list)
@@ -307,9 +310,9 @@ class _StoredFile:
         self.cat_owned = False
 
     def stages(self) -> list[Stage]:
-        header = self.engine.header
-        assert header is not None
-        stages = [s for s in (decrypt_stage(header), decompress_stage(header)) if s is not None]
+        fmt = self.engine.fmt
+        assert fmt is not None
+        stages = fmt.stream_stages()
         if self.sink.kind == "capture":
             stages.append(qubes_xml_stage())
         elif self.sink.kind == "list":
@@ -457,13 +460,15 @@ class Recovery:
         self.key = passphrase.encode("utf-8")
         self.request = request
         self.observer: Observer = observer or _Quiet()
-        self.header: BackupHeader | None = None
+        self.header: AnyHeader | None = None
+        self.fmt: Format | None = None
         self.output: Output | None = None
         self.scratch: Path | None = None
         self.report = Report(output=request.output)
         self._seen: set[str] = set()
         self._spent: dict[str, int] = {}
         self._stage_n = 0
+        self._plain_n = 0
         self._active: _StoredFile | None = None
 
     # -- the pass -----------------------------------------------------------
@@ -471,9 +476,10 @@ class Recovery:
     def run(self) -> Report:
         members = _Peekable(self.source.members())
         try:
-            self.header = self._read_header(members)
+            self.fmt = self._read_header(members)
+            self.header = self.fmt.header
             self.report.header = self.header
-            self._check_programs(self.header)
+            self._check_programs(self.fmt)
             if self.request.mode == "restore":
                 assert self.request.output is not None
                 self.output = Output(self.request.output, self.request.force)
@@ -508,7 +514,7 @@ class Recovery:
             with contextlib.suppress(OSError):
                 self.output.root.rmdir()  # only if we made it and nothing landed
 
-    def _read_header(self, members: _Peekable) -> BackupHeader:
+    def _read_header(self, members: _Peekable) -> Format:
         if members.peek() is None and members.error is None:
             raise BackupError("the backup is empty (no members): not a Qubes backup")
         first = members.require("backup-header")
@@ -522,29 +528,24 @@ class Recovery:
                 )
             raise BackupError(
                 f"the backup does not start with backup-header (found {name!r}): "
-                "not a Qubes backup of format 3"
+                "not a Qubes backup of format 3 or 4"
             )
         data = first.read_all(MAX_HEADER)
         second = members.require("backup-header.hmac")
         if second.name != HEADER_HMAC:
             raise BackupError("backup-header.hmac is missing: the header cannot be verified")
         members.take()
-        hmac_text = second.read_all(MAX_HMAC_FILE)
-        header = read_header(data, hmac_text, self.key)
-        announce(
-            f'openssl dgst {header.digest.openssl_flag} -hmac "${PASS_ENV}" '
-            f"< {HEADER}  # done in-process: matches {HEADER_HMAC}"
-        )
-        return header
+        hmac_text = second.read_all(MAX_HEADER_HMAC)
+        fmt = authenticate(data, hmac_text, self.passphrase)
+        if isinstance(fmt, Format3):
+            announce(
+                f'openssl dgst {fmt.header.digest.openssl_flag} -hmac "${PASS_ENV}" '
+                f"< {HEADER}  # done in-process: matches {HEADER_HMAC}"
+            )
+        return fmt
 
-    def _check_programs(self, header: BackupHeader) -> None:
-        needed = ["tar", "cat"]
-        stage = decrypt_stage(header)
-        if stage is not None:
-            needed.append(stage.program)
-        stage = decompress_stage(header)
-        if stage is not None:
-            needed.append(stage.program)
+    def _check_programs(self, fmt: Format) -> None:
+        needed = ["tar", "cat", *fmt.programs()]
         for program in needed:
             which(program)
         if "GNU tar" not in control("tar", "--version"):
@@ -628,7 +629,9 @@ class Recovery:
         found = {f.stored for f in self.report.files}
         for entity in selected:
             required = entity.required_stored()
-            if required not in found:
+            if required is None and not any(f.owner == entity.name for f in self.report.files):
+                required = f"{entity.backup_path}/*"
+            if required is not None and required not in found:
                 self.report.problems.append(
                     f"{required}: missing from the backup, although qubes.xml says "
                     f"{entity.name}'s data is in it (truncated or damaged backup?)"
@@ -674,8 +677,8 @@ class Recovery:
         if stored in self._seen:
             job.fail(f"{stored}: its chunks appear in two places in the backup")
         self._seen.add(stored)
-        header = self.header
-        assert header is not None
+        fmt = self.fmt
+        assert fmt is not None
         expected = 0
         while True:
             member = members.peek()
@@ -687,6 +690,12 @@ class Recovery:
             members.take()
             if job.result.error is not None:
                 continue
+            if name.is_enc != isinstance(fmt, Format4):
+                job.fail(
+                    f"{member.name}: not a chunk name of a format-{fmt.version} backup "
+                    "(format 3 has NAME.NNN and NAME.NNN.hmac, format 4 NAME.NNN.enc)"
+                )
+                continue
             if name.is_hmac:
                 job.fail(
                     f"{member.name}: an .hmac without its chunk (chunk {name.data_name} missing)"
@@ -697,8 +706,17 @@ class Recovery:
                 what = "duplicated or out of order" if name.index < expected else "missing"
                 job.fail(f"{want}: chunk {what} (found {member.name} instead)")
                 continue
+            if isinstance(fmt, Format4):
+                try:
+                    self._scrypt_chunk(fmt, member, name, job)
+                except _Truncated as exc:
+                    job.fail(str(exc))
+                    members.stop(exc)
+                    break
+                expected += 1
+                continue
             try:
-                path, owned, digest_hex = self._take_chunk(member, header.digest)
+                path, owned, digest_hex = self._take_chunk(member, fmt.header.digest)
             except _Truncated as exc:
                 job.fail(str(exc))
                 members.stop(exc)
@@ -727,7 +745,7 @@ class Recovery:
                 )
                 continue
             announce(
-                f'openssl dgst {header.digest.openssl_flag} -hmac "${PASS_ENV}" '
+                f'openssl dgst {fmt.header.digest.openssl_flag} -hmac "${PASS_ENV}" '
                 f"< {member.name}  # done in-process: matches {nxt.name}"
             )
             try:
@@ -737,15 +755,55 @@ class Recovery:
                 job.fail(f"{member.name}: could not start the pipeline ({exc})")
             expected += 1
 
+    def _scrypt_chunk(
+        self, fmt: Format4, member: Member, name: ChunkName, job: _StoredFile
+    ) -> None:
+        """Format 4: decrypt a chunk to scratch with scrypt; feed it only if scrypt
+        authenticated it (scrypt may write plaintext before it finds damage)."""
+        src, owned, _ = self._take_chunk(member, None)
+        job.result.chunks += 1
+        job.result.stored_bytes += member.size
+        assert self.scratch is not None
+        self._plain_n += 1
+        plain = self.scratch / f"plain-{self._plain_n}"
+        try:
+            result = fmt.decrypt_chunk(name, src, plain, self.passphrase, self.scratch)
+        except OSError as exc:
+            result = None
+            job.fail(f"{member.name}: could not run scrypt ({exc})")
+        finally:
+            self._drop(src, owned)
+        if result is None:
+            self._drop(plain, True)
+            return
+        if not result.ok:
+            self._drop(plain, True)
+            if _is_output_trouble(result.stderr):
+                job.fail(f"{member.name}: {result.describe()}", output_trouble=True)
+                return
+            job.fail(
+                f"{member.name}: scrypt could not authenticate the chunk: it is damaged "
+                f"or was tampered with; nothing of it was used ({result.describe()})"
+            )
+            return
+        try:
+            job.feed(plain, True)
+        except OSError as exc:
+            self._drop(plain, True)
+            job.fail(f"{member.name}: could not start the pipeline ({exc})")
+
     def _drop(self, path: Path, owned: bool) -> None:
         if owned:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _take_chunk(self, member: Member, digest: Digest) -> tuple[Path, bool, str]:
-        """Compute the chunk's HMAC; from a stream, keep a private copy to feed later."""
-        mac = digest.new(self.key)
+    def _take_chunk(self, member: Member, digest: Digest | None) -> tuple[Path, bool, str]:
+        """Compute the chunk's HMAC (format 3; ``digest`` None: none to compute);
+        from a stream, keep a private copy to feed or decrypt later."""
+        mac = digest.new(self.key) if digest is not None else None
         if member.path is not None:
+            if mac is None:
+                return member.path, False, ""
             with member.path.open("rb") as f:
                 while block := f.read(READ_SIZE):
                     mac.update(block)
@@ -768,7 +826,8 @@ class Recovery:
                 if not block:
                     break
                 got += len(block)
-                mac.update(block)
+                if mac is not None:
+                    mac.update(block)
                 view = memoryview(block)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -787,7 +846,7 @@ class Recovery:
         if got != member.size:
             path.unlink()
             raise _Truncated(f"{member.name}: truncated ({got} of {member.size} bytes)")
-        return path, True, mac.hexdigest()
+        return path, True, mac.hexdigest() if mac is not None else ""
 
 
 def run(

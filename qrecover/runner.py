@@ -81,12 +81,13 @@ def child_env(secrets: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def control(program: str, *args: str) -> str:
+def control(program: str, *args: str, with_stderr: bool = False) -> str:
     """Run a short control command (no secrets, small output) and return its stdout.
 
     These go through ``sh`` with ``_tty_out=False`` so that the output is a
     plain pipe, never a pty; ``_env`` replaces the whole environment in sh,
-    hence the explicit merged copy.
+    hence the explicit merged copy.  ``with_stderr`` adds what it printed on
+    stderr (``scrypt`` prints its usage there).
     """
     import sh  # imported here: only control commands need it
 
@@ -94,7 +95,12 @@ def control(program: str, *args: str) -> str:
     log.debug("+ %s", shlex.join([program, *args]))
     try:
         out = sh.Command(path)(
-            *args, _tty_out=False, _env=child_env(), _encoding="utf-8", _decode_errors="replace"
+            *args,
+            _tty_out=False,
+            _env=child_env(),
+            _encoding="utf-8",
+            _decode_errors="replace",
+            _err_to_out=with_stderr,
         )
     except sh.ErrorReturnCode as exc:
         return str(exc.stdout.decode("utf-8", "replace"))

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_backup as gen  # noqa: E402  (the independent writer, never qrecover code)
+import make_backup_v4 as gen4  # noqa: E402  (the same, for Qubes R4's format 4)
 
 PASSPHRASE = "correct horse battery staple ünïcödé"
 
@@ -162,3 +163,27 @@ def make(
 @pytest.fixture
 def default_backup(make: MakeBackup) -> Backup:
     return make()
+
+
+@pytest.fixture(scope="session")
+def make4(
+    tmp_path_factory: pytest.TempPathFactory, sample_tree: tuple[list[Any], Path]
+) -> Iterator[MakeBackup]:
+    """Build (and cache) a format-4 backup of the sample tree (R4's writer, real scrypt)."""
+    cache: dict[str, Backup] = {}
+    vms, home = sample_tree
+
+    def build(**options: Any) -> Backup:
+        key = repr(sorted(options.items()))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp("backup4")
+            passfile = folder / "passphrase"
+            passfile.write_text(PASSPHRASE + "\n", encoding="utf-8")
+            path = folder / "qubes-backup-r4"
+            manifest = gen4.make_backup_v4(
+                path, PASSPHRASE, vms, dom0_home=home, workdir=folder, **options
+            )
+            cache[key] = Backup(path, passfile, manifest, vms, home)
+        return cache[key]
+
+    yield build

@@ -188,3 +188,20 @@ def test_folder_replacing_a_link_is_refused() -> None:
     ])
     guard, _ = screen(data)
     assert guard.error is not None and "replaces a file or link" in guard.error
+
+
+def test_gnu_sparse_1_0_member_is_judged_by_its_real_name(tmp_path: Path) -> None:
+    # What Qubes R4 wrote: PAX headers with GNU sparse 1.0, GNU tar making the same.
+    image = tmp_path / "private.img"
+    with image.open("wb") as f:
+        f.truncate(8 << 20)
+        f.seek(1 << 20)
+        f.write(os.urandom(5000))
+    made = subprocess.run(["tar", "-c", "--format=posix", "--sparse", "--sparse-version=1.0",
+                           "-C", str(tmp_path), "--xform", "s:^private.img:vm7/\\0:",
+                           "private.img"], capture_output=True, check=True).stdout
+    assert b"GNUSparseFile" in made
+    guard, out = screen(made, prefix="vm7/private.img")
+    assert guard.error is None and out == made
+    guard, _ = screen(made, prefix="vm8/private.img")
+    assert guard.error is not None and "'vm7/private.img'" in guard.error
