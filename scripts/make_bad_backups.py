@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_backup as gen
+import make_backup_v4 as gen4
 
 PASSPHRASE = "bad-backup passphrase"
 CHUNK = 4096
@@ -109,8 +110,9 @@ def write_outer(path: Path, members: Members) -> None:
     """
     with path.open("wb") as out, tempfile.TemporaryDirectory() as stage:
         for name, data in members:
-            plain = (name.isprintable() and not name.startswith("/")
-                     and ".." not in name.split("/") and name.isascii())
+            parts = name.split("/")
+            plain = (name.isprintable() and not name.startswith("/") and ".." not in parts
+                     and name.isascii() and all(0 < len(p) <= 200 for p in parts))
             if plain:
                 target = Path(stage) / name
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +171,9 @@ def hostile(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None
             + stored(name, inner_tar(entries, data)))
 
 
+BOMB_GZ = b""
+
+
 def bomb_members() -> Members:
     """A few hundred KiB that gunzip to 256 MiB of zeros, declared as 4 KiB."""
     size = 256 * 1024 * 1024
@@ -194,6 +199,8 @@ def bomb_members() -> Members:
     compressed = proc.stdout.read()
     writer.join()
     proc.wait()
+    global BOMB_GZ
+    BOMB_GZ = compressed
     stream = encrypt(compressed)
     return (signed_header(HEADER) + xml_members(qubes_xml(vm_xml(size=4096)))
             + [("vm7/private.img.000", stream),
@@ -336,7 +343,114 @@ def cases(workdir: Path) -> list[Case]:
         EXIT_BACKUP, "character device")
     add("inner-bomb", bomb_members(), EXIT_BACKUP, "decompression bomb",
         partial="work/private.img")
+    cases_v4(workdir, add, BOMB_GZ)
     return result
+
+
+# -- format 4 (Qubes R4): the same damage, authenticated by scrypt ----------
+
+BACKUP_ID = "20261128T080000-4242"
+HEADER_V4 = gen4.header_text_v4(compressed=True, compression="gzip",
+                                 backup_id=BACKUP_ID).encode()
+
+
+def scrypt_enc(data: bytes, secret: str, work: Path) -> bytes:
+    """``scrypt enc`` as R4's writer ran it (with the writer's fast test KDF)."""
+    src, dst = work / "scrypt-in", work / "scrypt-out"
+    src.write_bytes(data)
+    gen4._scrypt_enc(src, dst, secret, gen4.FAST_KDF)
+    out = dst.read_bytes()
+    src.unlink()
+    dst.unlink()
+    return out
+
+
+def signed_header_v4(text: bytes, work: Path) -> Members:
+    return [("backup-header", text),
+            ("backup-header.hmac", scrypt_enc(text, f"backup-header!{PASSPHRASE}", work))]
+
+
+def stored_v4(name: str, inner: bytes, work: Path, compressed: bytes | None = None) -> Members:
+    """gzip | split | scrypt enc per chunk, with R4's per-chunk passphrase."""
+    stream = compressed if compressed is not None else gzip_bytes(inner)
+    members: Members = []
+    for i, start in enumerate(range(0, max(len(stream), 1), 1 << 20)):
+        chunk = f"{name}.{i:03d}"
+        secret = f"{BACKUP_ID}!{chunk}!{PASSPHRASE}"
+        members.append((chunk + ".enc", scrypt_enc(stream[start:start + (1 << 20)], secret,
+                                                    work)))
+    return members
+
+
+def qubes_xml_v4() -> bytes:
+    return (b'<qubes><domains><domain class="AdminVM" id="domain-0"><properties>'
+            b'<property name="name">dom0</property></properties><features/></domain>'
+            b'<domain class="AppVM" id="domain-7"><properties><property name="name">work'
+            b'</property></properties><features><feature name="backup-content">True</feature>'
+            b'<feature name="backup-path">vm7/</feature><feature name="backup-size">4096'
+            b"</feature></features></domain></domains></qubes>")
+
+
+def hostile_v4(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None, work: Path,
+               name: str = "vm7/private.img", compressed: bytes | None = None) -> Members:
+    xml = inner_tar([member("qubes.xml")], {"qubes.xml": qubes_xml_v4()})
+    return (signed_header_v4(HEADER_V4, work) + stored_v4("qubes.xml", xml, work)
+            + stored_v4(name, inner_tar(entries, data), work, compressed))
+
+
+def valid_backup_v4(workdir: Path) -> Members:
+    src = workdir / "src4" / "work"
+    src.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(8)
+    (src / "private.img").write_bytes(rng.randbytes(6 * CHUNK))
+    path = workdir / "valid-v4"
+    gen4.make_backup_v4(path, PASSPHRASE, [gen.VmSpec("work", 7, source=src)],
+                        chunk_size=CHUNK, workdir=workdir, compression=None)
+    return read_outer(path)
+
+
+def cases_v4(workdir: Path, add: Callable[..., None], bomb: bytes) -> None:
+    valid = valid_backup_v4(workdir)
+    names = [n for n, _ in valid]
+    img = [n for n in names if n.startswith("vm7/private.img.")]
+    assert len(img) >= 4, img
+
+    def without(*drop: str) -> Members:
+        return [(n, d) for n, d in valid if n not in drop]
+
+    def replace(name: str, fn: Callable[[bytes], bytes]) -> Members:
+        return [(n, fn(d) if n == name else d) for n, d in valid]
+
+    add("v4-wrong-passphrase", valid, EXIT_AUTH, "passphrase", passphrase="not it")
+    add("v4-header-tampered", replace("backup-header", lambda d: d.replace(b"True", b"False")),
+        EXIT_AUTH, "backup-header")
+    add("v4-header-hmac-missing", without("backup-header.hmac"), EXIT_BACKUP,
+        "backup-header.hmac")
+    add("v4-chunk-byte-flipped", replace(img[1], lambda d: d[:-5] + bytes([d[-5] ^ 1]) + d[-4:]),
+        EXIT_BACKUP, img[1], partial="work/private.img")
+    add("v4-chunk-missing-middle", without(img[1]), EXIT_BACKUP, img[1].removesuffix(".enc"),
+        partial="work/private.img")
+    add("v4-chunk-last-missing", without(img[-1]), EXIT_BACKUP, "vm7/private.img",
+        partial="work/private.img")
+    i1 = names.index(img[1])
+    dup = list(valid)
+    dup.insert(i1 + 2, valid[i1])
+    add("v4-chunk-duplicated", dup, EXIT_BACKUP, img[1].removesuffix(".enc"),
+        partial="work/private.img")
+    add("v4-outer-name-dotdot", [*valid[:3], ("../../evil.000.enc", b"x")], EXIT_BACKUP,
+        "refusing")
+    add("v4-inner-device-and-fifo",
+        hostile_v4([member("vm7/apps", tarfile.DIRTYPE), member("vm7/apps/null", tarfile.CHRTYPE),
+                    member("vm7/apps/fifo", tarfile.FIFOTYPE), member("vm7/apps/ok.desktop")],
+                   {"vm7/apps/ok.desktop": b"[Desktop Entry]\n"}, workdir, name="vm7/apps"),
+        EXIT_BACKUP, "character device")
+    add("v4-inner-symlink-then-write",
+        hostile_v4([member("vm7/private.img", tarfile.SYMTYPE, "/tmp"),
+                    member("vm7/private.img/qrecover-escape")],
+                   {"vm7/private.img/qrecover-escape": b"x"}, workdir),
+        EXIT_BACKUP, "written through")
+    add("v4-inner-bomb", hostile_v4([], None, workdir, compressed=bomb), EXIT_BACKUP,
+        "decompression bomb", partial="work/private.img")
 
 
 def main(argv: list[str] | None = None) -> int:
