@@ -553,6 +553,21 @@ class Recovery:
                 "tar is not GNU tar (needed for sparse VM images)",
                 hint="install GNU tar (package 'tar') and put it first on PATH",
             )
+        stage = next((s for s in fmt.stream_stages() if s.program == "openssl"), None)
+        if stage is not None:
+            self._check_cipher(stage.argv[3])
+
+    @staticmethod
+    def _check_cipher(flag: str) -> None:
+        """Is the backup's (allow-listed) cipher in this OpenSSL? Say so now,
+        not as a 'bad decrypt' later.  ``openssl enc -list`` exists since 1.1;
+        from an OpenSSL that cannot list, nothing is concluded."""
+        listed = control("openssl", "enc", "-list").split()
+        if listed and flag not in listed:
+            raise MissingProgramError(
+                f"this OpenSSL cannot decrypt {flag[1:]}, the cipher the backup names",
+                hint="use an OpenSSL build that has it (openssl enc -list shows what it has)",
+            )
 
     def _read_qubes_xml(self, members: _Peekable) -> bytes:
         first = members.require("qubes.xml.000")

@@ -92,7 +92,7 @@ def control(program: str, *args: str, with_stderr: bool = False) -> str:
     import sh  # imported here: only control commands need it
 
     path = which(program)
-    log.debug("+ %s", shlex.join([program, *args]))
+    log.info("+ %s", shlex.join([program, *args]))
     try:
         out = sh.Command(path)(
             *args,

@@ -255,3 +255,27 @@ def test_exit_codes_documented() -> None:
     for code in EXIT_CODES:
         assert f"| {code} |" in readme, code
         assert f"{code}:" in helptext, code
+
+
+def test_cipher_missing_from_this_openssl_is_exit_5(make: MakeBackup, tmp_path: Path) -> None:
+    backup = make(crypto_algorithm="aes-128-cbc")
+    real = subprocess.check_output(["which", "openssl"], text=True).strip()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "openssl"
+    # An OpenSSL build without AES-128 (as a stripped-down one might be).
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1 $2" = "enc -list" ]; then printf "Supported ciphers:\\n-aes-256-cbc\\n"; '
+        f'exit 0; fi\nexec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    result = run_cli(
+        "verify",
+        backup.path,
+        "--passphrase-file",
+        backup.passfile,
+        env={"PATH": f"{bindir}:{os.environ['PATH']}"},
+    )
+    assert result.code == 5, result.text
+    assert "aes-128-cbc" in result.err
