@@ -246,7 +246,11 @@ class TarGuard:
         while True:
             header = os.read(self.src, BLOCK)
             if not header:
-                return  # EOF without end-of-archive: tar decides
+                # GNU tar and Qubes R4's writer both end an archive with zero
+                # blocks; GNU tar silently accepts an archive cut at a member
+                # boundary, so a lost last chunk would go unnoticed.
+                raise GuardError(f"{self.label}: inner archive ends without its end-of-archive "
+                                 "marker (truncated: its last chunk missing?)")
             if len(header) < BLOCK:
                 header += self._read(BLOCK - len(header))
             if header == _ZERO:

@@ -80,6 +80,11 @@ def stored(name: str, inner_tar: bytes, chunk: int = 1 << 20) -> Members:
     return members
 
 
+def stored_plain(name: str, inner: bytes) -> Members:
+    """An unencrypted, uncompressed stored file in one chunk."""
+    return [(f"{name}.000", inner), (f"{name}.000.hmac", openssl_hmac(inner))]
+
+
 def inner_tar(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
@@ -343,6 +348,20 @@ def cases(workdir: Path) -> list[Case]:
         EXIT_BACKUP, "character device")
     add("inner-bomb", bomb_members(), EXIT_BACKUP, "decompression bomb",
         partial="work/private.img")
+    # unencrypted, uncompressed, the last chunk holding only the end-of-archive
+    # blocks: dropping it cuts the inner archive exactly at a member boundary
+    plain = HEADER.replace(b"encrypted=True", b"encrypted=False").replace(
+        b"compressed=True\ncompression-filter=gzip", b"compressed=False")
+    inner = inner_tar([member("vm7/apps", tarfile.DIRTYPE), member("vm7/apps/a.desktop")],
+                      {"vm7/apps/a.desktop": b"[Desktop Entry]\n" * 40})
+    end = (len(inner.rstrip(b"\0")) + 511) // 512 * 512  # just past the last member
+    first = inner[:end]
+    add("plain-last-chunk-missing",
+        signed_header(plain)
+        + stored_plain("qubes.xml", inner_tar([member("qubes.xml")],
+                                              {"qubes.xml": qubes_xml(vm_xml())}))
+        + [("vm7/apps.000", first), ("vm7/apps.000.hmac", openssl_hmac(first))],
+        EXIT_BACKUP, "end-of-archive", partial="work/apps")
     cases_v4(workdir, add, BOMB_GZ)
     return result
 

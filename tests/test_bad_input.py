@@ -66,6 +66,7 @@ CASE_NAMES = [
     "inner-hardlink-outside",
     "inner-device-and-fifo",
     "inner-bomb",
+    "plain-last-chunk-missing",
     "v4-wrong-passphrase",
     "v4-header-tampered",
     "v4-header-hmac-missing",

@@ -205,3 +205,13 @@ def test_gnu_sparse_1_0_member_is_judged_by_its_real_name(tmp_path: Path) -> Non
     assert guard.error is None and out == made
     guard, _ = screen(made, prefix="vm8/private.img")
     assert guard.error is not None and "'vm7/private.img'" in guard.error
+
+
+def test_archive_cut_at_a_member_boundary_is_refused() -> None:
+    # GNU tar itself accepts this silently; a lost last chunk would go unseen.
+    whole = build([(entry("vm7/apps/a"), b"x" * 600), (entry("vm7/apps/b"), b"y" * 10)])
+    cut = whole[: 512 + 1024]  # a's header and data, no end-of-archive blocks
+    guard, _ = screen(cut)
+    assert guard.error is not None and "end-of-archive" in guard.error
+    guard, out = screen(whole)
+    assert guard.error is None and out == whole
