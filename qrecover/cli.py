@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -27,8 +29,11 @@ from qrecover.errors import (
     Interrupted,
     QrecoverError,
 )
+from qrecover.explain import Narrator, plan_text
 from qrecover.passphrase import get_passphrase
 from qrecover.restore import FileResult, Report, Request, run
+from qrecover.script import render_script
+from qrecover.transcript import EventListener, TranscriptWriter, listening, open_new
 
 EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
 
@@ -59,6 +64,23 @@ PassFileOpt = Annotated[
         help="Read the passphrase from the first line of this file "
         "(else $QRECOVER_PASSPHRASE, else a prompt on the terminal).",
         metavar="FILE",
+    ),
+]
+TranscriptOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--transcript",
+        help="Write every command run, as the run proceeds, to FILE: a POSIX sh script "
+        "that replays the run (verifying every HMAC again) from any folder.",
+        metavar="FILE",
+    ),
+]
+ExplainOpt = Annotated[
+    bool,
+    typer.Option(
+        "--explain",
+        help="Narrate each step on stderr, numbered like the recovery page's steps, "
+        "with the equivalent command and its result.",
     ),
 ]
 VmOpt = Annotated[
@@ -161,25 +183,110 @@ def _finish(mode: str, report: Report) -> int:
     return EXIT_BACKUP
 
 
-def _run(backup: str, passphrase_file: Path | None, request: Request) -> Report:
+def _run(
+    backup: str,
+    passphrase_file: Path | None,
+    request: Request,
+    listeners: Sequence[EventListener] = (),
+) -> Report:
     source = open_source(backup)
     passphrase = get_passphrase(passphrase_file)
     observer = _Printer(request.mode) if request.mode != "info" else None
-    return run(source, passphrase, request, observer)
+    with listening(*listeners):
+        return run(source, passphrase, request, observer)
+
+
+@contextlib.contextmanager
+def _showing(
+    mode: str,
+    backup: str,
+    output: Path | None,
+    transcript: Path | None,
+    explain: bool,
+    force: bool = False,
+) -> Iterator[list[EventListener]]:
+    """The listeners for --transcript and --explain; the transcript is closed either way."""
+    listeners: list[EventListener] = []
+    writer: TranscriptWriter | None = None
+    narrator: Narrator | None = None
+    if transcript is not None:
+        writer = TranscriptWriter(
+            open_new(transcript, force),
+            "restore" if mode == "restore" else "verify",
+            None if backup == "-" else os.path.abspath(backup),
+            Path(os.path.abspath(output)) if output is not None else None,
+            argv=sys.argv[1:],
+        )
+        listeners.append(writer)
+    if explain:
+        narrator = Narrator(backup, mode)
+        listeners.append(narrator)
+    state = {"ok": False, "note": "qrecover stopped with an error"}
+    try:
+        yield listeners
+        state["ok"] = True
+    except QrecoverError as exc:
+        state["note"] = exc.message
+        raise
+    finally:
+        if writer is not None:
+            writer.close(state["ok"] is True, str(state["note"]))
+        if narrator is not None and state["ok"]:
+            narrator.close()
 
 
 def restore_command(
-    backup: str, output: Path, vms: Sequence[str], force: bool, passphrase_file: Path | None
+    backup: str,
+    output: Path,
+    vms: Sequence[str],
+    force: bool,
+    passphrase_file: Path | None,
+    transcript: Path | None = None,
+    explain: bool = False,
+    dry_run: bool = False,
 ) -> int:
-    report = _run(
-        backup, passphrase_file, Request("restore", vms=tuple(vms), output=output, force=force)
-    )
+    if dry_run:
+        report = _run(backup, passphrase_file, Request("info", vms=tuple(vms)))
+        assert report.header is not None
+        print(plan_text(report.header, report.selected, backup, output))
+        return EXIT_OK
+    with _showing("restore", backup, output, transcript, explain, force) as listeners:
+        report = _run(
+            backup,
+            passphrase_file,
+            Request("restore", vms=tuple(vms), output=output, force=force),
+            listeners,
+        )
     return _finish("restore", report)
 
 
-def verify_command(backup: str, vms: Sequence[str], passphrase_file: Path | None) -> int:
-    report = _run(backup, passphrase_file, Request("verify", vms=tuple(vms)))
+def verify_command(
+    backup: str,
+    vms: Sequence[str],
+    passphrase_file: Path | None,
+    transcript: Path | None = None,
+    explain: bool = False,
+) -> int:
+    with _showing("verify", backup, None, transcript, explain) as listeners:
+        report = _run(backup, passphrase_file, Request("verify", vms=tuple(vms)), listeners)
     return _finish("verify", report)
+
+
+def script_command(
+    backup: str, output: Path, vms: Sequence[str], passphrase_file: Path | None
+) -> int:
+    report = _run(backup, passphrase_file, Request("info", vms=tuple(vms)))
+    assert report.header is not None
+    text = render_script(
+        report.header,
+        report.selected,
+        None if backup == "-" else os.path.abspath(backup),
+        Path(os.path.abspath(output)),
+        argv=sys.argv[1:],
+    )
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return EXIT_OK
 
 
 def info_command(backup: str, as_json: bool, passphrase_file: Path | None) -> int:
@@ -233,16 +340,56 @@ def restore(
         ),
     ] = False,
     passphrase_file: PassFileOpt = None,
+    transcript: TranscriptOpt = None,
+    explain: ExplainOpt = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Verify the header and qubes.xml, then print what would be restored "
+            "where, and with which commands, without writing anything.",
+        ),
+    ] = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
-    raise typer.Exit(restore_command(backup, output, vm or [], force, passphrase_file))
+    raise typer.Exit(
+        restore_command(
+            backup, output, vm or [], force, passphrase_file, transcript, explain, dry_run
+        )
+    )
 
 
 @app.command()
-def verify(backup: BackupArg, vm: VmOpt = None, passphrase_file: PassFileOpt = None) -> None:
+def verify(
+    backup: BackupArg,
+    vm: VmOpt = None,
+    passphrase_file: PassFileOpt = None,
+    transcript: TranscriptOpt = None,
+    explain: ExplainOpt = False,
+) -> None:
     """Check everything restore would, writing nothing: every HMAC, decryption,
     decompression, and a listing of each inner archive."""
-    raise typer.Exit(verify_command(backup, vm or [], passphrase_file))
+    raise typer.Exit(verify_command(backup, vm or [], passphrase_file, transcript, explain))
+
+
+@app.command()
+def script(
+    backup: BackupArg,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The folder the script restores into (same layout as restore).",
+            metavar="DIR",
+        ),
+    ],
+    vm: VmOpt = None,
+    passphrase_file: PassFileOpt = None,
+) -> None:
+    """Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for
+    the VMs named with --vm (all without it), after verifying the header and qubes.xml."""
+    raise typer.Exit(script_command(backup, output, vm or [], passphrase_file))
 
 
 @app.command()
