@@ -37,17 +37,8 @@ _STAGING = "/QRECOVER-STAGING-PLACEHOLDER"
 
 # Functions only the standalone script needs (the rest is shell.PRELUDE).
 SCRIPT_FUNCTIONS = r"""
-list_members() {  # step 1, listing only: every member name of the backup, one a line
-    if [ -d "$backup" ]; then
-        (cd -- "$backup" && find . -type f) | sed 's|^\./||'
-    else
-        tar -i -t -f "$backup" 2>"$work/stderr.list" ||
-            die "$backup: cannot list it: $(tail -n 1 "$work/stderr.list")"
-    fi
-}
-
 stored_files() {  # stored_files PATTERN: the stored files whose chunks are PATTERN.NNN
-    sed -n "s|^\($1\)\.[0-9][0-9][0-9][0-9]*\$|\1|p" "$work/members" | sort -u
+    sed -n "s|^[^ ]* \($1\)\.[0-9][0-9][0-9][0-9]*\$|\1|p" "$work/blocks" | sort -u
 }
 
 check_stored_name() {  # only names of the shapes Qubes wrote reach a command
@@ -57,26 +48,36 @@ check_stored_name() {  # only names of the shapes Qubes wrote reach a command
     case /$1/ in */../* | */./?*) die "refusing the stored file name '$1'" ;; esac
 }
 
-count_chunks() {  # count_chunks STORED: STORED.000, .001, ... (.999, .1000, ...) without gaps
-    _count=0
-    while grep -F -x -q -- "$(printf '%s.%03d' "$1" "$_count")" "$work/members"; do
-        _count=$((_count + 1))
-    done
-    _all=$(sed -n 's|^\(.*\)\.[0-9][0-9][0-9][0-9]*$|\1|p' "$work/members" | grep -F -x -c -- "$1")
-    [ "$_count" -gt 0 ] && [ "$_count" = "$_all" ] ||
-        die "$1: its chunks are not numbered from .000 without gaps or duplicates"
-    echo "$_count"
+chunk_list() {  # chunk_list STORED: "BLOCK NAME" of STORED.000, .001, ... in numeric order
+    # (.999 then .1000: never the order of a glob); stops at a gap or a duplicate.
+    awk -v s="$1" '
+        substr($2, 1, length(s) + 1) == s "." {
+            i = substr($2, length(s) + 2)
+            if (i !~ /^[0-9][0-9][0-9]+$/) next  # its .hmac files
+            k = i + 0
+            if (sprintf("%s.%03d", s, k) != $2 || (k in block)) { bad = $2; next }
+            block[k] = $1
+            n++
+        }
+        END {
+            if (bad != "") {
+                print "STOPPED: " bad ": duplicated or misnumbered chunk" > "/dev/stderr"
+                exit 1
+            }
+            for (k = 0; k < n; k++) if (!(k in block)) {
+                printf "STOPPED: %s.%03d: chunk missing\n", s, k > "/dev/stderr"; exit 1
+            }
+            if (n == 0) { print "STOPPED: " s ": no chunks" > "/dev/stderr"; exit 1 }
+            for (k = 0; k < n; k++) printf "%s %s.%03d\n", block[k], s, k
+        }' "$work/blocks"
 }
 
-feed_chunks() {  # feed_chunks STORED COUNT: steps 1 and 4 for each chunk in turn, then its bytes
-    _c=0
-    while [ "$_c" -lt "$2" ]; do
-        _chunk=$(printf '%s.%03d' "$1" "$_c")
-        take "$_chunk" "$_chunk.hmac"
+feed_chunks() {  # feed_chunks LIST: steps 1 and 4 for each chunk of LIST in turn, then its bytes
+    while read -r _block _chunk <&5; do
+        take_from "$_block" "$_chunk" "$_chunk.hmac"
         check_hmac "$_chunk"
         feed "$_chunk"
-        _c=$((_c + 1))
-    done
+    done 5<"$1"
 }
 """.strip()
 
@@ -130,12 +131,12 @@ def _vm_block(header: BackupHeader, entity: Entity) -> list[str]:
         + shell.call("die", f"{entity.name}: none of its files are in the backup"),
         "while IFS= read -r stored <&4; do",
         '    check_stored_name "$stored"',
-        '    chunks=$(count_chunks "$stored") || exit 1',
-        f'    say "$stored: $chunks chunk(s), into {folder or "."}/"',
+        '    chunk_list "$stored" >"$work/chunks" || exit 1',
+        f'    say "$stored: $(wc -l <"$work/chunks") chunk(s), into {folder or "."}/"',
         "    fresh_stage",
     ]
     lines += shell.pipeline_block(
-        ['feed_chunks "$stored" "$chunks"'],
+        ['feed_chunks "$work/chunks"'],
         stages,
         {_STAGING: shell.STAGE_DIR},
         indent="    ",
@@ -162,7 +163,7 @@ def render_script(
     decompressor = decompress_stage(header)
     if decompressor is not None:
         programs.append(decompressor.program)
-    programs += ["od", "sed", "tr", "wc", "grep", "sort", "find"]
+    programs += ["od", "sed", "tr", "wc", "grep", "sort", "awk", "tail", "find"]
     shown = shell.call("qrecover", *argv) if argv else "qrecover script"
     width = max((len(e.dest) for e in selected), default=0) + 1
     contents = [
@@ -179,7 +180,7 @@ def render_script(
         "# It needs no Python and no qrecover: a POSIX shell (dash or bash), GNU tar,",
         "# OpenSSL (1.0, 1.1 or 3), "
         + (decompressor.program if decompressor else "no decompressor")
-        + " and POSIX utilities (od, sed, tr, wc, grep, sort, find).",
+        + " and POSIX utilities (od, sed, awk, ...).",
         "# Run it with:  sh THIS-FILE   (it asks for the passphrase, or takes it from",
         "# the environment variable backup_pass; it never writes it anywhere).",
         "#",
@@ -214,7 +215,7 @@ def render_script(
         "# ---- step 1: untar the backup. It is many small tar archives in a row, hence",
         "# tar -i (--ignore-zeros). Its members are listed once here; each is then taken",
         "# out on its own when it is needed, and deleted once used.",
-        'list_members >"$work/members" || exit 1',
+        "list_members",
         "",
         "# ---- step 1 (header members), step 2: verify the header's HMAC before reading it",
         shell.call("take", HEADER, HEADER_HMAC),
@@ -226,11 +227,9 @@ def render_script(
         "",
         "# ---- qubes.xml: steps 4-7 (it lists the VMs; kept in the output folder)",
         *shell.decrypt_note(xml_stages),
-        "chunks=$(count_chunks qubes.xml) || exit 1",
+        'chunk_list qubes.xml >"$work/chunks" || exit 1',
         "fresh_stage",
-        *shell.pipeline_block(
-            ['feed_chunks qubes.xml "$chunks"'], xml_stages, stdout=shell.XML_OUT
-        ),
+        *shell.pipeline_block(['feed_chunks "$work/chunks"'], xml_stages, stdout=shell.XML_OUT),
         shell.pipeline_check(QUBES_XML, xml_stages),
         f'place_file "$work/qubes.xml" {shell.out_path(QUBES_XML)}',
     ]

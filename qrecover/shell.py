@@ -195,34 +195,65 @@ hmac_init() {  # hmac_init DIGEST BLOCK-SIZE
     set --
 }
 
-hmac_hex() {  # hmac_hex FILE: what `openssl dgst -DIGEST -hmac PASSPHRASE FILE` prints
-    {
+hmac_hex() {  # hmac_hex FILE: the hex digest `openssl dgst -DIGEST -hmac PASSPHRASE FILE` prints
+    _line=$({
         printf "$hmac_opad"
         { printf "$hmac_ipad"; cat -- "$1"; } | openssl dgst "-$hmac_digest" -binary
-    } | openssl dgst "-$hmac_digest" -binary | od -An -v -tx1 | tr -d ' \n'
+    } | openssl dgst "-$hmac_digest")
+    # "(stdin)= HEX" (OpenSSL 1.x) or "SHA2-512(stdin)= HEX" (OpenSSL 3)
+    printf '%s' "${_line##*= }"
 }
 
 check_hmac() {  # check_hmac MEMBER: its HMAC must be the one in MEMBER.hmac
-    _size=$(wc -c <"$work/$1.hmac") || die "$1.hmac: cannot read it"
-    [ $_size -le 4096 ] || die "$1.hmac: larger than 4 KiB, not an HMAC file"
-    _want=$(sed -n 's/^.*= *\([0-9A-Fa-f][0-9A-Fa-f]*\)[[:space:]]*$/\1/p' "$work/$1.hmac" |
-        tr ABCDEF abcdef)
-    [ -n "$_want" ] || die "$1.hmac: not an HMAC line"
+    # An .hmac file is one line, "(stdin)= HEX"; more than 4 KiB of it is refused.
+    _line=$(dd if="$work/$1.hmac" bs=4097 count=1 2>/dev/null) || die "$1.hmac: cannot read it"
+    [ "${#_line}" -le 4096 ] || die "$1.hmac: larger than 4 KiB, not an HMAC file"
+    _want=${_line##*=}
+    _want=${_want#"${_want%%[!" "]*}"}  # spaces after "="
+    _want=${_want%%[[:space:]]*}  # a trailing CR or blanks
+    case $_want in
+        "" | *[!0-9A-Fa-f]*) die "$1.hmac: not an HMAC line" ;;
+        *[A-F]*) _want=$(printf '%s' "$_want" | tr ABCDEF abcdef) ;;
+    esac
     _got=$(hmac_hex "$work/$1")
     [ -n "$_got" ] && [ "$_got" = "$_want" ] ||
         die "$1: HMAC mismatch: damaged or tampered with; nothing of it was used"
     say "  $1: HMAC matches $1.hmac"
 }
 
-take() {  # take MEMBER...: step 1 for these members only, into the scratch folder
+list_members() {  # step 1, listing only: "BLOCK NAME" for each member of the backup
     if [ -d "$backup" ]; then  # a backup already untarred by hand
+        (cd -- "$backup" && find . -type f) | sed 's|^\./|- |' >"$work/blocks" ||
+            die "$backup: cannot list it"
+    else
+        # -R: the block number of each member, so that `take` reads from there on
+        # instead of reading the backup again from its start for every chunk.
+        tar -i -t -R -f "$backup" >"$work/listing" 2>"$work/stderr.list" ||
+            die "$backup: cannot list it: $(tail -n 1 "$work/stderr.list")"
+        sed -n 's/^block \([0-9][0-9]*\): \([^*].*\)$/\1 \2/p' "$work/listing" >"$work/blocks"
+        rm -f -- "$work/listing"
+    fi
+}
+
+take() {  # take MEMBER...: step 1 for these members only, into the scratch folder
+    _block=$(awk -v name="$1" '$2 == name { print $1; exit }' "$work/blocks")
+    [ -n "$_block" ] || die "$1: not in the backup"
+    take_from "$_block" "$@"
+}
+
+take_from() {  # take_from BLOCK MEMBER...: the same, knowing where the first one starts
+    _block=$1
+    shift
+    if [ -d "$backup" ]; then
         for _member in "$@"; do
             case $_member in */*) mkdir -p -- "$work/${_member%/*}" ;; esac
             cp -- "$backup/$_member" "$work/$_member" || die "$_member: missing from $backup"
         done
     else
-        tar -i -x -f "$backup" -C "$work" --occurrence=1 --no-same-owner -- "$@" \
-            2>"$work/stderr.take" ||
+        # The same as `tar -i -x -f "$backup" MEMBER...`, reading from BLOCK on.
+        tail -c +$((_block * 512 + 1)) -- "$backup" |
+            tar -i -x -f - -C "$work" --occurrence=1 --no-same-owner -- "$@" \
+                2>"$work/stderr.take" ||
             die "$*: not taken out of the backup: $(tail -n 1 "$work/stderr.take")"
     fi
     for _member in "$@"; do

@@ -248,13 +248,13 @@ class TranscriptWriter:
             assert self.output is not None
             lines += [
                 f"out={shell.q(str(self.output))}  # the output folder",
-                "need tar openssl od sed tr wc",
+                "need tar openssl od sed tr wc awk tail",
                 *shell.passphrase_lines(),
                 'make_work "$out"',
             ]
         else:
             lines += [
-                "need tar openssl od sed tr wc",
+                "need tar openssl od sed tr wc awk tail",
                 *shell.passphrase_lines(),
                 'make_work "${TMPDIR:-/tmp}"',
             ]
@@ -302,7 +302,10 @@ class TranscriptWriter:
         lines = [
             "",
             "# ---- steps 1-3: the backup header",
-            "# step 1: take backup-header and its HMAC out of the backup",
+            "# step 1: untar the backup; it is listed once, and each member is taken",
+            "# out when it is needed (and deleted once used)",
+            "list_members",
+            "# step 1, for the header: take backup-header and its HMAC out of the backup",
             shell.call("take", HEADER, HEADER_HMAC),
             f"# step 2: verify the header's HMAC ({header.hmac_algorithm}), before reading it",
             shell.hmac_init_line(header.digest),
