@@ -174,8 +174,10 @@ def render_script(
     need = shell.call("need", *dict.fromkeys(programs))
     lines = [
         "#!/bin/sh",
-        f"# Recovery script for the Qubes backup {backup or '(read from standard input)'}",
-        f"# written by qrecover {__version__} on {when} (`{shown}`).",
+        "# Recovery script for the Qubes backup "
+        + shell.comment(backup or "(read from standard input)"),
+        f"# written by qrecover {__version__} on {when}:",
+        f"# {shell.comment(shown)}",
         "#",
         "# It needs no Python and no qrecover: a POSIX shell (dash or bash), GNU tar,",
         "# OpenSSL (1.0, 1.1 or 3), "

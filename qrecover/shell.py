@@ -34,6 +34,11 @@ def q(text: str) -> str:
     return shlex.quote(text)
 
 
+def comment(text: str) -> str:
+    """Text safe inside a ``#`` comment line: no newline can end the comment early."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def render_argv(argv: Sequence[str], subst: Mapping[str, str] | None = None) -> str:
     """``shlex.join(argv)``, except arguments found in ``subst`` (written as given)."""
     subst = subst or {}

@@ -227,7 +227,7 @@ class TranscriptWriter:
         shown = shell.call("qrecover", *argv) if argv else "qrecover"
         lines = [
             "#!/bin/sh",
-            f"# Transcript of `{shown}`",
+            f"# Transcript of: {shell.comment(shown)}",
             f"# written by qrecover {__version__} on {when}, as the run went.",
             "#",
             "# Every command qrecover ran, as a shell script that does the same: replay it",
