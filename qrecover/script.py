@@ -222,7 +222,7 @@ def render_script(
         "# ---- step 1 (header members), step 2: verify the header's HMAC before reading it",
         shell.call("take", HEADER, HEADER_HMAC),
         shell.hmac_init_line(header.digest),
-        shell.call("check_hmac", HEADER),
+        shell.call("check_hmac", HEADER, shell.HEADER_MISMATCH),
         "# ---- step 3: read the header; this script was written for these values",
         'cat -- "$work/backup-header" >&2',
         *(shell.call("header_is", k, v) for k, v in header_checks(header)),

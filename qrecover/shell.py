@@ -59,6 +59,9 @@ def block_size(digest: Digest) -> int:
     return hashlib.new(digest.hashlib_name).block_size
 
 
+HEADER_MISMATCH = "wrong passphrase (or a damaged header); nothing was restored"
+
+
 def hmac_init_line(digest: Digest) -> str:
     return call("hmac_init", digest.hashlib_name, str(block_size(digest)))
 
@@ -143,9 +146,9 @@ get_passphrase() {  # from $backup_pass, else asked on the terminal with echo of
     if [ -z "${backup_pass:-}" ]; then
         { : </dev/tty; } 2>/dev/null ||
             die "no passphrase: set backup_pass in the environment or run from a terminal"
-        printf 'Backup passphrase: ' >/dev/tty
         echo_off=1
-        stty -echo </dev/tty 2>/dev/null
+        stty -echo </dev/tty 2>/dev/null  # before the prompt: nothing typed is echoed
+        printf 'Backup passphrase: ' >/dev/tty
         IFS= read -r backup_pass </dev/tty || backup_pass=
         stty echo </dev/tty 2>/dev/null
         echo_off=
@@ -209,7 +212,7 @@ hmac_hex() {  # hmac_hex FILE: the hex digest `openssl dgst -DIGEST -hmac PASSPH
     printf '%s' "${_line##*= }"
 }
 
-check_hmac() {  # check_hmac MEMBER: its HMAC must be the one in MEMBER.hmac
+check_hmac() {  # check_hmac MEMBER [WHY]: its HMAC must be the one in MEMBER.hmac
     # An .hmac file is one line, "(stdin)= HEX"; more than 4 KiB of it is refused.
     _line=$(dd if="$work/$1.hmac" bs=4097 count=1 2>/dev/null) || die "$1.hmac: cannot read it"
     [ "${#_line}" -le 4096 ] || die "$1.hmac: larger than 4 KiB, not an HMAC file"
@@ -222,7 +225,7 @@ check_hmac() {  # check_hmac MEMBER: its HMAC must be the one in MEMBER.hmac
     esac
     _got=$(hmac_hex "$work/$1")
     [ -n "$_got" ] && [ "$_got" = "$_want" ] ||
-        die "$1: HMAC mismatch: damaged or tampered with; nothing of it was used"
+        die "$1: HMAC mismatch: ${2:-damaged or tampered with; nothing of it was used}"
     say "  $1: HMAC matches $1.hmac"
 }
 

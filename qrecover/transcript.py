@@ -309,7 +309,7 @@ class TranscriptWriter:
             shell.call("take", HEADER, HEADER_HMAC),
             f"# step 2: verify the header's HMAC ({header.hmac_algorithm}), before reading it",
             shell.hmac_init_line(header.digest),
-            shell.call("check_hmac", HEADER),
+            shell.call("check_hmac", HEADER, shell.HEADER_MISMATCH),
             "# step 3: read the header; qrecover checked these values:",
             'cat -- "$work/backup-header" >&2',
         ]

@@ -328,7 +328,7 @@ def test_wrong_passphrase_stops_the_script_at_step_2(
     script = write_script(default_backup, default_backup.passfile, out, tmp_path / "r.sh")
     proc = run_sh(script, tmp_path, env_extra={"backup_pass": "not the passphrase"})
     assert proc.returncode != 0
-    assert "backup-header: HMAC mismatch" in proc.stderr
+    assert "backup-header: HMAC mismatch: wrong passphrase" in proc.stderr
     assert not out.exists()
 
 
@@ -524,3 +524,38 @@ def test_passphrase_never_shown(default_backup: Backup, tmp_path: Path) -> None:
     for text in texts:
         for secret in secret_forms:
             assert secret not in text
+
+
+def test_script_asks_for_the_passphrase_without_echo(
+    default_backup: Backup, tmp_path: Path
+) -> None:
+    import pty
+    import time
+
+    out = tmp_path / ODD
+    script = write_script(
+        default_backup, default_backup.passfile, out, tmp_path / "r.sh", "--vm", "work"
+    )
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: dash on a terminal, no backup_pass in its environment
+        env = {k: v for k, v in os.environ.items() if k != "backup_pass"}
+        os.execve(DASH, [DASH, str(script)], env)
+    seen = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while marker not in seen and time.monotonic() < deadline:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                break
+
+    read_until(b"passphrase: ")
+    os.write(fd, PASSPHRASE.encode("utf-8") + b"\n")
+    read_until(b"done:")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, seen.decode("utf-8", "replace")
+    assert PASSPHRASE.encode("utf-8") not in seen  # typed with echo off
+    assert_restored(out, default_backup, ["work"])
