@@ -43,10 +43,8 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[mb.VmSpec], P
 def run_sh(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(
         ["bash", "-c", "set -euo pipefail\n" + script, "restore", *args],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        check=False,
+        cwd=cwd, env={**os.environ, **(env or {})},
+        capture_output=True, check=False,
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     return proc.stdout.decode()
@@ -58,9 +56,8 @@ def hmac_hex(text: str) -> str:
 
 
 class Restored:
-    def __init__(
-        self, members: list[str], header: dict[str, str], header_text: str, extract: Path, out: Path
-    ) -> None:
+    def __init__(self, members: list[str], header: dict[str, str], header_text: str,
+                 extract: Path, out: Path) -> None:
         self.members = members
         self.header = header
         self.header_text = header_text
@@ -77,17 +74,14 @@ def manual_restore(backup: Path, work: Path, passphrase: str = PASSPHRASE) -> Re
     # 1. untar the outer archive (a concatenation of small tar archives)
     run_sh('tar -i -xf "$1"', str(backup), cwd=extract)
     members = run_sh('tar -i -tf "$1"', str(backup), cwd=extract).splitlines()
-    assert members[:4] == [
-        "backup-header",
-        "backup-header.hmac",
-        "qubes.xml.000",
-        "qubes.xml.000.hmac",
-    ]
+    assert members[:4] == ["backup-header", "backup-header.hmac",
+                           "qubes.xml.000", "qubes.xml.000.hmac"]
     # 2. verify the header's HMAC before trusting it: try the digests
     stored = hmac_hex((extract / "backup-header.hmac").read_text())
     algorithm = None
     for alg in ("SHA512", "SHA256", "SHA1"):
-        got = run_sh('openssl dgst -"$1" -hmac "$PASS" < backup-header', alg, cwd=extract, env=env)
+        got = run_sh('openssl dgst -"$1" -hmac "$PASS" < backup-header', alg,
+                     cwd=extract, env=env)
         if hmac_hex(got) == stored:
             algorithm = alg
             break
@@ -110,56 +104,40 @@ def manual_restore(backup: Path, work: Path, passphrase: str = PASSPHRASE) -> Re
         assert numbers == list(range(len(names))), "chunks out of order in archive"
         assert all(n + ".hmac" in members for n in names)
     cipher = header["crypto-algorithm"]
-    decomp = DECOMPRESS[header["compression-filter"]] if header["compressed"] == "True" else "cat"
-    decrypt = (
-        f'openssl enc -d -{cipher} -md md5 -pass pass:"$PASS"'
-        if header["encrypted"] == "True"
+    decomp = DECOMPRESS[header["compression-filter"]] if header["compressed"] == "True" \
         else "cat"
-    )
+    decrypt = (f'openssl enc -d -{cipher} -md md5 -pass pass:"$PASS"'
+               if header["encrypted"] == "True" else "cat")
     for base, names in groups.items():
         directory, stem = os.path.split(base)
         # 4. verify every chunk's HMAC (hex after "= " only), 4 openssl at a time
         proc = subprocess.run(
-            [
-                "bash",
-                "-c",
-                "set -euo pipefail\n"
-                "xargs -0 -n 64 -P 4 bash -c '\n"
-                '  for f in "$@"; do\n'
-                f'    a=$(openssl dgst -{algorithm} -hmac "$PASS" < "$f"); a=${{a#*= }}\n'
-                '    read -r b < "$f.hmac"; b=${b#*= }\n'
-                '    [ -n "$a" ] && [ "$a" = "$b" ] || { echo "bad hmac $f" >&2; exit 255; }\n'
-                "  done' verify",
-            ],
-            input=b"".join(n.encode() + b"\0" for n in names),
-            cwd=extract,
-            env={**os.environ, **env},
-            capture_output=True,
-            check=False,
+            ["bash", "-c",
+             "set -euo pipefail\n"
+             "xargs -0 -n 64 -P 4 bash -c '\n"
+             '  for f in "$@"; do\n'
+             f'    a=$(openssl dgst -{algorithm} -hmac "$PASS" < "$f"); a=${{a#*= }}\n'
+             '    read -r b < "$f.hmac"; b=${b#*= }\n'
+             '    [ -n "$a" ] && [ "$a" = "$b" ] || { echo "bad hmac $f" >&2; exit 255; }\n'
+             "  done' verify"],
+            input=b"".join(n.encode() + b"\0" for n in names), cwd=extract,
+            env={**os.environ, **env}, capture_output=True, check=False,
         )
         assert proc.returncode == 0, proc.stderr.decode(errors="replace")
         # 5-7. cat the chunks in `sort -V` order | decrypt | decompress | untar
         listed = run_sh(
-            'find "$1" -maxdepth 1 -type f -name "$2.[0-9][0-9][0-9]*" ! -name "*.hmac" | sort -V',
-            directory or ".",
-            stem,
-            cwd=extract,
+            'find "$1" -maxdepth 1 -type f -name "$2.[0-9][0-9][0-9]*" ! -name "*.hmac"'
+            " | sort -V",
+            directory or ".", stem, cwd=extract,
         ).splitlines()
         assert [os.path.normpath(p) for p in listed] == names, "sort -V order differs"
         proc = subprocess.run(
-            [
-                "bash",
-                "-c",
-                "set -euo pipefail\n"
-                f'tr "\\n" "\\0" | xargs -0 cat | {decrypt} | {decomp} | tar -xf - -C "$1"',
-                "restore",
-                str(out),
-            ],
-            input="\n".join(listed).encode() + b"\n",
-            cwd=extract,
-            env={**os.environ, **env},
-            capture_output=True,
-            check=False,
+            ["bash", "-c",
+             "set -euo pipefail\n"
+             f'tr "\\n" "\\0" | xargs -0 cat | {decrypt} | {decomp} | tar -xf - -C "$1"',
+             "restore", str(out)],
+            input="\n".join(listed).encode() + b"\n", cwd=extract,
+            env={**os.environ, **env}, capture_output=True, check=False,
         )
         assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     return Restored(members, header, header_text, extract, out)
@@ -209,12 +187,12 @@ def xml_vms(res: Restored) -> dict[str, ET.Element]:
     return {el.attrib["name"]: el for el in root}
 
 
-def build(
-    tmp_path: Path, sample: tuple[list[mb.VmSpec], Path], **kwargs: object
-) -> tuple[mb.BackupManifest, Restored]:
+def build(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path],
+          **kwargs: object) -> tuple[mb.BackupManifest, Restored]:
     vms, home = sample
     backup = tmp_path / "qubes-backup"
-    manifest = mb.make_backup(backup, PASSPHRASE, vms, dom0_home=home, workdir=tmp_path, **kwargs)  # type: ignore[arg-type]
+    manifest = mb.make_backup(backup, PASSPHRASE, vms, dom0_home=home,
+                              workdir=tmp_path, **kwargs)  # type: ignore[arg-type]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("qrecover-mkbackup")]
     res = manual_restore(backup, tmp_path)
     check_against_manifest(res, manifest)
@@ -235,17 +213,10 @@ def test_default_backup(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) ->
     stored = [f.name for f in manifest.files]
     assert stored == [
         "qubes.xml",
-        "vm10/private.img",
-        "vm10/icon.png",
-        "vm10/apps",
-        "vm10/root.img",
+        "vm10/private.img", "vm10/icon.png", "vm10/apps", "vm10/root.img",
         "vm2/private.img",
-        "vm9/private.img",
-        "vm9/icon.png",
-        "vm9/firewall.xml",
-        "vm7/private.img",
-        "vm7/icon.png",
-        "vm7/firewall.xml",
+        "vm9/private.img", "vm9/icon.png", "vm9/firewall.xml",
+        "vm7/private.img", "vm7/icon.png", "vm7/firewall.xml",
         "vm7/whitelisted-appmenus.list",
         "vm3/.",
         "dom0-home/user",
@@ -268,9 +239,8 @@ def test_default_backup(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) ->
 
 
 @pytest.mark.parametrize("compression", ["bzip2", "xz", None])
-def test_compression(
-    tmp_path: Path, sample: tuple[list[mb.VmSpec], Path], compression: str | None
-) -> None:
+def test_compression(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path],
+                     compression: str | None) -> None:
     _, res = build(tmp_path, sample, compression=compression)
     assert res.header["compressed"] == str(compression is not None)
     if compression is None:
@@ -286,7 +256,8 @@ def test_unencrypted(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> No
     assert (res.extract / "vm7/private.img.000").read_bytes()[:2] == b"\x1f\x8b"
 
 
-def test_unencrypted_uncompressed(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> None:
+def test_unencrypted_uncompressed(tmp_path: Path,
+                                  sample: tuple[list[mb.VmSpec], Path]) -> None:
     _, res = build(tmp_path, sample, encrypted=False, compression=None)
     assert (res.extract / "qubes.xml.000").read_bytes()[:9] == b"qubes.xml"
 
@@ -299,13 +270,9 @@ def test_sha256_openssl3_style(tmp_path: Path, sample: tuple[list[mb.VmSpec], Pa
 
 def test_plain_paths(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> None:
     _, res = build(tmp_path, sample, hide_names=False, hmac_algorithm="SHA1")
-    for name in (
-        "appvms/work/private.img.000",
-        "vm-templates/fedora-23/..000",
-        "servicevms/sys-net/private.img.000",
-        "appvms/standalone/apps.000",
-        "dom0-home/user.000",
-    ):
+    for name in ("appvms/work/private.img.000", "vm-templates/fedora-23/..000",
+                 "servicevms/sys-net/private.img.000", "appvms/standalone/apps.000",
+                 "dom0-home/user.000"):
         assert name in res.members
     assert (res.out / "appvms/untrusted/firewall.xml").is_file()
     assert not (res.out / "appvms/untrusted/apps").exists()
@@ -326,9 +293,8 @@ def test_multi_chunk(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> No
 def test_dom0_user_renamed(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> None:
     vms, home = sample
     backup = tmp_path / "b"
-    manifest = mb.make_backup(
-        backup, PASSPHRASE, vms[:1] + vms[1:2], dom0_home=home, dom0_user="alice", workdir=tmp_path
-    )
+    manifest = mb.make_backup(backup, PASSPHRASE, vms[:1] + vms[1:2], dom0_home=home,
+                              dom0_user="alice", workdir=tmp_path)
     res = manual_restore(backup, tmp_path)
     assert res.members[-2:] == ["dom0-home/alice.000", "dom0-home/alice.000.hmac"]
     assert_same_tree(res.out / "dom0-home/alice", home)
@@ -364,9 +330,8 @@ def test_chunk_1000(tmp_path: Path, tiny_vm: list[mb.VmSpec]) -> None:
 
 def test_no_empty_final_chunk(tmp_path: Path, tiny_vm: list[mb.VmSpec]) -> None:
     backup = tmp_path / "b"
-    manifest = mb.make_backup(
-        backup, PASSPHRASE, tiny_vm, chunk_size=4096, workdir=tmp_path, empty_final_chunk=False
-    )
+    manifest = mb.make_backup(backup, PASSPHRASE, tiny_vm, chunk_size=4096,
+                              workdir=tmp_path, empty_final_chunk=False)
     res = manual_restore(backup, tmp_path)
     check_against_manifest(res, manifest)
     for stored in manifest.files:
@@ -381,27 +346,11 @@ def test_cli_big_sparse(tmp_path: Path) -> None:
     backup = tmp_path / "b"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPTS / "make_backup.py"),
-            str(backup),
-            "--passphrase-file",
-            str(pw),
-            "--sample",
-            str(tmp_path / "s"),
-            "--big-sparse-gib",
-            "4",
-            "--image-mb",
-            "2",
-            "--chunk-size",
-            str(1 << 20),
-            "--manifest",
-            str(tmp_path / "m.json"),
-            "--workdir",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
+        [sys.executable, str(SCRIPTS / "make_backup.py"), str(backup),
+         "--passphrase-file", str(pw), "--sample", str(tmp_path / "s"),
+         "--big-sparse-gib", "4", "--image-mb", "2", "--chunk-size", str(1 << 20),
+         "--manifest", str(tmp_path / "m.json"), "--workdir", str(tmp_path)],
+        check=True, capture_output=True,
     )
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert max(before, peak_kib) < 200 * 1024
@@ -420,7 +369,8 @@ def test_cli_big_sparse(tmp_path: Path) -> None:
 def test_manual_procedure_catches_errors(tmp_path: Path, tiny_vm: list[mb.VmSpec]) -> None:
     """The checks above can fail: wrong passphrase, and one flipped data byte."""
     backup = tmp_path / "b"
-    mb.make_backup(backup, PASSPHRASE, tiny_vm, encrypted=False, compression=None, workdir=tmp_path)
+    mb.make_backup(backup, PASSPHRASE, tiny_vm, encrypted=False, compression=None,
+                   workdir=tmp_path)
     (tmp_path / "w1").mkdir()
     with pytest.raises(AssertionError, match="matches no digest"):
         manual_restore(backup, tmp_path / "w1", passphrase="wrong")
