@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -9,7 +10,7 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -31,6 +32,7 @@ from qrecover.errors import (
     QrecoverError,
     UsageError,
 )
+from qrecover.explain import Narrator, plan_text
 from qrecover.files import (
     DEFAULT_PATH,
     CopyResult,
@@ -41,8 +43,18 @@ from qrecover.files import (
     list_trees,
     show,
 )
+from qrecover.header import AnyHeader, BackupHeader
 from qrecover.passphrase import get_passphrase
 from qrecover.restore import FileResult, Report, Request, run
+from qrecover.script import render_script
+from qrecover.transcript import (
+    Event,
+    EventListener,
+    HeaderVerified,
+    TranscriptWriter,
+    listening,
+    open_new,
+)
 
 EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
 
@@ -83,6 +95,23 @@ NoLimitOpt = Annotated[
         "--no-size-limit",
         help="Do not stop a stored file that expands to more than twice what qubes.xml "
         "declares for its VM (the decompression-bomb check).",
+    ),
+]
+TranscriptOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--transcript",
+        help="Write every command run, as the run proceeds, to FILE: a POSIX sh script "
+        "that replays the run (verifying every HMAC again) from any folder.",
+        metavar="FILE",
+    ),
+]
+ExplainOpt = Annotated[
+    bool,
+    typer.Option(
+        "--explain",
+        help="Narrate each step on stderr, numbered like the recovery page's steps, "
+        "with the equivalent command and its result.",
     ),
 ]
 VmOpt = Annotated[
@@ -190,11 +219,81 @@ def _finish(mode: str, report: Report) -> int:
     return EXIT_BACKUP
 
 
-def _run(backup: str, passphrase_file: Path | None, request: Request) -> Report:
+def _run(
+    backup: str,
+    passphrase_file: Path | None,
+    request: Request,
+    listeners: Sequence[EventListener] = (),
+) -> Report:
     source = open_source(backup)
     passphrase = get_passphrase(passphrase_file)
     observer = _Printer(request.mode) if request.mode != "info" else None
-    return run(source, passphrase, request, observer)
+    with listening(*listeners):
+        return run(source, passphrase, request, observer)
+
+
+_V3_ONLY = ("for format-4 (Qubes R4) backups, --transcript, --explain, --dry-run and "
+            "'qrecover script' are not available yet; restore and verify are")
+
+
+def _format3_only() -> EventListener:
+    """Refuse, before anything is written, to show the work of a format-4 backup."""
+    seen = {"header": False}
+
+    def check(event: Event) -> None:
+        if isinstance(event, HeaderVerified):
+            seen["header"] = True
+        elif not seen["header"]:
+            raise UsageError(_V3_ONLY)
+
+    return check
+
+
+def _v3_header(header: AnyHeader | None) -> BackupHeader:
+    if not isinstance(header, BackupHeader):
+        raise UsageError(_V3_ONLY)
+    return header
+
+
+@contextlib.contextmanager
+def _showing(
+    mode: str,
+    backup: str,
+    output: Path | None,
+    transcript: Path | None,
+    explain: bool,
+    force: bool = False,
+) -> Iterator[list[EventListener]]:
+    """The listeners for --transcript and --explain; the transcript is closed either way."""
+    listeners: list[EventListener] = []
+    writer: TranscriptWriter | None = None
+    narrator: Narrator | None = None
+    if transcript is not None:
+        writer = TranscriptWriter(
+            open_new(transcript, force),
+            "restore" if mode == "restore" else "verify",
+            None if backup == "-" else os.path.abspath(backup),
+            Path(os.path.abspath(output)) if output is not None else None,
+            argv=sys.argv[1:],
+        )
+        listeners.append(writer)
+    if explain:
+        narrator = Narrator(backup, mode)
+        listeners.append(narrator)
+    if listeners:
+        listeners.insert(0, _format3_only())
+    state = {"ok": False, "note": "qrecover stopped with an error"}
+    try:
+        yield listeners
+        state["ok"] = True
+    except QrecoverError as exc:
+        state["note"] = exc.message
+        raise
+    finally:
+        if writer is not None:
+            writer.close(state["ok"] is True, str(state["note"]))
+        if narrator is not None and state["ok"]:
+            narrator.close()
 
 
 def restore_command(
@@ -205,13 +304,21 @@ def restore_command(
     passphrase_file: Path | None,
     size_limit: bool = True,
     files: bool = False,
+    transcript: Path | None = None,
+    explain: bool = False,
+    dry_run: bool = False,
 ) -> int:
+    if dry_run:
+        report = _run(backup, passphrase_file, Request("info", vms=tuple(vms)))
+        print(plan_text(_v3_header(report.header), report.selected, backup, output))
+        return EXIT_OK
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
     request = Request(
         "restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit
     )
-    report = _run(backup, passphrase_file, request)
+    with _showing("restore", backup, output, transcript, explain, force) as listeners:
+        report = _run(backup, passphrase_file, request, listeners)
     code = _finish("restore", report)
     if files:
         files_code = _restore_files(report, output, force)
@@ -307,11 +414,33 @@ def _list_files(request: FilesRequest) -> int:
 
 
 def verify_command(
-    backup: str, vms: Sequence[str], passphrase_file: Path | None, size_limit: bool = True
+    backup: str,
+    vms: Sequence[str],
+    passphrase_file: Path | None,
+    size_limit: bool = True,
+    transcript: Path | None = None,
+    explain: bool = False,
 ) -> int:
-    report = _run(backup, passphrase_file,
-                  Request("verify", vms=tuple(vms), size_limit=size_limit))
+    request = Request("verify", vms=tuple(vms), size_limit=size_limit)
+    with _showing("verify", backup, None, transcript, explain) as listeners:
+        report = _run(backup, passphrase_file, request, listeners)
     return _finish("verify", report)
+
+
+def script_command(
+    backup: str, output: Path, vms: Sequence[str], passphrase_file: Path | None
+) -> int:
+    report = _run(backup, passphrase_file, Request("info", vms=tuple(vms)))
+    text = render_script(
+        _v3_header(report.header),
+        report.selected,
+        None if backup == "-" else os.path.abspath(backup),
+        Path(os.path.abspath(output)),
+        argv=sys.argv[1:],
+    )
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return EXIT_OK
 
 
 def info_command(backup: str, as_json: bool, passphrase_file: Path | None) -> int:
@@ -375,12 +504,30 @@ def restore(
         ),
     ] = False,
     no_size_limit: NoLimitOpt = False,
+    transcript: TranscriptOpt = None,
+    explain: ExplainOpt = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Verify the header and qubes.xml, then print what would be restored "
+            "where, and with which commands, without writing anything.",
+        ),
+    ] = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(
         restore_command(
-            backup, output, vm or [], force, passphrase_file,
-            size_limit=not no_size_limit, files=files,
+            backup,
+            output,
+            vm or [],
+            force,
+            passphrase_file,
+            size_limit=not no_size_limit,
+            files=files,
+            transcript=transcript,
+            explain=explain,
+            dry_run=dry_run,
         )
     )
 
@@ -433,10 +580,41 @@ def verify(
     vm: VmOpt = None,
     passphrase_file: PassFileOpt = None,
     no_size_limit: NoLimitOpt = False,
+    transcript: TranscriptOpt = None,
+    explain: ExplainOpt = False,
 ) -> None:
     """Check everything restore would, writing nothing: every HMAC, decryption,
     decompression, and a listing of each inner archive."""
-    raise typer.Exit(verify_command(backup, vm or [], passphrase_file, not no_size_limit))
+    raise typer.Exit(
+        verify_command(
+            backup,
+            vm or [],
+            passphrase_file,
+            size_limit=not no_size_limit,
+            transcript=transcript,
+            explain=explain,
+        )
+    )
+
+
+@app.command()
+def script(
+    backup: BackupArg,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The folder the script restores into (same layout as restore).",
+            metavar="DIR",
+        ),
+    ],
+    vm: VmOpt = None,
+    passphrase_file: PassFileOpt = None,
+) -> None:
+    """Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for
+    the VMs named with --vm (all without it), after verifying the header and qubes.xml."""
+    raise typer.Exit(script_command(backup, output, vm or [], passphrase_file))
 
 
 @app.command()

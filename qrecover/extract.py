@@ -33,6 +33,21 @@ def extract_stage(target: Path, strip: int) -> Stage:
     )
 
 
+def placement(backup_path: str, dest: str, stored: str) -> tuple[int, str]:
+    """``(--strip-components, output-relative folder)`` for one stored file.
+
+    A VM's files (``vm7/private.img``) lose the ``backup_path`` prefix and go
+    to ``dest`` (``work``); dom0's home is stored under its own name
+    (``dom0-home/user``), so it keeps its last component and goes to the
+    parent of ``dest`` (``dom0-home``).
+    """
+    depth = len(backup_path.split("/"))
+    if stored == backup_path:
+        parent = dest.rsplit("/", 1)[0] if "/" in dest else ""
+        return depth - 1, parent
+    return depth, dest
+
+
 def list_stage() -> Stage:
     return Stage(("tar", "-t", "-f", "-"))
 

@@ -45,7 +45,7 @@ from qrecover.container import (
     parse_member_name,
 )
 from qrecover.errors import BackupError, MissingProgramError, OutputError, QrecoverError
-from qrecover.extract import extract_stage, list_stage, qubes_xml_stage
+from qrecover.extract import extract_stage, list_stage, placement, qubes_xml_stage
 from qrecover.formats import MAX_HEADER_HMAC, Format, Format3, Format4, authenticate
 from qrecover.guard import TarGuard
 from qrecover.header import MAX_HEADER, AnyHeader
@@ -57,11 +57,20 @@ from qrecover.runner import (
     Pipeline,
     Stage,
     StageResult,
-    announce,
     control,
     first_failure,
-    render_pipeline,
     which,
+)
+from qrecover.transcript import (
+    ChunkFed,
+    ChunkRejected,
+    ChunkVerified,
+    FileFinished,
+    HeaderVerified,
+    InventoryRead,
+    PipelineStarted,
+    QubesXmlWritten,
+    emit,
 )
 from qrecover.verify import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 
@@ -329,10 +338,15 @@ class _StoredFile:
             fcntl.fcntl(self.feed_w, F_SETPIPE_SZ, PIPE_SIZE)
         if self.sink.kind != "extract":
             self.out_file = tempfile.TemporaryFile(dir=self.engine.scratch)  # noqa: SIM115
-        announce(
-            render_pipeline(stages, stdin=f"<chunks of {self.stored}>")
-            if self.sink.kind != "capture"
-            else render_pipeline(stages)
+        emit(
+            PipelineStarted(
+                self.stored,
+                self.result.owner,
+                tuple(stages),
+                self.sink.kind,
+                self.sink.staging,
+                self.sink.folder_rel,
+            )
         )
         try:
             self.pipeline = Pipeline(
@@ -361,14 +375,14 @@ class _StoredFile:
             # Usually a consequence: the pipeline died and cat hit a closed pipe.
             self.result.error = f"feeding {self.cat_path}: {result.describe()}"
 
-    def feed(self, path: Path, owned: bool) -> None:
+    def feed(self, path: Path, owned: bool, member: str = "") -> None:
         """Queue a verified chunk; returns while cat is still feeding it."""
         if self.pipeline is None:
             self._start()
         self._reap_cat()
         assert self.feed_w is not None
         stage = Stage(("cat", str(path)))
-        announce(stage.render() + f"  # into the pipeline of {self.stored}")
+        emit(ChunkFed(self.stored, member or path.name, path))
         self.cat = Pipeline(
             [stage], stdin=subprocess.DEVNULL, stdout=self.feed_w, scratch=self.engine.scratch
         ).start()
@@ -421,6 +435,8 @@ class _StoredFile:
             self.result.members = sum(1 for _ in self.out_file)
         if self.sink.kind == "extract":
             self._place()
+        r = self.result
+        emit(FileFinished(r.stored, r.owner, r.error, tuple(r.places), r.restored_bytes))
         return self.result
 
     def _place(self) -> None:
@@ -492,11 +508,12 @@ class Recovery:
             self.report.inventory = inventory
             selected = inventory.select(self.request.vms)
             self.report.selected = selected
+            emit(InventoryRead(inventory, selected))
             if self.request.mode == "info":
                 return self.report
             if self.output is not None:
                 self._check_conflicts(selected)
-                self.output.write_file(QUBES_XML, xml)
+                emit(QubesXmlWritten(self.output.write_file(QUBES_XML, xml)))
             self._stream(members, inventory, selected)
         except BaseException:
             if self._active is not None:
@@ -538,10 +555,7 @@ class Recovery:
         hmac_text = second.read_all(MAX_HEADER_HMAC)
         fmt = authenticate(data, hmac_text, self.passphrase)
         if isinstance(fmt, Format3):
-            announce(
-                f'openssl dgst {fmt.header.digest.openssl_flag} -hmac "${PASS_ENV}" '
-                f"< {HEADER}  # done in-process: matches {HEADER_HMAC}"
-            )
+            emit(HeaderVerified(fmt.header))
         return fmt
 
     def _check_programs(self, fmt: Format) -> None:
@@ -677,12 +691,8 @@ class Recovery:
         self._stage_n += 1
         staging = self.scratch / f"stage-{self._stage_n}"
         staging.mkdir(mode=0o700)
-        depth = len(owner.backup_path.split("/"))
-        if stored == owner.backup_path:
-            # dom0's home: the stored name is the home folder itself.
-            parent = owner.dest.rsplit("/", 1)[0] if "/" in owner.dest else ""
-            return _Sink("extract", staging, depth - 1, parent, limit)
-        return _Sink("extract", staging, depth, owner.dest, limit)
+        strip, folder = placement(owner.backup_path, owner.dest, stored)
+        return _Sink("extract", staging, strip, folder, limit)
 
     # -- one stored file ----------------------------------------------------
 
@@ -754,17 +764,15 @@ class Recovery:
                 continue
             if not matches(digest_hex, expected_hex):
                 self._drop(path, owned)
+                emit(ChunkRejected(member.name, nxt.name, "HMAC mismatch"))
                 job.fail(
                     f"{member.name}: HMAC mismatch: the chunk is damaged or was "
                     "tampered with; nothing of it was used"
                 )
                 continue
-            announce(
-                f'openssl dgst {fmt.header.digest.openssl_flag} -hmac "${PASS_ENV}" '
-                f"< {member.name}  # done in-process: matches {nxt.name}"
-            )
+            emit(ChunkVerified(member.name, nxt.name, fmt.header.digest, member.size))
             try:
-                job.feed(path, owned)
+                job.feed(path, owned, member.name)
             except OSError as exc:
                 self._drop(path, owned)
                 job.fail(f"{member.name}: could not start the pipeline ({exc})")

@@ -1,0 +1,276 @@
+"""Teaching output: ``--explain`` narration and the ``restore --dry-run`` plan.
+
+Both are written for a person learning the recovery procedure.  Steps are
+numbered as on the recovery page
+(https://www.qubes-os.org/doc/backup-emergency-restore-v3/): 1 untar the
+backup, 2 verify the header's HMAC, 3 read the header, 4 verify each chunk's
+HMAC, 5 decrypt, 6 decompress, 7 untar the stored file, 8 mount the image.
+Every command shown is rendered from the stage objects that run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from qrecover import shell
+from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
+from qrecover.decompress import decompress_stage
+from qrecover.decrypt import decrypt_stage
+from qrecover.extract import extract_stage, placement
+from qrecover.header import BackupHeader
+from qrecover.inventory import DOM0, Entity
+from qrecover.runner import render_pipeline
+from qrecover.transcript import (
+    ChunkFed,
+    ChunkRejected,
+    ChunkVerified,
+    Event,
+    FileFinished,
+    HeaderVerified,
+    InventoryRead,
+    PipelineStarted,
+    QubesXmlWritten,
+    dgst_command,
+)
+
+PAGE = "https://www.qubes-os.org/doc/backup-emergency-restore-v3/"
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def untar_command(backup: str) -> str:
+    """The page's step 1 for this backup."""
+    if backup == "-":
+        return "... | tar -i -xvf -"
+    return shell.render_argv(("tar", "-i", "-xvf", os.path.abspath(backup)))
+
+
+def header_meaning(header: BackupHeader) -> str:
+    parts = []
+    stage = decrypt_stage(header)
+    parts.append(
+        f"decrypt with `{stage.render()}`" if stage is not None else "not encrypted: no step 5"
+    )
+    stage = decompress_stage(header)
+    parts.append(
+        f"decompress with `{stage.render()}`" if stage is not None else "not compressed: no step 6"
+    )
+    return "; ".join(parts)
+
+
+class Narrator:
+    """Narrates the engine's events on stderr, step by step."""
+
+    def __init__(self, backup: str, mode: str, out: TextIO | None = None) -> None:
+        self.out = out if out is not None else sys.stderr
+        self.mode = mode
+        self.images: list[Path] = []
+        if Path(backup).is_dir():
+            how = (
+                f"{backup} is a backup already untarred by hand, so qrecover reads "
+                "its files from there."
+            )
+        else:
+            how = (
+                "qrecover reads the backup once, as a stream, and takes each member out "
+                "as it comes: nothing is untarred to disk except one chunk at a time."
+            )
+        self.say(
+            "Step 1 - untar the backup",
+            "A Qubes backup is many small tar archives one after the other (hence "
+            "tar -i, --ignore-zeros): the header, qubes.xml, and every stored file cut "
+            "in chunks NAME.000, NAME.001, ... each with its NAME.NNN.hmac. " + how,
+            untar_command(backup),
+        )
+
+    def say(self, title: str, text: str, command: str | None = None, result: str = "") -> None:
+        lines = [f"* {title}"]
+        lines += textwrap.wrap(text, 76, initial_indent="  ", subsequent_indent="  ")
+        if command:
+            lines.append(f"    $ {command}")
+        if result:
+            lines += textwrap.wrap(result, 76, initial_indent="  -> ", subsequent_indent="     ")
+        print("\n".join(lines), file=self.out, flush=True)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, HeaderVerified):
+            header = event.header
+            self.say(
+                "Step 2 - verify the header's HMAC, before reading it",
+                "The header says how everything else was written, so it must be authentic "
+                "before it is read. The page computes the HMAC with the passphrase as key "
+                "(qrecover computes the same HMAC itself, so the passphrase is never on a "
+                "command line) and compares it with backup-header.hmac.",
+                dgst_command(header.digest, HEADER),
+                f"HMAC-{header.hmac_algorithm} matches {HEADER_HMAC}: the passphrase is "
+                "right and the header is intact.",
+            )
+            fields = ", ".join(f"{k}={v}" for k, v in header.fields().items())
+            self.say(
+                "Step 3 - read the header",
+                f"{fields}. Every value that reaches a command was checked against an allow-list.",
+                f"cat {HEADER}",
+                header_meaning(header) + ".",
+            )
+        elif isinstance(event, ChunkVerified):
+            self.say(
+                f"Step 4 - verify {event.member}",
+                f"{_human(event.size)}. Nothing of a chunk is decrypted before its HMAC matched.",
+                dgst_command(event.digest, event.member),
+                f"HMAC matches {event.hmac_member}: the chunk is authentic.",
+            )
+        elif isinstance(event, ChunkRejected):
+            self.say(
+                f"Step 4 - verify {event.member}",
+                "This chunk does not match its HMAC: it is damaged, or it was tampered "
+                "with. It is not decrypted; this stored file stops here, the others go on.",
+                None,
+                f"{event.reason}: {event.member} rejected.",
+            )
+        elif isinstance(event, PipelineStarted):
+            self._pipeline(event)
+        elif isinstance(event, ChunkFed):
+            print(
+                f"  (feeding {event.member} into the pipeline of {event.stored})",
+                file=self.out,
+                flush=True,
+            )
+        elif isinstance(event, FileFinished):
+            self._finished(event)
+        elif isinstance(event, InventoryRead):
+            names = ", ".join(e.name for e in event.inventory.entities) or "(none)"
+            chosen = ", ".join(e.name for e in event.selected) or "(none)"
+            self.say(
+                "qubes.xml read",
+                f"qubes.xml (restored with steps 4-7 like any stored file) lists the VMs "
+                f"with data in the backup: {names}. Selected: {chosen}. Their stored files "
+                "now follow in the backup; those of VMs not selected are skipped unread.",
+            )
+        elif isinstance(event, QubesXmlWritten):
+            print(f"  -> qubes.xml kept as {event.path}", file=self.out, flush=True)
+
+    def _pipeline(self, event: PipelineStarted) -> None:
+        steps = []
+        if any(s.program == "openssl" for s in event.stages):
+            steps.append("5 decrypt (openssl enc -d, -md md5 as OpenSSL 1.0 did)")
+        if len(event.stages) > 1 and event.stages[-2].program != "openssl":
+            steps.append(f"6 decompress ({event.stages[-2].program})")
+        if event.kind == "extract":
+            steps.append("7 untar into a private staging folder (moved into place once complete)")
+        elif event.kind == "list":
+            steps.append("7 list the inner archive with tar -t (verify writes nothing)")
+        else:
+            steps.append("7 take qubes.xml out of the inner archive")
+        self.say(
+            f"Steps 5-7 - {event.stored}",
+            "All its chunks, in numeric order (.999 then .1000), go through one pipeline, "
+            "each chunk only once its HMAC matched: " + "; ".join(steps) + ".",
+            f"cat {shell.q(event.stored + '.000')} {shell.q(event.stored + '.001')} ... | "
+            + render_pipeline(event.stages),
+        )
+
+    def _finished(self, event: FileFinished) -> None:
+        if event.error is not None:
+            print(f"  -> FAILED: {event.error}", file=self.out, flush=True)
+            return
+        if event.places:
+            for place in event.places:
+                print(f"  -> restored {place}", file=self.out, flush=True)
+                if place.name == "private.img":
+                    self.images.append(place)
+        elif event.stored != QUBES_XML:
+            print(
+                f"  -> {event.stored}: decrypted, decompressed and listed: intact",
+                file=self.out,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.mode != "restore" or not self.images:
+            return
+        image = self.images[0]
+        self.say(
+            "Step 8 - mount an image to read its files",
+            "A VM's private.img is an ext4 file system; its home folder is home/user "
+            "inside it. Mount it read-only:",
+            shell.render_argv(("sudo", "mount", "-o", "loop,ro", str(image), "/mnt")),
+        )
+
+
+def plan_text(
+    header: BackupHeader,
+    selected: Sequence[Entity],
+    backup: str,
+    output: Path,
+) -> str:
+    """What ``restore`` would do, and with which commands; nothing is written."""
+    root = Path(os.path.abspath(output))
+    lines = [
+        f"Dry run: the header and qubes.xml of {backup} are authentic "
+        f"(HMAC-{header.hmac_algorithm}); nothing was written.",
+        f"restore would write into {root}"
+        + ("" if root.exists() else " (it does not exist yet; it would be created)")
+        + ":",
+    ]
+    conflicts = []
+    rows = [(str(root / QUBES_XML), "the backup's qubes.xml", "")]
+    for entity in selected:
+        kind = entity.type + (f", template {entity.template}" if entity.template else "")
+        rows.append((str(root / entity.dest) + "/", f"{entity.name} ({kind})", _human(entity.size)))
+    for path in [root / QUBES_XML, *(root / e.dest for e in selected)]:
+        if os.path.lexists(path):
+            conflicts.append(path)
+    width = max(len(r[0]) for r in rows)
+    for target, what, size in rows:
+        lines.append(f"  {target.ljust(width)}  {what}" + (f", about {size}" if size else ""))
+    if conflicts:
+        lines.append(
+            "It would stop: these already exist (use --force to replace them once their "
+            "replacement is complete and verified): " + ", ".join(map(str, conflicts))
+        )
+    lines += [
+        "",
+        "Commands (steps of " + PAGE + "):",
+        f"  1    {untar_command(backup)}   (qrecover streams instead, one chunk at a time)",
+        f"  2    {dgst_command(header.digest, HEADER)}   (compared with {HEADER_HMAC}; "
+        "computed in-process)",
+        f"  3    cat {HEADER}   ({header_meaning(header)})",
+    ]
+    front = [s for s in (decrypt_stage(header), decompress_stage(header)) if s is not None]
+    placeholder = "/STAGING"
+    for entity in selected:
+        if entity.name == DOM0:
+            files, sample = entity.backup_path, entity.backup_path
+        else:
+            files, sample = f"{entity.backup_path}/F", f"{entity.backup_path}/F"
+        strip, folder = placement(entity.backup_path, entity.dest, sample)
+        stages = [*front, extract_stage(Path(placeholder), strip)]
+        pipeline = " | ".join(
+            shell.render_argv(s.argv, {placeholder: '"$staging"'}) for s in stages
+        )
+        lines += [
+            f"  {entity.name}: for each stored file {files} (F: private.img, icon.png, ...):"
+            if entity.name != DOM0
+            else f"  {entity.name}: the stored file {files}:",
+            f"  4    {dgst_command(header.digest, files + '.NNN')}   (every chunk, "
+            "compared with its .hmac, before it is used)",
+            f"  5-7  cat {files}.000 {files}.001 ... | {pipeline}",
+            f"       then what $staging holds is moved into {root / folder}/",
+        ]
+    lines.append(
+        "($staging is a private folder inside the output folder; $backup_pass is the "
+        "passphrase, given to openssl enc through its environment only.)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""``qrecover script``: a standalone POSIX sh recovery script for one backup.
+
+The script needs no Python and no qrecover: a POSIX shell (dash or bash),
+GNU tar, OpenSSL (1.0, 1.1 or 3), the decompressor and POSIX utilities.  It
+follows the recovery page step by step, verifies the HMAC of every chunk
+before any byte of it is decrypted, and restores into exactly the layout
+``qrecover restore`` produces (``DIR/<vm>/...``, ``DIR/dom0-home/<user>/``,
+``DIR/qubes.xml``).
+
+qrecover writes it after authenticating the header and qubes.xml, so the
+script knows the header's values (all allow-listed) and which VMs to
+restore; the stored files of each VM and their chunks are found at run time
+in the backup's listing (``tar -i -t``), so chunk 1000 and up are never
+missed.  Every pipeline is built from the same stage builders that
+``qrecover restore`` runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qrecover import __version__, shell
+from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
+from qrecover.decompress import decompress_stage
+from qrecover.decrypt import decrypt_stage
+from qrecover.extract import extract_stage, placement, qubes_xml_stage
+from qrecover.header import BackupHeader
+from qrecover.inventory import DOM0, Entity
+from qrecover.runner import Stage
+from qrecover.transcript import header_checks
+
+# Arguments written as shell expressions instead of quoted literals.
+_STAGING = "/QRECOVER-STAGING-PLACEHOLDER"
+
+# Functions only the standalone script needs (the rest is shell.PRELUDE).
+SCRIPT_FUNCTIONS = r"""
+stored_files() {  # stored_files PATTERN: the stored files whose chunks are PATTERN.NNN
+    sed -n "s|^[^ ]* \($1\)\.[0-9][0-9][0-9][0-9]*\$|\1|p" "$work/blocks" | sort -u
+}
+
+check_stored_name() {  # only names of the shapes Qubes wrote reach a command
+    case $1 in
+        "" | /* | */ | *//* | *[!A-Za-z0-9_.+/-]*) die "refusing the stored file name '$1'" ;;
+    esac
+    case /$1/ in */../* | */./?*) die "refusing the stored file name '$1'" ;; esac
+}
+
+chunk_list() {  # chunk_list STORED: "BLOCK NAME" of STORED.000, .001, ... in numeric order
+    # (.999 then .1000: never the order of a glob); stops at a gap or a duplicate.
+    awk -v s="$1" '
+        substr($2, 1, length(s) + 1) == s "." {
+            i = substr($2, length(s) + 2)
+            if (i !~ /^[0-9][0-9][0-9]+$/) next  # its .hmac files
+            k = i + 0
+            if (sprintf("%s.%03d", s, k) != $2 || (k in block)) { bad = $2; next }
+            block[k] = $1
+            n++
+        }
+        END {
+            if (bad != "") {
+                print "STOPPED: " bad ": duplicated or misnumbered chunk" > "/dev/stderr"
+                exit 1
+            }
+            for (k = 0; k < n; k++) if (!(k in block)) {
+                printf "STOPPED: %s.%03d: chunk missing\n", s, k > "/dev/stderr"; exit 1
+            }
+            if (n == 0) { print "STOPPED: " s ": no chunks" > "/dev/stderr"; exit 1 }
+            for (k = 0; k < n; k++) printf "%s %s.%03d\n", block[k], s, k
+        }' "$work/blocks"
+}
+
+feed_chunks() {  # feed_chunks LIST: steps 1 and 4 for each chunk of LIST in turn, then its bytes
+    while read -r _block _chunk <&5; do
+        take_from "$_block" "$_chunk" "$_chunk.hmac"
+        check_hmac "$_chunk"
+        feed "$_chunk"
+    done 5<"$1"
+}
+""".strip()
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _bre(text: str) -> str:
+    """A stored-name prefix as a sed BRE (names hold only [A-Za-z0-9_.+/-])."""
+    return re.sub(r"([.\[\]*^$\\])", r"\\\1", text)
+
+
+def _front_stages(header: BackupHeader) -> list[Stage]:
+    return [s for s in (decrypt_stage(header), decompress_stage(header)) if s is not None]
+
+
+def _entity_title(entity: Entity) -> str:
+    if entity.name == DOM0:
+        return f"dom0's home folder ({entity.backup_path})"
+    template = f", template {entity.template}" if entity.template else ""
+    return f"{entity.name} ({entity.type}{template})"
+
+
+def _vm_block(header: BackupHeader, entity: Entity) -> list[str]:
+    if entity.name == DOM0:
+        pattern = _bre(entity.backup_path)
+        sample = entity.backup_path
+        where = f"stored as {entity.backup_path}"
+    else:
+        pattern = _bre(entity.backup_path) + "/.*"
+        sample = entity.backup_path + "/F"
+        where = f"stored under {entity.backup_path}/"
+    strip, folder = placement(entity.backup_path, entity.dest, sample)
+    stages = [*_front_stages(header), extract_stage(Path(_STAGING), strip)]
+    shown = shell.out_path(folder)
+    lines = [
+        "",
+        f"# ==== {_entity_title(entity)}, {where} -> {shown}/",
+        "# Steps 4-7 for each of its stored files, found in the listing of step 1:",
+        "# the chunks of each, in numeric order, each one verified (step 4) before it",
+        "# goes into the pipeline; what the stored file held is moved into place",
+        "# only once every stage succeeded.",
+        f'{shell.call("stored_files", pattern)} >"$work/stored"',
+        '[ -s "$work/stored" ] || '
+        + shell.call("die", f"{entity.name}: none of its files are in the backup"),
+        "while IFS= read -r stored <&4; do",
+        '    check_stored_name "$stored"',
+        '    chunk_list "$stored" >"$work/chunks" || exit 1',
+        f'    say "$stored: $(wc -l <"$work/chunks") chunk(s), into {folder or "."}/"',
+        "    fresh_stage",
+    ]
+    lines += shell.pipeline_block(
+        ['feed_chunks "$work/chunks"'],
+        stages,
+        {_STAGING: shell.STAGE_DIR},
+        indent="    ",
+    )
+    lines += [
+        '    pipeline_ok "$stored" ' + " ".join(shell.q(n) for n in shell.stage_names(stages)),
+        f'    place "$work/stage" {shown}',
+        'done 4<"$work/stored"',
+    ]
+    return lines
+
+
+def render_script(
+    header: BackupHeader,
+    selected: Sequence[Entity],
+    backup: str | None,
+    output: Path,
+    argv: Sequence[str] = (),
+) -> str:
+    """The whole script, as text."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    total = sum(e.size for e in selected)
+    programs = ["tar", "openssl"] if header.encrypted else ["tar"]
+    decompressor = decompress_stage(header)
+    if decompressor is not None:
+        programs.append(decompressor.program)
+    programs += ["od", "sed", "tr", "wc", "grep", "sort", "awk", "tail", "find"]
+    shown = shell.call("qrecover", *argv) if argv else "qrecover script"
+    width = max((len(e.dest) for e in selected), default=0) + 1
+    contents = [
+        f"#   {(e.dest + '/').ljust(width)}  {_entity_title(e)}, about {_human(e.size)}"
+        for e in selected
+    ]
+    xml_stages = [*_front_stages(header), qubes_xml_stage()]
+    need = shell.call("need", *dict.fromkeys(programs))
+    lines = [
+        "#!/bin/sh",
+        "# Recovery script for the Qubes backup "
+        + shell.comment(backup or "(read from standard input)"),
+        f"# written by qrecover {__version__} on {when}:",
+        f"# {shell.comment(shown)}",
+        "#",
+        "# It needs no Python and no qrecover: a POSIX shell (dash or bash), GNU tar,",
+        "# OpenSSL (1.0, 1.1 or 3), "
+        + (decompressor.program if decompressor else "no decompressor")
+        + " and POSIX utilities (od, sed, awk, ...).",
+        "# Run it with:  sh THIS-FILE   (it asks for the passphrase, or takes it from",
+        "# the environment variable backup_pass; it never writes it anywhere).",
+        "#",
+        "# It restores, into the folder out= below:",
+        "#   qubes.xml",
+        *contents,
+        "#",
+        f"# Scratch space: one chunk and its .hmac at a time (at most {shell.MAX_CHUNK_MIB} MiB),",
+        "# in a private folder inside the output folder, deleted as soon as used and",
+        f"# removed on exit; plus room for the restored data: about {_human(total)}",
+        "# (sizes from the backup's qubes.xml; VM images are restored sparse).",
+        "#",
+        "# It follows the emergency recovery page, step by step (the comments name",
+        "# the steps): https://www.qubes-os.org/doc/backup-emergency-restore-v3/",
+        "# Nothing is decrypted before its HMAC matched; at the first HMAC mismatch or",
+        "# failing program it stops with a message and a non-zero exit status.",
+        "",
+        "set -u",
+        "",
+        shell.PRELUDE,
+        "",
+        SCRIPT_FUNCTIONS,
+        "",
+        "# ---- settings: change them here if the backup or the output folder moved",
+        *shell.backup_assignment(backup, "qrecover"),
+        f"out={shell.q(str(output))}",
+        "",
+        need,
+        *shell.passphrase_lines(),
+        'make_work "$out"',
+        "",
+        "# ---- step 1: untar the backup. It is many small tar archives in a row, hence",
+        "# tar -i (--ignore-zeros). Its members are listed once here; each is then taken",
+        "# out on its own when it is needed, and deleted once used.",
+        "list_members",
+        "",
+        "# ---- step 1 (header members), step 2: verify the header's HMAC before reading it",
+        shell.call("take", HEADER, HEADER_HMAC),
+        shell.hmac_init_line(header.digest),
+        shell.call("check_hmac", HEADER, shell.HEADER_MISMATCH),
+        "# ---- step 3: read the header; this script was written for these values",
+        'cat -- "$work/backup-header" >&2',
+        *(shell.call("header_is", k, v) for k, v in header_checks(header)),
+        "",
+        "# ---- qubes.xml: steps 4-7 (it lists the VMs; kept in the output folder)",
+        *shell.decrypt_note(xml_stages),
+        'chunk_list qubes.xml >"$work/chunks" || exit 1',
+        "fresh_stage",
+        *shell.pipeline_block(['feed_chunks "$work/chunks"'], xml_stages, stdout=shell.XML_OUT),
+        shell.pipeline_check(QUBES_XML, xml_stages),
+        f'place_file "$work/qubes.xml" {shell.out_path(QUBES_XML)}',
+    ]
+    for entity in selected:
+        lines += _vm_block(header, entity)
+    mount = next((e for e in selected if e.name != DOM0), None)
+    lines += [
+        "",
+        f'say "done: {len(selected)} VM(s) restored into $out, every HMAC matched"',
+        "# ---- step 8: to read a VM's files, mount its private.img (ext4) read-only:",
+    ]
+    if mount is not None:
+        lines.append(
+            f'say "step 8, to read its files: sudo mount -o loop,ro \\"$out/{mount.dest}'
+            f'/private.img\\" /mnt"'
+        )
+    return "\n".join(lines) + "\n"
