@@ -81,6 +81,10 @@ def _human(size: int) -> str:
     return f"{size} B"
 
 
+# Global options that the commands need (set by the callback).
+_settings: dict[str, bool] = {"quiet": False}
+
+
 def _err(message: str) -> None:
     print(f"qrecover: {message}", file=sys.stderr, flush=True)
 
@@ -95,9 +99,19 @@ def _main(
             help="Log every command run, as a shell command (like set -x), on stderr.",
         ),
     ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No live progress display and no summary table on a terminal "
+            "(the per-file lines and the final verdict still print).",
+        ),
+    ] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
 ) -> None:
     """Global options."""
+    _settings["quiet"] = quiet
     if version:
         print(f"qrecover {__version__}")
         raise typer.Exit(0)
