@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -27,7 +28,9 @@ from qrecover.errors import (
     Interrupted,
     QrecoverError,
 )
+from qrecover.inventory import Entity
 from qrecover.passphrase import get_passphrase
+from qrecover.progress import Display, activate, clear_active, source_size, summary_table
 from qrecover.restore import FileResult, Report, Request, run
 
 EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
@@ -86,6 +89,7 @@ _settings: dict[str, bool] = {"quiet": False}
 
 
 def _err(message: str) -> None:
+    clear_active()
     print(f"qrecover: {message}", file=sys.stderr, flush=True)
 
 
@@ -115,7 +119,7 @@ def _main(
     if version:
         print(f"qrecover {__version__}")
         raise typer.Exit(0)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ClearingHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("qrecover")
     logger.handlers[:] = [handler]
@@ -123,13 +127,36 @@ def _main(
     logger.propagate = False
 
 
-class _Printer:
-    """Prints a line per stored file as it completes."""
+class _ClearingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr, each after erasing the live progress line."""
 
-    def __init__(self, mode: str) -> None:
+    def emit(self, record: logging.LogRecord) -> None:
+        clear_active()
+        super().emit(record)
+
+
+class _Printer:
+    """Prints a line per stored file as it completes; drives the progress display."""
+
+    def __init__(self, mode: str, display: Display | None = None) -> None:
         self.mode = mode
+        self.display = display
+
+    def planned(self, selected: Sequence[Entity]) -> None:
+        if self.display is not None:
+            self.display.planned(selected)
+
+    def file_started(self, stored: str, owner: str) -> None:
+        if self.display is not None:
+            self.display.file_started(stored, owner)
+
+    def data_read(self, stored: str, nbytes: int) -> None:
+        if self.display is not None:
+            self.display.data_read(stored, nbytes)
 
     def file_done(self, result: FileResult) -> None:
+        if self.display is not None:
+            self.display.file_done(result)
         print(_file_line(self.mode, result), flush=True)
 
 
@@ -149,8 +176,10 @@ def _file_line(mode: str, result: FileResult) -> str:
     return f"RESTORED  {where:<16} {result.stored} -> {places} ({_human(result.restored_bytes)})"
 
 
-def _finish(mode: str, report: Report) -> int:
+def _finish(mode: str, report: Report, elapsed: float) -> int:
     failures = [f for f in report.files if not f.ok]
+    if not _settings["quiet"]:
+        print(summary_table(mode, report.files, elapsed), flush=True)
     for problem in report.problems:
         _err(f"problem: {problem}")
     count = len(report.files)
@@ -175,29 +204,41 @@ def _finish(mode: str, report: Report) -> int:
     return EXIT_BACKUP
 
 
-def _run(backup: str, passphrase_file: Path | None, request: Request) -> Report:
+def _run(backup: str, passphrase_file: Path | None, request: Request) -> tuple[Report, float]:
+    """Run the pass; returns the report and its time (from after the passphrase)."""
     source = open_source(backup)
     passphrase = get_passphrase(passphrase_file)
-    observer = _Printer(request.mode) if request.mode != "info" else None
-    return run(source, passphrase, request, observer)
+    started = time.monotonic()
+    if request.mode == "info":
+        return run(source, passphrase, request), time.monotonic() - started
+    display = None
+    if not _settings["quiet"] and sys.stderr.isatty():
+        display = Display(sys.stderr, source_size(source))
+    activate(display)
+    try:
+        report = run(source, passphrase, request, _Printer(request.mode, display))
+        return report, time.monotonic() - started
+    finally:
+        clear_active()
+        activate(None)
 
 
 def restore_command(
     backup: str, output: Path, vms: Sequence[str], force: bool, passphrase_file: Path | None
 ) -> int:
-    report = _run(
+    report, elapsed = _run(
         backup, passphrase_file, Request("restore", vms=tuple(vms), output=output, force=force)
     )
-    return _finish("restore", report)
+    return _finish("restore", report, elapsed)
 
 
 def verify_command(backup: str, vms: Sequence[str], passphrase_file: Path | None) -> int:
-    report = _run(backup, passphrase_file, Request("verify", vms=tuple(vms)))
-    return _finish("verify", report)
+    report, elapsed = _run(backup, passphrase_file, Request("verify", vms=tuple(vms)))
+    return _finish("verify", report, elapsed)
 
 
 def info_command(backup: str, as_json: bool, passphrase_file: Path | None) -> int:
-    report = _run(backup, passphrase_file, Request("info"))
+    report, _elapsed = _run(backup, passphrase_file, Request("info"))
     assert report.header is not None and report.inventory is not None
     if as_json:
         data = {

@@ -113,10 +113,24 @@ class Report:
 
 
 class Observer(Protocol):
+    """Told about the pass as it goes (the CLI's lines, the progress display)."""
+
+    def planned(self, selected: Sequence[Entity]) -> None: ...
+    def file_started(self, stored: str, owner: str) -> None: ...
+    def data_read(self, stored: str, nbytes: int) -> None: ...
     def file_done(self, result: FileResult) -> None: ...
 
 
 class _Quiet:
+    def planned(self, selected: Sequence[Entity]) -> None:
+        pass
+
+    def file_started(self, stored: str, owner: str) -> None:
+        pass
+
+    def data_read(self, stored: str, nbytes: int) -> None:
+        pass
+
     def file_done(self, result: FileResult) -> None:
         pass
 
@@ -466,6 +480,7 @@ class Recovery:
             self.report.selected = selected
             if self.request.mode == "info":
                 return self.report
+            self.observer.planned(selected)
             if self.output is not None:
                 self._check_conflicts(selected)
                 self.output.write_file(QUBES_XML, xml)
@@ -580,8 +595,10 @@ class Recovery:
                 continue
             if owner.backup_path not in chosen:
                 members.take()  # the stream skips its bytes without reading them into us
+                self.observer.data_read(name.stored, member.size)
                 continue
             job = _StoredFile(self, name.stored, owner.name, self._sink_for(owner, name.stored))
+            self.observer.file_started(name.stored, owner.name)
             self._active = job
             self._consume(members, job)
             result = job.finish()
@@ -653,7 +670,7 @@ class Recovery:
                 job.fail(f"{want}: chunk {what} (found {member.name} instead)")
                 continue
             try:
-                path, owned, digest_hex = self._take_chunk(member, header.digest)
+                path, owned, digest_hex = self._take_chunk(member, header.digest, stored)
             except _Truncated as exc:
                 job.fail(str(exc))
                 members.stop(exc)
@@ -697,13 +714,16 @@ class Recovery:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _take_chunk(self, member: Member, digest: Digest) -> tuple[Path, bool, str]:
+    def _take_chunk(
+        self, member: Member, digest: Digest, stored: str = ""
+    ) -> tuple[Path, bool, str]:
         """Compute the chunk's HMAC; from a stream, keep a private copy to feed later."""
         mac = digest.new(self.key)
         if member.path is not None:
             with member.path.open("rb") as f:
                 while block := f.read(READ_SIZE):
                     mac.update(block)
+                    self.observer.data_read(stored, len(block))
             return member.path, False, mac.hexdigest()
         assert self.scratch is not None
         path = self.scratch / f"chunk-{member.name.replace('/', '_')}"
@@ -720,6 +740,7 @@ class Recovery:
                     break
                 got += len(block)
                 mac.update(block)
+                self.observer.data_read(stored, len(block))
                 view = memoryview(block)
                 while view:
                     view = view[os.write(fd, view) :]
