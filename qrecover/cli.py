@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -44,7 +45,9 @@ from qrecover.files import (
     show,
 )
 from qrecover.header import AnyHeader, BackupHeader
+from qrecover.inventory import Entity
 from qrecover.passphrase import get_passphrase
+from qrecover.progress import Display, activate, clear_active, source_size, summary_table
 from qrecover.restore import FileResult, Report, Request, run
 from qrecover.script import render_script
 from qrecover.transcript import (
@@ -134,7 +137,12 @@ def _human(size: int) -> str:
     return f"{size} B"
 
 
+# Global options that the commands need (set by the callback).
+_settings: dict[str, bool] = {"quiet": False}
+
+
 def _err(message: str) -> None:
+    clear_active()
     print(f"qrecover: {message}", file=sys.stderr, flush=True)
 
 
@@ -148,13 +156,23 @@ def _main(
             help="Log every command run, as a shell command (like set -x), on stderr.",
         ),
     ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No live progress display and no summary table on a terminal "
+            "(the per-file lines and the final verdict still print).",
+        ),
+    ] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
 ) -> None:
     """Global options."""
+    _settings["quiet"] = quiet
     if version:
         print(f"qrecover {__version__}")
         raise typer.Exit(0)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ClearingHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("qrecover")
     logger.handlers[:] = [handler]
@@ -162,13 +180,36 @@ def _main(
     logger.propagate = False
 
 
-class _Printer:
-    """Prints a line per stored file as it completes."""
+class _ClearingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr, each after erasing the live progress line."""
 
-    def __init__(self, mode: str) -> None:
+    def emit(self, record: logging.LogRecord) -> None:
+        clear_active()
+        super().emit(record)
+
+
+class _Printer:
+    """Prints a line per stored file as it completes; drives the progress display."""
+
+    def __init__(self, mode: str, display: Display | None = None) -> None:
         self.mode = mode
+        self.display = display
+
+    def planned(self, selected: Sequence[Entity]) -> None:
+        if self.display is not None:
+            self.display.planned(selected)
+
+    def file_started(self, stored: str, owner: str) -> None:
+        if self.display is not None:
+            self.display.file_started(stored, owner)
+
+    def data_read(self, stored: str, nbytes: int) -> None:
+        if self.display is not None:
+            self.display.data_read(stored, nbytes)
 
     def file_done(self, result: FileResult) -> None:
+        if self.display is not None:
+            self.display.file_done(result)
         print(_file_line(self.mode, result), flush=True)
 
 
@@ -188,8 +229,10 @@ def _file_line(mode: str, result: FileResult) -> str:
     return f"RESTORED  {where:<16} {result.stored} -> {places} ({_human(result.restored_bytes)})"
 
 
-def _finish(mode: str, report: Report) -> int:
+def _finish(mode: str, report: Report, elapsed: float) -> int:
     failures = [f for f in report.files if not f.ok]
+    if not _settings["quiet"]:
+        print(summary_table(mode, report.files, elapsed), flush=True)
     for problem in report.problems:
         _err(f"problem: {problem}")
     count = len(report.files)
@@ -224,12 +267,25 @@ def _run(
     passphrase_file: Path | None,
     request: Request,
     listeners: Sequence[EventListener] = (),
-) -> Report:
+) -> tuple[Report, float]:
+    """Run the pass; returns the report and its time (from after the passphrase)."""
     source = open_source(backup)
     passphrase = get_passphrase(passphrase_file)
-    observer = _Printer(request.mode) if request.mode != "info" else None
-    with listening(*listeners):
-        return run(source, passphrase, request, observer)
+    started = time.monotonic()
+    if request.mode == "info":
+        with listening(*listeners):
+            return run(source, passphrase, request), time.monotonic() - started
+    display = None
+    if not _settings["quiet"] and sys.stderr.isatty():
+        display = Display(sys.stderr, source_size(source))
+    activate(display)
+    try:
+        with listening(*listeners):
+            report = run(source, passphrase, request, _Printer(request.mode, display))
+        return report, time.monotonic() - started
+    finally:
+        clear_active()
+        activate(None)
 
 
 _V3_ONLY = ("for format-4 (Qubes R4) backups, --transcript, --explain, --dry-run and "
@@ -309,7 +365,7 @@ def restore_command(
     dry_run: bool = False,
 ) -> int:
     if dry_run:
-        report = _run(backup, passphrase_file, Request("info", vms=tuple(vms)))
+        report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)))
         print(plan_text(_v3_header(report.header), report.selected, backup, output))
         return EXIT_OK
     if files:
@@ -318,8 +374,8 @@ def restore_command(
         "restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit
     )
     with _showing("restore", backup, output, transcript, explain, force) as listeners:
-        report = _run(backup, passphrase_file, request, listeners)
-    code = _finish("restore", report)
+        report, elapsed = _run(backup, passphrase_file, request, listeners)
+    code = _finish("restore", report, elapsed)
     if files:
         files_code = _restore_files(report, output, force)
         code = code if code != EXIT_OK else files_code
@@ -423,14 +479,14 @@ def verify_command(
 ) -> int:
     request = Request("verify", vms=tuple(vms), size_limit=size_limit)
     with _showing("verify", backup, None, transcript, explain) as listeners:
-        report = _run(backup, passphrase_file, request, listeners)
-    return _finish("verify", report)
+        report, elapsed = _run(backup, passphrase_file, request, listeners)
+    return _finish("verify", report, elapsed)
 
 
 def script_command(
     backup: str, output: Path, vms: Sequence[str], passphrase_file: Path | None
 ) -> int:
-    report = _run(backup, passphrase_file, Request("info", vms=tuple(vms)))
+    report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)))
     text = render_script(
         _v3_header(report.header),
         report.selected,
@@ -444,7 +500,7 @@ def script_command(
 
 
 def info_command(backup: str, as_json: bool, passphrase_file: Path | None) -> int:
-    report = _run(backup, passphrase_file, Request("info"))
+    report, _elapsed = _run(backup, passphrase_file, Request("info"))
     assert report.header is not None and report.inventory is not None
     if as_json:
         data = {

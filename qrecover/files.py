@@ -383,7 +383,7 @@ class Debugfs:
             open(os.devnull, "rb") as devnull,
         ):
             pipeline = Pipeline(
-                stages, stdin=devnull.fileno(), stdout=out, scratch=self.scratch, cwd=cwd
+                stages, stdin=devnull.fileno(), stdout=out, cwd=cwd
             )
             pipeline.start()
             try:

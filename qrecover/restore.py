@@ -135,10 +135,24 @@ class Report:
 
 
 class Observer(Protocol):
+    """Told about the pass as it goes (the CLI's lines, the progress display)."""
+
+    def planned(self, selected: Sequence[Entity]) -> None: ...
+    def file_started(self, stored: str, owner: str) -> None: ...
+    def data_read(self, stored: str, nbytes: int) -> None: ...
     def file_done(self, result: FileResult) -> None: ...
 
 
 class _Quiet:
+    def planned(self, selected: Sequence[Entity]) -> None:
+        pass
+
+    def file_started(self, stored: str, owner: str) -> None:
+        pass
+
+    def data_read(self, stored: str, nbytes: int) -> None:
+        pass
+
     def file_done(self, result: FileResult) -> None:
         pass
 
@@ -321,7 +335,7 @@ class _StoredFile:
     def stages(self) -> list[Stage]:
         fmt = self.engine.fmt
         assert fmt is not None
-        stages = fmt.stream_stages()
+        stages = fmt.stream_stages(self.engine.pigz)
         if self.sink.kind == "capture":
             stages.append(qubes_xml_stage())
         elif self.sink.kind == "list":
@@ -354,7 +368,6 @@ class _StoredFile:
                 stdin=read_end,
                 stdout=self.out_file,
                 secrets={PASS_ENV: self.engine.passphrase},
-                scratch=self.engine.scratch,
                 guard=self._guard,
             ).start()
         finally:
@@ -384,7 +397,7 @@ class _StoredFile:
         stage = Stage(("cat", str(path)))
         emit(ChunkFed(self.stored, member or path.name, path))
         self.cat = Pipeline(
-            [stage], stdin=subprocess.DEVNULL, stdout=self.feed_w, scratch=self.engine.scratch
+            [stage], stdin=subprocess.DEVNULL, stdout=self.feed_w
         ).start()
         self.cat_path = path
         self.cat_owned = owned
@@ -486,6 +499,8 @@ class Recovery:
         self._stage_n = 0
         self._plain_n = 0
         self._active: _StoredFile | None = None
+        # pigz -d, when installed, decompresses gzip data ~1.7x faster than gzip -d.
+        self.pigz = shutil.which("pigz") is not None
 
     # -- the pass -----------------------------------------------------------
 
@@ -511,6 +526,7 @@ class Recovery:
             emit(InventoryRead(inventory, selected))
             if self.request.mode == "info":
                 return self.report
+            self.observer.planned(selected)
             if self.output is not None:
                 self._check_conflicts(selected)
                 emit(QubesXmlWritten(self.output.write_file(QUBES_XML, xml)))
@@ -559,7 +575,7 @@ class Recovery:
         return fmt
 
     def _check_programs(self, fmt: Format) -> None:
-        needed = ["tar", "cat", *fmt.programs()]
+        needed = ["tar", "cat", *fmt.programs(self.pigz)]
         for program in needed:
             which(program)
         if "GNU tar" not in control("tar", "--version"):
@@ -640,8 +656,10 @@ class Recovery:
                 continue
             if owner.backup_path not in chosen:
                 members.take()  # the stream skips its bytes without reading them into us
+                self.observer.data_read(name.stored, member.size)
                 continue
             job = _StoredFile(self, name.stored, owner.name, self._sink_for(owner, name.stored))
+            self.observer.file_started(name.stored, owner.name)
             self._active = job
             self._consume(members, job)
             result = job.finish()
@@ -741,7 +759,7 @@ class Recovery:
                 expected += 1
                 continue
             try:
-                path, owned, digest_hex = self._take_chunk(member, fmt.header.digest)
+                path, owned, digest_hex = self._take_chunk(member, fmt.header.digest, stored)
             except _Truncated as exc:
                 job.fail(str(exc))
                 members.stop(exc)
@@ -783,7 +801,7 @@ class Recovery:
     ) -> None:
         """Format 4: decrypt a chunk to scratch with scrypt; feed it only if scrypt
         authenticated it (scrypt may write plaintext before it finds damage)."""
-        src, owned, _ = self._take_chunk(member, None)
+        src, owned, _ = self._take_chunk(member, None, name.stored)
         job.result.chunks += 1
         job.result.stored_bytes += member.size
         assert self.scratch is not None
@@ -820,7 +838,9 @@ class Recovery:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _take_chunk(self, member: Member, digest: Digest | None) -> tuple[Path, bool, str]:
+    def _take_chunk(
+        self, member: Member, digest: Digest | None, stored: str = ""
+    ) -> tuple[Path, bool, str]:
         """Compute the chunk's HMAC (format 3; ``digest`` None: none to compute);
         from a stream, keep a private copy to feed or decrypt later."""
         mac = digest.new(self.key) if digest is not None else None
@@ -830,6 +850,7 @@ class Recovery:
             with member.path.open("rb") as f:
                 while block := f.read(READ_SIZE):
                     mac.update(block)
+                    self.observer.data_read(stored, len(block))
             return member.path, False, mac.hexdigest()
         assert self.scratch is not None
         path = self.scratch / f"chunk-{member.name.replace('/', '_')}"
@@ -851,6 +872,7 @@ class Recovery:
                 got += len(block)
                 if mac is not None:
                     mac.update(block)
+                self.observer.data_read(stored, len(block))
                 view = memoryview(block)
                 while view:
                     view = view[os.write(fd, view) :]

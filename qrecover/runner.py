@@ -7,9 +7,9 @@ shows for replay cannot drift apart.  The passphrase itself never is in an
 argv: a stage that needs it reads it from an environment variable given to
 that one child only (``openssl ... -pass env:backup_pass``).
 
-Data moves between stages through OS pipes; stderr of every stage goes to a
-private scratch file so that a failure can be diagnosed from all stages, not
-only the last one.  Short control commands (``tar --version``,
+Data moves between stages through OS pipes; the stderr of every stage is kept
+(its first and last few KiB, in memory) so that a failure can be diagnosed
+from all stages, not only the last one.  Short control commands (``tar --version``,
 ``openssl version``) go through the ``sh`` package.
 """
 
@@ -22,7 +22,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -192,6 +191,40 @@ def first_meaningful_line(text: str) -> str:
     return lines[0][:300] if lines else ""
 
 
+class _StderrTail:
+    """A stage's stderr, read by a thread into memory: its start (where the
+    first error usually is) and its end, a few KiB each.  Never a file: the
+    disk may be the very thing that is full."""
+
+    KEEP = 8192
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self._pipe = pipe
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._dropped = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with self._pipe:
+            while block := os.read(self._pipe.fileno(), 65536):
+                room = self.KEEP - len(self._head)
+                if room > 0:
+                    self._head += block[:room]
+                    block = block[room:]
+                if block:
+                    self._tail += block
+                    if len(self._tail) > self.KEEP:
+                        del self._tail[: len(self._tail) - self.KEEP]
+                        self._dropped = True
+
+    def text(self) -> str:
+        self._thread.join()
+        gap = b"\n[...]\n" if self._dropped else b""
+        return bytes(self._head + gap + self._tail).decode("utf-8", "replace")
+
+
 @dataclass
 class Pipeline:
     """Stages joined by OS pipes; started at once, waited for together."""
@@ -200,7 +233,6 @@ class Pipeline:
     stdin: int  # an fd; the caller keeps ownership
     stdout: int | IO[bytes] | None = None  # None: discard
     secrets: Mapping[str, str] = field(default_factory=dict)
-    scratch: Path | None = None
     # Makes the in-process guard that screens the stream into the last stage
     # (tar); given the fds it reads from and writes to, which it then owns.
     guard: Callable[[int, int], TarGuard] | None = None
@@ -208,7 +240,7 @@ class Pipeline:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     guarded: TarGuard | None = None
     _guard_thread: threading.Thread | None = None
-    _errfiles: list[IO[bytes]] = field(default_factory=list)
+    _stderrs: list[_StderrTail] = field(default_factory=list)
 
     def _start_guard(self, src: int) -> int:
         """Run the guard on ``src``; return the fd the last stage reads from."""
@@ -232,8 +264,6 @@ class Pipeline:
                 if last and self.guard is not None:
                     # The guard owns what it reads: our pipe end, or a copy of the caller's.
                     prev = self._start_guard(prev if i > 0 else os.dup(prev))
-                errfile = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115 - kept until wait()
-                self._errfiles.append(errfile)
                 env = child_env({k: self.secrets[k] for k in stage.secret_env})
                 out: int | IO[bytes] | None
                 if last:
@@ -244,12 +274,14 @@ class Pipeline:
                     [path, *stage.argv[1:]],
                     stdin=prev,
                     stdout=out,
-                    stderr=errfile,
+                    stderr=subprocess.PIPE,
                     env=env,
                     cwd=self.cwd,
                     close_fds=True,
                 )
                 self.procs.append(proc)
+                assert proc.stderr is not None
+                self._stderrs.append(_StderrTail(proc.stderr))
                 if i > 0 or (last and self.guard is not None):
                     # The child has its copy; ours would keep the pipe open.
                     os.close(prev)
@@ -273,14 +305,9 @@ class Pipeline:
 
     def wait(self) -> list[StageResult]:
         results = []
-        for proc, stage, errfile in zip(self.procs, self.stages, self._errfiles, strict=True):
+        for proc, stage, err in zip(self.procs, self.stages, self._stderrs, strict=True):
             code = proc.wait()
-            errfile.seek(0, os.SEEK_END)
-            size = errfile.tell()
-            errfile.seek(max(0, size - 4096))
-            text = errfile.read().decode("utf-8", "replace")
-            errfile.close()
-            results.append(StageResult(stage, code, text))
+            results.append(StageResult(stage, code, err.text()))
         if self._guard_thread is not None:
             self._guard_thread.join()
         return results

@@ -111,7 +111,6 @@ def decrypt_file(
             [stage],
             stdin=subprocess.DEVNULL,
             secrets={PASS_ENV: secret},
-            scratch=scratch,
         )
         (result,) = pipeline.start().wait()
         return result
@@ -123,7 +122,7 @@ def decrypt_file(
         os.write(write_end, line)
         os.close(write_end)
         write_end = -1
-        (result,) = Pipeline([stage], stdin=read_end, scratch=scratch).start().wait()
+        (result,) = Pipeline([stage], stdin=read_end).start().wait()
     finally:
         os.close(read_end)
         if write_end >= 0:

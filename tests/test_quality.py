@@ -10,7 +10,8 @@ from conftest import ROOT
 
 def test_ruff_clean() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "qrecover", "scripts", "scripts/fuzz", "tests"],
+        [sys.executable, "-m", "ruff", "check", "qrecover", "scripts", "scripts/fuzz",
+         "scripts/bench", "tests"],
         cwd=ROOT,
         capture_output=True,
         text=True,
