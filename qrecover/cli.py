@@ -102,7 +102,8 @@ TranscriptOpt = Annotated[
     typer.Option(
         "--transcript",
         help="Write every command run, as the run proceeds, to FILE: a POSIX sh script "
-        "that replays the run (verifying every HMAC again) from any folder.",
+        "that replays the run (verifying every HMAC, or for format 4 authenticating every "
+        "chunk with scrypt, again) from any folder.",
         metavar="FILE",
     ),
 ]

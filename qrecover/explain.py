@@ -66,7 +66,7 @@ def untar_command(backup: str, *members: str) -> str:
 def header_meaning_v4(header: BackupHeaderV4) -> str:
     stage = decompress_stage(header)
     return (
-        "each chunk is authenticated and decrypted by scrypt on its own (no openssl); "
+        "each chunk is authenticated and decrypted by scrypt on its own; "
         + (f"decompress with `{stage.render()}`" if stage is not None else "not compressed: "
            "nothing to decompress")
     )
