@@ -5,7 +5,11 @@ numbered as on the recovery page
 (https://www.qubes-os.org/doc/backup-emergency-restore-v3/): 1 untar the
 backup, 2 verify the header's HMAC, 3 read the header, 4 verify each chunk's
 HMAC, 5 decrypt, 6 decompress, 7 untar the stored file, 8 mount the image.
-Every command shown is rendered from the stage objects that run.
+Every command shown is rendered from the stage objects that run.  A format-4
+(Qubes R4) backup is narrated with the v4 page's steps instead
+(https://www.qubes-os.org/doc/backup-emergency-restore-v4/): 1 untar, 2 the
+passphrase, 3 verify the header with scrypt, 4 read it, 5 the backup id,
+6 qubes.xml, 7 find the qube's backup-path, 8 its chunks, 9 mount.
 """
 
 from __future__ import annotations

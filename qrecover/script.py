@@ -13,6 +13,10 @@ restore; the stored files of each VM and their chunks are found at run time
 in the backup's listing (``tar -i -t``), so chunk 1000 and up are never
 missed.  Every pipeline is built from the same stage builders that
 ``qrecover restore`` runs.
+
+For a format-4 (Qubes R4) backup, :func:`render_script_v4` writes the same
+kind of script following the v4 recovery page: scrypt instead of OpenSSL,
+each chunk decrypted into a scratch file and used only once scrypt exited 0.
 """
 
 from __future__ import annotations

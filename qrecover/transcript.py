@@ -2,11 +2,13 @@
 
 The streaming engine (restore.py) emits one event per step of the recovery
 page as it happens: header verified, chunk verified, pipeline started, chunk
-fed, stored file finished.  Several consumers render the same events: the
-``-v`` log (``+ command`` lines), ``--explain`` (explain.py) and
-``--transcript FILE`` (:class:`TranscriptWriter`, a runnable ``sh`` script).
-The commands in every rendering come from the :class:`~qrecover.runner.Stage`
-objects that actually ran.
+fed, stored file finished.  Format 4 (Qubes R4) has its own two: the header
+verified by scrypt (:class:`HeaderVerifiedV4`, carrying the Format4 that runs)
+and a chunk authenticated and decrypted by scrypt (:class:`ChunkDecrypted`).
+Several consumers render the same events: the ``-v`` log (``+ command``
+lines), ``--explain`` (explain.py) and ``--transcript FILE``
+(:class:`TranscriptWriter`, a runnable ``sh`` script).  The commands in every
+rendering come from the :class:`~qrecover.runner.Stage` objects that actually ran.
 """
 
 from __future__ import annotations
