@@ -33,7 +33,7 @@ from qrecover.errors import (
     QrecoverError,
     UsageError,
 )
-from qrecover.explain import Narrator, plan_text
+from qrecover.explain import Narrator, plan_text, plan_text_v4
 from qrecover.files import (
     DEFAULT_PATH,
     CopyResult,
@@ -44,16 +44,16 @@ from qrecover.files import (
     list_trees,
     show,
 )
-from qrecover.header import AnyHeader, BackupHeader
 from qrecover.inventory import Entity
 from qrecover.passphrase import get_passphrase
 from qrecover.progress import Display, activate, clear_active, source_size, summary_table
 from qrecover.restore import FileResult, Report, Request, run
-from qrecover.script import render_script
+from qrecover.script import render_script, render_script_v4
 from qrecover.transcript import (
     Event,
     EventListener,
     HeaderVerified,
+    HeaderVerifiedV4,
     TranscriptWriter,
     listening,
     open_new,
@@ -105,7 +105,8 @@ TranscriptOpt = Annotated[
     typer.Option(
         "--transcript",
         help="Write every command run, as the run proceeds, to FILE: a POSIX sh script "
-        "that replays the run (verifying every HMAC again) from any folder.",
+        "that replays the run (verifying every HMAC, or for format 4 authenticating every "
+        "chunk with scrypt, again) from any folder.",
         metavar="FILE",
     ),
 ]
@@ -288,27 +289,20 @@ def _run(
         activate(None)
 
 
-_V3_ONLY = ("for format-4 (Qubes R4) backups, --transcript, --explain, --dry-run and "
-            "'qrecover script' are not available yet; restore and verify are")
+class _HeaderSeen:
+    """Keeps the verified header's event: what a dry run or a script is written from
+    (for format 4 it also holds how the installed scrypt takes its passphrase)."""
 
+    def __init__(self) -> None:
+        self.event: HeaderVerified | HeaderVerifiedV4 | None = None
 
-def _format3_only() -> EventListener:
-    """Refuse, before anything is written, to show the work of a format-4 backup."""
-    seen = {"header": False}
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, HeaderVerified | HeaderVerifiedV4):
+            self.event = event
 
-    def check(event: Event) -> None:
-        if isinstance(event, HeaderVerified):
-            seen["header"] = True
-        elif not seen["header"]:
-            raise UsageError(_V3_ONLY)
-
-    return check
-
-
-def _v3_header(header: AnyHeader | None) -> BackupHeader:
-    if not isinstance(header, BackupHeader):
-        raise UsageError(_V3_ONLY)
-    return header
+    def get(self) -> HeaderVerified | HeaderVerifiedV4:
+        assert self.event is not None, "the engine reports the header before qubes.xml"
+        return self.event
 
 
 @contextlib.contextmanager
@@ -336,8 +330,6 @@ def _showing(
     if explain:
         narrator = Narrator(backup, mode)
         listeners.append(narrator)
-    if listeners:
-        listeners.insert(0, _format3_only())
     state = {"ok": False, "note": "qrecover stopped with an error"}
     try:
         yield listeners
@@ -365,8 +357,13 @@ def restore_command(
     dry_run: bool = False,
 ) -> int:
     if dry_run:
-        report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)))
-        print(plan_text(_v3_header(report.header), report.selected, backup, output))
+        seen = _HeaderSeen()
+        report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)), [seen])
+        event = seen.get()
+        if isinstance(event, HeaderVerifiedV4):
+            print(plan_text_v4(event.fmt, report.selected, backup, output))
+        else:
+            print(plan_text(event.header, report.selected, backup, output))
         return EXIT_OK
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
@@ -486,14 +483,15 @@ def verify_command(
 def script_command(
     backup: str, output: Path, vms: Sequence[str], passphrase_file: Path | None
 ) -> int:
-    report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)))
-    text = render_script(
-        _v3_header(report.header),
-        report.selected,
-        None if backup == "-" else os.path.abspath(backup),
-        Path(os.path.abspath(output)),
-        argv=sys.argv[1:],
-    )
+    seen = _HeaderSeen()
+    report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)), [seen])
+    event = seen.get()
+    where = None if backup == "-" else os.path.abspath(backup)
+    out = Path(os.path.abspath(output))
+    if isinstance(event, HeaderVerifiedV4):
+        text = render_script_v4(event.fmt, report.selected, where, out, argv=sys.argv[1:])
+    else:
+        text = render_script(event.header, report.selected, where, out, argv=sys.argv[1:])
     sys.stdout.write(text)
     sys.stdout.flush()
     return EXIT_OK

@@ -21,6 +21,7 @@ The order is the recovery page's, done for every stored file in turn:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -62,11 +63,13 @@ from qrecover.runner import (
     which,
 )
 from qrecover.transcript import (
+    ChunkDecrypted,
     ChunkFed,
     ChunkRejected,
     ChunkVerified,
     FileFinished,
     HeaderVerified,
+    HeaderVerifiedV4,
     InventoryRead,
     PipelineStarted,
     QubesXmlWritten,
@@ -572,6 +575,8 @@ class Recovery:
         fmt = authenticate(data, hmac_text, self.passphrase)
         if isinstance(fmt, Format3):
             emit(HeaderVerified(fmt.header))
+        else:
+            emit(HeaderVerifiedV4(fmt))
         return fmt
 
     def _check_programs(self, fmt: Format) -> None:
@@ -817,8 +822,12 @@ class Recovery:
         if result is None:
             self._drop(plain, True)
             return
+        decrypted = ChunkDecrypted(
+            member.name, name.data_name, fmt.chunk_prefix(name), fmt, member.size
+        )
         if not result.ok:
             self._drop(plain, True)
+            emit(dataclasses.replace(decrypted, error=result.describe()))
             if _is_output_trouble(result.stderr):
                 job.fail(f"{member.name}: {result.describe()}", output_trouble=True)
                 return
@@ -827,8 +836,9 @@ class Recovery:
                 f"or was tampered with; nothing of it was used ({result.describe()})"
             )
             return
+        emit(decrypted)
         try:
-            job.feed(plain, True)
+            job.feed(plain, True, member.name)
         except OSError as exc:
             self._drop(plain, True)
             job.fail(f"{member.name}: could not start the pipeline ({exc})")
