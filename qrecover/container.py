@@ -107,6 +107,10 @@ def parse_member_name(name: str) -> ChunkName | None:
     return ChunkName(stored, index, match.group("hmac") is not None, match.group("enc") is not None)
 
 
+class Truncated(BackupError):
+    """The backup ends (or its stream breaks) inside a member."""
+
+
 @dataclass
 class Member:
     """One file of the backup, readable once, in order."""
@@ -126,10 +130,14 @@ class Member:
         """The whole member, refused when larger than ``limit``."""
         if self.size > limit:
             raise BackupError(f"{self.name}: {self.size} bytes, more than the {limit} allowed")
-        with self.open() as f:
-            data = f.read(limit + 1)
+        try:
+            with self.open() as f:
+                data = f.read(limit + 1)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise Truncated(f"{self.name}: the backup ends inside this member "
+                            f"(truncated backup): {exc}") from None
         if len(data) != self.size:
-            raise BackupError(f"{self.name}: truncated ({len(data)} of {self.size} bytes)")
+            raise Truncated(f"{self.name}: truncated ({len(data)} of {self.size} bytes)")
         return data
 
 

@@ -43,6 +43,7 @@ from qrecover.container import (
     FolderSource,
     Member,
     StreamSource,
+    Truncated,
     parse_member_name,
 )
 from qrecover.errors import BackupError, MissingProgramError, OutputError, QrecoverError
@@ -158,10 +159,6 @@ class _Quiet:
 
     def file_done(self, result: FileResult) -> None:
         pass
-
-
-class _Truncated(BackupError):
-    """The stream ended, or broke, inside a member."""
 
 
 class _Peekable:
@@ -757,7 +754,7 @@ class Recovery:
             if isinstance(fmt, Format4):
                 try:
                     self._scrypt_chunk(fmt, member, name, job)
-                except _Truncated as exc:
+                except Truncated as exc:
                     job.fail(str(exc))
                     members.stop(exc)
                     break
@@ -765,7 +762,7 @@ class Recovery:
                 continue
             try:
                 path, owned, digest_hex = self._take_chunk(member, fmt.header.digest, stored)
-            except _Truncated as exc:
+            except Truncated as exc:
                 job.fail(str(exc))
                 members.stop(exc)
                 break
@@ -778,9 +775,17 @@ class Recovery:
                 job.fail(f"{member.name}.hmac is missing: the chunk cannot be verified")
                 continue
             members.take()
-            expected_hex = (
-                parse_hmac_text(nxt.read_all(MAX_HMAC_FILE)) if nxt.size <= MAX_HMAC_FILE else None
-            )
+            try:
+                expected_hex = (
+                    parse_hmac_text(nxt.read_all(MAX_HMAC_FILE))
+                    if nxt.size <= MAX_HMAC_FILE
+                    else None
+                )
+            except Truncated as exc:
+                self._drop(path, owned)
+                job.fail(str(exc))
+                members.stop(exc)
+                break
             if expected_hex is None:
                 self._drop(path, owned)
                 job.fail(f"{nxt.name}: not an HMAC line (or larger than 4 KiB)")
@@ -875,7 +880,7 @@ class Recovery:
                 try:
                     block = stream.read(READ_SIZE)
                 except (tarfile.TarError, EOFError, OSError) as exc:
-                    raise _Truncated(f"{member.name}: the backup ends inside this chunk "
+                    raise Truncated(f"{member.name}: the backup ends inside this chunk "
                                      f"(truncated backup): {exc}") from None
                 if not block:
                     break
@@ -900,7 +905,7 @@ class Recovery:
         os.close(fd)
         if got != member.size:
             path.unlink()
-            raise _Truncated(f"{member.name}: truncated ({got} of {member.size} bytes)")
+            raise Truncated(f"{member.name}: truncated ({got} of {member.size} bytes)")
         return path, True, mac.hexdigest() if mac is not None else ""
 
 

@@ -299,6 +299,9 @@ def cases(workdir: Path) -> list[Case]:
     cut = whole.find(valid[names.index(img[2])][1][:64])
     add("stream-cut-mid-member", whole[: cut + 100], EXIT_BACKUP, img[2],
         partial="work/private.img")
+    hmac_at = whole.find(valid[names.index(img[2] + ".hmac")][1])
+    add("stream-cut-mid-hmac", whole[: hmac_at + 20], EXIT_BACKUP, img[2] + ".hmac",
+        partial="work/private.img")
 
     # not a backup
     add("empty", b"", EXIT_BACKUP, "empty")

@@ -48,6 +48,7 @@ CASE_NAMES = [
     "chunk-duplicated",
     "hmac-over-4k",
     "stream-cut-mid-member",
+    "stream-cut-mid-hmac",
     "empty",
     "random-bytes",
     "ordinary-tarball",
