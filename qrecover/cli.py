@@ -46,7 +46,14 @@ from qrecover.files import (
 )
 from qrecover.inventory import Entity
 from qrecover.passphrase import get_passphrase
-from qrecover.progress import Display, activate, clear_active, source_size, summary_table
+from qrecover.progress import (
+    Display,
+    activate,
+    clear_active,
+    human_bytes,
+    source_size,
+    summary_table,
+)
 from qrecover.restore import FileResult, Report, Request, run
 from qrecover.script import render_script, render_script_v4
 from qrecover.transcript import (
@@ -127,15 +134,6 @@ VmOpt = Annotated[
         metavar="NAME",
     ),
 ]
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 # Global options that the commands need (set by the callback).
@@ -224,10 +222,12 @@ def _file_line(mode: str, result: FileResult) -> str:
     if mode == "verify":
         return (
             f"OK        {where:<16} {result.stored}  {result.chunks} chunk(s), "
-            f"{_human(result.stored_bytes)} stored, {result.members} member(s) listed"
+            f"{human_bytes(result.stored_bytes)} stored, {result.members} member(s) listed"
         )
     places = ", ".join(str(p) for p in result.places)
-    return f"RESTORED  {where:<16} {result.stored} -> {places} ({_human(result.restored_bytes)})"
+    return (
+        f"RESTORED  {where:<16} {result.stored} -> {places} ({human_bytes(result.restored_bytes)})"
+    )
 
 
 def _finish(mode: str, report: Report, elapsed: float) -> int:
@@ -367,9 +367,7 @@ def restore_command(
         return EXIT_OK
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
-    request = Request(
-        "restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit
-    )
+    request = Request("restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit)
     with _showing("restore", backup, output, transcript, explain, force) as listeners:
         report, elapsed = _run(backup, passphrase_file, request, listeners)
     code = _finish("restore", report, elapsed)
@@ -385,7 +383,7 @@ def _print_copy(result: CopyResult) -> None:
     if result.ok:
         print(
             f"COPIED    {show(result.path)} -> {result.place} ({result.files} file(s), "
-            f"{result.folders} folder(s), {result.links} symlink(s), {_human(result.bytes)})",
+            f"{result.folders} folder(s), {result.links} symlink(s), {human_bytes(result.bytes)})",
             flush=True,
         )
     else:
@@ -517,7 +515,7 @@ def info_command(backup: str, as_json: bool, passphrase_file: Path | None) -> in
     print("VMs with data in this backup:")
     rows = [("NAME", "TYPE", "TEMPLATE", "BACKUP PATH", "SIZE")]
     rows += [
-        (e.name, e.type, e.template or "-", e.backup_path, _human(e.size))
+        (e.name, e.type, e.template or "-", e.backup_path, human_bytes(e.size))
         for e in report.inventory.entities
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]

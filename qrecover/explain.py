@@ -29,6 +29,7 @@ from qrecover.extract import extract_stage, placement
 from qrecover.formats import Format4
 from qrecover.header import BackupHeader, BackupHeaderV4
 from qrecover.inventory import DOM0, Entity
+from qrecover.progress import human_bytes
 from qrecover.runner import PASS_ENV, Stage, render_pipeline
 from qrecover.scrypt import HEADER_PREFIX, chunk_prefix, render_dec
 from qrecover.transcript import (
@@ -50,35 +51,27 @@ from qrecover.transcript import (
 PAGE = "https://www.qubes-os.org/doc/backup-emergency-restore-v3/"
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
-
-
 def untar_command(backup: str, *members: str) -> str:
     """The page's step 1 for this backup (only ``members``, if named)."""
     if backup == "-":
-        return shell.render_argv(("...", "|", "tar", "-i", "-xvf", "-", *members),
-                                 {"...": "...", "|": "|"})
+        return shell.render_argv(
+            ("...", "|", "tar", "-i", "-xvf", "-", *members), {"...": "...", "|": "|"}
+        )
     return shell.render_argv(("tar", "-i", "-xvf", os.path.abspath(backup), *members))
 
 
 def header_meaning_v4(header: BackupHeaderV4) -> str:
     stage = decompress_stage(header)
-    return (
-        "each chunk is authenticated and decrypted by scrypt on its own; "
-        + (f"decompress with `{stage.render()}`" if stage is not None else "not compressed: "
-           "nothing to decompress")
+    return "each chunk is authenticated and decrypted by scrypt on its own; " + (
+        f"decompress with `{stage.render()}`"
+        if stage is not None
+        else "not compressed: nothing to decompress"
     )
 
 
 def _passing(fmt: Format4) -> str:
     if fmt.tool.style == "env":
-        return (f"through its environment (scrypt >= 1.3: --passphrase env:{PASS_ENV})")
+        return f"through its environment (scrypt >= 1.3: --passphrase env:{PASS_ENV})"
     return "on its standard input (scrypt 1.2.1: -P)"
 
 
@@ -180,7 +173,8 @@ class Narrator:
         elif isinstance(event, ChunkVerified):
             self.say(
                 f"Step 4 - verify {event.member}",
-                f"{_human(event.size)}. Nothing of a chunk is decrypted before its HMAC matched.",
+                f"{human_bytes(event.size)}. Nothing of a chunk is decrypted "
+                "before its HMAC matched.",
                 dgst_command(event.digest, event.member),
                 f"HMAC matches {event.hmac_member}: the chunk is authentic.",
             )
@@ -275,7 +269,7 @@ class Narrator:
             self.told_scratch = True
             self.say(
                 f"{step} - verify and decrypt {event.member}",
-                f"{_human(event.size)}. {why}",
+                f"{human_bytes(event.size)}. {why}",
                 event.command(),
                 "scrypt exited 0: the chunk is authentic; its plaintext goes on.",
             )
@@ -429,9 +423,7 @@ def plan_text_v4(
     for entity in selected:
         files, folder, pipeline = _entity_plan(entity, front)
         chunk = f"{files}.NNN"
-        scrypt = render_dec(
-            fmt.tool, f"{chunk}.enc", chunk, chunk_prefix(header.backup_id, chunk)
-        )
+        scrypt = render_dec(fmt.tool, f"{chunk}.enc", chunk, chunk_prefix(header.backup_id, chunk))
         lines += [
             f"  {entity.name}: for each stored file {files} (F: private.img, root.img, ...):"
             if entity.name != DOM0
@@ -467,7 +459,9 @@ def _targets(selected: Sequence[Entity], root: Path) -> list[str]:
     rows = [(str(root / QUBES_XML), "the backup's qubes.xml", "")]
     for entity in selected:
         kind = entity.type + (f", template {entity.template}" if entity.template else "")
-        rows.append((str(root / entity.dest) + "/", f"{entity.name} ({kind})", _human(entity.size)))
+        rows.append(
+            (str(root / entity.dest) + "/", f"{entity.name} ({kind})", human_bytes(entity.size))
+        )
     for path in [root / QUBES_XML, *(root / e.dest for e in selected)]:
         if os.path.lexists(path):
             conflicts.append(path)

@@ -90,12 +90,12 @@ class Format4:
         return chunk_prefix(self.header.backup_id, chunk.data_name)
 
     def decrypt_chunk(
-        self, chunk: ChunkName, src: Path, dst: Path, passphrase: str, scratch: Path | None
+        self, chunk: ChunkName, src: Path, dst: Path, passphrase: str
     ) -> StageResult:
         """Authenticate and decrypt one chunk into ``dst`` (usable only if ok)."""
         prefix = self.chunk_prefix(chunk)
         announce(render_dec(self.tool, chunk.name, chunk.data_name, prefix))
-        return decrypt_file(self.tool, src, dst, prefix + passphrase, scratch)
+        return decrypt_file(self.tool, src, dst, prefix + passphrase)
 
 
 Format = Format3 | Format4
@@ -135,7 +135,7 @@ def _scrypt_header(tool: ScryptTool, header_hmac: bytes, passphrase: str) -> byt
         dst = Path(tmp) / f"{HEADER}.verified"
         src.write_bytes(header_hmac)
         announce(render_dec(tool, HEADER_HMAC, dst.name, HEADER_PREFIX))
-        result = decrypt_file(tool, src, dst, HEADER_PREFIX + passphrase, Path(tmp))
+        result = decrypt_file(tool, src, dst, HEADER_PREFIX + passphrase)
         if not result.ok:
             raise AuthenticationError(
                 f"{HEADER_HMAC}: scrypt could not authenticate it with this passphrase "

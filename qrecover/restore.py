@@ -818,7 +818,7 @@ class Recovery:
         self._plain_n += 1
         plain = self.scratch / f"plain-{self._plain_n}"
         try:
-            result = fmt.decrypt_chunk(name, src, plain, self.passphrase, self.scratch)
+            result = fmt.decrypt_chunk(name, src, plain, self.passphrase)
         except OSError as exc:
             result = None
             job.fail(f"{member.name}: could not run scrypt ({exc})")

@@ -34,6 +34,7 @@ from qrecover.extract import extract_stage, placement, qubes_xml_stage
 from qrecover.formats import Format4
 from qrecover.header import BackupHeader
 from qrecover.inventory import DOM0, Entity
+from qrecover.progress import human_bytes
 from qrecover.runner import Stage
 from qrecover.scrypt import HEADER_PREFIX
 from qrecover.transcript import PAGE_V4, VERIFIED_HEADER, header_checks, header_checks_v4
@@ -88,15 +89,6 @@ feed_chunks() {  # feed_chunks LIST: steps 1 and 4 for each chunk of LIST in tur
 """.strip()
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
-
-
 def _bre(text: str) -> str:
     """A stored-name prefix as a sed BRE (names hold only [A-Za-z0-9_.+/-])."""
     return re.sub(r"([.\[\]*^$\\])", r"\\\1", text)
@@ -113,7 +105,10 @@ def _entity_title(entity: Entity) -> str:
     return f"{entity.name} ({entity.type}{template})"
 
 
-def _vm_block(header: BackupHeader, entity: Entity) -> list[str]:
+def _vm_block(entity: Entity, front: list[Stage], intro: list[str], enc: bool) -> list[str]:
+    """One VM's part of a script: its stored files, each through ``front`` and
+    tar; format 4's shell functions take ``.enc`` chunks (``enc_`` names)."""
+    p = "enc_" if enc else ""
     if entity.name == DOM0:
         pattern = _bre(entity.backup_path)
         sample = entity.backup_path
@@ -123,26 +118,23 @@ def _vm_block(header: BackupHeader, entity: Entity) -> list[str]:
         sample = entity.backup_path + "/F"
         where = f"stored under {entity.backup_path}/"
     strip, folder = placement(entity.backup_path, entity.dest, sample)
-    stages = [*_front_stages(header), extract_stage(Path(_STAGING), strip)]
+    stages = [*front, extract_stage(Path(_STAGING), strip)]
     shown = shell.out_path(folder)
     lines = [
         "",
         f"# ==== {_entity_title(entity)}, {where} -> {shown}/",
-        "# Steps 4-7 for each of its stored files, found in the listing of step 1:",
-        "# the chunks of each, in numeric order, each one verified (step 4) before it",
-        "# goes into the pipeline; what the stored file held is moved into place",
-        "# only once every stage succeeded.",
-        f'{shell.call("stored_files", pattern)} >"$work/stored"',
+        *intro,
+        f'{shell.call(p + "stored_files", pattern)} >"$work/stored"',
         '[ -s "$work/stored" ] || '
         + shell.call("die", f"{entity.name}: none of its files are in the backup"),
         "while IFS= read -r stored <&4; do",
         '    check_stored_name "$stored"',
-        '    chunk_list "$stored" >"$work/chunks" || exit 1',
+        f'    {p}chunk_list "$stored" >"$work/chunks" || exit 1',
         f'    say "$stored: $(wc -l <"$work/chunks") chunk(s), into {folder or "."}/"',
         "    fresh_stage",
     ]
     lines += shell.pipeline_block(
-        ['feed_chunks "$work/chunks"'],
+        [f'feed_{p}chunks "$work/chunks"'],
         stages,
         {_STAGING: shell.STAGE_DIR},
         indent="    ",
@@ -153,6 +145,16 @@ def _vm_block(header: BackupHeader, entity: Entity) -> list[str]:
         'done 4<"$work/stored"',
     ]
     return lines
+
+
+def _vm_block_v3(header: BackupHeader, entity: Entity) -> list[str]:
+    intro = [
+        "# Steps 4-7 for each of its stored files, found in the listing of step 1:",
+        "# the chunks of each, in numeric order, each one verified (step 4) before it",
+        "# goes into the pipeline; what the stored file held is moved into place",
+        "# only once every stage succeeded.",
+    ]
+    return _vm_block(entity, _front_stages(header), intro, enc=False)
 
 
 def render_script(
@@ -173,7 +175,7 @@ def render_script(
     shown = shell.call("qrecover", *argv) if argv else "qrecover script"
     width = max((len(e.dest) for e in selected), default=0) + 1
     contents = [
-        f"#   {(e.dest + '/').ljust(width)}  {_entity_title(e)}, about {_human(e.size)}"
+        f"#   {(e.dest + '/').ljust(width)}  {_entity_title(e)}, about {human_bytes(e.size)}"
         for e in selected
     ]
     xml_stages = [*_front_stages(header), qubes_xml_stage()]
@@ -198,7 +200,7 @@ def render_script(
         "#",
         f"# Scratch space: one chunk and its .hmac at a time (at most {shell.MAX_CHUNK_MIB} MiB),",
         "# in a private folder inside the output folder, deleted as soon as used and",
-        f"# removed on exit; plus room for the restored data: about {_human(total)}",
+        f"# removed on exit; plus room for the restored data: about {human_bytes(total)}",
         "# (sizes from the backup's qubes.xml; VM images are restored sparse).",
         "#",
         "# It follows the emergency recovery page, step by step (the comments name",
@@ -242,7 +244,7 @@ def render_script(
         f'place_file "$work/qubes.xml" {shell.out_path(QUBES_XML)}',
     ]
     for entity in selected:
-        lines += _vm_block(header, entity)
+        lines += _vm_block_v3(header, entity)
     mount = next((e for e in selected if e.name != DOM0), None)
     lines += [
         "",
@@ -312,51 +314,19 @@ feed_enc_chunks() {  # feed_enc_chunks LIST: each chunk of LIST in turn, decrypt
 
 
 def _vm_block_v4(fmt: Format4, entity: Entity) -> list[str]:
-    if entity.name == DOM0:
-        pattern = _bre(entity.backup_path)
-        sample = entity.backup_path
-        where = f"stored as {entity.backup_path}"
-    else:
-        pattern = _bre(entity.backup_path) + "/.*"
-        sample = entity.backup_path + "/F"
-        where = f"stored under {entity.backup_path}/"
     found = (
         f"its backup-path in qubes.xml is {entity.backup_path}/"
         if entity.name != DOM0
         else f"dom0's home is stored as {entity.backup_path}"
     )
-    strip, folder = placement(entity.backup_path, entity.dest, sample)
-    stages = [*fmt.stream_stages(), extract_stage(Path(_STAGING), strip)]
-    shown = shell.out_path(folder)
-    lines = [
-        "",
-        f"# ==== {_entity_title(entity)}, {where} -> {shown}/",
+    intro = [
         f"# Step 7: {found}; its stored files",
         "# are found in the listing of step 1. Step 8 for each: the chunks, in numeric",
         "# order, each taken out, authenticated and decrypted by scrypt into a scratch",
         "# file, and fed on only once scrypt exited 0; what the stored file held is",
         "# moved into place only once every stage succeeded.",
-        f'{shell.call("enc_stored_files", pattern)} >"$work/stored"',
-        '[ -s "$work/stored" ] || '
-        + shell.call("die", f"{entity.name}: none of its files are in the backup"),
-        "while IFS= read -r stored <&4; do",
-        '    check_stored_name "$stored"',
-        '    enc_chunk_list "$stored" >"$work/chunks" || exit 1',
-        f'    say "$stored: $(wc -l <"$work/chunks") chunk(s), into {folder or "."}/"',
-        "    fresh_stage",
     ]
-    lines += shell.pipeline_block(
-        ['feed_enc_chunks "$work/chunks"'],
-        stages,
-        {_STAGING: shell.STAGE_DIR},
-        indent="    ",
-    )
-    lines += [
-        '    pipeline_ok "$stored" ' + " ".join(shell.q(n) for n in shell.stage_names(stages)),
-        f'    place "$work/stage" {shown}',
-        'done 4<"$work/stored"',
-    ]
-    return lines
+    return _vm_block(entity, fmt.stream_stages(), intro, enc=True)
 
 
 def render_script_v4(
@@ -376,7 +346,7 @@ def render_script_v4(
     shown = shell.call("qrecover", *argv) if argv else "qrecover script"
     width = max((len(e.dest) for e in selected), default=0) + 1
     contents = [
-        f"#   {(e.dest + '/').ljust(width)}  {_entity_title(e)}, about {_human(e.size)}"
+        f"#   {(e.dest + '/').ljust(width)}  {_entity_title(e)}, about {human_bytes(e.size)}"
         for e in selected
     ]
     xml_stages = [*fmt.stream_stages(), qubes_xml_stage()]
@@ -401,7 +371,7 @@ def render_script_v4(
         f"# Scratch space: one chunk at a time, encrypted then decrypted (at most 2 x "
         f"{shell.MAX_CHUNK_MIB} MiB),",
         "# in a private folder inside the output folder, deleted as soon as used and",
-        f"# removed on exit; plus room for the restored data: about {_human(total)}",
+        f"# removed on exit; plus room for the restored data: about {human_bytes(total)}",
         "# (sizes from the backup's qubes.xml; VM images are restored sparse).",
         "#",
         "# It follows the emergency recovery page for format 4, step by step (the",
@@ -454,9 +424,7 @@ def render_script_v4(
         "# (it lists the qubes; kept in the output folder)",
         'enc_chunk_list qubes.xml >"$work/chunks" || exit 1',
         "fresh_stage",
-        *shell.pipeline_block(
-            ['feed_enc_chunks "$work/chunks"'], xml_stages, stdout=shell.XML_OUT
-        ),
+        *shell.pipeline_block(['feed_enc_chunks "$work/chunks"'], xml_stages, stdout=shell.XML_OUT),
         shell.pipeline_check(QUBES_XML, xml_stages),
         f'place_file "$work/qubes.xml" {shell.out_path(QUBES_XML)}',
     ]

@@ -99,7 +99,7 @@ def render_dec(tool: ScryptTool, infile: str, outfile: str, prefix: str) -> str:
 
 
 def decrypt_file(
-    tool: ScryptTool, infile: Path, outfile: Path, secret: str, scratch: Path | None
+    tool: ScryptTool, infile: Path, outfile: Path, secret: str
 ) -> StageResult:
     """Run ``scrypt dec infile outfile`` with ``secret`` as its passphrase.
 
