@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from qrecover.errors import BackupError, OutputError, QrecoverError, UsageError
-from qrecover.restore import Output
+from qrecover.output import Output
 from qrecover.runner import Pipeline, Stage, announce, render_pipeline, which
 
 DEFAULT_PATH = "/home/user"

@@ -52,6 +52,7 @@ from qrecover.formats import MAX_HEADER_HMAC, Format, Format3, Format4, authenti
 from qrecover.guard import TarGuard
 from qrecover.header import MAX_HEADER, AnyHeader
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
+from qrecover.output import Output, tree_size
 from qrecover.runner import (
     F_SETPIPE_SZ,
     PASS_ENV,
@@ -79,14 +80,16 @@ from qrecover.transcript import (
 from qrecover.verify import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 
 Mode = Literal["info", "verify", "restore"]
-PARTIAL = ".partial"
 # Messages from a stage that mean the output side failed, not the backup.
 _OUTPUT_TROUBLE = (
     "No space left on device",
     "Disk quota exceeded",
     "Read-only file system",
     "Permission denied",
+    "Cannot write",  # GNU tar
+    "Wrote only",  # GNU tar's short write, as on a disk that just filled up
 )
+FULL = "no space left"
 
 
 @dataclass
@@ -202,108 +205,6 @@ class _Peekable:
 
 def _is_output_trouble(text: str) -> bool:
     return any(marker in text for marker in _OUTPUT_TROUBLE)
-
-
-def _tree_size(path: Path) -> int:
-    st = path.lstat()
-    if not path.is_dir() or path.is_symlink():
-        return st.st_size
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-class Output:
-    """The output folder: checks before writing, and placing finished files."""
-
-    def __init__(self, root: Path, force: bool) -> None:
-        self.root = root
-        self.force = force
-        self.created = False
-
-    def prepare(self) -> None:
-        if self.root.is_symlink() and not self.root.is_dir():
-            raise OutputError(f"{self.root}: is a dangling symbolic link")
-        if self.root.exists() and not self.root.is_dir():
-            raise OutputError(f"{self.root}: exists and is not a folder")
-        if not self.root.exists():
-            try:
-                self.root.mkdir(parents=True)
-            except OSError as exc:
-                raise OutputError(f"{self.root}: cannot create ({exc.strerror})") from None
-            self.created = True
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise OutputError(f"{self.root}: not writable")
-
-    def dest(self, rel: str) -> Path:
-        return self.root / rel
-
-    def conflicts(self, rels: Sequence[str]) -> list[Path]:
-        return [self.root / rel for rel in rels if os.path.lexists(self.root / rel)]
-
-    def ensure_dir(self, rel: str) -> Path:
-        """Create DIR/rel, refusing any component that is not a plain folder."""
-        path = self.root
-        for part in Path(rel).parts:
-            path = path / part
-            if path.is_symlink():
-                raise OutputError(f"{path}: is a symbolic link; refusing to write through it")
-            if not path.exists():
-                try:
-                    path.mkdir()
-                except OSError as exc:
-                    raise OutputError(f"{path}: cannot create ({exc.strerror})") from None
-            elif not path.is_dir():
-                raise OutputError(f"{path}: exists and is not a folder")
-        return path
-
-    def place(self, entry: Path, folder: Path, partial: bool) -> Path:
-        """Move a finished (or, with ``partial``, failed) entry to its place."""
-        target = folder / (entry.name + (PARTIAL if partial else ""))
-        if partial:
-            n = 1
-            while os.path.lexists(target):
-                target = folder / f"{entry.name}{PARTIAL}.{n}"
-                n += 1
-        elif os.path.lexists(target):
-            if not self.force:
-                raise OutputError(f"{target}: already exists (use --force to replace it)")
-            _remove(target)
-        os.rename(entry, target)
-        return target
-
-    def write_file(self, rel: str, data: bytes) -> Path:
-        """Write a small file completely under a temporary name, then rename."""
-        target = self.root / rel
-        if os.path.lexists(target) and not self.force:
-            raise OutputError(f"{target}: already exists (use --force to replace it)")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            if target.is_dir() and not target.is_symlink():
-                raise OutputError(f"{target}: is a folder")
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return target
 
 
 @dataclass
@@ -441,7 +342,11 @@ class _StoredFile:
             cat_error = self.result.error is not None and self.result.error.startswith("feeding")
             if cat_error:
                 self.result.error = None
-            self.fail(f"{self.stored}: {failure.describe()}", output_trouble=trouble)
+            message = f"{self.stored}: {failure.describe()}"
+            output = self.engine.output
+            if trouble and output is not None and output.is_full():
+                message += f" ({FULL} in {output.root})"
+            self.fail(message, output_trouble=trouble)
         if self.out_file is not None:
             self.out_file.seek(0)
         if self.sink.kind == "list" and self.out_file is not None:
@@ -463,7 +368,7 @@ class _StoredFile:
             return
         folder = output.ensure_dir(self.sink.folder_rel)
         for entry in entries:
-            size = _tree_size(entry)
+            size = tree_size(entry)
             try:
                 self.result.places.append(output.place(entry, folder, partial=not self.result.ok))
             except OutputError as exc:
@@ -690,7 +595,7 @@ class Recovery:
     def _is_fatal_output(result: FileResult) -> bool:
         # A full or read-only disk will fail every later file too: stop.
         return result.error is not None and any(
-            m in result.error for m in ("No space left", "Disk quota", "Read-only")
+            m in result.error.lower() for m in (FULL, "disk quota", "read-only")
         )
 
     def spend(self, owner: str, size: int) -> None:
