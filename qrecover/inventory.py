@@ -211,10 +211,16 @@ def parse_inventory(data: bytes) -> Inventory:
         name = elem.get("name") or ""
         path = elem.get("backup_path") or ""
         vm_type = _R3_TYPES.get(elem.tag, elem.tag.removeprefix("Qubes"))
+        if not re.match(r"^[A-Za-z]{1,40}$", vm_type):
+            vm_type = "?"
         if elem.tag == "QubesAdminVm" or name == DOM0:
             entities.append(_dom0(path, _size(elem.get("backup_size"))))
             continue
         template = by_qid.get(elem.get("template_qid") or "")
+        if template is not None and not _VM_NAME.match(template):
+            # Another element's name, never checked as that VM is not restored:
+            # only ever shown, but shown in scripts too, so never as it is.
+            template = None
         entities.append(_vm(name, vm_type, template, path, _size(elem.get("backup_size"))))
     return _checked(entities)
 

@@ -99,10 +99,11 @@ def _front_stages(header: BackupHeader) -> list[Stage]:
 
 
 def _entity_title(entity: Entity) -> str:
+    """How a VM is named in the script's comments (never able to end a comment)."""
     if entity.name == DOM0:
-        return f"dom0's home folder ({entity.backup_path})"
+        return shell.comment(f"dom0's home folder ({entity.backup_path})")
     template = f", template {entity.template}" if entity.template else ""
-    return f"{entity.name} ({entity.type}{template})"
+    return shell.comment(f"{entity.name} ({entity.type}{template})")
 
 
 def _vm_block(entity: Entity, front: list[Stage], intro: list[str], enc: bool) -> list[str]:

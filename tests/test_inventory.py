@@ -148,3 +148,20 @@ def test_hidden_names_and_selection() -> None:
 def test_hostile_or_broken(doc: bytes) -> None:
     with pytest.raises(BackupError):
         parse_inventory(doc)
+
+
+def test_template_name_of_a_vm_not_restored_is_checked_too() -> None:
+    # The template's element is not restored, so its name was never checked;
+    # it is shown (in scripts' comments too): a newline there could run a command.
+    inv = parse_inventory(
+        xml(
+            vm(
+                "QubesTemplateVm",
+                qid="1",
+                name="tpl&#10;touch /tmp/PWNED #",
+                backup_content="False",
+            ),
+            vm(qid="7", name="work", template_qid="1", backup_content="True", backup_path="vm7"),
+        )
+    )
+    assert inv.entities[0].template is None
