@@ -45,6 +45,7 @@ from qrecover.files import (
     show,
 )
 from qrecover.inventory import Entity
+from qrecover.output import first_symlink
 from qrecover.passphrase import get_passphrase
 from qrecover.progress import (
     Display,
@@ -400,9 +401,21 @@ def _restore_files(report: Report, output: Path, force: bool) -> int:
             continue
         image = output / entity.dest / "private.img"
         results = [f for f in report.files if f.owner == entity.name]
-        if not image.is_file() or not results or not all(f.ok for f in results):
-            if results and not all(f.ok for f in results):
+        if not results or not all(f.ok for f in results):
+            if results:
                 _err(f"{entity.name}: not restored completely; its files are not copied")
+            continue
+        # What the backup restored is data: private.img or files/ could be
+        # symbolic links it made. Never read or write through one.
+        link = first_symlink(output, Path(entity.dest) / "files") or first_symlink(
+            output, Path(entity.dest) / "private.img"
+        )
+        if link is not None:
+            message = f"{link} is a symbolic link (made by the backup?); not followed"
+            print(f"FAILED    {entity.name}: {message}", flush=True)
+            failed.append(f"{entity.name}: {message}")
+            continue
+        if not image.is_file():
             continue
         print(f"FILES     {entity.name:<16} {image}:{DEFAULT_PATH}", flush=True)
         try:

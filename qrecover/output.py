@@ -40,6 +40,16 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def first_symlink(root: Path, rel: Path) -> Path | None:
+    """The first of ``root/rel``'s components below ``root`` that is a symbolic link."""
+    path = root
+    for part in rel.parts:
+        path = path / part
+        if path.is_symlink():
+            return path
+    return None
+
+
 class Output:
     """The output folder: checks before writing, and placing finished files."""
 

@@ -353,3 +353,54 @@ def test_gpt_disk_is_described(tmp_path: Path) -> None:
     assert "GPT partition table" in text
     assert "partition 1 at byte offset 1048576 (ext2/3/4 file system)" in text
     assert f"mount -o loop,ro,offset=1048576 {image} /mnt" in text
+
+
+def test_restore_files_never_follows_a_symlink_from_the_backup(
+    private: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # A validly signed backup whose VM also restores files -> somewhere else:
+    # restore --files must not copy into it, nor (with --force) delete there.
+    import tarfile
+
+    import make_bad_backups as bad
+
+    victim = tmp_path / "victim"
+    (victim / "user").mkdir(parents=True)
+    (victim / "user" / "precious.txt").write_text("mine")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "private.img").write_bytes(private[0].read_bytes())
+    image_tar = subprocess.run(
+        [
+            "tar",
+            "-c",
+            "--sparse",
+            "-C",
+            str(src),
+            "--xform",
+            "s:^private.img:vm7/\\0:",
+            "private.img",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    link_tar = bad.inner_tar([bad.member("vm7/files", tarfile.SYMTYPE, str(victim))])
+    members = (
+        bad.signed_header(bad.HEADER)
+        + bad.xml_members(bad.qubes_xml(bad.vm_xml(size=64 << 20)))
+        + bad.stored("vm7/private.img", image_tar)
+        + bad.stored("vm7/files", link_tar)
+    )
+    backup = tmp_path / "trap"
+    bad.write_outer(backup, members)
+    passfile = tmp_path / "pass"
+    passfile.write_text(bad.PASSPHRASE + "\n")
+    for extra in ((), ("--force",)):
+        out = tmp_path / f"out{len(extra)}"
+        result = run_cli(
+            "restore", backup, "-o", out, "--passphrase-file", passfile, "--files", *extra
+        )
+        assert result.code == 4, result.text
+        assert "symbolic link" in result.text
+        assert (victim / "user" / "precious.txt").read_text() == "mine"
+        assert sorted(p.name for p in victim.rglob("*")) == ["precious.txt", "user"]
