@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hmac
 import os
 import shutil
 import subprocess
@@ -761,20 +762,26 @@ class Recovery:
     def _take_chunk(
         self, member: Member, digest: Digest | None, stored: str = ""
     ) -> tuple[Path, bool, str]:
-        """Compute the chunk's HMAC (format 3; ``digest`` None: none to compute);
-        from a stream, keep a private copy to feed or decrypt later."""
+        """Compute the chunk's HMAC (format 3; ``digest`` None: none to compute)
+        while copying it to private scratch, which is what gets fed on: a file in
+        an untarred folder could change between its check and its use.  Format 4
+        needs no copy from a folder: scrypt reads the chunk once, and what it
+        wrote is what is fed on."""
         mac = digest.new(self.key) if digest is not None else None
-        if member.path is not None:
-            if mac is None:
-                return member.path, False, ""
-            with member.path.open("rb") as f:
-                while block := f.read(READ_SIZE):
-                    mac.update(block)
-                    self.observer.data_read(stored, len(block))
-            return member.path, False, mac.hexdigest()
+        if member.path is not None and mac is None:
+            return member.path, False, ""
         assert self.scratch is not None
         path = self.scratch / f"chunk-{member.name.replace('/', '_')}"
         stream = member.open()
+        try:
+            return self._copy_chunk(member, stream, path, mac, stored)
+        finally:
+            if member.path is not None:
+                stream.close()
+
+    def _copy_chunk(
+        self, member: Member, stream: IO[bytes], path: Path, mac: hmac.HMAC | None, stored: str
+    ) -> tuple[Path, bool, str]:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:

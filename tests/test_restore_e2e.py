@@ -279,3 +279,26 @@ def test_cipher_missing_from_this_openssl_is_exit_5(make: MakeBackup, tmp_path: 
     )
     assert result.code == 5, result.text
     assert "aes-128-cbc" in result.err
+
+
+def test_folder_chunks_are_fed_from_private_copies(default_backup: Backup, tmp_path: Path) -> None:
+    # A file in an untarred folder could change between its HMAC check and its
+    # use: what reaches openssl must be the copy that was checked.
+    folder = tmp_path / "untarred"
+    folder.mkdir()
+    subprocess.run(["tar", "-i", "-xf", str(default_backup.path), "-C", str(folder)], check=True)
+    result = run_cli(
+        "-v",
+        "restore",
+        folder,
+        "-o",
+        tmp_path / "out",
+        "--vm",
+        "work",
+        "--passphrase-file",
+        default_backup.passfile,
+    )
+    assert result.code == 0, result.text
+    fed = [line for line in result.err.splitlines() if line.startswith("+ cat ")]
+    assert fed
+    assert all(str(folder) not in line and "/.qrecover-" in line for line in fed), fed
