@@ -12,6 +12,7 @@ import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -306,6 +307,23 @@ class _HeaderSeen:
         return self.event
 
 
+@dataclass
+class _Showing:
+    """The --transcript/--explain listeners, and how the run they show ended."""
+
+    listeners: list[EventListener]
+    ok: bool = False
+    note: str = "qrecover stopped with an error"
+
+    def finished(self, report: Report) -> None:
+        self.ok = report.ok
+        if not report.ok:
+            failures = [f"{f.stored}: {f.error}" for f in report.files if not f.ok]
+            self.note = "qrecover reported problems: " + "; ".join(
+                [*failures, *report.problems]
+            )[:500]
+
+
 @contextlib.contextmanager
 def _showing(
     mode: str,
@@ -314,11 +332,16 @@ def _showing(
     transcript: Path | None,
     explain: bool,
     force: bool = False,
-) -> Iterator[list[EventListener]]:
-    """The listeners for --transcript and --explain; the transcript is closed either way."""
+) -> Iterator[_Showing]:
+    """The listeners for --transcript and --explain; the transcript is closed either way,
+    ending with how the run ended (the caller reports it with ``finished``)."""
     listeners: list[EventListener] = []
     writer: TranscriptWriter | None = None
     narrator: Narrator | None = None
+    if transcript is not None and backup != "-" and os.path.exists(transcript) and (
+        os.path.samefile(transcript, backup)
+    ):
+        raise UsageError(f"--transcript {transcript} is the backup itself")
     if transcript is not None:
         writer = TranscriptWriter(
             open_new(transcript, force),
@@ -331,17 +354,18 @@ def _showing(
     if explain:
         narrator = Narrator(backup, mode)
         listeners.append(narrator)
-    state = {"ok": False, "note": "qrecover stopped with an error"}
+    shown = _Showing(listeners)
+    raised = True
     try:
-        yield listeners
-        state["ok"] = True
+        yield shown
+        raised = False
     except QrecoverError as exc:
-        state["note"] = exc.message
+        shown.ok, shown.note = False, exc.message
         raise
     finally:
         if writer is not None:
-            writer.close(state["ok"] is True, str(state["note"]))
-        if narrator is not None and state["ok"]:
+            writer.close(shown.ok and not raised, shown.note)
+        if narrator is not None and not raised:
             narrator.close()
 
 
@@ -369,8 +393,9 @@ def restore_command(
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
     request = Request("restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit)
-    with _showing("restore", backup, output, transcript, explain, force) as listeners:
-        report, elapsed = _run(backup, passphrase_file, request, listeners)
+    with _showing("restore", backup, output, transcript, explain, force) as shown:
+        report, elapsed = _run(backup, passphrase_file, request, shown.listeners)
+        shown.finished(report)
     code = _finish("restore", report, elapsed)
     if files:
         files_code = _restore_files(report, output, force)
@@ -486,8 +511,9 @@ def verify_command(
     explain: bool = False,
 ) -> int:
     request = Request("verify", vms=tuple(vms), size_limit=size_limit)
-    with _showing("verify", backup, None, transcript, explain) as listeners:
-        report, elapsed = _run(backup, passphrase_file, request, listeners)
+    with _showing("verify", backup, None, transcript, explain) as shown:
+        report, elapsed = _run(backup, passphrase_file, request, shown.listeners)
+        shown.finished(report)
     return _finish("verify", report, elapsed)
 
 

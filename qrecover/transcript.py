@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 from qrecover import __version__, shell
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
@@ -222,18 +223,44 @@ def listening(*listeners: EventListener) -> Iterator[None]:
                 _listeners.remove(listener)
 
 
-def open_new(path: Path, force: bool) -> IO[str]:
-    """Create a file for writing; an existing one is replaced only with --force."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o755)
-    except FileExistsError:
-        raise OutputError(
-            f"{path}: already exists", hint="choose another --transcript file, or use --force"
-        ) from None
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot create ({exc.strerror})") from None
-    return os.fdopen(fd, "w", encoding="utf-8")
+class PendingFile:
+    """A text file written under a temporary name beside ``path`` as the run
+    goes, and moved to ``path`` only by :meth:`close`: an existing file is
+    replaced (with --force) only then, and never through a symbolic link."""
+
+    def __init__(self, path: Path, force: bool) -> None:
+        if os.path.lexists(path) and not force:
+            raise OutputError(
+                f"{path}: already exists", hint="choose another --transcript file, or use --force"
+            )
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
+                                       dir=path.parent)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot create ({exc.strerror})") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o755 & ~umask)  # a script
+        self.path, self.tmp, self.force = path, Path(tmp), force
+        self._file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(self, text: str) -> int:
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if os.path.lexists(self.path) and not self.force:
+            raise OutputError(f"{self.path}: appeared while qrecover ran; the transcript is "
+                              f"kept as {self.tmp}")
+        os.replace(self.tmp, self.path)
+
+
+def open_new(path: Path, force: bool) -> PendingFile:
+    """Start a transcript at ``path``; see :class:`PendingFile`."""
+    return PendingFile(path, force)
 
 
 @dataclass
@@ -255,7 +282,7 @@ class TranscriptWriter:
 
     def __init__(
         self,
-        file: IO[str],
+        file: PendingFile,
         mode: Literal["verify", "restore"],
         backup: str | None,
         output: Path | None,

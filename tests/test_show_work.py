@@ -564,3 +564,73 @@ def test_script_asks_for_the_passphrase_without_echo(
     assert os.waitstatus_to_exitcode(status) == 0, seen.decode("utf-8", "replace")
     assert PASSPHRASE.encode("utf-8") not in seen  # typed with echo off
     assert_restored(out, default_backup, ["work"])
+
+
+def test_transcript_file_is_never_the_backup_nor_written_through_a_link(
+    default_backup: Backup, tmp_path: Path
+) -> None:
+    copy = tmp_path / "backup"
+    shutil.copy(default_backup.path, copy)
+    before = sha(copy)
+    result = run_cli(
+        "restore",
+        copy,
+        "-o",
+        tmp_path / "o1",
+        "--passphrase-file",
+        default_backup.passfile,
+        "--transcript",
+        copy,
+        "--force",
+    )
+    assert result.code == 2 and "is the backup itself" in result.err
+    assert sha(copy) == before
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    link = tmp_path / "t.sh"
+    link.symlink_to(victim)
+    result = run_cli(
+        "restore",
+        copy,
+        "-o",
+        tmp_path / "o2",
+        "--vm",
+        "work",
+        "--passphrase-file",
+        default_backup.passfile,
+        "--transcript",
+        link,
+        "--force",
+    )
+    assert result.code == 0, result.text
+    assert victim.read_text() == "mine"
+    assert not link.is_symlink() and "tar -i" in link.read_text()
+    assert not list(tmp_path.glob(".t.sh.*.partial"))
+
+
+def test_transcript_of_a_run_with_problems_does_not_end_in_success(
+    make: MakeBackup, tmp_path: Path
+) -> None:
+    # qrecover exits 4 for a problem not tied to one stored file (here a VM
+    # whose private.img is missing): the replay must not say all went well.
+    backup = make()
+    members = [n for n in backup.manifest.member_names() if not n.startswith("vm7/private.img.")]
+    folder = tmp_path / "untarred"
+    folder.mkdir()
+    subprocess.run(["tar", "-i", "-xf", str(backup.path), "-C", str(folder), *members], check=True)
+    transcript = tmp_path / "t.sh"
+    result = run_cli(
+        "restore",
+        folder,
+        "-o",
+        tmp_path / "out",
+        "--passphrase-file",
+        backup.passfile,
+        "--transcript",
+        transcript,
+    )
+    assert result.code == 4 and "vm7/private.img: missing" in result.err
+    shutil.rmtree(tmp_path / "out")
+    proc = run_sh(transcript, tmp_path)
+    assert proc.returncode != 0
+    assert "qrecover reported problems" in proc.stderr and "replay done" not in proc.stderr
