@@ -389,6 +389,10 @@ def restore_command(
             print(plan_text_v4(event.fmt, report.selected, backup, output))
         else:
             print(plan_text(event.header, report.selected, backup, output))
+        # The plan says what would stop a real run; so does the exit code.
+        existing = [output / "qubes.xml", *(output / e.dest for e in report.selected)]
+        if not force and any(os.path.lexists(p) for p in existing):
+            return EXIT_OUTPUT
         return EXIT_OK
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it

@@ -165,8 +165,10 @@ make_work() {  # make_work FOLDER: private scratch, removed on every exit
         mkdir -p -- "$1" || die "cannot create $1"
         [ "$1" = "${out:-}" ] && out_created=1
     fi
+    # set only once made: cleanup must never remove a folder it did not create
+    (umask 077 && mkdir -- "$1/.qrecover-sh.$$") ||
+        die "cannot create the scratch folder $1/.qrecover-sh.$$"
     work=$1/.qrecover-sh.$$
-    (umask 077 && mkdir -- "$work") || die "cannot create the scratch folder $work"
 }
 
 # Steps 2 and 4 compare HMACs.  The recovery page computes them with

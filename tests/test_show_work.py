@@ -402,7 +402,7 @@ def test_dry_run_plans_and_writes_nothing(default_backup: Backup, tmp_path: Path
         "--passphrase-file",
         default_backup.passfile,
     )
-    assert again.code == 0 and "It would stop" in again.out and "--force" in again.out
+    assert again.code == 6 and "It would stop" in again.out and "--force" in again.out
     assert sorted(p.name for p in out.iterdir()) == ["work"]
     bad = tmp_path / "bad"
     bad.write_text("wrong\n")
