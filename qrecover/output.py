@@ -58,12 +58,12 @@ class Output:
         self.force = force
         self.created = False
 
-    def is_full(self) -> bool:
-        """Whether the folder's file system has (next to) no space left."""
+    def free_space(self) -> int | None:
+        """Bytes free for us in the folder's file system (None if unknown)."""
         try:
-            return shutil.disk_usage(self.root).free < 1024 * 1024
+            return shutil.disk_usage(self.root).free
         except OSError:
-            return False
+            return None
 
     def prepare(self) -> None:
         if self.root.is_symlink() and not self.root.is_dir():

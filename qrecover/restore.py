@@ -54,6 +54,7 @@ from qrecover.guard import TarGuard
 from qrecover.header import MAX_HEADER, AnyHeader
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
 from qrecover.output import Output, tree_size
+from qrecover.progress import human_bytes
 from qrecover.runner import (
     F_SETPIPE_SZ,
     PASS_ENV,
@@ -345,8 +346,9 @@ class _StoredFile:
                 self.result.error = None
             message = f"{self.stored}: {failure.describe()}"
             output = self.engine.output
-            if trouble and output is not None and output.is_full():
-                message += f" ({FULL} in {output.root})"
+            if trouble and output is not None and (free := output.free_space()) is not None:
+                # tar may only say "Wrote only N of M bytes": give the facts
+                message += f" (free space left in {output.root}: {human_bytes(free)})"
             self.fail(message, output_trouble=trouble)
         if self.out_file is not None:
             self.out_file.seek(0)
@@ -596,7 +598,7 @@ class Recovery:
     def _is_fatal_output(result: FileResult) -> bool:
         # A full or read-only disk will fail every later file too: stop.
         return result.error is not None and any(
-            m in result.error.lower() for m in (FULL, "disk quota", "read-only")
+            m in result.error.lower() for m in (FULL, "disk quota", "read-only", "wrote only")
         )
 
     def spend(self, owner: str, size: int) -> None:
