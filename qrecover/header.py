@@ -59,6 +59,14 @@ def _check_filter(value: str | None) -> str | None:
     return value.lower()
 
 
+def _compression(compressed: bool, compression_filter: str | None) -> str | None:
+    """The filter a header means: none if not compressed; gzip if compressed
+    without naming one (Qubes wrote that before the key existed)."""
+    if not compressed:
+        return None
+    return compression_filter or "gzip"
+
+
 class BackupHeader(BaseModel):
     """A verified format-3 backup header."""
 
@@ -113,10 +121,7 @@ class BackupHeader(BaseModel):
     @property
     def filter(self) -> str | None:
         """The compression program, or None for an uncompressed backup."""
-        if not self.compressed:
-            return None
-        # Qubes wrote compressed=True without a filter before the key existed.
-        return self.compression_filter or "gzip"
+        return _compression(self.compressed, self.compression_filter)
 
     def fields(self) -> dict[str, object]:
         return {
@@ -176,9 +181,7 @@ class BackupHeaderV4(BaseModel):
     @property
     def filter(self) -> str | None:
         """The compression program, or None for an uncompressed backup."""
-        if not self.compressed:
-            return None
-        return self.compression_filter or "gzip"
+        return _compression(self.compressed, self.compression_filter)
 
     def fields(self) -> dict[str, object]:
         return {
