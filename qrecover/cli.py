@@ -147,6 +147,12 @@ def _err(message: str) -> None:
     print(f"qrecover: {message}", file=sys.stderr, flush=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"qrecover {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
     verbose: Annotated[
@@ -166,13 +172,18 @@ def _main(
             "(the per-file lines and the final verdict still print).",
         ),
     ] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the version.",
+            callback=_print_version,
+            is_eager=True,  # before click asks for a command
+        ),
+    ] = False,
 ) -> None:
     """Global options."""
     _settings["quiet"] = quiet
-    if version:
-        print(f"qrecover {__version__}")
-        raise typer.Exit(0)
     handler = _ClearingHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("qrecover")

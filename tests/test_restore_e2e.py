@@ -302,3 +302,11 @@ def test_folder_chunks_are_fed_from_private_copies(default_backup: Backup, tmp_p
     fed = [line for line in result.err.splitlines() if line.startswith("+ cat ")]
     assert fed
     assert all(str(folder) not in line and "/.qrecover-" in line for line in fed), fed
+
+
+def test_version() -> None:
+    from qrecover import __version__
+
+    result = run_cli("--version")
+    assert result.code == 0, result.text
+    assert result.out.strip() == f"qrecover {__version__}"
