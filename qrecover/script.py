@@ -55,14 +55,16 @@ check_stored_name() {  # only names of the shapes Qubes wrote reach a command
     case /$1/ in */../* | */./?*) die "refusing the stored file name '$1'" ;; esac
 }
 
-chunk_list() {  # chunk_list STORED: "BLOCK NAME" of STORED.000, .001, ... in numeric order
-    # (.999 then .1000: never the order of a glob); stops at a gap or a duplicate.
-    awk -v s="$1" '
-        substr($2, 1, length(s) + 1) == s "." {
-            i = substr($2, length(s) + 2)
-            if (i !~ /^[0-9][0-9][0-9]+$/) next  # its .hmac files
+chunk_list() {  # chunk_list STORED [SUFFIX]: "BLOCK NAME" of STORED.000, .001, ... in
+    # numeric order (.999 then .1000: never the order of a glob); stops at a gap or a
+    # duplicate. SUFFIX: .enc for format 4, whose members are NAME.enc.
+    awk -v s="$1" -v x="${2:-}" '
+        substr($2, 1, length(s) + 1) == s "." && substr($2, length($2) - length(x) + 1) == x {
+            name = substr($2, 1, length($2) - length(x))
+            i = substr(name, length(s) + 2)
+            if (i !~ /^[0-9][0-9][0-9]+$/) next  # format 3: its .hmac files
             k = i + 0
-            if (sprintf("%s.%03d", s, k) != $2 || (k in block)) { bad = $2; next }
+            if (sprintf("%s.%03d", s, k) != name || (k in block)) { bad = $2; next }
             block[k] = $1
             n++
         }
@@ -72,7 +74,7 @@ chunk_list() {  # chunk_list STORED: "BLOCK NAME" of STORED.000, .001, ... in nu
                 exit 1
             }
             for (k = 0; k < n; k++) if (!(k in block)) {
-                printf "STOPPED: %s.%03d: chunk missing\n", s, k > "/dev/stderr"; exit 1
+                printf "STOPPED: %s.%03d%s: chunk missing\n", s, k, x > "/dev/stderr"; exit 1
             }
             if (n == 0) { print "STOPPED: " s ": no chunks" > "/dev/stderr"; exit 1 }
             for (k = 0; k < n; k++) printf "%s %s.%03d\n", block[k], s, k
@@ -270,30 +272,8 @@ enc_stored_files() {  # enc_stored_files PATTERN: the stored files whose chunks 
 }
 
 @CHECK_STORED_NAME@
-enc_chunk_list() {  # enc_chunk_list STORED: "BLOCK NAME" of STORED.000, .001, ... in numeric order
-    # (.999 then .1000, the page's sort -V; never a glob's order); NAME is the chunk
-    # without .enc; stops at a gap or a duplicate.
-    awk -v s="$1" '
-        substr($2, 1, length(s) + 1) == s "." && substr($2, length($2) - 3) == ".enc" {
-            name = substr($2, 1, length($2) - 4)
-            i = substr(name, length(s) + 2)
-            if (i !~ /^[0-9][0-9][0-9]+$/) next
-            k = i + 0
-            if (sprintf("%s.%03d", s, k) != name || (k in block)) { bad = $2; next }
-            block[k] = $1
-            n++
-        }
-        END {
-            if (bad != "") {
-                print "STOPPED: " bad ": duplicated or misnumbered chunk" > "/dev/stderr"
-                exit 1
-            }
-            for (k = 0; k < n; k++) if (!(k in block)) {
-                printf "STOPPED: %s.%03d.enc: chunk missing\n", s, k > "/dev/stderr"; exit 1
-            }
-            if (n == 0) { print "STOPPED: " s ": no chunks" > "/dev/stderr"; exit 1 }
-            for (k = 0; k < n; k++) printf "%s %s.%03d\n", block[k], s, k
-        }' "$work/blocks"
+enc_chunk_list() {  # enc_chunk_list STORED: chunk_list of format 4's NAME.NNN.enc members
+    chunk_list "$1" .enc
 }
 
 feed_enc_chunks() {  # feed_enc_chunks LIST: each chunk of LIST in turn, decrypted, then its bytes
@@ -309,7 +289,7 @@ feed_enc_chunks() {  # feed_enc_chunks LIST: each chunk of LIST in turn, decrypt
 """.strip().replace(
     "@CHECK_STORED_NAME@\n",
     SCRIPT_FUNCTIONS[
-        SCRIPT_FUNCTIONS.index("check_stored_name() {") : SCRIPT_FUNCTIONS.index("chunk_list() {")
+        SCRIPT_FUNCTIONS.index("check_stored_name() {") : SCRIPT_FUNCTIONS.index("feed_chunks() {")
     ],
 )
 
