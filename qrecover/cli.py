@@ -231,7 +231,7 @@ def _file_line(mode: str, result: FileResult) -> str:
         kept = ""
         if result.places:
             kept = " (kept as " + ", ".join(str(p) for p in result.places) + ")"
-        return f"FAILED    {where:<16} {result.stored}: {result.error}{kept}"
+        return f"FAILED    {where:<16} {result.problem}{kept}"
     if mode == "verify":
         return (
             f"OK        {where:<16} {result.stored}  {result.chunks} chunk(s), "
@@ -270,7 +270,7 @@ def _finish(mode: str, report: Report, elapsed: float) -> int:
         + ":"
     )
     for failure in failures:
-        _err(f"  {failure.stored}: {failure.error}")
+        _err(f"  {failure.problem}")
     if any(f.output_trouble for f in failures):
         return EXIT_OUTPUT
     return EXIT_BACKUP
@@ -329,7 +329,7 @@ class _Showing:
     def finished(self, report: Report) -> None:
         self.ok = report.ok
         if not report.ok:
-            failures = [f"{f.stored}: {f.error}" for f in report.files if not f.ok]
+            failures = [f.problem for f in report.files if not f.ok]
             self.note = "qrecover reported problems: " + "; ".join(
                 [*failures, *report.problems]
             )[:500]

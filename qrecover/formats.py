@@ -56,13 +56,13 @@ class Format3:
     def authenticated_with(self) -> str:
         return f"HMAC-{self.header.hmac_algorithm}"
 
-    def stream_stages(self, pigz: bool = False) -> list[Stage]:
+    def stream_stages(self, gunzip: str = "gzip") -> list[Stage]:
         """What the verified chunks of a stored file go through, before tar."""
-        stages = (decrypt_stage(self.header), decompress_stage(self.header, pigz))
+        stages = (decrypt_stage(self.header), decompress_stage(self.header, gunzip))
         return [s for s in stages if s is not None]
 
-    def programs(self, pigz: bool = False) -> list[str]:
-        return [s.program for s in self.stream_stages(pigz)]
+    def programs(self, gunzip: str = "gzip") -> list[str]:
+        return [s.program for s in self.stream_stages(gunzip)]
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,13 @@ class Format4:
     def authenticated_with(self) -> str:
         return "scrypt"
 
-    def stream_stages(self, pigz: bool = False) -> list[Stage]:
+    def stream_stages(self, gunzip: str = "gzip") -> list[Stage]:
         """What the decrypted chunks of a stored file go through, before tar."""
-        stage = decompress_stage(self.header, pigz)
+        stage = decompress_stage(self.header, gunzip)
         return [stage] if stage is not None else []
 
-    def programs(self, pigz: bool = False) -> list[str]:
-        return ["scrypt", *(s.program for s in self.stream_stages(pigz))]
+    def programs(self, gunzip: str = "gzip") -> list[str]:
+        return ["scrypt", *(s.program for s in self.stream_stages(gunzip))]
 
     def chunk_prefix(self, chunk: ChunkName) -> str:
         """``BACKUPID!vm7/private.img.000!``: what precedes the passphrase."""

@@ -47,6 +47,7 @@ from qrecover.container import (
     Truncated,
     parse_member_name,
 )
+from qrecover.decompress import pick_gunzip
 from qrecover.errors import BackupError, MissingProgramError, OutputError, QrecoverError
 from qrecover.extract import extract_stage, list_stage, placement, qubes_xml_stage
 from qrecover.formats import MAX_HEADER_HMAC, Format, Format3, Format4, authenticate
@@ -64,6 +65,7 @@ from qrecover.runner import (
     StageResult,
     control,
     first_failure,
+    own_failure,
     which,
 )
 from qrecover.transcript import (
@@ -77,6 +79,7 @@ from qrecover.transcript import (
     InventoryRead,
     PipelineStarted,
     QubesXmlWritten,
+    about,
     emit,
 )
 from qrecover.verify import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
@@ -127,6 +130,11 @@ class FileResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def problem(self) -> str:
+        """``STORED: what went wrong``, naming the stored file once."""
+        return about(self.stored, self.error or "ok")
 
 
 @dataclass
@@ -238,7 +246,7 @@ class _StoredFile:
     def stages(self) -> list[Stage]:
         fmt = self.engine.fmt
         assert fmt is not None
-        stages = fmt.stream_stages(self.engine.pigz)
+        stages = fmt.stream_stages(self.engine.gunzip)
         if self.sink.kind == "capture":
             stages.append(qubes_xml_stage())
         elif self.sink.kind == "list":
@@ -334,7 +342,10 @@ class _StoredFile:
             self.result.notes.extend(guarded.skipped)
             self.engine.spend(self.result.owner, guarded.passed)
         failure = first_failure(results)
-        if guarded is not None and guarded.error is not None:
+        # A stage before the guard that failed on its own (igzip stops short
+        # of a damaged gzip stream's end) explains what the guard saw.
+        cause = own_failure(results[:-1]) if guarded is not None else None
+        if guarded is not None and guarded.error is not None and cause is None:
             # The guard cut the stream: what the stages said is a consequence.
             if self.result.error is not None and self.result.error.startswith("feeding"):
                 self.result.error = None
@@ -407,8 +418,8 @@ class Recovery:
         self._stage_n = 0
         self._plain_n = 0
         self._active: _StoredFile | None = None
-        # pigz -d, when installed, decompresses gzip data ~1.7x faster than gzip -d.
-        self.pigz = shutil.which("pigz") is not None
+        # igzip or pigz, when installed, undo gzip faster than gzip -d.
+        self.gunzip = pick_gunzip()
 
     # -- the pass -----------------------------------------------------------
 
@@ -485,7 +496,7 @@ class Recovery:
         return fmt
 
     def _check_programs(self, fmt: Format) -> None:
-        needed = ["tar", "cat", *fmt.programs(self.pigz)]
+        needed = ["tar", "cat", *fmt.programs(self.gunzip)]
         for program in needed:
             which(program)
         if "GNU tar" not in control("tar", "--version"):

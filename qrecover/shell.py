@@ -21,6 +21,7 @@ import hashlib
 import shlex
 from collections.abc import Mapping, Sequence
 
+from qrecover.decompress import GUNZIPS
 from qrecover.runner import PASS_ENV, Stage
 from qrecover.scrypt import ScryptTool, dec_stage
 from qrecover.verify import Digest
@@ -89,11 +90,24 @@ def pipeline_block(
         redirect = f" >{stdout}" if last and stdout else ""
         lines.append(indent + "} | {")
         lines.append(
-            f"{pad}{render_argv(stage.argv, subst)}{redirect} "
+            f"{pad}{stage_command(stage, subst)}{redirect} "
             f'2>"$work/stderr.{i}"; echo $? >"$work/status.{i}"'
         )
     lines.append(indent + "}")
     return lines
+
+
+def stage_command(stage: Stage, subst: Mapping[str, str] | None = None) -> str:
+    """A stage as a script runs it.  A faster gzip decompressor that qrecover
+    found installed (igzip, pigz) is used where the script runs only if it is
+    installed there too; ``gzip -d`` writes the same bytes everywhere else."""
+    text = render_argv(stage.argv, subst)
+    if stage.program in GUNZIPS and stage.program != "gzip":
+        return (
+            f"{{ if command -v {stage.program} >/dev/null 2>&1; "
+            f"then {text}; else gzip -d; fi; }}"
+        )
+    return text
 
 
 def stage_names(stages: Sequence[Stage]) -> list[str]:

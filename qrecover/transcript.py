@@ -204,6 +204,12 @@ EventListener = Callable[[Event], None]
 _listeners: list[EventListener] = []
 
 
+def about(stored: str, error: str) -> str:
+    """``STORED: what went wrong``, naming the stored file once (most errors
+    already start with it)."""
+    return error if error.startswith(f"{stored}:") else f"{stored}: {error}"
+
+
 def emit(event: Event) -> None:
     """Report a step: logged with -v as its commands, then given to every listener."""
     for command in event.commands():
@@ -545,7 +551,8 @@ class TranscriptWriter:
             if started.kind == "extract" and event.error is None:
                 lines.append(f'place "$work/stage" {shell.out_path(started.folder)}')
         if event.error is not None:
-            lines.append(shell.call("die", f"qrecover could not use {event.stored}: {event.error}"))
+            problem = about(event.stored, event.error)
+            lines.append(shell.call("die", f"qrecover could not use {problem}"))
         self._write(lines)
 
     def close(self, ok: bool, note: str = "") -> None:

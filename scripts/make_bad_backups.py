@@ -176,6 +176,20 @@ def hostile(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None
             + stored(name, inner_tar(entries, data)))
 
 
+def damaged_gzip_members() -> Members:
+    """Authentic chunks (the HMAC is over what was written) whose gzip stream is
+    damaged: its trailer's CRC-32 does not match the data (a writer's or
+    memory fault before the HMAC was taken)."""
+    data = random.Random(5).randbytes(2 << 20)  # enough that some of it comes out
+    inner = inner_tar([member("vm7/private.img")], {"vm7/private.img": data})
+    compressed = bytearray(gzip_bytes(inner))
+    compressed[-8] ^= 0xFF  # the CRC-32 is the trailer's first 4 bytes
+    stream = encrypt(bytes(compressed))
+    return (signed_header(HEADER) + xml_members(qubes_xml(vm_xml(size=4096)))
+            + [("vm7/private.img.000", stream),
+               ("vm7/private.img.000.hmac", openssl_hmac(stream))])
+
+
 BOMB_GZ = b""
 
 
@@ -351,6 +365,8 @@ def cases(workdir: Path) -> list[Case]:
         EXIT_BACKUP, "character device")
     add("inner-bomb", bomb_members(), EXIT_BACKUP, "decompression bomb",
         partial="work/private.img")
+    add("gzip-stream-damaged", damaged_gzip_members(), EXIT_BACKUP,
+        "vm7/private.img: igzip exited 1", partial="work/private.img")
     # unencrypted, uncompressed, the last chunk holding only the end-of-archive
     # blocks: dropping it cuts the inner archive exactly at a member boundary
     plain = HEADER.replace(b"encrypted=True", b"encrypted=False").replace(
@@ -477,7 +493,7 @@ def cases_v4(workdir: Path, add: Callable[..., None], bomb: bytes) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
+    if len(args) != 1 or args[0].startswith("-"):
         print("usage: make_bad_backups.py DIR", file=sys.stderr)
         return 2
     folder = Path(args[0])

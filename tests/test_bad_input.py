@@ -9,6 +9,7 @@ files untouched.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -67,6 +68,7 @@ CASE_NAMES = [
     "inner-hardlink-outside",
     "inner-device-and-fifo",
     "inner-bomb",
+    "gzip-stream-damaged",
     "plain-last-chunk-missing",
     "v4-wrong-passphrase",
     "v4-header-tampered",
@@ -107,6 +109,7 @@ def test_bad_backup(cases: dict[str, bad.Case], name: str, command: str, tmp_pat
     result = run_cli(*args)
     assert result.code == case.code, result.text
     assert case.message in result.err, result.err
+    assert not re.search(r"(\S+): \1:", result.text), "a name said twice in a row"
     assert "Traceback" not in result.text
     assert result.err.strip(), "an error must be reported"
     assert mine.read_text() == "mine"

@@ -201,6 +201,49 @@ def test_transcript_replays_the_restore(
     assert "check_hmac vm3/..000" in text
 
 
+def test_transcript_replays_where_the_faster_gunzip_is_missing(
+    default_backup: Backup, tmp_path: Path
+) -> None:
+    """qrecover ran igzip -d; the transcript replays with gzip -d where igzip is absent."""
+    out = tmp_path / ODD
+    transcript = tmp_path / "run.sh"
+    recorded = _path_without(tmp_path / "with", ("pigz",))
+    assert (Path(recorded.split(":")[0]) / "igzip").exists(), "igzip missing (.ci/run installs it)"
+    result = run_cli(
+        "-v", "restore", default_backup.path, "-o", out, "--passphrase-file",
+        default_backup.passfile, "--transcript", transcript, env={"PATH": recorded},
+    )  # fmt: skip
+    assert result.code == 0, result.text
+    assert "| igzip -d |" in result.err
+    text = transcript.read_text(encoding="utf-8")
+    assert "if command -v igzip >/dev/null 2>&1; then igzip -d; else gzip -d; fi" in text
+    kept = tmp_path / "first"
+    out.rename(kept)
+    for name, path in (("without", _path_without(tmp_path / "without", ("igzip", "pigz"))),
+                       ("again", recorded)):  # fmt: skip
+        empty = tmp_path / f"cwd-{name}"
+        empty.mkdir()
+        proc = run_sh(transcript, empty, path=path)
+        assert proc.returncode == 0, proc.stderr
+        assert_same_tree(out, kept)
+        shutil.rmtree(out)
+
+
+def _path_without(folder: Path, hidden: tuple[str, ...]) -> str:
+    """A PATH of one folder: every program of the current PATH except ``hidden``."""
+    folder.mkdir(parents=True)
+    for entry in reversed(os.environ["PATH"].split(os.pathsep)):
+        if not os.path.isdir(entry):
+            continue
+        for program in os.listdir(entry):
+            link = folder / program
+            if program not in hidden and os.access(os.path.join(entry, program), os.X_OK):
+                if link.is_symlink():
+                    link.unlink()  # earlier PATH entries win, as in the shell
+                link.symlink_to(os.path.join(entry, program))
+    return str(folder)
+
+
 def test_transcript_of_chunked_verify_replays(make: MakeBackup, tmp_path: Path) -> None:
     backup = make(chunk_size=16 * 1024)
     transcript = tmp_path / "verify.sh"
@@ -353,9 +396,10 @@ def test_explain_narrates_every_step(default_backup: Backup, tmp_path: Path) -> 
     assert "tar -i -xvf" in err
     assert "HMAC-SHA512 matches backup-header.hmac" in err
     assert "HMAC matches vm7/private.img.000.hmac" in err
-    # pigz -d replaces gzip -d where pigz is installed; what ran is what is shown
+    # igzip or pigz -d replaces gzip -d where installed; what ran is what is shown
     assert re.search(
-        r"openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass \| (gzip|pigz) -d \| tar -x",
+        r"openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass "
+        r"\| (gzip|pigz|igzip) -d \| tar -x",
         err,
     )
     assert f"sudo mount -o loop,ro '{out}/work/private.img' /mnt" in err
