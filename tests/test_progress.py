@@ -282,6 +282,6 @@ def test_bench_smoke(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for method in ("manual", "floor", "restore", "verify", "restore-tty"):
+    for method in ("manual", "floor", "restore", "verify", "restore-tty", "restore-tty-quiet"):
         assert any(line.split()[:1] == [method] for line in proc.stdout.splitlines()), method
     assert "restore/floor = " in proc.stdout and "core(s)" in proc.stdout
