@@ -98,10 +98,14 @@ def pipeline_block(
 
 
 def stage_command(stage: Stage, subst: Mapping[str, str] | None = None) -> str:
-    """A stage as a script runs it.  A faster gzip decompressor that qrecover
+    """A stage as a script runs it.  The passphrase goes into the environment
+    of a stage that reads it (openssl enc) and of no other.  A faster gzip
+    decompressor that qrecover
     found installed (igzip, pigz) is used where the script runs only if it is
     installed there too; ``gzip -d`` writes the same bytes everywhere else."""
     text = render_argv(stage.argv, subst)
+    if stage.secret_env:  # in this command's environment only (get_passphrase)
+        text = " ".join(f'{name}="${name}"' for name in stage.secret_env) + " " + text
     if stage.program in GUNZIPS and stage.program != "gzip":
         return (
             f"{{ if command -v {stage.program} >/dev/null 2>&1; "
@@ -170,8 +174,8 @@ get_passphrase() {  # from $backup_pass, else asked on the terminal with echo of
         printf '\n' >/dev/tty
         [ -n "$backup_pass" ] || die "no passphrase entered"
     fi
-    # openssl enc reads it from its environment (-pass env:backup_pass), never argv.
-    export backup_pass
+    # Not exported: it goes into the environment of the one command that
+    # reads it (openssl enc -pass env:backup_pass), never into an argv.
 }
 
 make_work() {  # make_work FOLDER: private scratch, removed on every exit
@@ -388,8 +392,10 @@ def prelude_v4() -> str:
             "# The passphrase only ever goes through the shell's own printf (see scrypt_dec).",
         ),
         (
-            "# openssl enc reads it from its environment (-pass env:backup_pass), never argv.",
-            "# scrypt reads it from its environment or its stdin (see scrypt_dec), never argv.",
+            "# Not exported: it goes into the environment of the one command that\n"
+            "    # reads it (openssl enc -pass env:backup_pass), never into an argv.",
+            "# Not exported: scrypt gets it in its environment or on its stdin\n"
+            "    # (see scrypt_dec), never argv.",
         ),
     ):
         assert old in text

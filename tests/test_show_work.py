@@ -585,9 +585,22 @@ def test_script_asks_for_the_passphrase_without_echo(
     script = write_script(
         default_backup, default_backup.passfile, out, tmp_path / "r.sh", "--vm", "work"
     )
+    # tar and the decompressors note whether the passphrase is in their environment
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    leaks = tmp_path / "leaks"
+    for program in ("tar", "gzip", "pigz", "igzip", "openssl"):
+        real = shutil.which(program)
+        if real is not None:
+            (bindir / program).write_text(
+                f'#!/bin/sh\n[ -n "${{backup_pass:-}}" ] && echo {program} >>"{leaks}"\n'
+                f'exec {real} "$@"\n'
+            )
+            (bindir / program).chmod(0o755)
     pid, fd = pty.fork()
     if pid == 0:  # the child: dash on a terminal, no backup_pass in its environment
         env = {k: v for k, v in os.environ.items() if k != "backup_pass"}
+        env["PATH"] = f"{bindir}:{env['PATH']}"
         os.execve(DASH, [DASH, str(script)], env)
     seen = b""
 
@@ -608,6 +621,8 @@ def test_script_asks_for_the_passphrase_without_echo(
     assert os.waitstatus_to_exitcode(status) == 0, seen.decode("utf-8", "replace")
     assert PASSPHRASE.encode("utf-8") not in seen  # typed with echo off
     assert_restored(out, default_backup, ["work"])
+    # only openssl enc, which reads it (-pass env:backup_pass), had it
+    assert set(leaks.read_text().split()) == {"openssl"}
 
 
 def test_transcript_file_is_never_the_backup_nor_written_through_a_link(
