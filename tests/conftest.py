@@ -98,6 +98,17 @@ class Backup:
         return result
 
 
+def bin_dir(folder: Path, programs: list[str]) -> Path:
+    """``folder/bin``: a PATH folder holding only ``programs`` (each installed)."""
+    bindir = folder / "bin"
+    bindir.mkdir()
+    for program in programs:
+        found = shutil.which(program)
+        assert found is not None, f"{program} is not installed (.ci/run installs it)"
+        os.symlink(found, bindir / program)
+    return bindir
+
+
 def sha(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

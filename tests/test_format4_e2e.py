@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, run_cli, sha
+from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, bin_dir, run_cli, sha
 
 
 def restore(backup: Backup | Path, out: Path, passfile: Path, *extra: str) -> None:
@@ -200,19 +200,9 @@ def test_scrypt_authenticated_unknown_version_exit_4_names_it(
     assert "version 7" in result.err
 
 
-def _bin_without(tmp_path: Path, programs: list[str]) -> Path:
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for prog in programs:
-        found = shutil.which(prog)
-        assert found is not None
-        os.symlink(found, bindir / prog)
-    return bindir
-
-
 def test_r4_missing_scrypt_exit_5(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4()
-    bindir = _bin_without(tmp_path, ["tar", "gzip", "cat", "openssl"])
+    bindir = bin_dir(tmp_path, ["tar", "gzip", "cat", "openssl"])
     result = run_cli(
         "verify", backup.path, "--passphrase-file", backup.passfile, env={"PATH": str(bindir)}
     )
@@ -238,7 +228,7 @@ def _fake_scrypt(bindir: Path, usage: str, log: Path) -> None:
 
 def test_r4_scrypt_1_2_1_gets_the_passphrase_on_stdin(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4(chunk_size=64 * 1024)
-    bindir = _bin_without(tmp_path, ["tar", "gzip", "cat"])
+    bindir = bin_dir(tmp_path, ["tar", "gzip", "cat"])
     log = tmp_path / "argv.log"
     usage = "usage: scrypt {enc | dec} [-M maxmem] [-m maxmemfrac] [-P] [-t maxtime] infile"
     _fake_scrypt(bindir, usage, log)
@@ -256,7 +246,7 @@ def test_r4_scrypt_1_2_1_gets_the_passphrase_on_stdin(make4: MakeBackup, tmp_pat
 
 def test_r4_scrypt_1_2_0_is_refused_exit_5(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4()
-    bindir = _bin_without(tmp_path, ["tar", "gzip", "cat"])
+    bindir = bin_dir(tmp_path, ["tar", "gzip", "cat"])
     usage = "usage: scrypt {enc | dec} [-M maxmem] [-m maxmemfrac] [-t maxtime] infile [outfile]"
     _fake_scrypt(bindir, usage, tmp_path / "argv.log")
     result = run_cli(

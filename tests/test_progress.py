@@ -5,13 +5,12 @@ from __future__ import annotations
 import io
 import os
 import pty
-import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-from conftest import ROOT, Backup, MakeBackup, assert_restored, qrecover_exe, run_cli
+from conftest import ROOT, Backup, MakeBackup, assert_restored, bin_dir, qrecover_exe, run_cli
 
 from qrecover.progress import (
     CLEAR,
@@ -241,16 +240,6 @@ def test_summary_marks_the_damaged_file(make: MakeBackup, tmp_path: Path) -> Non
     assert "1 failed" in result.out
 
 
-def _bin_dir(tmp_path: Path, programs: list[str]) -> Path:
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    for program in programs:
-        found = shutil.which(program)
-        assert found is not None, program
-        os.symlink(found, folder / program)
-    return folder
-
-
 def test_fastest_gunzip_installed_is_used(default_backup: Backup, tmp_path: Path) -> None:
     """igzip, else pigz, else gzip (.ci/run installs all three)."""
     base = ["tar", "cat", "openssl", "gzip"]
@@ -266,7 +255,7 @@ def test_fastest_gunzip_installed_is_used(default_backup: Backup, tmp_path: Path
         result = run_cli(
             "-v", "restore", default_backup.path, "-o", run_dir / "out",
             "--passphrase-file", default_backup.passfile,
-            env={"PATH": str(_bin_dir(run_dir, programs))},
+            env={"PATH": str(bin_dir(run_dir, programs))},
         )  # fmt: skip
         assert result.code == 0, result.text
         assert f"| {used} |" in result.err, result.err

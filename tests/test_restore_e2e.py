@@ -13,6 +13,7 @@ from conftest import (
     Backup,
     MakeBackup,
     assert_restored,
+    bin_dir,
     gen,
     qrecover_exe,
     run_cli,
@@ -220,10 +221,7 @@ def test_tampered_chunk_keeps_partial_and_restores_the_rest(
 
 
 def test_missing_program_exit_5(default_backup: Backup, tmp_path: Path) -> None:
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for prog in ("tar", "gzip", "cat"):
-        os.symlink(subprocess.check_output(["which", prog], text=True).strip(), bindir / prog)
+    bindir = bin_dir(tmp_path, ["tar", "gzip", "cat"])
     result = run_cli(
         "verify",
         default_backup.path,
