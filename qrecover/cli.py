@@ -21,6 +21,7 @@ import typer
 
 from qrecover import __version__
 from qrecover.container import open_source
+from qrecover.context import RunContext
 from qrecover.errors import (
     EXIT_BACKUP,
     EXIT_CODES,
@@ -50,8 +51,6 @@ from qrecover.output import first_symlink
 from qrecover.passphrase import get_passphrase
 from qrecover.progress import (
     Display,
-    activate,
-    clear_active,
     human_bytes,
     source_size,
     summary_table,
@@ -64,7 +63,6 @@ from qrecover.transcript import (
     HeaderVerified,
     HeaderVerifiedV4,
     TranscriptWriter,
-    listening,
     open_new,
 )
 
@@ -138,12 +136,18 @@ VmOpt = Annotated[
 ]
 
 
-# Global options that the commands need (set by the callback).
-_settings: dict[str, bool] = {"quiet": False}
+@dataclass(frozen=True)
+class Settings:
+    """The global options, kept on typer's context (``ctx.obj``) for the commands."""
+
+    quiet: bool = False
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    return ctx.obj if isinstance(ctx.obj, Settings) else Settings()
 
 
 def _err(message: str) -> None:
-    clear_active()
     print(f"qrecover: {message}", file=sys.stderr, flush=True)
 
 
@@ -155,6 +159,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     verbose: Annotated[
         bool,
         typer.Option(
@@ -183,21 +188,13 @@ def _main(
     ] = False,
 ) -> None:
     """Global options."""
-    _settings["quiet"] = quiet
-    handler = _ClearingHandler(sys.stderr)
+    ctx.obj = Settings(quiet=quiet)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("qrecover")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
-
-
-class _ClearingHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Log lines on stderr, each after erasing the live progress line."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        clear_active()
-        super().emit(record)
 
 
 class _Printer:
@@ -243,9 +240,9 @@ def _file_line(mode: str, result: FileResult) -> str:
     )
 
 
-def _finish(mode: str, report: Report, elapsed: float) -> int:
+def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> int:
     failures = [f for f in report.files if not f.ok]
-    if not _settings["quiet"]:
+    if not settings.quiet:
         print(summary_table(mode, report.files, elapsed), flush=True)
     for problem in report.problems:
         _err(f"problem: {problem}")
@@ -277,6 +274,7 @@ def _finish(mode: str, report: Report, elapsed: float) -> int:
 
 
 def _run(
+    settings: Settings,
     backup: str,
     passphrase_file: Path | None,
     request: Request,
@@ -286,20 +284,16 @@ def _run(
     source = open_source(backup)
     passphrase = get_passphrase(passphrase_file)
     started = time.monotonic()
+    ctx = RunContext(quiet=settings.quiet, listeners=list(listeners))
     if request.mode == "info":
-        with listening(*listeners):
-            return run(source, passphrase, request), time.monotonic() - started
-    display = None
-    if not _settings["quiet"] and sys.stderr.isatty():
-        display = Display(sys.stderr, source_size(source))
-    activate(display)
+        return run(source, passphrase, request, ctx=ctx), time.monotonic() - started
+    if not settings.quiet and sys.stderr.isatty():
+        ctx.display = Display(sys.stderr, source_size(source))
     try:
-        with listening(*listeners):
-            report = run(source, passphrase, request, _Printer(request.mode, display))
+        report = run(source, passphrase, request, _Printer(request.mode, ctx.display), ctx)
         return report, time.monotonic() - started
     finally:
-        clear_active()
-        activate(None)
+        ctx.clear_line()
 
 
 class _HeaderSeen:
@@ -391,10 +385,14 @@ def restore_command(
     transcript: Path | None = None,
     explain: bool = False,
     dry_run: bool = False,
+    settings: Settings | None = None,
 ) -> int:
+    settings = settings or Settings()
     if dry_run:
         seen = _HeaderSeen()
-        report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)), [seen])
+        report, _ = _run(
+            settings, backup, passphrase_file, Request("info", vms=tuple(vms)), [seen]
+        )
         event = seen.get()
         if isinstance(event, HeaderVerifiedV4):
             print(plan_text_v4(event.fmt, report.selected, backup, output))
@@ -409,9 +407,9 @@ def restore_command(
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
     request = Request("restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit)
     with _showing("restore", backup, output, transcript, explain, force) as shown:
-        report, elapsed = _run(backup, passphrase_file, request, shown.listeners)
+        report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
         shown.finished(report)
-    code = _finish("restore", report, elapsed)
+    code = _finish(settings, "restore", report, elapsed)
     if files:
         files_code = _restore_files(report, output, force)
         code = code if code != EXIT_OK else files_code
@@ -524,19 +522,26 @@ def verify_command(
     size_limit: bool = True,
     transcript: Path | None = None,
     explain: bool = False,
+    settings: Settings | None = None,
 ) -> int:
+    settings = settings or Settings()
     request = Request("verify", vms=tuple(vms), size_limit=size_limit)
     with _showing("verify", backup, None, transcript, explain) as shown:
-        report, elapsed = _run(backup, passphrase_file, request, shown.listeners)
+        report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
         shown.finished(report)
-    return _finish("verify", report, elapsed)
+    return _finish(settings, "verify", report, elapsed)
 
 
 def script_command(
-    backup: str, output: Path, vms: Sequence[str], passphrase_file: Path | None
+    backup: str,
+    output: Path,
+    vms: Sequence[str],
+    passphrase_file: Path | None,
+    settings: Settings | None = None,
 ) -> int:
     seen = _HeaderSeen()
-    report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)), [seen])
+    request = Request("info", vms=tuple(vms))
+    report, _ = _run(settings or Settings(), backup, passphrase_file, request, [seen])
     event = seen.get()
     where = None if backup == "-" else os.path.abspath(backup)
     out = Path(os.path.abspath(output))
@@ -549,8 +554,10 @@ def script_command(
     return EXIT_OK
 
 
-def info_command(backup: str, as_json: bool, passphrase_file: Path | None) -> int:
-    report, _elapsed = _run(backup, passphrase_file, Request("info"))
+def info_command(
+    backup: str, as_json: bool, passphrase_file: Path | None, settings: Settings | None = None
+) -> int:
+    report, _elapsed = _run(settings or Settings(), backup, passphrase_file, Request("info"))
     assert report.header is not None and report.inventory is not None
     if as_json:
         data = {
@@ -580,6 +587,7 @@ def info_command(backup: str, as_json: bool, passphrase_file: Path | None) -> in
 
 @app.command()
 def restore(
+    ctx: typer.Context,
     backup: BackupArg,
     output: Annotated[
         Path,
@@ -634,6 +642,7 @@ def restore(
             transcript=transcript,
             explain=explain,
             dry_run=dry_run,
+            settings=_settings(ctx),
         )
     )
 
@@ -682,6 +691,7 @@ def files(
 
 @app.command()
 def verify(
+    ctx: typer.Context,
     backup: BackupArg,
     vm: VmOpt = None,
     passphrase_file: PassFileOpt = None,
@@ -699,12 +709,14 @@ def verify(
             size_limit=not no_size_limit,
             transcript=transcript,
             explain=explain,
+            settings=_settings(ctx),
         )
     )
 
 
 @app.command()
 def script(
+    ctx: typer.Context,
     backup: BackupArg,
     output: Annotated[
         Path,
@@ -720,11 +732,12 @@ def script(
 ) -> None:
     """Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for
     the VMs named with --vm (all without it), after verifying the header and qubes.xml."""
-    raise typer.Exit(script_command(backup, output, vm or [], passphrase_file))
+    raise typer.Exit(script_command(backup, output, vm or [], passphrase_file, _settings(ctx)))
 
 
 @app.command()
 def info(
+    ctx: typer.Context,
     backup: BackupArg,
     as_json: Annotated[
         bool, typer.Option("--json", help='Print JSON: {"header": {...}, "vms": [...]}.')
@@ -732,7 +745,7 @@ def info(
     passphrase_file: PassFileOpt = None,
 ) -> None:
     """Verify the header and qubes.xml, then show the header and the VMs in the backup."""
-    raise typer.Exit(info_command(backup, as_json, passphrase_file))
+    raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx)))
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

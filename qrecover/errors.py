@@ -29,9 +29,17 @@ EXIT_CODES: dict[int, str] = {
 
 
 class QrecoverError(Exception):
-    """Base of every error qrecover reports to the user."""
+    """Base of every error qrecover reports to the user.
+
+    Its kind is its class, and its exit code an attribute of the instance's
+    class (as in borg): whoever handles an error decides by type, never by
+    matching its text.  ``consequence`` marks an error that only follows from
+    another one (``cat`` writing into a pipeline that died), which the cause
+    replaces when it is found.
+    """
 
     exit_code = EXIT_INTERNAL
+    consequence = False
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -59,7 +67,45 @@ class MissingProgramError(QrecoverError):
 
 
 class OutputError(QrecoverError):
+    """The output side failed (would overwrite, not writable, no space).
+
+    ``fatal``: every later stored file would fail the same way (a full,
+    read-only or over-quota disk), so the run stops at once.
+    """
+
     exit_code = EXIT_OUTPUT
+    fatal = False
+
+
+class DiskFull(OutputError):
+    """No space left, the quota reached, or a read-only file system."""
+
+    fatal = True
+
+
+class StoredFileError(BackupError):
+    """One stored file could not be used: a damaged, missing or tampered chunk,
+    or a stage that failed on what the backup held."""
+
+
+class FeedFailed(BackupError):
+    """``cat`` could not feed a chunk: usually because the pipeline it feeds died."""
+
+    consequence = True
+
+
+class ProgramFailed(MissingProgramError):
+    """A short control command (``tar --version``, ``openssl enc -list``)
+    exited non-zero: the program is there but does not work as needed."""
+
+    def __init__(self, command: str, returncode: int, said: str) -> None:
+        told = f": {said}" if said else ""
+        super().__init__(
+            f"`{command}` exited {returncode}{told}",
+            hint="check that this program works (run it by hand)",
+        )
+        self.command = command
+        self.returncode = returncode
 
 
 class Interrupted(BaseException):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shlex
 import shutil
 import stat
 import struct
@@ -43,7 +42,7 @@ from typing import BinaryIO, Literal
 
 from qrecover.errors import BackupError, OutputError, QrecoverError, UsageError
 from qrecover.output import Output
-from qrecover.runner import Pipeline, Stage, announce, render_pipeline, which
+from qrecover.runner import Pipeline, Stage, which
 
 DEFAULT_PATH = "/home/user"
 ROOT_INODE = 2  # the root folder of every ext2/3/4 file system
@@ -376,8 +375,6 @@ class Debugfs:
         self.scratch = scratch
 
     def _run(self, stages: list[Stage], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
-        text = render_pipeline(stages)
-        announce(f"(cd {shlex.quote(str(cwd))} && {text})" if cwd is not None else text)
         with (
             tempfile.TemporaryFile(dir=self.scratch) as out,
             open(os.devnull, "rb") as devnull,

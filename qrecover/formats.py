@@ -28,7 +28,7 @@ from qrecover.decompress import decompress_stage
 from qrecover.decrypt import decrypt_stage
 from qrecover.errors import AuthenticationError, BackupError
 from qrecover.header import MAX_HEADER, BackupHeader, BackupHeaderV4, parse_header, read_header
-from qrecover.runner import Stage, StageResult, announce
+from qrecover.runner import CommandLog, Stage, StageResult, log_command
 from qrecover.scrypt import (
     HEADER_PREFIX,
     ScryptTool,
@@ -90,18 +90,25 @@ class Format4:
         return chunk_prefix(self.header.backup_id, chunk.data_name)
 
     def decrypt_chunk(
-        self, chunk: ChunkName, src: Path, dst: Path, passphrase: str
+        self,
+        chunk: ChunkName,
+        src: Path,
+        dst: Path,
+        passphrase: str,
+        log: CommandLog = log_command,
     ) -> StageResult:
         """Authenticate and decrypt one chunk into ``dst`` (usable only if ok)."""
         prefix = self.chunk_prefix(chunk)
-        announce(render_dec(self.tool, chunk.name, chunk.data_name, prefix))
-        return decrypt_file(self.tool, src, dst, prefix + passphrase)
+        shown = render_dec(self.tool, chunk.name, chunk.data_name, prefix)
+        return decrypt_file(self.tool, src, dst, prefix + passphrase, shown, log)
 
 
 Format = Format3 | Format4
 
 
-def authenticate(header: bytes, header_hmac: bytes, passphrase: str) -> Format:
+def authenticate(
+    header: bytes, header_hmac: bytes, passphrase: str, log: CommandLog = log_command
+) -> Format:
     """Authenticate ``backup-header`` with ``backup-header.hmac``, then parse it.
 
     Raises AuthenticationError (exit 3) when the passphrase does not
@@ -110,14 +117,14 @@ def authenticate(header: bytes, header_hmac: bytes, passphrase: str) -> Format:
     """
     if not is_scrypt_file(header_hmac):
         return Format3(read_header(header, header_hmac, passphrase.encode("utf-8")))
-    tool = detect_scrypt()
-    verified = _scrypt_header(tool, header_hmac, passphrase)
+    tool = detect_scrypt(log)
+    verified = _scrypt_header(tool, header_hmac, passphrase, log)
     if not hmac.compare_digest(verified, header):
         raise AuthenticationError(
             f"{HEADER}: differs from the authenticated copy in {HEADER_HMAC}: the header "
             "was altered or damaged; nothing was written"
         )
-    announce(f"diff -qs {HEADER} {HEADER}.verified  # done in-process: identical")
+    log(f"diff -qs {HEADER} {HEADER}.verified  # done in-process: identical")
     parsed = parse_header(header)
     if not isinstance(parsed, BackupHeaderV4):
         raise BackupError(
@@ -127,15 +134,17 @@ def authenticate(header: bytes, header_hmac: bytes, passphrase: str) -> Format:
     return Format4(parsed, tool)
 
 
-def _scrypt_header(tool: ScryptTool, header_hmac: bytes, passphrase: str) -> bytes:
+def _scrypt_header(
+    tool: ScryptTool, header_hmac: bytes, passphrase: str, log: CommandLog
+) -> bytes:
     # The header is tiny and not secret: a private temporary folder will do,
     # before the output folder is even looked at.
     with tempfile.TemporaryDirectory(prefix="qrecover-header-") as tmp:
         src = Path(tmp) / HEADER_HMAC
         dst = Path(tmp) / f"{HEADER}.verified"
         src.write_bytes(header_hmac)
-        announce(render_dec(tool, HEADER_HMAC, dst.name, HEADER_PREFIX))
-        result = decrypt_file(tool, src, dst, HEADER_PREFIX + passphrase)
+        shown = render_dec(tool, HEADER_HMAC, dst.name, HEADER_PREFIX)
+        result = decrypt_file(tool, src, dst, HEADER_PREFIX + passphrase, shown, log)
         if not result.ok:
             raise AuthenticationError(
                 f"{HEADER_HMAC}: scrypt could not authenticate it with this passphrase "

@@ -260,17 +260,3 @@ class Display:
             self.stream.write(CLEAR)
             self.stream.flush()
             self._shown = False
-
-
-_active: Display | None = None
-
-
-def activate(display: Display | None) -> None:
-    """Make ``display`` the one that log messages and errors clear first."""
-    global _active
-    _active = display
-
-
-def clear_active() -> None:
-    if _active is not None:
-        _active.clear()

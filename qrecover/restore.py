@@ -47,8 +47,18 @@ from qrecover.container import (
     Truncated,
     parse_member_name,
 )
+from qrecover.context import RunContext
 from qrecover.decompress import pick_gunzip
-from qrecover.errors import BackupError, MissingProgramError, OutputError, QrecoverError
+from qrecover.errors import (
+    BackupError,
+    DiskFull,
+    FeedFailed,
+    MissingProgramError,
+    OutputError,
+    ProgramFailed,
+    QrecoverError,
+    StoredFileError,
+)
 from qrecover.extract import extract_stage, list_stage, placement, qubes_xml_stage
 from qrecover.formats import MAX_HEADER_HMAC, Format, Format3, Format4, authenticate
 from qrecover.guard import TarGuard
@@ -80,21 +90,10 @@ from qrecover.transcript import (
     PipelineStarted,
     QubesXmlWritten,
     about,
-    emit,
 )
 from qrecover.verify import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 
 Mode = Literal["info", "verify", "restore"]
-# Messages from a stage that mean the output side failed, not the backup.
-_OUTPUT_TROUBLE = (
-    "No space left on device",
-    "Disk quota exceeded",
-    "Read-only file system",
-    "Permission denied",
-    "Cannot write",  # GNU tar
-    "Wrote only",  # GNU tar's short write, as on a disk that just filled up
-)
-FULL = "no space left"
 
 
 @dataclass
@@ -124,12 +123,19 @@ class FileResult:
     members: int = 0
     places: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    error: str | None = None
-    output_trouble: bool = False
+    failure: QrecoverError | None = None
 
     @property
     def ok(self) -> bool:
-        return self.error is None
+        return self.failure is None
+
+    @property
+    def error(self) -> str | None:
+        return self.failure.message if self.failure is not None else None
+
+    @property
+    def output_trouble(self) -> bool:
+        return isinstance(self.failure, OutputError)
 
     @property
     def problem(self) -> str:
@@ -213,10 +219,6 @@ class _Peekable:
         return member
 
 
-def _is_output_trouble(text: str) -> bool:
-    return any(marker in text for marker in _OUTPUT_TROUBLE)
-
-
 @dataclass
 class _Sink:
     """Where a stored file's inner archive goes."""
@@ -263,7 +265,20 @@ class _StoredFile:
             fcntl.fcntl(self.feed_w, F_SETPIPE_SZ, PIPE_SIZE)
         if self.sink.kind != "extract":
             self.out_file = tempfile.TemporaryFile(dir=self.engine.scratch)  # noqa: SIM115
-        emit(
+        try:
+            self.pipeline = Pipeline(
+                stages,
+                stdin=read_end,
+                stdout=self.out_file,
+                secrets={PASS_ENV: self.engine.passphrase},
+                guard=self._guard,
+                note=f"fed the chunks of {self.stored} by cat",
+                log=self.engine.ctx.command,
+            ).start()
+        finally:
+            os.close(read_end)
+        # Told once it runs: the runner logged its command first.
+        self.engine.ctx.emit(
             PipelineStarted(
                 self.stored,
                 self.result.owner,
@@ -273,16 +288,6 @@ class _StoredFile:
                 self.sink.folder_rel,
             )
         )
-        try:
-            self.pipeline = Pipeline(
-                stages,
-                stdin=read_end,
-                stdout=self.out_file,
-                secrets={PASS_ENV: self.engine.passphrase},
-                guard=self._guard,
-            ).start()
-        finally:
-            os.close(read_end)
 
     def _guard(self, src: int, dst: int) -> TarGuard:
         return TarGuard(src, dst, self.sink.limit, self.stored, prefix=self.stored)
@@ -295,9 +300,9 @@ class _StoredFile:
             with contextlib.suppress(FileNotFoundError):
                 self.cat_path.unlink()
         self.cat = None
-        if not result.ok and self.result.error is None:
+        if not result.ok:
             # Usually a consequence: the pipeline died and cat hit a closed pipe.
-            self.result.error = f"feeding {self.cat_path}: {result.describe()}"
+            self.fail(FeedFailed(f"feeding {self.cat_path}: {result.describe()}"))
 
     def feed(self, path: Path, owned: bool, member: str = "") -> None:
         """Queue a verified chunk; returns while cat is still feeding it."""
@@ -306,17 +311,23 @@ class _StoredFile:
         self._reap_cat()
         assert self.feed_w is not None
         stage = Stage(("cat", str(path)))
-        emit(ChunkFed(self.stored, member or path.name, path))
         self.cat = Pipeline(
-            [stage], stdin=subprocess.DEVNULL, stdout=self.feed_w
+            [stage],
+            stdin=subprocess.DEVNULL,
+            stdout=self.feed_w,
+            note=f"into the pipeline of {self.stored}",
+            log=self.engine.ctx.command,
         ).start()
+        self.engine.ctx.emit(ChunkFed(self.stored, member or path.name, path))
         self.cat_path = path
         self.cat_owned = owned
 
-    def fail(self, message: str, output_trouble: bool = False) -> None:
-        if self.result.error is None:
-            self.result.error = message
-            self.result.output_trouble = output_trouble
+    def fail(self, error: QrecoverError) -> None:
+        """Record why the stored file failed: the first cause wins, and a cause
+        replaces an error that was only its consequence."""
+        now = self.result.failure
+        if now is None or (now.consequence and not error.consequence):
+            self.result.failure = error
 
     def kill(self) -> None:
         for running in (self.cat, self.pipeline):
@@ -336,7 +347,7 @@ class _StoredFile:
         if self.pipeline is not None:
             results = self.pipeline.wait()
         elif self.result.error is None:
-            self.fail(f"{self.stored}: no chunk of it could be used")
+            self.fail(StoredFileError(f"{self.stored}: no chunk of it could be used"))
         guarded = self.pipeline.guarded if self.pipeline is not None else None
         if guarded is not None:
             self.result.notes.extend(guarded.skipped)
@@ -347,20 +358,17 @@ class _StoredFile:
         cause = own_failure(results[:-1]) if guarded is not None else None
         if guarded is not None and guarded.error is not None and cause is None:
             # The guard cut the stream: what the stages said is a consequence.
-            if self.result.error is not None and self.result.error.startswith("feeding"):
-                self.result.error = None
-            self.fail(guarded.error)
+            self.fail(StoredFileError(guarded.error))
         elif failure is not None:
-            trouble = _is_output_trouble(failure.stderr)
-            cat_error = self.result.error is not None and self.result.error.startswith("feeding")
-            if cat_error:
-                self.result.error = None
             message = f"{self.stored}: {failure.describe()}"
             output = self.engine.output
-            if trouble and output is not None and (free := output.free_space()) is not None:
-                # tar may only say "Wrote only N of M bytes": give the facts
-                message += f" (free space left in {output.root}: {human_bytes(free)})"
-            self.fail(message, output_trouble=trouble)
+            if failure.output_trouble:
+                if output is not None and (free := output.free_space()) is not None:
+                    # tar may only say "Wrote only N of M bytes": give the facts
+                    message += f" (free space left in {output.root}: {human_bytes(free)})"
+                self.fail(DiskFull(message) if failure.disk_full else OutputError(message))
+            else:
+                self.fail(StoredFileError(message))
         if self.out_file is not None:
             self.out_file.seek(0)
         if self.sink.kind == "list" and self.out_file is not None:
@@ -368,7 +376,8 @@ class _StoredFile:
         if self.sink.kind == "extract":
             self._place()
         r = self.result
-        emit(FileFinished(r.stored, r.owner, r.error, tuple(r.places), r.restored_bytes))
+        finished = FileFinished(r.stored, r.owner, r.error, tuple(r.places), r.restored_bytes)
+        self.engine.ctx.emit(finished)
         return self.result
 
     def _place(self) -> None:
@@ -378,7 +387,7 @@ class _StoredFile:
         entries = sorted(staging.iterdir()) if staging.exists() else []
         if not entries:
             if self.result.ok:
-                self.fail(f"{self.stored}: its archive held nothing to restore")
+                self.fail(StoredFileError(f"{self.stored}: its archive held nothing to restore"))
             return
         folder = output.ensure_dir(self.sink.folder_rel)
         for entry in entries:
@@ -386,7 +395,7 @@ class _StoredFile:
             try:
                 self.result.places.append(output.place(entry, folder, partial=not self.result.ok))
             except OutputError as exc:
-                self.fail(str(exc), output_trouble=True)
+                self.fail(exc)
                 self.result.places.append(output.place(entry, folder, partial=True))
             self.result.restored_bytes += size
         with contextlib.suppress(OSError):
@@ -402,7 +411,9 @@ class Recovery:
         passphrase: str,
         request: Request,
         observer: Observer | None = None,
+        ctx: RunContext | None = None,
     ) -> None:
+        self.ctx = ctx if ctx is not None else RunContext()
         self.source = source
         self.passphrase = passphrase
         self.key = passphrase.encode("utf-8")
@@ -442,13 +453,13 @@ class Recovery:
             self.report.inventory = inventory
             selected = inventory.select(self.request.vms)
             self.report.selected = selected
-            emit(InventoryRead(inventory, selected))
+            self.ctx.emit(InventoryRead(inventory, selected))
             if self.request.mode == "info":
                 return self.report
             self.observer.planned(selected)
             if self.output is not None:
                 self._check_conflicts(selected)
-                emit(QubesXmlWritten(self.output.write_file(QUBES_XML, xml)))
+                self.ctx.emit(QubesXmlWritten(self.output.write_file(QUBES_XML, xml)))
             self._stream(members, inventory, selected)
         except BaseException:
             if self._active is not None:
@@ -488,18 +499,18 @@ class Recovery:
             raise BackupError("backup-header.hmac is missing: the header cannot be verified")
         members.take()
         hmac_text = second.read_all(MAX_HEADER_HMAC)
-        fmt = authenticate(data, hmac_text, self.passphrase)
+        fmt = authenticate(data, hmac_text, self.passphrase, self.ctx.command)
         if isinstance(fmt, Format3):
-            emit(HeaderVerified(fmt.header))
+            self.ctx.emit(HeaderVerified(fmt.header))
         else:
-            emit(HeaderVerifiedV4(fmt))
+            self.ctx.emit(HeaderVerifiedV4(fmt))
         return fmt
 
     def _check_programs(self, fmt: Format) -> None:
         needed = ["tar", "cat", *fmt.programs(self.gunzip)]
         for program in needed:
             which(program)
-        if "GNU tar" not in control("tar", "--version"):
+        if "GNU tar" not in control("tar", "--version", log=self.ctx.command):
             raise MissingProgramError(
                 "tar is not GNU tar (needed for sparse VM images)",
                 hint="install GNU tar (package 'tar') and put it first on PATH",
@@ -508,12 +519,14 @@ class Recovery:
         if stage is not None:
             self._check_cipher(stage.argv[3])
 
-    @staticmethod
-    def _check_cipher(flag: str) -> None:
+    def _check_cipher(self, flag: str) -> None:
         """Is the backup's (allow-listed) cipher in this OpenSSL? Say so now,
         not as a 'bad decrypt' later.  ``openssl enc -list`` exists since 1.1;
         from an OpenSSL that cannot list, nothing is concluded."""
-        listed = control("openssl", "enc", "-list").split()
+        try:
+            listed = control("openssl", "enc", "-list", log=self.ctx.command).split()
+        except ProgramFailed:  # OpenSSL 1.0 has no -list
+            return
         if listed and flag not in listed:
             raise MissingProgramError(
                 f"this OpenSSL cannot decrypt {flag[1:]}, the cipher the backup names",
@@ -590,8 +603,8 @@ class Recovery:
             # complete and verified, but the backup was not restored whole.
             self.report.problems.extend(f"{result.stored}: {note}" for note in result.notes)
             self.observer.file_done(result)
-            if result.output_trouble and not result.ok and self._is_fatal_output(result):
-                raise OutputError(result.error or "output problem")
+            if isinstance(result.failure, OutputError) and result.failure.fatal:
+                raise result.failure
         if members.error is not None:
             self.report.problems.append(str(members.error))
         found = {f.stored for f in self.report.files}
@@ -604,13 +617,6 @@ class Recovery:
                     f"{required}: missing from the backup, although qubes.xml says "
                     f"{entity.name}'s data is in it (truncated or damaged backup?)"
                 )
-
-    @staticmethod
-    def _is_fatal_output(result: FileResult) -> bool:
-        # A full or read-only disk will fail every later file too: stop.
-        return result.error is not None and any(
-            m in result.error.lower() for m in (FULL, "disk quota", "read-only", "wrote only")
-        )
 
     def spend(self, owner: str, size: int) -> None:
         self._spent[owner] = self._spent.get(owner, 0) + size
@@ -639,7 +645,7 @@ class Recovery:
         """Take every member of ``job``'s stored file, verifying and feeding chunks."""
         stored = job.stored
         if stored in self._seen:
-            job.fail(f"{stored}: its chunks appear in two places in the backup")
+            job.fail(StoredFileError(f"{stored}: its chunks appear in two places in the backup"))
         self._seen.add(stored)
         fmt = self.fmt
         assert fmt is not None
@@ -655,26 +661,26 @@ class Recovery:
             if job.result.error is not None:
                 continue
             if name.is_enc != isinstance(fmt, Format4):
-                job.fail(
+                job.fail(StoredFileError(
                     f"{member.name}: not a chunk name of a format-{fmt.version} backup "
                     "(format 3 has NAME.NNN and NAME.NNN.hmac, format 4 NAME.NNN.enc)"
-                )
+                ))
                 continue
             if name.is_hmac:
-                job.fail(
+                job.fail(StoredFileError(
                     f"{member.name}: an .hmac without its chunk (chunk {name.data_name} missing)"
-                )
+                ))
                 continue
             if name.index != expected:
                 want = ChunkName(stored, expected).name
                 what = "duplicated or out of order" if name.index < expected else "missing"
-                job.fail(f"{want}: chunk {what} (found {member.name} instead)")
+                job.fail(StoredFileError(f"{want}: chunk {what} (found {member.name} instead)"))
                 continue
             if isinstance(fmt, Format4):
                 try:
                     self._scrypt_chunk(fmt, member, name, job)
                 except Truncated as exc:
-                    job.fail(str(exc))
+                    job.fail(exc)
                     members.stop(exc)
                     break
                 expected += 1
@@ -682,7 +688,7 @@ class Recovery:
             try:
                 path, owned, digest_hex = self._take_chunk(member, fmt.header.digest, stored)
             except Truncated as exc:
-                job.fail(str(exc))
+                job.fail(exc)
                 members.stop(exc)
                 break
             job.result.chunks += 1
@@ -691,7 +697,9 @@ class Recovery:
             nxt_name = parse_member_name(nxt.name) if nxt is not None else None
             if nxt is None or nxt_name != ChunkName(stored, name.index, True):
                 self._drop(path, owned)
-                job.fail(f"{member.name}.hmac is missing: the chunk cannot be verified")
+                job.fail(StoredFileError(
+                    f"{member.name}.hmac is missing: the chunk cannot be verified"
+                ))
                 continue
             members.take()
             try:
@@ -702,27 +710,27 @@ class Recovery:
                 )
             except Truncated as exc:
                 self._drop(path, owned)
-                job.fail(str(exc))
+                job.fail(exc)
                 members.stop(exc)
                 break
             if expected_hex is None:
                 self._drop(path, owned)
-                job.fail(f"{nxt.name}: not an HMAC line (or larger than 4 KiB)")
+                job.fail(StoredFileError(f"{nxt.name}: not an HMAC line (or larger than 4 KiB)"))
                 continue
             if not matches(digest_hex, expected_hex):
                 self._drop(path, owned)
-                emit(ChunkRejected(member.name, nxt.name, "HMAC mismatch"))
-                job.fail(
+                self.ctx.emit(ChunkRejected(member.name, nxt.name, "HMAC mismatch"))
+                job.fail(StoredFileError(
                     f"{member.name}: HMAC mismatch: the chunk is damaged or was "
                     "tampered with; nothing of it was used"
-                )
+                ))
                 continue
-            emit(ChunkVerified(member.name, nxt.name, fmt.header.digest, member.size))
+            self.ctx.emit(ChunkVerified(member.name, nxt.name, fmt.header.digest, member.size))
             try:
                 job.feed(path, owned, member.name)
             except OSError as exc:
                 self._drop(path, owned)
-                job.fail(f"{member.name}: could not start the pipeline ({exc})")
+                job.fail(StoredFileError(f"{member.name}: could not start the pipeline ({exc})"))
             expected += 1
 
     def _scrypt_chunk(
@@ -737,10 +745,10 @@ class Recovery:
         self._plain_n += 1
         plain = self.scratch / f"plain-{self._plain_n}"
         try:
-            result = fmt.decrypt_chunk(name, src, plain, self.passphrase)
+            result = fmt.decrypt_chunk(name, src, plain, self.passphrase, self.ctx.command)
         except OSError as exc:
             result = None
-            job.fail(f"{member.name}: could not run scrypt ({exc})")
+            job.fail(StoredFileError(f"{member.name}: could not run scrypt ({exc})"))
         finally:
             self._drop(src, owned)
         if result is None:
@@ -751,21 +759,22 @@ class Recovery:
         )
         if not result.ok:
             self._drop(plain, True)
-            emit(dataclasses.replace(decrypted, error=result.describe()))
-            if _is_output_trouble(result.stderr):
-                job.fail(f"{member.name}: {result.describe()}", output_trouble=True)
+            self.ctx.emit(dataclasses.replace(decrypted, error=result.describe()))
+            if result.output_trouble:
+                message = f"{member.name}: {result.describe()}"
+                job.fail(DiskFull(message) if result.disk_full else OutputError(message))
                 return
-            job.fail(
+            job.fail(StoredFileError(
                 f"{member.name}: scrypt could not authenticate the chunk: it is damaged "
                 f"or was tampered with; nothing of it was used ({result.describe()})"
-            )
+            ))
             return
-        emit(decrypted)
+        self.ctx.emit(decrypted)
         try:
             job.feed(plain, True, member.name)
         except OSError as exc:
             self._drop(plain, True)
-            job.fail(f"{member.name}: could not start the pipeline ({exc})")
+            job.fail(StoredFileError(f"{member.name}: could not start the pipeline ({exc})"))
 
     def _drop(self, path: Path, owned: bool) -> None:
         if owned:
@@ -820,7 +829,7 @@ class Recovery:
             os.close(fd)
             path.unlink()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutputError(f"no space left for scratch copy of {member.name} "
+                raise DiskFull(f"no space left for scratch copy of {member.name} "
                                   f"in {self.scratch}") from None
             raise OutputError(f"scratch copy of {member.name}: {exc.strerror}") from None
         except BaseException:
@@ -839,9 +848,10 @@ def run(
     passphrase: str,
     request: Request,
     observer: Observer | None = None,
+    ctx: RunContext | None = None,
 ) -> Report:
     """Run the procedure; raises QrecoverError for what stops everything."""
-    return Recovery(source, passphrase, request, observer).run()
+    return Recovery(source, passphrase, request, observer, ctx).run()
 
 
 __all__ = ["FileResult", "QrecoverError", "Report", "Request", "run"]

@@ -10,7 +10,15 @@ that one child only (``openssl ... -pass env:backup_pass``).
 Data moves between stages through OS pipes; the stderr of every stage is kept
 (its first and last few KiB, in memory) so that a failure can be diagnosed
 from all stages, not only the last one.  Short control commands (``tar --version``,
-``openssl version``) go through the ``sh`` package.
+``openssl enc -list``) start here too (:func:`control`), and their non-zero
+exit is an error (:class:`~qrecover.errors.ProgramFailed`), never ignored.
+A program that is not found is told apart: :class:`MissingProgramError`
+naming the package to install, before anything starts.
+
+Every start is logged here, by :meth:`Pipeline.start`, through the
+pipeline's ``log`` (``+ shlex.join(argv)``; ``shown`` when the command is
+written for a person, as scrypt's secret prefix is), so that no call site
+can forget to.
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from qrecover.errors import MissingProgramError
+from qrecover.errors import MissingProgramError, ProgramFailed
 from qrecover.guard import TarGuard
 
 log = logging.getLogger("qrecover")
@@ -81,32 +90,6 @@ def child_env(secrets: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def control(program: str, *args: str, with_stderr: bool = False) -> str:
-    """Run a short control command (no secrets, small output) and return its stdout.
-
-    These go through ``sh`` with ``_tty_out=False`` so that the output is a
-    plain pipe, never a pty; ``_env`` replaces the whole environment in sh,
-    hence the explicit merged copy.  ``with_stderr`` adds what it printed on
-    stderr (``scrypt`` prints its usage there).
-    """
-    import sh  # imported here: only control commands need it
-
-    path = which(program)
-    log.info("+ %s", shlex.join([program, *args]))
-    try:
-        out = sh.Command(path)(
-            *args,
-            _tty_out=False,
-            _env=child_env(),
-            _encoding="utf-8",
-            _decode_errors="replace",
-            _err_to_out=with_stderr,
-        )
-    except sh.ErrorReturnCode as exc:
-        return str(exc.stdout.decode("utf-8", "replace"))
-    return str(out)
-
-
 @dataclass(frozen=True)
 class Stage:
     """One program of a pipeline: its argv and the env names that carry the secret."""
@@ -134,25 +117,28 @@ def render_pipeline(
     return text
 
 
-# Every command qrecover runs is announced here.  The CLI attaches the
-# logger (``-v``) and, for transcripts, further listeners.
-CommandListener = Callable[[str], None]
-_listeners: list[CommandListener] = []
+# How a command is logged: ``+ COMMAND`` on the ``qrecover`` logger (``-v``).
+# A run passes its own (which first erases its progress line); the default
+# only logs.
+CommandLog = Callable[[str], None]
 
 
-def add_listener(listener: CommandListener) -> None:
-    _listeners.append(listener)
-
-
-def remove_listener(listener: CommandListener) -> None:
-    if listener in _listeners:
-        _listeners.remove(listener)
-
-
-def announce(command: str) -> None:
+def log_command(command: str) -> None:
     log.info("+ %s", command)
-    for listener in list(_listeners):
-        listener(command)
+
+
+# The exit status of a shell or wrapper that could not find a program.
+NOT_FOUND = 127
+# What a stage says when the output side failed, not the backup: the only
+# place where qrecover reads meaning into another program's words.  The first
+# group would fail every later stored file too (the run stops).
+_FATAL_OUTPUT = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Wrote only",  # GNU tar's short write, as on a disk that just filled up
+)
+_OUTPUT_TROUBLE = (*_FATAL_OUTPUT, "Permission denied", "Cannot write")  # GNU tar
 
 
 @dataclass
@@ -165,6 +151,16 @@ class StageResult:
     def ok(self) -> bool:
         return self.returncode == 0
 
+    @property
+    def output_trouble(self) -> bool:
+        """Did the stage fail on the output side (disk full, not writable)?"""
+        return any(marker in self.stderr for marker in _OUTPUT_TROUBLE)
+
+    @property
+    def disk_full(self) -> bool:
+        """Full, over quota or read-only: every later write would fail too."""
+        return any(marker in self.stderr for marker in _FATAL_OUTPUT)
+
     def describe(self) -> str:
         """`openssl exited 1: bad decrypt` — the stage and the last line it said."""
         tail = first_meaningful_line(self.stderr)
@@ -172,6 +168,8 @@ class StageResult:
             tail = tail.replace("file (null)", "its input").replace("(null)", "its input")
         if self.returncode < 0:
             what = f"{self.stage.program} was killed by signal {-self.returncode}"
+        elif self.returncode == NOT_FOUND:
+            what = f"{self.stage.program} exited {NOT_FOUND} (a program it runs was not found)"
         else:
             what = f"{self.stage.program} exited {self.returncode}"
         return f"{what}: {tail}" if tail else what
@@ -240,6 +238,9 @@ class Pipeline:
     # (tar); given the fds it reads from and writes to, which it then owns.
     guard: Callable[[int, int], TarGuard] | None = None
     cwd: Path | None = None  # where every stage runs (debugfs rdump writes relative to it)
+    shown: str | None = None  # the logged form, when not the stages' shlex.join
+    note: str = ""  # logged after the command, as a comment
+    log: CommandLog = log_command
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     guarded: TarGuard | None = None
     _guard_thread: threading.Thread | None = None
@@ -256,10 +257,18 @@ class Pipeline:
         self._guard_thread.start()
         return read_end
 
+    def render(self) -> str:
+        """The command as logged and as a person would replay it."""
+        text = self.shown if self.shown is not None else render_pipeline(self.stages)
+        if self.cwd is not None:
+            text = f"(cd {shlex.quote(str(self.cwd))} && {text})"
+        return f"{text}  # {self.note}" if self.note else text
+
     def start(self) -> Pipeline:
         # Resolve every program before starting any, so a missing one fails
         # cleanly instead of leaving half a pipeline running.
         paths = [which(stage.program) for stage in self.stages]
+        self.log(self.render())
         prev = self.stdin
         try:
             for i, (stage, path) in enumerate(zip(self.stages, paths, strict=True)):
@@ -273,15 +282,19 @@ class Pipeline:
                     out = self.stdout if self.stdout is not None else subprocess.DEVNULL
                 else:
                     out = subprocess.PIPE
-                proc = subprocess.Popen(
-                    [path, *stage.argv[1:]],
-                    stdin=prev,
-                    stdout=out,
-                    stderr=subprocess.PIPE,
-                    env=env,
-                    cwd=self.cwd,
-                    close_fds=True,
-                )
+                try:
+                    proc = subprocess.Popen(
+                        [path, *stage.argv[1:]],
+                        stdin=prev,
+                        stdout=out,
+                        stderr=subprocess.PIPE,
+                        env=env,
+                        cwd=self.cwd,
+                        close_fds=True,
+                    )
+                except FileNotFoundError:  # gone since which() found it
+                    raise MissingProgramError(f"{stage.program}: could not be started "
+                                              f"({path} not found)") from None
                 self.procs.append(proc)
                 assert proc.stderr is not None
                 self._stderrs.append(_StderrTail(proc.stderr))
@@ -318,6 +331,33 @@ class Pipeline:
         if self._guard_thread is not None:
             self._guard_thread.join()
         return results
+
+
+def control(
+    program: str,
+    *args: str,
+    with_stderr: bool = False,
+    log: CommandLog = log_command,
+    ok_codes: tuple[int, ...] = (0,),
+) -> str:
+    """Run a short control command (no secrets, small output); return its stdout.
+
+    Any exit status outside ``ok_codes`` raises :class:`ProgramFailed` (the
+    caller catches it by type where a failure means something, as an
+    OpenSSL too old for ``enc -list``).  ``with_stderr`` adds what it printed
+    on stderr (``scrypt --help`` prints its usage there, and exits 1).
+    """
+    stage = Stage((program, *args))
+    with tempfile.TemporaryFile() as out, open(os.devnull, "rb") as devnull:
+        pipeline = Pipeline([stage], stdin=devnull.fileno(), stdout=out, log=log)
+        (result,) = pipeline.start().wait()
+        out.seek(0)
+        text = out.read(1 << 20).decode("utf-8", "replace")
+    if result.returncode not in ok_codes:
+        if result.returncode == NOT_FOUND:
+            raise MissingProgramError(f"{stage.render()}: {result.describe()}")
+        raise ProgramFailed(stage.render(), result.returncode, first_meaningful_line(result.stderr))
+    return text + result.stderr if with_stderr else text
 
 
 def first_failure(results: Sequence[StageResult]) -> StageResult | None:

@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Literal
 
 from qrecover.errors import MissingProgramError, UsageError
-from qrecover.runner import PASS_ENV, Pipeline, Stage, StageResult, control, which
+from qrecover.runner import (
+    PASS_ENV,
+    CommandLog,
+    Pipeline,
+    Stage,
+    StageResult,
+    control,
+    log_command,
+    which,
+)
 
 # Every file written by `scrypt enc` starts with these bytes (format version 0).
 SCRYPT_MAGIC = b"scrypt\x00"
@@ -50,14 +59,15 @@ class ScryptTool:
     style: PassphraseStyle
 
 
-def detect_scrypt() -> ScryptTool:
+def detect_scrypt(log: CommandLog = log_command) -> ScryptTool:
     """Find scrypt and how it can take a passphrase without a terminal.
 
     Its usage text (printed for ``--help``, on stderr) lists the options:
     ``--passphrase method:arg`` since 1.3.0, ``-P`` since 1.2.1.
     """
     which("scrypt")
-    usage = control("scrypt", "--help", with_stderr=True)
+    # scrypt --help prints its usage on stderr and exits 1.
+    usage = control("scrypt", "--help", with_stderr=True, log=log, ok_codes=(0, 1))
     if "--passphrase" in usage:
         return ScryptTool("env")
     if re.search(r"(^|[\s\[])-P([\]\s]|$)", usage):
@@ -99,11 +109,17 @@ def render_dec(tool: ScryptTool, infile: str, outfile: str, prefix: str) -> str:
 
 
 def decrypt_file(
-    tool: ScryptTool, infile: Path, outfile: Path, secret: str
+    tool: ScryptTool,
+    infile: Path,
+    outfile: Path,
+    secret: str,
+    shown: str | None = None,
+    log: CommandLog = log_command,
 ) -> StageResult:
     """Run ``scrypt dec infile outfile`` with ``secret`` as its passphrase.
 
     Returns scrypt's result; the caller uses ``outfile`` only if it is ok.
+    ``shown``: how it is logged (see :func:`render_dec`).
     """
     stage = dec_stage(tool, str(infile), str(outfile))
     if tool.style == "env":
@@ -111,6 +127,8 @@ def decrypt_file(
             [stage],
             stdin=subprocess.DEVNULL,
             secrets={PASS_ENV: secret},
+            shown=shown,
+            log=log,
         )
         (result,) = pipeline.start().wait()
         return result
@@ -122,7 +140,7 @@ def decrypt_file(
         os.write(write_end, line)
         os.close(write_end)
         write_end = -1
-        (result,) = Pipeline([stage], stdin=read_end).start().wait()
+        (result,) = Pipeline([stage], stdin=read_end, shown=shown, log=log).start().wait()
     finally:
         os.close(read_end)
         if write_end >= 0:

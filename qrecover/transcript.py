@@ -13,10 +13,9 @@ rendering come from the :class:`~qrecover.runner.Stage` objects that actually ra
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +28,7 @@ from qrecover.errors import OutputError
 from qrecover.formats import Format4
 from qrecover.header import BackupHeader, BackupHeaderV4
 from qrecover.inventory import Entity, Inventory
-from qrecover.runner import PASS_ENV, Stage, announce, render_pipeline
+from qrecover.runner import PASS_ENV, Stage
 from qrecover.scrypt import HEADER_PREFIX, render_dec
 from qrecover.verify import Digest
 
@@ -149,7 +148,7 @@ class PipelineStarted:
     folder: str = ""  # output-relative folder the extracted entries go to
 
     def commands(self) -> list[str]:
-        return [f"{render_pipeline(self.stages)}  # fed the chunks of {self.stored} by cat"]
+        return []  # the runner logs the pipeline as it starts it
 
 
 @dataclass(frozen=True)
@@ -161,9 +160,7 @@ class ChunkFed:
     path: Path
 
     def commands(self) -> list[str]:
-        return [
-            f"{shell.render_argv(('cat', str(self.path)))}  # into the pipeline of {self.stored}"
-        ]
+        return []  # the runner logs cat as it starts it
 
 
 @dataclass(frozen=True)
@@ -201,32 +198,12 @@ Event = (
     | QubesXmlWritten
 )
 EventListener = Callable[[Event], None]
-_listeners: list[EventListener] = []
 
 
 def about(stored: str, error: str) -> str:
     """``STORED: what went wrong``, naming the stored file once (most errors
     already start with it)."""
     return error if error.startswith(f"{stored}:") else f"{stored}: {error}"
-
-
-def emit(event: Event) -> None:
-    """Report a step: logged with -v as its commands, then given to every listener."""
-    for command in event.commands():
-        announce(command)
-    for listener in list(_listeners):
-        listener(event)
-
-
-@contextlib.contextmanager
-def listening(*listeners: EventListener) -> Iterator[None]:
-    _listeners.extend(listeners)
-    try:
-        yield
-    finally:
-        for listener in listeners:
-            if listener in _listeners:
-                _listeners.remove(listener)
 
 
 class PendingFile:

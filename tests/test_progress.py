@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import ROOT, Backup, MakeBackup, assert_restored, bin_dir, qrecover_exe, run_cli
 
+from qrecover.errors import BackupError
 from qrecover.progress import (
     CLEAR,
     Display,
@@ -77,9 +78,11 @@ def test_progress_line_content_and_width() -> None:
 def test_summary_table_rows_and_statuses() -> None:
     ok = FileResult("vm7/private.img", "work", chunks=7, stored_bytes=659 * MiB)
     ok.restored_bytes = 2048 * MiB
-    bad = FileResult("vm8/private.img", "mail", chunks=2, stored_bytes=MiB, error="HMAC mismatch")
+    bad = FileResult(
+        "vm8/private.img", "mail", chunks=2, stored_bytes=MiB, failure=BackupError("HMAC mismatch")
+    )
     bad.places.append(Path("/o/mail/private.img.partial"))
-    lost = FileResult("vm9/root.img", "other", error="openssl exited 1")
+    lost = FileResult("vm9/root.img", "other", failure=BackupError("openssl exited 1"))
     text = summary_table("restore", [ok, bad, lost], 12.34)
     lines = text.splitlines()
     assert lines[0].split() == ["VM", "STORED", "FILE", "CHUNKS", "STORED", "RESTORED", "STATUS"]

@@ -1,0 +1,66 @@
+"""What belongs to one run: its listeners, its settings, its progress line.
+
+Nothing of this is module state: two runs in one process (two tests, or
+later two workers) each have their own :class:`RunContext`, and see only
+their own events and log lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from qrecover.runner import log_command
+
+if TYPE_CHECKING:
+    from qrecover.progress import Display
+
+
+class Loggable(Protocol):
+    """An event: the commands it stands for, as a person would type them."""
+
+    def commands(self) -> list[str]: ...
+
+
+Listener = Callable[..., None]
+
+
+@dataclass
+class RunContext:
+    """The state of one run, passed down from the command to the engine.
+
+    ``command`` is how everything the run starts or does in-process is
+    logged (``+ COMMAND``, with ``-v``): it first erases the run's progress
+    line, so that log lines and the line never mix.
+    """
+
+    quiet: bool = False
+    listeners: list[Listener] = field(default_factory=list)
+    display: Display | None = None
+
+    def clear_line(self) -> None:
+        if self.display is not None:
+            self.display.clear()
+
+    def command(self, text: str) -> None:
+        self.clear_line()
+        log_command(text)
+
+    def emit(self, event: Loggable) -> None:
+        """Report a step: logged as its commands, then given to every listener."""
+        for command in event.commands():
+            self.command(command)
+        for listener in list(self.listeners):
+            listener(event)
+
+    @contextlib.contextmanager
+    def listening(self, *listeners: Listener) -> Iterator[None]:
+        self.listeners.extend(listeners)
+        try:
+            yield
+        finally:
+            for listener in listeners:
+                if listener in self.listeners:
+                    self.listeners.remove(listener)
