@@ -1,18 +1,18 @@
-"""The command line: thin typer functions over plain, importable code."""
+"""The command line: typer only (options, help, one error -> exit code handler).
+
+Each command parses its options and calls a plain function of
+qrecover.commands; :func:`main` is the one place where an error becomes a
+message and an exit code.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import json
 import logging
 import os
 import signal
-import stat
 import sys
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -20,51 +20,26 @@ from typing import Annotated
 import typer
 
 from qrecover import __version__
-from qrecover.container import open_source
-from qrecover.context import RunContext
+from qrecover.commands import (
+    Settings,
+    err,
+    info_command,
+    restore_command,
+    script_command,
+    verify_command,
+)
+from qrecover.commands_files import files_command
 from qrecover.errors import (
-    EXIT_BACKUP,
     EXIT_CODES,
     EXIT_INTERNAL,
     EXIT_OK,
-    EXIT_OUTPUT,
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_USAGE,
     Interrupted,
     QrecoverError,
-    UsageError,
 )
-from qrecover.explain import Narrator, plan_text, plan_text_v4
-from qrecover.files import (
-    DEFAULT_PATH,
-    CopyResult,
-    FilesRequest,
-    PathNotFound,
-    copy_files,
-    find_debugfs,
-    list_trees,
-    show,
-)
-from qrecover.inventory import Entity
-from qrecover.output import first_symlink
-from qrecover.passphrase import get_passphrase
-from qrecover.progress import (
-    Display,
-    human_bytes,
-    source_size,
-    summary_table,
-)
-from qrecover.restore import FileResult, Report, Request, run
-from qrecover.script import render_script, render_script_v4
-from qrecover.transcript import (
-    Event,
-    EventListener,
-    HeaderVerified,
-    HeaderVerifiedV4,
-    TranscriptWriter,
-    open_new,
-)
+from qrecover.files import DEFAULT_PATH
 
 EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
 
@@ -136,19 +111,8 @@ VmOpt = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The global options, kept on typer's context (``ctx.obj``) for the commands."""
-
-    quiet: bool = False
-
-
 def _settings(ctx: typer.Context) -> Settings:
     return ctx.obj if isinstance(ctx.obj, Settings) else Settings()
-
-
-def _err(message: str) -> None:
-    print(f"qrecover: {message}", file=sys.stderr, flush=True)
 
 
 def _print_version(value: bool) -> None:
@@ -195,394 +159,6 @@ def _main(
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
-
-
-class _Printer:
-    """Prints a line per stored file as it completes; drives the progress display."""
-
-    def __init__(self, mode: str, display: Display | None = None) -> None:
-        self.mode = mode
-        self.display = display
-
-    def planned(self, selected: Sequence[Entity]) -> None:
-        if self.display is not None:
-            self.display.planned(selected)
-
-    def file_started(self, stored: str, owner: str) -> None:
-        if self.display is not None:
-            self.display.file_started(stored, owner)
-
-    def data_read(self, stored: str, nbytes: int) -> None:
-        if self.display is not None:
-            self.display.data_read(stored, nbytes)
-
-    def file_done(self, result: FileResult) -> None:
-        if self.display is not None:
-            self.display.file_done(result)
-        print(_file_line(self.mode, result), flush=True)
-
-
-def _file_line(mode: str, result: FileResult) -> str:
-    where = result.owner or "-"
-    if not result.ok:
-        kept = ""
-        if result.places:
-            kept = " (kept as " + ", ".join(str(p) for p in result.places) + ")"
-        return f"FAILED    {where:<16} {result.problem}{kept}"
-    if mode == "verify":
-        return (
-            f"OK        {where:<16} {result.stored}  {result.chunks} chunk(s), "
-            f"{human_bytes(result.stored_bytes)} stored, {result.members} member(s) listed"
-        )
-    places = ", ".join(str(p) for p in result.places)
-    return (
-        f"RESTORED  {where:<16} {result.stored} -> {places} ({human_bytes(result.restored_bytes)})"
-    )
-
-
-def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> int:
-    failures = [f for f in report.files if not f.ok]
-    if not settings.quiet:
-        print(summary_table(mode, report.files, elapsed), flush=True)
-    for problem in report.problems:
-        _err(f"problem: {problem}")
-    count = len(report.files)
-    if report.ok:
-        verb = "verified" if mode == "verify" else "restored"
-        where = f" into {report.output}" if mode == "restore" else ""
-        checked = (
-            "every chunk authenticated by scrypt"
-            if report.header is not None and report.header.version == 4
-            else "all HMACs matched"
-        )
-        print(
-            f"{verb} {count} stored file(s) of {len(report.selected)} VM(s){where}: "
-            f"{checked}, every stage succeeded",
-            flush=True,
-        )
-        return EXIT_OK
-    _err(
-        f"{len(failures)} of {count} stored file(s) failed"
-        + (f", {len(report.problems)} other problem(s)" if report.problems else "")
-        + ":"
-    )
-    for failure in failures:
-        _err(f"  {failure.problem}")
-    if any(f.output_trouble for f in failures):
-        return EXIT_OUTPUT
-    return EXIT_BACKUP
-
-
-def _run(
-    settings: Settings,
-    backup: str,
-    passphrase_file: Path | None,
-    request: Request,
-    listeners: Sequence[EventListener] = (),
-) -> tuple[Report, float]:
-    """Run the pass; returns the report and its time (from after the passphrase)."""
-    source = open_source(backup)
-    passphrase = get_passphrase(passphrase_file)
-    started = time.monotonic()
-    ctx = RunContext(quiet=settings.quiet, listeners=list(listeners))
-    if request.mode == "info":
-        return run(source, passphrase, request, ctx=ctx), time.monotonic() - started
-    if not settings.quiet and sys.stderr.isatty():
-        ctx.display = Display(sys.stderr, source_size(source))
-    try:
-        report = run(source, passphrase, request, _Printer(request.mode, ctx.display), ctx)
-        return report, time.monotonic() - started
-    finally:
-        ctx.clear_line()
-
-
-class _HeaderSeen:
-    """Keeps the verified header's event: what a dry run or a script is written from
-    (for format 4 it also holds how the installed scrypt takes its passphrase)."""
-
-    def __init__(self) -> None:
-        self.event: HeaderVerified | HeaderVerifiedV4 | None = None
-
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, HeaderVerified | HeaderVerifiedV4):
-            self.event = event
-
-    def get(self) -> HeaderVerified | HeaderVerifiedV4:
-        assert self.event is not None, "the engine reports the header before qubes.xml"
-        return self.event
-
-
-@dataclass
-class _Showing:
-    """The --transcript/--explain listeners, and how the run they show ended."""
-
-    listeners: list[EventListener]
-    ok: bool = False
-    note: str = "qrecover stopped with an error"
-
-    def finished(self, report: Report) -> None:
-        self.ok = report.ok
-        if not report.ok:
-            failures = [f.problem for f in report.files if not f.ok]
-            self.note = "qrecover reported problems: " + "; ".join(
-                [*failures, *report.problems]
-            )[:500]
-
-
-@contextlib.contextmanager
-def _showing(
-    mode: str,
-    backup: str,
-    output: Path | None,
-    transcript: Path | None,
-    explain: bool,
-    force: bool = False,
-) -> Iterator[_Showing]:
-    """The listeners for --transcript and --explain; the transcript is closed either way,
-    ending with how the run ended (the caller reports it with ``finished``)."""
-    listeners: list[EventListener] = []
-    writer: TranscriptWriter | None = None
-    narrator: Narrator | None = None
-    if transcript is not None and backup != "-" and os.path.exists(transcript) and (
-        os.path.samefile(transcript, backup)
-    ):
-        raise UsageError(f"--transcript {transcript} is the backup itself")
-    if transcript is not None:
-        writer = TranscriptWriter(
-            open_new(transcript, force),
-            "restore" if mode == "restore" else "verify",
-            None if backup == "-" else os.path.abspath(backup),
-            Path(os.path.abspath(output)) if output is not None else None,
-            argv=sys.argv[1:],
-        )
-        listeners.append(writer)
-    if explain:
-        narrator = Narrator(backup, mode)
-        listeners.append(narrator)
-    shown = _Showing(listeners)
-    raised = True
-    try:
-        yield shown
-        raised = False
-    except QrecoverError as exc:
-        shown.ok, shown.note = False, exc.message
-        raise
-    finally:
-        if writer is not None:
-            writer.close(shown.ok and not raised, shown.note)
-        if narrator is not None and not raised:
-            narrator.close()
-
-
-def restore_command(
-    backup: str,
-    output: Path,
-    vms: Sequence[str],
-    force: bool,
-    passphrase_file: Path | None,
-    size_limit: bool = True,
-    files: bool = False,
-    transcript: Path | None = None,
-    explain: bool = False,
-    dry_run: bool = False,
-    settings: Settings | None = None,
-) -> int:
-    settings = settings or Settings()
-    if dry_run:
-        seen = _HeaderSeen()
-        report, _ = _run(
-            settings, backup, passphrase_file, Request("info", vms=tuple(vms)), [seen]
-        )
-        event = seen.get()
-        if isinstance(event, HeaderVerifiedV4):
-            print(plan_text_v4(event.fmt, report.selected, backup, output))
-        else:
-            print(plan_text(event.header, report.selected, backup, output))
-        # The plan says what would stop a real run; so does the exit code.
-        existing = [output / "qubes.xml", *(output / e.dest for e in report.selected)]
-        if not force and any(os.path.lexists(p) for p in existing):
-            return EXIT_OUTPUT
-        return EXIT_OK
-    if files:
-        find_debugfs()  # a missing debugfs stops us before the restore, not after it
-    request = Request("restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit)
-    with _showing("restore", backup, output, transcript, explain, force) as shown:
-        report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
-        shown.finished(report)
-    code = _finish(settings, "restore", report, elapsed)
-    if files:
-        files_code = _restore_files(report, output, force)
-        code = code if code != EXIT_OK else files_code
-    return code
-
-
-def _print_copy(result: CopyResult) -> None:
-    for skipped in result.skipped:
-        _err(f"note: skipped special file {skipped}: not copied")
-    if result.ok:
-        print(
-            f"COPIED    {show(result.path)} -> {result.place} ({result.files} file(s), "
-            f"{result.folders} folder(s), {result.links} symlink(s), {human_bytes(result.bytes)})",
-            flush=True,
-        )
-    else:
-        kept = f" (kept as {result.place})" if result.place else ""
-        print(f"FAILED    {show(result.path)}: {result.error}{kept}", flush=True)
-
-
-def _restore_files(report: Report, output: Path, force: bool) -> int:
-    """After a restore: each restored VM's home files into DIR/<vm>/files/."""
-    failed: list[str] = []
-    trouble = False
-    for entity in report.selected:
-        if entity.name == "dom0":
-            continue
-        image = output / entity.dest / "private.img"
-        results = [f for f in report.files if f.owner == entity.name]
-        if not results or not all(f.ok for f in results):
-            if results:
-                _err(f"{entity.name}: not restored completely; its files are not copied")
-            continue
-        # What the backup restored is data: private.img or files/ could be
-        # symbolic links it made. Never read or write through one.
-        link = first_symlink(output, Path(entity.dest) / "files") or first_symlink(
-            output, Path(entity.dest) / "private.img"
-        )
-        if link is not None:
-            message = f"{link} is a symbolic link (made by the backup?); not followed"
-            print(f"FAILED    {entity.name}: {message}", flush=True)
-            failed.append(f"{entity.name}: {message}")
-            continue
-        if not image.is_file():
-            continue
-        print(f"FILES     {entity.name:<16} {image}:{DEFAULT_PATH}", flush=True)
-        try:
-            copied = copy_files(
-                FilesRequest(image, (DEFAULT_PATH,), image.parent / "files", force),
-                _print_copy,
-            )
-        except PathNotFound:
-            _err(f"note: {entity.name}: no {DEFAULT_PATH} in its private.img; nothing to copy")
-            continue
-        except QrecoverError as exc:
-            hint = f" ({exc.hint})" if exc.hint else ""
-            print(f"FAILED    {entity.name}: {exc.message}{hint}", flush=True)
-            failed.append(f"{entity.name}: {exc.message}")
-            trouble = trouble or exc.exit_code == EXIT_OUTPUT
-            continue
-        for result in copied:
-            if not result.ok:
-                failed.append(f"{entity.name}: {result.error}")
-                trouble = trouble or result.output_trouble
-    if failed:
-        _err(f"copying files out of {len(failed)} image(s) failed:")
-        for failure in failed:
-            _err(f"  {failure}")
-        return EXIT_OUTPUT if trouble else EXIT_BACKUP
-    return EXIT_OK
-
-
-def files_command(
-    image: Path, output: Path | None, paths: Sequence[str], list_only: bool, force: bool
-) -> int:
-    request = FilesRequest(image, tuple(paths) or (DEFAULT_PATH,), output, force)
-    if list_only:
-        return _list_files(request)
-    if output is None:
-        raise UsageError("--output DIR is needed to copy files (or use --list)")
-    results = copy_files(request, _print_copy)
-    failures = [r for r in results if not r.ok]
-    if not failures:
-        return EXIT_OK
-    _err(f"{len(failures)} of {len(results)} PATH(s) failed:")
-    for failure in failures:
-        _err(f"  {show(failure.path)}: {failure.error}")
-    return EXIT_OUTPUT if any(r.output_trouble for r in failures) else EXIT_BACKUP
-
-
-def _list_files(request: FilesRequest) -> int:
-    code = EXIT_OK
-    for tree in list_trees(request):
-        # Sorted by path, so each folder's contents follow it.
-        for entry in sorted(tree.entries, key=lambda e: os.fsencode(e.image_path).split(b"/")):
-            mode = stat.filemode(entry.mode)
-            size = "-" if entry.kind == "dir" else str(entry.size)
-            suffix = "/" if entry.kind == "dir" and entry.image_path != "/" else ""
-            print(f"{mode} {size:>12}  {show(entry.image_path)}{suffix}")
-        for problem in tree.problems:
-            _err(f"problem: {problem}")
-            code = EXIT_BACKUP
-    return code
-
-
-def verify_command(
-    backup: str,
-    vms: Sequence[str],
-    passphrase_file: Path | None,
-    size_limit: bool = True,
-    transcript: Path | None = None,
-    explain: bool = False,
-    settings: Settings | None = None,
-) -> int:
-    settings = settings or Settings()
-    request = Request("verify", vms=tuple(vms), size_limit=size_limit)
-    with _showing("verify", backup, None, transcript, explain) as shown:
-        report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
-        shown.finished(report)
-    return _finish(settings, "verify", report, elapsed)
-
-
-def script_command(
-    backup: str,
-    output: Path,
-    vms: Sequence[str],
-    passphrase_file: Path | None,
-    settings: Settings | None = None,
-) -> int:
-    seen = _HeaderSeen()
-    request = Request("info", vms=tuple(vms))
-    report, _ = _run(settings or Settings(), backup, passphrase_file, request, [seen])
-    event = seen.get()
-    where = None if backup == "-" else os.path.abspath(backup)
-    out = Path(os.path.abspath(output))
-    if isinstance(event, HeaderVerifiedV4):
-        text = render_script_v4(event.fmt, report.selected, where, out, argv=sys.argv[1:])
-    else:
-        text = render_script(event.header, report.selected, where, out, argv=sys.argv[1:])
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    return EXIT_OK
-
-
-def info_command(
-    backup: str, as_json: bool, passphrase_file: Path | None, settings: Settings | None = None
-) -> int:
-    report, _elapsed = _run(settings or Settings(), backup, passphrase_file, Request("info"))
-    assert report.header is not None and report.inventory is not None
-    if as_json:
-        data = {
-            "header": report.header.fields(),
-            "vms": [e.as_json() for e in report.inventory.entities],
-        }
-        print(json.dumps(data, indent=2))
-        return EXIT_OK
-    version = report.header.version
-    method = "scrypt" if version == 4 else f"HMAC-{report.header.hmac_algorithm}"
-    written_by = "Qubes R4" if version == 4 else "Qubes R2-R3.2"
-    print(f"Backup {backup}: format {version}, written by {written_by}")
-    print(f"  header verified with {method}")
-    for key, value in report.header.fields().items():
-        print(f"  {key}: {value}")
-    print("VMs with data in this backup:")
-    rows = [("NAME", "TYPE", "TEMPLATE", "BACKUP PATH", "SIZE")]
-    rows += [
-        (e.name, e.type, e.template or "-", e.backup_path, human_bytes(e.size))
-        for e in report.inventory.entities
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for row in rows:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return EXIT_OK
 
 
 @app.command()
@@ -778,20 +354,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     except typer.Exit as exc:
         code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        _err("interrupted; scratch files removed, nothing left under a final name")
+        err("interrupted; scratch files removed, nothing left under a final name")
         code = EXIT_SIGINT
     except Interrupted as exc:
-        _err("terminated; scratch files removed, nothing left under a final name")
+        err("terminated; scratch files removed, nothing left under a final name")
         code = exc.exit_code
     except QrecoverError as exc:
         hint = f" ({exc.hint})" if exc.hint else ""
-        _err(f"error: {exc.message}{hint}")
+        err(f"error: {exc.message}{hint}")
         code = exc.exit_code
     except _usage_errors() as exc:
         exc.show()  # type: ignore[attr-defined]
         code = getattr(exc, "exit_code", EXIT_USAGE)
     except Exception as exc:  # a bug: say so, without a traceback unless asked
-        _err(
+        err(
             f"internal error: {type(exc).__name__}: {exc}; please report this "
             "(set QRECOVER_DEBUG=1 for a traceback)"
         )

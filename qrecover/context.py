@@ -10,21 +10,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from qrecover.runner import log_command
 
 if TYPE_CHECKING:
+    from qrecover.events import Event
     from qrecover.progress import Display
 
-
-class Loggable(Protocol):
-    """An event: the commands it stands for, as a person would type them."""
-
-    def commands(self) -> list[str]: ...
-
-
-Listener = Callable[..., None]
+Listener = Callable[["Event"], None]
 
 
 @dataclass
@@ -48,10 +42,8 @@ class RunContext:
         self.clear_line()
         log_command(text)
 
-    def emit(self, event: Loggable) -> None:
-        """Report a step: logged as its commands, then given to every listener."""
-        for command in event.commands():
-            self.command(command)
+    def emit(self, event: Event) -> None:
+        """Report a step to every listener of this run."""
         for listener in list(self.listeners):
             listener(event)
 

@@ -77,6 +77,10 @@ class OutputError(QrecoverError):
     fatal = False
 
 
+class WouldOverwrite(OutputError):
+    """Files the run would replace exist, and --force was not given."""
+
+
 class DiskFull(OutputError):
     """No space left, the quota reached, or a read-only file system."""
 

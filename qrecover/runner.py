@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import IO
 
 from qrecover.errors import MissingProgramError, ProgramFailed
-from qrecover.guard import TarGuard
+from qrecover.stages.guard import TarGuard
 
 log = logging.getLogger("qrecover")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from qrecover.decompress import decompress_stage
-from qrecover.decrypt import decrypt_stage
-from qrecover.extract import extract_stage, list_stage, qubes_xml_stage
-from qrecover.header import parse_header
+from qrecover.formats import parse_header
+from qrecover.formats.v3 import decrypt_stage
 from qrecover.runner import PASS_ENV, render_pipeline
+from qrecover.stages.decompress import decompress_stage
+from qrecover.stages.extract import extract_stage, list_stage, qubes_xml_stage
 
 BASE = b"version=3\nhmac-algorithm=SHA512\n"
 

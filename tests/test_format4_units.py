@@ -10,9 +10,10 @@ import pytest
 
 from qrecover.container import ChunkName, FolderSource, parse_member_name
 from qrecover.errors import BackupError
-from qrecover.header import BackupHeaderV4, parse_header
+from qrecover.formats import parse_header
+from qrecover.formats.scrypt import ScryptTool, dec_stage, is_scrypt_file, render_dec
+from qrecover.formats.v4 import BackupHeaderV4
 from qrecover.runner import PASS_ENV
-from qrecover.scrypt import ScryptTool, dec_stage, is_scrypt_file, render_dec
 
 R4 = (
     b"version=4\nencrypted=True\ncompressed=True\ncompression-filter=gzip\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qrecover.guard import TarGuard, outside
+from qrecover.stages.guard import TarGuard, outside
 
 
 def screen(

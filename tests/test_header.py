@@ -8,7 +8,8 @@ import hmac
 import pytest
 
 from qrecover.errors import AuthenticationError, BackupError
-from qrecover.header import authenticate_header, parse_header, read_header
+from qrecover.formats import parse_header, read_header
+from qrecover.formats.v3 import authenticate_header
 
 PASS = b"correct horse"
 GOOD = (

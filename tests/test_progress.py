@@ -25,7 +25,7 @@ from qrecover.progress import (
     rate,
     summary_table,
 )
-from qrecover.restore import FileResult
+from qrecover.report import FileResult
 
 MiB = 1024 * 1024
 

@@ -11,6 +11,7 @@ import pytest
 
 from qrecover.context import RunContext
 from qrecover.errors import MissingProgramError, ProgramFailed
+from qrecover.events import QubesXmlWritten
 from qrecover.runner import Pipeline, Stage, control
 
 
@@ -73,17 +74,13 @@ def test_pipeline_logs_what_it_starts_with_its_note_and_folder(tmp_path: Path) -
 
 
 def test_two_runs_do_not_see_each_others_listeners_or_log() -> None:
-    class Event:
-        def commands(self) -> list[str]:
-            return ["echo step"]
-
     first: list[object] = []
     second: list[object] = []
     one, two = RunContext(), RunContext(quiet=True)
     with one.listening(first.append), two.listening(second.append):
-        one.emit(Event())
+        one.emit(QubesXmlWritten(Path("a")))
         assert first and not second
-        two.emit(Event())
+        two.emit(QubesXmlWritten(Path("b")))
     assert len(first) == 1 and len(second) == 1
     assert one.listeners == [] and two.listeners == []
     assert not one.quiet and two.quiet
@@ -98,7 +95,7 @@ def test_two_runs_do_not_see_each_others_listeners_or_log() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        one.emit(Event())
+        one.command("echo step")
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qrecover import shell
-from qrecover.extract import extract_stage
+from qrecover.formats.v3_words import hmac_init_line
+from qrecover.render import shell
+from qrecover.stages.extract import extract_stage
 from qrecover.verify import ALL_DIGESTS
 
 DASH = shutil.which("dash") or "/usr/bin/dash"
@@ -45,7 +46,7 @@ def test_shell_hmac_equals_openssl_hmac(tmp_path: Path, key: str) -> None:
     script = tmp_path / "h.sh"
     lines = [shell.PRELUDE, 'work=""']
     for digest in ALL_DIGESTS:
-        lines += [shell.hmac_init_line(digest), f"hmac_hex {shlex.quote(str(data))}; echo"]
+        lines += [hmac_init_line(digest), f"hmac_hex {shlex.quote(str(data))}; echo"]
     script.write_text("\n".join(lines) + "\n", encoding="utf-8")
     env = {**os.environ, "backup_pass": key}
     for sh in (DASH, "bash"):

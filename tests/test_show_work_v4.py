@@ -23,8 +23,10 @@ from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, gen4, run_
 from test_format4_e2e import _fake_scrypt
 from test_show_work import DASH, ODD, _argv_logging_path, assert_same_tree, reference, run_sh
 
-from qrecover import shell
-from qrecover.script import SCRIPT_FUNCTIONS_V4
+from qrecover.formats import v4_sh
+from qrecover.formats.v4_sh import SCRIPT_FUNCTIONS_V4
+from qrecover.render import shell
+from qrecover.stages.decompress import pick_gunzip
 
 SCRYPT_1_2_1_USAGE = (
     "usage: scrypt {enc | dec} [-M maxmem] [-m maxmemfrac] [-P] [-t maxtime] infile [outfile]"
@@ -302,7 +304,7 @@ def test_r4_dry_run_plans_and_writes_nothing(make4: MakeBackup, tmp_path: Path) 
         f"backup_pass='{backup_id}!vm7/F.NNN!'\"$backup_pass\" scrypt dec --passphrase "
         "env:backup_pass vm7/F.NNN.enc vm7/F.NNN"
     ) in text
-    assert "| gzip -d | tar -x -f - -C \"$staging\" --strip-components=1" in text
+    assert f"| {pick_gunzip()} -d | tar -x -f - -C \"$staging\" --strip-components=1" in text
     assert "backup-emergency-restore-v4" in text
     for line in text.splitlines():  # every command shown pastes as it is
         if line.startswith("  8    "):
@@ -391,7 +393,7 @@ def test_scrypt_dec_passes_any_passphrase(tmp_path: Path, style: str, sh: str) -
     harness = tmp_path / "h.sh"
     harness.write_text(
         "\n".join([
-            shell.prelude_v4(), "trap - EXIT", shell.scrypt_functions(),
+            v4_sh.prelude(), "trap - EXIT", v4_sh.scrypt_functions(),
             f"work={shlex.quote(str(work))}",
             f"scrypt_style={style}",
             shell.call("scrypt_dec", "vm7/private.img.000.enc", "vm7/private.img.000", prefix),
@@ -421,7 +423,7 @@ def test_enc_chunk_list_is_numeric_and_complete(tmp_path: Path) -> None:
     (work / "blocks").write_text("\n".join(blocks) + "\n")
     harness = tmp_path / "h.sh"
     harness.write_text(
-        "\n".join([shell.prelude_v4(), "trap - EXIT", SCRIPT_FUNCTIONS_V4,
+        "\n".join([v4_sh.prelude(), "trap - EXIT", SCRIPT_FUNCTIONS_V4,
                    f"work={shlex.quote(str(work))}", "enc_chunk_list vm7/private.img"]) + "\n",
         encoding="utf-8",
     )

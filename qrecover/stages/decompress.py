@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from qrecover.header import DECOMPRESSORS, AnyHeader
+from qrecover.header import DECOMPRESSORS, Header
 from qrecover.runner import Stage
 
 # Filters whose output any gzip decompressor reads.
@@ -23,7 +23,7 @@ def pick_gunzip() -> str:
     return next((name for name in GUNZIPS if shutil.which(name)), "gzip")
 
 
-def decompress_stage(header: AnyHeader, gunzip: str = "gzip") -> Stage | None:
+def decompress_stage(header: Header, gunzip: str = "gzip") -> Stage | None:
     """``gzip -d`` / ``bzip2 -d`` / ``xz -d`` ...; None for an uncompressed backup.
 
     ``gunzip``: which program of :data:`GUNZIPS` undoes gzip data (the

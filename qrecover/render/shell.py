@@ -17,14 +17,12 @@ The passphrase is never written into a script: it comes from the variable
 
 from __future__ import annotations
 
-import hashlib
+import os
 import shlex
 from collections.abc import Mapping, Sequence
 
-from qrecover.decompress import GUNZIPS
 from qrecover.runner import PASS_ENV, Stage
-from qrecover.scrypt import ScryptTool, dec_stage
-from qrecover.verify import Digest
+from qrecover.stages.decompress import GUNZIPS
 
 # Scratch names inside "$work" used by the pipelines.
 STAGE_DIR = '"$work/stage"'
@@ -57,15 +55,7 @@ def out_path(rel: str) -> str:
     return '"$out"' if not rel else f'"$out"/{q(rel)}'
 
 
-def block_size(digest: Digest) -> int:
-    return hashlib.new(digest.hashlib_name).block_size
-
-
 HEADER_MISMATCH = "wrong passphrase (or a damaged header); nothing was restored"
-
-
-def hmac_init_line(digest: Digest) -> str:
-    return call("hmac_init", digest.hashlib_name, str(block_size(digest)))
 
 
 def pipeline_block(
@@ -371,102 +361,10 @@ def passphrase_lines() -> list[str]:
     ]
 
 
-def decrypt_note(stages: Sequence[Stage]) -> list[str]:
-    if not any(stage.program == "openssl" for stage in stages):
-        return []
-    return [
-        "# openssl enc: -md md5 because Qubes R2-R3.2 used OpenSSL 1.0, whose key",
-        "# derivation was MD5 (OpenSSL >= 1.1 defaults to SHA-256: 'bad decrypt');",
-        "# OpenSSL 3 warns that this key derivation is deprecated: expected.",
-    ]
-
-
-def prelude_v4() -> str:
-    """:data:`PRELUDE` for format 4: no .hmac files, so no HMAC functions."""
-    start = PRELUDE.index("# Steps 2 and 4 compare HMACs.")
-    end = PRELUDE.index("list_members() {")
-    text = PRELUDE[:start] + PRELUDE[end:]
-    for old, new in (
-        (
-            "# The HMAC key only ever goes through the shell's own printf (see hmac_init).",
-            "# The passphrase only ever goes through the shell's own printf (see scrypt_dec).",
-        ),
-        (
-            "# Not exported: it goes into the environment of the one command that\n"
-            "    # reads it (openssl enc -pass env:backup_pass), never into an argv.",
-            "# Not exported: scrypt gets it in its environment or on its stdin\n"
-            "    # (see scrypt_dec), never argv.",
-        ),
-    ):
-        assert old in text
-        text = text.replace(old, new)
-    return text
-
-
-# Placeholders for scrypt's file arguments in the rendered stages.
-_SCRYPT_IN = "/QRECOVER-SCRYPT-IN"
-_SCRYPT_OUT = "/QRECOVER-SCRYPT-OUT"
-
-
-def scrypt_functions() -> str:
-    """The sh functions of format 4: how this scrypt takes a passphrase, and
-    ``scrypt_dec``, whose two ways of running scrypt are rendered from the
-    stages qrecover runs (qrecover.scrypt.dec_stage)."""
-    subst = {_SCRYPT_IN: '"$work/$1"', _SCRYPT_OUT: '"$work/$2"'}
-    env = render_argv(dec_stage(ScryptTool("env"), _SCRYPT_IN, _SCRYPT_OUT).argv, subst)
-    stdin = render_argv(dec_stage(ScryptTool("stdin"), _SCRYPT_IN, _SCRYPT_OUT).argv, subst)
-    return (
-        SCRYPT_FUNCTIONS.replace("@ENV_RUN@", f'{PASS_ENV}="$3${PASS_ENV}" {env}')
-        .replace("@STDIN_RUN@", f"printf '%s\\n' \"$3${PASS_ENV}\" | {stdin}")
-    )
-
-
-# Format 4 (Qubes R4).  The v4 recovery page pipes `echo "$backup_id!$f!$backup_pass"`
-# into `scrypt dec -P`; these functions do the same without echo (printf is a
-# builtin: no command line holds the passphrase) and, unlike the page's step 8,
-# never let a chunk's plaintext go on before scrypt has exited 0.
-SCRYPT_FUNCTIONS = r"""
-scrypt_init() {  # how this scrypt takes a passphrase without a terminal
-    # --passphrase env:VAR since scrypt 1.3.0, -P (a line on stdin) since 1.2.1;
-    # 1.2.0 and older read it only from a terminal, once per file.
-    _usage=$(scrypt --help 2>&1)
-    case $_usage in
-        *--passphrase*) scrypt_style=env ;;
-        *)
-            printf '%s\n' "$_usage" | grep -q -E -e '(^|[[:space:][])-P([][:space:]]|$)' ||
-                die "this scrypt is too old: scrypt 1.2.1 or newer is needed" \
-                    "(older ones read the passphrase only from a terminal)"
-            scrypt_style=stdin
-            ;;
-    esac
-}
-
-scrypt_dec() {  # scrypt_dec IN OUT PREFIX [WHY]: scrypt authenticates IN, decrypts it into OUT
-    # Its passphrase is PREFIX followed by yours ('backup-header!', or
-    # 'BACKUPID!NAME.NNN!'). scrypt checks IN's HMAC only at its end and may
-    # already have written plaintext: OUT is used only if scrypt exited 0.
-    rm -f -- "$work/$2"
-    if [ "$scrypt_style" = env ]; then
-        @ENV_RUN@ </dev/null 2>"$work/stderr.scrypt"
-    else
-        @STDIN_RUN@ 2>"$work/stderr.scrypt"
-    fi
-    _status=$?
-    rm -f -- "$work/$1"
-    if [ "$_status" != 0 ]; then
-        rm -f -- "$work/$2"
-        _said=$(tail -n 1 "$work/stderr.scrypt")
-        die "$1: scrypt could not authenticate it (exit status $_status${_said:+: $_said}):" \
-            "${4:-damaged or tampered with; nothing of it was used}"
-    fi
-    say "  $1: authenticated by scrypt"
-}
-
-same_file() {  # same_file FILE COPY: FILE is identical to what scrypt authenticated
-    cmp -s -- "$work/$1" "$work/$2" ||
-        die "$1: differs from the authenticated copy in $1.hmac:" \
-            "altered or damaged; nothing was restored"
-    rm -f -- "$work/$2"
-    say "  $1: identical to its copy authenticated by scrypt"
-}
-""".strip()
+def untar_command(backup: str, *members: str) -> str:
+    """The page's step 1 for this backup (only ``members``, if named)."""
+    if backup == "-":
+        return render_argv(
+            ("...", "|", "tar", "-i", "-xvf", "-", *members), {"...": "...", "|": "|"}
+        )
+    return render_argv(("tar", "-i", "-xvf", os.path.abspath(backup), *members))

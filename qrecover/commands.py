@@ -1,0 +1,300 @@
+"""The commands as plain, typed functions: what cli.py's typer functions call.
+
+Each takes its options as arguments and returns the exit code; none needs
+typer, so each can be called and tested in-process.  The run's state (its
+listeners, settings, progress line) is a :class:`~qrecover.context.RunContext`
+made here for each run, never module state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from qrecover import formats
+from qrecover.commands_files import restore_files
+from qrecover.container import open_source
+from qrecover.context import RunContext
+from qrecover.engine import run
+from qrecover.errors import EXIT_BACKUP, EXIT_OK, EXIT_OUTPUT, QrecoverError, UsageError
+from qrecover.events import EventListener
+from qrecover.files import find_debugfs
+from qrecover.inventory import Entity
+from qrecover.passphrase import get_passphrase
+from qrecover.progress import Display, source_size, summary_table
+from qrecover.render.explain import Narrator
+from qrecover.render.plantext import plan_text
+from qrecover.render.transcript import TranscriptWriter, open_new
+from qrecover.report import FileResult, Report, Request
+from qrecover.units import human_bytes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The global options, kept on typer's context (``ctx.obj``) for the commands."""
+
+    quiet: bool = False
+
+
+def err(message: str) -> None:
+    print(f"qrecover: {message}", file=sys.stderr, flush=True)
+
+
+class _Printer:
+    """Prints a line per stored file as it completes; drives the progress display."""
+
+    def __init__(self, mode: str, display: Display | None = None) -> None:
+        self.mode = mode
+        self.display = display
+
+    def planned(self, selected: Sequence[Entity]) -> None:
+        if self.display is not None:
+            self.display.planned(selected)
+
+    def file_started(self, stored: str, owner: str) -> None:
+        if self.display is not None:
+            self.display.file_started(stored, owner)
+
+    def data_read(self, stored: str, nbytes: int) -> None:
+        if self.display is not None:
+            self.display.data_read(stored, nbytes)
+
+    def file_done(self, result: FileResult) -> None:
+        if self.display is not None:
+            self.display.file_done(result)
+        print(_file_line(self.mode, result), flush=True)
+
+
+def _file_line(mode: str, result: FileResult) -> str:
+    where = result.owner or "-"
+    if not result.ok:
+        kept = ""
+        if result.places:
+            kept = " (kept as " + ", ".join(str(p) for p in result.places) + ")"
+        return f"FAILED    {where:<16} {result.problem}{kept}"
+    if mode == "verify":
+        return (
+            f"OK        {where:<16} {result.stored}  {result.chunks} chunk(s), "
+            f"{human_bytes(result.stored_bytes)} stored, {result.members} member(s) listed"
+        )
+    places = ", ".join(str(p) for p in result.places)
+    return (
+        f"RESTORED  {where:<16} {result.stored} -> {places} ({human_bytes(result.restored_bytes)})"
+    )
+
+
+def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> int:
+    failures = [f for f in report.files if not f.ok]
+    if not settings.quiet:
+        print(summary_table(mode, report.files, elapsed), flush=True)
+    for problem in report.problems:
+        err(f"problem: {problem}")
+    count = len(report.files)
+    if report.ok:
+        verb = "verified" if mode == "verify" else "restored"
+        where = f" into {report.output}" if mode == "restore" else ""
+        checked = report.fmt.verdict if report.fmt is not None else "all HMACs matched"
+        print(
+            f"{verb} {count} stored file(s) of {len(report.selected)} VM(s){where}: "
+            f"{checked}, every stage succeeded",
+            flush=True,
+        )
+        return EXIT_OK
+    err(
+        f"{len(failures)} of {count} stored file(s) failed"
+        + (f", {len(report.problems)} other problem(s)" if report.problems else "")
+        + ":"
+    )
+    for failure in failures:
+        err(f"  {failure.problem}")
+    if any(f.output_trouble for f in failures):
+        return EXIT_OUTPUT
+    return EXIT_BACKUP
+
+
+def _run(
+    settings: Settings,
+    backup: str,
+    passphrase_file: Path | None,
+    request: Request,
+    listeners: Sequence[EventListener] = (),
+) -> tuple[Report, float]:
+    """Run the pass; returns the report and its time (from after the passphrase)."""
+    source = open_source(backup)
+    passphrase = get_passphrase(passphrase_file)
+    started = time.monotonic()
+    ctx = RunContext(quiet=settings.quiet, listeners=list(listeners))
+    if request.mode == "info":
+        return run(source, passphrase, request, ctx=ctx), time.monotonic() - started
+    if not settings.quiet and sys.stderr.isatty():
+        ctx.display = Display(sys.stderr, source_size(source))
+    try:
+        report = run(source, passphrase, request, _Printer(request.mode, ctx.display), ctx)
+        return report, time.monotonic() - started
+    finally:
+        ctx.clear_line()
+
+
+@dataclass
+class _Showing:
+    """The --transcript/--explain listeners, and how the run they show ended."""
+
+    listeners: list[EventListener]
+    ok: bool = False
+    note: str = "qrecover stopped with an error"
+
+    def finished(self, report: Report) -> None:
+        self.ok = report.ok
+        if not report.ok:
+            failures = [f.problem for f in report.files if not f.ok]
+            self.note = "qrecover reported problems: " + "; ".join(
+                [*failures, *report.problems]
+            )[:500]
+
+
+@contextlib.contextmanager
+def _showing(
+    mode: str,
+    backup: str,
+    output: Path | None,
+    transcript: Path | None,
+    explain: bool,
+    force: bool = False,
+) -> Iterator[_Showing]:
+    """The listeners for --transcript and --explain; the transcript is closed either way,
+    ending with how the run ended (the caller reports it with ``finished``)."""
+    listeners: list[EventListener] = []
+    writer: TranscriptWriter | None = None
+    narrator: Narrator | None = None
+    if transcript is not None and backup != "-" and os.path.exists(transcript) and (
+        os.path.samefile(transcript, backup)
+    ):
+        raise UsageError(f"--transcript {transcript} is the backup itself")
+    if transcript is not None:
+        writer = TranscriptWriter(
+            open_new(transcript, force),
+            "restore" if mode == "restore" else "verify",
+            None if backup == "-" else os.path.abspath(backup),
+            Path(os.path.abspath(output)) if output is not None else None,
+            argv=sys.argv[1:],
+        )
+        listeners.append(writer)
+    if explain:
+        narrator = Narrator(backup, mode)
+        listeners.append(narrator)
+    shown = _Showing(listeners)
+    raised = True
+    try:
+        yield shown
+        raised = False
+    except QrecoverError as exc:
+        shown.ok, shown.note = False, exc.message
+        raise
+    finally:
+        if writer is not None:
+            writer.close(shown.ok and not raised, shown.note)
+        if narrator is not None and not raised:
+            narrator.close()
+
+
+def restore_command(
+    backup: str,
+    output: Path,
+    vms: Sequence[str],
+    force: bool,
+    passphrase_file: Path | None,
+    size_limit: bool = True,
+    files: bool = False,
+    transcript: Path | None = None,
+    explain: bool = False,
+    dry_run: bool = False,
+    settings: Settings | None = None,
+) -> int:
+    settings = settings or Settings()
+    if dry_run:
+        request = Request("restore", tuple(vms), output, force, size_limit, dry_run=True)
+        report, _ = _run(settings, backup, passphrase_file, request)
+        assert report.plan is not None
+        print(plan_text(report.plan, backup, report.stops))
+        # What would stop the restore stops the dry run, with the same exit code.
+        return EXIT_OUTPUT if report.stops else EXIT_OK
+    if files:
+        find_debugfs()  # a missing debugfs stops us before the restore, not after it
+    request = Request("restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit)
+    with _showing("restore", backup, output, transcript, explain, force) as shown:
+        report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
+        shown.finished(report)
+    code = _finish(settings, "restore", report, elapsed)
+    if files:
+        files_code = restore_files(report, output, force)
+        code = code if code != EXIT_OK else files_code
+    return code
+
+
+def verify_command(
+    backup: str,
+    vms: Sequence[str],
+    passphrase_file: Path | None,
+    size_limit: bool = True,
+    transcript: Path | None = None,
+    explain: bool = False,
+    settings: Settings | None = None,
+) -> int:
+    settings = settings or Settings()
+    request = Request("verify", vms=tuple(vms), size_limit=size_limit)
+    with _showing("verify", backup, None, transcript, explain) as shown:
+        report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
+        shown.finished(report)
+    return _finish(settings, "verify", report, elapsed)
+
+
+def script_command(
+    backup: str,
+    output: Path,
+    vms: Sequence[str],
+    passphrase_file: Path | None,
+    settings: Settings | None = None,
+) -> int:
+    request = Request("info", vms=tuple(vms))
+    report, _ = _run(settings or Settings(), backup, passphrase_file, request)
+    where = None if backup == "-" else os.path.abspath(backup)
+    out = Path(os.path.abspath(output))
+    text = formats.words(report.fmt).script(report.selected, where, out, tuple(sys.argv[1:]))
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def info_command(
+    backup: str, as_json: bool, passphrase_file: Path | None, settings: Settings | None = None
+) -> int:
+    report, _elapsed = _run(settings or Settings(), backup, passphrase_file, Request("info"))
+    assert report.fmt is not None and report.inventory is not None
+    fmt = report.fmt
+    if as_json:
+        data = {
+            "header": fmt.header.fields(),
+            "vms": [e.as_json() for e in report.inventory.entities],
+        }
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"Backup {backup}: format {fmt.version}, written by {fmt.written_by}")
+    print(f"  header verified with {fmt.authenticated_with}")
+    for key, value in fmt.header.fields().items():
+        print(f"  {key}: {value}")
+    print("VMs with data in this backup:")
+    rows = [("NAME", "TYPE", "TEMPLATE", "BACKUP PATH", "SIZE")]
+    rows += [
+        (e.name, e.type, e.template or "-", e.backup_path, human_bytes(e.size))
+        for e in report.inventory.entities
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK

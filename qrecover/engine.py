@@ -1,0 +1,398 @@
+"""One streaming pass over a backup: authenticate, then run the plan.
+
+The order is the recovery page's, done for every stored file in turn:
+
+1. read ``backup-header`` and ``backup-header.hmac``; the format
+   (qrecover.formats) authenticates the header before it is parsed;
+2. read ``qubes.xml`` like any stored file, select the VMs, and make the
+   plan (qrecover.plan): every stored file's stages, its place, its budget,
+   and what would stop the run;
+3. for each stored file, take its chunks in numeric order: the format reads
+   each off the stream into private scratch and checks it (format 3: its
+   HMAC; format 4: scrypt), and only then does ``cat`` feed it into the
+   stored file's one pipeline (qrecover.stored).  While ``cat`` feeds chunk
+   N, chunk N+1 is read, so scratch stays at two or three chunks.
+4. a stored file that fails stops there: what its pipeline already wrote is
+   kept only as ``NAME.partial``; the other stored files go on.
+
+The engine knows nothing of versions; a dry run walks the same steps up to
+the plan and starts nothing for the stored files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from qrecover.container import (
+    HEADER,
+    HEADER_HMAC,
+    QUBES_XML,
+    ChunkName,
+    FolderSource,
+    Member,
+    StreamSource,
+    Truncated,
+    parse_member_name,
+)
+from qrecover.context import RunContext
+from qrecover.errors import (
+    BackupError,
+    MissingProgramError,
+    OutputError,
+    StoredFileError,
+)
+from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead, QubesXmlWritten
+from qrecover.formats import MAX_HEADER_HMAC, authenticate
+from qrecover.formats.base import Format
+from qrecover.header import MAX_HEADER
+from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
+from qrecover.output import Output
+from qrecover.plan import XML_SINK, Plan, obstacles
+from qrecover.report import FileResult, Observer, Quiet, Report, Request
+from qrecover.runner import control, which
+from qrecover.scratch import ChunkStore, ScratchNames
+from qrecover.stages.decompress import pick_gunzip
+from qrecover.stored import StoredFile
+
+
+class _Peekable:
+    """Members one at a time; a broken stream ends it and is remembered."""
+
+    def __init__(self, it: Iterator[Member]) -> None:
+        self._it = it
+        self._next: Member | None = None
+        self._done = False
+        self.error: BackupError | None = None
+
+    def peek(self) -> Member | None:
+        if self._next is None and not self._done:
+            try:
+                self._next = next(self._it)
+            except StopIteration:
+                self._done = True
+            except BackupError as exc:
+                self.stop(exc)
+        return self._next
+
+    def take(self) -> Member | None:
+        member = self.peek()
+        self._next = None
+        return member
+
+    def stop(self, error: BackupError) -> None:
+        self._done = True
+        self._next = None
+        if self.error is None:
+            self.error = error
+
+    def require(self, what: str) -> Member:
+        member = self.peek()
+        if member is None:
+            if self.error is not None:
+                raise self.error
+            raise BackupError(f"{what} is missing: the backup ends before it")
+        return member
+
+
+class Recovery:
+    """The whole procedure for one backup; ``run()`` returns a Report."""
+
+    def __init__(
+        self,
+        source: StreamSource | FolderSource,
+        passphrase: str,
+        request: Request,
+        observer: Observer | None = None,
+        ctx: RunContext | None = None,
+    ) -> None:
+        self.ctx = ctx if ctx is not None else RunContext()
+        self.source = source
+        self.passphrase = passphrase
+        self.key = passphrase.encode("utf-8")
+        self.request = request
+        self.observer: Observer = observer or Quiet()
+        self.fmt: Format | None = None
+        self.output: Output | None = None
+        self.scratch: Path | None = None
+        self.report = Report(output=request.output)
+        self._seen: set[str] = set()
+        self._spent: dict[str, int] = {}
+        self._active: StoredFile | None = None
+        self.names: ScratchNames | None = None
+        # igzip or pigz, when installed, undo gzip faster than gzip -d.
+        self.gunzip = pick_gunzip()
+
+    # -- the pass -----------------------------------------------------------
+
+    def run(self) -> Report:
+        members = _Peekable(self.source.members())
+        request = self.request
+        try:
+            self.fmt = fmt = self._read_header(members)
+            self.report.fmt = fmt
+            self._check_programs(fmt)
+            writes = request.mode == "restore" and not request.dry_run
+            if writes:
+                assert request.output is not None
+                self.output = Output(request.output, request.force)
+                self.output.prepare()
+                self.scratch = Path(tempfile.mkdtemp(prefix=".qrecover-", dir=self.output.root))
+            else:
+                self.scratch = Path(tempfile.mkdtemp(prefix="qrecover-"))
+            self.names = ScratchNames(self.scratch)
+            xml = self._read_qubes_xml(members, self._plan(fmt, ()))
+            inventory = parse_inventory(xml)
+            self.report.inventory = inventory
+            selected = inventory.select(request.vms)
+            self.report.selected = selected
+            self.ctx.emit(InventoryRead(inventory, selected))
+            plan = self.report.plan = self._plan(fmt, selected)
+            if request.mode == "info":
+                return self.report
+            self.report.stops = obstacles(plan)
+            if request.dry_run:
+                return self.report  # what would run and what would stop it; nothing started
+            self.observer.planned(selected)
+            if self.output is not None:
+                if self.report.stops:
+                    raise self.report.stops[0]
+                self.ctx.emit(QubesXmlWritten(self.output.write_file(QUBES_XML, xml)))
+            self._stream(members, inventory, plan)
+        except BaseException:
+            if self._active is not None:
+                self._active.kill()
+            raise
+        finally:
+            self._cleanup()
+        return self.report
+
+    def _plan(self, fmt: Format, selected: tuple[Entity, ...]) -> Plan:
+        request = self.request
+        return Plan(
+            fmt,
+            request.mode,
+            selected,
+            self.gunzip,
+            request.output,
+            request.force,
+            request.size_limit,
+        )
+
+    def _cleanup(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+        if self.output is not None and self.output.created:
+            with contextlib.suppress(OSError):
+                self.output.root.rmdir()  # only if we made it and nothing landed
+
+    def _read_header(self, members: _Peekable) -> Format:
+        if members.peek() is None and members.error is None:
+            raise BackupError("the backup is empty (no members): not a Qubes backup")
+        first = members.require("backup-header")
+        members.take()
+        if first.name != HEADER:
+            name = first.name.encode("ascii", "backslashreplace").decode()[:80]
+            if name.startswith("qubes.xml.000"):
+                raise BackupError(
+                    "no backup-header: this looks like a format 2 backup "
+                    "(Qubes R2 beta), which qrecover does not read"
+                )
+            raise BackupError(
+                f"the backup does not start with backup-header (found {name!r}): "
+                "not a Qubes backup of format 3 or 4"
+            )
+        data = first.read_all(MAX_HEADER)
+        second = members.require("backup-header.hmac")
+        if second.name != HEADER_HMAC:
+            raise BackupError("backup-header.hmac is missing: the header cannot be verified")
+        members.take()
+        hmac_text = second.read_all(MAX_HEADER_HMAC)
+        fmt = authenticate(data, hmac_text, self.passphrase, self.ctx.command)
+        self.ctx.emit(HeaderVerified(fmt))
+        return fmt
+
+    def _check_programs(self, fmt: Format) -> None:
+        needed = ["tar", "cat", *fmt.programs(self.gunzip)]
+        for program in needed:
+            which(program)
+        if "GNU tar" not in control("tar", "--version", log=self.ctx.command):
+            raise MissingProgramError(
+                "tar is not GNU tar (needed for sparse VM images)",
+                hint="install GNU tar (package 'tar') and put it first on PATH",
+            )
+        fmt.check_programs(self.ctx.command)
+
+    def _job(self, plan: Plan, stored: str, owner: str, sink_staging: Entity | None) -> StoredFile:
+        assert self.scratch is not None
+        if sink_staging is None:
+            sink = XML_SINK
+        else:
+            staging = None
+            if plan.mode == "restore":
+                assert self.names is not None
+                staging = self.names.fresh("stage")
+                staging.mkdir(mode=0o700)
+            sink = plan.sink(sink_staging, stored, staging, self._spent.get(owner, 0))
+        return StoredFile(
+            stored,
+            owner,
+            sink,
+            plan.stages(sink),
+            self.ctx,
+            self.passphrase,
+            self.scratch,
+            self.output,
+        )
+
+    def _read_qubes_xml(self, members: _Peekable, plan: Plan) -> bytes:
+        first = members.require("qubes.xml.000")
+        name = parse_member_name(first.name)
+        if name is None or name.stored != QUBES_XML:
+            raise BackupError(
+                "qubes.xml.000 is missing after the header: cannot tell which VMs the backup holds"
+            )
+        job = self._job(plan, QUBES_XML, "", None)
+        self._consume(members, job)
+        result = job.finish()
+        if members.error is not None:
+            raise members.error
+        if not result.ok:
+            raise BackupError(f"qubes.xml: {result.error}")
+        assert job.out_file is not None
+        data = job.out_file.read(MAX_XML + 1)
+        job.out_file.close()
+        return data
+
+    def _stream(self, members: _Peekable, inventory: Inventory, plan: Plan) -> None:
+        chosen = {e.backup_path for e in plan.selected}
+        while True:
+            member = members.peek()
+            if member is None:
+                break
+            name = parse_member_name(member.name)
+            if name is None:
+                raise BackupError(f"{member.name}: appears again inside the backup")
+            owner = inventory.owner(name.stored)
+            if owner is None:
+                members.take()
+                self.report.problems.append(
+                    f"{member.name}: stored file not listed in qubes.xml; skipped"
+                )
+                continue
+            if owner.backup_path not in chosen:
+                members.take()  # the stream skips its bytes without reading them into us
+                self.observer.data_read(name.stored, member.size)
+                continue
+            job = self._job(plan, name.stored, owner.name, owner)
+            self.observer.file_started(name.stored, owner.name)
+            self._active = job
+            self._consume(members, job)
+            result = job.finish()
+            self._active = None
+            self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
+            self.report.files.append(result)
+            # Special files were left out: the rest of the stored file is
+            # complete and verified, but the backup was not restored whole.
+            self.report.problems.extend(f"{result.stored}: {note}" for note in result.notes)
+            self.observer.file_done(result)
+            if isinstance(result.failure, OutputError) and result.failure.fatal:
+                raise result.failure
+        if members.error is not None:
+            self.report.problems.append(str(members.error))
+        self._missing(plan.selected, {f.stored for f in self.report.files})
+
+    def _missing(self, selected: tuple[Entity, ...], found: set[str]) -> None:
+        for entity in selected:
+            required = entity.required_stored()
+            if required is None and not any(f.owner == entity.name for f in self.report.files):
+                required = f"{entity.backup_path}/*"
+            if required is not None and required not in found:
+                self.report.problems.append(
+                    f"{required}: missing from the backup, although qubes.xml says "
+                    f"{entity.name}'s data is in it (truncated or damaged backup?)"
+                )
+
+    # -- one stored file ----------------------------------------------------
+
+    def _consume(self, members: _Peekable, job: StoredFile) -> None:
+        """Take every member of ``job``'s stored file; the format checks each chunk."""
+        stored = job.stored
+        if stored in self._seen:
+            job.fail(StoredFileError(f"{stored}: its chunks appear in two places in the backup"))
+        self._seen.add(stored)
+        fmt = self.fmt
+        assert fmt is not None
+        assert self.names is not None
+        store = ChunkStore(self.names, self.passphrase, self.ctx.command, self.observer, job)
+        expected = 0
+        while True:
+            member = members.peek()
+            if member is None:
+                break
+            name = parse_member_name(member.name)
+            if name is None or name.stored != stored:
+                break
+            members.take()
+            if job.result.error is not None:
+                continue
+            problem = self._misplaced(fmt, member, name, stored, expected)
+            if problem is not None:
+                job.fail(problem)
+                continue
+            try:
+                outcome = fmt.read_chunk(store, member, name, members).complete()
+            except Truncated as exc:
+                job.fail(exc)
+                members.stop(exc)
+                break
+            expected += 1
+            if outcome.checked:
+                self.ctx.emit(ChunkChecked(member.name, member.size, outcome.reason))
+            if outcome.error is not None:
+                job.fail(outcome.error)
+                continue
+            assert outcome.plain is not None
+            try:
+                job.feed(outcome.plain, outcome.owned, member.name)
+            except OSError as exc:
+                store.drop(outcome.plain, outcome.owned)
+                job.fail(StoredFileError(f"{member.name}: could not start the pipeline ({exc})"))
+
+    @staticmethod
+    def _misplaced(
+        fmt: Format, member: Member, name: ChunkName, stored: str, expected: int
+    ) -> StoredFileError | None:
+        """Why this member cannot be the next chunk of ``stored``, if it cannot."""
+        if not fmt.owns_chunk(name):
+            return StoredFileError(
+                f"{member.name}: not a chunk name of a format-{fmt.version} backup "
+                "(format 3 has NAME.NNN and NAME.NNN.hmac, format 4 NAME.NNN.enc)"
+            )
+        if name.is_hmac:
+            return StoredFileError(
+                f"{member.name}: an .hmac without its chunk (chunk {name.data_name} missing)"
+            )
+        if name.index != expected:
+            want = ChunkName(stored, expected).name
+            what = "duplicated or out of order" if name.index < expected else "missing"
+            return StoredFileError(f"{want}: chunk {what} (found {member.name} instead)")
+        return None
+
+
+def run(
+    source: StreamSource | FolderSource,
+    passphrase: str,
+    request: Request,
+    observer: Observer | None = None,
+    ctx: RunContext | None = None,
+) -> Report:
+    """Run the procedure; raises QrecoverError for what stops everything."""
+    return Recovery(source, passphrase, request, observer, ctx).run()
+
+
+__all__ = ["FileResult", "Report", "Request", "run"]

@@ -1,0 +1,104 @@
+"""What the engine did, step by step: plain data, no rendering.
+
+The engine emits one event per step of the recovery procedure as it
+happens, through its run's :class:`~qrecover.context.RunContext`.  The
+renderers (qrecover.render: ``--transcript``, ``--explain``) turn them into
+words, asking the run's format (qrecover.formats) for what differs.  The
+commands a ``-v`` log shows are logged where they run (qrecover.runner) or
+where they are done in-process (the format's HMAC checks), not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from qrecover.inventory import Entity, Inventory
+from qrecover.runner import Stage
+
+if TYPE_CHECKING:
+    from qrecover.formats.base import Format
+
+SinkKind = Literal["capture", "list", "extract"]
+
+
+@dataclass(frozen=True)
+class HeaderVerified:
+    """The header is authenticated and parsed: ``fmt`` is the format that runs."""
+
+    fmt: Format
+
+
+@dataclass(frozen=True)
+class InventoryRead:
+    """qubes.xml read: the VMs in the backup and those selected."""
+
+    inventory: Inventory
+    selected: tuple[Entity, ...]
+
+
+@dataclass(frozen=True)
+class ChunkChecked:
+    """The format's per-chunk check ran on ``member``: passed (``error`` None,
+    and the chunk goes on), or failed, and nothing of it was used."""
+
+    member: str
+    size: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PipelineStarted:
+    """One stored file's pipeline (decrypt | decompress | untar, as the format says)."""
+
+    stored: str
+    owner: str
+    stages: tuple[Stage, ...]
+    kind: SinkKind
+    staging: Path | None = None  # the private folder tar extracts into
+    folder: str = ""  # output-relative folder the extracted entries go to
+
+
+@dataclass(frozen=True)
+class ChunkFed:
+    """A checked chunk is being fed into its stored file's pipeline."""
+
+    stored: str
+    member: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class FileFinished:
+    """A stored file is done: restored (or listed), or failed."""
+
+    stored: str
+    owner: str
+    error: str | None
+    places: tuple[Path, ...] = ()
+    restored_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class QubesXmlWritten:
+    path: Path
+
+
+Event = (
+    HeaderVerified
+    | InventoryRead
+    | ChunkChecked
+    | PipelineStarted
+    | ChunkFed
+    | FileFinished
+    | QubesXmlWritten
+)
+EventListener = Callable[[Event], None]
+
+
+def about(stored: str, error: str) -> str:
+    """``STORED: what went wrong``, naming the stored file once (most errors
+    already start with it)."""
+    return error if error.startswith(f"{stored}:") else f"{stored}: {error}"

@@ -1,0 +1,106 @@
+"""Every backup format, behind one seam (see base.py): detection and the registry.
+
+The header cannot be trusted before it is authenticated, and each format
+authenticates it its own way, so the format is decided by the *shape* of
+``backup-header.hmac`` (:func:`detect`): a file written by ``scrypt enc``
+is format 4, anything else must be a format-3 HMAC line.  Only once
+authenticated is the header parsed (:func:`parse_header`, with the model of
+the version it names), and that version must be the one it was
+authenticated as.
+
+Adding a format is adding a module here and a line to ``_KINDS``: nothing
+outside this package names a format or branches on its version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Protocol
+
+from qrecover.errors import BackupError
+from qrecover.formats import v3, v3_words, v4, v4_words
+from qrecover.formats.base import Format, Words
+from qrecover.header import Header, split_header, validate
+from qrecover.runner import CommandLog, log_command
+from qrecover.verify import MAX_HMAC_FILE
+
+# The largest backup-header.hmac any format has.
+MAX_HEADER_HMAC = max(v4.MAX_HEADER_HMAC, MAX_HMAC_FILE)
+
+
+class _Kind(Protocol):
+    VERSION: int
+
+    def claims(self, header_hmac: bytes) -> bool: ...
+
+    def open_format(
+        self,
+        header: bytes,
+        header_hmac: bytes,
+        passphrase: str,
+        log: CommandLog,
+        parse: Callable[[bytes], Header],
+    ) -> Format: ...
+
+
+# Tried in this order; the last claims whatever the others did not.
+_KINDS: tuple[ModuleType, ...] = (v4, v3)
+_MODELS: dict[int, type[v3.BackupHeader] | type[v4.BackupHeaderV4]] = {
+    v3.VERSION: v3.BackupHeader,
+    v4.VERSION: v4.BackupHeaderV4,
+}
+_WORDS: dict[int, Callable[[Format | None], Words]] = {
+    v3.VERSION: v3_words.Words3,
+    v4.VERSION: v4_words.Words4,
+}
+# The words of a transcript whose run stopped before any header was verified.
+DEFAULT_VERSION = v3.VERSION
+
+
+def detect(header_hmac: bytes) -> ModuleType:
+    """The format module whose ``backup-header.hmac`` has this shape."""
+    return next(kind for kind in _KINDS if kind.claims(header_hmac))
+
+
+def parse_header(data: bytes) -> Header:
+    """Parse an authenticated header into the model of the version it names."""
+    values = split_header(data)
+    if "version" not in values:
+        raise BackupError("backup-header: no 'version' key")
+    version = values["version"]
+    if not version.isdigit() or int(version) not in _MODELS:
+        raise BackupError(
+            f"backup-header: format version {version} is not supported "
+            "(qrecover reads format 3, written by Qubes R2 to R3.2, "
+            "and format 4, written by Qubes R4)"
+        )
+    header: Header = validate(_MODELS[int(version)], values)
+    return header
+
+
+def read_header(data: bytes, hmac_text: bytes, passphrase: bytes) -> v3.BackupHeader:
+    """A format-3 header: authenticated by its HMAC, parsed, cross-checked."""
+    return v3.read_header(data, hmac_text, passphrase, parse_header)
+
+
+def authenticate(
+    header: bytes, header_hmac: bytes, passphrase: str, log: CommandLog = log_command
+) -> Format:
+    """Authenticate ``backup-header`` with ``backup-header.hmac``, then parse it.
+
+    Raises AuthenticationError (exit 3) when the passphrase does not
+    authenticate the header, BackupError (exit 4) for a malformed header or
+    one naming a version that is not the one it was authenticated as.
+    """
+    kind: _Kind = detect(header_hmac)
+    return kind.open_format(header, header_hmac, passphrase, log, parse_header)
+
+
+def words(fmt: Format | None) -> Words:
+    """What the renderers say for ``fmt`` (None: no header was verified)."""
+    version = fmt.version if fmt is not None else DEFAULT_VERSION
+    return _WORDS[version](fmt)
+
+
+__all__ = ["Format", "Words", "authenticate", "detect", "parse_header", "words"]

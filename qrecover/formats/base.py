@@ -1,0 +1,175 @@
+"""What a backup format answers, so that the engine and the renderers need not know it.
+
+A format is one object (``Format``), made by authenticating the header, and
+its words (``Words``, the renderers' side: recovery page, step numbers, sh
+fragments, narration).  The engine (qrecover.engine) asks the format:
+
+- ``programs`` / ``check_programs``: what must be installed, checked up front;
+- ``owns_chunk``: whether a chunk name has this format's shape;
+- ``read_chunk``: take one chunk off the stream (with what belongs to it,
+  such as format 3's ``.hmac``) into private scratch, returning a
+  :class:`PendingChunk`;
+- ``PendingChunk.complete``: the per-chunk step (format 3: nothing left, the
+  HMAC was computed while reading; format 4: ``scrypt dec``), giving a
+  :class:`ChunkOutcome`: a plaintext to feed, or why not;
+- ``stream_stages``: what the fed chunks of a stored file go through before
+  tar (``openssl enc -d | gzip -d``, or ``gzip -d``).
+
+How the formats still to come fit without changing the engine's shape:
+
+- Format 2 (issue 16: per-chunk HMAC, then decrypt and decompress each
+  chunk, and a multi-volume tar): ``read_chunk`` reads the chunk and its
+  ``.hmac`` as format 3 does; ``complete`` checks the HMAC and runs the
+  per-chunk ``openssl enc -d | gzip -d`` into scratch; ``stream_stages``
+  is empty and the format's extract stage reads the volumes in order.
+- Format 1 (no authentication at all): ``read_chunk`` copies the chunk,
+  ``complete`` has nothing to check and says so in its outcome, so the
+  renderers and the summary can tell the user nothing was authenticated.
+- Parallel per-chunk work (issue 14): ``read_chunk`` is the only step that
+  touches the stream, so it stays sequential; ``complete`` reads and writes
+  only its own scratch files and returns plain data (no events, no shared
+  state), so the engine may run several in a bounded pool and feed their
+  outcomes strictly in chunk order.  Scratch is then bounded by the pool's
+  size instead of one chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from qrecover.container import ChunkName, Member
+from qrecover.errors import QrecoverError
+from qrecover.header import Header
+from qrecover.runner import CommandLog, Stage
+from qrecover.verify import Digest
+
+if TYPE_CHECKING:
+    from qrecover.inventory import Entity
+
+
+@dataclass
+class ChunkOutcome:
+    """What became of one chunk: a plaintext to feed, or why not.
+
+    ``checked``: the format's check ran on the chunk, so renderers tell it
+    (with ``reason`` when it failed); a chunk that could not even be checked
+    (its ``.hmac`` missing) is only a failure.
+    """
+
+    plain: Path | None = None
+    owned: bool = False  # the plaintext is a scratch file, deleted once fed
+    error: QrecoverError | None = None
+    checked: bool = False
+    reason: str | None = None
+
+
+class PendingChunk(Protocol):
+    """A chunk read off the stream, whose per-chunk step is still to run."""
+
+    def complete(self) -> ChunkOutcome: ...
+
+
+class ChunkStore(Protocol):
+    """What the engine lends a format to read one chunk of one stored file."""
+
+    @property
+    def passphrase(self) -> str: ...
+
+    @property
+    def log(self) -> CommandLog: ...
+
+    def copy(self, member: Member, digest: Digest | None) -> tuple[Path, bool, str]:
+        """The chunk in private scratch (or in place, for a folder and no digest),
+        whether it is ours to delete, and its HMAC's hex digest under ``digest``;
+        raises Truncated."""
+        ...
+
+    def scratch_file(self) -> Path: ...
+
+    def drop(self, path: Path, owned: bool) -> None: ...
+
+
+class MemberStream(Protocol):
+    """The outer archive's members, one at a time."""
+
+    def peek(self) -> Member | None: ...
+
+    def take(self) -> Member | None: ...
+
+
+class Format(Protocol):
+    """One backup format version, once its header is authenticated."""
+
+    version: int
+    written_by: str  # "Qubes R2-R3.2"
+    verdict: str  # what a clean run says it checked: "all HMACs matched"
+
+    @property
+    def header(self) -> Header: ...
+
+    @property
+    def authenticated_with(self) -> str: ...
+
+    def programs(self, gunzip: str = "gzip") -> list[str]: ...
+
+    def check_programs(self, log: CommandLog) -> None: ...
+
+    def stream_stages(self, gunzip: str = "gzip") -> list[Stage]: ...
+
+    def owns_chunk(self, name: ChunkName) -> bool: ...
+
+    def read_chunk(
+        self, store: ChunkStore, member: Member, name: ChunkName, members: MemberStream
+    ) -> PendingChunk: ...
+
+
+class Narration(Protocol):
+    """Where a format's narration goes (qrecover.render.explain.Narrator)."""
+
+    def say(
+        self, title: str, text: str, command: str | None = None, result: str = ""
+    ) -> None: ...
+
+
+class Words(Protocol):
+    """What the renderers ask a format: its page, steps and sh fragments."""
+
+    page: str
+    mount_step: int
+
+    # --transcript
+    def transcript_preamble(
+        self, mode: str, backup: str | None, output: Path | None, argv: tuple[str, ...]
+    ) -> list[str]: ...
+    def transcript_header(self) -> list[str]: ...
+    def transcript_chunk(self, member: str, error: str | None) -> list[str]: ...
+    def transcript_steps(self, stored: str) -> str: ...
+    def transcript_pipeline_intro(self) -> str: ...
+
+    # --explain
+    def explain_intro(self, how: str) -> tuple[str, str]: ...
+    def explain_header(self, out: Narration) -> None: ...
+    def explain_chunk(
+        self, out: Narration, member: str, size: int, error: str | None, first: bool
+    ) -> None: ...
+    def explain_pipeline(
+        self, out: Narration, stored: str, stages: tuple[Stage, ...], kind: str
+    ) -> None: ...
+    def explain_inventory(
+        self, out: Narration, names: str, chosen: str, selected: tuple[Entity, ...]
+    ) -> None: ...
+
+    # restore --dry-run
+    def plan_title(self, backup: str) -> str: ...
+    def plan_header_steps(self, gunzip: str) -> list[str]: ...
+    def plan_entity(
+        self, entity: Entity, files: str, pipeline: str, backup: str
+    ) -> list[str]: ...
+    def plan_footer(self) -> str: ...
+
+    # qrecover script
+    def script(
+        self, selected: tuple[Entity, ...], backup: str | None, output: Path, argv: tuple[str, ...]
+    ) -> str: ...

@@ -1,0 +1,251 @@
+"""Format 4 (Qubes R4): every chunk encrypted and authenticated by scrypt on its own.
+
+Each chunk is ``NAME.NNN.enc``, written by ``scrypt enc`` under the
+passphrase ``BACKUPID!NAME.NNN!PASSPHRASE``; the decrypted chunks,
+concatenated, are the compressed inner archive.  ``backup-header.hmac`` is
+the header encrypted by scrypt under ``backup-header!PASSPHRASE``: a file
+that starts like scrypt's output is what tells format 4 from format 3,
+before anything of the header is trusted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from qrecover.container import HEADER, HEADER_HMAC, ChunkName, Member
+from qrecover.errors import AuthenticationError, BackupError, DiskFull, OutputError, StoredFileError
+from qrecover.formats.base import ChunkOutcome, ChunkStore, MemberStream, PendingChunk
+from qrecover.formats.scrypt import (
+    HEADER_PREFIX,
+    ScryptTool,
+    chunk_prefix,
+    decrypt_file,
+    detect_scrypt,
+    is_scrypt_file,
+    render_dec,
+)
+from qrecover.header import MAX_HEADER, Header, check_filter, compression, parse_bool
+from qrecover.runner import CommandLog, Stage, StageResult
+from qrecover.stages.decompress import decompress_stage
+
+VERSION = 4
+PAGE = "https://www.qubes-os.org/doc/backup-emergency-restore-v4/"
+# Qubes R4 writes `%Y%m%dT%H%M%S-PID`; it only ever goes into scrypt's
+# passphrase, never onto a command line, but is bounded all the same.
+BACKUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
+# scrypt adds a 96-byte header and a 32-byte HMAC to what it encrypts.
+SCRYPT_OVERHEAD = 128
+MAX_HEADER_HMAC = MAX_HEADER + SCRYPT_OVERHEAD
+
+
+class BackupHeaderV4(BaseModel):
+    """A verified format-4 (Qubes R4) backup header."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    version: Literal[4]
+    hmac_algorithm: Literal["scrypt"]
+    # R4 always encrypts (scrypt does both); early R4.0 could write False.
+    encrypted: bool = True
+    compressed: bool
+    compression_filter: str | None = None
+    backup_id: str
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: object) -> int:
+        if str(value) != "4":
+            raise ValueError("not a format-4 header")
+        return 4
+
+    @field_validator("hmac_algorithm", mode="before")
+    @classmethod
+    def _hmac(cls, value: object) -> str:
+        if str(value).lower() != "scrypt":
+            raise ValueError("format 4 is authenticated with scrypt only")
+        return "scrypt"
+
+    @field_validator("encrypted", "compressed", mode="before")
+    @classmethod
+    def _bools(cls, value: object) -> bool:
+        return parse_bool(value)
+
+    @field_validator("compression_filter")
+    @classmethod
+    def _filter(cls, value: str | None) -> str | None:
+        return check_filter(value)
+
+    @field_validator("backup_id")
+    @classmethod
+    def _backup_id(cls, value: str) -> str:
+        if not BACKUP_ID_PATTERN.match(value):
+            raise ValueError("not a backup id (1-128 of A-Z a-z 0-9 -)")
+        return value
+
+    @property
+    def filter(self) -> str | None:
+        """The compression program, or None for an uncompressed backup."""
+        return compression(self.compressed, self.compression_filter)
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "hmac-algorithm": self.hmac_algorithm,
+            "encrypted": self.encrypted,
+            "compressed": self.compressed,
+            "compression-filter": self.filter,
+            "backup-id": self.backup_id,
+        }
+
+
+def claims(header_hmac: bytes) -> bool:
+    """``backup-header.hmac`` written by ``scrypt enc``: format 4."""
+    return is_scrypt_file(header_hmac)
+
+
+def open_format(
+    header: bytes,
+    header_hmac: bytes,
+    passphrase: str,
+    log: CommandLog,
+    parse: Callable[[bytes], Header],
+) -> Format4:
+    """scrypt authenticates ``backup-header.hmac``; its plaintext must be the header."""
+    tool = detect_scrypt(log)
+    verified = _scrypt_header(tool, header_hmac, passphrase, log)
+    if not hmac.compare_digest(verified, header):
+        raise AuthenticationError(
+            f"{HEADER}: differs from the authenticated copy in {HEADER_HMAC}: the header "
+            "was altered or damaged; nothing was written"
+        )
+    log(f"diff -qs {HEADER} {HEADER}.verified  # done in-process: identical")
+    parsed = parse(header)
+    if not isinstance(parsed, BackupHeaderV4):
+        raise BackupError(
+            f"{HEADER}: names format {parsed.version} but was authenticated with scrypt, "
+            "as format 4 is"
+        )
+    return Format4(parsed, tool)
+
+
+def _scrypt_header(tool: ScryptTool, header_hmac: bytes, passphrase: str, log: CommandLog) -> bytes:
+    # The header is tiny and not secret: a private temporary folder will do,
+    # before the output folder is even looked at.
+    with tempfile.TemporaryDirectory(prefix="qrecover-header-") as tmp:
+        src = Path(tmp) / HEADER_HMAC
+        dst = Path(tmp) / f"{HEADER}.verified"
+        src.write_bytes(header_hmac)
+        shown = render_dec(tool, HEADER_HMAC, dst.name, HEADER_PREFIX)
+        result = decrypt_file(tool, src, dst, HEADER_PREFIX + passphrase, shown, log)
+        if not result.ok:
+            raise AuthenticationError(
+                f"{HEADER_HMAC}: scrypt could not authenticate it with this passphrase "
+                f"({result.describe()}): wrong passphrase, or the header is damaged; "
+                "nothing was written",
+                hint="check the passphrase (it is case-sensitive); the header is verified "
+                "before anything else is read",
+            )
+        with dst.open("rb") as f:
+            return f.read(MAX_HEADER + 1)
+
+
+@dataclass
+class _Decrypt:
+    """A chunk copied off the stream, still to be authenticated and decrypted."""
+
+    fmt: Format4
+    store: ChunkStore
+    member: str
+    name: ChunkName
+    src: Path
+    owned: bool
+    plain: Path
+
+    def complete(self) -> ChunkOutcome:
+        """scrypt dec into a scratch file, used only if scrypt exited 0 (it may
+        write plaintext before it finds the damage)."""
+        store, member = self.store, self.member
+        result: StageResult | None = None
+        try:
+            result = self.fmt.decrypt_chunk(
+                self.name, self.src, self.plain, store.passphrase, store.log
+            )
+        except OSError as exc:
+            return ChunkOutcome(
+                error=StoredFileError(f"{member}: could not run scrypt ({exc})")
+            )
+        finally:
+            store.drop(self.src, self.owned)
+            if result is None or not result.ok:
+                store.drop(self.plain, True)
+        if result.ok:
+            return ChunkOutcome(plain=self.plain, owned=True, checked=True)
+        said = result.describe()
+        if result.output_trouble:
+            message = f"{member}: {said}"
+            error: OutputError | StoredFileError = (
+                DiskFull(message) if result.disk_full else OutputError(message)
+            )
+        else:
+            error = StoredFileError(
+                f"{member}: scrypt could not authenticate the chunk: it is damaged "
+                f"or was tampered with; nothing of it was used ({said})"
+            )
+        return ChunkOutcome(error=error, checked=True, reason=said)
+
+
+@dataclass(frozen=True)
+class Format4:
+    """Qubes R4: every chunk is scrypt-encrypted and authenticated on its own."""
+
+    header: BackupHeaderV4
+    tool: ScryptTool
+    version = VERSION
+    written_by = "Qubes R4"
+    verdict = "every chunk authenticated by scrypt"
+
+    @property
+    def authenticated_with(self) -> str:
+        return "scrypt"
+
+    def stream_stages(self, gunzip: str = "gzip") -> list[Stage]:
+        """What the decrypted chunks of a stored file go through, before tar."""
+        stage = decompress_stage(self.header, gunzip)
+        return [stage] if stage is not None else []
+
+    def programs(self, gunzip: str = "gzip") -> list[str]:
+        return ["scrypt", *(s.program for s in self.stream_stages(gunzip))]
+
+    def check_programs(self, log: CommandLog) -> None:
+        pass  # scrypt was found, and how it takes a passphrase, with the header
+
+    def owns_chunk(self, name: ChunkName) -> bool:
+        return name.is_enc
+
+    def chunk_prefix(self, chunk: str) -> str:
+        """``BACKUPID!vm7/private.img.000!``: what precedes the passphrase."""
+        return chunk_prefix(self.header.backup_id, chunk)
+
+    def decrypt_chunk(
+        self, chunk: ChunkName, src: Path, dst: Path, passphrase: str, log: CommandLog
+    ) -> StageResult:
+        """Authenticate and decrypt one chunk into ``dst`` (usable only if ok)."""
+        prefix = self.chunk_prefix(chunk.data_name)
+        shown = render_dec(self.tool, chunk.name, chunk.data_name, prefix)
+        return decrypt_file(self.tool, src, dst, prefix + passphrase, shown, log)
+
+    def read_chunk(
+        self, store: ChunkStore, member: Member, name: ChunkName, members: MemberStream
+    ) -> PendingChunk:
+        """Copy the ``.enc`` chunk off the stream (from a folder scrypt reads it in
+        place: what it writes is what is fed on); raises Truncated."""
+        src, owned, _ = store.copy(member, None)
+        return _Decrypt(self, store, member.name, name, src, owned, store.scratch_file())

@@ -1,0 +1,146 @@
+"""The plan: what goes where, through which stages, and what would stop it.
+
+Pure: built from the authenticated format, the selected VMs and the
+request, it decides every stored file's stages (the decompressor that will
+really run included), where it is placed, its decompression budget, and
+which files in the output folder would stop the run.  ``restore``,
+``verify``, ``restore --dry-run``, ``qrecover script`` and ``--transcript``
+all read the same plan, so what they show cannot drift from what runs.
+:func:`obstacles` reads the file system (writing nothing), so that the dry
+run and the restore stop for the same reasons.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from qrecover.container import QUBES_XML
+from qrecover.errors import OutputError, WouldOverwrite
+from qrecover.formats.base import Format
+from qrecover.inventory import DOM0, MAX_XML, Entity
+from qrecover.runner import Stage
+from qrecover.stages.extract import extract_stage, list_stage, placement, qubes_xml_stage
+
+Mode = Literal["info", "verify", "restore"]
+# How far an entity's inner archives may exceed the size qubes.xml declares
+# for it (du of the VM's folder) before qrecover calls it a decompression bomb.
+SIZE_FACTOR = 2
+SIZE_SLACK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where a stored file's inner archive goes."""
+
+    kind: Literal["capture", "list", "extract"]
+    staging: Path | None = None
+    strip: int = 0
+    folder_rel: str = ""
+    limit: int | None = None  # bytes the inner archive may expand to
+
+
+@dataclass(frozen=True)
+class EntityPlan:
+    """One selected VM: its stored files (``vm7/F``, or dom0's one), where they go."""
+
+    entity: Entity
+    files: str
+    strip: int
+    folder: str  # output-relative
+
+
+@dataclass(frozen=True)
+class Plan:
+    fmt: Format
+    mode: Mode
+    selected: tuple[Entity, ...]
+    gunzip: str  # the gzip decompressor that runs (igzip, pigz or gzip)
+    output: Path | None = None
+    force: bool = False
+    size_limit: bool = True
+
+    def front(self) -> list[Stage]:
+        """What every stored file's fed chunks go through before tar."""
+        return self.fmt.stream_stages(self.gunzip)
+
+    def stages(self, sink: Sink) -> list[Stage]:
+        stages = self.front()
+        if sink.kind == "capture":
+            stages.append(qubes_xml_stage())
+        elif sink.kind == "list":
+            stages.append(list_stage())
+        else:
+            assert sink.staging is not None
+            stages.append(extract_stage(sink.staging, sink.strip))
+        return stages
+
+    def budget(self, entity: Entity) -> int | None:
+        """What an entity's inner archives may expand to; None: no limit."""
+        if not self.size_limit or entity.size <= 0:
+            return None
+        return entity.size * SIZE_FACTOR + SIZE_SLACK
+
+    def sink(self, entity: Entity, stored: str, staging: Path | None, spent: int) -> Sink:
+        budget = self.budget(entity)
+        limit = None if budget is None else max(0, budget - spent)
+        if self.mode != "restore":
+            return Sink("list", limit=limit)
+        assert staging is not None
+        strip, folder = placement(entity.backup_path, entity.dest, stored)
+        return Sink("extract", staging, strip, folder, limit)
+
+    def entities(self) -> list[EntityPlan]:
+        plans = []
+        for entity in self.selected:
+            sample = entity.backup_path if entity.name == DOM0 else f"{entity.backup_path}/F"
+            strip, folder = placement(entity.backup_path, entity.dest, sample)
+            plans.append(EntityPlan(entity, sample, strip, folder))
+        return plans
+
+    def targets(self) -> list[str]:
+        """Output-relative paths the restore writes (each VM's folder, qubes.xml)."""
+        return [QUBES_XML, *(e.dest for e in self.selected)]
+
+
+# qubes.xml is captured whole, whatever qubes.xml says of sizes.
+XML_SINK = Sink("capture", limit=MAX_XML + SIZE_SLACK)
+
+
+def existing(root: Path, rels: Sequence[str]) -> list[Path]:
+    return [root / rel for rel in rels if os.path.lexists(root / rel)]
+
+
+def obstacles(plan: Plan) -> list[OutputError]:
+    """What in the output folder would stop the restore (writes nothing).
+
+    Even with --force, nothing is written through a symbolic link inside
+    DIR; without it, nothing that exists is replaced.
+    """
+    if plan.output is None:
+        return []
+    root = plan.output
+    found: list[OutputError] = []
+    for rel in plan.targets():
+        path = root
+        for part in Path(rel).parts:
+            path = path / part
+            if path.is_symlink():
+                found.append(OutputError(
+                    f"{path}: is a symbolic link; refusing to write through it",
+                    hint="remove it or choose another --output",
+                ))
+                break
+    if found or plan.force:
+        return found
+    conflicts = existing(root, plan.targets())
+    if conflicts:
+        shown = ", ".join(str(p) for p in conflicts[:5])
+        found.append(WouldOverwrite(
+            f"would overwrite existing files: {shown}",
+            hint="choose an empty --output folder, or use --force",
+        ))
+    return found

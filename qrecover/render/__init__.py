@@ -1,0 +1,1 @@
+"""Everything a person reads: transcripts, narration, plans, scripts, the log."""

@@ -1,0 +1,75 @@
+"""``restore --dry-run``: the plan, as a person reads it; nothing is written.
+
+What would be restored where (sizes from qubes.xml), what would stop it,
+and the command of each step, numbered as on the format's recovery page.
+The pipelines are the plan's own stages, so the dry run names the programs
+the restore runs (``igzip -d`` where that is what runs).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qrecover import formats
+from qrecover.container import QUBES_XML
+from qrecover.errors import OutputError, WouldOverwrite
+from qrecover.plan import Plan
+from qrecover.render import shell
+from qrecover.stages.extract import extract_stage
+from qrecover.units import human_bytes
+
+
+def plan_text(plan: Plan, backup: str, stops: list[OutputError]) -> str:
+    """What ``restore`` would do, and with which commands."""
+    assert plan.output is not None
+    root = Path(os.path.abspath(plan.output))
+    words = formats.words(plan.fmt)
+    lines = [
+        words.plan_title(backup),
+        *_targets(plan, root, stops),
+        "",
+        "Commands (steps of " + words.page + "):",
+        f"  1    {shell.untar_command(backup)}   (qrecover streams instead, one chunk at a time)",
+        *words.plan_header_steps(plan.gunzip),
+    ]
+    placeholder = "/STAGING"
+    for target in plan.entities():
+        stages = [*plan.front(), extract_stage(Path(placeholder), target.strip)]
+        pipeline = " | ".join(
+            shell.render_argv(s.argv, {placeholder: '"$staging"'}) for s in stages
+        )
+        lines += [
+            *words.plan_entity(target.entity, target.files, pipeline, backup),
+            f"       then what $staging holds is moved into {root / target.folder}/",
+        ]
+    lines.append(words.plan_footer())
+    return "\n".join(lines)
+
+
+def _targets(plan: Plan, root: Path, stops: list[OutputError]) -> list[str]:
+    """Where restore would write, and what would stop it."""
+    lines = [
+        f"restore would write into {root}"
+        + ("" if root.exists() else " (it does not exist yet; it would be created)")
+        + ":",
+    ]
+    rows = [(str(root / QUBES_XML), "the backup's qubes.xml", "")]
+    for entity in plan.selected:
+        kind = entity.type + (f", template {entity.template}" if entity.template else "")
+        rows.append(
+            (str(root / entity.dest) + "/", f"{entity.name} ({kind})", human_bytes(entity.size))
+        )
+    width = max(len(r[0]) for r in rows)
+    for target, what, size in rows:
+        lines.append(f"  {target.ljust(width)}  {what}" + (f", about {size}" if size else ""))
+    conflicts = [root / rel for rel in plan.targets() if os.path.lexists(root / rel)]
+    if conflicts:
+        lines.append(
+            "It would stop: these already exist (use --force to replace them once their "
+            "replacement is complete and verified): " + ", ".join(map(str, conflicts))
+        )
+    for stop in stops:
+        if not isinstance(stop, WouldOverwrite):  # listed above
+            lines.append(f"It would stop: {stop.message}")
+    return lines

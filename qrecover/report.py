@@ -1,0 +1,106 @@
+"""What a run asks for and what became of it: plain data for the commands."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from qrecover.errors import OutputError, QrecoverError
+from qrecover.events import about
+from qrecover.inventory import Entity, Inventory
+from qrecover.plan import Mode
+
+if TYPE_CHECKING:
+    from qrecover.formats.base import Format
+    from qrecover.header import Header
+    from qrecover.plan import Plan
+
+
+@dataclass
+class Request:
+    mode: Mode
+    vms: Sequence[str] = ()
+    output: Path | None = None
+    force: bool = False
+    size_limit: bool = True
+    # Walk the same steps as the restore up to the plan (header, qubes.xml,
+    # the plan and what would stop it), and start nothing of the stored files.
+    dry_run: bool = False
+
+
+@dataclass
+class FileResult:
+    """What became of one stored file."""
+
+    stored: str
+    owner: str  # VM name, "dom0", or "" for qubes.xml
+    chunks: int = 0
+    stored_bytes: int = 0
+    restored_bytes: int = 0
+    members: int = 0
+    places: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failure: QrecoverError | None = None
+    expanded: int = 0  # bytes of inner archive the guard let through
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    @property
+    def error(self) -> str | None:
+        return self.failure.message if self.failure is not None else None
+
+    @property
+    def output_trouble(self) -> bool:
+        return isinstance(self.failure, OutputError)
+
+    @property
+    def problem(self) -> str:
+        """``STORED: what went wrong``, naming the stored file once."""
+        return about(self.stored, self.error or "ok")
+
+
+@dataclass
+class Report:
+    fmt: Format | None = None
+    inventory: Inventory | None = None
+    selected: tuple[Entity, ...] = ()
+    files: list[FileResult] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # not tied to one stored file
+    output: Path | None = None
+    plan: Plan | None = None
+    stops: list[OutputError] = field(default_factory=list)  # what would stop a restore
+
+    @property
+    def header(self) -> Header | None:
+        return self.fmt.header if self.fmt is not None else None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(f.ok for f in self.files)
+
+
+class Observer(Protocol):
+    """Told about the pass as it goes (the CLI's lines, the progress display)."""
+
+    def planned(self, selected: Sequence[Entity]) -> None: ...
+    def file_started(self, stored: str, owner: str) -> None: ...
+    def data_read(self, stored: str, nbytes: int) -> None: ...
+    def file_done(self, result: FileResult) -> None: ...
+
+
+class Quiet:
+    def planned(self, selected: Sequence[Entity]) -> None:
+        pass
+
+    def file_started(self, stored: str, owner: str) -> None:
+        pass
+
+    def data_read(self, stored: str, nbytes: int) -> None:
+        pass
+
+    def file_done(self, result: FileResult) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""The stages every format shares: decompression, the inner-archive guard, tar."""

@@ -1,0 +1,211 @@
+"""One stored file's pipeline, fed chunk by chunk, and where its output lands.
+
+The stages are the plan's (qrecover.plan); chunks come already checked by
+the format.  ``cat`` feeds each chunk into the pipeline while the next one
+is read.  What the pipeline extracted goes into a private staging folder
+and is moved into place only once every stage exited 0; otherwise it is
+kept as ``NAME.partial``.  Why a stored file failed is a typed error: the
+first cause wins, and a cause replaces what was only its consequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import IO
+
+from qrecover.context import RunContext
+from qrecover.errors import DiskFull, FeedFailed, OutputError, QrecoverError, StoredFileError
+from qrecover.events import ChunkFed, FileFinished, PipelineStarted
+from qrecover.output import Output, tree_size
+from qrecover.plan import Sink
+from qrecover.report import FileResult
+from qrecover.runner import (
+    F_SETPIPE_SZ,
+    PASS_ENV,
+    PIPE_SIZE,
+    Pipeline,
+    Stage,
+    StageResult,
+    first_failure,
+    own_failure,
+)
+from qrecover.stages.guard import TarGuard
+from qrecover.units import human_bytes
+
+
+class StoredFile:
+    """One stored file's pipeline, fed chunk by chunk."""
+
+    def __init__(
+        self,
+        stored: str,
+        owner: str,
+        sink: Sink,
+        stages: list[Stage],
+        ctx: RunContext,
+        passphrase: str,
+        scratch: Path,
+        output: Output | None,
+    ) -> None:
+        self.stored = stored
+        self.sink = sink
+        self._stages = stages
+        self.ctx = ctx
+        self.passphrase = passphrase
+        self.scratch = scratch
+        self.output = output
+        self.result = FileResult(stored, owner)
+        self.pipeline: Pipeline | None = None
+        self.feed_w: int | None = None
+        self.out_file: IO[bytes] | None = None
+        self.cat: Pipeline | None = None
+        self.cat_path: Path | None = None
+        self.cat_owned = False
+
+    def _start(self) -> None:
+        stages = self._stages
+        read_end, self.feed_w = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.feed_w, F_SETPIPE_SZ, PIPE_SIZE)
+        if self.sink.kind != "extract":
+            self.out_file = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115
+        try:
+            self.pipeline = Pipeline(
+                stages,
+                stdin=read_end,
+                stdout=self.out_file,
+                secrets={PASS_ENV: self.passphrase},
+                guard=self._guard,
+                note=f"fed the chunks of {self.stored} by cat",
+                log=self.ctx.command,
+            ).start()
+        finally:
+            os.close(read_end)
+        # Told once it runs: the runner logged its command first.
+        self.ctx.emit(
+            PipelineStarted(
+                self.stored,
+                self.result.owner,
+                tuple(stages),
+                self.sink.kind,
+                self.sink.staging,
+                self.sink.folder_rel,
+            )
+        )
+
+    def _guard(self, src: int, dst: int) -> TarGuard:
+        return TarGuard(src, dst, self.sink.limit, self.stored, prefix=self.stored)
+
+    def _reap_cat(self) -> None:
+        if self.cat is None:
+            return
+        (result,) = self.cat.wait()
+        if self.cat_owned and self.cat_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.cat_path.unlink()
+        self.cat = None
+        if not result.ok:
+            # Usually a consequence: the pipeline died and cat hit a closed pipe.
+            self.fail(FeedFailed(f"feeding {self.cat_path}: {result.describe()}"))
+
+    def feed(self, path: Path, owned: bool, member: str = "") -> None:
+        """Queue a verified chunk; returns while cat is still feeding it."""
+        if self.pipeline is None:
+            self._start()
+        self._reap_cat()
+        assert self.feed_w is not None
+        stage = Stage(("cat", str(path)))
+        self.cat = Pipeline(
+            [stage],
+            stdin=subprocess.DEVNULL,
+            stdout=self.feed_w,
+            note=f"into the pipeline of {self.stored}",
+            log=self.ctx.command,
+        ).start()
+        self.ctx.emit(ChunkFed(self.stored, member or path.name, path))
+        self.cat_path = path
+        self.cat_owned = owned
+
+    def fail(self, error: QrecoverError) -> None:
+        """Record why the stored file failed: the first cause wins, and a cause
+        replaces an error that was only its consequence."""
+        now = self.result.failure
+        if now is None or (now.consequence and not error.consequence):
+            self.result.failure = error
+
+    def kill(self) -> None:
+        for running in (self.cat, self.pipeline):
+            if running is not None:
+                running.kill()
+        if self.feed_w is not None:
+            os.close(self.feed_w)
+            self.feed_w = None
+
+    def finish(self) -> FileResult:
+        """Close the feed, wait for every stage, and place (or keep as partial)."""
+        self._reap_cat()
+        if self.feed_w is not None:
+            os.close(self.feed_w)
+            self.feed_w = None
+        results: list[StageResult] = []
+        if self.pipeline is not None:
+            results = self.pipeline.wait()
+        elif self.result.error is None:
+            self.fail(StoredFileError(f"{self.stored}: no chunk of it could be used"))
+        guarded = self.pipeline.guarded if self.pipeline is not None else None
+        if guarded is not None:
+            self.result.notes.extend(guarded.skipped)
+            self.result.expanded = guarded.passed
+        failure = first_failure(results)
+        # A stage before the guard that failed on its own (igzip stops short
+        # of a damaged gzip stream's end) explains what the guard saw.
+        cause = own_failure(results[:-1]) if guarded is not None else None
+        if guarded is not None and guarded.error is not None and cause is None:
+            # The guard cut the stream: what the stages said is a consequence.
+            self.fail(StoredFileError(guarded.error))
+        elif failure is not None:
+            message = f"{self.stored}: {failure.describe()}"
+            output = self.output
+            if failure.output_trouble:
+                if output is not None and (free := output.free_space()) is not None:
+                    # tar may only say "Wrote only N of M bytes": give the facts
+                    message += f" (free space left in {output.root}: {human_bytes(free)})"
+                self.fail(DiskFull(message) if failure.disk_full else OutputError(message))
+            else:
+                self.fail(StoredFileError(message))
+        if self.out_file is not None:
+            self.out_file.seek(0)
+        if self.sink.kind == "list" and self.out_file is not None:
+            self.result.members = sum(1 for _ in self.out_file)
+        if self.sink.kind == "extract":
+            self._place()
+        r = self.result
+        finished = FileFinished(r.stored, r.owner, r.error, tuple(r.places), r.restored_bytes)
+        self.ctx.emit(finished)
+        return self.result
+
+    def _place(self) -> None:
+        output = self.output
+        staging = self.sink.staging
+        assert output is not None and staging is not None
+        entries = sorted(staging.iterdir()) if staging.exists() else []
+        if not entries:
+            if self.result.ok:
+                self.fail(StoredFileError(f"{self.stored}: its archive held nothing to restore"))
+            return
+        folder = output.ensure_dir(self.sink.folder_rel)
+        for entry in entries:
+            size = tree_size(entry)
+            try:
+                self.result.places.append(output.place(entry, folder, partial=not self.result.ok))
+            except OutputError as exc:
+                self.fail(exc)
+                self.result.places.append(output.place(entry, folder, partial=True))
+            self.result.restored_bytes += size
+        with contextlib.suppress(OSError):
+            staging.rmdir()

@@ -1,0 +1,594 @@
+#!/bin/sh
+# Transcript of: qrecover -v restore BACKUP -o WORK/out --transcript WORK/t.sh --passphrase-file BACKUP.passphrase
+# written by qrecover 0.1.0 on DATE, as the run went.
+#
+# Every command qrecover ran, as a shell script that does the same: replay it
+# with `sh THIS-FILE` (dash or bash; GNU tar, OpenSSL, the decompressor and
+# POSIX utilities only). Each chunk is taken out of the backup again with
+# tar -i, its HMAC is checked before any byte of it is used, and it is fed
+# into the stored file's pipeline, as qrecover did. Step numbers are those
+# of the recovery page: https://www.qubes-os.org/doc/backup-emergency-restore-v3/
+# The replay stops, non-zero, at the first failing check or stage.
+
+set -u
+
+say() { printf '%s\n' "$*" >&2; }
+die() {
+    printf 'STOPPED: %s\n' "$*" >&2
+    exit 1
+}
+
+cleanup() {
+    [ -n "${echo_off:-}" ] && stty echo </dev/tty 2>/dev/null
+    [ -n "${work:-}" ] && rm -rf -- "$work"
+    [ -n "${out_created:-}" ] && rmdir -- "$out" 2>/dev/null
+    return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+need() {  # need PROGRAM...: stop early, naming what to install
+    for _program in "$@"; do
+        command -v "$_program" >/dev/null 2>&1 ||
+            die "$_program not found: install it (Debian: apt-get install $_program)"
+    done
+    case $(tar --version 2>/dev/null) in
+        *"GNU tar"*) ;;
+        *) die "tar is not GNU tar (needed for sparse VM images): install the package tar" ;;
+    esac
+    # The HMAC key only ever goes through the shell's own printf (see hmac_init).
+    case $(command -V printf 2>/dev/null) in
+        *builtin*) ;;
+        *) die "this shell has no builtin printf: run this script with dash or bash" ;;
+    esac
+}
+
+get_passphrase() {  # from $backup_pass, else asked on the terminal with echo off
+    if [ -z "${backup_pass:-}" ]; then
+        { : </dev/tty; } 2>/dev/null ||
+            die "no passphrase: set backup_pass in the environment or run from a terminal"
+        echo_off=1
+        stty -echo </dev/tty 2>/dev/null  # before the prompt: nothing typed is echoed
+        printf 'Backup passphrase: ' >/dev/tty
+        IFS= read -r backup_pass </dev/tty || backup_pass=
+        stty echo </dev/tty 2>/dev/null
+        echo_off=
+        printf '\n' >/dev/tty
+        [ -n "$backup_pass" ] || die "no passphrase entered"
+    fi
+    # Not exported: it goes into the environment of the one command that
+    # reads it (openssl enc -pass env:backup_pass), never into an argv.
+}
+
+make_work() {  # make_work FOLDER: private scratch, removed on every exit
+    if [ ! -d "$1" ]; then
+        mkdir -p -- "$1" || die "cannot create $1"
+        [ "$1" = "${out:-}" ] && out_created=1
+    fi
+    # set only once made: cleanup must never remove a folder it did not create
+    (umask 077 && mkdir -- "$1/.qrecover-sh.$$") ||
+        die "cannot create the scratch folder $1/.qrecover-sh.$$"
+    work=$1/.qrecover-sh.$$
+}
+
+# Steps 2 and 4 compare HMACs.  The recovery page computes them with
+#     openssl dgst -sha512 -hmac "your_passphrase" FILE
+# which puts the passphrase on a command line, where any user of the machine
+# can read it (ps).  The same HMAC (RFC 2104) is computed here from plain
+# digests, HMAC = H((K xor opad) . H((K xor ipad) . FILE)), and the key's
+# bytes only pass through the shell's builtin printf and through pipes.
+hmac_init() {  # hmac_init DIGEST BLOCK-SIZE
+    hmac_digest=$1
+    _block=$2
+    _key=$(printf '%s' "$backup_pass" | od -An -v -tu1) || die "od failed"
+    set -- $_key
+    if [ "$#" -gt "$_block" ]; then  # a key longer than a block is hashed first
+        _key=$(printf '%s' "$backup_pass" | openssl dgst "-$hmac_digest" -binary |
+            od -An -v -tu1) || die "openssl dgst failed"
+        set -- $_key
+    fi
+    hmac_ipad=
+    hmac_opad=
+    _n=0
+    for _byte in "$@"; do
+        _x=$((_byte ^ 54))
+        hmac_ipad="$hmac_ipad\\$((_x / 64))$((_x / 8 % 8))$((_x % 8))"
+        _x=$((_byte ^ 92))
+        hmac_opad="$hmac_opad\\$((_x / 64))$((_x / 8 % 8))$((_x % 8))"
+        _n=$((_n + 1))
+    done
+    while [ "$_n" -lt "$_block" ]; do
+        hmac_ipad="$hmac_ipad\\066"
+        hmac_opad="$hmac_opad\\134"
+        _n=$((_n + 1))
+    done
+    _key=
+    set --
+}
+
+hmac_hex() {  # hmac_hex FILE: the hex digest `openssl dgst -DIGEST -hmac PASSPHRASE FILE` prints
+    _line=$({
+        printf "$hmac_opad"
+        { printf "$hmac_ipad"; cat -- "$1"; } | openssl dgst "-$hmac_digest" -binary
+    } | openssl dgst "-$hmac_digest")
+    # "(stdin)= HEX" (OpenSSL 1.x) or "SHA2-512(stdin)= HEX" (OpenSSL 3)
+    printf '%s' "${_line##*= }"
+}
+
+check_hmac() {  # check_hmac MEMBER [WHY]: its HMAC must be the one in MEMBER.hmac
+    # An .hmac file is one line, "(stdin)= HEX"; more than 4 KiB of it is refused.
+    _line=$(dd if="$work/$1.hmac" bs=4097 count=1 2>/dev/null) || die "$1.hmac: cannot read it"
+    [ "${#_line}" -le 4096 ] || die "$1.hmac: larger than 4 KiB, not an HMAC file"
+    _want=${_line##*=}
+    _want=${_want#"${_want%%[!" "]*}"}  # spaces after "="
+    _want=${_want%%[[:space:]]*}  # a trailing CR or blanks
+    case $_want in
+        "" | *[!0-9A-Fa-f]*) die "$1.hmac: not an HMAC line" ;;
+        *[A-F]*) _want=$(printf '%s' "$_want" | tr ABCDEF abcdef) ;;
+    esac
+    _got=$(hmac_hex "$work/$1")
+    [ -n "$_got" ] && [ "$_got" = "$_want" ] ||
+        die "$1: HMAC mismatch: ${2:-damaged or tampered with; nothing of it was used}"
+    say "  $1: HMAC matches $1.hmac"
+}
+
+list_members() {  # step 1, listing only: "BLOCK NAME" for each member of the backup
+    if [ -d "$backup" ]; then  # a backup already untarred by hand
+        (cd -- "$backup" && find . -type f) | sed 's|^\./|- |' >"$work/blocks" ||
+            die "$backup: cannot list it"
+    else
+        # -R: the block number of each member, so that `take` reads from there on
+        # instead of reading the backup again from its start for every chunk.
+        tar -i -t -R -f "$backup" >"$work/listing" 2>"$work/stderr.list" ||
+            die "$backup: cannot list it: $(tail -n 1 "$work/stderr.list")"
+        sed -n 's/^block \([0-9][0-9]*\): \([^*].*\)$/\1 \2/p' "$work/listing" >"$work/blocks"
+        rm -f -- "$work/listing"
+    fi
+}
+
+take() {  # take MEMBER...: step 1 for these members only, into the scratch folder
+    _block=$(awk -v name="$1" '$2 == name { print $1; exit }' "$work/blocks")
+    [ -n "$_block" ] || die "$1: not in the backup"
+    take_from "$_block" "$@"
+}
+
+take_from() {  # take_from BLOCK MEMBER...: the same, knowing where the first one starts
+    _block=$1
+    shift
+    if [ -d "$backup" ]; then
+        for _member in "$@"; do
+            case $_member in */*) mkdir -p -- "$work/${_member%/*}" ;; esac
+            cp -- "$backup/$_member" "$work/$_member" || die "$_member: missing from $backup"
+        done
+    else
+        # The same as `tar -i -x -f "$backup" MEMBER...`, reading from BLOCK on.
+        tail -c +$((_block * 512 + 1)) -- "$backup" |
+            tar -i -x -f - -C "$work" --occurrence=1 --no-same-owner -- "$@" \
+                2>"$work/stderr.take" ||
+            die "$*: not taken out of the backup: $(tail -n 1 "$work/stderr.take")"
+    fi
+    for _member in "$@"; do
+        [ -f "$work/$_member" ] && [ ! -h "$work/$_member" ] ||
+            die "$_member: not a regular file in the backup"
+    done
+}
+
+feed() {  # feed MEMBER: a verified chunk into the pipeline, then delete it
+    cat -- "$work/$1" || die "$1: could not feed it"
+    rm -f -- "$work/$1" "$work/$1.hmac"
+}
+
+fresh_stage() {  # an empty folder for the next stored file's inner archive
+    rm -rf -- "$work/stage" "$work"/status.* "$work"/stderr.*
+    mkdir -- "$work/stage" || die "cannot create $work/stage"
+}
+
+pipeline_ok() {  # pipeline_ok WHAT STAGE-NAME...: every stage of the pipeline exited 0
+    _what=$1
+    shift
+    _i=0
+    _failed=
+    for _name in "$@"; do
+        _status=$(cat -- "$work/status.$_i" 2>/dev/null)
+        if [ "$_status" != 0 ]; then
+            _failed=1
+            _said=
+            [ -s "$work/stderr.$_i" ] && _said=$(grep -v -e 'deprecated key derivation' \
+                -e 'Using -iter or -pbkdf2' -- "$work/stderr.$_i" | tail -n 1)
+            say "$_what: $_name failed (exit status ${_status:-none})${_said:+: $_said}"
+        fi
+        _i=$((_i + 1))
+    done
+    [ -z "$_failed" ] || die "$_what: not restored (nothing of it was placed in the output)"
+}
+
+place() {  # place FROM FOLDER: move what a stored file held into FOLDER; never replace
+    [ ! -h "$2" ] || die "$2: is a symbolic link; refusing to write through it"
+    mkdir -p -- "$2" || die "cannot create $2"
+    _placed=
+    for _entry in "$1"/* "$1"/.[!.]* "$1"/..?*; do
+        [ -e "$_entry" ] || [ -h "$_entry" ] || continue
+        _target=$2/${_entry##*/}
+        if [ -e "$_target" ] || [ -h "$_target" ]; then
+            die "$_target already exists; not replaced (choose an empty output folder)"
+        fi
+        mv -- "$_entry" "$_target" || die "cannot move into $_target"
+        say "  restored $_target"
+        _placed=1
+    done
+    [ -n "$_placed" ] || die "$1: the stored file held nothing to restore"
+}
+
+place_file() {  # place_file FROM TARGET
+    [ -e "$2" ] || [ -h "$2" ] && die "$2 already exists; not replaced"
+    mv -- "$1" "$2" || die "cannot move into $2"
+    say "  restored $2"
+}
+
+header_is() {  # header_is KEY VALUE: step 3, the header says what this script expects
+    grep -q -i -x -- "$1=$2" "$work/backup-header" ||
+        die "backup-header: expected $1=$2: not the backup this script was written for"
+}
+
+backup=BACKUP
+out=WORK/out  # the output folder
+need tar openssl od sed tr wc awk tail
+# The passphrase: from the environment variable backup_pass when it is set,
+# else asked for on the terminal. It is never written into any file.
+get_passphrase
+make_work "$out"
+
+# ---- steps 1-3: the backup header
+# step 1: untar the backup; it is listed once, and each member is taken
+# out when it is needed (and deleted once used)
+list_members
+# step 1, for the header: take backup-header and its HMAC out of the backup
+take backup-header backup-header.hmac
+# step 2: verify the header's HMAC (SHA512), before reading it
+hmac_init sha512 128
+check_hmac backup-header 'wrong passphrase (or a damaged header); nothing was restored'
+# step 3: read the header; qrecover checked these values:
+cat -- "$work/backup-header" >&2
+header_is version 3
+header_is hmac-algorithm SHA512
+header_is encrypted True
+header_is compressed True
+header_is crypto-algorithm aes-256-cbc
+header_is compression-filter gzip
+# openssl enc: -md md5 because Qubes R2-R3.2 used OpenSSL 1.0, whose key
+# derivation was MD5 (OpenSSL >= 1.1 defaults to SHA-256: 'bad decrypt');
+# OpenSSL 3 warns that this key derivation is deprecated: expected.
+
+# ---- qubes.xml: steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk qubes.xml.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take qubes.xml.000 qubes.xml.000.hmac
+    check_hmac qubes.xml.000
+    feed qubes.xml.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -O -f - qubes.xml >"$work/qubes.xml" 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok qubes.xml 'taking and verifying the chunks' 'openssl enc' igzip tar
+# qubes.xml is kept in the output folder, as qrecover does
+place_file "$work/qubes.xml" "$out"/qubes.xml
+
+# ---- vm10/private.img (VM standalone): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm10/private.img.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm10/private.img.000 vm10/private.img.000.hmac
+    check_hmac vm10/private.img.000
+    feed vm10/private.img.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm10/private.img 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/standalone
+
+# ---- vm10/icon.png (VM standalone): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm10/icon.png.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm10/icon.png.000 vm10/icon.png.000.hmac
+    check_hmac vm10/icon.png.000
+    feed vm10/icon.png.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm10/icon.png 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/standalone
+
+# ---- vm10/apps (VM standalone): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm10/apps.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm10/apps.000 vm10/apps.000.hmac
+    check_hmac vm10/apps.000
+    feed vm10/apps.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm10/apps 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/standalone
+
+# ---- vm10/root.img (VM standalone): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm10/root.img.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm10/root.img.000 vm10/root.img.000.hmac
+    check_hmac vm10/root.img.000
+    feed vm10/root.img.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm10/root.img 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/standalone
+
+# ---- vm2/private.img (VM sys-net): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm2/private.img.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm2/private.img.000 vm2/private.img.000.hmac
+    check_hmac vm2/private.img.000
+    feed vm2/private.img.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm2/private.img 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/sys-net
+
+# ---- vm9/private.img (VM untrusted): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm9/private.img.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm9/private.img.000 vm9/private.img.000.hmac
+    check_hmac vm9/private.img.000
+    feed vm9/private.img.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm9/private.img 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/untrusted
+
+# ---- vm9/icon.png (VM untrusted): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm9/icon.png.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm9/icon.png.000 vm9/icon.png.000.hmac
+    check_hmac vm9/icon.png.000
+    feed vm9/icon.png.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm9/icon.png 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/untrusted
+
+# ---- vm9/firewall.xml (VM untrusted): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm9/firewall.xml.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm9/firewall.xml.000 vm9/firewall.xml.000.hmac
+    check_hmac vm9/firewall.xml.000
+    feed vm9/firewall.xml.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm9/firewall.xml 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/untrusted
+
+# ---- vm7/private.img (VM work): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm7/private.img.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm7/private.img.000 vm7/private.img.000.hmac
+    check_hmac vm7/private.img.000
+    feed vm7/private.img.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm7/private.img 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/work
+
+# ---- vm7/icon.png (VM work): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm7/icon.png.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm7/icon.png.000 vm7/icon.png.000.hmac
+    check_hmac vm7/icon.png.000
+    feed vm7/icon.png.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm7/icon.png 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/work
+
+# ---- vm7/firewall.xml (VM work): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm7/firewall.xml.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm7/firewall.xml.000 vm7/firewall.xml.000.hmac
+    check_hmac vm7/firewall.xml.000
+    feed vm7/firewall.xml.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm7/firewall.xml 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/work
+
+# ---- vm7/whitelisted-appmenus.list (VM work): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm7/whitelisted-appmenus.list.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm7/whitelisted-appmenus.list.000 vm7/whitelisted-appmenus.list.000.hmac
+    check_hmac vm7/whitelisted-appmenus.list.000
+    feed vm7/whitelisted-appmenus.list.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm7/whitelisted-appmenus.list 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/work
+
+# ---- vm3/. (VM fedora-23): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk vm3/..000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take vm3/..000 vm3/..000.hmac
+    check_hmac vm3/..000
+    feed vm3/..000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok vm3/. 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/fedora-23
+
+# ---- dom0-home/user (VM dom0): steps 4-7
+# steps 5-7 in one pipeline: the verified chunks, in numeric order, through
+# openssl enc | GUNZIP -d | tar -x
+fresh_stage
+{
+
+    # chunk dom0-home/user.000: step 1, take it (and its .hmac) out of the backup;
+    # step 4, verify its HMAC; then feed it into the pipeline and delete it
+    take dom0-home/user.000 dom0-home/user.000.hmac
+    check_hmac dom0-home/user.000
+    feed dom0-home/user.000
+    echo 0 >"$work/status.0"
+} | {
+    backup_pass="$backup_pass" openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass 2>"$work/stderr.1"; echo $? >"$work/status.1"
+} | {
+    { if command -v GUNZIP >/dev/null 2>&1; then GUNZIP -d; else gzip -d; fi; } 2>"$work/stderr.2"; echo $? >"$work/status.2"
+} | {
+    tar -x -f - -C "$work/stage" --strip-components=1 --no-same-owner 2>"$work/stderr.3"; echo $? >"$work/status.3"
+}
+pipeline_ok dom0-home/user 'taking and verifying the chunks' 'openssl enc' igzip tar
+place "$work/stage" "$out"/dom0-home
+
+say 'replay done: everything restored as qrecover did'

@@ -1,0 +1,105 @@
+"""The shape of qrecover/: small modules, no import cycle, every format behind one seam."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "qrecover"
+MAX_LINES = 400
+# Being split into a package on its own branch (`files`); removed once merged.
+NOT_YET_SPLIT = {"qrecover.files"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def test_no_module_is_over_400_lines() -> None:
+    sizes = {
+        name: len(path.read_text(encoding="utf-8").splitlines())
+        for name, path in _modules().items()
+        if name not in NOT_YET_SPLIT
+    }
+    long = {name: n for name, n in sizes.items() if n > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every qrecover module ``name`` imports, those for type checking included
+    (a cycle through them is a cycle all the same: issue 12's progress <-> restore)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in known else base)
+    return {m for m in found if m in known and m != name}
+
+
+def test_no_import_cycle() -> None:
+    modules = _modules()
+    known = set(modules)
+    graph = {name: _imports(name, path, known) for name, path in modules.items()}
+    # A package's __init__ importing its own submodules is how packages work;
+    # a cycle is a module reaching itself through the imports it makes.
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = [*stack[stack.index(nxt) :], nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                walk(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name)
+    assert "qrecover.report" in graph["qrecover.progress"]  # the graph sees typing imports
+
+
+# What would mean a format is known outside qrecover/formats/: its classes,
+# its header models, a test of the version, a `_v4` twin.
+_FORMAT_KNOWLEDGE = re.compile(
+    r"Format[34]\b|BackupHeader(V4)?\b|\.version\s*[=!<>]=|version\s*==|_v[34]\b|"
+    r"isinstance\([^)]*Format|Words[34]\b|HeaderVerifiedV4"
+)
+
+
+def test_nothing_outside_formats_names_a_format_or_branches_on_the_version() -> None:
+    offenders = []
+    for name, path in _modules().items():
+        if name == "qrecover.formats" or name.startswith("qrecover.formats."):
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if _FORMAT_KNOWLEDGE.search(line):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_check_itself_catches_a_version_branch() -> None:
+    assert _FORMAT_KNOWLEDGE.search("if fmt.version == 4:")
+    assert _FORMAT_KNOWLEDGE.search("isinstance(fmt, Format4)")
+    assert _FORMAT_KNOWLEDGE.search("def plan_text_v4(")
+    assert not _FORMAT_KNOWLEDGE.search("print(fmt.version)")
