@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from qrecover.container import (
@@ -43,6 +42,7 @@ from qrecover.errors import (
     BackupError,
     MissingProgramError,
     OutputError,
+    ProgramFailed,
     StoredFileError,
 )
 from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead, QubesXmlWritten
@@ -50,6 +50,7 @@ from qrecover.formats import MAX_HEADER_HMAC, authenticate
 from qrecover.formats.base import Format
 from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
+from qrecover.members import Members
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request
@@ -57,45 +58,6 @@ from qrecover.runner import control, which
 from qrecover.scratch import ChunkStore, ScratchNames
 from qrecover.stages.decompress import pick_gunzip
 from qrecover.stored import StoredFile
-
-
-class _Peekable:
-    """Members one at a time; a broken stream ends it and is remembered."""
-
-    def __init__(self, it: Iterator[Member]) -> None:
-        self._it = it
-        self._next: Member | None = None
-        self._done = False
-        self.error: BackupError | None = None
-
-    def peek(self) -> Member | None:
-        if self._next is None and not self._done:
-            try:
-                self._next = next(self._it)
-            except StopIteration:
-                self._done = True
-            except BackupError as exc:
-                self.stop(exc)
-        return self._next
-
-    def take(self) -> Member | None:
-        member = self.peek()
-        self._next = None
-        return member
-
-    def stop(self, error: BackupError) -> None:
-        self._done = True
-        self._next = None
-        if self.error is None:
-            self.error = error
-
-    def require(self, what: str) -> Member:
-        member = self.peek()
-        if member is None:
-            if self.error is not None:
-                raise self.error
-            raise BackupError(f"{what} is missing: the backup ends before it")
-        return member
 
 
 class Recovery:
@@ -129,7 +91,7 @@ class Recovery:
     # -- the pass -----------------------------------------------------------
 
     def run(self) -> Report:
-        members = _Peekable(self.source.members())
+        members = Members(self.source.members())
         request = self.request
         try:
             self.fmt = fmt = self._read_header(members)
@@ -190,7 +152,7 @@ class Recovery:
             with contextlib.suppress(OSError):
                 self.output.root.rmdir()  # only if we made it and nothing landed
 
-    def _read_header(self, members: _Peekable) -> Format:
+    def _read_header(self, members: Members) -> Format:
         if members.peek() is None and members.error is None:
             raise BackupError("the backup is empty (no members): not a Qubes backup")
         first = members.require("backup-header")
@@ -220,7 +182,11 @@ class Recovery:
         needed = ["tar", "cat", *fmt.programs(self.gunzip)]
         for program in needed:
             which(program)
-        if "GNU tar" not in control("tar", "--version", log=self.ctx.command):
+        try:
+            version = control("tar", "--version", log=self.ctx.command)
+        except ProgramFailed:  # busybox's tar, for one, has no --version
+            version = ""
+        if "GNU tar" not in version:
             raise MissingProgramError(
                 "tar is not GNU tar (needed for sparse VM images)",
                 hint="install GNU tar (package 'tar') and put it first on PATH",
@@ -249,7 +215,7 @@ class Recovery:
             self.output,
         )
 
-    def _read_qubes_xml(self, members: _Peekable, plan: Plan) -> bytes:
+    def _read_qubes_xml(self, members: Members, plan: Plan) -> bytes:
         first = members.require("qubes.xml.000")
         name = parse_member_name(first.name)
         if name is None or name.stored != QUBES_XML:
@@ -268,7 +234,7 @@ class Recovery:
         job.out_file.close()
         return data
 
-    def _stream(self, members: _Peekable, inventory: Inventory, plan: Plan) -> None:
+    def _stream(self, members: Members, inventory: Inventory, plan: Plan) -> None:
         chosen = {e.backup_path for e in plan.selected}
         while True:
             member = members.peek()
@@ -319,7 +285,7 @@ class Recovery:
 
     # -- one stored file ----------------------------------------------------
 
-    def _consume(self, members: _Peekable, job: StoredFile) -> None:
+    def _consume(self, members: Members, job: StoredFile) -> None:
         """Take every member of ``job``'s stored file; the format checks each chunk."""
         stored = job.stored
         if stored in self._seen:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import Backup, bin_dir, run_cli
 
 from qrecover.context import RunContext
 from qrecover.errors import MissingProgramError, ProgramFailed
@@ -100,3 +101,16 @@ def test_two_runs_do_not_see_each_others_listeners_or_log() -> None:
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert seen == ["+ echo step"]
+
+
+def test_a_tar_without_version_is_not_gnu_tar(default_backup: Backup, tmp_path: Path) -> None:
+    bindir = bin_dir(tmp_path, ["openssl", "cat", "gzip"])
+    fake = bindir / "tar"  # as busybox's tar: no --version, exit status 1
+    fake.write_text("#!/bin/sh\necho \"tar: unrecognized option '--version'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    result = run_cli(
+        "verify", default_backup.path, "--passphrase-file", default_backup.passfile,
+        env={"PATH": str(bindir)},
+    )
+    assert result.code == 5, result.text
+    assert "tar is not GNU tar" in result.err

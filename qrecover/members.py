@@ -1,0 +1,53 @@
+"""The outer archive's members, one at a time, with one of look-ahead.
+
+A chunk's ``.hmac`` (format 3) is the member after it, and a stored file
+ends where the next member belongs to another: the engine and the formats
+peek at the next member before taking it.  A broken stream ends the members
+and is remembered, so that what was read before it is still reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from qrecover.container import Member
+from qrecover.errors import BackupError
+
+
+class Members:
+    """Members one at a time; a broken stream ends it and is remembered."""
+
+    def __init__(self, it: Iterator[Member]) -> None:
+        self._it = it
+        self._next: Member | None = None
+        self._done = False
+        self.error: BackupError | None = None
+
+    def peek(self) -> Member | None:
+        if self._next is None and not self._done:
+            try:
+                self._next = next(self._it)
+            except StopIteration:
+                self._done = True
+            except BackupError as exc:
+                self.stop(exc)
+        return self._next
+
+    def take(self) -> Member | None:
+        member = self.peek()
+        self._next = None
+        return member
+
+    def stop(self, error: BackupError) -> None:
+        self._done = True
+        self._next = None
+        if self.error is None:
+            self.error = error
+
+    def require(self, what: str) -> Member:
+        member = self.peek()
+        if member is None:
+            if self.error is not None:
+                raise self.error
+            raise BackupError(f"{what} is missing: the backup ends before it")
+        return member
