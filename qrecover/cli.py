@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,18 +34,10 @@ from qrecover.errors import (
     UsageError,
 )
 from qrecover.explain import Narrator, plan_text, plan_text_v4
-from qrecover.files import (
-    DEFAULT_PATH,
-    CopyResult,
-    FilesRequest,
-    PathNotFound,
-    copy_files,
-    find_debugfs,
-    list_trees,
-    show,
-)
+from qrecover.files import DEFAULT_PATH, find_debugfs
+from qrecover.files.command import files_command
+from qrecover.files.command import restore_files as _restore_files
 from qrecover.inventory import Entity
-from qrecover.output import first_symlink
 from qrecover.passphrase import get_passphrase
 from qrecover.progress import (
     Display,
@@ -415,105 +406,6 @@ def restore_command(
     if files:
         files_code = _restore_files(report, output, force)
         code = code if code != EXIT_OK else files_code
-    return code
-
-
-def _print_copy(result: CopyResult) -> None:
-    for skipped in result.skipped:
-        _err(f"note: skipped special file {skipped}: not copied")
-    if result.ok:
-        print(
-            f"COPIED    {show(result.path)} -> {result.place} ({result.files} file(s), "
-            f"{result.folders} folder(s), {result.links} symlink(s), {human_bytes(result.bytes)})",
-            flush=True,
-        )
-    else:
-        kept = f" (kept as {result.place})" if result.place else ""
-        print(f"FAILED    {show(result.path)}: {result.error}{kept}", flush=True)
-
-
-def _restore_files(report: Report, output: Path, force: bool) -> int:
-    """After a restore: each restored VM's home files into DIR/<vm>/files/."""
-    failed: list[str] = []
-    trouble = False
-    for entity in report.selected:
-        if entity.name == "dom0":
-            continue
-        image = output / entity.dest / "private.img"
-        results = [f for f in report.files if f.owner == entity.name]
-        if not results or not all(f.ok for f in results):
-            if results:
-                _err(f"{entity.name}: not restored completely; its files are not copied")
-            continue
-        # What the backup restored is data: private.img or files/ could be
-        # symbolic links it made. Never read or write through one.
-        link = first_symlink(output, Path(entity.dest) / "files") or first_symlink(
-            output, Path(entity.dest) / "private.img"
-        )
-        if link is not None:
-            message = f"{link} is a symbolic link (made by the backup?); not followed"
-            print(f"FAILED    {entity.name}: {message}", flush=True)
-            failed.append(f"{entity.name}: {message}")
-            continue
-        if not image.is_file():
-            continue
-        print(f"FILES     {entity.name:<16} {image}:{DEFAULT_PATH}", flush=True)
-        try:
-            copied = copy_files(
-                FilesRequest(image, (DEFAULT_PATH,), image.parent / "files", force),
-                _print_copy,
-            )
-        except PathNotFound:
-            _err(f"note: {entity.name}: no {DEFAULT_PATH} in its private.img; nothing to copy")
-            continue
-        except QrecoverError as exc:
-            hint = f" ({exc.hint})" if exc.hint else ""
-            print(f"FAILED    {entity.name}: {exc.message}{hint}", flush=True)
-            failed.append(f"{entity.name}: {exc.message}")
-            trouble = trouble or exc.exit_code == EXIT_OUTPUT
-            continue
-        for result in copied:
-            if not result.ok:
-                failed.append(f"{entity.name}: {result.error}")
-                trouble = trouble or result.output_trouble
-    if failed:
-        _err(f"copying files out of {len(failed)} image(s) failed:")
-        for failure in failed:
-            _err(f"  {failure}")
-        return EXIT_OUTPUT if trouble else EXIT_BACKUP
-    return EXIT_OK
-
-
-def files_command(
-    image: Path, output: Path | None, paths: Sequence[str], list_only: bool, force: bool
-) -> int:
-    request = FilesRequest(image, tuple(paths) or (DEFAULT_PATH,), output, force)
-    if list_only:
-        return _list_files(request)
-    if output is None:
-        raise UsageError("--output DIR is needed to copy files (or use --list)")
-    results = copy_files(request, _print_copy)
-    failures = [r for r in results if not r.ok]
-    if not failures:
-        return EXIT_OK
-    _err(f"{len(failures)} of {len(results)} PATH(s) failed:")
-    for failure in failures:
-        _err(f"  {show(failure.path)}: {failure.error}")
-    return EXIT_OUTPUT if any(r.output_trouble for r in failures) else EXIT_BACKUP
-
-
-def _list_files(request: FilesRequest) -> int:
-    code = EXIT_OK
-    for tree in list_trees(request):
-        # Sorted by path, so each folder's contents follow it.
-        for entry in sorted(tree.entries, key=lambda e: os.fsencode(e.image_path).split(b"/")):
-            mode = stat.filemode(entry.mode)
-            size = "-" if entry.kind == "dir" else str(entry.size)
-            suffix = "/" if entry.kind == "dir" and entry.image_path != "/" else ""
-            print(f"{mode} {size:>12}  {show(entry.image_path)}{suffix}")
-        for problem in tree.problems:
-            _err(f"problem: {problem}")
-            code = EXIT_BACKUP
     return code
 
 
