@@ -28,7 +28,6 @@ from qrecover.commands import (
     script_command,
     verify_command,
 )
-from qrecover.commands_files import files_command
 from qrecover.errors import (
     EXIT_CODES,
     EXIT_INTERNAL,
@@ -40,6 +39,7 @@ from qrecover.errors import (
     QrecoverError,
 )
 from qrecover.files import DEFAULT_PATH
+from qrecover.files.command import files_command
 
 EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
 

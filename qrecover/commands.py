@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrecover import formats
-from qrecover.commands_files import restore_files
 from qrecover.container import open_source
 from qrecover.context import RunContext
 from qrecover.engine import run
 from qrecover.errors import EXIT_BACKUP, EXIT_OK, EXIT_OUTPUT, QrecoverError, UsageError
 from qrecover.events import EventListener
 from qrecover.files import find_debugfs
+from qrecover.files.command import restore_files
 from qrecover.inventory import Entity
 from qrecover.passphrase import get_passphrase
 from qrecover.progress import Display, source_size, summary_table

@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT, Backup, MakeBackup, gen, run_cli, sha
 
 from qrecover import files
-from qrecover.errors import EXIT_MISSING_PROGRAM, MissingProgramError
+from qrecover.errors import EXIT_MISSING_PROGRAM, BackupError, MissingProgramError
+from qrecover.files import debugfs
 
 
 @pytest.fixture(scope="session")
@@ -185,14 +186,14 @@ def test_missing_debugfs_names_e2fsprogs(
     private: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(files, "SBIN", (str(tmp_path),))
+    monkeypatch.setattr(debugfs, "SBIN", (str(tmp_path),))
     with pytest.raises(MissingProgramError) as info:
         files.find_debugfs()
     assert info.value.exit_code == EXIT_MISSING_PROGRAM == 5
     assert "e2fsprogs" in (info.value.hint or "")
     # and through the CLI's one error boundary
     code = (
-        "import sys, qrecover.files as f; f.SBIN = (); from qrecover.cli import main; "
+        "import sys, qrecover.files.debugfs as f; f.SBIN = (); from qrecover.cli import main; "
         "main(sys.argv[1:])"
     )
     proc = subprocess.run(
@@ -347,7 +348,7 @@ def test_gpt_disk_is_described(tmp_path: Path) -> None:
     disk[2048 * 512 + 1080 : 2048 * 512 + 1082] = b"\x53\xef"
     image = tmp_path / "root.img"
     image.write_bytes(bytes(disk))
-    with pytest.raises(files.BackupError) as info:
+    with pytest.raises(BackupError) as info:
         files.check_image(image)
     text = f"{info.value.message} {info.value.hint}"
     assert "GPT partition table" in text

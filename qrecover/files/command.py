@@ -1,4 +1,9 @@
-"""The ``files`` command and ``restore --files``: files out of restored images."""
+"""``qrecover files`` and ``restore --files`` as plain functions behind typer.
+
+Each returns the exit code; errors that stop the whole command are raised
+as :class:`QrecoverError` for the CLI's one handler.  Lines for the user:
+``COPIED``/``FAILED``/``FILES`` on stdout, notes and failures on stderr.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +12,26 @@ import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qrecover.errors import EXIT_BACKUP, EXIT_OK, EXIT_OUTPUT, QrecoverError, UsageError
-from qrecover.files import (
-    DEFAULT_PATH,
-    CopyResult,
-    FilesRequest,
-    PathNotFound,
-    copy_files,
-    list_trees,
-    show,
-)
+from qrecover.files.copy import CopyResult, FilesRequest, copy_files, list_trees
+from qrecover.files.listing import DEFAULT_PATH, PathNotFound, show
 from qrecover.output import first_symlink
-from qrecover.report import Report
 from qrecover.units import human_bytes
 
+if TYPE_CHECKING:
+    from qrecover.report import Report
 
-def err(message: str) -> None:
+
+def _err(message: str) -> None:
     print(f"qrecover: {message}", file=sys.stderr, flush=True)
 
 
-def _print_copy(result: CopyResult) -> None:
+def print_copy(result: CopyResult) -> None:
+    """One PATH done: its notes on stderr, ``COPIED`` or ``FAILED`` on stdout."""
     for skipped in result.skipped:
-        err(f"note: skipped special file {skipped}: not copied")
+        _err(f"note: skipped special file {skipped}: not copied")
     if result.ok:
         print(
             f"COPIED    {show(result.path)} -> {result.place} ({result.files} file(s), "
@@ -52,7 +54,7 @@ def restore_files(report: Report, output: Path, force: bool) -> int:
         results = [f for f in report.files if f.owner == entity.name]
         if not results or not all(f.ok for f in results):
             if results:
-                err(f"{entity.name}: not restored completely; its files are not copied")
+                _err(f"{entity.name}: not restored completely; its files are not copied")
             continue
         # What the backup restored is data: private.img or files/ could be
         # symbolic links it made. Never read or write through one.
@@ -70,10 +72,10 @@ def restore_files(report: Report, output: Path, force: bool) -> int:
         try:
             copied = copy_files(
                 FilesRequest(image, (DEFAULT_PATH,), image.parent / "files", force),
-                _print_copy,
+                print_copy,
             )
         except PathNotFound:
-            err(f"note: {entity.name}: no {DEFAULT_PATH} in its private.img; nothing to copy")
+            _err(f"note: {entity.name}: no {DEFAULT_PATH} in its private.img; nothing to copy")
             continue
         except QrecoverError as exc:
             hint = f" ({exc.hint})" if exc.hint else ""
@@ -86,9 +88,9 @@ def restore_files(report: Report, output: Path, force: bool) -> int:
                 failed.append(f"{entity.name}: {result.error}")
                 trouble = trouble or result.output_trouble
     if failed:
-        err(f"copying files out of {len(failed)} image(s) failed:")
+        _err(f"copying files out of {len(failed)} image(s) failed:")
         for failure in failed:
-            err(f"  {failure}")
+            _err(f"  {failure}")
         return EXIT_OUTPUT if trouble else EXIT_BACKUP
     return EXIT_OK
 
@@ -96,22 +98,24 @@ def restore_files(report: Report, output: Path, force: bool) -> int:
 def files_command(
     image: Path, output: Path | None, paths: Sequence[str], list_only: bool, force: bool
 ) -> int:
+    """``qrecover files``: copy each PATH of ``image`` into ``output``, or list it."""
     request = FilesRequest(image, tuple(paths) or (DEFAULT_PATH,), output, force)
     if list_only:
-        return _list_files(request)
+        return list_files(request)
     if output is None:
         raise UsageError("--output DIR is needed to copy files (or use --list)")
-    results = copy_files(request, _print_copy)
+    results = copy_files(request, print_copy)
     failures = [r for r in results if not r.ok]
     if not failures:
         return EXIT_OK
-    err(f"{len(failures)} of {len(results)} PATH(s) failed:")
+    _err(f"{len(failures)} of {len(results)} PATH(s) failed:")
     for failure in failures:
-        err(f"  {show(failure.path)}: {failure.error}")
+        _err(f"  {show(failure.path)}: {failure.error}")
     return EXIT_OUTPUT if any(r.output_trouble for r in failures) else EXIT_BACKUP
 
 
-def _list_files(request: FilesRequest) -> int:
+def list_files(request: FilesRequest) -> int:
+    """``qrecover files --list``: the tree below each PATH on stdout, problems on stderr."""
     code = EXIT_OK
     for tree in list_trees(request):
         # Sorted by path, so each folder's contents follow it.
@@ -121,6 +125,6 @@ def _list_files(request: FilesRequest) -> int:
             suffix = "/" if entry.kind == "dir" and entry.image_path != "/" else ""
             print(f"{mode} {size:>12}  {show(entry.image_path)}{suffix}")
         for problem in tree.problems:
-            err(f"problem: {problem}")
+            _err(f"problem: {problem}")
             code = EXIT_BACKUP
     return code
