@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -67,6 +68,7 @@ __all__ = [
     "main",
     "make_backup_v2",
     "openssl_has_zlib",
+    "xform_target",
 ]
 
 # `--tape-length 100000`: GNU tar counts in units of 1024 bytes.
@@ -366,10 +368,27 @@ def make_backup_v2(
         shutil.rmtree(workroot, ignore_errors=True)
 
 
+def xform_target(variant: str, stored: str, target: str) -> str:
+    """A symlink target as the writer's ``--xform`` left it: GNU tar applies
+    the transform to symlink targets as well as to names. Beta3's
+    ``s:^[^/]:SUBDIR\\0:`` prefixes every relative target; R2's
+    ``s:^BASENAME:SUBDIR\\0:`` (BASENAME a regex: "." matches any character)
+    rewrites targets that start like the stored file's basename, which for a
+    template (BASENAME ".") is every target, absolute ones included."""
+    subdir, base = os.path.split(stored)
+    subdir = subdir + "/" if subdir else ""
+    if variant == "beta3":
+        pattern = r"^[^/]"
+    else:
+        pattern = "^" + "".join("." if c == "." else re.escape(c) for c in base)
+    return re.sub(pattern, lambda m: subdir + m.group(0), target, count=1)
+
+
 def expected_members_v2(manifest: BackupManifestV2) -> list[dict[str, Any]]:
     """Inner tar members of every stored file except qubes.xml, as GNU tar
     names them after the --xform. R2 did not pass --dereference: symlinks
-    are members of their own."""
+    are members of their own, and tar applied the --xform to their targets
+    too (see ``xform_target``)."""
     result: list[dict[str, Any]] = []
     for stored in manifest.files:
         if stored.vm is None:
@@ -379,7 +398,8 @@ def expected_members_v2(manifest: BackupManifestV2) -> list[dict[str, Any]]:
             st = full.lstat()
             entry: dict[str, Any] = {"stored": stored.name, "name": name}
             if stat.S_ISLNK(st.st_mode):
-                entry.update(type="symlink", target=os.readlink(full))
+                target = xform_target(manifest.variant, stored.name, os.readlink(full))
+                entry.update(type="symlink", target=target)
             elif stat.S_ISDIR(st.st_mode):
                 entry.update(type="dir")
             else:
