@@ -26,6 +26,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,11 @@ def make_backup_v1(
     try:
         xml = build_qubes_xml_r1(vms)
         manifest = BackupManifestV1(path=str(backup), qubes_xml=xml)
-        (backup / "qubes.xml").write_text(xml, encoding="utf-8")
+        # The live qubes.xml, copied like every other file.
+        with tempfile.TemporaryDirectory(prefix="qrecover-mkbackup1-") as tmp:
+            live = Path(tmp) / "qubes.xml"
+            live.write_text(xml, encoding="utf-8")
+            _cp(live, backup, "", "qubes.xml")
         manifest.files.append(CopiedFile("qubes.xml", None, "<generated>"))
         backed = sorted((vm for vm in vms if vm.source is not None), key=lambda v: v.qid)
         for group in ([v for v in backed if not v.is_template and not v.is_netvm],

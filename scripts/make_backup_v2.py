@@ -427,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-encrypt", action="store_true")
     parser.add_argument("--compress", action="store_true",
                         help="gzip each volume (unencrypted), or `openssl enc -z` (beta3)")
-    parser.add_argument("--hmac", default="SHA512", choices=["SHA512", "SHA1", "SHA256"],
-                        help="r2 only: SHA1 to v2.1.61, SHA512 from v2.1.62")
+    parser.add_argument("--hmac", choices=["SHA512", "SHA1", "SHA256"],
+                        help="r2 only (default SHA512): SHA1 to v2.1.61, SHA512 from "
+                             "v2.1.62; beta3 always used openssl's default, MD5")
     parser.add_argument("--crypto", default="aes-256-cbc")
     parser.add_argument("--hmac-style", default="openssl1", choices=HMAC_STYLES)
     parser.add_argument("--tape-length", type=int, default=DEFAULT_TAPE_LENGTH_KIB,
@@ -446,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the expected inner members (JSON) here")
     args = parser.parse_args(argv)
 
+    if args.variant == "beta3" and args.hmac is not None:
+        parser.error("--hmac: R2-Beta3 always used HMAC-MD5")
     lines = args.passphrase_file.read_text(encoding="utf-8").splitlines()
     if not lines or not lines[0]:
         parser.error("empty passphrase file")
@@ -468,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = make_backup_v2(
             args.out, lines[0], vms, dom0_home=dom0_home, dom0_user=args.dom0_user,
             variant=args.variant, encrypted=not args.no_encrypt, compressed=args.compress,
-            hmac_algorithm=args.hmac, crypto_algorithm=args.crypto,
+            hmac_algorithm=args.hmac or "SHA512", crypto_algorithm=args.crypto,
             tape_length_kib=args.tape_length, hide_names=hide,
             hmac_style=args.hmac_style, workdir=args.workdir,
         )
