@@ -42,7 +42,7 @@ from typing import Literal
 
 from qrecover.runner import PASS_ENV, Pipeline, Stage, StageResult
 from qrecover.scrypt import ScryptTool, dec_stage
-from qrecover.scrypt_cost import JobPlan, ScryptParams, limit_args
+from qrecover.scrypt_cost import InsufficientMemory, JobPlan, ScryptParams, human, limit_args
 
 # A pipe holds at least this much without a reader (scrypt -P's passphrase).
 _PIPE_SAFE = 4096
@@ -173,12 +173,21 @@ class ChunkPool:
 
     def submit(self, job: ChunkJob) -> bool:
         """Queue ``job`` (after :meth:`admit`); False, and its copy removed, if
-        its group already stopped at an earlier chunk."""
+        its group already stopped at an earlier chunk.  InsufficientMemory if
+        the chunk alone needs more than the plan's whole budget."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("submit on a closed ChunkPool")
             if self._outstanding() >= self.window:
                 raise RuntimeError("submit without room: call admit() first")
+            if job.params.rss > self.plan.budget:
+                # the caller checks with scrypt_cost.check_fits first; never run it anyway
+                self._remove_src(job)
+                raise InsufficientMemory(
+                    f"{job.name}: its key derivation needs {human(job.params.rss)}, "
+                    f"more than the {human(self.plan.budget)} all scrypt jobs may use",
+                    hint="restore on a machine with more RAM",
+                )
             stop = self._stopped.get(job.group)
             if stop is not None and job.index > stop:
                 self._remove_src(job)

@@ -20,10 +20,10 @@ from types import FrameType
 import pytest
 
 from qrecover.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed
-from qrecover.errors import EXIT_SIGINT, Interrupted
+from qrecover.errors import EXIT_OUTPUT, EXIT_SIGINT, Interrupted
 from qrecover.runner import Stage
 from qrecover.scrypt import ScryptTool
-from qrecover.scrypt_cost import JobPlan, MiB, read_params
+from qrecover.scrypt_cost import InsufficientMemory, JobPlan, MiB, read_params
 
 PASS = "the passphrase ünï"
 BACKUP_ID = "20261202T120000-1"
@@ -158,6 +158,28 @@ def test_at_most_n_scrypt_at_once_and_scratch_bounded(tmp_path: Path) -> None:
         assert 3 <= seen.most_files <= 2 * 2 + 2
         assert list(pool.dir.iterdir()) == []
     assert not pool.dir.exists()
+
+
+def test_passphrase_on_stdin_for_scrypt_1_2_style(tmp_path: Path) -> None:
+    datas = [b"first chunk", b"second chunk"]
+    srcs = [make_chunk(tmp_path, "vm9/private.img", i, 10, d) for i, d in enumerate(datas)]
+    started: list[Stage] = []
+    with ChunkPool(ScryptTool("stdin"), PASS, tmp_path, plan(2),
+                   on_start=lambda j, s: started.append(s)) as pool:
+        got = list(feed_all(pool, [job("vm9/private.img", i, s) for i, s in enumerate(srcs)]))
+        assert [o.plain.read_bytes() for o in got if isinstance(o, Decrypted)] == datas
+    assert all("-P" in s.argv and s.secret_env == () for s in started)
+
+
+def test_a_chunk_over_the_whole_budget_is_refused(tmp_path: Path) -> None:
+    src = make_chunk(tmp_path, "vm8/private.img", 0, 14, b"big")
+    one = job("vm8/private.img", 0, src)
+    small = JobPlan(jobs=2, budget=one.params.rss - 1, per_job=one.params.rss, limited_by="memory")
+    with ChunkPool(TOOL, PASS, tmp_path, small) as pool, pytest.raises(InsufficientMemory) as info:
+        pool.admit()
+        pool.submit(one)
+    assert info.value.exit_code == EXIT_OUTPUT and "vm8/private.img.000.enc" in str(info.value)
+    assert scrypt_children() == set()
 
 
 def test_memory_budget_limits_jobs_below_the_count(tmp_path: Path) -> None:
