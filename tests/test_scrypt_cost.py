@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
+import make_backup as gen  # the independent writers (scripts/, on the path by conftest)
+import make_backup_v4 as gen4
 import pytest
 
 from qrecover.errors import EXIT_BACKUP, EXIT_OUTPUT, BackupError, OutputError
@@ -173,3 +176,24 @@ def test_a_chunk_that_alone_does_not_fit_is_exit_6() -> None:
     with pytest.raises(InsufficientMemory, match="half of the RAM"):
         plan_jobs(ScryptParams(22, 8, 1), "c", requested=None, cpus=2,
                   memory=Memory(6 << 30, 6 << 30), ceiling=3 << 30)
+
+
+def test_generator_time1_writes_a_real_cost_that_parses(tmp_path: Path) -> None:
+    """make_backup_v4 --kdf time1 (``scrypt enc -t 1``): every chunk's header
+    states a real cost (far above the fast mode's logN 10), and parses here."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "private.img").write_bytes(os.urandom(50_000))
+    costs: dict[str, set[ScryptParams]] = {}
+    for kdf in ("fast", "time1"):
+        out = tmp_path / f"backup-{kdf}"
+        gen4.make_backup_v4(out, "pw", [gen.VmSpec("work", 7, source=src)], kdf=kdf,
+                            workdir=tmp_path)
+        with tarfile.open(out, ignore_zeros=True) as tar:  # members appended like tar -i reads
+            for member in tar:
+                if member.name.endswith(".enc") or member.name == "backup-header.hmac":
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    costs.setdefault(kdf, set()).add(parse_params(f.read(96), member.name))
+    assert costs["fast"] == {ScryptParams(10, 8, 1)}
+    assert costs["time1"] and all(p.log_n >= 14 and p.r == 8 for p in costs["time1"])
