@@ -25,6 +25,7 @@ dec`` its share with ``-M``.  Pure but for :func:`read_memory` and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
@@ -170,11 +171,75 @@ def parse_meminfo(text: str) -> Memory:
     return Memory(fields["MemTotal"], available)
 
 
-def read_memory(path: Path = Path("/proc/meminfo")) -> Memory:
+def read_memory(
+    path: Path = Path("/proc/meminfo"),
+    cgroups: Path = Path("/sys/fs/cgroup"),
+    own: Path = Path("/proc/self/cgroup"),
+) -> Memory:
+    """MemAvailable, or less if this process's memory cgroup allows less (a
+    container: /proc/meminfo shows the host's, and the OOM killer the cgroup's)."""
     try:
-        return parse_meminfo(path.read_text(encoding="ascii", errors="replace"))
+        memory = parse_meminfo(path.read_text(encoding="ascii", errors="replace"))
     except OSError as exc:
         raise OutputError(f"{path}: {exc.strerror}: cannot tell how much memory there is") from None
+    room = cgroup_room(cgroups, own)
+    if room is not None and room < memory.available:
+        return Memory(memory.total, room)
+    return memory
+
+
+# A cgroup limit at or above this is "no limit" (v1 writes 2^63 rounded to pages).
+_UNLIMITED = 1 << 62
+
+
+def cgroup_room(cgroups: Path, own: Path) -> int | None:
+    """What the tightest memory cgroup around this process still allows
+    (limit less usage, the reclaimable inactive file pages not counted as
+    used), or None without a limit.  cgroup v2 (``0::/path``, memory.max) and
+    v1 (``N:memory:/path``, memory.limit_in_bytes); in a namespace whose
+    path is not visible, the mount's own root is this process's cgroup."""
+    try:
+        lines = own.read_text(encoding="ascii", errors="replace").splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, rel = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":
+            base, files = cgroups, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, files = cgroups / "memory", (
+                "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        folder = base / rel.lstrip("/")
+        if not folder.is_dir():
+            folder = base
+        while True:
+            room = _room(folder, *files)
+            if room is not None:
+                rooms.append(room)
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(rooms) if rooms else None
+
+
+def _room(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        limit_text = (folder / limit_file).read_text().strip()
+        usage = int((folder / usage_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not limit_text.isdigit() or int(limit_text) >= _UNLIMITED:
+        return None
+    inactive = 0
+    with contextlib.suppress(OSError, ValueError):
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+    return max(0, int(limit_text) - usage + inactive)
 
 
 def scrypt_ceiling(total: int) -> int:

@@ -197,3 +197,32 @@ def test_generator_time1_writes_a_real_cost_that_parses(tmp_path: Path) -> None:
                     costs.setdefault(kdf, set()).add(parse_params(f.read(96), member.name))
     assert costs["fast"] == {ScryptParams(10, 8, 1)}
     assert costs["time1"] and all(p.log_n >= 14 and p.r == 8 for p in costs["time1"])
+
+
+def _cgroup(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_a_memory_cgroup_tighter_than_meminfo_wins(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 16777216 kB\nMemAvailable: 8388608 kB\n")  # 16 GiB, 8 free
+    sys_v2, own = tmp_path / "v2", tmp_path / "self-cgroup"
+    own.write_text("0::/machine/box/app\n")
+    # the limit is on an ancestor: 3 GiB, 2 GiB used of which 512 MiB inactive file pages
+    _cgroup(sys_v2 / "machine" / "box", {"memory.max": str(3 << 30), "memory.current":
+            str(2 << 30), "memory.stat": f"anon 1\ninactive_file {512 << 20}\n"})
+    _cgroup(sys_v2 / "machine" / "box" / "app", {"memory.max": "max", "memory.current": "5"})
+    got = read_memory(meminfo, sys_v2, own)
+    assert got == Memory(16 << 30, (1 << 30) + (512 << 20))
+    # cgroup v1 in a namespace (its path not visible): the mount's root is ours
+    sys_v1 = tmp_path / "v1"
+    own.write_text("4:memory:/not/visible/here\n0::/\n")
+    _cgroup(sys_v1 / "memory", {"memory.limit_in_bytes": str(6 << 30),
+            "memory.usage_in_bytes": str(1 << 30), "memory.stat": "total_inactive_file 0\n"})
+    assert read_memory(meminfo, sys_v1, own).available == 5 << 30
+    # no limit (v1 writes 2^63 rounded down to pages): MemAvailable stands
+    (sys_v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert read_memory(meminfo, sys_v1, own) == Memory(16 << 30, 8 << 30)
+    assert read_memory(meminfo, sys_v1, tmp_path / "no-such-file") == Memory(16 << 30, 8 << 30)
