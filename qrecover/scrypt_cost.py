@@ -19,8 +19,9 @@ machine with more RAM.
 Several ``scrypt dec`` at once must fit in memory together, and scrypt's own
 check cannot see the others (it allows each process half of the total RAM),
 so qrecover sizes the jobs from ``MemAvailable`` and gives each ``scrypt
-dec`` its share with ``-M``.  Pure but for :func:`read_memory` and
-:func:`scrypt_ceiling`, which read the machine.
+dec`` its share with ``-M``.  Pure but for the readers of the machine
+(:func:`read_params`, :func:`read_memory`, :func:`cgroup_room`,
+:func:`scrypt_ceiling`, :func:`cores`) and :func:`plan_here`, which asks them.
 """
 
 from __future__ import annotations
@@ -300,6 +301,15 @@ def plan_jobs(
     else:
         why = "cores"
     return JobPlan(max(1, jobs), budget, params.rss, why)
+
+
+def plan_here(params: ScryptParams, chunk: str, requested: int | None) -> JobPlan:
+    """:func:`plan_jobs` for this machine: its cores, memory and scrypt's ceiling."""
+    memory = read_memory()
+    return plan_jobs(
+        params, chunk, requested=requested, cpus=cores(), memory=memory,
+        ceiling=scrypt_ceiling(memory.total),
+    )
 
 
 def check_fits(params: ScryptParams, chunk: str, budget: int, ceiling: int) -> None:

@@ -28,6 +28,7 @@ from qrecover.scrypt_cost import (
     maxmem,
     parse_meminfo,
     parse_params,
+    plan_here,
     plan_jobs,
     read_memory,
     read_params,
@@ -226,3 +227,12 @@ def test_a_memory_cgroup_tighter_than_meminfo_wins(tmp_path: Path) -> None:
     (sys_v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert read_memory(meminfo, sys_v1, own) == Memory(16 << 30, 8 << 30)
     assert read_memory(meminfo, sys_v1, tmp_path / "no-such-file") == Memory(16 << 30, 8 << 30)
+
+
+def test_plan_here_asks_this_machine() -> None:
+    plan = plan_here(ScryptParams(10, 8, 1), "c", requested=None)
+    assert plan.jobs == len(os.sched_getaffinity(0))  # 1 MiB chunks: the cores decide
+    now = read_memory()  # MemAvailable moves between two reads: compare loosely
+    assert 0 < plan.budget <= now.total - HEADROOM
+    assert abs(plan.budget - (now.available - HEADROOM)) < 1 << 30
+    assert plan_here(ScryptParams(10, 8, 1), "c", requested=1).jobs == 1
