@@ -22,6 +22,16 @@ a backup file), ``jobs + 2`` when scrypt reads them in place (a folder).
 The caller's thread submits and takes; worker threads only wait on their
 ``scrypt dec`` (the CPU is in scrypt).  All state is on the pool; closing it
 (also on Interrupted) kills every child and removes all its scratch.
+
+The engine's loop, one pool for the run::
+
+    with ChunkPool(tool, passphrase, scratch, plan) as pool:
+        for chunk in chunks:                  # as the reader meets them
+            handle(pool.admit())              # blocks while the window is full
+            src = pool.input_path()           # copy the .enc here (or read in place)
+            pool.submit(ChunkJob(..., params=read_params(src, chunk.name)))
+            handle(pool.ready())
+        handle(pool.drain())  # each Decrypted: cat its plain, unlink; a Failed: stop
 """
 
 from __future__ import annotations
@@ -222,8 +232,7 @@ class ChunkPool:
     @property
     def peak_running(self) -> int:
         """The most ``scrypt dec`` that ran at once so far."""
-        with self._lock:
-            return self._n.peak_running
+        return self._n.peak_running  # an int read: atomic
 
     def close(self) -> None:
         """Kill every running scrypt, wait for them, remove all the pool's scratch."""
