@@ -270,3 +270,19 @@ def make4(
         return cache[key]
 
     yield build
+
+
+@pytest.fixture(scope="session")
+def backup_past_1000(make: MakeBackup, tmp_path_factory: pytest.TempPathFactory) -> Backup:
+    """One VM whose private.img is cut into more than 1000 16-byte chunks (``.999``,
+    then ``.1000``), the last one empty as R3.2 wrote it when the encrypted stream is
+    a multiple of the chunk size.  Built once per run and shared by every test that
+    needs chunks past 999: read it, never change it (copy it first)."""
+    src = tmp_path_factory.mktemp("past1000") / "tiny"
+    src.mkdir()
+    (src / "private.img").write_bytes(hashlib.shake_256(b"tiny").digest(16 * 1024))
+    backup = make(vms=[gen.VmSpec("tiny", 12, source=src)], dom0_home=None, chunk_size=16)
+    names = backup.manifest.member_names()
+    assert "vm12/private.img.999" in names and "vm12/private.img.1000" in names
+    return backup
+

@@ -28,6 +28,8 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import make_backup as mb  # noqa: E402
+from conftest import PASSPHRASE as SHARED_PASSPHRASE  # noqa: E402
+from conftest import Backup  # noqa: E402
 
 PASSPHRASE = "correct horse battery staple"
 DECOMPRESS = {"gzip": "gzip -d", "bzip2": "bzip2 -d", "xz": "xz -d"}
@@ -310,19 +312,18 @@ def tiny_vm(tmp_path: Path) -> list[mb.VmSpec]:
     return [mb.VmSpec("tiny", 5, source=src)]
 
 
-def test_chunk_1000(tmp_path: Path, tiny_vm: list[mb.VmSpec]) -> None:
-    backup = tmp_path / "b"
-    manifest = mb.make_backup(backup, PASSPHRASE, tiny_vm, chunk_size=8, workdir=tmp_path)
-    res = manual_restore(backup, tmp_path)
+def test_chunk_1000(tmp_path: Path, backup_past_1000: Backup) -> None:
+    manifest = backup_past_1000.manifest
+    res = manual_restore(backup_past_1000.path, tmp_path, SHARED_PASSPHRASE)
     check_against_manifest(res, manifest)
     img = manifest.files[1]
     assert img.chunks > 1001
-    assert "vm5/private.img.1000" in res.members
+    assert "vm12/private.img.1000" in res.members
     # a `???` glob silently drops chunks past 999
-    assert len(list((res.extract / "vm5").glob("private.img.???"))) == 1000
+    assert len(list((res.extract / "vm12").glob("private.img.???"))) == 1000
     # an encrypted stream is a multiple of 16 bytes, so R3.2 ended it with
     # an empty chunk (and its .hmac)
-    assert img.stream_size % 8 == 0
+    assert img.stream_size % 16 == 0
     last = res.extract / img.chunk_names()[-1]
     assert last.stat().st_size == 0
     assert (res.extract / (img.chunk_names()[-1] + ".hmac")).stat().st_size > 0

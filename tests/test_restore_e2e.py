@@ -14,7 +14,6 @@ from conftest import (
     MakeBackup,
     assert_restored,
     bin_dir,
-    gen,
     qrecover_exe,
     run_cli,
     sha,
@@ -111,19 +110,12 @@ def test_passphrase_from_environment(default_backup: Backup, tmp_path: Path) -> 
     assert_restored(out, default_backup, ["work"])
 
 
-def test_chunk_1000_and_beyond(
-    make: MakeBackup, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
-) -> None:
-    src = tmp_path_factory.mktemp("tiny") / "tiny"
-    src.mkdir()
-    (src / "private.img").write_bytes(os.urandom(300 * 1024))
-    tiny = gen.VmSpec("tiny", 12, source=src)
-    backup = make(vms=[tiny], dom0_home=None, chunk_size=300, compression=None)
-    names = backup.manifest.member_names()
+def test_chunk_1000_and_beyond(backup_past_1000: Backup, tmp_path: Path) -> None:
+    names = backup_past_1000.manifest.member_names()
     assert "vm12/private.img.1000" in names and "vm12/private.img.999" in names
     out = tmp_path / "out"
-    restore(backup, out)
-    assert_restored(out, backup)
+    restore(backup_past_1000, out)
+    assert_restored(out, backup_past_1000)
 
 
 def test_vm_selection(default_backup: Backup, tmp_path: Path) -> None:
@@ -197,9 +189,8 @@ def test_no_passphrase_and_no_terminal_is_usage_error(default_backup: Backup) ->
 
 
 def test_tampered_chunk_keeps_partial_and_restores_the_rest(
-    make: MakeBackup, tmp_path: Path, sample_tree: tuple[list, Path]
+    make: MakeBackup, tmp_path: Path
 ) -> None:
-    _vms, _home = sample_tree
     backup = make(chunk_size=16 * 1024)
     folder = tmp_path / "untarred"
     folder.mkdir()
