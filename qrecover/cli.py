@@ -659,6 +659,28 @@ def script(
 
 
 @app.command()
+def kit(
+    backup: BackupArg,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder to write the kit into (made if missing; never over its files).",
+            metavar="DIR",
+        ),
+    ],
+    passphrase_file: PassFileOpt = None,
+) -> None:
+    """Write a recovery kit to keep beside the backup: qrecover.pyz (runs with only
+    python3), recover.sh (no Python) and RECOVERY.txt (the procedure for this backup).
+    The passphrase is asked for to read qubes.xml; no file of the kit holds it."""
+    from qrecover.kit import kit_command  # only this command needs shiv's machinery
+
+    raise typer.Exit(kit_command(backup, output, passphrase_file))
+
+
+@app.command()
 def info(
     backup: BackupArg,
     as_json: Annotated[
