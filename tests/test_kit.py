@@ -35,7 +35,9 @@ def bare_python() -> str:
     return os.path.realpath(sys.executable)
 
 
-def run_bare(pyz: Path, *args: str | Path, home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_bare(
+    pyz: Path, *args: str | Path, home: Path, cwd: Path
+) -> subprocess.CompletedProcess[str]:
     """``env -i PATH=/usr/bin:/bin HOME=... python3 -S -I qrecover.pyz ARGS``."""
     return subprocess.run(
         [bare_python(), "-S", "-I", str(pyz), *map(str, args)],
