@@ -202,3 +202,20 @@ def test_kit_for_format4(make4: MakeBackup, tmp_path: Path) -> None:
                     backup.passfile, home=home, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "every chunk authenticated by scrypt" in proc.stdout
+
+
+def test_pyz_cache_follows_shiv_root(sample_kit: Path, tmp_path: Path) -> None:
+    """What RECOVERY.txt tells a user whose home is read-only: SHIV_ROOT moves the cache
+    (python3 -I ignores only PYTHON* variables)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [bare_python(), "-S", "-I", str(sample_kit / "qrecover.pyz"), "--version"],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(home), "SHIV_ROOT": str(cache)},
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert any(cache.glob("qrecover.pyz_*/site-packages/qrecover/cli.py"))
+    assert not (home / ".shiv").exists()
+    assert "SHIV_ROOT=" in (sample_kit / "RECOVERY.txt").read_text()
