@@ -128,6 +128,7 @@ def _by_hand_v4(header: AnyHeader, example: Entity | None) -> list[str]:
     stage = decompress_stage(header)
     unzip = " ".join(stage.argv) if stage is not None else "cat"
     path = example.backup_path if example is not None else "vm1"
+    stored = f"{path}/private.img"
     return [
         f"The page: {PAGE_V4}",
         "Format 4 has no .hmac files: scrypt both decrypts and authenticates each",
@@ -149,9 +150,11 @@ def _by_hand_v4(header: AnyHeader, example: Entity | None) -> list[str]:
         "     done",
         "     (each chunk has its own passphrase: the backup id, '!', the chunk's name",
         "     without .enc, '!', your passphrase; do the same for qubes.xml.000.enc)",
-        f"  5. cat $(find {path} -name '*.[0-9][0-9][0-9]*' ! -name '*.enc' | sort -V) |",
+        f"  5. cat $(find {path} -name '{stored.rsplit('/', 1)[-1]}.[0-9]*' ! -name '*.enc' "
+        "| sort -V) |",
         f"         {unzip} | tar -xv --sparse -C OUT",
-        "     (one stored file at a time: a VM's private.img chunks, then the next)",
+        "     (one stored file at a time: each is its own stream; its members land",
+        f"     in OUT/{path}/...)",
         "  6. to read a VM's files: sudo mount -o loop,ro OUT/.../private.img /mnt",
         "",
         "scrypt asks for each chunk's passphrase on the terminal; scrypt 1.2.1 and",
@@ -168,7 +171,9 @@ def recovery_text(
 ) -> str:
     """The whole of RECOVERY.txt."""
     version = header.version
-    example = next((e for e in selected if e.name != "dom0"), None)
+    # the by-hand commands show a VM whose private.img is a stored file of its own
+    # (R2-R3.2 stored a template as one archive of its whole folder)
+    example = next((e for e in selected if e.name != "dom0" and "Template" not in e.type), None)
     total = sum(e.size for e in selected)
     lines = [
         f"RECOVERY KIT for the Qubes backup {backup_name}",
