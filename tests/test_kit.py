@@ -219,3 +219,41 @@ def test_pyz_cache_follows_shiv_root(sample_kit: Path, tmp_path: Path) -> None:
     assert any(cache.glob("qrecover.pyz_*/site-packages/qrecover/cli.py"))
     assert not (home / ".shiv").exists()
     assert "SHIV_ROOT=" in (sample_kit / "RECOVERY.txt").read_text()
+
+
+def test_format4_by_hand_steps_restore(make4: MakeBackup, tmp_path: Path) -> None:
+    """RECOVERY.txt's format-4 steps: each chunk decrypted by scrypt into a file under
+    BACKUPID!NAME!PASSPHRASE (given with -P here), then step 5's line restores it."""
+    backup: Backup = make4()
+    kit = tmp_path / "kit4"
+    assert run_cli("kit", backup.path, "-o", kit, "--passphrase-file", backup.passfile).code == 0
+    text = (kit / "RECOVERY.txt").read_text()
+    start = text.index("  5. cat $(find ") + len("  5. ")
+    command = " ".join(text[start : text.index("-C OUT", start) + 6].split())
+    work = tmp_path / "work"
+    out = tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    subprocess.run(["tar", "-i", "-xf", str(backup.path), "-C", str(work)], check=True)
+    backup_id = next(
+        line.split("=", 1)[1] for line in (work / "backup-header").read_text().splitlines()
+        if line.startswith("backup-id=")
+    )
+    assert f"passphrase: {backup_id}!$n!PASSPHRASE" in text
+    stored = command.split("-name '")[1].split(".[0-9]*")[0]
+    folder = command.split("find ")[1].split()[0]
+    for chunk in sorted((work / folder).glob(f"{stored}.*.enc")):
+        name = str(chunk.relative_to(work))[: -len(".enc")]
+        subprocess.run(
+            ["scrypt", "dec", "-P", str(chunk), str(work / name)],
+            input=f"{backup_id}!{name}!{PASSPHRASE}".encode(), check=True,
+        )
+    subprocess.run(["sh", "-c", command.replace("-C OUT", f"-C {shlex.quote(str(out))}")],
+                   cwd=work, check=True)
+    restored = out / folder / stored
+    vm = next(v for v in json.loads(run_cli(
+        "info", backup.path, "--json", "--passphrase-file", backup.passfile).out)["vms"]
+        if v["backup_path"] == folder)
+    expected = backup.expected_files([vm["name"]])[f"{vm['name']}/{stored}"]
+    assert hashlib.sha256(restored.read_bytes()).hexdigest() == hashlib.sha256(
+        expected.read_bytes()).hexdigest()
