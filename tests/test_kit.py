@@ -257,3 +257,15 @@ def test_format4_by_hand_steps_restore(make4: MakeBackup, tmp_path: Path) -> Non
     expected = backup.expected_files([vm["name"]])[f"{vm['name']}/{stored}"]
     assert hashlib.sha256(restored.read_bytes()).hexdigest() == hashlib.sha256(
         expected.read_bytes()).hexdigest()
+
+
+def test_kit_made_by_the_pyz_copies_it(sample_kit: Path, tmp_path: Path) -> None:
+    """The pyz carries no shiv: its own kit command copies the pyz it runs from."""
+    home = tmp_path / "home"
+    home.mkdir()
+    again = tmp_path / "again"
+    proc = run_bare(sample_kit / "qrecover.pyz", "kit", SAMPLE, "--output", again,
+                    "--passphrase-file", PASSFILE, home=home, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (again / "qrecover.pyz").read_bytes() == (sample_kit / "qrecover.pyz").read_bytes()
+    assert "CPython 3." in (again / "RECOVERY.txt").read_text()
