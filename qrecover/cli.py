@@ -47,6 +47,7 @@ from qrecover.progress import (
     source_size,
     summary_table,
 )
+from qrecover.report_json import json_output
 from qrecover.restore import FileResult, Report, Request, run
 from qrecover.script import render_script, render_script_v4
 from qrecover.transcript import (
@@ -125,6 +126,16 @@ VmOpt = Annotated[
         help="Only this VM (repeatable); 'dom0' selects dom0's home. "
         "Default: everything in the backup.",
         metavar="NAME",
+    ),
+]
+
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print one JSON document on stdout: the header, every stored file with its "
+        "VM, chunks, bytes and status, and the verdict (the human output goes to stderr). "
+        "Exit codes are unchanged.",
     ),
 ]
 
@@ -382,7 +393,31 @@ def restore_command(
     transcript: Path | None = None,
     explain: bool = False,
     dry_run: bool = False,
+    as_json: bool = False,
 ) -> int:
+    if as_json and dry_run:
+        raise UsageError("--json and --dry-run do not go together")
+    with json_output(as_json, "restore", backup) as as_doc:
+        code, report = _restore_command(
+            backup, output, vms, force, passphrase_file, size_limit, files, transcript,
+            explain, dry_run,
+        )
+        as_doc.done(report, code)
+    return code
+
+
+def _restore_command(
+    backup: str,
+    output: Path,
+    vms: Sequence[str],
+    force: bool,
+    passphrase_file: Path | None,
+    size_limit: bool,
+    files: bool,
+    transcript: Path | None,
+    explain: bool,
+    dry_run: bool,
+) -> tuple[int, Report]:
     if dry_run:
         seen = _HeaderSeen()
         report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)), [seen])
@@ -394,8 +429,8 @@ def restore_command(
         # The plan says what would stop a real run; so does the exit code.
         existing = [output / "qubes.xml", *(output / e.dest for e in report.selected)]
         if not force and any(os.path.lexists(p) for p in existing):
-            return EXIT_OUTPUT
-        return EXIT_OK
+            return EXIT_OUTPUT, report
+        return EXIT_OK, report
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
     request = Request("restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit)
@@ -406,7 +441,7 @@ def restore_command(
     if files:
         files_code = _restore_files(report, output, force)
         code = code if code != EXIT_OK else files_code
-    return code
+    return code, report
 
 
 def verify_command(
@@ -416,12 +451,16 @@ def verify_command(
     size_limit: bool = True,
     transcript: Path | None = None,
     explain: bool = False,
+    as_json: bool = False,
 ) -> int:
     request = Request("verify", vms=tuple(vms), size_limit=size_limit)
-    with _showing("verify", backup, None, transcript, explain) as shown:
-        report, elapsed = _run(backup, passphrase_file, request, shown.listeners)
-        shown.finished(report)
-    return _finish("verify", report, elapsed)
+    with json_output(as_json, "verify", backup) as as_doc:
+        with _showing("verify", backup, None, transcript, explain) as shown:
+            report, elapsed = _run(backup, passphrase_file, request, shown.listeners)
+            shown.finished(report)
+        code = _finish("verify", report, elapsed)
+        as_doc.done(report, code)
+    return code
 
 
 def script_command(
@@ -512,6 +551,7 @@ def restore(
             "where, and with which commands, without writing anything.",
         ),
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(
@@ -526,6 +566,7 @@ def restore(
             transcript=transcript,
             explain=explain,
             dry_run=dry_run,
+            as_json=as_json,
         )
     )
 
@@ -580,6 +621,7 @@ def verify(
     no_size_limit: NoLimitOpt = False,
     transcript: TranscriptOpt = None,
     explain: ExplainOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check everything restore would, writing nothing: every HMAC, decryption,
     decompression, and a listing of each inner archive."""
@@ -591,6 +633,7 @@ def verify(
             size_limit=not no_size_limit,
             transcript=transcript,
             explain=explain,
+            as_json=as_json,
         )
     )
 
@@ -613,6 +656,28 @@ def script(
     """Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for
     the VMs named with --vm (all without it), after verifying the header and qubes.xml."""
     raise typer.Exit(script_command(backup, output, vm or [], passphrase_file))
+
+
+@app.command()
+def kit(
+    backup: BackupArg,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder to write the kit into (made if missing; never over its files).",
+            metavar="DIR",
+        ),
+    ],
+    passphrase_file: PassFileOpt = None,
+) -> None:
+    """Write a recovery kit to keep beside the backup: qrecover.pyz (runs with only
+    python3), recover.sh (no Python) and RECOVERY.txt (the procedure for this backup).
+    The passphrase is asked for to read qubes.xml; no file of the kit holds it."""
+    from qrecover.kit import kit_command  # only this command needs shiv's machinery
+
+    raise typer.Exit(kit_command(backup, output, passphrase_file))
 
 
 @app.command()
