@@ -197,11 +197,13 @@ class TarReader:
         self._skip_padding(size)
         return data
 
-    def _first_block(self, block: bytes) -> BackupError:
+    def _first_block(self, block: bytes, zeros: int = 0) -> BackupError:
         from qrecover.sources import describe
 
-        return BackupError(f"{self.label}: not a tar archive, so not a Qubes backup: "
-                           f"{describe(block)}")
+        what = describe(block)
+        if zeros:
+            what = f"{zeros} bytes of zeros, then {what.removeprefix('it ')}"
+        return BackupError(f"{self.label}: not a tar archive, so not a Qubes backup: {what}")
 
     def members(self) -> Iterator[Member]:
         from qrecover.container import Member
@@ -239,10 +241,12 @@ class TarReader:
                     raise BackupError(f"{self.label}: {what}: more than {MAX_ZERO_RUN} bytes of "
                                       f"zeros at {self.input.where(offset + BLOCK - zeros)}")
                 continue
-            zeros = 0
+            zeros_before, zeros = zeros, 0
             if not checksum_ok(block):
                 if count == 0 and offset == 0:
                     raise self._first_block(block)
+                if count == 0 and offset == zeros_before:
+                    raise self._first_block(block, offset)
                 raise self._damaged(offset, "a broken tar header", crossed)
             piece = self.input.piece_at(offset)
             if not pax and long_name is None:
