@@ -84,21 +84,22 @@ def compression_of(head: bytes) -> Compression | None:
     return None
 
 
-def describe(head: bytes) -> str:
+def describe(head: bytes, subject: str = "it") -> str:
     """What a block that is not a tar header looks like, for the one-line error."""
     comp = compression_of(head)
     if comp is not None:
-        return f"it starts like a {comp.name} stream (compressed twice?)"
+        return f"{subject} starts like a {comp.name} stream (compressed twice?)"
     for magic, what in FOREIGN:
         if head.startswith(magic):
-            return f"it is {what}"
+            return f"{subject} is {what}"
     if not head.strip(b"\0"):
-        return "it is zero-filled"
+        return f"{subject} is zero-filled"
     text = head.rstrip(b"\0")
     if all(32 <= b < 127 or b in b"\t\r\n" for b in text):
-        return "it starts like text"
+        return f"{subject} starts like text"
     shown = " ".join(f"{b:02x}" for b in head[:8])
-    return f"it starts with the bytes {shown} (random data, or a format qrecover does not know)"
+    return (f"{subject} starts with the bytes {shown} "
+            "(random data, or a format qrecover does not know)")
 
 
 @dataclass

@@ -200,9 +200,9 @@ class TarReader:
     def _first_block(self, block: bytes, zeros: int = 0) -> BackupError:
         from qrecover.sources import describe
 
-        what = describe(block)
+        what = describe(block, "what follows" if zeros else "it")
         if zeros:
-            what = f"{zeros} bytes of zeros, then {what.removeprefix('it ')}"
+            what = f"it starts with {zeros} bytes of zeros; {what}"
         return BackupError(f"{self.label}: not a tar archive, so not a Qubes backup: {what}")
 
     def members(self) -> Iterator[Member]:
