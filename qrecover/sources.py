@@ -183,9 +183,12 @@ class ByteInput:
             return f"byte {offset - piece.start} of {piece.label}"
         return f"byte {offset}"
 
-    def failure(self) -> str | None:
-        """The decompressor's error once it has ended; None while it runs, or if it did not fail."""
-        if self.pipeline is None or any(p.poll() is None for p in self.pipeline.procs):
+    def failure(self, wait: bool = False) -> str | None:
+        """The decompressor's error once it has ended (``wait``: for it to end);
+        None while it runs, or if it did not fail."""
+        if self.pipeline is None:
+            return None
+        if not wait and any(p.poll() is None for p in self.pipeline.procs):
             return None
         failed = first_failure(self.pipeline.wait())
         return failed.describe() if failed is not None else None

@@ -156,7 +156,7 @@ class TarReader:
     def ended(self) -> str:
         """Why the stream ended early, for a truncation message."""
         where = self.input.where(self.input.position)
-        failed = self.input.failure()
+        failed = self.input.failure(wait=True)  # its output ended: it has ended, or is ending
         if failed is not None:
             return f"{failed} at {where}"
         if len(self.input.pieces) > 1:
@@ -219,6 +219,7 @@ class TarReader:
             block = self.input.read_exact(BLOCK)
             crossed = self.input.piece_at(offset) != piece
             if len(block) < BLOCK:
+                self.input.finish()  # a decompressor that failed says why the bytes ended
                 if pax or long_name is not None:
                     raise BackupError(f"{self.label}: the backup ends after an extended tar "
                                       f"header (truncated backup): {self.ended()}")
@@ -232,7 +233,6 @@ class TarReader:
                         raise self._first_block(block)
                     raise BackupError(f"{self.label}: the backup ends inside a tar header "
                                       f"(truncated backup): {self.ended()}")
-                self.input.finish()
                 return
             if block == ZERO_BLOCK:
                 zeros += BLOCK
