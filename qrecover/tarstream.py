@@ -29,6 +29,10 @@ MAX_EXTENDED = 1024 * 1024  # a PAX or GNU long-name header's data
 # more zeros than that, before anything or between members, is a zero-filled
 # file or region (and /dev/zero must not be read forever).
 MAX_ZERO_RUN = 1024 * 1024
+# Qubes cut every stored file into chunks of at most 100 MiB (FORMAT-NOTES);
+# a member declaring far more would only fill the scratch folder (a small
+# compressed input can expand to any size), so it is refused before any copy.
+MAX_MEMBER = 256 * 1024 * 1024
 _REGULAR = (b"0", b"\0", b"7")
 _NOT_REGULAR = {
     b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
@@ -289,6 +293,9 @@ class TarReader:
                 shown = name.encode("ascii", "backslashreplace").decode()[:120]
                 raise BackupError(f"outer archive: member {shown!r} is not a regular file "
                                   f"(it is {what})")
+            if size > MAX_MEMBER:
+                raise BackupError(f"outer archive: member {_shown(name)} declares {size} bytes, "
+                                  f"more than any chunk Qubes writes (100 MiB)")
             if len(self.input.pieces) > 1:
                 self._check_boundary(count, last, name, entry_piece != end_piece)
             count += 1

@@ -162,7 +162,7 @@ def test_reader_refuses_garbage_between_members(tmp_path: Path) -> None:
     data = _tar(MEMBERS[:2]) + b"\x01" * 512 + _tar(MEMBERS[2:])
     path = tmp_path / "b"
     path.write_bytes(data)
-    with pytest.raises(BackupError, match="outer archive damaged at byte .*a broken tar header"):
+    with pytest.raises(BackupError, match=r"outer archive damaged at byte .*a broken tar header"):
         _members(path)
 
 
@@ -228,3 +228,14 @@ def test_pax_records_are_strict() -> None:
     for bad in (b"12 path=abcd\n", b"13 path=abcdX", b"x path=a\n", b"9 pathab\n"):
         with pytest.raises(ValueError):
             parse_pax(bad)
+
+
+def test_member_larger_than_any_chunk_is_refused(tmp_path: Path) -> None:
+    block = bytearray(_tar([("vm7/private.img.000", b"")], tarfile.USTAR_FORMAT)[:512])
+    block[124:136] = b"%011o\0" % (300 << 20)  # 300 MiB declared
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    path = tmp_path / "b"
+    path.write_bytes(_tar(MEMBERS[:2]) + bytes(block) + bytes(4096))
+    with pytest.raises(BackupError, match="declares 314572800 bytes, more than any chunk"):
+        _members(path)
