@@ -233,8 +233,8 @@ class TarReader:
                     raise BackupError(f"{self.label}: zero-filled ({offset + len(block)} bytes "
                                       "of zeros): not a Qubes backup")
                 if block.strip(b"\0"):
-                    if count == 0 and offset == 0:
-                        raise self._first_block(block)
+                    if count == 0:
+                        raise self._first_block(block, offset)
                     raise BackupError(f"{self.label}: the backup ends inside a tar header "
                                       f"(truncated backup): {self.ended()}")
                 return
