@@ -16,6 +16,7 @@ so undoing the outer compression uses nothing unauthenticated.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -28,7 +29,15 @@ from dataclasses import dataclass
 
 from qrecover.decompress import pick_gunzip
 from qrecover.errors import BackupError, MissingProgramError, UsageError
-from qrecover.runner import Pipeline, Stage, announce, first_failure, render_pipeline
+from qrecover.runner import (
+    F_SETPIPE_SZ,
+    PIPE_SIZE,
+    Pipeline,
+    Stage,
+    announce,
+    first_failure,
+    render_pipeline,
+)
 
 log = logging.getLogger("qrecover")
 
@@ -303,6 +312,8 @@ def _decompress(raw: ByteInput, comp: Compression) -> ByteInput:
         owned = True
         feeder = threading.Thread(target=_feed, args=(raw, feed_w), daemon=True)
     out_r, out_w = os.pipe()
+    with contextlib.suppress(OSError):  # 1 MiB, as between the other stages (runner.py)
+        fcntl.fcntl(out_w, F_SETPIPE_SZ, PIPE_SIZE)
     pipeline = Pipeline(stages, stdin=stdin, stdout=out_w)
     announce(render_pipeline(stages, stdin=shown_in))
     try:
