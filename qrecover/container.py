@@ -23,7 +23,7 @@ from typing import IO
 
 from qrecover.errors import BackupError
 from qrecover.sources import ByteInput, open_input
-from qrecover.tarstream import TarReader
+from qrecover.tarstream import MAX_MEMBER, TarReader
 
 HEADER = "backup-header"
 HEADER_HMAC = "backup-header.hmac"
@@ -196,6 +196,9 @@ class FolderSource:
             st = path.lstat()
             if not stat.S_ISREG(st.st_mode):
                 raise BackupError(f"{path}: not a regular file")
+            if st.st_size > MAX_MEMBER:  # as for a tar member: scratch stays bounded
+                raise BackupError(f"{path}: {st.st_size} bytes, more than any chunk Qubes "
+                                  "writes (100 MiB)")
             yield Member(name, st.st_size, path=path)
 
 

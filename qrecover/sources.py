@@ -247,9 +247,17 @@ def _check_pieces(pieces: list[Piece]) -> None:
             raise UsageError(f"{piece.label}: given twice (also as {seen[key]})")
         seen[key] = piece.label
     first = pieces[0]
+    if first.size == 0:
+        raise BackupError(f"{first.label}: empty: not a piece of a split backup")
+    if first.size is not None and pieces[1].size is not None and first.size < pieces[1].size:
+        raise BackupError(
+            f"piece {pieces[1].label} does not continue piece {first.label}: {first.label} "
+            f"({first.size} bytes) is shorter than the next piece ({pieces[1].size} bytes), "
+            "so it must be the last piece (pieces out of order, or not of one backup?)"
+        )
     for prev, piece in itertools.pairwise(pieces):
         if first.size is None or piece.size is None:
-            return
+            continue
         if piece.size == 0:
             raise BackupError(f"{piece.label}: empty: not a piece of a split backup")
         if prev is not first and prev.size != first.size:

@@ -221,7 +221,8 @@ class TarReader:
         while True:
             offset = self.input.position
             block = self.input.read_exact(BLOCK)
-            crossed = self.input.piece_at(offset) != piece
+            # a block whose last byte lies in another piece crosses the boundary too
+            crossed = self.input.piece_at(offset + len(block) - 1) != piece
             if len(block) < BLOCK:
                 self.input.finish()  # a decompressor that failed says why the bytes ended
                 if pax or long_name is not None:
@@ -252,7 +253,7 @@ class TarReader:
                 if count == 0 and offset == zeros_before:
                     raise self._first_block(block, offset)
                 raise self._damaged(offset, "a broken tar header", crossed)
-            piece = self.input.piece_at(offset)
+            piece = self.input.piece_at(offset + BLOCK - 1)
             if not pax and long_name is None:
                 entry_piece = piece  # where this entry's first header is
             kind = block[156:157]
@@ -284,6 +285,9 @@ class TarReader:
             if any(key.startswith("GNU.sparse") for key in pax):
                 kind = b"S"
             pax, long_name = {}, None
+            if size > MAX_MEMBER:
+                raise BackupError(f"outer archive: member {_shown(name)} declares {size} bytes, "
+                                  f"more than any chunk Qubes writes (100 MiB)")
             if kind == b"5":
                 self._skip(size)
                 self._skip_padding(size)
@@ -293,9 +297,6 @@ class TarReader:
                 shown = name.encode("ascii", "backslashreplace").decode()[:120]
                 raise BackupError(f"outer archive: member {shown!r} is not a regular file "
                                   f"(it is {what})")
-            if size > MAX_MEMBER:
-                raise BackupError(f"outer archive: member {_shown(name)} declares {size} bytes, "
-                                  f"more than any chunk Qubes writes (100 MiB)")
             if len(self.input.pieces) > 1:
                 self._check_boundary(count, last, name, entry_piece != end_piece)
             count += 1

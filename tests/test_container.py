@@ -239,3 +239,21 @@ def test_member_larger_than_any_chunk_is_refused(tmp_path: Path) -> None:
     path.write_bytes(_tar(MEMBERS[:2]) + bytes(block) + bytes(4096))
     with pytest.raises(BackupError, match="declares 314572800 bytes, more than any chunk"):
         _members(path)
+
+
+def test_folder_chunk_larger_than_any_chunk_is_refused(tmp_path: Path) -> None:
+    for name in ("backup-header", "backup-header.hmac"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "vm7").mkdir()
+    with (tmp_path / "vm7" / "private.img.000").open("wb") as f:
+        f.truncate(300 << 20)  # sparse: costs no disk
+    with pytest.raises(BackupError, match="more than any chunk Qubes writes"):
+        list(FolderSource(tmp_path).members())
+
+
+def test_short_first_piece_is_named(tmp_path: Path) -> None:
+    data = _tar(MEMBERS)
+    (tmp_path / "a").write_bytes(data[-1024:])
+    (tmp_path / "b").write_bytes(data[:2048])
+    with pytest.raises(BackupError, match="is shorter than the next piece"):
+        open_source([str(tmp_path / "a"), str(tmp_path / "b")])
