@@ -148,12 +148,17 @@ class ByteInput:
         while self._index < len(self.pieces):
             piece = self.pieces[self._index]
             try:
+                if piece.fd < 0:  # pieces are opened one at a time, when reached
+                    piece.fd = os.open(piece.label, os.O_RDONLY | os.O_CLOEXEC)
                 data = os.read(piece.fd, n)
             except OSError as exc:
                 raise BackupError(f"{piece.label}: cannot read ({exc.strerror})") from None
             if data:
                 self.position += len(data)
                 return data
+            if piece.fd > 2:
+                os.close(piece.fd)
+            piece.fd = -2  # read to its end
             self._index += 1
             if self._index < len(self.pieces):
                 self.pieces[self._index].start = self.position
@@ -223,16 +228,19 @@ class ByteInput:
                     os.close(piece.fd)
 
 
-def _open_piece(path: str) -> Piece:
+def _open_piece(path: str, now: bool) -> Piece:
+    """A piece, checked; opened ``now`` (the first) or only when reached, so
+    that any number of pieces stays within the limit of open files."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if now else -1
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot open ({exc.strerror})") from None
-    st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise UsageError(f"{path}: a folder cannot be one of several pieces")
     return Piece(path, fd, st.st_size if stat.S_ISREG(st.st_mode) else None)
 
@@ -241,7 +249,7 @@ def _check_pieces(pieces: list[Piece]) -> None:
     """``split -b SIZE`` makes every piece but the last exactly SIZE bytes."""
     seen: dict[tuple[int, int], str] = {}
     for piece in pieces:
-        st = os.fstat(piece.fd)
+        st = os.stat(piece.label)
         key = (st.st_dev, st.st_ino)
         if key in seen:
             raise UsageError(f"{piece.label}: given twice (also as {seen[key]})")
@@ -361,12 +369,13 @@ def open_input(backups: Sequence[str]) -> ByteInput:
         pieces: list[Piece] = []
         try:
             for path in backups:
-                pieces.append(_open_piece(path))
+                pieces.append(_open_piece(path, now=not pieces))
             if len(pieces) > 1:
                 _check_pieces(pieces)
         except BaseException:
             for piece in pieces:
-                os.close(piece.fd)
+                if piece.fd > 2:
+                    os.close(piece.fd)
             raise
         label = backups[0] if len(backups) == 1 else f"{backups[0]} (+{len(backups) - 1} pieces)"
         raw = ByteInput(label, pieces)
