@@ -50,6 +50,7 @@ from qrecover.progress import (
 from qrecover.report_json import json_output
 from qrecover.restore import FileResult, Report, Request, run
 from qrecover.script import render_script, render_script_v4
+from qrecover.sources import replay_path
 from qrecover.transcript import (
     Event,
     EventListener,
@@ -77,10 +78,12 @@ app = typer.Typer(
 )
 
 BackupArg = Annotated[
-    str,
+    list[str],
     typer.Argument(
-        help="The backup file; '-' to read it from standard input; or a folder holding a "
-        "backup already untarred by hand (tar -i -xf BACKUP).",
+        help="The backup file; '-' to read it from standard input; a folder holding a "
+        "backup already untarred by hand (tar -i -xf BACKUP); or the pieces of a split "
+        "backup, in order (backup.part-*). A backup compressed as a whole (gzip, bzip2, xz, "
+        "zstd) is read through its decompressor.",
         metavar="BACKUP",
     ),
 ]
@@ -279,7 +282,7 @@ def _finish(mode: str, report: Report, elapsed: float) -> int:
 
 
 def _run(
-    backup: str,
+    backup: Sequence[str],
     passphrase_file: Path | None,
     request: Request,
     listeners: Sequence[EventListener] = (),
@@ -340,7 +343,7 @@ class _Showing:
 @contextlib.contextmanager
 def _showing(
     mode: str,
-    backup: str,
+    backup: Sequence[str],
     output: Path | None,
     transcript: Path | None,
     explain: bool,
@@ -351,21 +354,21 @@ def _showing(
     listeners: list[EventListener] = []
     writer: TranscriptWriter | None = None
     narrator: Narrator | None = None
-    if transcript is not None and backup != "-" and os.path.exists(transcript) and (
-        os.path.samefile(transcript, backup)
+    if transcript is not None and os.path.exists(transcript) and any(
+        piece != "-" and os.path.samefile(transcript, piece) for piece in backup
     ):
         raise UsageError(f"--transcript {transcript} is the backup itself")
     if transcript is not None:
         writer = TranscriptWriter(
             open_new(transcript, force),
             "restore" if mode == "restore" else "verify",
-            None if backup == "-" else os.path.abspath(backup),
+            replay_path(backup),
             Path(os.path.abspath(output)) if output is not None else None,
             argv=sys.argv[1:],
         )
         listeners.append(writer)
     if explain:
-        narrator = Narrator(backup, mode)
+        narrator = Narrator(replay_path(backup) or "-", mode)
         listeners.append(narrator)
     shown = _Showing(listeners)
     raised = True
@@ -383,7 +386,7 @@ def _showing(
 
 
 def restore_command(
-    backup: str,
+    backup: Sequence[str],
     output: Path,
     vms: Sequence[str],
     force: bool,
@@ -423,9 +426,9 @@ def _restore_command(
         report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)), [seen])
         event = seen.get()
         if isinstance(event, HeaderVerifiedV4):
-            print(plan_text_v4(event.fmt, report.selected, backup, output))
+            print(plan_text_v4(event.fmt, report.selected, replay_path(backup) or "-", output))
         else:
-            print(plan_text(event.header, report.selected, backup, output))
+            print(plan_text(event.header, report.selected, replay_path(backup) or "-", output))
         # The plan says what would stop a real run; so does the exit code.
         existing = [output / "qubes.xml", *(output / e.dest for e in report.selected)]
         if not force and any(os.path.lexists(p) for p in existing):
@@ -445,7 +448,7 @@ def _restore_command(
 
 
 def verify_command(
-    backup: str,
+    backup: Sequence[str],
     vms: Sequence[str],
     passphrase_file: Path | None,
     size_limit: bool = True,
@@ -464,12 +467,12 @@ def verify_command(
 
 
 def script_command(
-    backup: str, output: Path, vms: Sequence[str], passphrase_file: Path | None
+    backup: Sequence[str], output: Path, vms: Sequence[str], passphrase_file: Path | None
 ) -> int:
     seen = _HeaderSeen()
     report, _ = _run(backup, passphrase_file, Request("info", vms=tuple(vms)), [seen])
     event = seen.get()
-    where = None if backup == "-" else os.path.abspath(backup)
+    where = replay_path(backup)
     out = Path(os.path.abspath(output))
     if isinstance(event, HeaderVerifiedV4):
         text = render_script_v4(event.fmt, report.selected, where, out, argv=sys.argv[1:])
@@ -480,7 +483,7 @@ def script_command(
     return EXIT_OK
 
 
-def info_command(backup: str, as_json: bool, passphrase_file: Path | None) -> int:
+def info_command(backup: Sequence[str], as_json: bool, passphrase_file: Path | None) -> int:
     report, _elapsed = _run(backup, passphrase_file, Request("info"))
     assert report.header is not None and report.inventory is not None
     if as_json:
@@ -493,7 +496,7 @@ def info_command(backup: str, as_json: bool, passphrase_file: Path | None) -> in
     version = report.header.version
     method = "scrypt" if version == 4 else f"HMAC-{report.header.hmac_algorithm}"
     written_by = "Qubes R4" if version == 4 else "Qubes R2-R3.2"
-    print(f"Backup {backup}: format {version}, written by {written_by}")
+    print(f"Backup {' '.join(backup)}: format {version}, written by {written_by}")
     print(f"  header verified with {method}")
     for key, value in report.header.fields().items():
         print(f"  {key}: {value}")
