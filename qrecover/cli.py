@@ -410,7 +410,7 @@ def restore_command(
 
 
 def _restore_command(
-    backup: str,
+    backup: Sequence[str],
     output: Path,
     vms: Sequence[str],
     force: bool,
@@ -663,7 +663,13 @@ def script(
 
 @app.command()
 def kit(
-    backup: BackupArg,
+    backup: Annotated[
+        str,
+        typer.Argument(
+            help="The backup file, or a folder holding a backup already untarred by hand.",
+            metavar="BACKUP",
+        ),
+    ],
     output: Annotated[
         Path,
         typer.Option(

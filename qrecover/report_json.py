@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -33,7 +33,9 @@ def file_json(result: FileResult) -> dict[str, object]:
     }
 
 
-def report_json(mode: str, backup: str, report: Report, exit_code: int) -> dict[str, object]:
+def report_json(
+    mode: str, backup: str | list[str], report: Report, exit_code: int
+) -> dict[str, object]:
     """The whole document for a pass that ran to its end (good or bad)."""
     header = report.header
     return {
@@ -48,7 +50,7 @@ def report_json(mode: str, backup: str, report: Report, exit_code: int) -> dict[
     }
 
 
-def error_json(mode: str, backup: str, error: QrecoverError) -> dict[str, object]:
+def error_json(mode: str, backup: str | list[str], error: QrecoverError) -> dict[str, object]:
     """The document for a pass stopped by an error before its end (wrong passphrase,
     missing program, ...): no files, the message, the same exit code as without --json."""
     return {
@@ -68,7 +70,7 @@ class JsonRun:
     """Collects what the document says; ``done`` is called once the verdict is known."""
 
     mode: str
-    backup: str
+    backup: str | list[str]
     document: dict[str, object] | None = field(default=None)
 
     def done(self, report: Report, exit_code: int) -> None:
@@ -76,9 +78,11 @@ class JsonRun:
 
 
 @contextlib.contextmanager
-def json_output(enabled: bool, mode: str, backup: str) -> Iterator[JsonRun]:
+def json_output(enabled: bool, mode: str, pieces: Sequence[str]) -> Iterator[JsonRun]:
     """With ``enabled``: human output to stderr inside, the document on stdout after
     (also when a QrecoverError stops the pass; it is raised on unchanged)."""
+    # One path as a string; the pieces of a split backup as a list, in order.
+    backup: str | list[str] = pieces[0] if len(pieces) == 1 else list(pieces)
     run = JsonRun(mode, backup)
     if not enabled:
         yield run
