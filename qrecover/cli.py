@@ -218,6 +218,9 @@ class _Printer:
 
 def _file_line(mode: str, result: FileResult) -> str:
     where = result.owner or "-"
+    if result.kept:  # --resume (qrecover/resume.py)
+        places = ", ".join(str(p) for p in result.places)
+        return f"KEPT      {where:<16} {result.stored} -> {places} (placed by an earlier run)"
     if not result.ok:
         kept = ""
         if result.places:
@@ -382,6 +385,7 @@ def restore_command(
     transcript: Path | None = None,
     explain: bool = False,
     dry_run: bool = False,
+    resume: bool = False,
 ) -> int:
     if dry_run:
         seen = _HeaderSeen()
@@ -398,7 +402,8 @@ def restore_command(
         return EXIT_OK
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
-    request = Request("restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit)
+    request = Request("restore", vms=tuple(vms), output=output, force=force,
+                      size_limit=size_limit, resume=resume)
     with _showing("restore", backup, output, transcript, explain, force) as shown:
         report, elapsed = _run(backup, passphrase_file, request, shown.listeners)
         shown.finished(report)
@@ -512,6 +517,14 @@ def restore(
             "where, and with which commands, without writing anything.",
         ),
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted restore of the same backup into DIR: skip "
+            "what DIR's record says was placed, redo the rest.",
+        ),
+    ] = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(
@@ -526,6 +539,7 @@ def restore(
             transcript=transcript,
             explain=explain,
             dry_run=dry_run,
+            resume=resume,
         )
     )
 
