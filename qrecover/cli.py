@@ -247,6 +247,8 @@ def _finish(mode: str, report: Report, elapsed: float) -> int:
     if report.ok:
         verb = "verified" if mode == "verify" else "restored"
         where = f" into {report.output}" if mode == "restore" else ""
+        if kept := sum(1 for f in report.files if f.kept):  # --resume (qrecover/resume.py)
+            where += f" ({kept} of them kept from an earlier run, not read again)"
         checked = (
             "every chunk authenticated by scrypt"
             if report.header is not None and report.header.version == 4

@@ -461,6 +461,8 @@ class Recovery:
                 self._check_conflicts(selected)
                 self.resume.write_xml(xml)  # writes qubes.xml (unless resumed) and the record
             self._stream(members, inventory, selected)
+            if self.resume is not None and self.report.ok:  # resume hook: nothing left to resume
+                self.resume.finished()
         except BaseException:
             if self._active is not None:
                 self._active.kill()

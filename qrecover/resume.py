@@ -1,14 +1,16 @@
 """``restore --resume``: the record a restore keeps inside DIR, and what a later
 run skips because of it.
 
-Every restore writes ``DIR/.qrecover-restore.json`` (the *record*): which
+Every restore writes ``DIR/.restore-record-qrecover.json`` (the *record*): which
 backup it is restoring (an identity taken only from authenticated data, see
 :func:`identity`) and, per stored file, its owner, status and final paths with
 their size and mtime.  The record is replaced atomically (temporary file in
 DIR, fsync, rename, fsync DIR), and a stored file is recorded as ``placed``
 only after its files and their folder are fsynced; a placement is recorded as
 ``placing`` (with the names it will take) just before the renames.  So after
-a power cut or SIGKILL the record never claims more than is on disk.
+a power cut or SIGKILL the record never claims more than is on disk.  A
+restore that ends without any error removes its record: DIR then holds only
+the restored files, and there is nothing to resume.
 
 A run with ``--resume`` whose record names the same backup:
 
@@ -51,7 +53,9 @@ from qrecover.transcript import QubesXmlWritten, emit
 if TYPE_CHECKING:
     from qrecover.restore import FileResult, Observer
 
-RECORD_NAME = ".qrecover-restore.json"
+# Not ".qrecover-...": that prefix is the scratch folders', which must never
+# outlive a run; the record outlives a run that did not finish.
+RECORD_NAME = ".restore-record-qrecover.json"
 RECORD_VERSION = 1
 MAX_RECORD = 64 * 1024 * 1024  # a record of a million stored files is far below this
 # Names qrecover gives inside DIR: tempfile.mkdtemp(prefix=".qrecover-") (8 random
@@ -59,7 +63,7 @@ MAX_RECORD = 64 * 1024 * 1024  # a record of a million stored files is far below
 _SCRATCH_DIR = re.compile(r"\.qrecover-[a-z0-9_]{8}")
 _SCRATCH_ENTRY = re.compile(r"(stage-[0-9]+|plain-[0-9]+|chunk-[A-Za-z0-9._-]+)")
 # Temporary files of the record's and qubes.xml's atomic writes.
-_TEMP_FILE = re.compile(r"\.(qrecover-restore\.json|qubes\.xml)\.[a-z0-9_]{8}")
+_TEMP_FILE = re.compile(r"\.(restore-record-qrecover\.json|qubes\.xml)\.[a-z0-9_]{8}")
 _PARTIAL = re.compile(r".+\.partial(\.[0-9]+)?")
 
 
@@ -166,8 +170,9 @@ class Resume:
     """The record of this restore, and what an earlier one lets it skip."""
 
     def __init__(self, output: Output, record: RestoreRecord, keep: dict[str, StoredEntry],
-                 resuming: bool) -> None:
+                 resuming: bool, earlier: bool = False) -> None:
         self.output = output
+        self.earlier = earlier  # resuming with a record of this same backup
         self.record = record
         self.keep = keep  # stored files placed by an earlier run, still intact
         self.resuming = resuming
@@ -181,6 +186,12 @@ class Resume:
         fmt: Literal[3, 4] = 4 if version == 4 else 3
         record = RestoreRecord(qrecover_restore_record=1, backup=backup, format=fmt, files={})
         path = root / RECORD_NAME
+        if resuming and not os.path.lexists(path) and os.path.lexists(root / QUBES_XML):
+            raise OutputError(
+                f"{root}: nothing to resume: it holds no restore record (a restore that "
+                "ends without error removes it, so this folder may be complete already)",
+                hint="check the folder, or restore into another --output folder",
+            )
         if not resuming or not os.path.lexists(path):
             return cls(output, record, {}, resuming)
         if path.is_symlink() or not path.is_file():
@@ -201,13 +212,13 @@ class Resume:
                 record.files[stored] = entry
             else:
                 _drop_leftovers(root, entry)
-        return cls(output, record, keep, resuming)
+        return cls(output, record, keep, resuming, earlier=True)
 
     # -- before the stored files --------------------------------------------
 
     def excused(self, path: Path) -> bool:
         """Under --resume: is this existing path the earlier run's own work?"""
-        if not self.resuming or not self.keep:
+        if not self.earlier:
             return False
         rel = os.path.relpath(path, self.output.root)
         placed = {p.path for e in self.keep.values() for p in e.places}
@@ -221,7 +232,7 @@ class Resume:
         """Write DIR/qubes.xml, unless the earlier run already wrote these bytes."""
         target = self.output.root / QUBES_XML
         same = False
-        if self.resuming and self.keep and target.is_file() and not target.is_symlink():
+        if self.earlier and target.is_file() and not target.is_symlink():
             with target.open("rb") as f:
                 same = f.read(len(xml) + 1) == xml
         if not same:
@@ -280,6 +291,12 @@ class Resume:
             owner=result.owner, status=status, chunks=result.chunks, places=places
         )
         self._save()
+
+    def finished(self) -> None:
+        """Everything selected is restored: the record has done its work."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        _fsync_path(self.output.root)
 
     def _save(self) -> None:
         """Replace the record atomically: temp file, fsync, rename, fsync DIR."""
