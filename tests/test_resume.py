@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import (
     PASSPHRASE,
     Backup,
@@ -109,7 +108,8 @@ def _damage(backup: Backup, tmp: Path, vm: str, suffix: str, chunk: int = 0) -> 
     copy = tmp / "damaged-backup"
     shutil.copyfile(backup.path, copy)
     with tarfile.open(copy, ignore_zeros=True) as tar:  # Qubes wrote member by member
-        member = next(m for m in tar if m.name in (f"{stored}.{chunk:03d}", f"{stored}.{chunk:03d}.enc"))
+        names = (f"{stored}.{chunk:03d}", f"{stored}.{chunk:03d}.enc")
+        member = next(m for m in tar if m.name in names)
     with copy.open("r+b") as f:
         f.seek(member.offset_data + member.size // 2)
         byte = f.read(1)
