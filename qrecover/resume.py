@@ -17,9 +17,10 @@ A run with ``--resume`` whose record names the same backup:
 * skips every stored file recorded ``placed`` whose places are still there with
   the recorded size and mtime: its members are read through (the backup is a
   stream) but neither authenticated again, decrypted, decompressed nor
-  extracted (format 4: no scrypt).  Its HMAC is not checked again: it was
-  checked when it was placed, and checking it would mean reading bytes that a
-  file source otherwise seeks past;
+  extracted (format 4: no scrypt).  Its HMAC is not checked again, for
+  format 3 either (there it would be cheap): it was checked when the file was
+  placed, and damage now in a chunk of a file already on disk changes nothing
+  about that file;
 * redoes the rest: what was recorded ``partial`` (its ``.partial`` entries,
   named by qrecover, are removed first), ``placing`` (its recorded final names,
   which qrecover itself was moving into place, are removed first) or not
@@ -255,7 +256,7 @@ class Resume:
             name = parse_member_name(member.name)
             if name is None or name.stored != stored:
                 break
-            members.take()  # the stream skips its bytes; a file is seeked past
+            members.take()  # the stream skips its bytes, unused
             observer.data_read(stored, member.size)
             if not name.is_hmac:
                 result.chunks += 1
