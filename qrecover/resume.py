@@ -311,11 +311,13 @@ class Resume:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
             _fsync_path(root)
-        except OSError as exc:
+        except BaseException as exc:  # a signal too: no temporary file left behind
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise OutputError(f"{self.path}: cannot write the restore record "
-                              f"({exc.strerror})") from None
+            if isinstance(exc, OSError):
+                raise OutputError(f"{self.path}: cannot write the restore record "
+                                  f"({exc.strerror})") from None
+            raise
 
 
 def _intact(root: Path, place: Place) -> bool:
