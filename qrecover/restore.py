@@ -384,8 +384,7 @@ class _StoredFile:
             return
         folder = output.ensure_dir(self.sink.folder_rel)
         if self.result.ok and self.engine.resume is not None:  # resume hook: record intent
-            targets = [folder / e.name for e in entries]
-            self.engine.resume.placing(self.stored, self.result.owner, targets)
+            self.engine.resume.placing(self.stored, self.result.owner, entries, folder)
         for entry in entries:
             size = tree_size(entry)
             try:
@@ -424,6 +423,7 @@ class Recovery:
         self._plain_n = 0
         self._active: _StoredFile | None = None
         self.resume: Resume | None = None  # DIR's record (qrecover/resume.py)
+        self.header_raw = b""
         self.xml_macs: list[str] = []  # qubes.xml's verified chunk HMACs: part of its identity
         # igzip or pigz, when installed, undo gzip faster than gzip -d.
         self.gunzip = pick_gunzip()
@@ -455,9 +455,9 @@ class Recovery:
             self.observer.planned(selected)
             if self.output is not None:
                 # resume hook: check DIR's record, clean a killed run's scratch
-                ident = identity(self.fmt, xml, self.xml_macs)
+                ident = identity(self.fmt, self.header_raw, xml, self.xml_macs)
                 self.resume = Resume.begin(self.output, self.request.resume, ident,
-                                           self.fmt.version, self.scratch)
+                                           self.fmt.version, self.scratch, selected)
                 self._check_conflicts(selected)
                 self.resume.write_xml(xml)  # writes qubes.xml (unless resumed) and the record
             self._stream(members, inventory, selected)
@@ -501,6 +501,7 @@ class Recovery:
             raise BackupError("backup-header.hmac is missing: the header cannot be verified")
         members.take()
         hmac_text = second.read_all(MAX_HEADER_HMAC)
+        self.header_raw = data + b"\0" + hmac_text  # resume: part of the backup's identity
         fmt = authenticate(data, hmac_text, self.passphrase)
         if isinstance(fmt, Format3):
             emit(HeaderVerified(fmt.header))

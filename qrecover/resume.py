@@ -21,10 +21,11 @@ A run with ``--resume`` whose record names the same backup:
   format 3 either (there it would be cheap): it was checked when the file was
   placed, and damage now in a chunk of a file already on disk changes nothing
   about that file;
-* redoes the rest: what was recorded ``partial`` (its ``.partial`` entries,
-  named by qrecover, are removed first), ``placing`` (its recorded final names,
-  which qrecover itself was moving into place, are removed first) or not
-  reached at all;
+* counts a ``placing`` stored file whose recorded places all match as placed;
+* redoes the rest of the selected VMs: what was recorded ``partial`` (its
+  ``.partial`` entries, named by qrecover, are removed first, once every check
+  passed) or not reached at all.  A ``placing`` one whose places do not match
+  is left alone: redoing it then meets them as conflicts;
 * removes the scratch folders a killed run left in DIR, but only folders named
   like qrecover's own (``.qrecover-XXXXXXXX``) that hold nothing but names
   qrecover gives its scratch files.
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -52,6 +52,7 @@ from qrecover.output import Output, first_symlink, tree_size
 from qrecover.transcript import QubesXmlWritten, emit
 
 if TYPE_CHECKING:
+    from qrecover.inventory import Entity
     from qrecover.restore import FileResult, Observer
 
 # Not ".qrecover-...": that prefix is the scratch folders', which must never
@@ -96,20 +97,22 @@ class Members(Protocol):
     def take(self) -> Member | None: ...
 
 
-def identity(fmt: Format, xml: bytes, xml_macs: Sequence[str]) -> str:
+def identity(fmt: Format, header_raw: bytes, xml: bytes, xml_macs: Sequence[str]) -> str:
     """The backup's identity: a hash of authenticated data only, never of a path.
 
-    Format 4: the header's backup-id (random per backup, authenticated with
-    the header by scrypt) and qubes.xml as scrypt authenticated it.
-    Format 3: the header's fields (authenticated by its HMAC) can be the same in
-    two backups, so the HMACs of qubes.xml's chunks are added: each was checked
-    against its .hmac, and the chunk they cover is ciphertext with a random salt,
-    so they differ between any two encrypted backups (two unencrypted backups of
-    the same qubes.xml with the same settings cannot be told apart)."""
+    Always the raw backup-header and backup-header.hmac, authenticated together.
+    Format 4: backup-header.hmac is scrypt's output, with a random salt, so it
+    differs between any two backups (the header's backup-id does not suffice:
+    it is the time to the second and a process id); qubes.xml is added as
+    scrypt authenticated it.  Format 3: the header and its HMAC can be
+    byte-identical in two backups, so the HMACs of qubes.xml's chunks are
+    added: each was checked against its .hmac, and the chunk they cover is
+    ciphertext with a random salt, so they differ between any two encrypted
+    backups (two unencrypted backups of the same qubes.xml with the same
+    settings cannot be told apart)."""
     h = hashlib.sha256(b"qrecover backup identity 1\0")
-    h.update(json.dumps(fmt.header.fields(), sort_keys=True, default=str).encode())
+    h.update(hashlib.sha256(header_raw).digest())
     if isinstance(fmt, Format4):
-        h.update(b"\0backup-id\0" + fmt.header.backup_id.encode())
         h.update(b"\0qubes.xml\0" + hashlib.sha256(xml).digest())
     else:
         h.update(b"\0qubes.xml hmacs\0" + "\0".join(xml_macs).encode())
@@ -178,11 +181,14 @@ class Resume:
         self.keep = keep  # stored files placed by an earlier run, still intact
         self.resuming = resuming
         self.path = output.root / RECORD_NAME
+        self.scratch: Path | None = None
+        self.redo: list[StoredEntry] = []  # earlier entries of selected VMs to redo
+        self.recorded: set[str] = set()  # every path the earlier record names
 
     @classmethod
     def begin(cls, output: Output, resuming: bool, backup: str, version: int,
-              scratch: Path | None) -> Resume:
-        """Check DIR's record (with --resume) and clean what a killed run left."""
+              scratch: Path | None, selected: Sequence[Entity]) -> Resume:
+        """Check DIR's record (with --resume); nothing is removed yet (see clean)."""
         root = output.root
         fmt: Literal[3, 4] = 4 if version == 4 else 3
         record = RestoreRecord(qrecover_restore_record=1, backup=backup, format=fmt, files={})
@@ -205,15 +211,29 @@ class Resume:
                 "refusing to resume into it",
                 hint="give the backup that was being restored, or another --output folder",
             )
-        _clean_scratch(root, scratch)
         keep: dict[str, StoredEntry] = {}
+        chosen = {e.name for e in selected}
+        resume = cls(output, record, keep, resuming, earlier=True)
+        resume.scratch = scratch
         for stored, entry in earlier.files.items():
-            if entry.status == "placed" and all(_intact(root, p) for p in entry.places):
-                keep[stored] = entry
-                record.files[stored] = entry
+            # "placing": recorded with the staged files' size and mtime, which the
+            # rename keeps; if they all match, the placement was complete.
+            if entry.status != "partial" and all(_intact(root, p) for p in entry.places):
+                keep[stored] = entry.model_copy(update={"status": "placed"})
+                record.files[stored] = keep[stored]
+            elif entry.owner not in chosen:
+                record.files[stored] = entry  # not redone now: its leftovers stay
             else:
-                _drop_leftovers(root, entry)
-        return cls(output, record, keep, resuming, earlier=True)
+                resume.redo.append(entry)
+        resume.recorded = {p.path for e in earlier.files.values() for p in e.places}
+        return resume
+
+    def clean(self) -> None:
+        """Once every check passed: remove the leftovers of what is redone."""
+        if self.earlier:
+            _clean_scratch(self.output.root, self.scratch)
+            for entry in self.redo:
+                _drop_leftovers(self.output.root, entry)
 
     # -- before the stored files --------------------------------------------
 
@@ -222,8 +242,7 @@ class Resume:
         if not self.earlier:
             return False
         rel = os.path.relpath(path, self.output.root)
-        placed = {p.path for e in self.keep.values() for p in e.places}
-        if rel in placed or rel == QUBES_XML:
+        if rel in self.recorded or rel == QUBES_XML:
             return rel != QUBES_XML or (path.is_file() and not path.is_symlink())
         if not path.is_dir() or path.is_symlink():
             return False
@@ -236,6 +255,7 @@ class Resume:
         if self.earlier and target.is_file() and not target.is_symlink():
             with target.open("rb") as f:
                 same = f.read(len(xml) + 1) == xml
+        self.clean()
         if not same:
             emit(QubesXmlWritten(self.output.write_file(QUBES_XML, xml)))
         self._save()
@@ -267,10 +287,15 @@ class Resume:
         observer.file_done(result)
         return result
 
-    def placing(self, stored: str, owner: str, targets: Sequence[Path]) -> None:
-        """Just before the renames: the names this stored file is about to take."""
-        places = [Place(path=os.path.relpath(t, self.output.root), size=0, mtime_ns=0)
-                  for t in targets]
+    def placing(self, stored: str, owner: str, entries: Sequence[Path], folder: Path) -> None:
+        """Just before the renames: the names this stored file is about to take,
+        with the staged files' size and mtime (made durable first)."""
+        places = []
+        for entry in entries:
+            _fsync_tree(entry)
+            size, mtime = _stat(entry)
+            rel = os.path.relpath(folder / entry.name, self.output.root)
+            places.append(Place(path=rel, size=size, mtime_ns=mtime))
         self.record.files[stored] = StoredEntry(owner=owner, status="placing", chunks=0,
                                                 places=places)
         self._save()
@@ -294,7 +319,10 @@ class Resume:
         self._save()
 
     def finished(self) -> None:
-        """Everything selected is restored: the record has done its work."""
+        """Everything selected is restored: if every recorded stored file is
+        placed too (--vm may have left others), the record has done its work."""
+        if any(e.status != "placed" for e in self.record.files.values()):
+            return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         _fsync_path(self.output.root)
@@ -332,16 +360,15 @@ def _intact(root: Path, place: Place) -> bool:
 
 
 def _drop_leftovers(root: Path, entry: StoredEntry) -> None:
-    """Remove what a stored file to be redone left: its ``.partial`` entries, or
-    (``placing``) the final names qrecover was moving its files into."""
+    """Remove what a stored file to be redone left: its ``.partial`` entries."""
     for place in entry.places:
         if not _safe_rel(place.path) or first_symlink(root, Path(place.path).parent):
             continue
         path = root / place.path
         if entry.status == "partial" and not _PARTIAL.fullmatch(path.name):
             continue  # a final name beside the partial ones: never removed
-        if entry.status == "placed":
-            continue  # changed since: left alone, and a conflict if redone
+        if entry.status != "partial":
+            continue  # changed since (or never completed): left alone, a conflict if redone
         with contextlib.suppress(FileNotFoundError):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
