@@ -34,6 +34,7 @@ A run with ``--resume`` whose record names the same backup:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -182,6 +183,7 @@ class Resume:
         self.resuming = resuming
         self.path = output.root / RECORD_NAME
         self.scratch: Path | None = None
+        self.lock: int | None = None  # flock held on DIR until the process ends
         self.redo: list[StoredEntry] = []  # earlier entries of selected VMs to redo
         self.recorded: set[str] = set()  # every path the earlier record names
 
@@ -190,6 +192,7 @@ class Resume:
               scratch: Path | None, selected: Sequence[Entity]) -> Resume:
         """Check DIR's record (with --resume); nothing is removed yet (see clean)."""
         root = output.root
+        lock = _lock(root)
         fmt: Literal[3, 4] = 4 if version == 4 else 3
         record = RestoreRecord(qrecover_restore_record=1, backup=backup, format=fmt, files={})
         path = root / RECORD_NAME
@@ -200,7 +203,9 @@ class Resume:
                 hint="check the folder, or restore into another --output folder",
             )
         if not resuming or not os.path.lexists(path):
-            return cls(output, record, {}, resuming)
+            fresh = cls(output, record, {}, resuming)
+            fresh.lock = lock
+            return fresh
         if path.is_symlink() or not path.is_file():
             raise OutputError(f"{path}: not a regular file; refusing to read it as a record")
         earlier = load(path)
@@ -215,6 +220,7 @@ class Resume:
         chosen = {e.name for e in selected}
         resume = cls(output, record, keep, resuming, earlier=True)
         resume.scratch = scratch
+        resume.lock = lock
         for stored, entry in earlier.files.items():
             # "placing": recorded with the staged files' size and mtime, which the
             # rename keeps; if they all match, the placement was complete.
@@ -346,6 +352,19 @@ class Resume:
                 raise OutputError(f"{self.path}: cannot write the restore record "
                                   f"({exc.strerror})") from None
             raise
+
+
+def _lock(root: Path) -> int:
+    """One restore at a time per DIR: a second would take the first's scratch
+    for a killed run's leftovers.  The lock goes with the process."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputError(f"{root}: another qrecover is restoring into this folder",
+                          hint="wait for it to end, or choose another --output folder") from None
+    return fd
 
 
 def _intact(root: Path, place: Place) -> bool:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from conftest import (
     MakeBackup,
     assert_restored,
     gen,
+    gen4,
     qrecover_exe,
     run_cli,
 )
@@ -67,9 +69,13 @@ def _session_alive(sid: int) -> bool:
     return False
 
 
-def _killed_mid_way(backup: Backup, out: Path, tmp: Path, sig: signal.Signals) -> list[str]:
+def _killed_mid_way(
+    backup: Backup, out: Path, tmp: Path, sig: signal.Signals,
+    meanwhile: Callable[[], None] | None = None,
+) -> list[str]:
     """Feed the backup through a pipe we control, a little at a time; once the
-    record shows a placed stored file, send ``sig``.  Returns what was placed."""
+    record shows a placed stored file, run ``meanwhile``, then send ``sig``.
+    Returns what was placed."""
     data = backup.path.read_bytes()
     err = (tmp / "err").open("wb")
     proc = subprocess.Popen(
@@ -88,6 +94,8 @@ def _killed_mid_way(backup: Backup, out: Path, tmp: Path, sig: signal.Signals) -
         proc.stdin.flush()
         sent += 4096
         time.sleep(0.05)
+    if meanwhile is not None:
+        meanwhile()
     proc.send_signal(sig)
     proc.wait(timeout=60)
     with contextlib.suppress(BrokenPipeError):
@@ -193,19 +201,25 @@ def test_damaged_chunk_then_resume_from_stdin_redoes_only_that_file(
     assert_restored(out, backup)
 
 
+@pytest.mark.parametrize("fmt", [3, 4])
 def test_resume_refused_on_another_backups_folder(
-    make: MakeBackup, sample_tree: tuple[list[Any], Path], tmp_path: Path
+    make: MakeBackup, make4: MakeBackup, sample_tree: tuple[list[Any], Path], fmt: int,
+    tmp_path: Path,
 ) -> None:
-    backup = make()
+    backup = make() if fmt == 3 else make4()
     # A second backup written with the same settings: its header can be the same bytes.
     vms, home = sample_tree
     work = tmp_path / "work"
     work.mkdir()
     other = tmp_path / "other-backup"
-    gen.make_backup(other, PASSPHRASE, vms, dom0_home=home, workdir=work)
+    writer = gen.make_backup if fmt == 3 else gen4.make_backup_v4
+    writer(other, PASSPHRASE, vms, dom0_home=home, workdir=work)
     damaged, _ = _damage(backup, tmp_path, "work", "private.img")
     out = tmp_path / "out"
     assert run_cli("restore", damaged, "-o", out, "--passphrase-file", backup.passfile).code == 4
+    scratch = out / ".qrecover-abcdefgh"  # as a killed run leaves it
+    scratch.mkdir()
+    (scratch / "stage-1").mkdir()
     snapshot = {str(p): p.lstat().st_mtime_ns for p in out.rglob("*")}
     result = run_cli("restore", "--resume", other, "-o", out, "--passphrase-file",
                      backup.passfile)
@@ -273,3 +287,44 @@ def test_resume_of_a_finished_restore_says_there_is_nothing_to_resume(
                      backup.passfile)
     assert result.code == 0, result.text
     assert_restored(fresh, backup)
+
+
+def test_resume_with_vm_leaves_the_other_vms_leftovers_and_the_record(
+    make: MakeBackup, tmp_path: Path
+) -> None:
+    backup = make(chunk_size=16 * 1024)
+    damaged, stored = _damage(backup, tmp_path, "work", "private.img", chunk=1)
+    out = tmp_path / "out"
+    assert run_cli("restore", damaged, "-o", out, "--passphrase-file", backup.passfile).code == 4
+    partial = out / "work" / "private.img.partial"
+    assert partial.exists()
+    result = run_cli("restore", "--resume", "--vm", "sys-net", backup.path, "-o", out,
+                     "--passphrase-file", backup.passfile)
+    assert result.code == 0, result.text
+    assert partial.exists(), "a VM not named with --vm was touched"
+    assert _record(out)["files"][stored]["status"] == "partial"
+    result = run_cli("restore", "--resume", backup.path, "-o", out,
+                     "--passphrase-file", backup.passfile)
+    assert result.code == 0, result.text
+    assert_restored(out, backup)
+    assert not (out / RECORD).exists()
+
+
+def test_a_second_restore_into_the_same_folder_is_refused(
+    make: MakeBackup, tmp_path: Path
+) -> None:
+    backup = make()
+    out = tmp_path / "out"
+    seen: list[str] = []
+
+    def second() -> None:
+        result = run_cli("restore", "--resume", backup.path, "-o", out,
+                         "--passphrase-file", backup.passfile)
+        seen.append(f"{result.code} {result.err}")
+
+    _killed_mid_way(backup, out, tmp_path, signal.SIGTERM, meanwhile=second)
+    assert seen[0].startswith("6 ") and "another qrecover" in seen[0], seen
+    result = run_cli("restore", "--resume", backup.path, "-o", out,
+                     "--passphrase-file", backup.passfile)
+    assert result.code == 0, result.text
+    assert_restored(out, backup)
