@@ -572,8 +572,9 @@ class Recovery:
             shown = ", ".join(str(p) for p in existing[:5])
             raise OutputError(
                 f"would overwrite existing files: {shown}",
-                hint="choose an empty --output folder, use --force, or --resume to "
-                "continue an interrupted restore of the same backup",
+                hint="choose an empty --output folder, use --force"  # resume: named unless given
+                + ("" if self.request.resume else ", or --resume to continue an interrupted "
+                   "restore of the same backup"),
             )
 
     def _stream(self, members: _Peekable, inventory: Inventory, selected: Sequence[Entity]) -> None:
