@@ -232,6 +232,9 @@ class _Printer:
 
 def _file_line(mode: str, result: FileResult) -> str:
     where = result.owner or "-"
+    if result.kept:  # --resume (qrecover/resume.py)
+        places = ", ".join(str(p) for p in result.places)
+        return f"KEPT      {where:<16} {result.stored} -> {places} (placed by an earlier run)"
     if not result.ok:
         kept = ""
         if result.places:
@@ -258,6 +261,8 @@ def _finish(mode: str, report: Report, elapsed: float) -> int:
     if report.ok:
         verb = "verified" if mode == "verify" else "restored"
         where = f" into {report.output}" if mode == "restore" else ""
+        if kept := sum(1 for f in report.files if f.kept):  # --resume (qrecover/resume.py)
+            where += f" ({kept} of them kept from an earlier run, not read again)"
         checked = (
             "every chunk authenticated by scrypt"
             if report.header is not None and report.header.version == 4
@@ -397,13 +402,14 @@ def restore_command(
     explain: bool = False,
     dry_run: bool = False,
     as_json: bool = False,
+    resume: bool = False,
 ) -> int:
     if as_json and dry_run:
         raise UsageError("--json and --dry-run do not go together")
     with json_output(as_json, "restore", backup) as as_doc:
         code, report = _restore_command(
             backup, output, vms, force, passphrase_file, size_limit, files, transcript,
-            explain, dry_run,
+            explain, dry_run, resume,
         )
         as_doc.done(report, code)
     return code
@@ -420,6 +426,7 @@ def _restore_command(
     transcript: Path | None,
     explain: bool,
     dry_run: bool,
+    resume: bool,
 ) -> tuple[int, Report]:
     if dry_run:
         seen = _HeaderSeen()
@@ -436,7 +443,8 @@ def _restore_command(
         return EXIT_OK, report
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
-    request = Request("restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit)
+    request = Request("restore", vms=tuple(vms), output=output, force=force,
+                      size_limit=size_limit, resume=resume)
     with _showing("restore", backup, output, transcript, explain, force) as shown:
         report, elapsed = _run(backup, passphrase_file, request, shown.listeners)
         shown.finished(report)
@@ -555,6 +563,14 @@ def restore(
         ),
     ] = False,
     as_json: JsonOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted restore of the same backup into DIR: skip "
+            "what DIR's record says was placed, redo the rest.",
+        ),
+    ] = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(
@@ -570,6 +586,7 @@ def restore(
             explain=explain,
             dry_run=dry_run,
             as_json=as_json,
+            resume=resume,
         )
     )
 

@@ -56,6 +56,7 @@ from qrecover.header import MAX_HEADER, AnyHeader
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
 from qrecover.output import Output, tree_size
 from qrecover.progress import human_bytes
+from qrecover.resume import Resume, identity
 from qrecover.runner import (
     F_SETPIPE_SZ,
     PASS_ENV,
@@ -78,7 +79,6 @@ from qrecover.transcript import (
     HeaderVerifiedV4,
     InventoryRead,
     PipelineStarted,
-    QubesXmlWritten,
     about,
     emit,
 )
@@ -104,6 +104,7 @@ class Request:
     output: Path | None = None
     force: bool = False
     size_limit: bool = True
+    resume: bool = False  # --resume: skip what DIR's record says is placed
 
 
 # How far an entity's inner archives may exceed the size qubes.xml declares
@@ -126,6 +127,7 @@ class FileResult:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     output_trouble: bool = False
+    kept: bool = False  # placed by an earlier run; skipped by --resume
 
     @property
     def ok(self) -> bool:
@@ -381,6 +383,8 @@ class _StoredFile:
                 self.fail(f"{self.stored}: its archive held nothing to restore")
             return
         folder = output.ensure_dir(self.sink.folder_rel)
+        if self.result.ok and self.engine.resume is not None:  # resume hook: record intent
+            self.engine.resume.placing(self.stored, self.result.owner, entries, folder)
         for entry in entries:
             size = tree_size(entry)
             try:
@@ -418,6 +422,9 @@ class Recovery:
         self._stage_n = 0
         self._plain_n = 0
         self._active: _StoredFile | None = None
+        self.resume: Resume | None = None  # DIR's record (qrecover/resume.py)
+        self.header_raw = b""
+        self.xml_macs: list[str] = []  # qubes.xml's verified chunk HMACs: part of its identity
         # igzip or pigz, when installed, undo gzip faster than gzip -d.
         self.gunzip = pick_gunzip()
 
@@ -447,9 +454,15 @@ class Recovery:
                 return self.report
             self.observer.planned(selected)
             if self.output is not None:
+                # resume hook: check DIR's record, clean a killed run's scratch
+                ident = identity(self.fmt, self.header_raw, xml, self.xml_macs)
+                self.resume = Resume.begin(self.output, self.request.resume, ident,
+                                           self.fmt.version, self.scratch, selected)
                 self._check_conflicts(selected)
-                emit(QubesXmlWritten(self.output.write_file(QUBES_XML, xml)))
+                self.resume.write_xml(xml)  # writes qubes.xml (unless resumed) and the record
             self._stream(members, inventory, selected)
+            if self.resume is not None and self.report.ok:  # resume hook: nothing left to resume
+                self.resume.finished()
         except BaseException:
             if self._active is not None:
                 self._active.kill()
@@ -488,6 +501,7 @@ class Recovery:
             raise BackupError("backup-header.hmac is missing: the header cannot be verified")
         members.take()
         hmac_text = second.read_all(MAX_HEADER_HMAC)
+        self.header_raw = data + b"\0" + hmac_text  # resume: part of the backup's identity
         fmt = authenticate(data, hmac_text, self.passphrase)
         if isinstance(fmt, Format3):
             emit(HeaderVerified(fmt.header))
@@ -552,11 +566,15 @@ class Recovery:
         if self.output.force:
             return
         existing = self.output.conflicts([QUBES_XML, *(e.dest for e in selected)])
+        if self.resume is not None:  # resume hook: the earlier run's own files are no conflict
+            existing = [p for p in existing if not self.resume.excused(p)]
         if existing:
             shown = ", ".join(str(p) for p in existing[:5])
             raise OutputError(
                 f"would overwrite existing files: {shown}",
-                hint="choose an empty --output folder, or use --force",
+                hint="choose an empty --output folder, use --force"  # resume: named unless given
+                + ("" if self.request.resume else ", or --resume to continue an interrupted "
+                   "restore of the same backup"),
             )
 
     def _stream(self, members: _Peekable, inventory: Inventory, selected: Sequence[Entity]) -> None:
@@ -579,6 +597,10 @@ class Recovery:
                 members.take()  # the stream skips its bytes without reading them into us
                 self.observer.data_read(name.stored, member.size)
                 continue
+            if self.resume is not None and self.resume.keeps(name.stored):  # resume hook: skip
+                kept = self.resume.read_through(members, name.stored, owner.name, self.observer)
+                self.report.files.append(kept)
+                continue
             job = _StoredFile(self, name.stored, owner.name, self._sink_for(owner, name.stored))
             self.observer.file_started(name.stored, owner.name)
             self._active = job
@@ -586,6 +608,8 @@ class Recovery:
             result = job.finish()
             self._active = None
             self.report.files.append(result)
+            if self.resume is not None:  # resume hook: record what was placed
+                self.resume.placed(result)
             # Special files were left out: the rest of the stored file is
             # complete and verified, but the backup was not restored whole.
             self.report.problems.extend(f"{result.stored}: {note}" for note in result.notes)
@@ -718,6 +742,8 @@ class Recovery:
                 )
                 continue
             emit(ChunkVerified(member.name, nxt.name, fmt.header.digest, member.size))
+            if stored == QUBES_XML:  # resume: the backup's identity (qrecover/resume.py)
+                self.xml_macs.append(digest_hex)
             try:
                 job.feed(path, owned, member.name)
             except OSError as exc:
