@@ -28,6 +28,7 @@ class Request:
     # Walk the same steps as the restore up to the plan (header, qubes.xml,
     # the plan and what would stop it), and start nothing of the stored files.
     dry_run: bool = False
+    resume: bool = False  # --resume: skip what DIR's record says is placed
 
 
 @dataclass
@@ -44,6 +45,7 @@ class FileResult:
     notes: list[str] = field(default_factory=list)
     failure: QrecoverError | None = None
     expanded: int = 0  # bytes of inner archive the guard let through
+    kept: bool = False  # placed by an earlier run; skipped by --resume
 
     @property
     def ok(self) -> bool:
