@@ -75,8 +75,12 @@ def check_compression(value: str) -> str:
     """A filter name, or (format 3 only) a filter name and a level."""
     match = _FILTER_WITH_LEVEL.match(value)
     if value not in COMPRESSION_FILTERS and not (match and match[1] in COMPRESSION_FILTERS):
-        raise ValueError(f"compression must be one of {COMPRESSION_FILTERS} (maybe with a level) or None")
+        raise ValueError(
+            f"compression must be one of {COMPRESSION_FILTERS} (maybe with a level) or None"
+        )
     return value
+
+
 HMAC_STYLES = ("openssl1", "openssl3")
 # Values that end up on a command line or in the header: same alphabet as the
 # one Qubes' header parser accepts.
