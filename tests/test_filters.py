@@ -41,7 +41,9 @@ def test_the_table_holds_every_filter_qubes_accepts() -> None:
         ("zstd -19", "zstd -19", ("zstd", "-d", "-q")),
     ],
 )
-def test_filter_and_level_mean_the_tables_argv(value: str, program: str, argv: tuple[str, ...]) -> None:
+def test_filter_and_level_mean_the_tables_argv(
+    value: str, program: str, argv: tuple[str, ...]
+) -> None:
     assert check_filter(value) == program
 
     class _Header:
@@ -111,7 +113,8 @@ def test_a_filter_with_other_arguments_is_refused_exit_4(
     folder = _untar(backup.path, tmp_path / "untarred")
     text = (folder / "backup-header").read_text(encoding="ascii")
     assert "compression-filter=gzip -3\n" in text
-    _resign_header(folder, text.replace("compression-filter=gzip -3", f"compression-filter={value}"))
+    bad = text.replace("compression-filter=gzip -3", f"compression-filter={value}")
+    _resign_header(folder, bad)
     out = tmp_path / "out"
     result = run_cli("restore", folder, "--passphrase-file", backup.passfile, "--output", out)
     assert result.code == 4, result.text
