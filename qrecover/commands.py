@@ -9,6 +9,7 @@ made here for each run, never module state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -265,7 +266,10 @@ def script_command(
     report, _ = _run(settings or Settings(), backup, passphrase_file, request)
     where = None if backup == "-" else os.path.abspath(backup)
     out = Path(os.path.abspath(output))
-    text = formats.words(report.fmt).script(report.selected, where, out, tuple(sys.argv[1:]))
+    assert report.plan is not None
+    # A script runs elsewhere: plain gzip -d, which every rescue system has.
+    plan = dataclasses.replace(report.plan, gunzip="gzip")
+    text = formats.words(report.fmt).script(plan, where, out, tuple(sys.argv[1:]))
     sys.stdout.write(text)
     sys.stdout.flush()
     return EXIT_OK

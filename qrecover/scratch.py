@@ -18,10 +18,10 @@ from typing import IO
 
 from qrecover.container import READ_SIZE, Member, Truncated
 from qrecover.errors import DiskFull, OutputError
+from qrecover.hmacs import Digest
 from qrecover.report import Observer
 from qrecover.runner import CommandLog
 from qrecover.stored import StoredFile
-from qrecover.verify import Digest
 
 
 class ScratchNames:

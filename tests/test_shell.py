@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from qrecover.formats.v3_words import hmac_init_line
+from qrecover.hmacs import ALL_DIGESTS
 from qrecover.render import shell
 from qrecover.stages.extract import extract_stage
-from qrecover.verify import ALL_DIGESTS
 
 DASH = shutil.which("dash") or "/usr/bin/dash"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qrecover.verify import MAX_HMAC_FILE, digest_named, matches, parse_hmac_text
+from qrecover.hmacs import MAX_HMAC_FILE, digest_named, matches, parse_hmac_text
 
 HEX = "ab" * 64
 

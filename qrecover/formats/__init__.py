@@ -22,8 +22,8 @@ from qrecover.errors import BackupError
 from qrecover.formats import v3, v3_words, v4, v4_words
 from qrecover.formats.base import Format, Words
 from qrecover.header import Header, split_header, validate
+from qrecover.hmacs import MAX_HMAC_FILE
 from qrecover.runner import CommandLog, log_command
-from qrecover.verify import MAX_HMAC_FILE
 
 # The largest backup-header.hmac any format has.
 MAX_HEADER_HMAC = max(v4.MAX_HEADER_HMAC, MAX_HMAC_FILE)

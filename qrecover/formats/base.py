@@ -35,6 +35,7 @@ How the formats still to come fit without changing the engine's shape:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -42,8 +43,8 @@ from typing import TYPE_CHECKING, Protocol
 from qrecover.container import ChunkName, Member
 from qrecover.errors import QrecoverError
 from qrecover.header import Header
+from qrecover.hmacs import Digest
 from qrecover.runner import CommandLog, Stage
-from qrecover.verify import Digest
 
 if TYPE_CHECKING:
     from qrecover.inventory import Entity
@@ -125,6 +126,30 @@ class Format(Protocol):
     ) -> PendingChunk: ...
 
 
+class PlannedVM(Protocol):
+    """One VM of the plan (qrecover.plan.EntityPlan)."""
+
+    @property
+    def entity(self) -> Entity: ...
+
+    @property
+    def strip(self) -> int: ...
+
+    @property
+    def folder(self) -> str: ...
+
+
+class PlanView(Protocol):
+    """What a script is written from (qrecover.plan.Plan)."""
+
+    @property
+    def selected(self) -> tuple[Entity, ...]: ...
+
+    def front(self) -> list[Stage]: ...
+
+    def entities(self) -> Sequence[PlannedVM]: ...
+
+
 class Narration(Protocol):
     """Where a format's narration goes (qrecover.render.explain.Narrator)."""
 
@@ -171,5 +196,5 @@ class Words(Protocol):
 
     # qrecover script
     def script(
-        self, selected: tuple[Entity, ...], backup: str | None, output: Path, argv: tuple[str, ...]
+        self, plan: PlanView, backup: str | None, output: Path, argv: tuple[str, ...]
     ) -> str: ...

@@ -27,9 +27,9 @@ from qrecover.errors import (
 )
 from qrecover.formats.base import ChunkOutcome, ChunkStore, MemberStream, PendingChunk
 from qrecover.header import Header, check_filter_value, compression, parse_bool
+from qrecover.hmacs import ALL_DIGESTS, DIGESTS, MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 from qrecover.runner import PASS_ENV, CommandLog, Stage, control
 from qrecover.stages.decompress import decompress_stage
-from qrecover.verify import ALL_DIGESTS, DIGESTS, MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 
 VERSION = 3
 PAGE = "https://www.qubes-os.org/doc/backup-emergency-restore-v3/"

@@ -15,15 +15,15 @@ from pathlib import Path
 
 from qrecover import __version__
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
-from qrecover.formats.base import Format, Narration
+from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v3 import PAGE, BackupHeader, Format3, decrypt_stage, dgst_command
+from qrecover.hmacs import Digest
 from qrecover.inventory import DOM0, Entity
 from qrecover.render import scriptparts, shell
 from qrecover.runner import Stage
 from qrecover.stages.decompress import decompress_stage
 from qrecover.stages.extract import qubes_xml_stage
 from qrecover.units import human_bytes
-from qrecover.verify import Digest
 
 
 def block_size(digest: Digest) -> int:
@@ -291,10 +291,12 @@ class Words3:
     # -- qrecover script --------------------------------------------------------
 
     def script(
-        self, selected: tuple[Entity, ...], backup: str | None, output: Path, argv: tuple[str, ...]
+        self, plan: PlanView, backup: str | None, output: Path, argv: tuple[str, ...]
     ) -> str:
-        """The whole standalone recovery script, as text."""
+        """The whole standalone recovery script, as text: the plan's VMs, through
+        the plan's stages (``gzip -d``, which every rescue system has)."""
         header = self.fmt.header
+        selected = plan.selected
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         total = sum(e.size for e in selected)
         programs = ["tar", "openssl"] if header.encrypted else ["tar"]
@@ -303,7 +305,7 @@ class Words3:
             programs.append(decompressor.program)
         programs += ["od", "sed", "tr", "wc", "grep", "sort", "awk", "tail", "find"]
         shown = shell.call("qrecover", *argv) if argv else "qrecover script"
-        front = self.fmt.stream_stages()
+        front = plan.front()
         xml_stages = [*front, qubes_xml_stage()]
         lines = [
             "#!/bin/sh",
@@ -372,8 +374,8 @@ class Words3:
             "# goes into the pipeline; what the stored file held is moved into place",
             "# only once every stage succeeded.",
         ]
-        for entity in selected:
-            lines += scriptparts.vm_block(entity, front, intro, enc=False)
+        for target in plan.entities():
+            lines += scriptparts.vm_block(target, front, intro, enc=False)
         lines += [
             "",
             f'say "done: {len(selected)} VM(s) restored into $out, every HMAC matched"',

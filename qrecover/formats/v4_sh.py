@@ -13,9 +13,10 @@ from pathlib import Path
 
 from qrecover import __version__
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
+from qrecover.formats.base import PlanView
 from qrecover.formats.scrypt import HEADER_PREFIX, ScryptTool, dec_stage
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4
-from qrecover.inventory import DOM0, Entity
+from qrecover.inventory import DOM0
 from qrecover.render import scriptparts, shell
 from qrecover.render.scriptparts import SCRIPT_FUNCTIONS
 from qrecover.render.shell import PRELUDE, render_argv
@@ -164,20 +165,21 @@ def header_checks(header: BackupHeaderV4) -> list[tuple[str, str]]:
 
 def script(
     fmt: Format4,
-    selected: tuple[Entity, ...],
+    plan: PlanView,
     backup: str | None,
     output: Path,
     argv: tuple[str, ...],
 ) -> str:
     """The whole standalone script for a format-4 (Qubes R4) backup, as text."""
     header = fmt.header
+    selected = plan.selected
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     total = sum(e.size for e in selected)
-    programs = ["tar", "scrypt", *(s.program for s in fmt.stream_stages())]
+    programs = ["tar", "scrypt", *(s.program for s in plan.front())]
     programs += ["cmp", "sed", "wc", "grep", "sort", "awk", "tail", "find"]
     decompressor = decompress_stage(header)
     shown = shell.call("qrecover", *argv) if argv else "qrecover script"
-    xml_stages = [*fmt.stream_stages(), qubes_xml_stage()]
+    xml_stages = [*plan.front(), qubes_xml_stage()]
     lines = [
         "#!/bin/sh",
         "# Recovery script for the Qubes R4 (format 4) backup "
@@ -255,7 +257,8 @@ def script(
         shell.pipeline_check(QUBES_XML, xml_stages),
         f'place_file "$work/qubes.xml" {shell.out_path(QUBES_XML)}',
     ]
-    for entity in selected:
+    for target in plan.entities():
+        entity = target.entity
         found = (
             f"its backup-path in qubes.xml is {entity.backup_path}/"
             if entity.name != DOM0
@@ -268,7 +271,7 @@ def script(
             "# file, and fed on only once scrypt exited 0; what the stored file held is",
             "# moved into place only once every stage succeeded.",
         ]
-        lines += scriptparts.vm_block(entity, fmt.stream_stages(), intro, enc=True)
+        lines += scriptparts.vm_block(target, plan.front(), intro, enc=True)
     lines += [
         "",
         f'say "done: {len(selected)} VM(s) restored into $out, every chunk authenticated by '

@@ -15,7 +15,7 @@ from pathlib import Path
 from qrecover import __version__
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
 from qrecover.formats import v4_sh
-from qrecover.formats.base import Format, Narration
+from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.scrypt import HEADER_PREFIX, render_dec
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4
 from qrecover.formats.v4_sh import VERIFIED_HEADER, header_checks
@@ -314,7 +314,7 @@ class Words4:
     # -- qrecover script --------------------------------------------------------
 
     def script(
-        self, selected: tuple[Entity, ...], backup: str | None, output: Path, argv: tuple[str, ...]
+        self, plan: PlanView, backup: str | None, output: Path, argv: tuple[str, ...]
     ) -> str:
         """The whole script for a format-4 (Qubes R4) backup, as text."""
-        return v4_sh.script(self.fmt, selected, backup, output, argv)
+        return v4_sh.script(self.fmt, plan, backup, output, argv)

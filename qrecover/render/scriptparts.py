@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qrecover.inventory import DOM0, Entity
 from qrecover.render.shell import (
@@ -24,7 +25,10 @@ from qrecover.render.shell import (
     stage_names,
 )
 from qrecover.runner import Stage, render_pipeline
-from qrecover.stages.extract import extract_stage, placement
+
+if TYPE_CHECKING:
+    from qrecover.formats.base import PlannedVM
+from qrecover.stages.extract import extract_stage
 from qrecover.units import human_bytes
 
 # Arguments written as shell expressions instead of quoted literals.
@@ -92,19 +96,17 @@ def entity_title(entity: Entity) -> str:
     return comment(f"{entity.name} ({entity.type}{template})")
 
 
-def vm_block(entity: Entity, front: list[Stage], intro: list[str], enc: bool) -> list[str]:
+def vm_block(target: PlannedVM, front: list[Stage], intro: list[str], enc: bool) -> list[str]:
     """One VM's part of a script: its stored files, each through ``front`` and
     tar; format 4's shell functions take ``.enc`` chunks (``enc_`` names)."""
     p = "enc_" if enc else ""
+    entity, strip, folder = target.entity, target.strip, target.folder
     if entity.name == DOM0:
         pattern = _bre(entity.backup_path)
-        sample = entity.backup_path
         where = f"stored as {entity.backup_path}"
     else:
         pattern = _bre(entity.backup_path) + "/.*"
-        sample = entity.backup_path + "/F"
         where = f"stored under {entity.backup_path}/"
-    strip, folder = placement(entity.backup_path, entity.dest, sample)
     stages = [*front, extract_stage(Path(_STAGING), strip)]
     shown = out_path(folder)
     lines = [
