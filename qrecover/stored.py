@@ -22,7 +22,7 @@ from qrecover.context import RunContext
 from qrecover.errors import DiskFull, FeedFailed, OutputError, QrecoverError, StoredFileError
 from qrecover.events import ChunkFed, FileFinished, PipelineStarted
 from qrecover.output import Output, tree_size
-from qrecover.plan import Sink
+from qrecover.plan import PLACEHOLDER, Sink
 from qrecover.report import FileResult
 from qrecover.runner import (
     F_SETPIPE_SZ,
@@ -199,6 +199,16 @@ class StoredFile:
                 self.fail(StoredFileError(f"{self.stored}: its archive held nothing to restore"))
             return
         folder = output.ensure_dir(self.sink.folder_rel)
+        if self.sink.placeholder and self.result.ok:
+            if _only_empty_file(entries):
+                entries[0].unlink()
+                staging.rmdir()
+                self.result.places.append(folder)  # the qube's folder, empty
+                return
+            self.fail(StoredFileError(
+                f"{self.stored}: R4.3's placeholder for a qube without files "
+                "should be one empty file; it holds more"
+            ))
         for entry in entries:
             size = tree_size(entry)
             try:
@@ -209,3 +219,11 @@ class StoredFile:
             self.result.restored_bytes += size
         with contextlib.suppress(OSError):
             staging.rmdir()
+
+
+def _only_empty_file(entries: list[Path]) -> bool:
+    """Whether ``entries`` are R4.3's placeholder: one empty regular file ``empty``."""
+    if [e.name for e in entries] != [PLACEHOLDER]:
+        return False
+    entry = entries[0]
+    return not entry.is_symlink() and entry.is_file() and entry.stat().st_size == 0

@@ -444,12 +444,14 @@ def make_backup_v4(
     workdir: Path | None = None,
     empty_final_chunk: bool = True,
     r43: bool = False,
+    placeholder_data: bytes = b"",
 ) -> BackupManifestV4:
     """Write a format-4 backup of ``vms`` (and dom0's home) to ``out``.
 
     ``compression=None`` writes ``compressed=False`` (the header still names
     gzip, as R4's did).  ``r43``: what R4.3's writer adds, each VM's
-    ``notes.txt`` and an ``empty`` placeholder for a VM without files.
+    ``notes.txt`` and an ``empty`` placeholder for a VM without files
+    (``placeholder_data``: what it holds, for crafted-bad tests; R4.3's is empty).
     """
     if compression is not None and compression not in COMPRESSION_FILTERS:
         raise ValueError(f"compression must be one of {COMPRESSION_FILTERS} or None")
@@ -481,7 +483,8 @@ def make_backup_v4(
         placeholder: Path | None = None
         if r43:
             placeholder = srcdir / "empty"
-            placeholder.touch(mode=0o444)
+            placeholder.write_bytes(placeholder_data)
+            placeholder.chmod(0o444)
         for vm in backed:
             vm_items = _vm_items(vm, volume_writer, placeholder)
             items += vm_items
