@@ -109,6 +109,14 @@ VmOpt = Annotated[
         metavar="NAME",
     ),
 ]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--exclude", help="Leave out this VM (repeatable); 'dom0': dom0's home.",
+                 metavar="NAME"),
+]
+SkipDom0Opt = Annotated[
+    bool, typer.Option("--skip-dom0-home", help="Leave out dom0's home folder.")
+]
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -175,6 +183,8 @@ def restore(
         ),
     ],
     vm: VmOpt = None,
+    exclude: ExcludeOpt = None,
+    skip_dom0_home: SkipDom0Opt = False,
     force: Annotated[
         bool,
         typer.Option(
@@ -219,6 +229,8 @@ def restore(
             explain=explain,
             dry_run=dry_run,
             settings=_settings(ctx),
+            exclude=exclude or [],
+            skip_dom0_home=skip_dom0_home,
         )
     )
 
@@ -270,6 +282,8 @@ def verify(
     ctx: typer.Context,
     backup: BackupArg,
     vm: VmOpt = None,
+    exclude: ExcludeOpt = None,
+    skip_dom0_home: SkipDom0Opt = False,
     passphrase_file: PassFileOpt = None,
     no_size_limit: NoLimitOpt = False,
     transcript: TranscriptOpt = None,
@@ -286,6 +300,8 @@ def verify(
             transcript=transcript,
             explain=explain,
             settings=_settings(ctx),
+            exclude=exclude or [],
+            skip_dom0_home=skip_dom0_home,
         )
     )
 
@@ -304,11 +320,16 @@ def script(
         ),
     ],
     vm: VmOpt = None,
+    exclude: ExcludeOpt = None,
+    skip_dom0_home: SkipDom0Opt = False,
     passphrase_file: PassFileOpt = None,
 ) -> None:
     """Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for
     the VMs named with --vm (all without it), after verifying the header and qubes.xml."""
-    raise typer.Exit(script_command(backup, output, vm or [], passphrase_file, _settings(ctx)))
+    code = script_command(
+        backup, output, vm or [], passphrase_file, _settings(ctx), exclude or [], skip_dom0_home
+    )
+    raise typer.Exit(code)
 
 
 @app.command()

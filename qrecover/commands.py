@@ -216,10 +216,15 @@ def restore_command(
     explain: bool = False,
     dry_run: bool = False,
     settings: Settings | None = None,
+    exclude: Sequence[str] = (),
+    skip_dom0_home: bool = False,
 ) -> int:
     settings = settings or Settings()
+    request = Request(
+        "restore", tuple(vms), output, force, size_limit, dry_run=dry_run,
+        exclude=tuple(exclude), skip_dom0_home=skip_dom0_home,
+    )
     if dry_run:
-        request = Request("restore", tuple(vms), output, force, size_limit, dry_run=True)
         report, _ = _run(settings, backup, passphrase_file, request)
         assert report.plan is not None
         print(plan_text(report.plan, backup, report.stops))
@@ -227,7 +232,6 @@ def restore_command(
         return EXIT_OUTPUT if report.stops else EXIT_OK
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
-    request = Request("restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit)
     with _showing("restore", backup, output, transcript, explain, force) as shown:
         report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
         shown.finished(report)
@@ -246,9 +250,14 @@ def verify_command(
     transcript: Path | None = None,
     explain: bool = False,
     settings: Settings | None = None,
+    exclude: Sequence[str] = (),
+    skip_dom0_home: bool = False,
 ) -> int:
     settings = settings or Settings()
-    request = Request("verify", vms=tuple(vms), size_limit=size_limit)
+    request = Request(
+        "verify", tuple(vms), size_limit=size_limit, exclude=tuple(exclude),
+        skip_dom0_home=skip_dom0_home,
+    )
     with _showing("verify", backup, None, transcript, explain) as shown:
         report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
         shown.finished(report)
@@ -261,8 +270,10 @@ def script_command(
     vms: Sequence[str],
     passphrase_file: Path | None,
     settings: Settings | None = None,
+    exclude: Sequence[str] = (),
+    skip_dom0_home: bool = False,
 ) -> int:
-    request = Request("info", vms=tuple(vms))
+    request = Request("info", tuple(vms), exclude=tuple(exclude), skip_dom0_home=skip_dom0_home)
     report, _ = _run(settings or Settings(), backup, passphrase_file, request)
     where = None if backup == "-" else os.path.abspath(backup)
     out = Path(os.path.abspath(output))
