@@ -95,6 +95,7 @@ class StoredFile:
                 self.sink.kind,
                 self.sink.staging,
                 self.sink.folder_rel,
+                self.sink.placeholder,
             )
         )
 

@@ -102,3 +102,23 @@ def test_a_placeholder_holding_data_fails_and_is_kept_partial(
     assert (out / "disp-empty" / "empty.partial").is_file()
     for rel, source in backup.expected_files(["work"]).items():  # the rest is restored
         assert sha(out / rel) == sha(source), rel
+
+
+def test_transcript_replays_the_same_layout(r43: Backup, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    transcript = tmp_path / "replay.sh"
+    result = run_cli(
+        "restore", r43.path, "--passphrase-file", r43.passfile, "--output", out,
+        "--vm", "disp-empty", "--vm", "work", "--transcript", transcript,
+    )
+    assert result.code == 0, result.text
+    again = tmp_path / "again"
+    again.mkdir()
+    text = transcript.read_text(encoding="utf-8").replace(f"out={out}", f"out={again}")
+    assert f"out={again}" in text
+    transcript.write_text(text, encoding="utf-8")
+    env = {**os.environ, "backup_pass": PASSPHRASE}
+    run = subprocess.run(["dash", str(transcript)], env=env, capture_output=True, check=False)
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    assert (again / "work" / "notes.txt").read_text(encoding="utf-8") == NOTES
+    assert (again / "disp-empty").is_dir() and list((again / "disp-empty").iterdir()) == []
