@@ -9,12 +9,13 @@ program is not installed (.ci/run installs every one of them).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, MakeBackup, assert_restored, run_cli
+from conftest import PASSPHRASE, MakeBackup, assert_restored, bin_dir, run_cli
 
 from qrecover.stages.decompress import FILTERS, check_filter, decompress_stage
 
@@ -128,3 +129,30 @@ def test_info_shows_the_level_the_header_names(make: MakeBackup) -> None:
     result = run_cli("info", backup.path, "--passphrase-file", backup.passfile, "--json")
     assert result.code == 0, result.text
     assert '"compression-filter": "gzip -3"' in result.out
+
+
+def test_zstd_missing_is_exit_5_naming_its_package(make4: MakeBackup, tmp_path: Path) -> None:
+    backup = make4(compression="zstdmt")
+    bindir = bin_dir(tmp_path, ["tar", "gzip", "cat", "openssl", "scrypt"])
+    result = run_cli(
+        "verify", backup.path, "--passphrase-file", backup.passfile, env={"PATH": str(bindir)}
+    )
+    assert result.code == 5, result.text
+    assert "zstd" in result.err and "install" in result.err, result.err
+
+
+@pytest.mark.parametrize(("fmt", "compression"), [(3, "gzip -3"), (3, "pbzip2"), (4, "zstdmt")])
+def test_scripts_read_these_headers_too(
+    make: MakeBackup, make4: MakeBackup, tmp_path: Path, fmt: int, compression: str
+) -> None:
+    _need(compression.split(" ")[0])
+    backup = (make if fmt == 3 else make4)(compression=compression)
+    out = tmp_path / "out"
+    result = run_cli("script", backup.path, "--passphrase-file", backup.passfile, "--output", out)
+    assert result.code == 0, result.text
+    script = tmp_path / "recover.sh"
+    script.write_text(result.out, encoding="utf-8")
+    env = {**os.environ, "backup_pass": PASSPHRASE}
+    run = subprocess.run(["dash", str(script)], env=env, capture_output=True, check=False)
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    assert_restored(out, backup)
