@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import PASSPHRASE, MakeBackup, assert_restored, bin_dir, run_cli
 
+from qrecover.runner import PACKAGES
 from qrecover.stages.decompress import FILTERS, check_filter, decompress_stage
 
 ALL = ("gzip", "bzip2", "xz", "lzma", "pbzip2", "pigz", "zstd", "zstdmt")
@@ -29,6 +30,9 @@ def _need(program: str) -> None:
 
 def test_the_table_holds_every_filter_qubes_accepts() -> None:
     assert set(FILTERS) == set(ALL)
+    for name, spec in FILTERS.items():
+        # the package a missing program is reported with is the table's
+        assert PACKAGES[spec.argv[0]].startswith(spec.package), name
 
 
 @pytest.mark.parametrize(
