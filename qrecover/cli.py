@@ -40,6 +40,17 @@ from qrecover.errors import (
 )
 from qrecover.files import DEFAULT_PATH
 from qrecover.files.command import files_command
+from qrecover.options import (
+    BackupArg,
+    ExcludeOpt,
+    ExplainOpt,
+    JsonOpt,
+    NoLimitOpt,
+    PassFileOpt,
+    SkipDom0Opt,
+    TranscriptOpt,
+    VmOpt,
+)
 
 EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
 
@@ -57,66 +68,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-BackupArg = Annotated[
-    str,
-    typer.Argument(
-        help="The backup file; '-' to read it from standard input; or a folder holding a "
-        "backup already untarred by hand (tar -i -xf BACKUP).",
-        metavar="BACKUP",
-    ),
-]
-PassFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--passphrase-file",
-        help="Read the passphrase from the first line of this file "
-        "(else $QRECOVER_PASSPHRASE, else a prompt on the terminal).",
-        metavar="FILE",
-    ),
-]
-NoLimitOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-size-limit",
-        help="Do not stop a stored file that expands to more than twice what qubes.xml "
-        "declares for its VM (the decompression-bomb check).",
-    ),
-]
-TranscriptOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--transcript",
-        help="Write every command run, as the run proceeds, to FILE: a POSIX sh script "
-        "that replays the run (verifying every HMAC, or for format 4 authenticating every "
-        "chunk with scrypt, again) from any folder.",
-        metavar="FILE",
-    ),
-]
-ExplainOpt = Annotated[
-    bool,
-    typer.Option(
-        "--explain",
-        help="Narrate each step on stderr, numbered like the recovery page's steps, "
-        "with the equivalent command and its result.",
-    ),
-]
-VmOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--vm",
-        help="Only this VM (repeatable); 'dom0' selects dom0's home. "
-        "Default: everything in the backup.",
-        metavar="NAME",
-    ),
-]
-ExcludeOpt = Annotated[
-    list[str] | None,
-    typer.Option("--exclude", help="Leave out this VM (repeatable); 'dom0': dom0's home.",
-                 metavar="NAME"),
-]
-SkipDom0Opt = Annotated[
-    bool, typer.Option("--skip-dom0-home", help="Leave out dom0's home folder.")
-]
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -214,6 +165,7 @@ def restore(
             "where, and with which commands, without writing anything.",
         ),
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(
@@ -228,6 +180,7 @@ def restore(
             transcript=transcript,
             explain=explain,
             dry_run=dry_run,
+            as_json=as_json,
             settings=_settings(ctx),
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
@@ -288,6 +241,7 @@ def verify(
     no_size_limit: NoLimitOpt = False,
     transcript: TranscriptOpt = None,
     explain: ExplainOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check everything restore would, writing nothing: every HMAC, decryption,
     decompression, and a listing of each inner archive."""
@@ -299,6 +253,7 @@ def verify(
             size_limit=not no_size_limit,
             transcript=transcript,
             explain=explain,
+            as_json=as_json,
             settings=_settings(ctx),
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
@@ -330,6 +285,34 @@ def script(
         backup, output, vm or [], passphrase_file, _settings(ctx), exclude or [], skip_dom0_home
     )
     raise typer.Exit(code)
+
+
+@app.command()
+def kit(
+    backup: Annotated[
+        str,
+        typer.Argument(
+            help="The backup file, or a folder holding a backup already untarred by hand.",
+            metavar="BACKUP",
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder to write the kit into (made if missing; never over its files).",
+            metavar="DIR",
+        ),
+    ],
+    passphrase_file: PassFileOpt = None,
+) -> None:
+    """Write a recovery kit to keep beside the backup: qrecover.pyz (runs with only
+    python3), recover.sh (no Python) and RECOVERY.txt (the procedure for this backup).
+    The passphrase is asked for to read qubes.xml; no file of the kit holds it."""
+    from qrecover.kit import kit_command  # only this command needs shiv's machinery
+
+    raise typer.Exit(kit_command(backup, output, passphrase_file))
 
 
 @app.command()
