@@ -166,6 +166,14 @@ def restore(
         ),
     ] = False,
     as_json: JsonOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted restore of the same backup into DIR: skip "
+            "what DIR's record says was placed, redo the rest.",
+        ),
+    ] = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(
@@ -181,6 +189,7 @@ def restore(
             explain=explain,
             dry_run=dry_run,
             as_json=as_json,
+            resume=resume,
             settings=_settings(ctx),
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,

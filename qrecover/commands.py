@@ -76,6 +76,9 @@ class _Printer:
 
 def _file_line(mode: str, result: FileResult) -> str:
     where = result.owner or "-"
+    if result.kept:  # --resume (qrecover/resume.py)
+        places = ", ".join(str(p) for p in result.places)
+        return f"KEPT      {where:<16} {result.stored} -> {places} (placed by an earlier run)"
     if not result.ok:
         kept = ""
         if result.places:
@@ -102,6 +105,8 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
     if report.ok:
         verb = "verified" if mode == "verify" else "restored"
         where = f" into {report.output}" if mode == "restore" else ""
+        if kept := sum(1 for f in report.files if f.kept):  # --resume (qrecover/resume.py)
+            where += f" ({kept} of them kept from an earlier run, not read again)"
         checked = report.fmt.verdict if report.fmt is not None else "all HMACs matched"
         print(
             f"{verb} {count} stored file(s) of {len(report.selected)} VM(s){where}: "
@@ -218,6 +223,7 @@ def restore_command(
     explain: bool = False,
     dry_run: bool = False,
     as_json: bool = False,
+    resume: bool = False,
     settings: Settings | None = None,
     exclude: Sequence[str] = (),
     skip_dom0_home: bool = False,
@@ -225,7 +231,7 @@ def restore_command(
     if as_json and dry_run:
         raise UsageError("--json and --dry-run do not go together")
     request = Request(
-        "restore", tuple(vms), output, force, size_limit, dry_run=dry_run,
+        "restore", tuple(vms), output, force, size_limit, dry_run=dry_run, resume=resume,
         exclude=tuple(exclude), skip_dom0_home=skip_dom0_home,
     )
     with json_output(as_json, "restore", backup) as as_doc:

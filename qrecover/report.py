@@ -30,6 +30,7 @@ class Request:
     dry_run: bool = False
     exclude: Sequence[str] = ()  # --exclude NAME...
     skip_dom0_home: bool = False
+    resume: bool = False  # --resume: skip what DIR's record says is placed
 
 
 @dataclass
@@ -46,6 +47,7 @@ class FileResult:
     notes: list[str] = field(default_factory=list)
     failure: QrecoverError | None = None
     expanded: int = 0  # bytes of inner archive the guard let through
+    kept: bool = False  # placed by an earlier run; skipped by --resume
 
     @property
     def ok(self) -> bool:
