@@ -42,10 +42,12 @@ from qrecover.files import DEFAULT_PATH
 from qrecover.files.command import files_command
 from qrecover.options import (
     BackupArg,
+    ExcludeOpt,
     ExplainOpt,
     JsonOpt,
     NoLimitOpt,
     PassFileOpt,
+    SkipDom0Opt,
     TranscriptOpt,
     VmOpt,
 )
@@ -132,6 +134,8 @@ def restore(
         ),
     ],
     vm: VmOpt = None,
+    exclude: ExcludeOpt = None,
+    skip_dom0_home: SkipDom0Opt = False,
     force: Annotated[
         bool,
         typer.Option(
@@ -187,6 +191,8 @@ def restore(
             as_json=as_json,
             resume=resume,
             settings=_settings(ctx),
+            exclude=exclude or [],
+            skip_dom0_home=skip_dom0_home,
         )
     )
 
@@ -238,6 +244,8 @@ def verify(
     ctx: typer.Context,
     backup: BackupArg,
     vm: VmOpt = None,
+    exclude: ExcludeOpt = None,
+    skip_dom0_home: SkipDom0Opt = False,
     passphrase_file: PassFileOpt = None,
     no_size_limit: NoLimitOpt = False,
     transcript: TranscriptOpt = None,
@@ -256,6 +264,8 @@ def verify(
             explain=explain,
             as_json=as_json,
             settings=_settings(ctx),
+            exclude=exclude or [],
+            skip_dom0_home=skip_dom0_home,
         )
     )
 
@@ -274,11 +284,16 @@ def script(
         ),
     ],
     vm: VmOpt = None,
+    exclude: ExcludeOpt = None,
+    skip_dom0_home: SkipDom0Opt = False,
     passphrase_file: PassFileOpt = None,
 ) -> None:
     """Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for
     the VMs named with --vm (all without it), after verifying the header and qubes.xml."""
-    raise typer.Exit(script_command(backup, output, vm or [], passphrase_file, _settings(ctx)))
+    code = script_command(
+        backup, output, vm or [], passphrase_file, _settings(ctx), exclude or [], skip_dom0_home
+    )
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -225,13 +225,19 @@ def restore_command(
     as_json: bool = False,
     resume: bool = False,
     settings: Settings | None = None,
+    exclude: Sequence[str] = (),
+    skip_dom0_home: bool = False,
 ) -> int:
     if as_json and dry_run:
         raise UsageError("--json and --dry-run do not go together")
+    request = Request(
+        "restore", tuple(vms), output, force, size_limit, dry_run=dry_run, resume=resume,
+        exclude=tuple(exclude), skip_dom0_home=skip_dom0_home,
+    )
     with json_output(as_json, "restore", backup) as as_doc:
         code, report = _restore_command(
-            backup, output, vms, force, passphrase_file, size_limit, files, transcript,
-            explain, dry_run, resume, settings or Settings(),
+            backup, output, request, passphrase_file, files, transcript, explain,
+            settings or Settings(),
         )
         as_doc.done(report, code)
     return code
@@ -240,19 +246,15 @@ def restore_command(
 def _restore_command(
     backup: Sequence[str],
     output: Path,
-    vms: Sequence[str],
-    force: bool,
+    request: Request,
     passphrase_file: Path | None,
-    size_limit: bool,
     files: bool,
     transcript: Path | None,
     explain: bool,
-    dry_run: bool,
-    resume: bool,
     settings: Settings,
 ) -> tuple[int, Report]:
-    if dry_run:
-        request = Request("restore", tuple(vms), output, force, size_limit, dry_run=True)
+    force = request.force
+    if request.dry_run:
         report, _ = _run(settings, backup, passphrase_file, request)
         assert report.plan is not None
         print(plan_text(report.plan, replay_path(backup) or "-", report.stops))
@@ -260,9 +262,6 @@ def _restore_command(
         return (EXIT_OUTPUT if report.stops else EXIT_OK), report
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
-    request = Request(
-        "restore", tuple(vms), output, force, size_limit, resume=resume
-    )
     with _showing("restore", backup, output, transcript, explain, force) as shown:
         report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
         shown.finished(report)
@@ -282,9 +281,14 @@ def verify_command(
     explain: bool = False,
     as_json: bool = False,
     settings: Settings | None = None,
+    exclude: Sequence[str] = (),
+    skip_dom0_home: bool = False,
 ) -> int:
     settings = settings or Settings()
-    request = Request("verify", vms=tuple(vms), size_limit=size_limit)
+    request = Request(
+        "verify", tuple(vms), size_limit=size_limit, exclude=tuple(exclude),
+        skip_dom0_home=skip_dom0_home,
+    )
     with json_output(as_json, "verify", backup) as as_doc:
         with _showing("verify", backup, None, transcript, explain) as shown:
             report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
@@ -300,8 +304,10 @@ def script_command(
     vms: Sequence[str],
     passphrase_file: Path | None,
     settings: Settings | None = None,
+    exclude: Sequence[str] = (),
+    skip_dom0_home: bool = False,
 ) -> int:
-    request = Request("info", vms=tuple(vms))
+    request = Request("info", tuple(vms), exclude=tuple(exclude), skip_dom0_home=skip_dom0_home)
     report, _ = _run(settings or Settings(), backup, passphrase_file, request)
     where = replay_path(backup)
     out = Path(os.path.abspath(output))

@@ -113,7 +113,7 @@ class Recovery:
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
             inventory = parse_inventory(xml)
             self.report.inventory = inventory
-            selected = inventory.select(request.vms)
+            selected = inventory.select(request.vms, request.exclude, request.skip_dom0_home)
             self.report.selected = selected
             self.ctx.emit(InventoryRead(inventory, selected))
             plan = self.report.plan = self._plan(fmt, selected)

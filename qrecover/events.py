@@ -59,6 +59,7 @@ class PipelineStarted:
     kind: SinkKind
     staging: Path | None = None  # the private folder tar extracts into
     folder: str = ""  # output-relative folder the extracted entries go to
+    placeholder: bool = False  # R4.3's vmN/empty: restored as the empty folder
 
 
 @dataclass(frozen=True)

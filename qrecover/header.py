@@ -14,22 +14,12 @@ from typing import Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from qrecover.errors import BackupError
+from qrecover.stages.decompress import FILTER_TEXT, check_filter, filter_program
 
 MAX_HEADER = 4096
 M = TypeVar("M", bound=BaseModel)
 _TOKEN = re.compile(r"^[A-Za-z0-9-]+$")
-
-# Compression filters -> the argv that undoes them.
-DECOMPRESSORS: dict[str, tuple[str, ...]] = {
-    "gzip": ("gzip", "-d"),
-    "pigz": ("pigz", "-d"),
-    "bzip2": ("bzip2", "-d"),
-    "pbzip2": ("bzip2", "-d"),
-    "xz": ("xz", "-d"),
-    "lzma": ("xz", "--format=lzma", "-d"),
-    "zstd": ("zstd", "-d", "-q"),
-}
-
+FILTER_KEY = "compression-filter"
 
 class Header(Protocol):
     """What every format's verified header answers."""
@@ -57,12 +47,9 @@ def parse_bool(value: object) -> bool:
     raise ValueError("must be True or False")
 
 
-def check_filter(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if value.lower() not in DECOMPRESSORS:
-        raise ValueError(f"not an allowed compression filter (allowed: {', '.join(DECOMPRESSORS)})")
-    return value.lower()
+def check_filter_value(value: str | None) -> str | None:
+    """A header's ``compression-filter``: an allow-listed program, maybe a level."""
+    return None if value is None else check_filter(value)
 
 
 def compression(compressed: bool, compression_filter: str | None) -> str | None:
@@ -70,7 +57,7 @@ def compression(compressed: bool, compression_filter: str | None) -> str | None:
     without naming one (Qubes wrote that before the key existed)."""
     if not compressed:
         return None
-    return compression_filter or "gzip"
+    return filter_program(compression_filter) if compression_filter else "gzip"
 
 
 def split_header(data: bytes) -> dict[str, str]:
@@ -88,7 +75,9 @@ def split_header(data: bytes) -> dict[str, str]:
         if line.count("=") != 1:
             raise BackupError(f"backup-header line {number}: expected exactly one '='")
         key, value = line.split("=")
-        if not _TOKEN.match(key) or not _TOKEN.match(value):
+        # R3.2 let a filter carry arguments ("gzip -3"); check_filter judges them.
+        value_ok = _TOKEN.match(value) or (key == FILTER_KEY and FILTER_TEXT.match(value))
+        if not _TOKEN.match(key) or not value_ok:
             raise BackupError(
                 f"backup-header line {number}: key and value may hold only A-Z a-z 0-9 -"
             )

@@ -99,16 +99,33 @@ class Inventory:
                 return entity
         return None
 
-    def select(self, names: Sequence[str]) -> tuple[Entity, ...]:
-        """The entities named (all when none are); unknown names are a usage error."""
-        if not names:
-            return self.entities
+    def select(
+        self, names: Sequence[str], exclude: Sequence[str] = (), skip_dom0_home: bool = False
+    ) -> tuple[Entity, ...]:
+        """The entities named (all when none are), less those excluded, as
+        qvm-backup-restore's VM names, ``--exclude`` and ``--skip-dom0-home``.
+
+        Unknown names are a usage error listing the backup's names, and so is
+        a selection that leaves nothing.
+        """
         known = {e.name: e for e in self.entities}
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            available = ", ".join(self.names()) or "(none)"
-            raise UsageError(f"not in this backup: {', '.join(unknown)}; available: {available}")
-        return tuple(known[n] for n in dict.fromkeys(names))
+        available = ", ".join(self.names()) or "(none)"
+        for option, given in (("", names), ("--exclude: ", exclude)):
+            unknown = [n for n in given if n not in known]
+            if unknown:
+                raise UsageError(
+                    f"{option}not in this backup: {', '.join(unknown)}; available: {available}"
+                )
+        if skip_dom0_home and DOM0 in names:
+            raise UsageError("--vm dom0 and --skip-dom0-home ask for opposite things")
+        chosen = tuple(known[n] for n in dict.fromkeys(names)) if names else self.entities
+        if not exclude and not skip_dom0_home:
+            return chosen
+        dropped = {*exclude, *([DOM0] if skip_dom0_home else [])}
+        left = tuple(e for e in chosen if e.name not in dropped)
+        if not left:
+            raise UsageError(f"nothing left to restore once excluded; available: {available}")
+        return left
 
 
 def _refuse_dtd(data: bytes) -> None:

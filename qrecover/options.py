@@ -61,6 +61,17 @@ VmOpt = Annotated[
         metavar="NAME",
     ),
 ]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Leave out this VM (repeatable; 'dom0': dom0's home), as qvm-backup-restore's.",
+        metavar="NAME",
+    ),
+]
+SkipDom0Opt = Annotated[
+    bool, typer.Option("--skip-dom0-home", help="Leave out dom0's home folder.")
+]
 
 JsonOpt = Annotated[
     bool,

@@ -30,6 +30,11 @@ Mode = Literal["info", "verify", "restore"]
 # for it (du of the VM's folder) before qrecover calls it a decompression bomb.
 SIZE_FACTOR = 2
 SIZE_SLACK = 64 * 1024 * 1024
+# R4.3 stores a qube without any file as the zero-byte ``vmN/empty`` (its
+# writer's /run/qubes/empty), only so that the qube's folder is in the
+# backup; Qubes' restore drops it.  Its inner archive is a few tar blocks.
+PLACEHOLDER = "empty"
+PLACEHOLDER_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Sink:
     strip: int = 0
     folder_rel: str = ""
     limit: int | None = None  # bytes the inner archive may expand to
+    placeholder: bool = False  # R4.3's ``vmN/empty``: restored as the empty folder
 
 
 @dataclass(frozen=True)
@@ -87,11 +93,15 @@ class Plan:
     def sink(self, entity: Entity, stored: str, staging: Path | None, spent: int) -> Sink:
         budget = self.budget(entity)
         limit = None if budget is None else max(0, budget - spent)
+        placeholder = entity.r4 and stored == f"{entity.backup_path}/{PLACEHOLDER}"
+        if placeholder:
+            # qubes.xml gives such a qube size 0, that is no budget at all
+            limit = PLACEHOLDER_LIMIT if limit is None else min(limit, PLACEHOLDER_LIMIT)
         if self.mode != "restore":
             return Sink("list", limit=limit)
         assert staging is not None
         strip, folder = placement(entity.backup_path, entity.dest, stored)
-        return Sink("extract", staging, strip, folder, limit)
+        return Sink("extract", staging, strip, folder, limit, placeholder)
 
     def entities(self) -> list[EntityPlan]:
         plans = []

@@ -28,6 +28,8 @@ class Request:
     # Walk the same steps as the restore up to the plan (header, qubes.xml,
     # the plan and what would stop it), and start nothing of the stored files.
     dry_run: bool = False
+    exclude: Sequence[str] = ()  # --exclude NAME...
+    skip_dom0_home: bool = False
     resume: bool = False  # --resume: skip what DIR's record says is placed
 
 

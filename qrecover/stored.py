@@ -23,7 +23,7 @@ from qrecover.context import RunContext
 from qrecover.errors import DiskFull, FeedFailed, OutputError, QrecoverError, StoredFileError
 from qrecover.events import ChunkFed, FileFinished, PipelineStarted
 from qrecover.output import Output, tree_size
-from qrecover.plan import Sink
+from qrecover.plan import PLACEHOLDER, Sink
 from qrecover.report import FileResult
 from qrecover.runner import (
     F_SETPIPE_SZ,
@@ -101,6 +101,7 @@ class StoredFile:
                 self.sink.kind,
                 self.sink.staging,
                 self.sink.folder_rel,
+                self.sink.placeholder,
             )
         )
 
@@ -205,6 +206,16 @@ class StoredFile:
                 self.fail(StoredFileError(f"{self.stored}: its archive held nothing to restore"))
             return
         folder = output.ensure_dir(self.sink.folder_rel)
+        if self.sink.placeholder and self.result.ok:
+            if _only_empty_file(entries):
+                entries[0].unlink()
+                staging.rmdir()
+                self.result.places.append(folder)  # the qube's folder, empty
+                return
+            self.fail(StoredFileError(
+                f"{self.stored}: R4.3's placeholder for a qube without files "
+                "should be one empty file; it holds more"
+            ))
         if self.result.ok and self.placing is not None:  # --resume records the intent
             self.placing(self.stored, self.result.owner, entries, folder)
         for entry in entries:
@@ -217,3 +228,11 @@ class StoredFile:
             self.result.restored_bytes += size
         with contextlib.suppress(OSError):
             staging.rmdir()
+
+
+def _only_empty_file(entries: list[Path]) -> bool:
+    """Whether ``entries`` are R4.3's placeholder: one empty regular file ``empty``."""
+    if [e.name for e in entries] != [PLACEHOLDER]:
+        return False
+    entry = entries[0]
+    return not entry.is_symlink() and entry.is_file() and entry.stat().st_size == 0

@@ -63,7 +63,24 @@ VM_CLASSES = (
     "QubesHVm",
     "QubesTemplateHVm",
 )
-COMPRESSION_FILTERS = ("gzip", "bzip2", "xz")
+# Every filter Qubes' restore accepts (gzip, bzip2, xz always; the others
+# when installed), each run as `tar --use-compress-program=FILTER`.
+COMPRESSION_FILTERS = ("gzip", "bzip2", "xz", "lzma", "pbzip2", "pigz", "zstd", "zstdmt")
+# R3.2's `qvm-backup -Z` took a whole command ("gzip -3", qubes-issues
+# #3865): tar ran it as given and the header said compression-filter=gzip -3.
+_FILTER_WITH_LEVEL = re.compile(r"^([a-z0-9]+) (-[0-9]{1,2}|--fast|--best)$")
+
+
+def check_compression(value: str) -> str:
+    """A filter name, or (format 3 only) a filter name and a level."""
+    match = _FILTER_WITH_LEVEL.match(value)
+    if value not in COMPRESSION_FILTERS and not (match and match[1] in COMPRESSION_FILTERS):
+        raise ValueError(
+            f"compression must be one of {COMPRESSION_FILTERS} (maybe with a level) or None"
+        )
+    return value
+
+
 HMAC_STYLES = ("openssl1", "openssl3")
 # Values that end up on a command line or in the header: same alphabet as the
 # one Qubes' header parser accepts.
@@ -583,8 +600,8 @@ def make_backup(
     a stream whose length is an exact multiple of the chunk size got one more,
     empty, chunk (with its .hmac). True reproduces that.
     """
-    if compression is not None and compression not in COMPRESSION_FILTERS:
-        raise ValueError(f"compression must be one of {COMPRESSION_FILTERS} or None")
+    if compression is not None:
+        check_compression(compression)
     if hmac_style not in HMAC_STYLES:
         raise ValueError(f"hmac_style must be one of {HMAC_STYLES}")
     if chunk_size < 1:
@@ -920,7 +937,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dom0-user", default="user")
     parser.add_argument("--no-encrypt", action="store_true")
     parser.add_argument("--compression", default="gzip",
-                        choices=[*COMPRESSION_FILTERS, "none"])
+                        help=f"none, one of {', '.join(COMPRESSION_FILTERS)}, "
+                             "or one with a level as R3.2's -Z allowed ('gzip -3')")
     parser.add_argument("--hmac", default="SHA512", choices=["SHA512", "SHA256", "SHA1"])
     parser.add_argument("--crypto", default="aes-256-cbc")
     parser.add_argument("--hmac-style", default="openssl1", choices=HMAC_STYLES)

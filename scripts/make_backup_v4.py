@@ -406,9 +406,15 @@ def _store(out: IO[bytes], stage: Path, plain: Path, item: _Item, opts: _Opts) -
         shutil.rmtree(errdir, ignore_errors=True)
 
 
-def _vm_items(vm: VmSpec, volume_writer: str) -> list[_Item]:
+def _vm_items(vm: VmSpec, volume_writer: str, placeholder: Path | None = None) -> list[_Item]:
     """R4's files of one VM: its save_on_stop volumes (root first, as in
-    volume-config), then firewall.xml if the VM has one."""
+    volume-config), then firewall.xml if the VM has one.
+
+    ``placeholder`` (R4.3): also ``notes.txt`` if the VM has one, and for a
+    VM with none of these files R4.3's zero-byte ``/run/qubes/empty``
+    (tmpfiles: mode 0444), stored as ``vmN/empty`` so that the VM's folder
+    exists in the backup.
+    """
     assert vm.source is not None
     subdir = f"vm{vm.qid}/"
     volumes = ["root", "private"] if vm.updateable else ["private"]
@@ -417,8 +423,14 @@ def _vm_items(vm: VmSpec, volume_writer: str) -> list[_Item]:
         for vol in volumes
         if (vm.source / f"{vol}.img").is_file()
     ]
-    if (vm.source / "firewall.xml").is_file():
-        items.append(_Item(vm.source / "firewall.xml", subdir, "firewall.xml", vm.name, "gnutar"))
+    extras = ["firewall.xml", "notes.txt"] if placeholder is not None else ["firewall.xml"]
+    items += [
+        _Item(vm.source / extra, subdir, extra, vm.name, "gnutar")
+        for extra in extras
+        if (vm.source / extra).is_file()
+    ]
+    if not items and placeholder is not None:
+        items.append(_Item(placeholder, subdir, "empty", vm.name, "gnutar"))
     return items
 
 
@@ -436,11 +448,15 @@ def make_backup_v4(
     backup_id: str | None = None,
     workdir: Path | None = None,
     empty_final_chunk: bool = True,
+    r43: bool = False,
+    placeholder_data: bytes = b"",
 ) -> BackupManifestV4:
     """Write a format-4 backup of ``vms`` (and dom0's home) to ``out``.
 
     ``compression=None`` writes ``compressed=False`` (the header still names
-    gzip, as R4's did).
+    gzip, as R4's did).  ``r43``: what R4.3's writer adds, each VM's
+    ``notes.txt`` and an ``empty`` placeholder for a VM without files
+    (``placeholder_data``: what it holds, for crafted-bad tests; R4.3's is empty).
     """
     if compression is not None and compression not in COMPRESSION_FILTERS:
         raise ValueError(f"compression must be one of {COMPRESSION_FILTERS} or None")
@@ -469,8 +485,13 @@ def make_backup_v4(
         items: list[_Item] = []
         paths: dict[str, str] = {}
         sizes: dict[str, int] = {}
+        placeholder: Path | None = None
+        if r43:
+            placeholder = srcdir / "empty"
+            placeholder.write_bytes(placeholder_data)
+            placeholder.chmod(0o444)
         for vm in backed:
-            vm_items = _vm_items(vm, volume_writer)
+            vm_items = _vm_items(vm, volume_writer, placeholder)
             items += vm_items
             paths[vm.name] = f"vm{vm.qid}/"
             sizes[vm.name] = sum(disk_usage(i.path) for i in vm_items)
@@ -548,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="scrypt cost: fast (tests), r4 (scrypt's defaults, as R4) "
                         "or time1 (scrypt enc -t 1: a real cost, about 1 s a chunk)")
     parser.add_argument("--backup-id")
+    parser.add_argument("--r43", action="store_true",
+                        help="write what R4.3 adds: notes.txt, an 'empty' placeholder")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--manifest", type=Path, help="write the manifest JSON here")
     parser.add_argument("--contents", type=Path,
@@ -564,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out, lines[0], vms, dom0_home=home,
             compression=None if args.compression == "none" else args.compression,
             chunk_size=args.chunk_size, volume_writer=args.volume_writer, kdf=args.kdf,
-            backup_id=args.backup_id, workdir=args.workdir,
+            backup_id=args.backup_id, workdir=args.workdir, r43=args.r43,
         )
     except (BackupError, ValueError) as exc:
         print(f"make_backup_v4: {exc}", file=sys.stderr)

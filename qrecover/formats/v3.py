@@ -26,7 +26,7 @@ from qrecover.errors import (
     StoredFileError,
 )
 from qrecover.formats.base import ChunkOutcome, ChunkStore, MemberStream, PendingChunk
-from qrecover.header import Header, check_filter, compression, parse_bool
+from qrecover.header import Header, check_filter_value, compression, parse_bool
 from qrecover.hmacs import ALL_DIGESTS, DIGESTS, MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 from qrecover.runner import PASS_ENV, CommandLog, Stage, control
 from qrecover.stages.decompress import decompress_stage
@@ -83,7 +83,7 @@ class BackupHeader(BaseModel):
     @field_validator("compression_filter")
     @classmethod
     def _filter(cls, value: str | None) -> str | None:
-        return check_filter(value)
+        return check_filter_value(value)
 
     @property
     def digest(self) -> Digest:
@@ -101,7 +101,7 @@ class BackupHeader(BaseModel):
             "crypto-algorithm": self.crypto_algorithm,
             "encrypted": self.encrypted,
             "compressed": self.compressed,
-            "compression-filter": self.filter,
+            "compression-filter": self.filter and (self.compression_filter or self.filter),
         }
 
 

@@ -33,7 +33,7 @@ from qrecover.formats.scrypt import (
     is_scrypt_file,
     render_dec,
 )
-from qrecover.header import MAX_HEADER, Header, check_filter, compression, parse_bool
+from qrecover.header import MAX_HEADER, Header, check_filter_value, compression, parse_bool
 from qrecover.runner import CommandLog, Stage, StageResult
 from qrecover.stages.decompress import decompress_stage
 
@@ -82,7 +82,7 @@ class BackupHeaderV4(BaseModel):
     @field_validator("compression_filter")
     @classmethod
     def _filter(cls, value: str | None) -> str | None:
-        return check_filter(value)
+        return check_filter_value(value)
 
     @field_validator("backup_id")
     @classmethod
@@ -102,7 +102,7 @@ class BackupHeaderV4(BaseModel):
             "hmac-algorithm": self.hmac_algorithm,
             "encrypted": self.encrypted,
             "compressed": self.compressed,
-            "compression-filter": self.filter,
+            "compression-filter": self.filter and (self.compression_filter or self.filter),
             "backup-id": self.backup_id,
         }
 

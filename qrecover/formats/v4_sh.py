@@ -141,6 +141,16 @@ feed_enc_chunks() {  # feed_enc_chunks LIST: each chunk of LIST in turn, decrypt
         feed "$_chunk"
     done 5<"$1"
 }
+
+placeholder() {  # placeholder STAGE FOLDER: R4.3's vmN/empty, restored as the qube's empty folder
+    [ -f "$1/empty" ] && [ ! -h "$1/empty" ] && [ ! -s "$1/empty" ] &&
+        [ "$(ls -A -- "$1" | wc -l)" -eq 1 ] ||
+        die "$1: R4.3's placeholder for a qube without files should be one empty file"
+    rm -f -- "$1/empty"
+    [ ! -h "$2" ] || die "$2: is a symbolic link; refusing to write through it"
+    mkdir -p -- "$2" || die "cannot create $2"
+    say "  $2: a qube without files (R4.3's empty placeholder), its folder left empty"
+}
 """.strip().replace(
     "@CHECK_STORED_NAME@\n",
     SCRIPT_FUNCTIONS[

@@ -128,8 +128,15 @@ def vm_block(target: PlannedVM, front: list[Stage], intro: list[str], enc: bool)
         {_STAGING: STAGE_DIR},
         indent="    ",
     )
+    lines += ['    pipeline_ok "$stored" ' + " ".join(q(n) for n in stage_names(stages))]
+    if enc and entity.name != DOM0:
+        # R4.3's placeholder, as restore handles it (qrecover.plan.PLACEHOLDER)
+        lines += [
+            f'    if [ "$stored" = {q(entity.backup_path + "/empty")} ]; then',
+            f'        placeholder "$work/stage" {shown}; continue',
+            "    fi",
+        ]
     lines += [
-        '    pipeline_ok "$stored" ' + " ".join(q(n) for n in stage_names(stages)),
         f'    place "$work/stage" {shown}',
         'done 4<"$work/stored"',
     ]

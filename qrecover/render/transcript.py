@@ -175,7 +175,16 @@ class TranscriptWriter:
             ]
             lines += shell.pipeline_block(block.chunks, started.stages, subst, stdout)
             lines.append(shell.pipeline_check(event.stored, started.stages))
-            if started.kind == "extract" and event.error is None:
+            if started.kind == "extract" and event.error is None and started.placeholder:
+                folder = shell.out_path(started.folder)
+                lines += [
+                    "# R4.3's placeholder for a qube without files: its folder, left empty",
+                    '[ -f "$work/stage/empty" ] && [ ! -s "$work/stage/empty" ] || '
+                    + shell.call("die", f"{event.stored}: not R4.3's empty placeholder"),
+                    'rm -f -- "$work/stage/empty"',
+                    f"mkdir -p -- {folder} || " + shell.call("die", "cannot create the folder"),
+                ]
+            elif started.kind == "extract" and event.error is None:
                 lines.append(f'place "$work/stage" {shell.out_path(started.folder)}')
         if event.error is not None:
             problem = about(event.stored, event.error)
