@@ -52,7 +52,7 @@ from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
 from qrecover.members import Members
 from qrecover.output import Output
-from qrecover.plan import XML_SINK, Plan, obstacles
+from qrecover.plan import XML_SINK, Plan, doomed, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request
 from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
@@ -119,7 +119,7 @@ class Recovery:
             plan = self.report.plan = self._plan(fmt, selected)
             if request.mode == "info":
                 return self.report
-            self.report.stops = obstacles(plan)
+            self.report.stops = obstacles(plan) + doomed(plan)
             if request.dry_run:
                 return self.report  # what would run and what would stop it; nothing started
             self.observer.planned(selected)

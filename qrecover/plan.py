@@ -137,6 +137,11 @@ def obstacles(
         return []
     root = plan.output
     found: list[OutputError] = []
+    # The real run's Output.prepare() refuses these before anything else.
+    if root.is_symlink() and not root.is_dir():
+        return [OutputError(f"{root}: is a dangling symbolic link")]
+    if root.exists() and not root.is_dir():
+        return [OutputError(f"{root}: exists and is not a folder")]
     for rel in plan.targets():
         path = root
         for part in Path(rel).parts:
@@ -158,4 +163,24 @@ def obstacles(
             + ("" if resuming else ", or --resume to continue an interrupted restore of the "
                "same backup"),
         ))
+    return found
+
+
+def doomed(plan: Plan) -> list[OutputError]:
+    """With --force, a VM's folder that exists and is not a folder: the restore
+    goes on with the other VMs, but that one fails (exit 6), so a dry run says so."""
+    if plan.output is None or not plan.force:
+        return []
+    found: list[OutputError] = []
+    for entity in plan.selected:
+        path = plan.output
+        for part in Path(entity.dest).parts:
+            path = path / part
+            if path.is_symlink():
+                break  # obstacles() names it
+            if path.exists() and not path.is_dir():
+                found.append(OutputError(
+                    f"{path}: exists and is not a folder, so {entity.name} would not be restored"
+                ))
+                break
     return found

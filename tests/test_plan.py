@@ -110,3 +110,29 @@ def test_dry_run_stops_where_the_restore_stops_on_a_symlinked_vm_folder(
         assert dry.code == real.code, (force, dry.text)
         assert "It would stop" in dry.out and "is a symbolic link" in dry.out
     assert list(elsewhere.iterdir()) == []  # nothing written through it
+
+
+def test_dry_run_exit_is_the_restores_where_a_file_stands_for_a_folder(
+    default_backup: Backup, tmp_path: Path
+) -> None:
+    """--output a regular file, and (with --force) a VM's folder a regular file:
+    the restore exits 6 in both, so the dry run must too (review finding)."""
+    pf = ("--passphrase-file", default_backup.passfile)
+    out = tmp_path / "out"
+    out.write_text("mine\n")
+    for extra in ((), ("--force",)):
+        real = run_cli("restore", default_backup.path, "-o", out, *pf, *extra)
+        dry = run_cli("restore", default_backup.path, "-o", out, *pf, "--dry-run", *extra)
+        assert real.code == 6 and "exists and is not a folder" in real.err, real.text
+        assert dry.code == real.code and "exists and is not a folder" in dry.out, dry.text
+    assert out.read_text() == "mine\n"
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    (out2 / "work").write_text("mine\n")
+    args = (default_backup.path, "-o", out2, *pf, "--force")
+    dry = run_cli("restore", *args, "--dry-run")
+    assert dry.code == 6 and "work: exists and is not a folder" in dry.out, dry.text
+    assert "these already exist (use --force" not in dry.out  # --force was given
+    real = run_cli("restore", *args)
+    assert real.code == dry.code, real.text
+    assert (out2 / "work").read_text() == "mine\n"

@@ -64,7 +64,7 @@ def _targets(plan: Plan, root: Path, stops: list[OutputError]) -> list[str]:
     for target, what, size in rows:
         lines.append(f"  {target.ljust(width)}  {what}" + (f", about {size}" if size else ""))
     conflicts = [root / rel for rel in plan.targets() if os.path.lexists(root / rel)]
-    if conflicts:
+    if conflicts and not plan.force:  # with --force they are replaced, not a stop
         lines.append(
             "It would stop: these already exist (use --force to replace them once their "
             "replacement is complete and verified): " + ", ".join(map(str, conflicts))
