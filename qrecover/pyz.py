@@ -22,13 +22,13 @@ import importlib.util
 import os
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 import zipfile
 from pathlib import Path
 
-from qrecover.errors import MissingProgramError, OutputError
+from qrecover.errors import MissingProgramError, OutputError, ProgramFailed
+from qrecover.runner import control
 
 ROOT_DIST = "qrecover"
 # Needed to build a pyz, never inside one (it would bring pip and setuptools).
@@ -154,12 +154,16 @@ def build_pyz(stage: Path, target: Path) -> None:
         "--reproducible",  # the same installed files give the same pyz
         "--compressed",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QRECOVER_")}
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0 or not zipfile.is_zipfile(partial):
+    # Through the runner, as every program qrecover starts: -v logs it, and its
+    # environment is ours less the passphrase variables (runner.child_env).
+    try:
+        control(*argv)
+    except ProgramFailed as exc:
         partial.unlink(missing_ok=True)
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise OutputError(f"{target}: shiv failed (exit {proc.returncode}): {tail[0]}")
+        raise OutputError(f"{target}: shiv failed: {exc.message}") from None
+    if not zipfile.is_zipfile(partial):
+        partial.unlink(missing_ok=True)
+        raise OutputError(f"{target}: shiv wrote no zip archive")
     os.replace(partial, target)
 
 

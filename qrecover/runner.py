@@ -30,12 +30,13 @@ import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+import sh
 
 from qrecover.errors import MissingProgramError, ProgramFailed
 from qrecover.stages.guard import TarGuard
@@ -342,22 +343,34 @@ def control(
 ) -> str:
     """Run a short control command (no secrets, small output); return its stdout.
 
-    Any exit status outside ``ok_codes`` raises :class:`ProgramFailed` (the
+    The sh package runs it (the data path never goes through sh: see
+    PIPELINES.md), started and logged here like every other program.  Any
+    exit status outside ``ok_codes`` raises :class:`ProgramFailed` (the
     caller catches it by type where a failure means something, as an
-    OpenSSL too old for ``enc -list``).  ``with_stderr`` adds what it printed
-    on stderr (``scrypt --help`` prints its usage there, and exits 1).
+    OpenSSL too old for ``enc -list``); 127 is "not found".  ``with_stderr``
+    adds what it printed on stderr (``scrypt --help`` prints its usage
+    there, and exits 1).
     """
     stage = Stage((program, *args))
-    with tempfile.TemporaryFile() as out, open(os.devnull, "rb") as devnull:
-        pipeline = Pipeline([stage], stdin=devnull.fileno(), stdout=out, log=log)
-        (result,) = pipeline.start().wait()
-        out.seek(0)
-        text = out.read(1 << 20).decode("utf-8", "replace")
-    if result.returncode not in ok_codes:
-        if result.returncode == NOT_FOUND:
-            raise MissingProgramError(f"{stage.render()}: {result.describe()}")
-        raise ProgramFailed(stage.render(), result.returncode, first_meaningful_line(result.stderr))
-    return text + result.stderr if with_stderr else text
+    path = which(program)  # a missing program is told apart before anything starts
+    log(stage.render())
+    done = sh.Command(path)(
+        *args,
+        _env=child_env(),
+        _in=b"",  # nothing on its stdin
+        _tty_out=False,  # sh would give it a terminal; a control command gets a pipe
+        _ok_code=list(range(256)),  # every status is judged below, never ignored
+        _return_cmd=True,
+        _decode_errors="replace",
+    )
+    returncode = int(done.exit_code)
+    text = bytes(done.stdout[: 1 << 20]).decode("utf-8", "replace")
+    said = bytes(done.stderr[: 1 << 20]).decode("utf-8", "replace")
+    if returncode not in ok_codes:
+        if returncode == NOT_FOUND:
+            raise MissingProgramError(f"{stage.render()}: not found (exit status 127)")
+        raise ProgramFailed(stage.render(), returncode, first_meaningful_line(said))
+    return text + said if with_stderr else text
 
 
 def first_failure(results: Sequence[StageResult]) -> StageResult | None:
