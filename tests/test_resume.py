@@ -328,3 +328,27 @@ def test_a_second_restore_into_the_same_folder_is_refused(
                      "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert_restored(out, backup)
+
+
+def test_a_partial_the_record_never_heard_of_is_no_obstacle_and_is_kept(
+    make: MakeBackup, tmp_path: Path
+) -> None:
+    """A full disk can stop the record's write after a .partial was placed: the
+    resume must still go on, and leave that .partial alone (review finding)."""
+    backup = make(chunk_size=16 * 1024)
+    damaged, stored = _damage(backup, tmp_path, "work", "private.img", chunk=1)
+    out = tmp_path / "out"
+    first = run_cli("restore", damaged, "-o", out, "--passphrase-file", backup.passfile)
+    assert first.code == 4, first.text
+    partial = out / "work" / "private.img.partial"
+    content = partial.read_bytes()
+    # The record as a failed write left it: the partial stored file not in it.
+    data = _record(out)
+    del data["files"][stored]
+    (out / RECORD).write_text(json.dumps(data))
+    result = run_cli("restore", "--resume", backup.path, "-o", out, "--passphrase-file",
+                     backup.passfile)
+    assert result.code == 0, result.text
+    assert partial.read_bytes() == content  # never removed or replaced
+    partial.unlink()
+    assert_restored(out, backup)
