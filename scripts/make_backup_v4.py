@@ -36,7 +36,9 @@ qubes.xml (``<qubes><domains><domain class=...>``) has the features
 R4 ran ``scrypt enc`` with its default cost (several seconds and up to
 gigabytes of memory per chunk, chosen from the machine); ``kdf="fast"``
 (the default here) uses ``--logN 10 -r 8 -p 1`` instead so that tests stay
-fast, ``kdf="r4"`` the defaults.  Both give files any scrypt decrypts.  The
+fast, ``kdf="r4"`` the defaults, ``kdf="time1"`` ``-t 1`` (about a second of
+key derivation per chunk, chosen by scrypt from this machine: a real cost for
+benchmarks that stay short).  Both give files any scrypt decrypts.  The
 writer needs scrypt >= 1.3 (``--passphrase env:``, ``--logN``).
 
 Stdlib-only, and never imports anything from ``qrecover``: it is the
@@ -77,6 +79,7 @@ from make_backup import (  # sibling script, stdlib-only too
 
 __all__ = [
     "FAST_KDF",
+    "KDF_MODES",
     "BackupManifestV4",
     "build_qubes_xml_r4",
     "header_text_v4",
@@ -88,6 +91,8 @@ __all__ = [
 
 FORMAT_VERSION = "4"
 FAST_KDF = ("--logN", "10", "-r", "8", "-p", "1")
+# The scrypt enc options of each --kdf mode ("r4": none, scrypt's defaults).
+KDF_MODES: dict[str, tuple[str, ...]] = {"fast": FAST_KDF, "r4": (), "time1": ("-t", "1")}
 VOLUME_WRITERS = ("tarwriter", "gnutar")
 BLOCK = 512
 _READ = 1024 * 1024
@@ -441,8 +446,8 @@ def make_backup_v4(
         raise ValueError(f"compression must be one of {COMPRESSION_FILTERS} or None")
     if volume_writer not in VOLUME_WRITERS:
         raise ValueError(f"volume_writer must be one of {VOLUME_WRITERS}")
-    if kdf not in ("fast", "r4"):
-        raise ValueError("kdf must be 'fast' or 'r4'")
+    if kdf not in KDF_MODES:
+        raise ValueError(f"kdf must be one of {', '.join(KDF_MODES)}")
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
     if backup_id is None:
@@ -450,7 +455,7 @@ def make_backup_v4(
     opts = _Opts(
         passphrase=passphrase, backup_id=backup_id, compression=compression,
         chunk_size=chunk_size, empty_final_chunk=empty_final_chunk,
-        kdf=FAST_KDF if kdf == "fast" else (),
+        kdf=KDF_MODES[kdf],
     )
     out = Path(out)
     workroot = Path(tempfile.mkdtemp(prefix="qrecover-mkbackup4-", dir=workdir))
@@ -539,8 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", default="gzip", choices=[*COMPRESSION_FILTERS, "none"])
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--volume-writer", default="tarwriter", choices=VOLUME_WRITERS)
-    parser.add_argument("--kdf", default="fast", choices=["fast", "r4"],
-                        help="scrypt cost: fast (tests) or r4 (scrypt's defaults, as R4)")
+    parser.add_argument("--kdf", default="fast", choices=list(KDF_MODES),
+                        help="scrypt cost: fast (tests), r4 (scrypt's defaults, as R4) "
+                        "or time1 (scrypt enc -t 1: a real cost, about 1 s a chunk)")
     parser.add_argument("--backup-id")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--manifest", type=Path, help="write the manifest JSON here")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +111,74 @@ def bin_dir(folder: Path, programs: list[str]) -> Path:
     return bindir
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes that ``pid`` (any of its threads) started and that still exist."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    if tasks and not (tasks[0] / "children").exists():  # a kernel without CONFIG_PROC_CHILDREN
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    if int(fields[1]) == pid:
+                        found.append(int(entry.name))
+        return found
+    for task in tasks:  # the fast way, quick enough to see short-lived children
+        with contextlib.suppress(OSError):
+            found.extend(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def family_of(pid: int) -> list[int]:
+    """``pid`` and every process under it, as they are now."""
+    family = [pid]
+    for member in family:
+        family.extend(children_of(member))
+    return family
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One process of a running qrecover's family, as /proc showed it."""
+
+    pid: int
+    comm: str
+    cmdline: bytes
+    environ: bytes
+
+
+def look_at(pid: int) -> Seen | None:
+    """What /proc shows of ``pid``; None if it has already gone."""
+    try:
+        proc = Path(f"/proc/{pid}")
+        return Seen(
+            pid,
+            (proc / "comm").read_text().strip(),
+            (proc / "cmdline").read_bytes(),
+            (proc / "environ").read_bytes(),
+        )
+    except OSError:
+        return None
+
+
+def watch_family(proc: subprocess.Popen[bytes], timeout: float = 240) -> list[Seen]:
+    """Look at ``proc`` and every process under it, over and over, until it ends."""
+    seen: list[Seen] = []
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("qrecover did not finish in time")
+        for pid in family_of(proc.pid):
+            if (what := look_at(pid)) is not None:
+                seen.append(what)
+        time.sleep(0.001)  # a breath for the shared machine; children live far longer
+    return seen
+
+
 def sha(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -190,11 +260,29 @@ def make4(
             folder = tmp_path_factory.mktemp("backup4")
             passfile = folder / "passphrase"
             passfile.write_text(PASSPHRASE + "\n", encoding="utf-8")
+            use_vms = options.pop("vms", vms)
+            use_home = options.pop("dom0_home", home)
             path = folder / "qubes-backup-r4"
             manifest = gen4.make_backup_v4(
-                path, PASSPHRASE, vms, dom0_home=home, workdir=folder, **options
+                path, PASSPHRASE, use_vms, dom0_home=use_home, workdir=folder, **options
             )
-            cache[key] = Backup(path, passfile, manifest, vms, home)
+            cache[key] = Backup(path, passfile, manifest, use_vms, use_home)
         return cache[key]
 
     yield build
+
+
+@pytest.fixture(scope="session")
+def backup_past_1000(make: MakeBackup, tmp_path_factory: pytest.TempPathFactory) -> Backup:
+    """One VM whose private.img is cut into more than 1000 16-byte chunks (``.999``,
+    then ``.1000``), the last one empty as R3.2 wrote it when the encrypted stream is
+    a multiple of the chunk size.  Built once per run and shared by every test that
+    needs chunks past 999: read it, never change it (copy it first)."""
+    src = tmp_path_factory.mktemp("past1000") / "tiny"
+    src.mkdir()
+    (src / "private.img").write_bytes(hashlib.shake_256(b"tiny").digest(16 * 1024))
+    backup = make(vms=[gen.VmSpec("tiny", 12, source=src)], dom0_home=None, chunk_size=16)
+    names = backup.manifest.member_names()
+    assert "vm12/private.img.999" in names and "vm12/private.img.1000" in names
+    return backup
+

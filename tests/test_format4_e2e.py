@@ -14,7 +14,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, bin_dir, run_cli, sha
+from conftest import (
+    PASSPHRASE,
+    Backup,
+    MakeBackup,
+    assert_restored,
+    bin_dir,
+    gen,
+    qrecover_exe,
+    run_cli,
+    sha,
+    watch_family,
+)
 
 
 def restore(backup: Backup | Path, out: Path, passfile: Path, *extra: str) -> None:
@@ -114,13 +125,50 @@ def test_r4_verify_and_info(make4: MakeBackup) -> None:
     assert text.code == 0 and "format 4" in text.out and "scrypt" in text.out
 
 
-def test_r4_passphrase_never_on_a_command_line(make4: MakeBackup, tmp_path: Path) -> None:
-    backup = make4()
-    result = run_cli("-v", "restore", backup.path, "-o", tmp_path / "o",
-                     env={"QRECOVER_PASSPHRASE": PASSPHRASE})
-    assert result.code == 0, result.text
-    assert "scrypt dec --passphrase env:backup_pass" in result.err
-    assert PASSPHRASE not in result.text
+@pytest.fixture(scope="module")
+def big4(make4: MakeBackup, tmp_path_factory: pytest.TempPathFactory) -> Backup:
+    """One VM with 16 MiB of incompressible data in 1 MiB chunks: sixteen scrypt runs,
+    each long enough to be seen in /proc."""
+    src = tmp_path_factory.mktemp("big4") / "work"
+    src.mkdir()
+    (src / "private.img").write_bytes(os.urandom(16 << 20))
+    return make4(
+        vms=[gen.VmSpec("work", 7, source=src)], dom0_home=None, chunk_size=1 << 20,
+        compression=None,
+    )
+
+
+def test_r4_passphrase_never_on_a_command_line(big4: Backup, tmp_path: Path) -> None:
+    """The command line of qrecover and of every process under it, looked at over and
+    over for the whole restore, never holds the passphrase; nor does the environment
+    of any program but scrypt (given it as env:backup_pass)."""
+    out = tmp_path / "o"
+    log = tmp_path / "log"
+    env = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [*qrecover_exe(), "-v", "restore", str(big4.path), "-o", str(out)],
+            stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+            env={**env, "QRECOVER_PASSPHRASE": PASSPHRASE},
+        )
+        seen = watch_family(proc)
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert proc.returncode == 0, text
+    assert_restored(out, big4)
+    secret = PASSPHRASE.encode()
+    scrypts = {s.pid for s in seen if s.comm == "scrypt" and b"\0dec\0" in s.cmdline}
+    assert scrypts, "no scrypt process was seen: nothing was checked"
+    assert len({s.pid for s in seen}) > len(scrypts)  # and the rest of the family too
+    for what in seen:
+        assert secret not in what.cmdline, what.cmdline
+    # A child still being started shows qrecover's name (and, once exec has begun, the
+    # new program's environment): judge each program only once it bears its own name.
+    own_names = {s.comm for s in seen if s.pid == proc.pid}
+    for what in seen:
+        if what.comm not in {*own_names, "scrypt"} and what.cmdline:
+            assert secret not in what.environ, what.cmdline
+    assert "scrypt dec --passphrase env:backup_pass" in text
+    assert PASSPHRASE not in text
 
 
 def test_r4_wrong_passphrase_exit_3_nothing_written(make4: MakeBackup, tmp_path: Path) -> None:

@@ -101,7 +101,7 @@ def test_scrypt_dec_argv_never_holds_the_passphrase() -> None:
 
 
 @pytest.mark.parametrize("style", ["env", "stdin"])
-def test_rendered_scrypt_command_replays_in_sh(style: str, tmp_path: Path) -> None:
+def test_rendered_scrypt_command_replays_in_sh(style: str) -> None:
     """The logged command, pasted into a shell with $backup_pass set, passes scrypt
     the passphrase R4 used: the '!' is single-quoted (no history expansion)."""
     line = render_dec(ScryptTool(style), "x.enc", "x.out", "ID-1!vm7/x.000!")  # type: ignore[arg-type]

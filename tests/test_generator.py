@@ -28,16 +28,12 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import make_backup as mb  # noqa: E402
+from conftest import PASSPHRASE as SHARED_PASSPHRASE  # noqa: E402
+from conftest import Backup, MakeBackup  # noqa: E402
 
 PASSPHRASE = "correct horse battery staple"
 DECOMPRESS = {"gzip": "gzip -d", "bzip2": "bzip2 -d", "xz": "xz -d"}
 CHUNK_RE = re.compile(r"^(?P<base>.*)\.(?P<num>[0-9]{3,})$")
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[mb.VmSpec], Path]:
-    root = tmp_path_factory.mktemp("sample")
-    return mb.make_sample_tree(root / "tree", image_mb=4)
 
 
 def run_sh(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -187,20 +183,19 @@ def xml_vms(res: Restored) -> dict[str, ET.Element]:
     return {el.attrib["name"]: el for el in root}
 
 
-def build(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path],
+def build(tmp_path: Path, make: MakeBackup,
           **kwargs: object) -> tuple[mb.BackupManifest, Restored]:
-    vms, home = sample
-    backup = tmp_path / "qubes-backup"
-    manifest = mb.make_backup(backup, PASSPHRASE, vms, dom0_home=home,
-                              workdir=tmp_path, **kwargs)  # type: ignore[arg-type]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("qrecover-mkbackup")]
-    res = manual_restore(backup, tmp_path)
-    check_against_manifest(res, manifest)
-    return manifest, res
+    """The session's backup of the sample tree with these writer options (each is
+    built once per run and shared with the qrecover tests), restored by hand."""
+    backup = make(**kwargs)
+    assert not [p for p in backup.path.parent.iterdir() if p.name.startswith("qrecover-mkbackup")]
+    res = manual_restore(backup.path, tmp_path, SHARED_PASSPHRASE)
+    check_against_manifest(res, backup.manifest)
+    return backup.manifest, res
 
 
-def test_default_backup(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> None:
-    manifest, res = build(tmp_path, sample)
+def test_default_backup(tmp_path: Path, make: MakeBackup) -> None:
+    manifest, res = build(tmp_path, make)
     as_json = json.loads(manifest.to_json())
     assert as_json["files"][13]["chunk_names"] == ["vm3/..000"]
     assert res.header_text == (
@@ -239,16 +234,16 @@ def test_default_backup(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) ->
 
 
 @pytest.mark.parametrize("compression", ["bzip2", "xz", None])
-def test_compression(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path],
+def test_compression(tmp_path: Path, make: MakeBackup,
                      compression: str | None) -> None:
-    _, res = build(tmp_path, sample, compression=compression)
+    _, res = build(tmp_path, make, compression=compression)
     assert res.header["compressed"] == str(compression is not None)
     if compression is None:
         assert "compression-filter" not in res.header
 
 
-def test_unencrypted(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> None:
-    _, res = build(tmp_path, sample, encrypted=False)
+def test_unencrypted(tmp_path: Path, make: MakeBackup) -> None:
+    _, res = build(tmp_path, make, encrypted=False)
     assert res.header_text == (
         "version=3\nhmac-algorithm=SHA512\ncrypto-algorithm=aes-256-cbc\n"
         "encrypted=False\ncompressed=True\ncompression-filter=gzip\n"
@@ -257,19 +252,19 @@ def test_unencrypted(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> No
 
 
 def test_unencrypted_uncompressed(tmp_path: Path,
-                                  sample: tuple[list[mb.VmSpec], Path]) -> None:
-    _, res = build(tmp_path, sample, encrypted=False, compression=None)
+                                  make: MakeBackup) -> None:
+    _, res = build(tmp_path, make, encrypted=False, compression=None)
     assert (res.extract / "qubes.xml.000").read_bytes()[:9] == b"qubes.xml"
 
 
-def test_sha256_openssl3_style(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> None:
-    _, res = build(tmp_path, sample, hmac_algorithm="SHA256", hmac_style="openssl3")
+def test_sha256_openssl3_style(tmp_path: Path, make: MakeBackup) -> None:
+    _, res = build(tmp_path, make, hmac_algorithm="SHA256", hmac_style="openssl3")
     text = (res.extract / "backup-header.hmac").read_text()
     assert re.fullmatch(r"SHA2-256\(stdin\)= [0-9a-f]{64}\n", text)
 
 
-def test_plain_paths(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> None:
-    _, res = build(tmp_path, sample, hide_names=False, hmac_algorithm="SHA1")
+def test_plain_paths(tmp_path: Path, make: MakeBackup) -> None:
+    _, res = build(tmp_path, make, hide_names=False, hmac_algorithm="SHA1")
     for name in ("appvms/work/private.img.000", "vm-templates/fedora-23/..000",
                  "servicevms/sys-net/private.img.000", "appvms/standalone/apps.000",
                  "dom0-home/user.000"):
@@ -281,8 +276,8 @@ def test_plain_paths(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> No
     assert vms["fedora-23"].attrib["backup_path"] == "vm-templates/fedora-23"
 
 
-def test_multi_chunk(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> None:
-    manifest, res = build(tmp_path, sample, chunk_size=16 * 1024)
+def test_multi_chunk(tmp_path: Path, make: MakeBackup) -> None:
+    manifest, res = build(tmp_path, make, chunk_size=16 * 1024)
     assert "vm3/..001" in res.members  # qubes-issues #3167
     for stored in manifest.files:
         sizes = [(res.extract / c).stat().st_size for c in stored.chunk_names()]
@@ -290,8 +285,8 @@ def test_multi_chunk(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> No
         assert sum(sizes) == stored.stream_size
 
 
-def test_dom0_user_renamed(tmp_path: Path, sample: tuple[list[mb.VmSpec], Path]) -> None:
-    vms, home = sample
+def test_dom0_user_renamed(tmp_path: Path, sample_tree: tuple[list[mb.VmSpec], Path]) -> None:
+    vms, home = sample_tree
     backup = tmp_path / "b"
     manifest = mb.make_backup(backup, PASSPHRASE, vms[:1] + vms[1:2], dom0_home=home,
                               dom0_user="alice", workdir=tmp_path)
@@ -310,19 +305,18 @@ def tiny_vm(tmp_path: Path) -> list[mb.VmSpec]:
     return [mb.VmSpec("tiny", 5, source=src)]
 
 
-def test_chunk_1000(tmp_path: Path, tiny_vm: list[mb.VmSpec]) -> None:
-    backup = tmp_path / "b"
-    manifest = mb.make_backup(backup, PASSPHRASE, tiny_vm, chunk_size=8, workdir=tmp_path)
-    res = manual_restore(backup, tmp_path)
+def test_chunk_1000(tmp_path: Path, backup_past_1000: Backup) -> None:
+    manifest = backup_past_1000.manifest
+    res = manual_restore(backup_past_1000.path, tmp_path, SHARED_PASSPHRASE)
     check_against_manifest(res, manifest)
     img = manifest.files[1]
     assert img.chunks > 1001
-    assert "vm5/private.img.1000" in res.members
+    assert "vm12/private.img.1000" in res.members
     # a `???` glob silently drops chunks past 999
-    assert len(list((res.extract / "vm5").glob("private.img.???"))) == 1000
+    assert len(list((res.extract / "vm12").glob("private.img.???"))) == 1000
     # an encrypted stream is a multiple of 16 bytes, so R3.2 ended it with
     # an empty chunk (and its .hmac)
-    assert img.stream_size % 8 == 0
+    assert img.stream_size % 16 == 0
     last = res.extract / img.chunk_names()[-1]
     assert last.stat().st_size == 0
     assert (res.extract / (img.chunk_names()[-1] + ".hmac")).stat().st_size > 0

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+import subprocess
 
 import pytest
 
@@ -114,8 +114,22 @@ def test_hmac_over_4k_refused() -> None:
         read_header(GOOD, line + b" " * 5000, PASS)
 
 
-def test_sha1_and_md5_header_lengths() -> None:
-    for algo in ("sha1", "md5", "sha384", "sha224"):
-        data = GOOD.replace(b"SHA512", algo.upper().encode())
-        assert read_header(data, hmac_line(data, algo), PASS).hmac_algorithm == algo.upper()
-    assert hashlib.sha512  # the digests come from hashlib, i.e. OpenSSL
+def openssl_hmac_line(data: bytes, algo: str) -> bytes:
+    """The line Qubes' writer stored: ``openssl dgst -ALGO -hmac PASS`` of ``data``."""
+    return subprocess.run(
+        ["openssl", "dgst", f"-{algo}", "-hmac", PASS.decode()],
+        input=data, capture_output=True, check=True,
+    ).stdout
+
+
+@pytest.mark.parametrize("algo", ["sha512", "sha256", "sha384", "sha224", "sha1", "md5"])
+def test_every_digest_agrees_with_openssl_dgst(algo: str) -> None:
+    """The header is authenticated in-process (hashlib); what it is checked against
+    was written by the openssl program, so the two must agree for every digest."""
+    data = GOOD.replace(b"SHA512", algo.upper().encode())
+    written = openssl_hmac_line(data, algo)
+    assert read_header(data, written, PASS).hmac_algorithm == algo.upper()
+    assert authenticate_header(data, written, PASS).name == algo.upper()
+    assert read_header(data, hmac_line(data, algo), PASS).hmac_algorithm == algo.upper()
+    with pytest.raises(AuthenticationError):  # and openssl's line for other bytes does not
+        read_header(data, openssl_hmac_line(data + b"k=v\n", algo), PASS)

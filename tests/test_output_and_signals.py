@@ -12,7 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, Backup, MakeBackup, gen, qrecover_exe, run_cli, sha
+from conftest import (
+    PASSPHRASE,
+    Backup,
+    MakeBackup,
+    children_of,
+    family_of,
+    gen,
+    qrecover_exe,
+    run_cli,
+    sha,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +58,6 @@ def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == pid:
-                    found.append(int(entry.name))
-    return found
 
 
 def start_half_fed(
@@ -108,9 +107,7 @@ def test_passphrase_in_no_command_line_and_scratch_is_private(big: Backup, tmp_p
         secret = PASSPHRASE.encode()
         # qrecover and every process under it (other tests may be running
         # the fixture writer, which like Qubes' writer has pass: in its argv)
-        family = [proc.pid]
-        for pid in family:
-            family.extend(children_of(pid))
+        family = family_of(proc.pid)
         assert len(family) >= 4  # qrecover, cat, openssl, tar at least
         for pid in family:
             with contextlib.suppress(OSError):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,6 @@ from conftest import (
     MakeBackup,
     assert_restored,
     bin_dir,
-    gen,
     qrecover_exe,
     run_cli,
     sha,
@@ -111,19 +112,12 @@ def test_passphrase_from_environment(default_backup: Backup, tmp_path: Path) -> 
     assert_restored(out, default_backup, ["work"])
 
 
-def test_chunk_1000_and_beyond(
-    make: MakeBackup, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
-) -> None:
-    src = tmp_path_factory.mktemp("tiny") / "tiny"
-    src.mkdir()
-    (src / "private.img").write_bytes(os.urandom(300 * 1024))
-    tiny = gen.VmSpec("tiny", 12, source=src)
-    backup = make(vms=[tiny], dom0_home=None, chunk_size=300, compression=None)
-    names = backup.manifest.member_names()
+def test_chunk_1000_and_beyond(backup_past_1000: Backup, tmp_path: Path) -> None:
+    names = backup_past_1000.manifest.member_names()
     assert "vm12/private.img.1000" in names and "vm12/private.img.999" in names
     out = tmp_path / "out"
-    restore(backup, out)
-    assert_restored(out, backup)
+    restore(backup_past_1000, out)
+    assert_restored(out, backup_past_1000)
 
 
 def test_vm_selection(default_backup: Backup, tmp_path: Path) -> None:
@@ -197,9 +191,8 @@ def test_no_passphrase_and_no_terminal_is_usage_error(default_backup: Backup) ->
 
 
 def test_tampered_chunk_keeps_partial_and_restores_the_rest(
-    make: MakeBackup, tmp_path: Path, sample_tree: tuple[list, Path]
+    make: MakeBackup, tmp_path: Path
 ) -> None:
-    _vms, _home = sample_tree
     backup = make(chunk_size=16 * 1024)
     folder = tmp_path / "untarred"
     folder.mkdir()
@@ -279,27 +272,72 @@ def test_cipher_missing_from_this_openssl_is_exit_5(make: MakeBackup, tmp_path: 
     assert "aes-128-cbc" in result.err
 
 
+# A `cat` for the test below: before feeding a chunk it rewrites, in the untarred
+# folder, the file with the very bytes it was asked to feed (by then qrecover has
+# checked that chunk's HMAC), logs both paths, and only then runs the real cat.
+SWAPPING_CAT = """#!{python}
+import os, sys
+from pathlib import Path
+folder, log, real = Path({folder!r}), Path({log!r}), {real!r}
+for arg in [a for a in sys.argv[1:] if not a.startswith("-")]:
+    data = Path(arg).read_bytes()
+    same = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()
+            and p.stat().st_size == len(data) and p.read_bytes() == data]
+    if len(same) != 1:
+        sys.exit(f"fed {{arg}}: {{len(same)}} files in the folder hold its bytes")
+    with same[0].open("r+b") as f:
+        f.write(bytes(b ^ 0xFF for b in data))
+    with log.open("a") as f:
+        f.write(f"{{arg}}\\t{{same[0].relative_to(folder)}}\\n")
+os.execv(real, [real, *sys.argv[1:]])
+"""
+
+
 def test_folder_chunks_are_fed_from_private_copies(default_backup: Backup, tmp_path: Path) -> None:
-    # A file in an untarred folder could change between its HMAC check and its
-    # use: what reaches openssl must be the copy that was checked.
+    """A file in an untarred folder could change between its HMAC check and its use:
+    what reaches openssl must be the copy that was checked.  Here every chunk is
+    changed in the folder just after its check (by the cat that feeds it), and the
+    restore is still byte for byte the source."""
     folder = tmp_path / "untarred"
     folder.mkdir()
     subprocess.run(["tar", "-i", "-xf", str(default_backup.path), "-C", str(folder)], check=True)
+    before = {p: sha(p) for p in folder.rglob("*") if p.is_file()}
+    log = tmp_path / "fed.log"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    cat = bindir / "cat"
+    real = shutil.which("cat")
+    assert real is not None
+    cat.write_text(SWAPPING_CAT.format(python=sys.executable, folder=str(folder), log=str(log),
+                                       real=real))
+    cat.chmod(0o755)
+    out = tmp_path / "out"
     result = run_cli(
         "-v",
         "restore",
         folder,
         "-o",
-        tmp_path / "out",
+        out,
         "--vm",
         "work",
         "--passphrase-file",
         default_backup.passfile,
+        env={"PATH": f"{bindir}:{os.environ['PATH']}"},
     )
     assert result.code == 0, result.text
-    fed = [line for line in result.err.splitlines() if line.startswith("+ cat ")]
-    assert fed
-    assert all(str(folder) not in line and "/.qrecover-" in line for line in fed), fed
+    assert_restored(out, default_backup, ["work"])
+    fed = [line.split("\t") for line in log.read_text().splitlines()]
+    work_chunks = {
+        name for stored in default_backup.manifest.files if stored.vm == "work"
+        for name in stored.chunk_names()
+    }
+    assert work_chunks <= {swapped for _, swapped in fed}, fed  # every one was changed
+    for path, swapped in fed:
+        assert sha(folder / swapped) != before[folder / swapped], swapped
+        assert not Path(path).is_relative_to(folder) and "/.qrecover-" in path, path
+    logged = [line for line in result.err.splitlines() if line.startswith("+ cat ")]
+    assert logged
+    assert all(str(folder) not in line and "/.qrecover-" in line for line in logged), logged
 
 
 def test_version() -> None:

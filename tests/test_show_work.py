@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, gen, run_cli, sha
+from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, run_cli, sha
 
 from qrecover.stages.decompress import pick_gunzip
 
@@ -85,20 +85,6 @@ def write_script(backup: Backup | Path, passfile: Path, out: Path, dest: Path, *
     return dest
 
 
-@pytest.fixture(scope="module")
-def tiny_backup(make: MakeBackup, tmp_path_factory: pytest.TempPathFactory) -> Backup:
-    """One VM whose private.img is cut into more than 1000 chunks."""
-    src = tmp_path_factory.mktemp("tiny") / "tiny"
-    src.mkdir()
-    (src / "private.img").write_bytes(os.urandom(300 * 1024))
-    backup = make(
-        vms=[gen.VmSpec("tiny", 12, source=src)], dom0_home=None, chunk_size=300, compression=None
-    )
-    names = backup.manifest.member_names()
-    assert "vm12/private.img.999" in names and "vm12/private.img.1000" in names
-    return backup
-
-
 VARIANTS: list[dict[str, Any]] = [
     {},  # gzip, encrypted, hidden names: templates (vm3/.), dom0's home, a standalone VM
     {"compression": "bzip2", "hide_names": False},
@@ -122,11 +108,11 @@ def test_script_round_trip(make: MakeBackup, tmp_path: Path, options: dict[str, 
     assert list(work.iterdir()) == []  # nothing left in the folder it ran from
 
 
-def test_script_chunks_past_1000(tiny_backup: Backup, tmp_path: Path) -> None:
+def test_script_chunks_past_1000(backup_past_1000: Backup, tmp_path: Path) -> None:
     ref = tmp_path / "ref"
-    reference(tiny_backup, ref)
+    reference(backup_past_1000, ref)
     out = tmp_path / ODD
-    script = write_script(tiny_backup, tiny_backup.passfile, out, tmp_path / "recover.sh")
+    script = write_script(backup_past_1000, backup_past_1000.passfile, out, tmp_path / "recover.sh")
     proc = run_sh(script, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "vm12/private.img.1000: HMAC matches" in proc.stderr
