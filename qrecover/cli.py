@@ -82,6 +82,18 @@ NoLimitOpt = Annotated[
         "declares for its VM (the decompression-bomb check).",
     ),
 ]
+JobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        min=1,
+        help="Format 4: authenticate and decrypt up to N chunks at once (scrypt dec). "
+        "Default: as many as there are cores and the memory holds (each scrypt dec is "
+        "capped with -M to its share).",
+        metavar="N",
+    ),
+]
 TranscriptOpt = Annotated[
     Path | None,
     typer.Option(
@@ -194,6 +206,7 @@ def restore(
         ),
     ] = False,
     no_size_limit: NoLimitOpt = False,
+    jobs: JobsOpt = None,
     transcript: TranscriptOpt = None,
     explain: ExplainOpt = False,
     dry_run: Annotated[
@@ -214,6 +227,7 @@ def restore(
             force,
             passphrase_file,
             size_limit=not no_size_limit,
+            jobs=jobs,
             files=files,
             transcript=transcript,
             explain=explain,
@@ -272,6 +286,7 @@ def verify(
     vm: VmOpt = None,
     passphrase_file: PassFileOpt = None,
     no_size_limit: NoLimitOpt = False,
+    jobs: JobsOpt = None,
     transcript: TranscriptOpt = None,
     explain: ExplainOpt = False,
 ) -> None:
@@ -283,6 +298,7 @@ def verify(
             vm or [],
             passphrase_file,
             size_limit=not no_size_limit,
+            jobs=jobs,
             transcript=transcript,
             explain=explain,
             settings=_settings(ctx),

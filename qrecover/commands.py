@@ -211,6 +211,7 @@ def restore_command(
     force: bool,
     passphrase_file: Path | None,
     size_limit: bool = True,
+    jobs: int | None = None,
     files: bool = False,
     transcript: Path | None = None,
     explain: bool = False,
@@ -227,7 +228,9 @@ def restore_command(
         return EXIT_OUTPUT if report.stops else EXIT_OK
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
-    request = Request("restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit)
+    request = Request(
+        "restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit, jobs=jobs
+    )
     with _showing("restore", backup, output, transcript, explain, force) as shown:
         report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
         shown.finished(report)
@@ -243,12 +246,13 @@ def verify_command(
     vms: Sequence[str],
     passphrase_file: Path | None,
     size_limit: bool = True,
+    jobs: int | None = None,
     transcript: Path | None = None,
     explain: bool = False,
     settings: Settings | None = None,
 ) -> int:
     settings = settings or Settings()
-    request = Request("verify", vms=tuple(vms), size_limit=size_limit)
+    request = Request("verify", vms=tuple(vms), size_limit=size_limit, jobs=jobs)
     with _showing("verify", backup, None, transcript, explain) as shown:
         report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
         shown.finished(report)

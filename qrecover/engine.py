@@ -47,7 +47,7 @@ from qrecover.errors import (
 )
 from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead, QubesXmlWritten
 from qrecover.formats import MAX_HEADER_HMAC, authenticate
-from qrecover.formats.base import Format
+from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
 from qrecover.members import Members
@@ -85,6 +85,7 @@ class Recovery:
         self._spent: dict[str, int] = {}
         self._active: StoredFile | None = None
         self.names: ScratchNames | None = None
+        self.works: ChunkWorks | None = None
         # igzip or pigz, when installed, undo gzip faster than gzip -d.
         self.gunzip = pick_gunzip()
 
@@ -106,6 +107,9 @@ class Recovery:
             else:
                 self.scratch = Path(tempfile.mkdtemp(prefix="qrecover-"))
             self.names = ScratchNames(self.scratch)
+            self.works = fmt.chunk_works(
+                self.passphrase, self.scratch, self.ctx.command, request.jobs
+            )
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
             inventory = parse_inventory(xml)
             self.report.inventory = inventory
@@ -145,6 +149,9 @@ class Recovery:
         )
 
     def _cleanup(self) -> None:
+        if self.works is not None:
+            self.works.close()  # its children stopped and its scratch gone first
+            self.works = None
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
@@ -295,6 +302,8 @@ class Recovery:
         assert fmt is not None
         assert self.names is not None
         store = ChunkStore(self.names, self.passphrase, self.ctx.command, self.observer, job)
+        works = self.works
+        assert works is not None
         expected = 0
         while True:
             member = members.peek()
@@ -308,26 +317,40 @@ class Recovery:
                 continue
             problem = self._misplaced(fmt, member, name, stored, expected)
             if problem is not None:
+                self._use(job, store, works.drain())  # the chunks before it come first
                 job.fail(problem)
                 continue
             try:
-                outcome = fmt.read_chunk(store, member, name, members).complete()
+                self._use(job, store, works.admit())  # room in scratch for one more
+                pending = fmt.read_chunk(store, member, name, members)
             except Truncated as exc:
+                self._use(job, store, works.drain())
                 job.fail(exc)
                 members.stop(exc)
                 break
             expected += 1
+            self._use(job, store, works.submit(pending, member.name, member.size))
+        self._use(job, store, works.drain())
+
+    def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
+        """Feed ``job`` the chunks whose step is done, in chunk order; the first
+        that failed stops it (nothing after it is used)."""
+        for chunk in done:
+            outcome = chunk.outcome
             if outcome.checked:
-                self.ctx.emit(ChunkChecked(member.name, member.size, outcome.reason))
-            if outcome.error is not None:
-                job.fail(outcome.error)
+                self.ctx.emit(ChunkChecked(chunk.member, chunk.size, outcome.reason))
+            if job.result.error is not None or outcome.error is not None:
+                if outcome.plain is not None:
+                    store.drop(outcome.plain, outcome.owned)
+                if outcome.error is not None:
+                    job.fail(outcome.error)
                 continue
             assert outcome.plain is not None
             try:
-                job.feed(outcome.plain, outcome.owned, member.name)
+                job.feed(outcome.plain, outcome.owned, chunk.member)
             except OSError as exc:
                 store.drop(outcome.plain, outcome.owned)
-                job.fail(StoredFileError(f"{member.name}: could not start the pipeline ({exc})"))
+                job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))
 
     @staticmethod
     def _misplaced(

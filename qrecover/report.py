@@ -28,6 +28,9 @@ class Request:
     # Walk the same steps as the restore up to the plan (header, qubes.xml,
     # the plan and what would stop it), and start nothing of the stored files.
     dry_run: bool = False
+    # How many per-chunk steps may run at once (format 4's scrypt dec);
+    # None: as many as the cores and the memory allow.
+    jobs: int | None = None
 
 
 @dataclass
