@@ -1,0 +1,233 @@
+"""Format 4 with several ``scrypt dec`` at once (--jobs): the same bytes, the same
+failures, bounded scratch, and nothing left behind when interrupted.
+
+The backups are written by scripts/make_backup_v4.py (R4's writer, real scrypt, a
+cheap key derivation); every stored file has many chunks, so that several are in
+flight at once and their plaintext must be put back in order."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    PASSPHRASE,
+    Backup,
+    MakeBackup,
+    assert_restored,
+    children_of,
+    family_of,
+    gen,
+    qrecover_exe,
+    run_cli,
+    sha,
+)
+
+CHUNK = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def many4(make4: MakeBackup, tmp_path_factory: pytest.TempPathFactory) -> Backup:
+    """Two VMs of 1.5 MiB incompressible data each, in 64 KiB chunks: 25 chunks a
+    stored file, in two stored files (and small ones besides)."""
+    root = tmp_path_factory.mktemp("many4")
+    vms = []
+    for name, qid in (("work", 7), ("mail", 8)):
+        src = root / name
+        src.mkdir()
+        (src / "private.img").write_bytes(os.urandom(3 << 19))
+        (src / "notes.txt").write_bytes(b"kept\n" * 1000)
+        vms.append(gen.VmSpec(name, qid, source=src))
+    return make4(vms=vms, dom0_home=None, chunk_size=CHUNK)
+
+
+def untar(backup: Backup, folder: Path) -> Path:
+    folder.mkdir()
+    subprocess.run(["tar", "-i", "-xf", str(backup.path), "-C", str(folder)], check=True)
+    return folder
+
+
+def restore_ok(backup: Backup, where: Path | str, out: Path, *extra: str,
+               stdin: bytes | None = None) -> None:
+    result = run_cli("restore", where, "-o", out, "--passphrase-file", backup.passfile,
+                     *extra, stdin=stdin)
+    assert result.code == 0, result.text
+    assert "every chunk authenticated by scrypt" in result.out
+    assert_restored(out, backup)
+
+
+def test_many_chunks_per_stored_file(many4: Backup) -> None:
+    names = many4.manifest.member_names()
+    for vm in ("vm7", "vm8"):
+        assert f"{vm}/private.img.020.enc" in names  # the fixture is what the tests need
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_jobs_restore_byte_for_byte_from_a_file(many4: Backup, tmp_path: Path, jobs: str) -> None:
+    restore_ok(many4, many4.path, tmp_path / "out", "--jobs", jobs)
+
+
+def test_jobs_2_from_stdin(many4: Backup, tmp_path: Path) -> None:
+    restore_ok(many4, "-", tmp_path / "out", "--jobs", "2", stdin=many4.path.read_bytes())
+
+
+def test_jobs_2_from_a_folder(many4: Backup, tmp_path: Path) -> None:
+    folder = untar(many4, tmp_path / "untarred")
+    before = sorted(p.name for p in (folder / "vm7").iterdir())
+    restore_ok(many4, folder, tmp_path / "out", "--jobs", "2")
+    assert sorted(p.name for p in (folder / "vm7").iterdir()) == before  # read in place
+
+
+def test_verify_takes_jobs(many4: Backup) -> None:
+    result = run_cli("verify", many4.path, "--passphrase-file", many4.passfile, "--jobs", "2")
+    assert result.code == 0, result.text
+
+
+def test_jobs_0_is_a_usage_error(many4: Backup, tmp_path: Path) -> None:
+    result = run_cli("restore", many4.path, "-o", tmp_path / "o", "--passphrase-file",
+                     many4.passfile, "--jobs", "0")
+    assert result.code == 2, result.text
+    assert not (tmp_path / "o").exists()
+
+
+def test_v_logs_every_scrypt_dec_with_its_memory_cap(many4: Backup, tmp_path: Path) -> None:
+    result = run_cli("-v", "restore", many4.path, "-o", tmp_path / "o", "--passphrase-file",
+                     many4.passfile, "--jobs", "2")
+    assert result.code == 0, result.text
+    chunks = [n for n in many4.manifest.member_names() if n.endswith(".enc")]
+    logged = [line for line in result.err.splitlines() if "scrypt dec -M " in line]
+    for chunk in chunks:
+        assert sum(f" {chunk} " in line for line in logged) == 1, chunk
+    assert PASSPHRASE not in result.text
+
+
+def _tampered(backup: Backup, tmp_path: Path) -> Path:
+    folder = untar(backup, tmp_path / "untarred")
+    victim = folder / "vm7" / "private.img.012.enc"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # in the ciphertext: only scrypt's final HMAC notices
+    victim.write_bytes(bytes(data))
+    return folder
+
+
+def test_tampered_middle_chunk_same_outcome_with_jobs_1_and_2(
+    many4: Backup, tmp_path: Path
+) -> None:
+    folder = _tampered(many4, tmp_path)
+    outcomes = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"out{jobs}"
+        result = run_cli("restore", folder, "-o", out, "--passphrase-file", many4.passfile,
+                         "--jobs", jobs)
+        said = [line for line in result.err.splitlines() if "private.img.012.enc" in line]
+        assert result.code == 4, result.text
+        assert said and "scrypt" in said[0], result.err
+        assert not (out / "work" / "private.img").exists()
+        partial = out / "work" / "private.img.partial"
+        # chunks 000-011 only: 12 chunks' worth of the image, none of chunk 012
+        size = partial.stat().st_size
+        assert 0 < size <= 12 * CHUNK, size
+        source = many4.vms[0].source / "private.img"
+        with source.open("rb") as f:
+            assert partial.read_bytes() == f.read(size)
+        # the other stored files were still restored
+        expected = {k: v for k, v in many4.expected_files().items() if k != "work/private.img"}
+        for rel, src in expected.items():
+            assert sha(out / rel) == sha(src), rel
+        assert not [p for p in out.rglob("*") if p.name.startswith(".qrecover")]
+        outcomes.append((result.code, said, sha(partial)))
+    assert outcomes[0] == outcomes[1]
+
+
+def _scratch_files(out: Path) -> int:
+    """Chunk files in qrecover's scratch now (the staging folders are output)."""
+    count = 0
+    for scratch in out.glob(".qrecover-*"):
+        for dirpath, dirnames, filenames in os.walk(scratch):
+            dirnames[:] = [d for d in dirnames if not d.startswith("stage")]
+            count += len(filenames)
+            del dirpath
+    return count
+
+
+@pytest.mark.parametrize(("source", "bound"), [("file", 2 * 2 + 2), ("folder", 2 + 2)])
+def test_scratch_stays_bounded(many4: Backup, tmp_path: Path, source: str, bound: int) -> None:
+    """Looked at over and over during a --jobs 2 restore: never more chunk files in
+    scratch than the README says (2*jobs+2 from a file, jobs+2 from a folder), and
+    never more scrypt dec at once than --jobs."""
+    where = many4.path if source == "file" else untar(many4, tmp_path / "untarred")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
+    proc = subprocess.Popen(
+        [*qrecover_exe(), "restore", str(where), "-o", str(out), "--passphrase-file",
+         str(many4.passfile), "--jobs", "2"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    most_files = most_scrypts = 0
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        most_files = max(most_files, _scratch_files(out))
+        scrypts = 0
+        for pid in family_of(proc.pid):
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            scrypts += comm == "scrypt"
+        most_scrypts = max(most_scrypts, scrypts)
+        time.sleep(0.001)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert_restored(out, many4)
+    assert most_files >= 1, "scratch was never seen: the test observed nothing"
+    assert most_files <= bound, most_files
+    assert most_scrypts <= 2, most_scrypts
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupted_jobs_2_restore_stops_every_child(
+    many4: Backup, tmp_path: Path, sig: int, code: int
+) -> None:
+    """Half the backup on stdin, --jobs 2: once the pipeline runs, the signal stops
+    every child (scrypt dec, cat, the decompressor, tar) and removes all scratch."""
+    out = tmp_path / "out"
+    data = many4.path.read_bytes()
+    env = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
+    proc = subprocess.Popen(
+        [*qrecover_exe(), "restore", "-", "-o", str(out), "--passphrase-file",
+         str(many4.passfile), "--jobs", "2"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(data[: len(data) // 2])
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    kids: list[int] = []
+    while time.monotonic() < deadline:
+        kids = children_of(proc.pid)
+        names = set()
+        for kid in kids:
+            try:
+                names.add(Path(f"/proc/{kid}/comm").read_text().strip())
+            except OSError:
+                continue
+        if "tar" in names:
+            break
+        time.sleep(0.01)
+    else:
+        proc.kill()
+        raise AssertionError("the restore's pipeline never started")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert b"Traceback" not in err
+    time.sleep(0.2)
+    for kid in kids:
+        assert not Path(f"/proc/{kid}").exists() or "Z" in Path(f"/proc/{kid}/stat").read_text()
+    leftovers = [p.name for p in out.rglob("*")]
+    assert not any(n.startswith(".qrecover-") for n in leftovers), leftovers
+    assert not [p for p in out.rglob("private.img") if p.is_file()]
