@@ -66,6 +66,10 @@ class _Printer:
         if self.display is not None:
             self.display.data_read(stored, nbytes)
 
+    def in_flight(self, chunks: int) -> None:
+        if self.display is not None:
+            self.display.in_flight(chunks)
+
     def file_done(self, result: FileResult) -> None:
         if self.display is not None:
             self.display.file_done(result)

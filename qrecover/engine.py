@@ -330,6 +330,7 @@ class Recovery:
                 break
             expected += 1
             self._use(job, store, works.submit(pending, member.name, member.size))
+            self.observer.in_flight(works.in_flight)
         self._use(job, store, works.drain())
 
     def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:

@@ -92,6 +92,7 @@ class Observer(Protocol):
     def planned(self, selected: Sequence[Entity]) -> None: ...
     def file_started(self, stored: str, owner: str) -> None: ...
     def data_read(self, stored: str, nbytes: int) -> None: ...
+    def in_flight(self, chunks: int) -> None: ...
     def file_done(self, result: FileResult) -> None: ...
 
 
@@ -103,6 +104,9 @@ class Quiet:
         pass
 
     def data_read(self, stored: str, nbytes: int) -> None:
+        pass
+
+    def in_flight(self, chunks: int) -> None:
         pass
 
     def file_done(self, result: FileResult) -> None:

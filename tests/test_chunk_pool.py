@@ -21,8 +21,8 @@ import pytest
 
 from qrecover.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed
 from qrecover.errors import EXIT_OUTPUT, EXIT_SIGINT, Interrupted
-from qrecover.runner import Stage
 from qrecover.formats.scrypt import ScryptTool
+from qrecover.runner import Stage
 from qrecover.scrypt_cost import InsufficientMemory, JobPlan, MiB, read_params
 
 PASS = "the passphrase ünï"

@@ -231,3 +231,13 @@ def test_interrupted_jobs_2_restore_stops_every_child(
     leftovers = [p.name for p in out.rglob("*")]
     assert not any(n.startswith(".qrecover-") for n in leftovers), leftovers
     assert not [p for p in out.rglob("private.img") if p.is_file()]
+
+
+def test_progress_line_shows_the_chunks_in_flight() -> None:
+    from qrecover.progress import Snapshot, progress_line
+
+    snap = Snapshot("work", "vm7/private.img", 1 << 20, 1.0, 2 << 20, 8 << 20, False, 2.0, 2)
+    assert "vm7/private.img 1.0 MiB" in progress_line(snap, 200)
+    assert "(2 chunks in flight)" in progress_line(snap, 200)
+    snap.in_flight = 0
+    assert "in flight" not in progress_line(snap, 200)
