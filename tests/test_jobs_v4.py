@@ -241,3 +241,91 @@ def test_progress_line_shows_the_chunks_in_flight() -> None:
     assert "(2 chunks in flight)" in progress_line(snap, 200)
     snap.in_flight = 0
     assert "in flight" not in progress_line(snap, 200)
+
+
+# -- the memory rule, on chunks written by `scrypt enc` with a stated cost -------
+
+BACKUP_ID = "20230405T123455-1234"
+
+
+def _enc_chunk(folder: Path, index: int, log_n: int) -> tuple[Path, str]:
+    """A chunk of vm7/private.img written as R4's writer did (scrypt enc under
+    BACKUPID!NAME!PASSPHRASE), at the given cost; returns it and its member name."""
+    from qrecover.container import ChunkName
+
+    name = ChunkName("vm7/private.img", index, is_enc=True)
+    plain = folder / f"plain{index}"
+    plain.write_bytes(os.urandom(4096))
+    enc = folder / f"enc{index}"
+    secret = f"{BACKUP_ID}!{name.data_name}!{PASSPHRASE}"
+    subprocess.run(
+        ["scrypt", "enc", "--logN", str(log_n), "-r", "8", "-p", "1", "--passphrase",
+         "env:S", str(plain), str(enc)],
+        env={**os.environ, "S": secret}, check=True,
+    )
+    return enc, name.name
+
+
+def _works(tmp_path: Path, available: int) -> tuple[object, object]:
+    from qrecover.formats.scrypt import ScryptTool
+    from qrecover.formats.v4 import BackupHeaderV4, Format4
+    from qrecover.formats.v4_jobs import ScryptWorks
+    from qrecover.scrypt_cost import HEADROOM, GiB, Memory, plan_jobs
+
+    header = BackupHeaderV4(version=4, hmac_algorithm="scrypt", compressed=False,
+                            backup_id=BACKUP_ID)
+    fmt = Format4(header, ScryptTool("env"))
+    logged: list[str] = []
+
+    def planner(params: object, chunk: str, requested: int | None) -> object:
+        # a machine with 2 cores and `available` bytes over the headroom
+        memory = Memory(total=8 * GiB, available=HEADROOM + available)
+        return plan_jobs(params, chunk, requested=requested, cpus=2,  # type: ignore[arg-type]
+                         memory=memory, ceiling=4 * GiB)
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    works = ScryptWorks(fmt, PASSPHRASE, scratch, logged.append, None,
+                        planner=planner)  # type: ignore[arg-type]
+    return works, fmt
+
+
+def _pending(fmt: object, enc: Path, member: str) -> object:
+    from qrecover.container import parse_member_name
+    from qrecover.formats.v4 import ScryptChunk
+
+    name = parse_member_name(member)
+    assert name is not None
+    return ScryptChunk(fmt, None, member, name, enc, True, enc.with_suffix(".p"))  # type: ignore[arg-type]
+
+
+def test_a_chunk_alone_over_the_memory_is_exit_6_naming_it(tmp_path: Path) -> None:
+    from qrecover.scrypt_cost import InsufficientMemory, MiB
+
+    enc, member = _enc_chunk(tmp_path, 0, 14)  # 16 MiB of key derivation
+    works, fmt = _works(tmp_path, available=8 * MiB)
+    with pytest.raises(InsufficientMemory) as caught:
+        works.submit(_pending(fmt, enc, member), member, enc.stat().st_size)  # type: ignore[attr-defined]
+    assert caught.value.exit_code == 6
+    assert member in str(caught.value) and "logN=14" in str(caught.value)
+    assert not enc.exists()  # its scratch copy is gone; nothing of it ran
+    works.close()  # type: ignore[attr-defined]
+
+
+def test_a_later_chunk_over_the_budget_stops_after_the_earlier_ones(tmp_path: Path) -> None:
+    from qrecover.scrypt_cost import InsufficientMemory, MiB
+
+    small, first = _enc_chunk(tmp_path, 0, 10)  # 1 MiB of key derivation: fits
+    big, second = _enc_chunk(tmp_path, 1, 16)  # 64 MiB: does not
+    works, fmt = _works(tmp_path, available=16 * MiB)
+    done = works.submit(_pending(fmt, small, first), first, 1)  # type: ignore[attr-defined]
+    done += works.drain()  # type: ignore[attr-defined]
+    assert [c.member for c in done] == [first]
+    assert done[0].outcome.error is None and done[0].outcome.plain.read_bytes() == (
+        tmp_path / "plain0"
+    ).read_bytes()
+    with pytest.raises(InsufficientMemory) as caught:
+        works.submit(_pending(fmt, big, second), second, 1)  # type: ignore[attr-defined]
+    assert second in str(caught.value)
+    works.close()  # type: ignore[attr-defined]
+    assert not list((tmp_path / "scratch").iterdir())

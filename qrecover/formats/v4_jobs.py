@@ -16,6 +16,7 @@ is a failed chunk like any other: its stored file stops there.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 from qrecover.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed, Outcome
@@ -34,18 +35,29 @@ from qrecover.scrypt_cost import (
     scrypt_ceiling,
 )
 
+# How the jobs are planned from the first chunk's cost (scrypt_cost.plan_here:
+# this machine's cores and memory); a test gives a machine of its own.
+Planner = Callable[[ScryptParams, str, "int | None"], JobPlan]
+
 
 class ScryptWorks:
     """The run's pool of ``scrypt dec``; made on the first chunk, whose cost plans it."""
 
     def __init__(
-        self, fmt: Format4, passphrase: str, scratch: Path, log: CommandLog, jobs: int | None
+        self,
+        fmt: Format4,
+        passphrase: str,
+        scratch: Path,
+        log: CommandLog,
+        jobs: int | None,
+        planner: Planner = plan_here,
     ) -> None:
         self.fmt = fmt
         self.passphrase = passphrase
         self.scratch = scratch
         self.log = log
         self.jobs = jobs
+        self.planner = planner
         self.plan: JobPlan | None = None
         self._ceiling = 0
         self._pool: ChunkPool | None = None
@@ -100,7 +112,7 @@ class ScryptWorks:
     def _ready_pool(self, pending: ScryptChunk, params: ScryptParams, member: str) -> ChunkPool:
         try:
             if self._pool is None:
-                self.plan = plan_here(params, member, self.jobs)
+                self.plan = self.planner(params, member, self.jobs)
                 self._ceiling = scrypt_ceiling(read_memory().total)
                 self._pool = ChunkPool(
                     self.fmt.tool, self.passphrase, self.scratch, self.plan,
