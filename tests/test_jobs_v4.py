@@ -8,6 +8,7 @@ flight at once and their plaintext must be put back in order."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -329,3 +330,26 @@ def test_a_later_chunk_over_the_budget_stops_after_the_earlier_ones(tmp_path: Pa
     assert second in str(caught.value)
     works.close()  # type: ignore[attr-defined]
     assert not list((tmp_path / "scratch").iterdir())
+
+
+def test_transcript_and_explain_do_not_depend_on_jobs(many4: Backup, tmp_path: Path) -> None:
+    """The same backup gives the same transcript and narration, in chunk order,
+    whether one scrypt dec runs at a time or two (but for the argv they quote)."""
+    shown = []
+    for jobs in ("1", "2"):
+        out = tmp_path / "out"
+        transcript = tmp_path / "t.sh"
+        extra = () if jobs == "1" else ("--jobs", "2")
+        result = run_cli("restore", many4.path, "-o", out, "--passphrase-file", many4.passfile,
+                         "--transcript", transcript, "--explain", *extra)
+        assert result.code == 0, result.text
+        text = transcript.read_text(encoding="utf-8").replace(" --jobs 2", "")
+        chunks = [n for n in many4.manifest.member_names() if n.startswith("vm7/private.img.")]
+        at = [text.find(f"{n} ") for n in chunks]
+        assert all(i >= 0 for i in at) and at == sorted(at), chunks  # every chunk, in order
+        # the scratch folder's name is random in every run
+        narration = re.sub(r"\.qrecover-[A-Za-z0-9_]+", ".qrecover-X", result.err)
+        shown.append((text, narration.replace(" --jobs 2", "")))
+        subprocess.run(["rm", "-rf", str(out), str(transcript)], check=True)
+    assert shown[0][0] == shown[1][0]
+    assert shown[0][1] == shown[1][1]
