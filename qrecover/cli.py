@@ -40,6 +40,16 @@ from qrecover.errors import (
 )
 from qrecover.files import DEFAULT_PATH
 from qrecover.files.command import files_command
+from qrecover.options import (
+    BackupArg,
+    ExplainOpt,
+    JobsOpt,
+    JsonOpt,
+    NoLimitOpt,
+    PassFileOpt,
+    TranscriptOpt,
+    VmOpt,
+)
 
 EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
 
@@ -57,70 +67,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-BackupArg = Annotated[
-    str,
-    typer.Argument(
-        help="The backup file; '-' to read it from standard input; or a folder holding a "
-        "backup already untarred by hand (tar -i -xf BACKUP).",
-        metavar="BACKUP",
-    ),
-]
-PassFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--passphrase-file",
-        help="Read the passphrase from the first line of this file "
-        "(else $QRECOVER_PASSPHRASE, else a prompt on the terminal).",
-        metavar="FILE",
-    ),
-]
-NoLimitOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-size-limit",
-        help="Do not stop a stored file that expands to more than twice what qubes.xml "
-        "declares for its VM (the decompression-bomb check).",
-    ),
-]
-JobsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--jobs",
-        "-j",
-        min=1,
-        help="Format 4: authenticate and decrypt up to N chunks at once (scrypt dec). "
-        "Default: as many as there are cores and the memory holds (each scrypt dec is "
-        "capped with -M to its share).",
-        metavar="N",
-    ),
-]
-TranscriptOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--transcript",
-        help="Write every command run, as the run proceeds, to FILE: a POSIX sh script "
-        "that replays the run (verifying every HMAC, or for format 4 authenticating every "
-        "chunk with scrypt, again) from any folder.",
-        metavar="FILE",
-    ),
-]
-ExplainOpt = Annotated[
-    bool,
-    typer.Option(
-        "--explain",
-        help="Narrate each step on stderr, numbered like the recovery page's steps, "
-        "with the equivalent command and its result.",
-    ),
-]
-VmOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--vm",
-        help="Only this VM (repeatable); 'dom0' selects dom0's home. "
-        "Default: everything in the backup.",
-        metavar="NAME",
-    ),
-]
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -217,6 +163,7 @@ def restore(
             "where, and with which commands, without writing anything.",
         ),
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(
@@ -232,6 +179,7 @@ def restore(
             transcript=transcript,
             explain=explain,
             dry_run=dry_run,
+            as_json=as_json,
             settings=_settings(ctx),
         )
     )
@@ -289,6 +237,7 @@ def verify(
     jobs: JobsOpt = None,
     transcript: TranscriptOpt = None,
     explain: ExplainOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check everything restore would, writing nothing: every HMAC, decryption,
     decompression, and a listing of each inner archive."""
@@ -301,6 +250,7 @@ def verify(
             jobs=jobs,
             transcript=transcript,
             explain=explain,
+            as_json=as_json,
             settings=_settings(ctx),
         )
     )
@@ -325,6 +275,34 @@ def script(
     """Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for
     the VMs named with --vm (all without it), after verifying the header and qubes.xml."""
     raise typer.Exit(script_command(backup, output, vm or [], passphrase_file, _settings(ctx)))
+
+
+@app.command()
+def kit(
+    backup: Annotated[
+        str,
+        typer.Argument(
+            help="The backup file, or a folder holding a backup already untarred by hand.",
+            metavar="BACKUP",
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder to write the kit into (made if missing; never over its files).",
+            metavar="DIR",
+        ),
+    ],
+    passphrase_file: PassFileOpt = None,
+) -> None:
+    """Write a recovery kit to keep beside the backup: qrecover.pyz (runs with only
+    python3), recover.sh (no Python) and RECOVERY.txt (the procedure for this backup).
+    The passphrase is asked for to read qubes.xml; no file of the kit holds it."""
+    from qrecover.kit import kit_command  # only this command needs shiv's machinery
+
+    raise typer.Exit(kit_command(backup, output, passphrase_file))
 
 
 @app.command()

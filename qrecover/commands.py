@@ -33,6 +33,8 @@ from qrecover.render.explain import Narrator
 from qrecover.render.plantext import plan_text
 from qrecover.render.transcript import TranscriptWriter, open_new
 from qrecover.report import FileResult, Report, Request
+from qrecover.report_json import json_output
+from qrecover.sources import replay_path
 from qrecover.units import human_bytes
 
 
@@ -125,7 +127,7 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
 
 def _run(
     settings: Settings,
-    backup: str,
+    backup: Sequence[str],
     passphrase_file: Path | None,
     request: Request,
     listeners: Sequence[EventListener] = (),
@@ -166,7 +168,7 @@ class _Showing:
 @contextlib.contextmanager
 def _showing(
     mode: str,
-    backup: str,
+    backup: Sequence[str],
     output: Path | None,
     transcript: Path | None,
     explain: bool,
@@ -177,21 +179,21 @@ def _showing(
     listeners: list[EventListener] = []
     writer: TranscriptWriter | None = None
     narrator: Narrator | None = None
-    if transcript is not None and backup != "-" and os.path.exists(transcript) and (
-        os.path.samefile(transcript, backup)
+    if transcript is not None and os.path.exists(transcript) and any(
+        piece != "-" and os.path.samefile(transcript, piece) for piece in backup
     ):
         raise UsageError(f"--transcript {transcript} is the backup itself")
     if transcript is not None:
         writer = TranscriptWriter(
             open_new(transcript, force),
             "restore" if mode == "restore" else "verify",
-            None if backup == "-" else os.path.abspath(backup),
+            replay_path(backup),
             Path(os.path.abspath(output)) if output is not None else None,
             argv=sys.argv[1:],
         )
         listeners.append(writer)
     if explain:
-        narrator = Narrator(backup, mode)
+        narrator = Narrator(replay_path(backup) or "-", mode)
         listeners.append(narrator)
     shown = _Showing(listeners)
     raised = True
@@ -209,7 +211,7 @@ def _showing(
 
 
 def restore_command(
-    backup: str,
+    backup: Sequence[str],
     output: Path,
     vms: Sequence[str],
     force: bool,
@@ -220,16 +222,41 @@ def restore_command(
     transcript: Path | None = None,
     explain: bool = False,
     dry_run: bool = False,
+    as_json: bool = False,
     settings: Settings | None = None,
 ) -> int:
-    settings = settings or Settings()
+    if as_json and dry_run:
+        raise UsageError("--json and --dry-run do not go together")
+    with json_output(as_json, "restore", backup) as as_doc:
+        code, report = _restore_command(
+            backup, output, vms, force, passphrase_file, size_limit, jobs, files, transcript,
+            explain, dry_run, settings or Settings(),
+        )
+        as_doc.done(report, code)
+    return code
+
+
+def _restore_command(
+    backup: Sequence[str],
+    output: Path,
+    vms: Sequence[str],
+    force: bool,
+    passphrase_file: Path | None,
+    size_limit: bool,
+    jobs: int | None,
+    files: bool,
+    transcript: Path | None,
+    explain: bool,
+    dry_run: bool,
+    settings: Settings,
+) -> tuple[int, Report]:
     if dry_run:
         request = Request("restore", tuple(vms), output, force, size_limit, dry_run=True)
         report, _ = _run(settings, backup, passphrase_file, request)
         assert report.plan is not None
-        print(plan_text(report.plan, backup, report.stops))
+        print(plan_text(report.plan, replay_path(backup) or "-", report.stops))
         # What would stop the restore stops the dry run, with the same exit code.
-        return EXIT_OUTPUT if report.stops else EXIT_OK
+        return (EXIT_OUTPUT if report.stops else EXIT_OK), report
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
     request = Request(
@@ -242,29 +269,33 @@ def restore_command(
     if files:
         files_code = restore_files(report, output, force)
         code = code if code != EXIT_OK else files_code
-    return code
+    return code, report
 
 
 def verify_command(
-    backup: str,
+    backup: Sequence[str],
     vms: Sequence[str],
     passphrase_file: Path | None,
     size_limit: bool = True,
     jobs: int | None = None,
     transcript: Path | None = None,
     explain: bool = False,
+    as_json: bool = False,
     settings: Settings | None = None,
 ) -> int:
     settings = settings or Settings()
     request = Request("verify", vms=tuple(vms), size_limit=size_limit, jobs=jobs)
-    with _showing("verify", backup, None, transcript, explain) as shown:
-        report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
-        shown.finished(report)
-    return _finish(settings, "verify", report, elapsed)
+    with json_output(as_json, "verify", backup) as as_doc:
+        with _showing("verify", backup, None, transcript, explain) as shown:
+            report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)
+            shown.finished(report)
+        code = _finish(settings, "verify", report, elapsed)
+        as_doc.done(report, code)
+    return code
 
 
 def script_command(
-    backup: str,
+    backup: Sequence[str],
     output: Path,
     vms: Sequence[str],
     passphrase_file: Path | None,
@@ -272,7 +303,7 @@ def script_command(
 ) -> int:
     request = Request("info", vms=tuple(vms))
     report, _ = _run(settings or Settings(), backup, passphrase_file, request)
-    where = None if backup == "-" else os.path.abspath(backup)
+    where = replay_path(backup)
     out = Path(os.path.abspath(output))
     assert report.plan is not None
     # A script runs elsewhere: plain gzip -d, which every rescue system has.
@@ -284,7 +315,10 @@ def script_command(
 
 
 def info_command(
-    backup: str, as_json: bool, passphrase_file: Path | None, settings: Settings | None = None
+    backup: Sequence[str],
+    as_json: bool,
+    passphrase_file: Path | None,
+    settings: Settings | None = None,
 ) -> int:
     report, _elapsed = _run(settings or Settings(), backup, passphrase_file, Request("info"))
     assert report.fmt is not None and report.inventory is not None
@@ -296,7 +330,7 @@ def info_command(
         }
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    print(f"Backup {backup}: format {fmt.version}, written by {fmt.written_by}")
+    print(f"Backup {' '.join(backup)}: format {fmt.version}, written by {fmt.written_by}")
     print(f"  header verified with {fmt.authenticated_with}")
     for key, value in fmt.header.fields().items():
         print(f"  {key}: {value}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -152,11 +151,7 @@ def source_size(source: StreamSource | FolderSource) -> int | None:
                 except OSError:
                     continue
         return total
-    try:
-        st = os.fstat(source.fileobj.fileno())
-    except (OSError, ValueError, AttributeError):
-        return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
+    return source.size
 
 
 class Display:

@@ -248,9 +248,12 @@ def cases(workdir: Path) -> list[Case]:
     assert len(img) >= 4, img
     result: list[Case] = []
 
-    def add(name: str, content: Members | bytes, code: int, message: str, **kw: str) -> None:
+    def add(name: str, content: Members | bytes | Path, code: int, message: str,
+            **kw: str) -> None:
         path = workdir / f"{name}.backup"
-        if isinstance(content, bytes):
+        if isinstance(content, Path):  # a folder, as if untarred by hand
+            path = content
+        elif isinstance(content, bytes):
             path.write_bytes(content)
         else:
             write_outer(path, content)
@@ -319,7 +322,7 @@ def cases(workdir: Path) -> list[Case]:
 
     # not a backup
     add("empty", b"", EXIT_BACKUP, "empty")
-    add("random-bytes", random.Random(1).randbytes(256 * 1024), EXIT_BACKUP, "not a")
+    not_backups(workdir, whole, valid, add)
     add("ordinary-tarball", [("README", b"hello\n"), ("src/main.c", b"int main;\n")],
         EXIT_BACKUP, "README")
     add("no-qubes-xml", valid[:2] + valid[4:], EXIT_BACKUP, "qubes.xml")
@@ -383,6 +386,102 @@ def cases(workdir: Path) -> list[Case]:
         EXIT_BACKUP, "end-of-archive", partial="work/apps")
     cases_v4(workdir, add, BOMB_GZ)
     return result
+
+
+# -- not a backup at all, or a backup in another wrapping --------------------
+
+
+def compressed(argv: list[str], data: bytes) -> bytes:
+    return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def cpio_of(members: dict[str, bytes]) -> bytes:
+    """cpio's newc format, as ``cpio -o -H newc`` writes it."""
+    out = bytearray()
+    for ino, (name, data) in enumerate([*members.items(), ("TRAILER!!!", b"")], 1):
+        raw = name.encode() + b"\0"
+        fields = [ino, 0o100644, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw), 0]
+        out += b"070701" + b"".join(b"%08X" % f for f in fields) + raw
+        out += bytes(-len(out) % 4) + data + bytes(-(len(out) + len(data)) % 4)
+    return bytes(out)
+
+
+def ar_of(members: dict[str, bytes]) -> bytes:
+    out = bytearray(b"!<arch>\n")
+    for name, data in members.items():
+        out += b"%-16s%-12d%-6d%-6d%-8o%-10d`\n" % (name.encode() + b"/", 0, 0, 0, 0o644,
+                                                   len(data))
+        out += data + (b"\n" if len(data) % 2 else b"")
+    return bytes(out)
+
+
+def plain_tar(entries: list[tuple[str, bytes | None]]) -> bytes:
+    """An ordinary tar (None: a symbolic link to /etc/passwd)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            else:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def not_backups(workdir: Path, whole: bytes, valid: Members,
+                add: Callable[..., None]) -> None:
+    """One crafted case of each kind scripts/fuzz --mode input makes, from fixed
+    seeds: random bytes, zeros, other formats, compression, cut backups."""
+    rng = random.Random(15)
+    sources = {"README": b"hello\n", "src/main.c": b"int main(void) { return 0; }\n"}
+    # A valid tar header's checksum cannot match by chance in 512 random bytes
+    # only if the check is made: this fails the same way whatever the seed.
+    add("random-bytes", random.Random(1).randbytes(256 * 1024), EXIT_BACKUP,
+        "random-bytes.backup: not a tar archive, so not a Qubes backup: it starts with the bytes")
+    add("random-bytes-odd-size", rng.randbytes(1000), EXIT_BACKUP, "not a tar archive")
+    add("zero-filled", bytes(100_000), EXIT_BACKUP, "zero-filled (100000 bytes of zeros)")
+    add("zeros-then-random", bytes(1536) + rng.randbytes(600), EXIT_BACKUP,
+        "it starts with 1536 bytes of zeros; what follows starts with the bytes")
+    add("zip-of-backup", zip_of({"backup": whole}), EXIT_BACKUP, "it is a zip archive")
+    add("seven-zip", b"7z\xbc\xaf\x27\x1c\x00\x04" + rng.randbytes(300), EXIT_BACKUP,
+        "it is a 7-Zip archive")
+    add("cpio-archive", cpio_of(sources), EXIT_BACKUP, "it is a cpio archive")
+    add("ar-archive", ar_of({"debian-binary": b"2.0\n"}), EXIT_BACKUP, "it is an ar archive")
+    add("gzip-of-random", compressed(["gzip", "-c"], rng.randbytes(5000)), EXIT_BACKUP,
+        "not a tar archive, so not a Qubes backup")
+    add("compressed-twice", compressed(["xz", "-c"], compressed(["gzip", "-c"], whole)),
+        EXIT_BACKUP, "it starts like a gzip stream (compressed twice?)")
+    gz = compressed(["bzip2", "-c"], whole)
+    add("compressed-backup-cut", gz[: len(gz) // 2], EXIT_BACKUP,
+        "bzip2 exited 2: bzip2: Compressed file ends unexpectedly")
+    add("tgz-of-sources", compressed(["gzip", "-c"], plain_tar(list(sources.items()))),
+        EXIT_BACKUP, "found 'README'")
+    add("ordinary-tarball", [("README", b"hello\n"), ("src/main.c", b"int main;\n")],
+        EXIT_BACKUP, "README")
+    add("tar-symlink-first", plain_tar([("backup-header", None)]), EXIT_BACKUP,
+        "'backup-header' is not a regular file (it is a symbolic link)")
+    hmac_end = whole.find(valid[1][1]) + len(valid[1][1])
+    add("backup-cut-in-padding", whole[: hmac_end + 10], EXIT_BACKUP, "padding")
+    second = whole.find(b"vm7/private.img.001") // 512 * 512  # its PAX header's block
+    add("backup-suffix-at-member", whole[second:], EXIT_BACKUP,
+        "does not start with backup-header (found 'vm7/private.img.001')")
+    add("backup-suffix-mid-member", whole[1000:], EXIT_BACKUP, "not a tar archive")
+    folder = workdir / "random-files.folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_bytes(rng.randbytes(700))
+    (folder / "qubes.xml.000").write_bytes(rng.randbytes(700))
+    add("random-files-folder", folder, EXIT_BACKUP, "no backup-header in this folder")
 
 
 # -- format 4 (Qubes R4): the same damage, authenticated by scrypt ----------

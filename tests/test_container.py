@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import io
+import random
+import re
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from qrecover.container import ChunkName, FolderSource, parse_member_name
+from qrecover.container import (
+    ChunkName,
+    FolderSource,
+    StreamSource,
+    open_source,
+    parse_member_name,
+)
 from qrecover.errors import BackupError
+from qrecover.sources import compression_of
+from qrecover.tarstream import checksum_ok, follows, parse_pax
 
 
 @pytest.mark.parametrize(
@@ -78,3 +90,170 @@ def test_folder_order_is_numeric_and_pairs_hmacs(tmp_path: Path) -> None:
     assert got.index("vm7/private.img.1000") + 1 == got.index("vm7/private.img.1000.hmac")
     assert got.index("vm7/private.img.002") < got.index("vm7/private.img.999")
     assert sorted(got) == sorted(names)
+
+
+# -- the outer archive's reader (qrecover.tarstream, qrecover.sources) --------
+
+
+def _tar(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    """Members as Qubes appended them: each its own small archive."""
+    out = b""
+    for name, data in members:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        out += buf.getvalue()
+    return out
+
+
+def _members(path: Path | list[Path]) -> list[tuple[str, bytes]]:
+    paths = [str(p) for p in path] if isinstance(path, list) else [str(path)]
+    source = open_source(paths)
+    assert isinstance(source, StreamSource)
+    return [(m.name, m.read_all(1 << 20)) for m in source.members()]
+
+
+MEMBERS = [("backup-header", b"version=3\n"), ("backup-header.hmac", b"x" * 700),
+           ("qubes.xml.000", b"q" * 3000), ("qubes.xml.000.hmac", b"h" * 130),
+           ("vm7/" + "p" * 120 + ".000", b"d" * 5000)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_reader_reads_concatenated_archives(fmt: int, tmp_path: Path) -> None:
+    members = MEMBERS if fmt != tarfile.USTAR_FORMAT else MEMBERS[:4]
+    path = tmp_path / "b"
+    path.write_bytes(_tar(members, fmt))
+    assert _members(path) == members
+
+
+def test_reader_reads_pieces_as_one(tmp_path: Path) -> None:
+    data = _tar(MEMBERS)
+    pieces = []
+    for i in range(0, len(data), 1024):  # boundaries mid-member and between members
+        pieces.append(tmp_path / f"p{i:06d}")
+        pieces[-1].write_bytes(data[i:i + 1024])
+    assert _members(pieces) == MEMBERS
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty (0 bytes)"),
+        (bytes(5000), "zero-filled (5000 bytes of zeros)"),
+        (bytes(1024) + b"PK\x03\x04" + bytes(600), "1024 bytes of zeros; what follows is a zip"),
+        (b"PK\x03\x04" + bytes(600), "it is a zip archive"),
+        (b"!<arch>\n" + bytes(100), "an ar archive"),
+        (b"070701" + bytes(100), "a cpio archive"),
+        (b"Salted__" + bytes(100), "encrypted with openssl enc"),
+        (b"hello, world\n" * 50, "it starts like text"),
+        (bytes(range(256)) * 4, "it starts with the bytes 00 01 02 03"),
+    ],
+)
+def test_reader_names_what_is_not_a_tar(data: bytes, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "b"
+    path.write_bytes(data)
+    with pytest.raises(BackupError, match=re.escape(message)):
+        _members(path)
+
+
+def test_reader_refuses_garbage_between_members(tmp_path: Path) -> None:
+    data = _tar(MEMBERS[:2]) + b"\x01" * 512 + _tar(MEMBERS[2:])
+    path = tmp_path / "b"
+    path.write_bytes(data)
+    with pytest.raises(BackupError, match=r"outer archive damaged at byte .*a broken tar header"):
+        _members(path)
+
+
+def test_reader_stops_at_a_megabyte_of_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "b"
+    path.write_bytes(_tar(MEMBERS[:2]) + bytes(2 << 20))
+    with pytest.raises(BackupError, match="more than 1048576 bytes of zeros"):
+        _members(path)
+
+
+def test_truncated_member_is_an_eof_for_the_engine(tmp_path: Path) -> None:
+    data = _tar(MEMBERS)
+    path = tmp_path / "b"
+    path.write_bytes(data[: data.find(b"d" * 100) + 100])
+    source = open_source([str(path)])
+    got = []
+    with pytest.raises(BackupError, match=r"truncated backup\): it ends at byte"):
+        for member in source.members():
+            got.append(member.name)
+            member.read_all(1 << 20)
+    assert got == [n for n, _ in MEMBERS]
+
+
+@pytest.mark.parametrize(
+    ("prev", "name", "ok"),
+    [
+        ("backup-header", "backup-header.hmac", True),
+        ("backup-header", "qubes.xml.000", False),
+        ("backup-header.hmac", "qubes.xml.000", True),
+        ("backup-header.hmac", "qubes.xml.000.enc", True),
+        ("qubes.xml.000", "qubes.xml.000.hmac", True),
+        ("qubes.xml.000", "qubes.xml.001", False),
+        ("vm7/private.img.004.hmac", "vm7/private.img.005", True),
+        ("vm7/private.img.004.hmac", "vm9/icon.png.000", True),
+        ("vm7/private.img.004.hmac", "vm7/private.img.006", False),
+        ("vm7/private.img.004.hmac", "vm7/private.img.005.hmac", False),
+        ("vm7/private.img.004.enc", "vm7/private.img.005.enc", True),
+        ("vm7/private.img.004.enc", "vm7/private.img.007.enc", False),
+    ],
+)
+def test_follows_is_the_order_qubes_wrote(prev: str, name: str, ok: bool) -> None:
+    assert follows(prev, name) is ok
+
+
+def test_checksum_ok_on_real_and_random_blocks() -> None:
+    block = _tar(MEMBERS[:1])[:512]
+    assert checksum_ok(block)
+    assert not checksum_ok(block[:100] + b"X" + block[101:])
+    rng = random.Random(3)
+    assert not any(checksum_ok(rng.randbytes(512)) for _ in range(2000))
+
+
+@pytest.mark.parametrize(("head", "name"), [(b"\x1f\x8b\x08", "gzip"), (b"BZh9", "bzip2"),
+                                            (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd")])
+def test_compression_told_by_magic(head: bytes, name: str) -> None:
+    comp = compression_of(head + bytes(10))
+    assert comp is not None and comp.name == name
+    assert compression_of(b"BZhx") is None  # "BZh" and not a block size: not bzip2
+
+
+def test_pax_records_are_strict() -> None:
+    assert parse_pax(b"13 path=abcd\n") == {"path": "abcd"}
+    for bad in (b"12 path=abcd\n", b"13 path=abcdX", b"x path=a\n", b"9 pathab\n"):
+        with pytest.raises(ValueError):
+            parse_pax(bad)
+
+
+def test_member_larger_than_any_chunk_is_refused(tmp_path: Path) -> None:
+    block = bytearray(_tar([("vm7/private.img.000", b"")], tarfile.USTAR_FORMAT)[:512])
+    block[124:136] = b"%011o\0" % (300 << 20)  # 300 MiB declared
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    path = tmp_path / "b"
+    path.write_bytes(_tar(MEMBERS[:2]) + bytes(block) + bytes(4096))
+    with pytest.raises(BackupError, match="declares 314572800 bytes, more than any chunk"):
+        _members(path)
+
+
+def test_folder_chunk_larger_than_any_chunk_is_refused(tmp_path: Path) -> None:
+    for name in ("backup-header", "backup-header.hmac"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "vm7").mkdir()
+    with (tmp_path / "vm7" / "private.img.000").open("wb") as f:
+        f.truncate(300 << 20)  # sparse: costs no disk
+    with pytest.raises(BackupError, match="more than any chunk Qubes writes"):
+        list(FolderSource(tmp_path).members())
+
+
+def test_short_first_piece_is_named(tmp_path: Path) -> None:
+    data = _tar(MEMBERS)
+    (tmp_path / "a").write_bytes(data[-1024:])
+    (tmp_path / "b").write_bytes(data[:2048])
+    with pytest.raises(BackupError, match="is shorter than the next piece"):
+        open_source([str(tmp_path / "a"), str(tmp_path / "b")])

@@ -11,7 +11,7 @@ from conftest import ROOT
 def test_ruff_clean() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "qrecover", "scripts", "scripts/fuzz",
-         "scripts/bench", "tests"],
+         "scripts/bench", "scripts/build-pyz", "tests"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qrecover import __version__
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
+from qrecover.formats import v3_kit
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v3 import PAGE, BackupHeader, Format3, decrypt_stage, dgst_command
 from qrecover.hmacs import Digest
@@ -77,6 +78,7 @@ class Words3:
 
     page = PAGE
     mount_step = 8
+    kit_releases = "Qubes R2 (final) to R3.2 (R2, R3.0, R3.1, R3.2)"
 
     def __init__(self, fmt: Format | None) -> None:
         assert fmt is None or isinstance(fmt, Format3)
@@ -287,6 +289,14 @@ class Words3:
             "($staging is a private folder inside the output folder; $backup_pass is the "
             "passphrase, given to openssl enc through its environment only.)"
         )
+
+    # -- qrecover kit (RECOVERY.txt) ---------------------------------------------
+
+    def kit_programs(self) -> list[str]:
+        return ["openssl"] if self.fmt.header.encrypted else []
+
+    def kit_by_hand(self, example: Entity | None) -> list[str]:
+        return v3_kit.by_hand(self.fmt.header, example)
 
     # -- qrecover script --------------------------------------------------------
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qrecover import __version__
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
-from qrecover.formats import v4_sh
+from qrecover.formats import v4_kit, v4_sh
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.scrypt import HEADER_PREFIX, render_dec
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4
@@ -45,6 +45,7 @@ class Words4:
 
     page = PAGE
     mount_step = 9
+    kit_releases = "Qubes R4.0 and later (R4.0, R4.1, R4.2, R4.3)"
 
     def __init__(self, fmt: Format | None) -> None:
         assert isinstance(fmt, Format4)
@@ -310,6 +311,14 @@ class Words4:
             "($staging is a private folder inside the output folder; $backup_pass is the "
             "passphrase, given to scrypt " + self._passing() + " only, after the prefix shown.)"
         )
+
+    # -- qrecover kit (RECOVERY.txt) ---------------------------------------------
+
+    def kit_programs(self) -> list[str]:
+        return ["scrypt"]
+
+    def kit_by_hand(self, example: Entity | None) -> list[str]:
+        return v4_kit.by_hand(self.fmt.header, example)
 
     # -- qrecover script --------------------------------------------------------
 

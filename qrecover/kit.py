@@ -1,0 +1,80 @@
+"""``qrecover kit``: a recovery kit to keep beside a backup.
+
+The kit folder holds ``qrecover.pyz`` (qrecover in one file, for a bare
+python3), ``recover.sh`` (what ``qrecover script`` writes, for every VM) and
+``RECOVERY.txt`` (the procedure, with this backup's details).  The
+passphrase is needed to authenticate the header and read qubes.xml; it is
+written into none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qrecover import formats
+from qrecover.container import open_source
+from qrecover.engine import run
+from qrecover.errors import EXIT_OK, OutputError, UsageError
+from qrecover.passphrase import get_passphrase
+from qrecover.pyz import make_pyz, runs_on
+from qrecover.recovery_text import recovery_text
+from qrecover.report import Report, Request
+
+KIT_FILES = ("qrecover.pyz", "recover.sh", "RECOVERY.txt")
+
+
+def _read_backup(backup: str, passphrase_file: Path | None) -> Report:
+    source = open_source(backup)
+    passphrase = get_passphrase(passphrase_file)
+    return run(source, passphrase, Request("info"))
+
+
+def _check_output(output: Path) -> None:
+    """The kit goes into a new or existing folder, never over a file already there."""
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output}: exists and is not a folder")
+    taken = [name for name in KIT_FILES if os.path.lexists(output / name)]
+    if taken:
+        raise OutputError(
+            f"{output}: already holds {', '.join(taken)}", hint="choose another --output folder"
+        )
+
+
+def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("x", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(partial, mode)
+    os.replace(partial, path)
+
+
+def kit_command(backup: str, output: Path, passphrase_file: Path | None) -> int:
+    """Write qrecover.pyz, recover.sh and RECOVERY.txt into ``output``."""
+    if backup == "-":
+        raise UsageError("qrecover kit needs the backup's path, not standard input")
+    _check_output(output)
+    report = _read_backup(backup, passphrase_file)
+    assert report.fmt is not None and report.plan is not None
+    output.mkdir(parents=True, exist_ok=True)
+    where = os.path.abspath(backup)
+    restore_to = Path(os.path.abspath(output)) / "restored"
+    argv: Sequence[str] = ("kit", *sys.argv[2:]) if sys.argv[1:2] == ["kit"] else ()
+    # recover.sh runs on a rescue system: plain gzip -d, as `qrecover script` writes
+    plan = dataclasses.replace(report.plan, gunzip="gzip")
+    script = formats.words(report.fmt).script(plan, where, restore_to, tuple(argv))
+    with tempfile.TemporaryDirectory(prefix=".qrecover-kit-", dir=output) as scratch:
+        tags = make_pyz(output / "qrecover.pyz", Path(scratch))
+    _write_text(output / "recover.sh", script, 0o755)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = recovery_text(report.fmt, report.selected, os.path.basename(where),
+                         runs_on(tags), when)
+    _write_text(output / "RECOVERY.txt", text)
+    print(f"kit written to {output}: " + ", ".join(KIT_FILES), file=sys.stderr)
+    print(f"  qrecover.pyz runs on: {runs_on(tags)}", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,85 @@
+"""The options several commands share, as typer annotations (help text included)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+BackupArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="The backup file; '-' to read it from standard input; a folder holding a "
+        "backup already untarred by hand (tar -i -xf BACKUP); or the pieces of a split "
+        "backup, in order (backup.part-*). A backup compressed as a whole (gzip, bzip2, xz, "
+        "zstd) is read through its decompressor.",
+        metavar="BACKUP",
+    ),
+]
+PassFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--passphrase-file",
+        help="Read the passphrase from the first line of this file "
+        "(else $QRECOVER_PASSPHRASE, else a prompt on the terminal).",
+        metavar="FILE",
+    ),
+]
+NoLimitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-size-limit",
+        help="Do not stop a stored file that expands to more than twice what qubes.xml "
+        "declares for its VM (the decompression-bomb check).",
+    ),
+]
+JobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        min=1,
+        help="Format 4: authenticate and decrypt up to N chunks at once (scrypt dec). "
+        "Default: as many as there are cores and the memory holds (each scrypt dec is "
+        "capped with -M to its share).",
+        metavar="N",
+    ),
+]
+TranscriptOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--transcript",
+        help="Write every command run, as the run proceeds, to FILE: a POSIX sh script "
+        "that replays the run (verifying every HMAC, or for format 4 authenticating every "
+        "chunk with scrypt, again) from any folder.",
+        metavar="FILE",
+    ),
+]
+ExplainOpt = Annotated[
+    bool,
+    typer.Option(
+        "--explain",
+        help="Narrate each step on stderr, numbered like the recovery page's steps, "
+        "with the equivalent command and its result.",
+    ),
+]
+VmOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--vm",
+        help="Only this VM (repeatable); 'dom0' selects dom0's home. "
+        "Default: everything in the backup.",
+        metavar="NAME",
+    ),
+]
+
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print one JSON document on stdout: the header, every stored file with its "
+        "VM, chunks, bytes and status, and the verdict (the human output goes to stderr). "
+        "Exit codes are unchanged.",
+    ),
+]

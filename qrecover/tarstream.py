@@ -1,0 +1,334 @@
+"""The outer archive's tar headers, read strictly from a forward-only stream.
+
+Qubes appended every chunk as its own small ``tar -cO --posix`` archive, so
+the stream is ustar/PAX headers, member data padded to 512 bytes, and runs
+of zero blocks (each small archive's end) between them.  Anything else, a
+block that is neither a valid header nor zeros where a header must be, is
+damage, and is said to be, with where it is: skipping it (as ``tar -i``
+and Python's ``tarfile`` with ``ignore_zeros`` do) would read a zip, random
+bytes or a misplaced piece of a split backup block by block as if it were
+a damaged backup, and tarfile then fails to seek back on a pipe.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from qrecover.errors import BackupError
+
+if TYPE_CHECKING:
+    from qrecover.container import Member
+    from qrecover.sources import ByteInput
+
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+MAX_EXTENDED = 1024 * 1024  # a PAX or GNU long-name header's data
+# Qubes' writer padded each small archive to one tar record (10 KiB); far
+# more zeros than that, before anything or between members, is a zero-filled
+# file or region (and /dev/zero must not be read forever).
+MAX_ZERO_RUN = 1024 * 1024
+# Qubes cut every stored file into chunks of at most 100 MiB (FORMAT-NOTES);
+# a member declaring far more would only fill the scratch folder (a small
+# compressed input can expand to any size), so it is refused before any copy.
+MAX_MEMBER = 256 * 1024 * 1024
+_REGULAR = (b"0", b"\0", b"7")
+_NOT_REGULAR = {
+    b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
+    b"4": "a block device", b"6": "a FIFO", b"S": "a GNU sparse file",
+    b"M": "the continuation of a multi-volume archive", b"V": "a volume label",
+}
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field: octal digits, or GNU's base-256 (top bit set)."""
+    if field and field[0] & 0x80:
+        if field[0] != 0x80:
+            raise ValueError("negative or oversized base-256 number")
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    if any(c not in b"01234567" for c in text):
+        raise ValueError(f"not an octal number: {text[:12]!r}")
+    return int(text, 8)
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def checksum_ok(block: bytes) -> bool:
+    """Is this 512-byte block a tar header (its checksum, signed or unsigned)?"""
+    try:
+        stored = _number(block[148:156])
+    except ValueError:
+        return False
+    if not block[148:156].strip(b"\0 "):
+        return False
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    signed = sum(struct.unpack("512b", block)) - sum(struct.unpack("8b", block[148:156])) + 8 * 32
+    return stored in (unsigned, signed) and block[257:262] == b"ustar"
+
+
+def parse_pax(data: bytes) -> dict[str, str]:
+    """PAX records, ``LEN key=value\\n``; strict: a bad record is damage."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos, pos + 20)
+        if space < 0 or not data[pos:space].isdigit():
+            raise ValueError("malformed PAX record")
+        length = int(data[pos:space])
+        record = data[space + 1 : pos + length]
+        if length <= space - pos or pos + length > len(data) or not record.endswith(b"\n"):
+            raise ValueError("malformed PAX record")
+        key, eq, value = record[:-1].partition(b"=")
+        if not eq:
+            raise ValueError("PAX record without '='")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _shown(name: str) -> str:
+    return repr(name.encode("ascii", "backslashreplace").decode()[:120])
+
+
+def follows(prev: str, name: str) -> bool:
+    """Can member ``name`` come right after ``prev`` in a backup Qubes wrote?
+    The header, its .hmac, then each stored file's chunks in order, each
+    format-3 chunk followed by its .hmac.  Unknown shapes are not judged here
+    (the engine refuses them with their own message)."""
+    from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
+
+    if prev == HEADER:
+        return name == HEADER_HMAC
+    try:
+        before, after = parse_member_name(prev), parse_member_name(name)
+    except BackupError:
+        return True
+    if after is None:
+        return False
+    if prev == HEADER_HMAC:
+        return after.stored == QUBES_XML and after.index == 0 and not after.is_hmac
+    if before is None:
+        return True
+    if not before.is_hmac and not before.is_enc:
+        return after.is_hmac and (after.stored, after.index) == (before.stored, before.index)
+    nxt = (after.stored, after.index) == (before.stored, before.index + 1)
+    return not after.is_hmac and after.is_enc == before.is_enc and (nxt or after.index == 0)
+
+
+class _MemberStream:
+    """One member's data: exactly its size, then its padding is skipped."""
+
+    def __init__(self, reader: TarReader, name: str, size: int) -> None:
+        self.reader = reader
+        self.name = name
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        # Like a file's read: all that was asked for, short only at the member's end.
+        want = self.left if n < 0 else min(n, self.left)
+        data = self.reader.input.read_exact(want)
+        if len(data) < want:
+            raise EOFError(self.reader.ended())
+        self.left -= len(data)
+        return data
+
+    def __enter__(self) -> _MemberStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TarReader:
+    """Members of the outer archive, one at a time; see the module docstring."""
+
+    def __init__(self, data: ByteInput) -> None:
+        self.input = data
+        self.label = data.label
+
+    def ended(self) -> str:
+        """Why the stream ended early, for a truncation message."""
+        where = self.input.where(self.input.position)
+        failed = self.input.failure(wait=True)  # its output ended: it has ended, or is ending
+        if failed is not None:
+            return f"{failed} at {where}"
+        if len(self.input.pieces) > 1:
+            last = self.input.pieces[-1].label
+            return f"the last piece, {last}, ends there (is a piece missing?)"
+        return f"it ends at {where}"
+
+    def _damaged(self, offset: int, what: str, since_piece: bool) -> BackupError:
+        where = self.input.where(offset)
+        failed = self.input.failure()
+        if failed is not None:
+            return BackupError(f"{self.label}: {failed} (the compressed backup is damaged)")
+        index = self.input.piece_at(offset)
+        if since_piece and index > 0 and not self.input.via:
+            piece, prev = self.input.pieces[index], self.input.pieces[index - 1]
+            return BackupError(
+                f"piece {piece.label} does not continue piece {prev.label}: {what} at {where}, "
+                "where a member should start (pieces out of order, or one missing?)"
+            )
+        return BackupError(f"{self.label}: outer archive damaged at {where}: {what}")
+
+    def _skip(self, count: int) -> None:
+        """Skip ``count`` bytes of member data (what the engine did not read)."""
+        while count > 0:
+            data = self.input.read(min(count, 1024 * 1024))
+            if not data:
+                raise BackupError(f"{self.label}: the backup ends inside a member "
+                                  f"(truncated backup): {self.ended()}")
+            count -= len(data)
+
+    def _extended(self, size: int, offset: int) -> bytes:
+        if size > MAX_EXTENDED:
+            raise self._damaged(offset, f"an extended header of {size} bytes", False)
+        data = self.input.read_exact(size)
+        if len(data) < size:
+            raise BackupError(f"{self.label}: the backup ends inside an extended tar header "
+                              f"(truncated backup): {self.ended()}")
+        self._skip_padding(size)
+        return data
+
+    def _first_block(self, block: bytes, zeros: int = 0) -> BackupError:
+        from qrecover.sources import describe
+
+        what = describe(block, "what follows" if zeros else "it")
+        if zeros:
+            what = f"it starts with {zeros} bytes of zeros; {what}"
+        return BackupError(f"{self.label}: not a tar archive, so not a Qubes backup: {what}")
+
+    def members(self) -> Iterator[Member]:
+        from qrecover.container import Member
+
+        count = 0
+        zeros = 0
+        pax: dict[str, str] = {}
+        long_name: str | None = None
+        piece = entry_piece = end_piece = self.input.piece_at(0)
+        last = ""
+        while True:
+            offset = self.input.position
+            block = self.input.read_exact(BLOCK)
+            # a block whose last byte lies in another piece crosses the boundary too
+            crossed = self.input.piece_at(offset + len(block) - 1) != piece
+            if len(block) < BLOCK:
+                self.input.finish()  # a decompressor that failed says why the bytes ended
+                if pax or long_name is not None:
+                    raise BackupError(f"{self.label}: the backup ends after an extended tar "
+                                      f"header (truncated backup): {self.ended()}")
+                if count == 0 and offset == 0 and not block:
+                    raise BackupError(f"{self.label}: empty (0 bytes): not a Qubes backup")
+                if count == 0 and not block.strip(b"\0"):
+                    raise BackupError(f"{self.label}: zero-filled ({offset + len(block)} bytes "
+                                      "of zeros): not a Qubes backup")
+                if block.strip(b"\0"):
+                    if count == 0:
+                        raise self._first_block(block, offset)
+                    raise BackupError(f"{self.label}: the backup ends inside a tar header "
+                                      f"(truncated backup): {self.ended()}")
+                return
+            if block == ZERO_BLOCK:
+                zeros += BLOCK
+                if zeros > MAX_ZERO_RUN:
+                    what = "zero-filled" if count == 0 else "damaged"
+                    raise BackupError(f"{self.label}: {what}: more than {MAX_ZERO_RUN} bytes of "
+                                      f"zeros at {self.input.where(offset + BLOCK - zeros)}")
+                continue
+            zeros_before, zeros = zeros, 0
+            if not checksum_ok(block):
+                if count == 0 and offset == 0:
+                    raise self._first_block(block)
+                if count == 0 and offset == zeros_before:
+                    raise self._first_block(block, offset)
+                raise self._damaged(offset, "a broken tar header", crossed)
+            piece = self.input.piece_at(offset + BLOCK - 1)
+            if not pax and long_name is None:
+                entry_piece = piece  # where this entry's first header is
+            kind = block[156:157]
+            try:
+                size = _number(block[124:136])
+                if "size" in pax:
+                    size = int(pax["size"]) if pax["size"].isdigit() else -1
+            except ValueError as exc:
+                raise self._damaged(offset, f"tar header with a bad size ({exc})", False) from None
+            if size < 0:
+                raise self._damaged(offset, "PAX header with a bad size", False)
+            if kind in (b"x", b"g"):
+                try:
+                    records = parse_pax(self._extended(size, offset))
+                except ValueError as exc:
+                    raise self._damaged(offset, str(exc), False) from None
+                if kind == b"x":
+                    pax = records
+                continue
+            if kind in (b"L", b"K"):
+                data = self._extended(size, offset)
+                if kind == b"L":
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            name = pax.get("path") or long_name or _text(block[0:100])
+            prefix = _text(block[345:500]) if block[257:263] == b"ustar\0" else ""
+            if prefix and "path" not in pax and long_name is None:
+                name = f"{prefix}/{name}"
+            if any(key.startswith("GNU.sparse") for key in pax):
+                kind = b"S"
+            pax, long_name = {}, None
+            if size > MAX_MEMBER:
+                raise BackupError(f"outer archive: member {_shown(name)} declares {size} bytes, "
+                                  f"more than any chunk Qubes writes (100 MiB)")
+            if kind == b"5":
+                self._skip(size)
+                self._skip_padding(size)
+                continue
+            if kind not in _REGULAR:
+                what = _NOT_REGULAR.get(kind, f"of tar type {kind!r}")
+                shown = name.encode("ascii", "backslashreplace").decode()[:120]
+                raise BackupError(f"outer archive: member {shown!r} is not a regular file "
+                                  f"(it is {what})")
+            if len(self.input.pieces) > 1:
+                self._check_boundary(count, last, name, entry_piece != end_piece)
+            count += 1
+            last = name
+            stream = _MemberStream(self, name, size)
+            yield Member(name, size, stream=stream)  # type: ignore[arg-type]
+            rest, stream.left = stream.left, 0
+            self._skip(rest)
+            self._skip_padding(size)
+            end_piece = self.input.piece_at(self.input.position - 1)
+
+    def _check_boundary(self, count: int, last: str, name: str, crossed: bool) -> None:
+        """Pieces of a split backup: does the member after a piece boundary
+        follow the one before it, in the order Qubes wrote them?"""
+        from qrecover.container import HEADER
+
+        pieces = self.input.pieces
+        if count == 0 and name != HEADER:
+            raise BackupError(
+                f"the first piece, {pieces[0].label}, does not start the backup: its first "
+                f"member is {_shown(name)}, not {HEADER} (pieces out of order?)"
+            )
+        if crossed and not follows(last, name):
+            index = self.input.piece_at(self.input.position - BLOCK)
+            raise BackupError(
+                f"piece {pieces[index].label} does not continue piece {pieces[index - 1].label}: "
+                f"the member before the boundary is {_shown(last)}, the one after it "
+                f"{_shown(name)} (pieces out of order, or one missing?)"
+            )
+
+    def _skip_padding(self, size: int) -> None:
+        pad = -size % BLOCK
+        if pad and len(self.input.read_exact(pad)) < pad:
+            raise BackupError(f"{self.label}: the backup ends inside a member's padding "
+                              f"(truncated backup): {self.ended()}")
