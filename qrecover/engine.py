@@ -10,8 +10,12 @@ The order is the recovery page's, done for every stored file in turn:
 3. for each stored file, take its chunks in numeric order: the format reads
    each off the stream into private scratch and checks it (format 3: its
    HMAC; format 4: scrypt), and only then does ``cat`` feed it into the
-   stored file's one pipeline (qrecover.stored).  While ``cat`` feeds chunk
-   N, chunk N+1 is read, so scratch stays at two or three chunks.
+   stored file's one pipeline (qrecover.stored).  The per-chunk step runs
+   in the format's ``ChunkWorks`` (format 4: several ``scrypt dec`` at once,
+   qrecover.formats.v4_jobs), whose outcomes come back strictly in chunk
+   order; the engine asks it for room before it reads each chunk, so
+   scratch stays bounded (two chunks for format 3, about ``2 * jobs + 2``
+   for format 4).
 4. a stored file that fails stops there: what its pipeline already wrote is
    kept only as ``NAME.partial``; the other stored files go on.
 
