@@ -342,13 +342,14 @@ class Recovery:
         that failed stops it (nothing after it is used)."""
         for chunk in done:
             outcome = chunk.outcome
-            if outcome.checked:
-                self.ctx.emit(ChunkChecked(chunk.member, chunk.size, outcome.reason))
-            if job.result.error is not None or outcome.error is not None:
+            if job.result.error is not None:  # stopped at an earlier chunk: unused
                 if outcome.plain is not None:
                     store.drop(outcome.plain, outcome.owned)
-                if outcome.error is not None:
-                    job.fail(outcome.error)
+                continue
+            if outcome.checked:
+                self.ctx.emit(ChunkChecked(chunk.member, chunk.size, outcome.reason))
+            if outcome.error is not None:
+                job.fail(outcome.error)
                 continue
             assert outcome.plain is not None
             try:
