@@ -164,6 +164,14 @@ def restore(
         ),
     ] = False,
     as_json: JsonOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted restore of the same backup into DIR: skip "
+            "what DIR's record says was placed, redo the rest.",
+        ),
+    ] = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(
@@ -180,6 +188,7 @@ def restore(
             explain=explain,
             dry_run=dry_run,
             as_json=as_json,
+            resume=resume,
             settings=_settings(ctx),
         )
     )

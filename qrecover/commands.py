@@ -80,6 +80,9 @@ class _Printer:
 
 def _file_line(mode: str, result: FileResult) -> str:
     where = result.owner or "-"
+    if result.kept:  # --resume (qrecover/resume.py)
+        places = ", ".join(str(p) for p in result.places)
+        return f"KEPT      {where:<16} {result.stored} -> {places} (placed by an earlier run)"
     if not result.ok:
         kept = ""
         if result.places:
@@ -106,6 +109,8 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
     if report.ok:
         verb = "verified" if mode == "verify" else "restored"
         where = f" into {report.output}" if mode == "restore" else ""
+        if kept := sum(1 for f in report.files if f.kept):  # --resume (qrecover/resume.py)
+            where += f" ({kept} of them kept from an earlier run, not read again)"
         checked = report.fmt.verdict if report.fmt is not None else "all HMACs matched"
         print(
             f"{verb} {count} stored file(s) of {len(report.selected)} VM(s){where}: "
@@ -223,6 +228,7 @@ def restore_command(
     explain: bool = False,
     dry_run: bool = False,
     as_json: bool = False,
+    resume: bool = False,
     settings: Settings | None = None,
 ) -> int:
     if as_json and dry_run:
@@ -230,7 +236,7 @@ def restore_command(
     with json_output(as_json, "restore", backup) as as_doc:
         code, report = _restore_command(
             backup, output, vms, force, passphrase_file, size_limit, jobs, files, transcript,
-            explain, dry_run, settings or Settings(),
+            explain, dry_run, resume, settings or Settings(),
         )
         as_doc.done(report, code)
     return code
@@ -248,6 +254,7 @@ def _restore_command(
     transcript: Path | None,
     explain: bool,
     dry_run: bool,
+    resume: bool,
     settings: Settings,
 ) -> tuple[int, Report]:
     if dry_run:
@@ -260,7 +267,7 @@ def _restore_command(
     if files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
     request = Request(
-        "restore", vms=tuple(vms), output=output, force=force, size_limit=size_limit, jobs=jobs
+        "restore", tuple(vms), output, force, size_limit, resume=resume, jobs=jobs
     )
     with _showing("restore", backup, output, transcript, explain, force) as shown:
         report, elapsed = _run(settings, backup, passphrase_file, request, shown.listeners)

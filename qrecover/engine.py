@@ -34,9 +34,7 @@ from qrecover.container import (
     HEADER,
     HEADER_HMAC,
     QUBES_XML,
-    ChunkName,
     FolderSource,
-    Member,
     StreamSource,
     Truncated,
     parse_member_name,
@@ -49,15 +47,16 @@ from qrecover.errors import (
     ProgramFailed,
     StoredFileError,
 )
-from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead, QubesXmlWritten
+from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead
 from qrecover.formats import MAX_HEADER_HMAC, authenticate
 from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
-from qrecover.members import Members
+from qrecover.members import Members, misplaced
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request
+from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
 from qrecover.scratch import ChunkStore, ScratchNames
 from qrecover.stages.decompress import pick_gunzip
@@ -88,6 +87,9 @@ class Recovery:
         self._seen: set[str] = set()
         self._spent: dict[str, int] = {}
         self._active: StoredFile | None = None
+        self.resume: Resume | None = None  # DIR's record (qrecover/resume.py)
+        self.header_raw = b""  # backup-header and its .hmac: part of the backup's identity
+        self.xml_macs: list[str] = []  # qubes.xml's chunk HMACs (format 3): likewise
         self.names: ScratchNames | None = None
         self.works: ChunkWorks | None = None
         # igzip or pigz, when installed, undo gzip faster than gzip -d.
@@ -128,10 +130,19 @@ class Recovery:
                 return self.report  # what would run and what would stop it; nothing started
             self.observer.planned(selected)
             if self.output is not None:
-                if self.report.stops:
-                    raise self.report.stops[0]
-                self.ctx.emit(QubesXmlWritten(self.output.write_file(QUBES_XML, xml)))
+                # DIR's restore record (--resume): the earlier run's own files are no obstacle
+                ident = identity(fmt, self.header_raw, xml, self.xml_macs)
+                self.resume = Resume.begin(
+                    self.output, request.resume, ident, fmt.version, self.scratch, selected
+                )
+                self.resume.emit = self.ctx.emit
+                stops = obstacles(plan, self.resume.excused, request.resume)
+                if stops:
+                    raise stops[0]
+                self.resume.write_xml(xml)  # qubes.xml (unless resumed) and the record
             self._stream(members, inventory, plan)
+            if self.resume is not None and self.report.ok:
+                self.resume.finished()  # nothing left to resume
         except BaseException:
             if self._active is not None:
                 self._active.kill()
@@ -185,6 +196,7 @@ class Recovery:
             raise BackupError("backup-header.hmac is missing: the header cannot be verified")
         members.take()
         hmac_text = second.read_all(MAX_HEADER_HMAC)
+        self.header_raw = data + b"\0" + hmac_text
         fmt = authenticate(data, hmac_text, self.passphrase, self.ctx.command)
         self.ctx.emit(HeaderVerified(fmt))
         return fmt
@@ -224,6 +236,7 @@ class Recovery:
             self.passphrase,
             self.scratch,
             self.output,
+            self.resume.placing if self.resume is not None else None,
         )
 
     def _read_qubes_xml(self, members: Members, plan: Plan) -> bytes:
@@ -265,6 +278,10 @@ class Recovery:
                 members.take()  # the stream skips its bytes without reading them into us
                 self.observer.data_read(name.stored, member.size)
                 continue
+            if self.resume is not None and self.resume.keeps(name.stored):  # placed earlier
+                kept = self.resume.read_through(members, name.stored, owner.name, self.observer)
+                self.report.files.append(kept)
+                continue
             job = self._job(plan, name.stored, owner.name, owner)
             self.observer.file_started(name.stored, owner.name)
             self._active = job
@@ -273,6 +290,8 @@ class Recovery:
             self._active = None
             self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
             self.report.files.append(result)
+            if self.resume is not None:
+                self.resume.placed(result)
             # Special files were left out: the rest of the stored file is
             # complete and verified, but the backup was not restored whole.
             self.report.problems.extend(f"{result.stored}: {note}" for note in result.notes)
@@ -319,7 +338,7 @@ class Recovery:
             members.take()
             if job.result.error is not None:
                 continue
-            problem = self._misplaced(fmt, member, name, stored, expected)
+            problem = misplaced(fmt, member, name, stored, expected)
             if problem is not None:
                 self._use(job, store, works.drain())  # the chunks before it come first
                 job.fail(problem)
@@ -348,6 +367,8 @@ class Recovery:
                 continue
             if outcome.checked:
                 self.ctx.emit(ChunkChecked(chunk.member, chunk.size, outcome.reason))
+            if job.stored == QUBES_XML and outcome.mac:
+                self.xml_macs.append(outcome.mac)
             if outcome.error is not None:
                 job.fail(outcome.error)
                 continue
@@ -357,26 +378,6 @@ class Recovery:
             except OSError as exc:
                 store.drop(outcome.plain, outcome.owned)
                 job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))
-
-    @staticmethod
-    def _misplaced(
-        fmt: Format, member: Member, name: ChunkName, stored: str, expected: int
-    ) -> StoredFileError | None:
-        """Why this member cannot be the next chunk of ``stored``, if it cannot."""
-        if not fmt.owns_chunk(name):
-            return StoredFileError(
-                f"{member.name}: not a chunk name of a format-{fmt.version} backup "
-                "(format 3 has NAME.NNN and NAME.NNN.hmac, format 4 NAME.NNN.enc)"
-            )
-        if name.is_hmac:
-            return StoredFileError(
-                f"{member.name}: an .hmac without its chunk (chunk {name.data_name} missing)"
-            )
-        if name.index != expected:
-            want = ChunkName(stored, expected).name
-            what = "duplicated or out of order" if name.index < expected else "missing"
-            return StoredFileError(f"{want}: chunk {what} (found {member.name} instead)")
-        return None
 
 
 def run(

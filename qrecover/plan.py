@@ -13,7 +13,7 @@ run and the restore stop for the same reasons.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -114,11 +114,14 @@ def existing(root: Path, rels: Sequence[str]) -> list[Path]:
     return [root / rel for rel in rels if os.path.lexists(root / rel)]
 
 
-def obstacles(plan: Plan) -> list[OutputError]:
+def obstacles(
+    plan: Plan, excused: Callable[[Path], bool] | None = None, resuming: bool = False
+) -> list[OutputError]:
     """What in the output folder would stop the restore (writes nothing).
 
     Even with --force, nothing is written through a symbolic link inside
-    DIR; without it, nothing that exists is replaced.
+    DIR; without it, nothing that exists is replaced, except what ``excused``
+    lets pass (an earlier run's own files, for --resume).
     """
     if plan.output is None:
         return []
@@ -136,11 +139,13 @@ def obstacles(plan: Plan) -> list[OutputError]:
                 break
     if found or plan.force:
         return found
-    conflicts = existing(root, plan.targets())
+    conflicts = [p for p in existing(root, plan.targets()) if not (excused and excused(p))]
     if conflicts:
         shown = ", ".join(str(p) for p in conflicts[:5])
         found.append(WouldOverwrite(
             f"would overwrite existing files: {shown}",
-            hint="choose an empty --output folder, or use --force",
+            hint="choose an empty --output folder, use --force"
+            + ("" if resuming else ", or --resume to continue an interrupted restore of the "
+               "same backup"),
         ))
     return found

@@ -100,7 +100,9 @@ def summary_table(mode: str, results: Sequence[FileResult], elapsed: float) -> s
     rows = [("VM", "STORED FILE", "CHUNKS", "STORED", "RESTORED", "STATUS")]
     done_word = "verified" if mode == "verify" else "restored"
     for result in results:
-        if result.ok:
+        if result.kept:  # --resume (qrecover/resume.py)
+            status = "kept (earlier run)"
+        elif result.ok:
             status = done_word
         elif result.places:
             status = "FAILED (partial kept)"

@@ -31,6 +31,7 @@ class Request:
     # How many per-chunk steps may run at once (format 4's scrypt dec);
     # None: as many as the cores and the memory allow.
     jobs: int | None = None
+    resume: bool = False  # --resume: skip what DIR's record says is placed
 
 
 @dataclass
@@ -47,6 +48,7 @@ class FileResult:
     notes: list[str] = field(default_factory=list)
     failure: QrecoverError | None = None
     expanded: int = 0  # bytes of inner archive the guard let through
+    kept: bool = False  # placed by an earlier run; skipped by --resume
 
     @property
     def ok(self) -> bool:

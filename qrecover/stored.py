@@ -15,6 +15,7 @@ import fcntl
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -37,6 +38,9 @@ from qrecover.runner import (
 from qrecover.stages.guard import TarGuard
 from qrecover.units import human_bytes
 
+# Told (stored, owner, entries, folder) just before a stored file is placed.
+Placing = Callable[[str, str, list[Path], Path], None]
+
 
 class StoredFile:
     """One stored file's pipeline, fed chunk by chunk."""
@@ -51,6 +55,7 @@ class StoredFile:
         passphrase: str,
         scratch: Path,
         output: Output | None,
+        placing: Placing | None = None,
     ) -> None:
         self.stored = stored
         self.sink = sink
@@ -59,6 +64,7 @@ class StoredFile:
         self.passphrase = passphrase
         self.scratch = scratch
         self.output = output
+        self.placing = placing
         self.result = FileResult(stored, owner)
         self.pipeline: Pipeline | None = None
         self.feed_w: int | None = None
@@ -199,6 +205,8 @@ class StoredFile:
                 self.fail(StoredFileError(f"{self.stored}: its archive held nothing to restore"))
             return
         folder = output.ensure_dir(self.sink.folder_rel)
+        if self.result.ok and self.placing is not None:  # --resume records the intent
+            self.placing(self.stored, self.result.owner, entries, folder)
         for entry in entries:
             size = tree_size(entry)
             try:

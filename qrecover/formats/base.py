@@ -66,6 +66,7 @@ class ChunkOutcome:
     error: QrecoverError | None = None
     checked: bool = False
     reason: str | None = None
+    mac: str = ""  # the HMAC that authenticated it (format 3), part of a backup's identity
 
 
 class PendingChunk(Protocol):
@@ -171,6 +172,11 @@ class Format(Protocol):
     def stream_stages(self, gunzip: str = "gzip") -> list[Stage]: ...
 
     def owns_chunk(self, name: ChunkName) -> bool: ...
+
+    def identity(self, xml: bytes, xml_macs: Sequence[str]) -> bytes:
+        """What, beside the raw header, tells this backup from any other
+        (restore --resume; qrecover.resume.identity)."""
+        ...
 
     def read_chunk(
         self, store: ChunkStore, member: Member, name: ChunkName, members: MemberStream

@@ -10,10 +10,11 @@ before anything of the header is trusted.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -234,6 +235,11 @@ class Format4:
 
     def owns_chunk(self, name: ChunkName) -> bool:
         return name.is_enc
+
+    def identity(self, xml: bytes, xml_macs: Sequence[str]) -> bytes:
+        """backup-header.hmac is scrypt's output with a random salt; qubes.xml is
+        added as scrypt authenticated it."""
+        return b"\0qubes.xml\0" + hashlib.sha256(xml).digest()
 
     def chunk_prefix(self, chunk: str) -> str:
         """``BACKUPID!vm7/private.img.000!``: what precedes the passphrase."""
