@@ -32,7 +32,7 @@ The engine's loop, one pool for the run::
             pool.submit(ChunkJob(..., params=read_params(src, chunk.name)))
             handle(pool.ready())
         handle(pool.drain())  # each Decrypted: cat its plain, unlink; a Failed: stop
-"""
+(qrecover.formats.v4_jobs is that loop's format-4 side.)"""
 
 from __future__ import annotations
 
@@ -54,8 +54,7 @@ from qrecover.formats.scrypt import ScryptTool, dec_stage
 from qrecover.runner import PASS_ENV, Pipeline, Stage, StageResult
 from qrecover.scrypt_cost import InsufficientMemory, JobPlan, ScryptParams, human, limit_args
 
-# A pipe holds at least this much without a reader (scrypt -P's passphrase).
-_PIPE_SAFE = 4096
+_PIPE_SAFE = 4096  # a pipe holds this much without a reader (scrypt -P's passphrase)
 
 
 @dataclass(frozen=True)
@@ -228,6 +227,10 @@ class ChunkPool:
         """Every outstanding outcome, in order, waiting for each."""
         while (outcome := self.take()) is not None:
             yield outcome
+
+    @property
+    def running(self) -> int:  # how many scrypt dec run now (an int read: atomic)
+        return self._n.running
 
     @property
     def peak_running(self) -> int:

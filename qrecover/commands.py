@@ -68,6 +68,10 @@ class _Printer:
         if self.display is not None:
             self.display.data_read(stored, nbytes)
 
+    def in_flight(self, chunks: int) -> None:
+        if self.display is not None:
+            self.display.in_flight(chunks)
+
     def file_done(self, result: FileResult) -> None:
         if self.display is not None:
             self.display.file_done(result)
@@ -218,6 +222,7 @@ def restore_command(
     force: bool,
     passphrase_file: Path | None,
     size_limit: bool = True,
+    jobs: int | None = None,
     files: bool = False,
     transcript: Path | None = None,
     explain: bool = False,
@@ -232,7 +237,7 @@ def restore_command(
         raise UsageError("--json and --dry-run do not go together")
     request = Request(
         "restore", tuple(vms), output, force, size_limit, dry_run=dry_run, resume=resume,
-        exclude=tuple(exclude), skip_dom0_home=skip_dom0_home,
+        exclude=tuple(exclude), skip_dom0_home=skip_dom0_home, jobs=jobs,
     )
     with json_output(as_json, "restore", backup) as as_doc:
         code, report = _restore_command(
@@ -277,6 +282,7 @@ def verify_command(
     vms: Sequence[str],
     passphrase_file: Path | None,
     size_limit: bool = True,
+    jobs: int | None = None,
     transcript: Path | None = None,
     explain: bool = False,
     as_json: bool = False,
@@ -287,7 +293,7 @@ def verify_command(
     settings = settings or Settings()
     request = Request(
         "verify", tuple(vms), size_limit=size_limit, exclude=tuple(exclude),
-        skip_dom0_home=skip_dom0_home,
+        skip_dom0_home=skip_dom0_home, jobs=jobs,
     )
     with json_output(as_json, "verify", backup) as as_doc:
         with _showing("verify", backup, None, transcript, explain) as shown:

@@ -10,8 +10,12 @@ The order is the recovery page's, done for every stored file in turn:
 3. for each stored file, take its chunks in numeric order: the format reads
    each off the stream into private scratch and checks it (format 3: its
    HMAC; format 4: scrypt), and only then does ``cat`` feed it into the
-   stored file's one pipeline (qrecover.stored).  While ``cat`` feeds chunk
-   N, chunk N+1 is read, so scratch stays at two or three chunks.
+   stored file's one pipeline (qrecover.stored).  The per-chunk step runs
+   in the format's ``ChunkWorks`` (format 4: several ``scrypt dec`` at once,
+   qrecover.formats.v4_jobs), whose outcomes come back strictly in chunk
+   order; the engine asks it for room before it reads each chunk, so
+   scratch stays bounded (two chunks for format 3, about ``2 * jobs + 2``
+   for format 4).
 4. a stored file that fails stops there: what its pipeline already wrote is
    kept only as ``NAME.partial``; the other stored files go on.
 
@@ -30,9 +34,7 @@ from qrecover.container import (
     HEADER,
     HEADER_HMAC,
     QUBES_XML,
-    ChunkName,
     FolderSource,
-    Member,
     StreamSource,
     Truncated,
     parse_member_name,
@@ -47,10 +49,10 @@ from qrecover.errors import (
 )
 from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead
 from qrecover.formats import MAX_HEADER_HMAC, authenticate
-from qrecover.formats.base import Format
+from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
-from qrecover.members import Members
+from qrecover.members import Members, misplaced
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, doomed, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request
@@ -89,6 +91,7 @@ class Recovery:
         self.header_raw = b""  # backup-header and its .hmac: part of the backup's identity
         self.xml_macs: list[str] = []  # qubes.xml's chunk HMACs (format 3): likewise
         self.names: ScratchNames | None = None
+        self.works: ChunkWorks | None = None
         # igzip or pigz, when installed, undo gzip faster than gzip -d.
         self.gunzip = pick_gunzip()
 
@@ -110,6 +113,9 @@ class Recovery:
             else:
                 self.scratch = Path(tempfile.mkdtemp(prefix="qrecover-"))
             self.names = ScratchNames(self.scratch)
+            self.works = fmt.chunk_works(
+                self.passphrase, self.scratch, self.ctx.command, request.jobs
+            )
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
             inventory = parse_inventory(xml)
             self.report.inventory = inventory
@@ -158,6 +164,9 @@ class Recovery:
         )
 
     def _cleanup(self) -> None:
+        if self.works is not None:
+            self.works.close()  # its children stopped and its scratch gone first
+            self.works = None
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
@@ -316,6 +325,8 @@ class Recovery:
         assert fmt is not None
         assert self.names is not None
         store = ChunkStore(self.names, self.passphrase, self.ctx.command, self.observer, job)
+        works = self.works
+        assert works is not None
         expected = 0
         while True:
             member = members.peek()
@@ -327,50 +338,46 @@ class Recovery:
             members.take()
             if job.result.error is not None:
                 continue
-            problem = self._misplaced(fmt, member, name, stored, expected)
+            problem = misplaced(fmt, member, name, stored, expected)
             if problem is not None:
+                self._use(job, store, works.drain())  # the chunks before it come first
                 job.fail(problem)
                 continue
             try:
-                outcome = fmt.read_chunk(store, member, name, members).complete()
+                self._use(job, store, works.admit())  # room in scratch for one more
+                pending = fmt.read_chunk(store, member, name, members)
             except Truncated as exc:
+                self._use(job, store, works.drain())
                 job.fail(exc)
                 members.stop(exc)
                 break
             expected += 1
+            self._use(job, store, works.submit(pending, member.name, member.size))
+            self.observer.in_flight(works.in_flight)
+        self._use(job, store, works.drain())
+
+    def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
+        """Feed ``job`` the chunks whose step is done, in chunk order; the first
+        that failed stops it (nothing after it is used)."""
+        for chunk in done:
+            outcome = chunk.outcome
+            if job.result.error is not None:  # stopped at an earlier chunk: unused
+                if outcome.plain is not None:
+                    store.drop(outcome.plain, outcome.owned)
+                continue
             if outcome.checked:
-                self.ctx.emit(ChunkChecked(member.name, member.size, outcome.reason))
-            if stored == QUBES_XML and outcome.mac:
+                self.ctx.emit(ChunkChecked(chunk.member, chunk.size, outcome.reason))
+            if job.stored == QUBES_XML and outcome.mac:
                 self.xml_macs.append(outcome.mac)
             if outcome.error is not None:
                 job.fail(outcome.error)
                 continue
             assert outcome.plain is not None
             try:
-                job.feed(outcome.plain, outcome.owned, member.name)
+                job.feed(outcome.plain, outcome.owned, chunk.member)
             except OSError as exc:
                 store.drop(outcome.plain, outcome.owned)
-                job.fail(StoredFileError(f"{member.name}: could not start the pipeline ({exc})"))
-
-    @staticmethod
-    def _misplaced(
-        fmt: Format, member: Member, name: ChunkName, stored: str, expected: int
-    ) -> StoredFileError | None:
-        """Why this member cannot be the next chunk of ``stored``, if it cannot."""
-        if not fmt.owns_chunk(name):
-            return StoredFileError(
-                f"{member.name}: not a chunk name of a format-{fmt.version} backup "
-                "(format 3 has NAME.NNN and NAME.NNN.hmac, format 4 NAME.NNN.enc)"
-            )
-        if name.is_hmac:
-            return StoredFileError(
-                f"{member.name}: an .hmac without its chunk (chunk {name.data_name} missing)"
-            )
-        if name.index != expected:
-            want = ChunkName(stored, expected).name
-            what = "duplicated or out of order" if name.index < expected else "missing"
-            return StoredFileError(f"{want}: chunk {what} (found {member.name} instead)")
-        return None
+                job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))
 
 
 def run(

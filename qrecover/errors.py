@@ -23,7 +23,8 @@ EXIT_CODES: dict[int, str] = {
     "or not a Qubes backup",
     EXIT_MISSING_PROGRAM: "a program qrecover needs is missing (the message names the package)",
     EXIT_OUTPUT: "output problem (would overwrite, no space, not writable; with --resume: "
-    "DIR's restore record is broken or belongs to another backup)",
+    "DIR's restore record is broken or belongs to another backup), or a format-4 chunk "
+    "needs more memory than this machine has available (restore on one with more RAM)",
     EXIT_SIGINT: "interrupted (SIGINT, Ctrl-C)",
     EXIT_SIGTERM: "terminated (SIGTERM)",
 }

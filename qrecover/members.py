@@ -4,14 +4,19 @@ A chunk's ``.hmac`` (format 3) is the member after it, and a stored file
 ends where the next member belongs to another: the engine and the formats
 peek at the next member before taking it.  A broken stream ends the members
 and is remembered, so that what was read before it is still reported.
+:func:`misplaced` says why a member cannot be a stored file's next chunk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from qrecover.container import Member
-from qrecover.errors import BackupError
+from qrecover.container import ChunkName, Member
+from qrecover.errors import BackupError, StoredFileError
+
+if TYPE_CHECKING:
+    from qrecover.formats.base import Format
 
 
 class Members:
@@ -51,3 +56,23 @@ class Members:
                 raise self.error
             raise BackupError(f"{what} is missing: the backup ends before it")
         return member
+
+
+def misplaced(
+    fmt: Format, member: Member, name: ChunkName, stored: str, expected: int
+) -> StoredFileError | None:
+    """Why this member cannot be the next chunk of ``stored``, if it cannot."""
+    if not fmt.owns_chunk(name):
+        return StoredFileError(
+            f"{member.name}: not a chunk name of a format-{fmt.version} backup "
+            "(format 3 has NAME.NNN and NAME.NNN.hmac, format 4 NAME.NNN.enc)"
+        )
+    if name.is_hmac:
+        return StoredFileError(
+            f"{member.name}: an .hmac without its chunk (chunk {name.data_name} missing)"
+        )
+    if name.index != expected:
+        want = ChunkName(stored, expected).name
+        what = "duplicated or out of order" if name.index < expected else "missing"
+        return StoredFileError(f"{want}: chunk {what} (found {member.name} instead)")
+    return None

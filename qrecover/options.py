@@ -34,6 +34,18 @@ NoLimitOpt = Annotated[
         "declares for its VM (the decompression-bomb check).",
     ),
 ]
+JobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        min=1,
+        help="Format 4: authenticate and decrypt up to N chunks at once (scrypt dec). "
+        "Default: as many as there are cores and the memory holds (each scrypt dec is "
+        "capped with -M to its share).",
+        metavar="N",
+    ),
+]
 TranscriptOpt = Annotated[
     Path | None,
     typer.Option(

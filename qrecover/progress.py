@@ -68,6 +68,7 @@ class Snapshot:
     total: int | None
     estimated: bool
     elapsed: float
+    in_flight: int = 0  # format 4: chunks whose scrypt dec runs now
 
 
 def progress_line(snap: Snapshot, width: int) -> str:
@@ -76,6 +77,8 @@ def progress_line(snap: Snapshot, width: int) -> str:
         f"{snap.owner or '-'} {snap.stored} {human_bytes(snap.file_done)} "
         f"{human_rate(rate(snap.file_done, snap.file_elapsed))}"
     )
+    if snap.in_flight:
+        left += f" ({snap.in_flight} chunk{'s' if snap.in_flight > 1 else ''} in flight)"
     share = percent(snap.done, snap.total)
     if snap.total is None or share is None:
         whole = f"{human_bytes(snap.done)} read"
@@ -174,6 +177,7 @@ class Display:
         self.stored = ""
         self.file_done_bytes = 0
         self.file_started_at = self.started
+        self.chunks_in_flight = 0
         self._last_draw = float("-inf")
         self._shown = False
 
@@ -199,7 +203,11 @@ class Display:
             self._last_draw = now
             self.draw(now)
 
+    def in_flight(self, chunks: int) -> None:
+        self.chunks_in_flight = chunks
+
     def file_done(self, result: FileResult) -> None:
+        self.chunks_in_flight = 0
         self.clear()
 
     # -- drawing ------------------------------------------------------------
@@ -214,6 +222,7 @@ class Display:
             self.total,
             self.estimated,
             now - self.started,
+            self.chunks_in_flight,
         )
 
     def _width(self) -> int:

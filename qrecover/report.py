@@ -30,6 +30,9 @@ class Request:
     dry_run: bool = False
     exclude: Sequence[str] = ()  # --exclude NAME...
     skip_dom0_home: bool = False
+    # How many per-chunk steps may run at once (format 4's scrypt dec);
+    # None: as many as the cores and the memory allow.
+    jobs: int | None = None
     resume: bool = False  # --resume: skip what DIR's record says is placed
 
 
@@ -93,6 +96,7 @@ class Observer(Protocol):
     def planned(self, selected: Sequence[Entity]) -> None: ...
     def file_started(self, stored: str, owner: str) -> None: ...
     def data_read(self, stored: str, nbytes: int) -> None: ...
+    def in_flight(self, chunks: int) -> None: ...
     def file_done(self, result: FileResult) -> None: ...
 
 
@@ -104,6 +108,9 @@ class Quiet:
         pass
 
     def data_read(self, stored: str, nbytes: int) -> None:
+        pass
+
+    def in_flight(self, chunks: int) -> None:
         pass
 
     def file_done(self, result: FileResult) -> None:

@@ -63,9 +63,11 @@ RECORD_NAME = ".restore-record-qrecover.json"
 RECORD_VERSION = 1
 MAX_RECORD = 64 * 1024 * 1024  # a record of a million stored files is far below this
 # Names qrecover gives inside DIR: tempfile.mkdtemp(prefix=".qrecover-") (8 random
-# characters) for scratch, and inside it stage-N, plain-N and chunk-<member>.
+# characters) for scratch, inside it stage-N, plain-N, chunk-<member>, chunks-XXXXXXXX.
 _SCRATCH_DIR = re.compile(r"\.qrecover-[a-z0-9_]{8}")
-_SCRATCH_ENTRY = re.compile(r"(stage-[0-9]+|plain-[0-9]+|chunk-[A-Za-z0-9._-]+)")
+_SCRATCH_ENTRY = re.compile(
+    r"(stage-[0-9]+|plain-[0-9]+|chunk-[A-Za-z0-9._-]+|chunks-[a-z0-9_]{8})"
+)
 # Temporary files of the record's and qubes.xml's atomic writes.
 _TEMP_FILE = re.compile(r"\.(restore-record-qrecover\.json|qubes\.xml)\.[a-z0-9_]{8}")
 _PARTIAL = re.compile(r".+\.partial(\.[0-9]+)?")

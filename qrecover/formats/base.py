@@ -30,7 +30,9 @@ How the formats still to come fit without changing the engine's shape:
   only its own scratch files and returns plain data (no events, no shared
   state), so the engine may run several in a bounded pool and feed their
   outcomes strictly in chunk order.  Scratch is then bounded by the pool's
-  size instead of one chunk.
+  size instead of one chunk.  ``chunk_works`` gives the engine that pool
+  (:class:`ChunkWorks`): format 4's runs several ``scrypt dec`` at once,
+  the others complete each chunk :class:`InOrder`.
 """
 
 from __future__ import annotations
@@ -71,6 +73,55 @@ class PendingChunk(Protocol):
     """A chunk read off the stream, whose per-chunk step is still to run."""
 
     def complete(self) -> ChunkOutcome: ...
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A chunk's outcome, handed back by :class:`ChunkWorks` in chunk order."""
+
+    member: str
+    size: int
+    outcome: ChunkOutcome
+
+
+class ChunkWorks(Protocol):
+    """Where the engine runs the per-chunk step: in order, perhaps several at once.
+
+    The engine calls :meth:`admit` before it reads the next chunk off the
+    stream (so scratch stays bounded), :meth:`submit` once it has, and
+    :meth:`drain` at the end of each stored file; every call returns the
+    outcomes that are ready, strictly in chunk order, each exactly once.
+    :meth:`close` stops every child and removes the works' scratch.
+    """
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def admit(self) -> list[Completed]: ...
+
+    def submit(self, pending: PendingChunk, member: str, size: int) -> list[Completed]: ...
+
+    def drain(self) -> list[Completed]: ...
+
+    def close(self) -> None: ...
+
+
+class InOrder:
+    """One chunk at a time: each is completed as soon as it is submitted."""
+
+    in_flight = 0
+
+    def admit(self) -> list[Completed]:
+        return []
+
+    def submit(self, pending: PendingChunk, member: str, size: int) -> list[Completed]:
+        return [Completed(member, size, pending.complete())]
+
+    def drain(self) -> list[Completed]:
+        return []
+
+    def close(self) -> None:
+        pass
 
 
 class ChunkStore(Protocol):
@@ -130,6 +181,12 @@ class Format(Protocol):
     def read_chunk(
         self, store: ChunkStore, member: Member, name: ChunkName, members: MemberStream
     ) -> PendingChunk: ...
+
+    def chunk_works(
+        self, passphrase: str, scratch: Path, log: CommandLog, jobs: int | None
+    ) -> ChunkWorks:
+        """Where this run's per-chunk steps run (``jobs``: the user's --jobs)."""
+        ...
 
 
 class PlannedVM(Protocol):

@@ -101,7 +101,11 @@ def render_dec(tool: ScryptTool, infile: str, outfile: str, prefix: str) -> str:
     so bash's history expansion never sees its ``!``; the passphrase itself
     stays in ``$backup_pass``.
     """
-    stage = dec_stage(tool, infile, outfile)
+    return render_stage(tool, dec_stage(tool, infile, outfile), prefix)
+
+
+def render_stage(tool: ScryptTool, stage: Stage, prefix: str) -> str:
+    """:func:`render_dec` of a stage built already (with ``-M`` and ``-t``, say)."""
     secret = f'{shlex.quote(prefix)}"${PASS_ENV}"'
     if tool.style == "env":
         return f"{PASS_ENV}={secret} {stage.render()}"

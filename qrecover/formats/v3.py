@@ -13,6 +13,7 @@ import re
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -25,7 +26,14 @@ from qrecover.errors import (
     ProgramFailed,
     StoredFileError,
 )
-from qrecover.formats.base import ChunkOutcome, ChunkStore, MemberStream, PendingChunk
+from qrecover.formats.base import (
+    ChunkOutcome,
+    ChunkStore,
+    ChunkWorks,
+    InOrder,
+    MemberStream,
+    PendingChunk,
+)
 from qrecover.header import Header, check_filter_value, compression, parse_bool
 from qrecover.hmacs import ALL_DIGESTS, DIGESTS, MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 from qrecover.runner import PASS_ENV, CommandLog, Stage, control
@@ -248,6 +256,13 @@ class Format3:
 
     def owns_chunk(self, name: ChunkName) -> bool:
         return not name.is_enc
+
+    def chunk_works(
+        self, passphrase: str, scratch: Path, log: CommandLog, jobs: int | None
+    ) -> ChunkWorks:
+        """The HMAC is computed while the chunk is read: nothing is left to run
+        alongside, so each chunk completes in order (--jobs has nothing to do)."""
+        return InOrder()
 
     def identity(self, xml: bytes, xml_macs: Sequence[str]) -> bytes:
         """The header and its HMAC can be byte-identical in two backups; the HMACs

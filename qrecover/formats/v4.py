@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from qrecover.container import HEADER, HEADER_HMAC, ChunkName, Member
 from qrecover.errors import AuthenticationError, BackupError, DiskFull, OutputError, StoredFileError
-from qrecover.formats.base import ChunkOutcome, ChunkStore, MemberStream, PendingChunk
+from qrecover.formats.base import ChunkOutcome, ChunkStore, ChunkWorks, MemberStream, PendingChunk
 from qrecover.formats.scrypt import (
     HEADER_PREFIX,
     ScryptTool,
@@ -159,7 +159,7 @@ def _scrypt_header(tool: ScryptTool, header_hmac: bytes, passphrase: str, log: C
 
 
 @dataclass
-class _Decrypt:
+class ScryptChunk:
     """A chunk copied off the stream, still to be authenticated and decrypted."""
 
     fmt: Format4
@@ -189,18 +189,23 @@ class _Decrypt:
                 store.drop(self.plain, True)
         if result.ok:
             return ChunkOutcome(plain=self.plain, owned=True, checked=True)
-        said = result.describe()
-        if result.output_trouble:
-            message = f"{member}: {said}"
-            error: OutputError | StoredFileError = (
-                DiskFull(message) if result.disk_full else OutputError(message)
-            )
-        else:
-            error = StoredFileError(
-                f"{member}: scrypt could not authenticate the chunk: it is damaged "
-                f"or was tampered with; nothing of it was used ({said})"
-            )
-        return ChunkOutcome(error=error, checked=True, reason=said)
+        return failure_outcome(member, result)
+
+
+def failure_outcome(member: str, result: StageResult) -> ChunkOutcome:
+    """What a chunk scrypt did not exit 0 on becomes: nothing of it is used."""
+    said = result.describe()
+    if result.output_trouble:
+        message = f"{member}: {said}"
+        error: OutputError | StoredFileError = (
+            DiskFull(message) if result.disk_full else OutputError(message)
+        )
+    else:
+        error = StoredFileError(
+            f"{member}: scrypt could not authenticate the chunk: it is damaged "
+            f"or was tampered with; nothing of it was used ({said})"
+        )
+    return ChunkOutcome(error=error, checked=True, reason=said)
 
 
 @dataclass(frozen=True)
@@ -254,4 +259,13 @@ class Format4:
         """Copy the ``.enc`` chunk off the stream (from a folder scrypt reads it in
         place: what it writes is what is fed on); raises Truncated."""
         src, owned, _ = store.copy(member, None)
-        return _Decrypt(self, store, member.name, name, src, owned, store.scratch_file())
+        return ScryptChunk(self, store, member.name, name, src, owned, store.scratch_file())
+
+    def chunk_works(
+        self, passphrase: str, scratch: Path, log: CommandLog, jobs: int | None
+    ) -> ChunkWorks:
+        """Several ``scrypt dec`` at once (qrecover.formats.v4_jobs), at most
+        ``jobs`` (None: as many as the cores and the memory allow)."""
+        from qrecover.formats.v4_jobs import ScryptWorks  # it builds on this module
+
+        return ScryptWorks(self, passphrase, scratch, log, jobs)

@@ -1,0 +1,150 @@
+"""Format 4's chunks, several ``scrypt dec`` at once, handed back in chunk order.
+
+The engine reads each chunk off the stream (qrecover.formats.v4
+``read_chunk``) and submits it here; a :class:`~qrecover.chunk_pool.ChunkPool`
+runs the ``scrypt dec``, each into private scratch and under its ``-M``
+cap, and returns them strictly in chunk order, each only once scrypt exited 0.
+
+How many run at once is planned from the first chunk's stated cost
+(qrecover.scrypt_cost.plan_here: never more than the cores, never more
+than ``MemAvailable`` less headroom holds, never more than ``--jobs``); a
+later chunk that alone needs more than that budget stops the run
+(InsufficientMemory, exit 6).  A chunk whose scrypt header is damaged
+is a failed chunk like any other: its stored file stops there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+from qrecover.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed, Outcome
+from qrecover.errors import BackupError, OutputError, StoredFileError
+from qrecover.formats.base import ChunkOutcome, Completed, PendingChunk
+from qrecover.formats.scrypt import render_stage
+from qrecover.formats.v4 import Format4, ScryptChunk, failure_outcome
+from qrecover.runner import CommandLog, Stage
+from qrecover.scrypt_cost import (
+    JobPlan,
+    ScryptParams,
+    check_fits,
+    plan_here,
+    read_memory,
+    read_params,
+    scrypt_ceiling,
+)
+
+# How the jobs are planned from the first chunk's cost (scrypt_cost.plan_here:
+# this machine's cores and memory); a test gives a machine of its own.
+Planner = Callable[[ScryptParams, str, "int | None"], JobPlan]
+
+
+class ScryptWorks:
+    """The run's pool of ``scrypt dec``; made on the first chunk, whose cost plans it."""
+
+    def __init__(
+        self,
+        fmt: Format4,
+        passphrase: str,
+        scratch: Path,
+        log: CommandLog,
+        jobs: int | None,
+        planner: Planner = plan_here,
+    ) -> None:
+        self.fmt = fmt
+        self.passphrase = passphrase
+        self.scratch = scratch
+        self.log = log
+        self.jobs = jobs
+        self.planner = planner
+        self.plan: JobPlan | None = None
+        self._ceiling = 0
+        self._pool: ChunkPool | None = None
+        self._sizes: dict[str, int] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """``scrypt dec`` running now (for the progress line)."""
+        return self._pool.running if self._pool is not None else 0
+
+    def admit(self) -> list[Completed]:
+        if self._pool is None:
+            return []
+        return [self._completed(o) for o in self._pool.admit()]
+
+    def submit(self, pending: PendingChunk, member: str, size: int) -> list[Completed]:
+        if not isinstance(pending, ScryptChunk):
+            raise TypeError("ScryptWorks takes format-4 chunks only")
+        try:
+            params = read_params(pending.src, member)
+        except (BackupError, OutputError) as exc:
+            # Damaged before scrypt even runs: the chunks before it still count.
+            self._drop(pending)
+            said = str(exc)
+            bad = ChunkOutcome(error=StoredFileError(said), checked=True, reason=said)
+            return [*self.drain(), Completed(member, size, bad)]
+        pool = self._ready_pool(pending, params, member)
+        job = ChunkJob(
+            group=pending.name.stored,
+            index=pending.name.index,
+            name=member,
+            prefix=self.fmt.chunk_prefix(pending.name.data_name),
+            src=pending.src,
+            src_owned=pending.owned,
+            params=params,
+        )
+        if pool.submit(job):
+            self._sizes[member] = size
+        return [self._completed(o) for o in pool.ready()]
+
+    def drain(self) -> list[Completed]:
+        if self._pool is None:
+            return []
+        return [self._completed(o) for o in self._pool.drain()]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    # -- inside --------------------------------------------------------------
+
+    def _ready_pool(self, pending: ScryptChunk, params: ScryptParams, member: str) -> ChunkPool:
+        try:
+            if self._pool is None:
+                self.plan = self.planner(params, member, self.jobs)
+                self._ceiling = scrypt_ceiling(read_memory().total)
+                self._pool = ChunkPool(
+                    self.fmt.tool, self.passphrase, self.scratch, self.plan,
+                    on_start=self._started,
+                )
+            else:
+                assert self.plan is not None
+                check_fits(params, member, self.plan.budget, self._ceiling)
+        except BaseException:
+            self._drop(pending)
+            raise
+        return self._pool
+
+    def _drop(self, pending: ScryptChunk) -> None:
+        if pending.owned:
+            with contextlib.suppress(FileNotFoundError):
+                pending.src.unlink()
+
+    def _started(self, job: ChunkJob, stage: Stage) -> None:
+        """``-v``: the command as a person would replay it, named after the chunk."""
+        data_name = job.name.removesuffix(".enc")
+        shown = Stage((*stage.argv[:-2], job.name, data_name), secret_env=stage.secret_env)
+        self.log(render_stage(self.fmt.tool, shown, job.prefix))
+
+    def _completed(self, outcome: Outcome) -> Completed:
+        member = outcome.job.name
+        size = self._sizes.pop(member, 0)
+        if isinstance(outcome, Decrypted):
+            return Completed(member, size, ChunkOutcome(plain=outcome.plain, owned=True,
+                                                        checked=True))
+        assert isinstance(outcome, Failed)
+        if outcome.result is None:
+            error = StoredFileError(f"{member}: {outcome.error}")
+            return Completed(member, size, ChunkOutcome(error=error))
+        return Completed(member, size, failure_outcome(member, outcome.result))
