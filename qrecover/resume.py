@@ -241,9 +241,7 @@ class Resume:
         if rel in self.recorded or rel == QUBES_XML:
             return rel != QUBES_XML or (path.is_file() and not path.is_symlink())
         if path.is_file() and not path.is_symlink() and _PARTIAL.fullmatch(path.name):
-            # A .partial the earlier run left but could not record (its disk was
-            # full): no obstacle, and never removed or replaced (a new one is
-            # placed as NAME.partial.N beside it).
+            # left but not recorded (full disk): kept; a new one goes beside it
             return True
         if not path.is_dir() or path.is_symlink():
             return False
