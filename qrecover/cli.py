@@ -22,7 +22,6 @@ import typer
 from qrecover import __version__
 from qrecover.commands import (
     Settings,
-    err,
     info_command,
     restore_command,
     script_command,
@@ -40,6 +39,7 @@ from qrecover.errors import (
 )
 from qrecover.files import DEFAULT_PATH
 from qrecover.files.command import files_command
+from qrecover.messages import OneLineFormatter, err
 from qrecover.options import (
     BackupArg,
     ExcludeOpt,
@@ -114,7 +114,7 @@ def _main(
     """Global options."""
     ctx.obj = Settings(quiet=quiet)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(OneLineFormatter("%(message)s"))
     logger = logging.getLogger("qrecover")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)

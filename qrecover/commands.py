@@ -27,6 +27,7 @@ from qrecover.events import EventListener
 from qrecover.files import find_debugfs
 from qrecover.files.command import restore_files
 from qrecover.inventory import Entity
+from qrecover.messages import err
 from qrecover.passphrase import get_passphrase
 from qrecover.progress import Display, source_size, summary_table
 from qrecover.render.explain import Narrator
@@ -43,10 +44,6 @@ class Settings:
     """The global options, kept on typer's context (``ctx.obj``) for the commands."""
 
     quiet: bool = False
-
-
-def err(message: str) -> None:
-    print(f"qrecover: {message}", file=sys.stderr, flush=True)
 
 
 class _Printer:

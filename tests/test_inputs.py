@@ -267,3 +267,16 @@ def test_folder_with_a_fifo_for_a_chunk(backup: Backup, tmp_path: Path) -> None:
     assert result.code == 4, result.text
     assert "not a regular file" in result.err
     shutil.rmtree(folder)
+
+
+def test_a_name_with_a_newline_and_an_escape_stays_one_printable_line(tmp_path: Path) -> None:
+    """A piece's name is someone else's choice: it must not forge a second line
+    (`qrecover: success`) nor reach the terminal as an escape sequence."""
+    hostile = tmp_path / "ev\nqrecover: success\x1b[31m"
+    hostile.write_bytes(random.Random(7).randbytes(4096))
+    result = run_cli("-v", "verify", hostile, env={"QRECOVER_PASSPHRASE": "x"})
+    assert result.code == 4, result.text
+    assert "\x1b" not in result.err
+    lines = result.err.splitlines()
+    assert not any(line.startswith("qrecover: success") for line in lines), result.err
+    assert any("ev\\nqrecover: success\\x1b[31m" in line for line in lines), result.err

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 from qrecover.errors import EXIT_BACKUP, EXIT_OK, EXIT_OUTPUT, QrecoverError, UsageError
 from qrecover.files.copy import CopyResult, FilesRequest, copy_files, list_trees
 from qrecover.files.listing import DEFAULT_PATH, PathNotFound, show
+from qrecover.messages import err
 from qrecover.output import first_symlink
 from qrecover.units import human_bytes
 
@@ -24,14 +24,10 @@ if TYPE_CHECKING:
     from qrecover.report import Report
 
 
-def _err(message: str) -> None:
-    print(f"qrecover: {message}", file=sys.stderr, flush=True)
-
-
 def print_copy(result: CopyResult) -> None:
     """One PATH done: its notes on stderr, ``COPIED`` or ``FAILED`` on stdout."""
     for skipped in result.skipped:
-        _err(f"note: skipped special file {skipped}: not copied")
+        err(f"note: skipped special file {skipped}: not copied")
     if result.ok:
         print(
             f"COPIED    {show(result.path)} -> {result.place} ({result.files} file(s), "
@@ -54,7 +50,7 @@ def restore_files(report: Report, output: Path, force: bool) -> int:
         results = [f for f in report.files if f.owner == entity.name]
         if not results or not all(f.ok for f in results):
             if results:
-                _err(f"{entity.name}: not restored completely; its files are not copied")
+                err(f"{entity.name}: not restored completely; its files are not copied")
             continue
         # What the backup restored is data: private.img or files/ could be
         # symbolic links it made. Never read or write through one.
@@ -75,7 +71,7 @@ def restore_files(report: Report, output: Path, force: bool) -> int:
                 print_copy,
             )
         except PathNotFound:
-            _err(f"note: {entity.name}: no {DEFAULT_PATH} in its private.img; nothing to copy")
+            err(f"note: {entity.name}: no {DEFAULT_PATH} in its private.img; nothing to copy")
             continue
         except QrecoverError as exc:
             hint = f" ({exc.hint})" if exc.hint else ""
@@ -88,9 +84,9 @@ def restore_files(report: Report, output: Path, force: bool) -> int:
                 failed.append(f"{entity.name}: {result.error}")
                 trouble = trouble or result.output_trouble
     if failed:
-        _err(f"copying files out of {len(failed)} image(s) failed:")
+        err(f"copying files out of {len(failed)} image(s) failed:")
         for failure in failed:
-            _err(f"  {failure}")
+            err(f"  {failure}")
         return EXIT_OUTPUT if trouble else EXIT_BACKUP
     return EXIT_OK
 
@@ -108,9 +104,9 @@ def files_command(
     failures = [r for r in results if not r.ok]
     if not failures:
         return EXIT_OK
-    _err(f"{len(failures)} of {len(results)} PATH(s) failed:")
+    err(f"{len(failures)} of {len(results)} PATH(s) failed:")
     for failure in failures:
-        _err(f"  {show(failure.path)}: {failure.error}")
+        err(f"  {show(failure.path)}: {failure.error}")
     return EXIT_OUTPUT if any(r.output_trouble for r in failures) else EXIT_BACKUP
 
 
@@ -125,6 +121,6 @@ def list_files(request: FilesRequest) -> int:
             suffix = "/" if entry.kind == "dir" and entry.image_path != "/" else ""
             print(f"{mode} {size:>12}  {show(entry.image_path)}{suffix}")
         for problem in tree.problems:
-            _err(f"problem: {problem}")
+            err(f"problem: {problem}")
             code = EXIT_BACKUP
     return code

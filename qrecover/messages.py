@@ -1,0 +1,31 @@
+"""What qrecover tells the user on stderr: one line per message, always.
+
+Paths in messages are the user's own (a piece of a split backup on a stick
+someone else wrote, a folder name) and may hold newlines or terminal escape
+sequences; printed raw, a name could forge a second line ("qrecover:
+success") or drive the terminal.  Every message is made printable here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character shown as its escape (``\\n``, ``\\x1b``)."""
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
+def err(message: str) -> None:
+    """One line on stderr, prefixed ``qrecover:``."""
+    print(f"qrecover: {printable(message)}", file=sys.stderr, flush=True)
+
+
+class OneLineFormatter(logging.Formatter):
+    """The log's lines (``-v`` commands, notes), made printable like :func:`err`'s."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
