@@ -108,8 +108,14 @@ def test_passphrase_in_no_command_line_and_scratch_is_private(big: Backup, tmp_p
         secret = PASSPHRASE.encode()
         # qrecover and every process under it (other tests may be running
         # the fixture writer, which like Qubes' writer has pass: in its argv)
+        # cat comes and goes, one chunk at a time: look until the whole
+        # pipeline is seen at once (each look checks every command line below)
+        deadline = time.monotonic() + 20
         family = family_of(proc.pid)
-        assert len(family) >= 4  # qrecover, cat, openssl, tar at least
+        while len(family) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+            family = family_of(proc.pid)
+        assert len(family) >= 4, family  # qrecover, cat, openssl, tar at least
         for pid in family:
             with contextlib.suppress(OSError):
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
