@@ -12,7 +12,6 @@ import contextlib
 import errno
 import hmac
 import os
-import tarfile
 from pathlib import Path
 from typing import IO
 
@@ -97,7 +96,7 @@ class ChunkStore:
             while True:
                 try:
                     block = stream.read(READ_SIZE)
-                except (tarfile.TarError, EOFError, OSError) as exc:
+                except (EOFError, OSError) as exc:  # tarstream: the stream ended early
                     raise Truncated(f"{member.name}: the backup ends inside this chunk "
                                      f"(truncated backup): {exc}") from None
                 if not block:
