@@ -1,18 +1,24 @@
-"""Shared test fixtures: backups written by scripts/make_backup.py, the installed CLI."""
+"""Shared test fixtures: backups written by scripts/make_backup.py, the installed CLI.
+
+The suite runs on pytest-xdist workers (pyproject.toml).  The big backups are built
+once per test run, not once per worker: ``built_once`` builds them in a folder beside
+the workers' own, under a lock, and the other worker reads what was built."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -207,38 +213,81 @@ def assert_restored(out: Path, backup: Backup, vm_names: list[str] | None = None
     assert not leftovers, leftovers
 
 
+T = TypeVar("T")
+_BUILT: dict[Path, Any] = {}  # this worker's copies of what built_once returned
+
+
+def built_once(factory: pytest.TempPathFactory, key: str, build: Callable[[Path], T]) -> T:
+    """``build(folder)``, run once per test run whichever worker asks first; a worker
+    asking later (or at the same time: it waits on the lock) gets the same value,
+    pickled.  What is built is shared by every test of the run: read it, never
+    change it (copy it first)."""
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own folder in the run's
+        base = base.parent
+    root = base / "built-once"
+    root.mkdir(exist_ok=True)
+    name = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder, result = root / name, root / f"{name}.pickle"
+    if result in _BUILT:
+        return _BUILT[result]  # type: ignore[no-any-return]
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if result.exists():
+            _BUILT[result] = pickle.loads(result.read_bytes())
+            return _BUILT[result]  # type: ignore[no-any-return]
+        if folder.exists():  # a build that failed half way, in a test that then failed
+            shutil.rmtree(folder)
+        folder.mkdir()
+        value = build(folder)
+        partial = root / f"{name}.pickle.partial"
+        partial.write_bytes(pickle.dumps(value))
+        partial.rename(result)
+        _BUILT[result] = value
+        return value
+
+
 @pytest.fixture(scope="session")
 def sample_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], Path]:
-    return gen.make_sample_tree(tmp_path_factory.mktemp("tree"), image_mb=4)  # type: ignore[no-any-return]
+    return built_once(
+        tmp_path_factory, "sample tree", lambda folder: gen.make_sample_tree(folder, image_mb=4)
+    )
 
 
 MakeBackup = Callable[..., Backup]
 
 
-@pytest.fixture(scope="session")
-def make(
-    tmp_path_factory: pytest.TempPathFactory, sample_tree: tuple[list[Any], Path]
-) -> Iterator[MakeBackup]:
-    """Build (and cache) a backup of the sample tree with the given writer options."""
-    cache: dict[str, Backup] = {}
-    vms, home = sample_tree
+def _backup_maker(
+    factory: pytest.TempPathFactory, sample: tuple[list[Any], Path], writer: Callable[..., Any],
+    filename: str,
+) -> MakeBackup:
+    """Build (once per run, see ``built_once``) a backup of the sample tree, or of the
+    ``vms`` and ``dom0_home`` given, with the given writer options."""
+    vms, home = sample
 
     def build(**options: Any) -> Backup:
-        key = repr(sorted(options.items()))
-        if key not in cache:
-            folder = tmp_path_factory.mktemp("backup")
+        def write(folder: Path) -> Backup:
             passfile = folder / "passphrase"
             passfile.write_text(PASSPHRASE + "\n", encoding="utf-8")
             use_vms = options.pop("vms", vms)
             use_home = options.pop("dom0_home", home)
-            path = folder / "qubes-backup"
-            manifest = gen.make_backup(
+            path = folder / filename
+            manifest = writer(
                 path, PASSPHRASE, use_vms, dom0_home=use_home, workdir=folder, **options
             )
-            cache[key] = Backup(path, passfile, manifest, use_vms, use_home)
-        return cache[key]
+            return Backup(path, passfile, manifest, use_vms, use_home)
 
-    yield build
+        return built_once(factory, f"{filename} {sorted(options.items())!r}", write)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def make(
+    tmp_path_factory: pytest.TempPathFactory, sample_tree: tuple[list[Any], Path]
+) -> MakeBackup:
+    """Build (and cache) a backup of the sample tree with the given writer options."""
+    return _backup_maker(tmp_path_factory, sample_tree, gen.make_backup, "qubes-backup")
 
 
 @pytest.fixture
@@ -249,27 +298,9 @@ def default_backup(make: MakeBackup) -> Backup:
 @pytest.fixture(scope="session")
 def make4(
     tmp_path_factory: pytest.TempPathFactory, sample_tree: tuple[list[Any], Path]
-) -> Iterator[MakeBackup]:
+) -> MakeBackup:
     """Build (and cache) a format-4 backup of the sample tree (R4's writer, real scrypt)."""
-    cache: dict[str, Backup] = {}
-    vms, home = sample_tree
-
-    def build(**options: Any) -> Backup:
-        key = repr(sorted(options.items()))
-        if key not in cache:
-            folder = tmp_path_factory.mktemp("backup4")
-            passfile = folder / "passphrase"
-            passfile.write_text(PASSPHRASE + "\n", encoding="utf-8")
-            use_vms = options.pop("vms", vms)
-            use_home = options.pop("dom0_home", home)
-            path = folder / "qubes-backup-r4"
-            manifest = gen4.make_backup_v4(
-                path, PASSPHRASE, use_vms, dom0_home=use_home, workdir=folder, **options
-            )
-            cache[key] = Backup(path, passfile, manifest, use_vms, use_home)
-        return cache[key]
-
-    yield build
+    return _backup_maker(tmp_path_factory, sample_tree, gen4.make_backup_v4, "qubes-backup-r4")
 
 
 @pytest.fixture(scope="session")
@@ -278,9 +309,12 @@ def backup_past_1000(make: MakeBackup, tmp_path_factory: pytest.TempPathFactory)
     then ``.1000``), the last one empty as R3.2 wrote it when the encrypted stream is
     a multiple of the chunk size.  Built once per run and shared by every test that
     needs chunks past 999: read it, never change it (copy it first)."""
-    src = tmp_path_factory.mktemp("past1000") / "tiny"
-    src.mkdir()
-    (src / "private.img").write_bytes(hashlib.shake_256(b"tiny").digest(16 * 1024))
+    def source(folder: Path) -> Path:
+        (folder / "tiny").mkdir()
+        (folder / "tiny" / "private.img").write_bytes(hashlib.shake_256(b"tiny").digest(16 << 10))
+        return folder / "tiny"
+
+    src = built_once(tmp_path_factory, "past 1000 source", source)
     backup = make(vms=[gen.VmSpec("tiny", 12, source=src)], dom0_home=None, chunk_size=16)
     names = backup.manifest.member_names()
     assert "vm12/private.img.999" in names and "vm12/private.img.1000" in names

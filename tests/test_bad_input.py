@@ -17,6 +17,9 @@ import make_bad_backups as bad  # scripts/ is on sys.path (conftest)
 import pytest
 from conftest import run_cli
 
+# its fixtures build something big: all its tests on one worker, so it is built once
+pytestmark = pytest.mark.xdist_group("test_bad_input")
+
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bad.Case]:

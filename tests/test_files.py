@@ -16,6 +16,9 @@ from qrecover import files
 from qrecover.errors import EXIT_MISSING_PROGRAM, BackupError, MissingProgramError
 from qrecover.files import debugfs
 
+# its fixtures build something big: all its tests on one worker, so it is built once
+pytestmark = pytest.mark.xdist_group("test_files")
+
 
 @pytest.fixture(scope="session")
 def private(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

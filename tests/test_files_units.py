@@ -27,6 +27,9 @@ from qrecover.files.listing import PathNotFound, walk
 from qrecover.inventory import Entity
 from qrecover.report import FileResult, Report
 
+# its fixtures build something big: all its tests on one worker, so it is built once
+pytestmark = pytest.mark.xdist_group("test_files_units")
+
 HOME = "/home/user"
 SPECIALS = {"/home/user/pipe (FIFO)", "/home/user/null-device (character device)"}
 

@@ -27,6 +27,9 @@ from conftest import (
     watch_family,
 )
 
+# its fixtures build something big: all its tests on one worker, so it is built once
+pytestmark = pytest.mark.xdist_group("test_format4_e2e")
+
 
 def restore(backup: Backup | Path, out: Path, passfile: Path, *extra: str) -> None:
     where = backup.path if isinstance(backup, Backup) else backup

@@ -28,6 +28,9 @@ from conftest import (
     sha,
 )
 
+# its fixtures build something big: all its tests on one worker, so it is built once
+pytestmark = pytest.mark.xdist_group("test_jobs_v4")
+
 CHUNK = 64 * 1024
 
 

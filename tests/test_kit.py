@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import PASSPHRASE, ROOT, Backup, MakeBackup, run_cli
 
+# its fixtures build something big: all its tests on one worker, so it is built once
+pytestmark = pytest.mark.xdist_group("test_kit")
+
 SAMPLE = ROOT / "fixtures" / "sample-backup"
 PASSFILE = ROOT / "fixtures" / "sample-backup.passphrase"
 CONTENTS = ROOT / "fixtures" / "sample-backup.contents.json"

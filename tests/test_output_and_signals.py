@@ -24,6 +24,9 @@ from conftest import (
     sha,
 )
 
+# its fixtures build something big: all its tests on one worker, so it is built once
+pytestmark = pytest.mark.xdist_group("test_output_and_signals")
+
 
 @pytest.fixture(scope="module")
 def big(make: MakeBackup, tmp_path_factory: pytest.TempPathFactory) -> Backup:

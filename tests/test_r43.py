@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 from conftest import PASSPHRASE, Backup, assert_restored, gen, gen4, run_cli, sha
 
+# its fixtures build something big: all its tests on one worker, so it is built once
+pytestmark = pytest.mark.xdist_group("test_r43")
+
 NOTES = "Bank login: use the hardware key.\nÜnïcödé second line\n"
 
 
