@@ -9,12 +9,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +79,76 @@ def run_cli(
         proc.stdout.decode("utf-8", "replace"),
         proc.stderr.decode("utf-8", "replace"),
     )
+
+
+def run_main(
+    *args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Run:
+    """``qrecover ARGS`` as ``run_cli`` runs it, but in this process: ``cli.main``, the
+    function the installed script calls, with file descriptors 0, 1 and 2 and
+    ``sys.std*`` of its own (standard input an empty pipe; the programs it starts
+    write to the same stdout and stderr, as they would), the environment, folder and
+    argv the program would have; all put back afterwards.  It saves the start of a
+    Python process per run; ``run_cli`` stays for what only a separate process shows
+    (signals, /proc, standard input, programs on PATH)."""
+    from qrecover.cli import main
+
+    saved_env = dict(os.environ)
+    saved_cwd = os.getcwd()
+    saved_std = (sys.stdin, sys.stdout, sys.stderr)
+    saved_argv, saved_main = sys.argv, sys.modules["__main__"]
+    saved_sigterm = signal.getsignal(signal.SIGTERM)
+    saved_fds = [os.dup(fd) for fd in (0, 1, 2)]
+    empty, writer = os.pipe()
+    os.close(writer)
+    code: int | str | None
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            os.environ.pop("QRECOVER_PASSPHRASE", None)
+            os.environ.update(env or {})
+            if cwd is not None:
+                os.chdir(cwd)
+            for fd, target in ((0, empty), (1, out.fileno()), (2, err.fileno())):
+                os.dup2(target, fd)
+            # as Python sets them up for a pipe: stdout block-buffered, stderr by line
+            sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)))
+            sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)))
+            sys.stderr = io.TextIOWrapper(
+                io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+                errors="backslashreplace", line_buffering=True,
+            )
+            # the installed script's argv and __main__: click names the program from them
+            sys.argv = ["qrecover", *map(str, args)]
+            sys.modules["__main__"] = types.ModuleType("__main__")
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+            except BaseException:  # what the interpreter would print, and its exit 1
+                traceback.print_exc()
+                code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(ValueError, OSError):
+                    stream.flush()
+            for fd, saved in zip((0, 1, 2), saved_fds, strict=True):
+                os.dup2(saved, fd)
+                os.close(saved)
+            os.close(empty)
+            sys.stdin, sys.stdout, sys.stderr = saved_std
+            sys.argv, sys.modules["__main__"] = saved_argv, saved_main
+            signal.signal(signal.SIGTERM, saved_sigterm)
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+        out.seek(0)
+        err.seek(0)
+        return Run(
+            code if isinstance(code, int) else (0 if code is None else 1),
+            out.read().decode("utf-8", "replace"),
+            err.read().decode("utf-8", "replace"),
+        )
 
 
 @dataclass

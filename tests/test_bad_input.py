@@ -3,7 +3,9 @@
 For every case: the documented exit code, a message naming the file or chunk
 at fault, no traceback, nothing written outside the output folder, nothing
 under a final name that is not complete and verified, and the user's own
-files untouched.
+files untouched.  Each run is ``cli.main`` in the test's process (conftest's
+``run_main``, with the real programs), not the installed script: the script only
+calls it, and other tests start the installed program.
 """
 
 from __future__ import annotations
@@ -15,16 +17,13 @@ from pathlib import Path
 
 import make_bad_backups as bad  # scripts/ is on sys.path (conftest)
 import pytest
-from conftest import run_cli
-
-# its fixtures build something big: all its tests on one worker, so it is built once
-pytestmark = pytest.mark.xdist_group("test_bad_input")
+from conftest import built_once, run_main
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bad.Case]:
-    folder = tmp_path_factory.mktemp("bad")
-    return {c.name: c for c in bad.cases(folder)}
+    # written once per test run, for every worker (the cases are only read)
+    return {c.name: c for c in built_once(tmp_path_factory, "bad cases", bad.cases)}
 
 
 # Every case make_bad_backups.py writes (checked below), each its own test.
@@ -125,7 +124,7 @@ def test_bad_backup(cases: dict[str, bad.Case], name: str, command: str, tmp_pat
     args = [command, case.path, "--passphrase-file", passfile]
     if command == "restore":
         args += ["--output", out]
-    result = run_cli(*args)
+    result = run_main(*args)
     assert result.code == case.code, result.text
     assert case.message in result.err, result.err
     assert not re.search(r"(\S+): \1:", result.text), "a name said twice in a row"
@@ -153,7 +152,7 @@ def test_special_files_skipped_rest_restored(cases: dict[str, bad.Case], tmp_pat
     case = cases["inner-device-and-fifo"]
     passfile = tmp_path / "pass"
     passfile.write_text(case.passphrase + "\n")
-    result = run_cli("restore", case.path, "-o", tmp_path / "out", "--passphrase-file", passfile)
+    result = run_main("restore", case.path, "-o", tmp_path / "out", "--passphrase-file", passfile)
     assert result.code == 4
     assert "FIFO" in result.err and "character device" in result.err
     assert (tmp_path / "out" / "work" / "apps" / "ok.desktop").read_text() == "[Desktop Entry]\n"
@@ -167,5 +166,5 @@ def test_no_size_limit_lets_a_large_expansion_through(
     case = cases["inner-bomb"]
     passfile = tmp_path / "pass"
     passfile.write_text(case.passphrase + "\n")
-    result = run_cli("verify", case.path, "--passphrase-file", passfile, "--no-size-limit")
+    result = run_main("verify", case.path, "--passphrase-file", passfile, "--no-size-limit")
     assert result.code == 0, result.text
