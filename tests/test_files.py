@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ext4image
 import pytest
-from conftest import ROOT, Backup, MakeBackup, gen, run_cli, sha
+from conftest import ROOT, Backup, MakeBackup, gen, run_main, sha
 
 from qrecover import files
 from qrecover.errors import EXIT_MISSING_PROGRAM, BackupError, MissingProgramError
@@ -61,7 +61,7 @@ def _no_specials(root: Path) -> None:
 def test_files_copies_home(private: tuple[Path, Path], tmp_path: Path) -> None:
     image, tree = private
     out = tmp_path / "out"
-    result = run_cli("-v", "files", image, "--output", out)
+    result = run_main("-v", "files", image, "--output", out)
     assert result.code == 0, result.text
     assert "COPIED" in result.out
     # the commands, as they can be pasted: read-only debugfs, by inode
@@ -90,11 +90,11 @@ def test_files_copies_home(private: tuple[Path, Path], tmp_path: Path) -> None:
 def test_files_several_paths_and_root(private: tuple[Path, Path], tmp_path: Path) -> None:
     image, tree = private
     out = tmp_path / "out"
-    result = run_cli("files", image, "-o", out, "/config", "home/user/Documents/")
+    result = run_main("files", image, "-o", out, "/config", "home/user/Documents/")
     assert result.code == 0, result.text
     _compare(out / "config", tree / "config")
     _compare(out / "Documents", tree / "home" / "user" / "Documents")
-    result = run_cli("files", image, "-o", out, "/")
+    result = run_main("files", image, "-o", out, "/")
     assert result.code == 0, result.text
     assert (out / "rw" / "usrlocal" / "bin" / "tool").read_text() == "#!/bin/sh\n"
     assert (out / "rw" / "lost+found").is_dir()
@@ -103,7 +103,7 @@ def test_files_several_paths_and_root(private: tuple[Path, Path], tmp_path: Path
 
 def test_files_list(private: tuple[Path, Path], tmp_path: Path) -> None:
     image, _tree = private
-    result = run_cli("files", image, "--list")
+    result = run_main("files", image, "--list")
     assert result.code == 0, result.text
     lines = result.out.splitlines()
     assert lines[0].endswith("  /home/user/")
@@ -118,11 +118,11 @@ def test_files_never_overwrites_without_force(private: tuple[Path, Path], tmp_pa
     out = tmp_path / "out"
     (out / "Documents").mkdir(parents=True)
     (out / "Documents" / "mine.txt").write_text("my own file")
-    result = run_cli("files", image, "-o", out, "/home/user/Documents")
+    result = run_main("files", image, "-o", out, "/home/user/Documents")
     assert result.code == 6, result.text
     assert "--force" in result.err
     assert (out / "Documents" / "mine.txt").read_text() == "my own file"
-    result = run_cli("files", image, "-o", out, "/home/user/Documents", "--force")
+    result = run_main("files", image, "-o", out, "/home/user/Documents", "--force")
     assert result.code == 0, result.text
     _compare(out / "Documents", tree / "home" / "user" / "Documents")
     assert [p.name for p in out.iterdir()] == ["Documents"]  # no staging left behind
@@ -130,16 +130,16 @@ def test_files_never_overwrites_without_force(private: tuple[Path, Path], tmp_pa
 
 def test_files_errors(private: tuple[Path, Path], tmp_path: Path) -> None:
     image, _tree = private
-    result = run_cli("files", image, "-o", tmp_path / "out", "/no/such/folder")
+    result = run_main("files", image, "-o", tmp_path / "out", "/no/such/folder")
     assert result.code == 2 and "/no/such/folder: not found" in result.err, result.text
     assert "--list" in result.err
-    result = run_cli("files", tmp_path / "missing.img", "-o", tmp_path / "out")
+    result = run_main("files", tmp_path / "missing.img", "-o", tmp_path / "out")
     assert result.code == 2 and "no such file" in result.err
-    result = run_cli("files", image)
+    result = run_main("files", image)
     assert result.code == 2 and "--output" in result.err
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    result = run_cli("files", image, "-o", blocker)
+    result = run_main("files", image, "-o", blocker)
     assert result.code == 6 and "not a folder" in result.err
     assert not (tmp_path / "out").exists()
 
@@ -147,16 +147,16 @@ def test_files_errors(private: tuple[Path, Path], tmp_path: Path) -> None:
 def test_partitioned_image_says_what_it_is(private: tuple[Path, Path], tmp_path: Path) -> None:
     image, _tree = private
     disk = ext4image.make_partitioned(tmp_path / "root.img", image)
-    result = run_cli("files", disk, "-o", tmp_path / "out")
+    result = run_main("files", disk, "-o", tmp_path / "out")
     assert result.code == 4, result.text
     assert "MBR partition table" in result.err
     assert f"partition 1 at byte offset {ext4image.PARTITION_OFFSET} (ext2/3/4" in result.err
     assert f"mount -o loop,ro,offset={ext4image.PARTITION_OFFSET}" in result.err
     zeros = tmp_path / "zeros.img"
     zeros.write_bytes(bytes(1 << 17))
-    result = run_cli("files", zeros, "-o", tmp_path / "out")
+    result = run_main("files", zeros, "-o", tmp_path / "out")
     assert result.code == 4 and "all zeros" in result.err
-    result = run_cli("files", ROOT / "README.md", "-o", tmp_path / "out")
+    result = run_main("files", ROOT / "README.md", "-o", tmp_path / "out")
     assert result.code == 4 and "0xEF53" in result.err
     assert not (tmp_path / "out").exists()
 
@@ -171,7 +171,7 @@ def test_hostile_names_are_refused(tmp_path: Path) -> None:
     assert b"/../../../../escaped.txt/" in listing  # the crafted names are really there
     assert listing.count(b"/link-to-outside/") == 2
     out = tmp_path / "deep" / "er" / "out"
-    result = run_cli("files", image, "-o", out)
+    result = run_main("files", image, "-o", out)
     assert result.code == 4, result.text
     assert "nothing was copied" in result.err
     assert "not a plain name" in result.err
@@ -179,9 +179,9 @@ def test_hostile_names_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "outside-target").exists()
     assert not out.exists()
     # what is fine can still be copied, by naming it
-    result = run_cli("files", image, "-o", out, "/home")
+    result = run_main("files", image, "-o", out, "/home")
     assert result.code == 4  # /home holds the bad folder
-    result = run_cli("files", image, "--list", "/")
+    result = run_main("files", image, "--list", "/")
     assert result.code == 4 and "the same name twice" in result.err
 
 
@@ -242,7 +242,7 @@ def ext4_backup(
 def test_restore_files(ext4_backup: Backup, private: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["restore", ext4_backup.path, "-o", out, "--passphrase-file", ext4_backup.passfile]
-    result = run_cli(*args, "--vm", "work", "--vm", "vault", "--files")
+    result = run_main(*args, "--vm", "work", "--vm", "vault", "--files")
     assert result.code == 0, result.text
     assert sha(out / "work" / "private.img") == sha(private[0])
     bashrc = private[1] / "home" / "user" / ".bashrc"
@@ -256,7 +256,7 @@ def test_restore_files(ext4_backup: Backup, private: tuple[Path, Path], tmp_path
     _no_specials(out / "work" / "files")
     # a private.img that is not ext: that VM fails, the others are still copied
     out2 = tmp_path / "out2"
-    result = run_cli(
+    result = run_main(
         "restore",
         ext4_backup.path,
         "-o",
@@ -401,7 +401,7 @@ def test_restore_files_never_follows_a_symlink_from_the_backup(
     passfile.write_text(bad.PASSPHRASE + "\n")
     for extra in ((), ("--force",)):
         out = tmp_path / f"out{len(extra)}"
-        result = run_cli(
+        result = run_main(
             "restore", backup, "-o", out, "--passphrase-file", passfile, "--files", *extra
         )
         assert result.code == 4, result.text

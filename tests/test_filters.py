@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, MakeBackup, assert_restored, bin_dir, run_cli
+from conftest import PASSPHRASE, MakeBackup, assert_restored, bin_dir, run_cli, run_main
 
 from qrecover.runner import PACKAGES
 from qrecover.stages.decompress import FILTERS, check_filter, decompress_stage
@@ -75,7 +75,7 @@ def test_format3_restores_a_backup_written_with(
     backup = make(compression=compression)
     assert backup.manifest.header["compression-filter"] == compression
     out = tmp_path / "out"
-    result = run_cli("restore", backup.path, "--passphrase-file", backup.passfile, "--output", out)
+    result = run_main("restore", backup.path, "--passphrase-file", backup.passfile, "--output", out)
     assert result.code == 0, result.text
     assert_restored(out, backup)
 
@@ -88,7 +88,7 @@ def test_format4_restores_a_backup_written_with(
     backup = make4(compression=compression)
     assert backup.manifest.header["compression-filter"] == compression
     out = tmp_path / "out"
-    result = run_cli("restore", backup.path, "--passphrase-file", backup.passfile, "--output", out)
+    result = run_main("restore", backup.path, "--passphrase-file", backup.passfile, "--output", out)
     assert result.code == 0, result.text
     assert_restored(out, backup)
 
@@ -121,7 +121,7 @@ def test_a_filter_with_other_arguments_is_refused_exit_4(
     bad = text.replace("compression-filter=gzip -3", f"compression-filter={value}")
     _resign_header(folder, bad)
     out = tmp_path / "out"
-    result = run_cli("restore", folder, "--passphrase-file", backup.passfile, "--output", out)
+    result = run_main("restore", folder, "--passphrase-file", backup.passfile, "--output", out)
     assert result.code == 4, result.text
     assert "compression-filter" in result.err and value in result.err, result.err
     assert "Traceback" not in result.text
@@ -130,7 +130,7 @@ def test_a_filter_with_other_arguments_is_refused_exit_4(
 
 def test_info_shows_the_level_the_header_names(make: MakeBackup) -> None:
     backup = make(compression="gzip -3")
-    result = run_cli("info", backup.path, "--passphrase-file", backup.passfile, "--json")
+    result = run_main("info", backup.path, "--passphrase-file", backup.passfile, "--json")
     assert result.code == 0, result.text
     assert '"compression-filter": "gzip -3"' in result.out
 
@@ -152,7 +152,7 @@ def test_scripts_read_these_headers_too(
     _need(compression.split(" ")[0])
     backup = (make if fmt == 3 else make4)(compression=compression)
     out = tmp_path / "out"
-    result = run_cli("script", backup.path, "--passphrase-file", backup.passfile, "--output", out)
+    result = run_main("script", backup.path, "--passphrase-file", backup.passfile, "--output", out)
     assert result.code == 0, result.text
     script = tmp_path / "recover.sh"
     script.write_text(result.out, encoding="utf-8")

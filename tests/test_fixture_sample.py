@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 
 SAMPLE = ROOT / "fixtures" / "sample-backup"
 PASSFILE = ROOT / "fixtures" / "sample-backup.passphrase"
@@ -14,7 +14,7 @@ CONTENTS = ROOT / "fixtures" / "sample-backup.contents.json"
 
 
 def test_sample_backup_restores_as_recorded(tmp_path: Path) -> None:
-    info = run_cli("info", SAMPLE, "--json", "--passphrase-file", PASSFILE)
+    info = run_main("info", SAMPLE, "--json", "--passphrase-file", PASSFILE)
     assert info.code == 0, info.text
     dest = {
         vm["backup_path"]: (
@@ -23,7 +23,7 @@ def test_sample_backup_restores_as_recorded(tmp_path: Path) -> None:
         for vm in json.loads(info.out)["vms"]
     }
     out = tmp_path / "restored"
-    result = run_cli("restore", SAMPLE, "--output", out, "--passphrase-file", PASSFILE)
+    result = run_main("restore", SAMPLE, "--output", out, "--passphrase-file", PASSFILE)
     assert result.code == 0, result.text
     entries = json.loads(CONTENTS.read_text())
     assert len(entries) > 20

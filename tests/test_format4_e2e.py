@@ -23,6 +23,7 @@ from conftest import (
     gen,
     qrecover_exe,
     run_cli,
+    run_main,
     sha,
     watch_family,
 )
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.xdist_group("test_format4_e2e")
 
 def restore(backup: Backup | Path, out: Path, passfile: Path, *extra: str) -> None:
     where = backup.path if isinstance(backup, Backup) else backup
-    result = run_cli("restore", where, "--output", out, "--passphrase-file", passfile, *extra)
+    result = run_main("restore", where, "--output", out, "--passphrase-file", passfile, *extra)
     assert result.code == 0, result.text
     assert "every chunk authenticated by scrypt" in result.out
 
@@ -100,7 +101,7 @@ def test_r4_writer_variants(make4: MakeBackup, tmp_path: Path, options: dict[str
 
 def test_r4_verify_and_info(make4: MakeBackup) -> None:
     backup = make4()
-    result = run_cli("verify", backup.path, "--passphrase-file", backup.passfile)
+    result = run_main("verify", backup.path, "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     for stored in backup.manifest.files:
         if stored.vm is not None:
@@ -108,7 +109,7 @@ def test_r4_verify_and_info(make4: MakeBackup) -> None:
                 line.startswith("OK") and f" {stored.name} " in line
                 for line in result.out.splitlines()
             ), stored.name
-    info = run_cli("info", backup.path, "--json", "--passphrase-file", backup.passfile)
+    info = run_main("info", backup.path, "--json", "--passphrase-file", backup.passfile)
     assert info.code == 0, info.text
     data = json.loads(info.out)
     assert data["header"]["version"] == 4
@@ -124,7 +125,7 @@ def test_r4_verify_and_info(make4: MakeBackup) -> None:
     assert by_name["fedora-23"]["type"] == "TemplateVM"
     assert by_name["standalone"]["type"] == "StandaloneVM"
     assert by_name["dom0"]["backup_path"] == "dom0-home/user"
-    text = run_cli("info", backup.path, "--passphrase-file", backup.passfile)
+    text = run_main("info", backup.path, "--passphrase-file", backup.passfile)
     assert text.code == 0 and "format 4" in text.out and "scrypt" in text.out
 
 
@@ -179,7 +180,7 @@ def test_r4_wrong_passphrase_exit_3_nothing_written(make4: MakeBackup, tmp_path:
     bad = tmp_path / "bad"
     bad.write_text("not it\n")
     out = tmp_path / "out"
-    result = run_cli("restore", backup.path, "-o", out, "--passphrase-file", bad)
+    result = run_main("restore", backup.path, "-o", out, "--passphrase-file", bad)
     assert result.code == 3, result.text
     assert "passphrase" in result.err and "Traceback" not in result.text
     assert not out.exists()
@@ -193,7 +194,7 @@ def test_r4_tampered_enc_chunk_keeps_partial(make4: MakeBackup, tmp_path: Path) 
     data[len(data) // 2] ^= 0x01  # in the ciphertext: only scrypt's final HMAC notices
     victim.write_bytes(bytes(data))
     out = tmp_path / "out"
-    result = run_cli("restore", folder, "-o", out, "--passphrase-file", backup.passfile)
+    result = run_main("restore", folder, "-o", out, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert "vm7/private.img.001.enc" in result.err and "scrypt" in result.err
     assert not (out / "work" / "private.img").exists()
@@ -224,7 +225,7 @@ def test_r4_header_altered_is_exit_3(make4: MakeBackup, tmp_path: Path) -> None:
     folder = untar(backup, tmp_path / "untarred")
     header = folder / "backup-header"
     header.write_bytes(header.read_bytes().replace(b"compressed=True", b"compressed=False"))
-    result = run_cli("info", folder, "--passphrase-file", backup.passfile)
+    result = run_main("info", folder, "--passphrase-file", backup.passfile)
     assert result.code == 3, result.text
     assert "backup-header" in result.err
 
@@ -246,7 +247,7 @@ def test_scrypt_authenticated_unknown_version_exit_4_names_it(
     header.write_bytes(header.read_bytes().replace(b"version=4", b"version=7"))
     (folder / "backup-header.hmac").unlink()
     _scrypt_enc(header, folder / "backup-header.hmac", f"backup-header!{PASSPHRASE}")
-    result = run_cli("info", folder, "--passphrase-file", backup.passfile)
+    result = run_main("info", folder, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert "version 7" in result.err
 

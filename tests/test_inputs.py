@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import Backup, MakeBackup, assert_restored, bin_dir, run_cli, sha
+from conftest import Backup, MakeBackup, assert_restored, bin_dir, run_cli, run_main, sha
 
 COMPRESSORS = {
     "gzip": ["gzip", "-c"],
@@ -65,7 +65,7 @@ def only_correct_files(out: Path, backup: Backup) -> None:
 def test_compressed_backup_restores(kind: str, backup: Backup, tmp_path: Path) -> None:
     packed = compress(kind, backup.path, tmp_path / f"backup.{kind}")
     out = tmp_path / "out"
-    result = run_cli("-v", "restore", packed, "--output", out, "--passphrase-file",
+    result = run_main("-v", "restore", packed, "--output", out, "--passphrase-file",
                      backup.passfile)
     assert result.code == 0, result.text
     assert f"{packed} is {kind}-compressed as a whole; reading it through" in result.err
@@ -103,7 +103,7 @@ def test_damaged_compressed_backup(backup: Backup, tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     packed.write_bytes(bytes(data))
     out = tmp_path / "out"
-    result = run_cli("restore", packed, "--output", out, "--passphrase-file", backup.passfile)
+    result = run_main("restore", packed, "--output", out, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert "xz exited 1" in result.err
     assert "Traceback" not in result.text
@@ -113,14 +113,14 @@ def test_damaged_compressed_backup(backup: Backup, tmp_path: Path) -> None:
 def test_split_backup_in_order(backup: Backup, tmp_path: Path) -> None:
     pieces = split(backup.path, tmp_path / "pieces")
     out = tmp_path / "out"
-    result = run_cli("restore", *pieces, "--output", out, "--passphrase-file", backup.passfile)
+    result = run_main("restore", *pieces, "--output", out, "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert_restored(out, backup)
 
 
 def test_split_pieces_of_unaligned_size(backup: Backup, tmp_path: Path) -> None:
     pieces = split(backup.path, tmp_path / "pieces", aligned=False)
-    result = run_cli("verify", *pieces, "--passphrase-file", backup.passfile)
+    result = run_main("verify", *pieces, "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
 
 
@@ -128,7 +128,7 @@ def test_split_after_compress(backup: Backup, tmp_path: Path) -> None:
     packed = compress("gzip", backup.path, tmp_path / "backup.gz")
     pieces = split(packed, tmp_path / "pieces")
     out = tmp_path / "out"
-    result = run_cli("-v", "restore", *pieces, "--output", out, "--passphrase-file",
+    result = run_main("-v", "restore", *pieces, "--output", out, "--passphrase-file",
                      backup.passfile)
     assert result.code == 0, result.text
     assert "+ cat -- " in result.err  # the pieces go into the decompressor, in order
@@ -138,7 +138,7 @@ def test_split_after_compress(backup: Backup, tmp_path: Path) -> None:
 def test_split_first_piece_not_first(backup: Backup, tmp_path: Path) -> None:
     pieces = split(backup.path, tmp_path / "pieces")
     pieces[0], pieces[1] = pieces[1], pieces[0]
-    result = run_cli("verify", *pieces, "--passphrase-file", backup.passfile)
+    result = run_main("verify", *pieces, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert f"{pieces[0]}" in result.err and "Traceback" not in result.text
     assert re.search(r"first piece|not a tar archive", result.err), result.err
@@ -155,7 +155,7 @@ def test_split_pieces_out_of_order_or_missing(
     else:
         del pieces[1]
     out = tmp_path / "out"
-    result = run_cli("restore", *pieces, "--output", out, "--passphrase-file", backup.passfile)
+    result = run_main("restore", *pieces, "--output", out, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     # aa is followed by ac either way: the first boundary that is wrong
     assert f"piece {pieces[1]} does not continue piece {pieces[0]}" in result.err, result.err
@@ -169,7 +169,7 @@ def test_split_last_pieces_missing(backup: Backup, tmp_path: Path) -> None:
     # the bytes are still the whole backup, and the restore rightly succeeds)
     assert pieces[-2].read_bytes().strip(b"\0")
     out = tmp_path / "out"
-    result = run_cli("restore", *pieces[:-2], "--output", out, "--passphrase-file",
+    result = run_main("restore", *pieces[:-2], "--output", out, "--passphrase-file",
                      backup.passfile)
     assert result.code == 4, result.text
     assert "Traceback" not in result.text
@@ -179,21 +179,21 @@ def test_split_last_pieces_missing(backup: Backup, tmp_path: Path) -> None:
 def test_short_piece_in_the_middle(backup: Backup, tmp_path: Path) -> None:
     pieces = split(backup.path, tmp_path / "pieces")
     pieces.insert(1, pieces.pop())  # the short last piece given second
-    result = run_cli("verify", *pieces, "--passphrase-file", backup.passfile)
+    result = run_main("verify", *pieces, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert "so it must be the last piece" in result.err
 
 
 def test_pieces_usage_errors(backup: Backup, tmp_path: Path) -> None:
-    result = run_cli("verify", backup.path, backup.path, "--passphrase-file", backup.passfile)
+    result = run_main("verify", backup.path, backup.path, "--passphrase-file", backup.passfile)
     assert result.code == 2 and "given twice" in result.err, result.text
-    result = run_cli("verify", "-", backup.path, "--passphrase-file", backup.passfile)
+    result = run_main("verify", "-", backup.path, "--passphrase-file", backup.passfile)
     assert result.code == 2 and "standard input" in result.err, result.text
 
 
 def test_script_of_a_compressed_backup_asks_for_the_file(backup: Backup, tmp_path: Path) -> None:
     packed = compress("gzip", backup.path, tmp_path / "backup.gz")
-    result = run_cli("script", packed, "--output", tmp_path / "out", "--passphrase-file",
+    result = run_main("script", packed, "--output", tmp_path / "out", "--passphrase-file",
                      backup.passfile)
     assert result.code == 0, result.text
     assert "backup=''" in result.out  # tar -i cannot read the .gz: the user names the backup
@@ -245,13 +245,13 @@ def test_not_a_backup_in_a_folder(what: str, backup: Backup, tmp_path: Path) -> 
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "qubes-backup").write_bytes(data)  # the file itself, put in a folder
-    result = run_cli("verify", folder, "--passphrase-file", backup.passfile)
+    result = run_main("verify", folder, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert "no backup-header in this folder" in result.err
     # the same bytes as the members a folder should hold
     (folder / "backup-header").write_bytes(data[:4096])
     (folder / "backup-header.hmac").write_bytes(data[4096:8192])
-    result = run_cli("verify", folder, "--passphrase-file", backup.passfile)
+    result = run_main("verify", folder, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert "backup-header" in result.err and "Traceback" not in result.text
 
@@ -263,7 +263,7 @@ def test_folder_with_a_fifo_for_a_chunk(backup: Backup, tmp_path: Path) -> None:
     chunk = next(folder.glob("vm*/private.img.000"))
     chunk.unlink()
     os.mkfifo(chunk)  # not a file where a chunk should be: named, never opened (no hang)
-    result = run_cli("verify", folder, "--passphrase-file", backup.passfile)
+    result = run_main("verify", folder, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert "not a regular file" in result.err
     shutil.rmtree(folder)

@@ -25,6 +25,7 @@ from conftest import (
     gen,
     qrecover_exe,
     run_cli,
+    run_main,
     sha,
 )
 
@@ -87,19 +88,19 @@ def test_jobs_2_from_a_folder(many4: Backup, tmp_path: Path) -> None:
 
 
 def test_verify_takes_jobs(many4: Backup) -> None:
-    result = run_cli("verify", many4.path, "--passphrase-file", many4.passfile, "--jobs", "2")
+    result = run_main("verify", many4.path, "--passphrase-file", many4.passfile, "--jobs", "2")
     assert result.code == 0, result.text
 
 
 def test_jobs_0_is_a_usage_error(many4: Backup, tmp_path: Path) -> None:
-    result = run_cli("restore", many4.path, "-o", tmp_path / "o", "--passphrase-file",
+    result = run_main("restore", many4.path, "-o", tmp_path / "o", "--passphrase-file",
                      many4.passfile, "--jobs", "0")
     assert result.code == 2, result.text
     assert not (tmp_path / "o").exists()
 
 
 def test_v_logs_every_scrypt_dec_with_its_memory_cap(many4: Backup, tmp_path: Path) -> None:
-    result = run_cli("-v", "restore", many4.path, "-o", tmp_path / "o", "--passphrase-file",
+    result = run_main("-v", "restore", many4.path, "-o", tmp_path / "o", "--passphrase-file",
                      many4.passfile, "--jobs", "2")
     assert result.code == 0, result.text
     chunks = [n for n in many4.manifest.member_names() if n.endswith(".enc")]
@@ -125,7 +126,7 @@ def test_tampered_middle_chunk_same_outcome_with_jobs_1_and_2(
     outcomes = []
     for jobs in ("1", "2"):
         out = tmp_path / f"out{jobs}"
-        result = run_cli("restore", folder, "-o", out, "--passphrase-file", many4.passfile,
+        result = run_main("restore", folder, "-o", out, "--passphrase-file", many4.passfile,
                          "--jobs", jobs)
         said = [line for line in result.err.splitlines() if "private.img.012.enc" in line]
         assert result.code == 4, result.text
@@ -347,7 +348,7 @@ def test_transcript_and_explain_do_not_depend_on_jobs(many4: Backup, tmp_path: P
         out = tmp_path / "out"
         transcript = tmp_path / "t.sh"
         extra = () if jobs == "1" else ("--jobs", "2")
-        result = run_cli("restore", many4.path, "-o", out, "--passphrase-file", many4.passfile,
+        result = run_main("restore", many4.path, "-o", out, "--passphrase-file", many4.passfile,
                          "--transcript", transcript, "--explain", *extra)
         assert result.code == 0, result.text
         text = transcript.read_text(encoding="utf-8").replace(" --jobs 2", "")

@@ -8,7 +8,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 
 SAMPLE = ROOT / "fixtures" / "sample-backup"
 PASSFILE = ROOT / "fixtures" / "sample-backup.passphrase"
@@ -28,7 +28,7 @@ def _tampered(tmp_path: Path, member: str) -> Path:
 
 
 def test_verify_json_intact() -> None:
-    result = run_cli("verify", SAMPLE, "--json", "--passphrase-file", PASSFILE)
+    result = run_main("verify", SAMPLE, "--json", "--passphrase-file", PASSFILE)
     assert result.code == 0, result.text
     doc = json.loads(result.out)  # stdout is the document and nothing else
     assert doc["verdict"] == "ok" and doc["exit_code"] == 0
@@ -45,8 +45,8 @@ def test_verify_json_intact() -> None:
 
 def test_verify_json_tampered_marks_only_its_file(tmp_path: Path) -> None:
     backup = _tampered(tmp_path, "vm7/private.img.000")
-    plain = run_cli("verify", backup, "--passphrase-file", PASSFILE)
-    result = run_cli("verify", backup, "--json", "--passphrase-file", PASSFILE)
+    plain = run_main("verify", backup, "--passphrase-file", PASSFILE)
+    result = run_main("verify", backup, "--json", "--passphrase-file", PASSFILE)
     assert result.code == plain.code == 4, result.text
     doc = json.loads(result.out)
     assert doc["verdict"] == "failed" and doc["exit_code"] == 4
@@ -58,7 +58,7 @@ def test_verify_json_tampered_marks_only_its_file(tmp_path: Path) -> None:
 
 def test_restore_json(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_cli("restore", SAMPLE, "-o", out, "--json", "--passphrase-file", PASSFILE)
+    result = run_main("restore", SAMPLE, "-o", out, "--json", "--passphrase-file", PASSFILE)
     assert result.code == 0, result.text
     doc = json.loads(result.out)
     assert doc["command"] == "restore" and doc["verdict"] == "ok"
@@ -70,13 +70,13 @@ def test_restore_json(tmp_path: Path) -> None:
 def test_json_on_error_keeps_exit_code(tmp_path: Path) -> None:
     wrong = tmp_path / "wrong"
     wrong.write_text("not the passphrase\n")
-    result = run_cli("verify", SAMPLE, "--json", "--passphrase-file", wrong)
+    result = run_main("verify", SAMPLE, "--json", "--passphrase-file", wrong)
     assert result.code == 3, result.text
     doc = json.loads(result.out)
     assert doc["verdict"] == "error" and doc["exit_code"] == 3 and doc["problems"]
 
 
 def test_json_refuses_dry_run(tmp_path: Path) -> None:
-    result = run_cli("restore", SAMPLE, "-o", tmp_path / "o", "--dry-run", "--json",
+    result = run_main("restore", SAMPLE, "-o", tmp_path / "o", "--dry-run", "--json",
                      "--passphrase-file", PASSFILE)
     assert result.code == 2 and "--dry-run" in result.err

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from conftest import Backup, bin_dir, run_cli
+from conftest import Backup, bin_dir, run_cli, run_main
 
 from qrecover.errors import OutputError, WouldOverwrite
 from qrecover.formats import parse_header
@@ -104,7 +104,8 @@ def test_dry_run_stops_where_the_restore_stops_on_a_symlinked_vm_folder(
     os.symlink(elsewhere, out / "work")
     args = (default_backup.path, "-o", out, "--passphrase-file", default_backup.passfile)
     for force in ((), ("--force",)):
-        dry = run_cli("restore", *args, "--dry-run", *force)
+        dry = run_main("restore", *args, "--dry-run", *force)
+        # a process of its own: a restore holds its lock on DIR until its process ends
         real = run_cli("restore", *args, *force)
         assert real.code == 6 and "is a symbolic link" in real.err, real.text
         assert dry.code == real.code, (force, dry.text)
@@ -121,8 +122,8 @@ def test_dry_run_exit_is_the_restores_where_a_file_stands_for_a_folder(
     out = tmp_path / "out"
     out.write_text("mine\n")
     for extra in ((), ("--force",)):
-        real = run_cli("restore", default_backup.path, "-o", out, *pf, *extra)
-        dry = run_cli("restore", default_backup.path, "-o", out, *pf, "--dry-run", *extra)
+        real = run_main("restore", default_backup.path, "-o", out, *pf, *extra)
+        dry = run_main("restore", default_backup.path, "-o", out, *pf, "--dry-run", *extra)
         assert real.code == 6 and "exists and is not a folder" in real.err, real.text
         assert dry.code == real.code and "exists and is not a folder" in dry.out, dry.text
     assert out.read_text() == "mine\n"
@@ -130,9 +131,9 @@ def test_dry_run_exit_is_the_restores_where_a_file_stands_for_a_folder(
     out2.mkdir()
     (out2 / "work").write_text("mine\n")
     args = (default_backup.path, "-o", out2, *pf, "--force")
-    dry = run_cli("restore", *args, "--dry-run")
+    dry = run_main("restore", *args, "--dry-run")
     assert dry.code == 6 and "work: exists and is not a folder" in dry.out, dry.text
     assert "these already exist (use --force" not in dry.out  # --force was given
-    real = run_cli("restore", *args)
+    real = run_main("restore", *args)
     assert real.code == dry.code, real.text
     assert (out2 / "work").read_text() == "mine\n"

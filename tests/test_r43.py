@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, Backup, assert_restored, gen, gen4, run_cli, sha
+from conftest import PASSPHRASE, Backup, assert_restored, gen, gen4, run_main, sha
 
 # its fixtures build something big: all its tests on one worker, so it is built once
 pytestmark = pytest.mark.xdist_group("test_r43")
@@ -55,7 +55,7 @@ def test_the_writer_stores_notes_and_the_placeholder(r43: Backup) -> None:
 
 def test_restore_gives_notes_and_an_empty_folder(r43: Backup, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_cli("restore", r43.path, "--passphrase-file", r43.passfile, "--output", out)
+    result = run_main("restore", r43.path, "--passphrase-file", r43.passfile, "--output", out)
     assert result.code == 0, result.text
     assert_restored(out, r43, NAMED)
     assert (out / "work" / "notes.txt").read_text(encoding="utf-8") == NOTES
@@ -64,17 +64,17 @@ def test_restore_gives_notes_and_an_empty_folder(r43: Backup, tmp_path: Path) ->
 
 
 def test_verify_and_info_name_the_qube_without_files(r43: Backup) -> None:
-    result = run_cli("verify", r43.path, "--passphrase-file", r43.passfile)
+    result = run_main("verify", r43.path, "--passphrase-file", r43.passfile)
     assert result.code == 0, result.text
     assert "vm21/empty" in result.out and "vm7/notes.txt" in result.out
-    info = run_cli("info", r43.path, "--passphrase-file", r43.passfile)
+    info = run_main("info", r43.path, "--passphrase-file", r43.passfile)
     assert info.code == 0 and "disp-empty" in info.out
 
 
 def test_script_gives_the_same_layout(r43: Backup, tmp_path: Path) -> None:
     out = tmp_path / "out"
     script = tmp_path / "recover.sh"
-    result = run_cli("script", r43.path, "--passphrase-file", r43.passfile, "--output", out)
+    result = run_main("script", r43.path, "--passphrase-file", r43.passfile, "--output", out)
     assert result.code == 0, result.text
     script.write_text(result.out, encoding="utf-8")
     env = {**os.environ, "backup_pass": PASSPHRASE}
@@ -98,7 +98,7 @@ def test_a_placeholder_holding_data_fails_and_is_kept_partial(
 ) -> None:
     backup = _build(tmp_path, placeholder_data=data)
     out = tmp_path / "out"
-    result = run_cli("restore", backup.path, "--passphrase-file", backup.passfile, "--output", out)
+    result = run_main("restore", backup.path, "--passphrase-file", backup.passfile, "--output", out)
     assert result.code == 4, result.text
     assert "vm21/empty" in result.text and said in result.text
     assert not (out / "disp-empty" / "empty").exists()
@@ -110,7 +110,7 @@ def test_a_placeholder_holding_data_fails_and_is_kept_partial(
 def test_transcript_replays_the_same_layout(r43: Backup, tmp_path: Path) -> None:
     out = tmp_path / "out"
     transcript = tmp_path / "replay.sh"
-    result = run_cli(
+    result = run_main(
         "restore", r43.path, "--passphrase-file", r43.passfile, "--output", out,
         "--vm", "disp-empty", "--vm", "work", "--transcript", transcript,
     )

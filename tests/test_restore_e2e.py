@@ -18,6 +18,7 @@ from conftest import (
     bin_dir,
     qrecover_exe,
     run_cli,
+    run_main,
     sha,
 )
 
@@ -25,7 +26,7 @@ from qrecover.errors import EXIT_CODES
 
 
 def restore(backup: Backup, out: Path, *extra: str) -> None:
-    result = run_cli(
+    result = run_main(
         "restore", backup.path, "--output", out, "--passphrase-file", backup.passfile, *extra
     )
     assert result.code == 0, result.text
@@ -128,7 +129,7 @@ def test_vm_selection(default_backup: Backup, tmp_path: Path) -> None:
 
 
 def test_unknown_vm_is_usage_error_listing_names(default_backup: Backup, tmp_path: Path) -> None:
-    result = run_cli(
+    result = run_main(
         "restore",
         default_backup.path,
         "-o",
@@ -144,14 +145,14 @@ def test_unknown_vm_is_usage_error_listing_names(default_backup: Backup, tmp_pat
 
 
 def test_verify_and_info(default_backup: Backup) -> None:
-    result = run_cli("verify", default_backup.path, "--passphrase-file", default_backup.passfile)
+    result = run_main("verify", default_backup.path, "--passphrase-file", default_backup.passfile)
     assert result.code == 0, result.text
     stored = [f.name for f in default_backup.manifest.files if f.name != "qubes.xml"]
     for name in stored:
         assert any(
             line.startswith("OK") and f" {name} " in line + " " for line in result.out.splitlines()
         ), name
-    info = run_cli(
+    info = run_main(
         "info", default_backup.path, "--json", "--passphrase-file", default_backup.passfile
     )
     assert info.code == 0, info.text
@@ -163,7 +164,7 @@ def test_verify_and_info(default_backup: Backup) -> None:
     assert by_name["work"]["backup_path"] == "vm7"
     assert by_name["fedora-23"]["type"] == "TemplateVM"
     assert set(by_name["work"]) == {"name", "type", "template", "backup_path", "size"}
-    text = run_cli("info", default_backup.path, "--passphrase-file", default_backup.passfile)
+    text = run_main("info", default_backup.path, "--passphrase-file", default_backup.passfile)
     assert text.code == 0 and "work" in text.out and "vm7" in text.out
 
 
@@ -171,7 +172,7 @@ def test_wrong_passphrase_exit_3_nothing_written(default_backup: Backup, tmp_pat
     bad = tmp_path / "bad"
     bad.write_text("not it\n")
     out = tmp_path / "out"
-    result = run_cli("restore", default_backup.path, "-o", out, "--passphrase-file", bad)
+    result = run_main("restore", default_backup.path, "-o", out, "--passphrase-file", bad)
     assert result.code == 3
     assert "passphrase" in result.err and "Traceback" not in result.text
     assert not out.exists()
@@ -202,7 +203,7 @@ def test_tampered_chunk_keeps_partial_and_restores_the_rest(
     data[100] ^= 0x01
     victim.write_bytes(bytes(data))
     out = tmp_path / "out"
-    result = run_cli("restore", folder, "-o", out, "--passphrase-file", backup.passfile)
+    result = run_main("restore", folder, "-o", out, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert "vm7/private.img.001" in result.err and "HMAC mismatch" in result.err
     assert not (out / "work" / "private.img").exists()
@@ -231,6 +232,7 @@ def test_existing_output_exit_6_then_force(default_backup: Backup, tmp_path: Pat
     (out / "work").mkdir(parents=True)
     mine = out / "work" / "private.img"
     mine.write_bytes(b"the user's own file")
+    # a process of its own: a restore holds its lock on DIR until its process ends
     result = run_cli(
         "restore", default_backup.path, "-o", out, "--passphrase-file", default_backup.passfile
     )
@@ -242,7 +244,7 @@ def test_existing_output_exit_6_then_force(default_backup: Backup, tmp_path: Pat
 
 def test_exit_codes_documented() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    helptext = run_cli("--help").out
+    helptext = run_main("--help").out
     for code in EXIT_CODES:
         assert f"| {code} |" in readme, code
         assert f"{code}:" in helptext, code
@@ -343,6 +345,6 @@ def test_folder_chunks_are_fed_from_private_copies(default_backup: Backup, tmp_p
 def test_version() -> None:
     from qrecover import __version__
 
-    result = run_cli("--version")
+    result = run_main("--version")
     assert result.code == 0, result.text
     assert result.out.strip() == f"qrecover {__version__}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Backup, MakeBackup, assert_restored, run_cli
+from conftest import Backup, MakeBackup, assert_restored, run_main
 from typer.testing import CliRunner
 
 from qrecover.cli import app, main
@@ -108,7 +108,7 @@ def test_excluding_everything_is_a_usage_error(
 def test_end_to_end_format4(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4()
     out = tmp_path / "out"
-    result = run_cli(
+    result = run_main(
         *_args(backup, "restore", "--output", str(out)),
         "--exclude", "fedora-23", "--exclude", "standalone", "--skip-dom0-home",
     )

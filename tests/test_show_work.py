@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, run_cli, sha
+from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, run_cli, run_main, sha
 
 from qrecover.stages.decompress import pick_gunzip
 
@@ -70,7 +70,7 @@ def run_sh(
 
 
 def reference(backup: Backup, out: Path, *extra: str | Path) -> None:
-    result = run_cli(
+    result = run_main(
         "restore", backup.path, "-o", out, "--passphrase-file", backup.passfile, *extra
     )
     assert result.code == 0, result.text
@@ -78,7 +78,7 @@ def reference(backup: Backup, out: Path, *extra: str | Path) -> None:
 
 def write_script(backup: Backup | Path, passfile: Path, out: Path, dest: Path, *extra: str) -> Path:
     source = backup.path if isinstance(backup, Backup) else backup
-    result = run_cli("script", source, "-o", out, "--passphrase-file", passfile, *extra)
+    result = run_main("script", source, "-o", out, "--passphrase-file", passfile, *extra)
     assert result.code == 0, result.text
     assert result.out.startswith("#!/bin/sh\n")
     dest.write_text(result.out, encoding="utf-8")
@@ -235,7 +235,7 @@ def _path_without(folder: Path, hidden: tuple[str, ...]) -> str:
 def test_transcript_of_chunked_verify_replays(make: MakeBackup, tmp_path: Path) -> None:
     backup = make(chunk_size=16 * 1024)
     transcript = tmp_path / "verify.sh"
-    result = run_cli(
+    result = run_main(
         "verify", backup.path, "--passphrase-file", backup.passfile, "--transcript", transcript
     )
     assert result.code == 0, result.text
@@ -255,7 +255,7 @@ def test_transcript_of_chunked_verify_replays(make: MakeBackup, tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["verify.sh"]
     # an existing transcript file is not overwritten
-    again = run_cli(
+    again = run_main(
         "verify", backup.path, "--passphrase-file", backup.passfile, "--transcript", transcript
     )
     assert again.code == 6 and "already exists" in again.err
@@ -319,7 +319,7 @@ def test_tampered_chunk_stops_the_script_before_openssl_enc(
     assert leftovers == []
     # the transcript of the same run stops at the same chunk on replay
     transcript = tmp_path / "t.sh"
-    result = run_cli(
+    result = run_main(
         "restore",
         tampered,
         "-o",
@@ -366,7 +366,7 @@ def test_wrong_passphrase_stops_the_script_at_step_2(
 
 def test_explain_narrates_every_step(default_backup: Backup, tmp_path: Path) -> None:
     out = tmp_path / ODD
-    result = run_cli(
+    result = run_main(
         "restore",
         default_backup.path,
         "-o",
@@ -392,7 +392,7 @@ def test_explain_narrates_every_step(default_backup: Backup, tmp_path: Path) -> 
     )
     assert f"sudo mount -o loop,ro '{out}/work/private.img' /mnt" in err
     assert err.index("* Step 2") < err.index("* Step 3") < err.index("* Step 4")
-    verify = run_cli(
+    verify = run_main(
         "verify",
         default_backup.path,
         "--vm",
@@ -406,7 +406,7 @@ def test_explain_narrates_every_step(default_backup: Backup, tmp_path: Path) -> 
 
 def test_dry_run_plans_and_writes_nothing(default_backup: Backup, tmp_path: Path) -> None:
     out = tmp_path / ODD
-    result = run_cli(
+    result = run_main(
         "restore",
         default_backup.path,
         "-o",
@@ -425,7 +425,7 @@ def test_dry_run_plans_and_writes_nothing(default_backup: Backup, tmp_path: Path
     assert "--strip-components=1" in result.out
     out.mkdir()
     (out / "work").mkdir()
-    again = run_cli(
+    again = run_main(
         "restore",
         default_backup.path,
         "-o",
@@ -440,7 +440,7 @@ def test_dry_run_plans_and_writes_nothing(default_backup: Backup, tmp_path: Path
     assert sorted(p.name for p in out.iterdir()) == ["work"]
     bad = tmp_path / "bad"
     bad.write_text("wrong\n")
-    wrong = run_cli(
+    wrong = run_main(
         "restore", default_backup.path, "-o", out, "--dry-run", "--passphrase-file", bad
     )
     assert wrong.code == 3
@@ -489,7 +489,7 @@ def test_passphrase_never_shown(default_backup: Backup, tmp_path: Path) -> None:
     out = tmp_path / ODD
     transcript = tmp_path / "t.sh"
     runs = [
-        run_cli(
+        run_main(
             "-v",
             "restore",
             default_backup.path,
@@ -501,7 +501,7 @@ def test_passphrase_never_shown(default_backup: Backup, tmp_path: Path) -> None:
             transcript,
             "--explain",
         ),
-        run_cli(
+        run_main(
             "-v",
             "verify",
             default_backup.path,
@@ -511,7 +511,7 @@ def test_passphrase_never_shown(default_backup: Backup, tmp_path: Path) -> None:
             "--transcript",
             tmp_path / "v.sh",
         ),
-        run_cli(
+        run_main(
             "-v",
             "restore",
             default_backup.path,
@@ -521,14 +521,16 @@ def test_passphrase_never_shown(default_backup: Backup, tmp_path: Path) -> None:
             "--passphrase-file",
             pf,
         ),
-        run_cli("-v", "script", default_backup.path, "-o", tmp_path / "s", "--passphrase-file", pf),
-        run_cli("-v", "info", default_backup.path, "--passphrase-file", pf),
+        run_main(
+            "-v", "script", default_backup.path, "-o", tmp_path / "s", "--passphrase-file", pf
+        ),
+        run_main("-v", "info", default_backup.path, "--passphrase-file", pf),
     ]
     assert [r.code for r in runs] == [0, 0, 0, 0, 0], [r.err for r in runs]
     assert "+ openssl enc -d" in runs[0].err  # -v did log the commands
     bad = tmp_path / "bad"
     bad.write_text(PASSPHRASE + "x\n")
-    wrong = run_cli(
+    wrong = run_main(
         "-v",
         "restore",
         default_backup.path,
@@ -621,7 +623,7 @@ def test_transcript_file_is_never_the_backup_nor_written_through_a_link(
     copy = tmp_path / "backup"
     shutil.copy(default_backup.path, copy)
     before = sha(copy)
-    result = run_cli(
+    result = run_main(
         "restore",
         copy,
         "-o",
@@ -638,7 +640,7 @@ def test_transcript_file_is_never_the_backup_nor_written_through_a_link(
     victim.write_text("mine")
     link = tmp_path / "t.sh"
     link.symlink_to(victim)
-    result = run_cli(
+    result = run_main(
         "restore",
         copy,
         "-o",
@@ -668,7 +670,7 @@ def test_transcript_of_a_run_with_problems_does_not_end_in_success(
     folder.mkdir()
     subprocess.run(["tar", "-i", "-xf", str(backup.path), "-C", str(folder), *members], check=True)
     transcript = tmp_path / "t.sh"
-    result = run_cli(
+    result = run_main(
         "restore",
         folder,
         "-o",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, gen4, run_cli
+from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, gen4, run_main
 from test_format4_e2e import _fake_scrypt
 from test_show_work import DASH, ODD, _argv_logging_path, assert_same_tree, reference, run_sh
 
@@ -34,7 +34,7 @@ SCRYPT_1_2_1_USAGE = (
 
 
 def write_script(source: Path, passfile: Path, out: Path, dest: Path, *extra: str) -> Path:
-    result = run_cli("script", source, "-o", out, "--passphrase-file", passfile, *extra)
+    result = run_main("script", source, "-o", out, "--passphrase-file", passfile, *extra)
     assert result.code == 0, result.text
     assert result.out.startswith("#!/bin/sh\n")
     dest.write_text(result.out, encoding="utf-8")
@@ -128,7 +128,7 @@ def test_r4_transcripts_replay_restore_and_verify(make4: MakeBackup, tmp_path: P
     assert positions == sorted(positions)
     # a verify transcript verifies again and writes nothing
     vt = tmp_path / "verify.sh"
-    result = run_cli(
+    result = run_main(
         "verify", backup.path, "--passphrase-file", backup.passfile, "--transcript", vt
     )
     assert result.code == 0, result.text
@@ -199,7 +199,7 @@ def test_r4_tampered_chunk_stops_before_the_decompressor(
     assert [p.name for p in out.rglob("*") if p.name.startswith(".qrecover")] == []
     # the transcript of the same run stops at the same chunk on replay
     transcript = tmp_path / "t.sh"
-    result = run_cli(
+    result = run_main(
         "restore", tampered, "-o", tmp_path / "o2", "--vm", "work",
         "--passphrase-file", backup.passfile, "--transcript", transcript,
     )
@@ -256,7 +256,7 @@ def test_r4_scripts_with_scrypt_1_2_1_use_P(make4: MakeBackup, tmp_path: Path) -
 def test_r4_explain_narrates_the_v4_steps(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4(chunk_size=16 * 1024)
     out = tmp_path / ODD
-    result = run_cli(
+    result = run_main(
         "restore", backup.path, "-o", out, "--vm", "work", "--explain",
         "--passphrase-file", backup.passfile,
     )
@@ -281,7 +281,7 @@ def test_r4_explain_narrates_the_v4_steps(make4: MakeBackup, tmp_path: Path) -> 
     assert re.search(r"\| (gzip|pigz|igzip) -d \| tar -x -f - -C", err)  # igzip/pigz if there
     assert f"sudo mount -o loop,ro '{out}/work/private.img' /mnt" in err
     assert "openssl" not in err and "HMAC matches" not in err
-    verify = run_cli(
+    verify = run_main(
         "verify", backup.path, "--vm", "work", "--explain", "--passphrase-file", backup.passfile
     )
     assert verify.code == 0 and "decrypted, decompressed and listed" in verify.err
@@ -290,7 +290,7 @@ def test_r4_explain_narrates_the_v4_steps(make4: MakeBackup, tmp_path: Path) -> 
 def test_r4_dry_run_plans_and_writes_nothing(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4()
     out = tmp_path / ODD
-    result = run_cli(
+    result = run_main(
         "restore", backup.path, "-o", out, "--dry-run", "--passphrase-file", backup.passfile
     )
     assert result.code == 0, result.text
@@ -311,7 +311,7 @@ def test_r4_dry_run_plans_and_writes_nothing(make4: MakeBackup, tmp_path: Path) 
             shlex.split(line[7:].split("   (")[0])
     bad = tmp_path / "bad"
     bad.write_text("wrong\n")
-    wrong = run_cli("restore", backup.path, "-o", out, "--dry-run", "--passphrase-file", bad)
+    wrong = run_main("restore", backup.path, "-o", out, "--dry-run", "--passphrase-file", bad)
     assert wrong.code == 3 and not out.exists()
 
 
@@ -324,23 +324,23 @@ def test_r4_passphrase_never_shown(make4: MakeBackup, tmp_path: Path) -> None:
     out = tmp_path / ODD
     transcript = tmp_path / "t.sh"
     runs = [
-        run_cli("-v", "restore", backup.path, "-o", out, "--passphrase-file", pf,
+        run_main("-v", "restore", backup.path, "-o", out, "--passphrase-file", pf,
                 "--transcript", transcript, "--explain"),
-        run_cli("-v", "verify", backup.path, "--passphrase-file", pf, "--explain",
+        run_main("-v", "verify", backup.path, "--passphrase-file", pf, "--explain",
                 "--transcript", tmp_path / "v.sh"),
-        run_cli("-v", "restore", backup.path, "-o", tmp_path / "d", "--dry-run",
+        run_main("-v", "restore", backup.path, "-o", tmp_path / "d", "--dry-run",
                 "--passphrase-file", pf),
-        run_cli("-v", "script", backup.path, "-o", tmp_path / "s", "--passphrase-file", pf),
+        run_main("-v", "script", backup.path, "-o", tmp_path / "s", "--passphrase-file", pf),
     ]
     assert [r.code for r in runs] == [0, 0, 0, 0], [r.err for r in runs]
     assert "+ backup_pass=" in runs[0].err and "scrypt dec" in runs[0].err  # -v logged
     bad = tmp_path / "bad"
     bad.write_text(PASSPHRASE + "x\n")
-    wrong = run_cli("-v", "restore", backup.path, "-o", tmp_path / "w", "--passphrase-file",
+    wrong = run_main("-v", "restore", backup.path, "-o", tmp_path / "w", "--passphrase-file",
                     bad, "--transcript", tmp_path / "w.sh", "--explain")
     assert wrong.code == 3
     tampered = _tampered(backup, tmp_path, "vm7/private.img.000.enc")
-    damaged = run_cli("-v", "restore", tampered, "-o", tmp_path / "x", "--passphrase-file", pf,
+    damaged = run_main("-v", "restore", tampered, "-o", tmp_path / "x", "--passphrase-file", pf,
                       "--explain", "--transcript", tmp_path / "x.sh")
     assert damaged.code == 4 and "vm7/private.img.000.enc" in damaged.err
     runs += [wrong, damaged]
