@@ -395,3 +395,41 @@ def backup_past_1000(make: MakeBackup, tmp_path_factory: pytest.TempPathFactory)
     assert "vm12/private.img.999" in names and "vm12/private.img.1000" in names
     return backup
 
+
+
+@pytest.fixture(scope="session")
+def past_1000_restored(
+    backup_past_1000: Backup, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Run]:
+    """(output folder, run): qrecover's restore of ``backup_past_1000``, run once per
+    test run: test_chunk_1000_and_beyond checks it, the script's restore is compared
+    with it.  Read it, never change it."""
+
+    def restore(folder: Path) -> tuple[Path, Run]:
+        out = folder / "out"
+        backup = backup_past_1000
+        args = ("restore", backup.path, "-o", out, "--passphrase-file", backup.passfile)
+        return out, run_main(*args)
+
+    return built_once(tmp_path_factory, "past 1000 restored", restore)
+
+# The longest tests, started first: the two workers then end together, rather than
+# one running a long test alone at the end.  Two that build the >1000-chunk backup
+# are kept apart by a fuzz run, so that the other worker is not left waiting for
+# the build (built_once) at the start.
+LONG_FIRST = (
+    "test_script_chunks_past_1000",
+    "test_short_fuzz_run",
+    "test_chunk_1000",
+    "test_short_fuzz_run_of_inputs_that_are_not_backups",
+    "test_chunk_1000_and_beyond",
+    "test_bench_smoke",
+    "test_generator_time1_writes_a_real_cost_that_parses",
+    "test_passphrase_never_shown",
+    "test_r4_passphrase_never_shown",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(getattr(item, "originalname", item.name), len(rank)))

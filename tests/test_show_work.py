@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, run_cli, run_main, sha
+from conftest import PASSPHRASE, Backup, MakeBackup, Run, assert_restored, run_cli, run_main, sha
 
 from qrecover.stages.decompress import pick_gunzip
 
@@ -108,9 +108,11 @@ def test_script_round_trip(make: MakeBackup, tmp_path: Path, options: dict[str, 
     assert list(work.iterdir()) == []  # nothing left in the folder it ran from
 
 
-def test_script_chunks_past_1000(backup_past_1000: Backup, tmp_path: Path) -> None:
-    ref = tmp_path / "ref"
-    reference(backup_past_1000, ref)
+def test_script_chunks_past_1000(
+    backup_past_1000: Backup, past_1000_restored: tuple[Path, Run], tmp_path: Path
+) -> None:
+    ref, result = past_1000_restored  # reference(backup_past_1000, ref), run once per run
+    assert result.code == 0, result.text
     out = tmp_path / ODD
     script = write_script(backup_past_1000, backup_past_1000.passfile, out, tmp_path / "recover.sh")
     proc = run_sh(script, tmp_path)
