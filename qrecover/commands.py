@@ -22,7 +22,14 @@ from qrecover import formats
 from qrecover.container import open_source
 from qrecover.context import RunContext
 from qrecover.engine import run
-from qrecover.errors import EXIT_BACKUP, EXIT_OK, EXIT_OUTPUT, QrecoverError, UsageError
+from qrecover.errors import (
+    EXIT_BACKUP,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    Interrupted,
+    QrecoverError,
+    UsageError,
+)
 from qrecover.events import EventListener
 from qrecover.files import find_debugfs
 from qrecover.files.command import restore_files
@@ -35,6 +42,7 @@ from qrecover.render.plantext import plan_text
 from qrecover.render.transcript import TranscriptWriter, open_new
 from qrecover.report import FileResult, Report, Request
 from qrecover.report_json import json_output
+from qrecover.resume import RECORD_NAME
 from qrecover.sources import replay_path
 from qrecover.units import human_bytes
 
@@ -236,12 +244,21 @@ def restore_command(
         "restore", tuple(vms), output, force, size_limit, dry_run=dry_run, resume=resume,
         exclude=tuple(exclude), skip_dom0_home=skip_dom0_home, jobs=jobs,
     )
-    with json_output(as_json, "restore", backup) as as_doc:
-        code, report = _restore_command(
-            backup, output, request, passphrase_file, files, transcript, explain,
-            settings or Settings(),
-        )
-        as_doc.done(report, code)
+    try:
+        with json_output(as_json, "restore", backup) as as_doc:
+            code, report = _restore_command(
+                backup, output, request, passphrase_file, files, transcript, explain,
+                settings or Settings(),
+            )
+            as_doc.done(report, code)
+    except (Interrupted, KeyboardInterrupt):
+        if not dry_run and (output / RECORD_NAME).is_file():
+            # What was placed before the signal stays; tell how not to redo it.
+            err(
+                f"note: the stored files already placed in {output} are kept; "
+                "run the same restore again with --resume to go on from there"
+            )
+        raise
     return code
 
 

@@ -102,7 +102,10 @@ def _killed_mid_way(
         proc.stdin.close()
     err.close()
     assert proc.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
-    assert "Traceback" not in (tmp / "err").read_text()
+    said = (tmp / "err").read_text()
+    assert "Traceback" not in said
+    if sig == signal.SIGTERM:  # what to do next is said, with what was kept
+        assert "run the same restore again with --resume" in said, said
     while _session_alive(proc.pid):  # the pipeline's children a SIGKILL orphaned
         time.sleep(0.05)
     placed = _placed(out)
