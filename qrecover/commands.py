@@ -39,6 +39,7 @@ from qrecover.passphrase import get_passphrase
 from qrecover.progress import Display, source_size, summary_table
 from qrecover.render.explain import Narrator
 from qrecover.render.plantext import plan_text
+from qrecover.render.shell import feed_command
 from qrecover.render.transcript import TranscriptWriter, open_new
 from qrecover.report import FileResult, Report, Request
 from qrecover.report_json import json_output
@@ -276,7 +277,13 @@ def _restore_command(
     if request.dry_run:
         report, _ = _run(settings, backup, passphrase_file, request)
         assert report.plan is not None
-        print(plan_text(report.plan, replay_path(backup) or "-", report.stops))
+        where = replay_path(backup)
+        feed = None if where else feed_command(backup)
+        name = None
+        if feed:
+            many = f"{backup[0]} ... {backup[-1]} ({len(backup)} pieces)"
+            name = " ".join(backup) if len(backup) <= 3 else many
+        print(plan_text(report.plan, where or "-", report.stops, feed=feed, name=name))
         # What would stop the restore stops the dry run, with the same exit code.
         return (EXIT_OUTPUT if report.stops else EXIT_OK), report
     if files:

@@ -118,6 +118,22 @@ def test_split_backup_in_order(backup: Backup, tmp_path: Path) -> None:
     assert_restored(out, backup)
 
 
+def test_dry_run_names_the_pieces_and_how_to_feed_them(backup: Backup, tmp_path: Path) -> None:
+    pieces = split(backup.path, tmp_path / "pieces")
+    result = run_cli("restore", *pieces, "--output", tmp_path / "out", "--dry-run",
+                     "--passphrase-file", backup.passfile)
+    assert result.code == 0, result.text
+    assert f"qubes.xml of {pieces[0]} ... {pieces[-1]} ({len(pieces)} pieces) are" in result.out
+    cat = " ".join(["cat", *(str(p) for p in pieces)])
+    assert f"  1    {cat} | tar -i -xvf -" in result.out, result.out
+    packed = compress("xz", backup.path, tmp_path / "backup.xz")
+    result = run_cli("restore", packed, "--output", tmp_path / "out", "--dry-run",
+                     "--passphrase-file", backup.passfile)
+    assert result.code == 0, result.text
+    assert f"  1    xz -d -c {packed} | tar -i -xvf -" in result.out, result.out
+    assert not (tmp_path / "out").exists()
+
+
 def test_split_pieces_of_unaligned_size(backup: Backup, tmp_path: Path) -> None:
     pieces = split(backup.path, tmp_path / "pieces", aligned=False)
     result = run_cli("verify", *pieces, "--passphrase-file", backup.passfile)

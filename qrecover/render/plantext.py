@@ -20,17 +20,23 @@ from qrecover.stages.extract import extract_stage
 from qrecover.units import human_bytes
 
 
-def plan_text(plan: Plan, backup: str, stops: list[OutputError]) -> str:
-    """What ``restore`` would do, and with which commands."""
+def plan_text(
+    plan: Plan, backup: str, stops: list[OutputError], feed: str | None = None,
+    name: str | None = None,
+) -> str:
+    """What ``restore`` would do, and with which commands (``feed``: what
+    writes a backup of pieces or compressed as a whole to standard input;
+    ``name``: how to call the backup, when not ``backup``)."""
     assert plan.output is not None
     root = Path(os.path.abspath(plan.output))
     words = formats.words(plan.fmt)
     lines = [
-        words.plan_title(backup),
+        words.plan_title(name or backup),
         *_targets(plan, root, stops),
         "",
         "Commands (steps of " + words.page + "):",
-        f"  1    {shell.untar_command(backup)}   (qrecover streams instead, one chunk at a time)",
+        f"  1    {shell.untar_command(backup, feed=feed)}"
+        "   (qrecover streams instead, one chunk at a time)",
         *words.plan_header_steps(plan.gunzip),
     ]
     placeholder = "/STAGING"
