@@ -283,7 +283,8 @@ def _restore_command(
         if feed:
             many = f"{backup[0]} ... {backup[-1]} ({len(backup)} pieces)"
             name = " ".join(backup) if len(backup) <= 3 else many
-        print(plan_text(report.plan, where or "-", report.stops, feed=feed, name=name))
+        print(plan_text(report.plan, where or "-", report.stops, feed=feed, name=name,
+                        kept=report.kept, excused=report.excused))
         # What would stop the restore stops the dry run, with the same exit code.
         return (EXIT_OUTPUT if report.stops else EXIT_OK), report
     if files:
