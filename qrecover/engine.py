@@ -40,6 +40,7 @@ from qrecover.container import (
     parse_member_name,
 )
 from qrecover.context import RunContext
+from qrecover.dry_run import dry_findings
 from qrecover.errors import (
     BackupError,
     MissingProgramError,
@@ -54,7 +55,7 @@ from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
 from qrecover.members import Members, misplaced
 from qrecover.output import Output
-from qrecover.plan import XML_SINK, Plan, doomed, obstacles
+from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request
 from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
@@ -125,9 +126,11 @@ class Recovery:
             plan = self.report.plan = self._plan(fmt, selected)
             if request.mode == "info":
                 return self.report
-            self.report.stops = obstacles(plan) + doomed(plan)
-            if request.dry_run:
-                return self.report  # what would run and what would stop it; nothing started
+            if request.dry_run:  # what would run and what would stop it; nothing started
+                found = dry_findings(plan, request.resume, fmt, self.header_raw, xml, self.xml_macs)
+                self.report.stops, self.report.kept = found.stops, found.kept
+                self.report.excused = found.excused
+                return self.report
             self.observer.planned(selected)
             if self.output is not None:
                 # DIR's restore record (--resume): the earlier run's own files are no obstacle
