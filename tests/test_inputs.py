@@ -121,14 +121,14 @@ def test_split_backup_in_order(backup: Backup, tmp_path: Path) -> None:
 
 def test_dry_run_names_the_pieces_and_how_to_feed_them(backup: Backup, tmp_path: Path) -> None:
     pieces = split(backup.path, tmp_path / "pieces")
-    result = run_cli("restore", *pieces, "--output", tmp_path / "out", "--dry-run",
+    result = run_main("restore", *pieces, "--output", tmp_path / "out", "--dry-run",
                      "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert f"qubes.xml of {pieces[0]} ... {pieces[-1]} ({len(pieces)} pieces) are" in result.out
     cat = " ".join(["cat", *(str(p) for p in pieces)])
     assert f"  1    {cat} | tar -i -xvf -" in result.out, result.out
     packed = compress("xz", backup.path, tmp_path / "backup.xz")
-    result = run_cli("restore", packed, "--output", tmp_path / "out", "--dry-run",
+    result = run_main("restore", packed, "--output", tmp_path / "out", "--dry-run",
                      "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert f"  1    xz -d -c {packed} | tar -i -xvf -" in result.out, result.out
@@ -307,7 +307,7 @@ def test_raw_disk_copy_with_zeros_after_the_backup(backup: Backup, tmp_path: Pat
     size = backup.path.stat().st_size
     disk.write_bytes(backup.path.read_bytes() + bytes(3 << 20))
     out = tmp_path / "out"
-    result = run_cli("restore", disk, "--output", out, "--passphrase-file", backup.passfile)
+    result = run_main("restore", disk, "--output", out, "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert "taken as the end of the backup" in result.err, result.err
     assert_restored(out, backup)
@@ -317,7 +317,7 @@ def test_raw_disk_copy_with_zeros_after_the_backup(backup: Backup, tmp_path: Pat
     data = backup.path.read_bytes()
     disk.write_bytes(data[:start] + bytes(3 << 20) + data[start:])
     assert disk.stat().st_size == size + (3 << 20)
-    result = run_cli("verify", disk, "--passphrase-file", backup.passfile)
+    result = run_main("verify", disk, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert "taken as the end of the backup" in result.err
     assert re.search(r"dom0-home/\S+: missing from the backup", result.text), result.text
