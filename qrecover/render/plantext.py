@@ -22,7 +22,7 @@ from qrecover.units import human_bytes
 
 def plan_text(
     plan: Plan, backup: str, stops: list[OutputError], feed: str | None = None,
-    name: str | None = None, kept: tuple[str, ...] = (), excused: frozenset[Path] = frozenset(),
+    name: str | None = None, kept: tuple[str, ...] = (), excused: frozenset[str] = frozenset(),
 ) -> str:
     """What ``restore`` would do, and with which commands (``feed``: what
     writes a backup of pieces or compressed as a whole to standard input;
@@ -64,7 +64,7 @@ def _kept(kept: tuple[str, ...]) -> list[str]:
 
 
 def _targets(
-    plan: Plan, root: Path, stops: list[OutputError], excused: frozenset[Path]
+    plan: Plan, root: Path, stops: list[OutputError], excused: frozenset[str]
 ) -> list[str]:
     """Where restore would write, and what would stop it."""
     lines = [
@@ -84,7 +84,7 @@ def _targets(
     conflicts = [
         root / rel
         for rel in plan.targets()
-        if os.path.lexists(root / rel) and root / rel not in excused
+        if os.path.lexists(root / rel) and rel not in excused
     ]
     if conflicts and not plan.force:  # with --force they are replaced, not a stop
         lines.append(
