@@ -112,7 +112,7 @@ class StoredFile:
         self._started()
 
     def _started(self) -> None:
-        stages = self._stages
+        stages = list(self.volumes.shown) if self.volumes is not None else self._stages
         # Told once it runs: the runner logged its command first.
         self.ctx.emit(
             PipelineStarted(

@@ -54,7 +54,7 @@ _MODELS: dict[int, type[v3.BackupHeader] | type[v4.BackupHeaderV4]] = {
     v4.VERSION: v4.BackupHeaderV4,
 }
 _WORDS: dict[int, Callable[[Format | None], Words]] = {
-    v2.VERSION: v2_words.Words2,  # type: ignore[dict-item]
+    v2.VERSION: v2_words.Words2,
     v3.VERSION: v3_words.Words3,
     v4.VERSION: v4_words.Words4,
 }

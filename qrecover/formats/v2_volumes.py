@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
 from qrecover.stages.guard import (
     _DESCRIBE,
@@ -186,6 +187,7 @@ class VolumeTar:
         argv[at:at + 2] = ["-M", "-f", str(self.fifo), f"--new-volume-script={script}"]
         self.pipeline = Pipeline([Stage(tuple(argv))], stdin=subprocess.DEVNULL, stdout=stdout,
                                  note=f"fed the volumes of {stored} one by one", log=log)
+        self.shown = (replay_stage(tar),)  # what a --transcript replays instead
         self.error: str | None = None
         self._fed = 0
         self._thread: threading.Thread | None = None
