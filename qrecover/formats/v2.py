@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, ChunkName, Member, Truncated
 from qrecover.container import parse_member_name as _parse
@@ -52,7 +52,7 @@ VERSION = 2
 PAGE = "https://www.qubes-os.org/doc/backup-emergency-restore-v2/"
 # The four keys v2.1.39-v2.1.63 wrote, in this order, and nothing else.
 KEYS = ("hmac-algorithm", "crypto-algorithm", "encrypted", "compressed")
-BETA3_DIGEST = Digest("MD5")
+BETA3_RELEASES = "Qubes R2-Beta3 (qubes-core-admin v2.1.34 to v2.1.38: no backup-header)"
 # A volume was 102,400,000 bytes (--tape-length 100000); a chunk that
 # expands past this is refused before it can fill the scratch disk.
 MAX_VOLUME = MAX_MEMBER
@@ -69,7 +69,7 @@ class BackupHeaderV2(BaseModel):
     hmac_algorithm: str
     crypto_algorithm: str = "aes-256-cbc"
     encrypted: bool | None
-    compressed: bool | None
+    compressed_flag: bool | None = Field(alias="compressed")
 
     @field_validator("hmac_algorithm")
     @classmethod
@@ -85,7 +85,7 @@ class BackupHeaderV2(BaseModel):
             raise ValueError("not an allowed openssl cipher")
         return value.lower()
 
-    @field_validator("encrypted", "compressed", mode="before")
+    @field_validator("encrypted", "compressed_flag", mode="before")
     @classmethod
     def _bools(cls, value: object) -> bool:
         return parse_bool(value)
@@ -93,6 +93,10 @@ class BackupHeaderV2(BaseModel):
     @property
     def version(self) -> int:
         return VERSION
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.compressed_flag)
 
     @property
     def digest(self) -> Digest:
@@ -116,18 +120,23 @@ class BackupHeaderV2(BaseModel):
             "hmac-algorithm": self.hmac_algorithm,
             "crypto-algorithm": self.crypto_algorithm,
             "encrypted": self.encrypted,
-            "compressed": self.compressed,
+            "compressed": self.compressed_flag,
         }
 
 
 BETA3_HEADER = BackupHeaderV2.model_construct(
-    hmac_algorithm="MD5", crypto_algorithm="aes-256-cbc", encrypted=None, compressed=None
+    hmac_algorithm="MD5", crypto_algorithm="aes-256-cbc", encrypted=None, compressed_flag=None
 )
 
 
 def unversioned(values: dict[str, str]) -> bool:
     """Whether a header without ``version`` has format 2's four keys."""
     return set(values) == set(KEYS)
+
+
+def claims(header_hmac: bytes) -> bool:
+    """Never by the .hmac's shape alone (it is format 3's): see :func:`names_version`."""
+    return False
 
 
 def names_version(header: bytes) -> bool:
@@ -160,7 +169,7 @@ def open_format(
 def headerless(first: str) -> Format2 | None:
     """R2-Beta3's backup, which starts with ``qubes.xml.000``; None otherwise."""
     if first == f"{QUBES_XML}.000":
-        return Format2(BETA3_HEADER, beta3=True)
+        return FormatBeta3(BETA3_HEADER)
     return None
 
 
@@ -229,7 +238,7 @@ class _Volume:
         header = self.fmt.header
         with self.path.open("rb") as fh:
             head = fh.read(512)
-        encrypted, compressed = header.encrypted, header.compressed
+        encrypted, compressed = header.encrypted, header.compressed_flag
         if encrypted is None:  # R2-Beta3: the authenticated chunk tells
             # anything else is a bare volume, which the guard and tar judge
             encrypted, compressed = head.startswith(_SALTED), head.startswith(_GZIP)
@@ -276,16 +285,11 @@ class Format2:
     """Qubes R2-Beta3 to R2: HMAC per chunk, each chunk a volume of ``tar -M``."""
 
     header: BackupHeaderV2
-    beta3: bool = False
+    beta3 = False
+    written_by = "Qubes R2-Beta3 to R2 (qubes-core-admin v2.1.39 to v2.1.63)"
     version = VERSION
     verdict = "all HMACs matched"
     multi_volume = True
-
-    @property
-    def written_by(self) -> str:
-        if self.beta3:
-            return "Qubes R2-Beta3 (qubes-core-admin v2.1.34 to v2.1.38: no backup-header)"
-        return "Qubes R2-Beta3 to R2 (qubes-core-admin v2.1.39 to v2.1.63)"
 
     @property
     def authenticated_with(self) -> str:
@@ -307,9 +311,9 @@ class Format2:
         runs = []
         if header.encrypted:
             runs.append([decrypt_stage(header.crypto_algorithm, chunk)])
-            if header.compressed:
+            if header.compressed_flag:
                 runs.append([inflate_stage()])
-        elif header.compressed:
+        elif header.compressed_flag:
             runs.append([Stage((gunzip, "-d", "-c"))])
         return runs
 
@@ -318,9 +322,9 @@ class Format2:
         needed = ["head"]
         if header.encrypted is not False:
             needed.append("openssl")
-        if header.encrypted and header.compressed:
+        if header.encrypted and header.compressed_flag:
             needed.append("pigz")
-        elif header.compressed and not header.encrypted:
+        elif header.compressed_flag and not header.encrypted:
             needed.append(gunzip)
         return needed
 
@@ -376,3 +380,11 @@ class Format2:
 def header_model(values: dict[str, str]) -> type[BackupHeaderV2] | None:
     """The model of an unversioned header, or None if it is not format 2's."""
     return BackupHeaderV2 if unversioned(values) else None
+
+
+@dataclass(frozen=True)
+class FormatBeta3(Format2):
+    """R2-Beta3: no header, HMAC-MD5, each chunk tells how it was written."""
+
+    beta3 = True
+    written_by = BETA3_RELEASES

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from qrecover.formats.v2 import PAGE, BackupHeaderV2
 from qrecover.inventory import Entity
-from qrecover.render import shell
 from qrecover.runner import Stage
 
 # How a script runs tar for format 2: its new-volume script (below) gives
@@ -57,11 +56,11 @@ def volume_of(header: BackupHeaderV2) -> str:
         1f8b*) gzip -d -c <"$1" ;;  # gzip
         *) cat -- "$1" ;;  # a bare tar volume
     esac"""
-    elif header.encrypted and header.compressed:
+    elif header.encrypted and header.compressed_flag:
         body = inflate
     elif header.encrypted:
         body = _decrypt(cipher)
-    elif header.compressed:
+    elif header.compressed_flag:
         body = 'gzip -d -c <"$1"'
     else:
         body = 'cat -- "$1"'
@@ -86,7 +85,8 @@ next_volume_script() {  # step 6's new-volume script (the page's, made POSIX)
 _n=$((TAR_VOLUME - 1))
 _v=$(printf '%s/volume.%03d' "$work" "$_n")
 rm -f -- "$(printf '%s/volume.%03d' "$work" "$((_n - 1))")"
-[ -f "$_v" ] || { printf 'STOPPED: chunk .%03d of this stored file is missing\n' "$_n" >&2; exit 1; }
+[ -f "$_v" ] ||
+    { printf 'STOPPED: chunk .%03d of this stored file is missing\n' "$_n" >&2; exit 1; }
 printf '%s' "$_v" >"/dev/fd/$TAR_FD"
 EOF
     export work
@@ -102,9 +102,9 @@ def programs(header: BackupHeaderV2) -> list[str]:
     found = ["tar", "od", "sed", "tr", "wc", "awk", "tail"]
     if header.encrypted is not False:
         found.append("openssl")
-    if header.encrypted is None or (header.encrypted and header.compressed):
+    if header.encrypted is None or (header.encrypted and header.compressed_flag):
         found.append("pigz")
-    if header.encrypted is None or (header.compressed and not header.encrypted):
+    if header.encrypted is None or (header.compressed_flag and not header.encrypted):
         found.append("gzip")
     return found
 
@@ -119,9 +119,9 @@ def by_hand(header: BackupHeaderV2, example: Entity | None) -> list[str]:
                   "that starts with 0x78), gzip -d if it starts with 1f 8b, else as it is")
     elif header.encrypted:
         step45 = f"openssl enc -d -md md5 -{cipher} -pass env:backup_pass -in \"$c\""
-        if header.compressed:
+        if header.compressed_flag:
             step45 += " | pigz -d -z"
-    elif header.compressed:
+    elif header.compressed_flag:
         step45 = 'gzip -d -c < "$c"'
     else:
         step45 = 'cat "$c"'
@@ -130,7 +130,8 @@ def by_hand(header: BackupHeaderV2, example: Entity | None) -> list[str]:
         "Its multi-volume loop is bash-only and its find also matches .hmac files;",
         "these steps are corrected:",
         "  1. mkdir work && cd work && tar -i -xf /path/to/BACKUP",
-        "  2. printf 'passphrase: '; stty -echo; read -r backup_pass; stty echo; export backup_pass",
+        "  2. printf 'passphrase: '; stty -echo; read -r backup_pass; stty echo",
+        "     export backup_pass",
         f"  3. for each chunk c = {stored}.000, .001, ... in numeric order:",
         f"       openssl dgst -{digest} -hmac \"$backup_pass\" < \"$c\"; cat \"$c.hmac\"  (equal?)",
         "     (R2 from v2.1.39 also wrote backup-header: check it the same way first)",
@@ -150,5 +151,5 @@ def header_checks(header: BackupHeaderV2) -> list[tuple[str, str]]:
         ("hmac-algorithm", header.hmac_algorithm),
         ("crypto-algorithm", header.crypto_algorithm),
         ("encrypted", str(header.encrypted)),
-        ("compressed", str(header.compressed)),
+        ("compressed", str(header.compressed_flag)),
     ]
