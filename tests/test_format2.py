@@ -155,8 +155,9 @@ def test_verify_info_and_stdin(made: dict[str, V2], tmp_path: Path) -> None:
     assert_restored(beta3, out)
 
 
-def test_a_folder_untarred_by_hand(made: dict[str, V2], tmp_path: Path) -> None:
-    v2 = made["r2-gzip"]
+@pytest.mark.parametrize("name", ["r2-gzip", "beta3-plain"])
+def test_a_folder_untarred_by_hand(name: str, made: dict[str, V2], tmp_path: Path) -> None:
+    v2 = made[name]
     folder = tmp_path / "x"
     folder.mkdir()
     subprocess.run(["tar", "-i", "-xf", str(v2.path)], cwd=folder, check=True)
@@ -333,3 +334,15 @@ def test_beta3_zlib_without_pigz_is_exit_5(made: dict[str, V2], tmp_path: Path) 
                   tmp_path / "out", env={"PATH": str(bindir)})
     assert run.code == 5, run.text
     assert "pigz" in run.err and "openssl enc -z" in run.err
+
+
+def test_a_format3_backup_without_its_header_is_not_taken_for_beta3(tmp_path: Path) -> None:
+    sample = Path(__file__).resolve().parent.parent / "fixtures" / "sample-backup"
+    folder = tmp_path / "x"
+    folder.mkdir()
+    subprocess.run(["tar", "-i", "-xf", str(sample)], cwd=folder, check=True)
+    for name in ("backup-header", "backup-header.hmac"):
+        (folder / name).unlink()
+    run = run_cli("info", folder, env={"QRECOVER_PASSPHRASE": "x"})
+    assert run.code == 4, run.text
+    assert "not an HMAC-MD5, so not R2-Beta3" in run.err, run.err

@@ -57,6 +57,7 @@ BETA3_RELEASES = "Qubes R2-Beta3 (qubes-core-admin v2.1.34 to v2.1.38: no backup
 # expands past this is refused before it can fill the scratch disk.
 MAX_VOLUME = MAX_MEMBER
 _SALTED = b"Salted__"
+BETA3_HEX = 32  # hex digits of an HMAC-MD5
 _GZIP = b"\x1f\x8b"
 
 
@@ -361,9 +362,14 @@ class Format2:
         except Truncated:
             store.drop(path, owned)
             raise
+        first = self.beta3 and name.stored == QUBES_XML and name.index == 0
+        if first and want is not None and len(want) != BETA3_HEX:
+            store.drop(path, owned)
+            raise BackupError(f"{nxt.name}: not an HMAC-MD5, so not R2-Beta3's backup (which "
+                              "wrote no backup-header): a backup whose header is missing?")
         if want is None or not matches(got, want):
             store.drop(path, owned)
-            if self.beta3 and name.stored == QUBES_XML and name.index == 0:
+            if first:
                 raise AuthenticationError(
                     f"{member.name}: the passphrase does not authenticate it with HMAC-MD5 "
                     "(wrong passphrase, or the chunk is damaged); nothing was written",
