@@ -67,6 +67,7 @@ class VolumeGuard(TarGuard):
     ended: bool = False  # the end-of-archive block was seen
     _left: int = 0  # bytes of the current member's data still to come
     _member: str = ""  # the member a volume boundary fell into
+    _member_raw: bytes = b""  # its name's bytes, as its header or L header holds it
     _dropped: int = 0  # bytes left out of this volume (dropped special files)
 
     def volume(self, src: int, dst: int) -> None:
@@ -98,7 +99,9 @@ class VolumeGuard(TarGuard):
             raise GuardError(f"{self.label}: a volume starts inside {self._member[:200]!r} "
                              "without its continuation (M) header; refused")
         size = _octal(header[124:136])
-        if _name(header, []) != self._member or _round(size) != self._left:
+        # GNU tar cuts a long name to the header's 100 bytes here (no L header)
+        named = header[:100].split(b"\0", 1)[0]
+        if named != self._member_raw[:100] or _round(size) != self._left:
             raise GuardError(f"{self.label}: a volume's continuation header does not continue "
                              f"{self._member[:200]!r} where the last volume ended; refused")
         self._write(header)
@@ -160,12 +163,20 @@ class VolumeGuard(TarGuard):
                 continue
             if self.prefix is not None:
                 self._check_names(kind, header, meta)
-            self._member = _name(header, meta)
+            self._member, self._member_raw = _name(header, meta), _raw_name(header, meta)
             self._write(b"".join(meta) + header + extension)
             meta.clear()
             self._data(_round(size))
             if self._left:
                 return  # the volume ended inside this member
+
+
+def _raw_name(header: bytes, meta: list[bytes]) -> bytes:
+    """A GNU member's name as bytes: its L header's, else the header's name field."""
+    for blob in meta:
+        if blob[156] == ord("L"):
+            return blob[BLOCK:].split(b"\0", 1)[0]
+    return header[:100].split(b"\0", 1)[0]
 
 
 class VolumeTar:
