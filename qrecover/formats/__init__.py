@@ -80,6 +80,11 @@ def parse_header(data: bytes) -> Header:
         header: Header = validate(model, values)
         return header
     version = values["version"]
+    if version == str(v2.VERSION):
+        raise BackupError(
+            "backup-header: names version=2, which no Qubes writer wrote (format 2's "
+            "header has no version key)"
+        )
     if not version.isdigit() or int(version) not in _MODELS:
         raise BackupError(
             f"backup-header: format version {version} is not supported "
