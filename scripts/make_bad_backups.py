@@ -631,17 +631,15 @@ def cases_v2(workdir: Path) -> list[Case]:
     def without(valid: Members, *drop: str) -> Members:
         return [(n, d) for n, d in valid if n not in drop]
 
-    def resigned(valid: Members, name: str, data: bytes, alg: str = "SHA512") -> Members:
-        new = {name: data, name + ".hmac": openssl_hmac(data, alg)}
+    def resigned(valid: Members, name: str, data: bytes) -> Members:
+        new = {name: data, name + ".hmac": openssl_hmac(data)}
         return [(n, new.get(n, d)) for n, d in valid]
 
     add("v2-wrong-passphrase", enc, EXIT_AUTH, "passphrase", passphrase="not it")
     add("v2-beta3-wrong-passphrase", beta3, EXIT_AUTH, "qubes.xml.000", passphrase="not it")
     add("v2-header-tampered", [(n, d.replace(b"True", b"False") if n == "backup-header" else d)
                                for n, d in enc], EXIT_AUTH, "backup-header")
-    add("v2-header-version-2",
-        resigned(enc, "backup-header", b"version=2\n" + enc[0][1])[:1]
-        + [("backup-header.hmac", openssl_hmac(b"version=2\n" + enc[0][1]))] + enc[2:],
+    add("v2-header-version-2", [*signed_header(b"version=2\n" + enc[0][1]), *enc[2:]],
         EXIT_BACKUP, "names version=2")
     flipped = bytearray(dict(enc)[img[1]])
     flipped[40] ^= 1
