@@ -30,6 +30,7 @@ import os
 import select
 import shlex
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -201,6 +202,7 @@ class VolumeTar:
         self.shown = (replay_stage(tar),)  # what a --transcript replays instead
         self.error: str | None = None
         self._fed = 0
+        self._owed = False  # tar was told a volume comes, and waits for it on the FIFO
         self._thread: threading.Thread | None = None
         self._pending = b""
 
@@ -261,11 +263,21 @@ class VolumeTar:
                                   "ended before this chunk; it cannot belong to it")
                     return
                 self._answer_with(str(self._fed))
+            self._owed = True  # tar opens the FIFO for this volume now
             fd = self._open_fifo()
             if fd is None:
                 self.error = f"{member}: tar stopped before this volume could be fed"
                 return
-            self.guard.volume(os.open(path, os.O_RDONLY), fd)
+            self._owed = False
+            try:
+                src = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                os.close(fd)  # tar sees an empty volume, and asks on (answered no)
+                self.error = f"{member}: cannot read its plaintext ({exc.strerror})"
+                return
+            self.guard.volume(src, fd)
+        except Exception as exc:  # told as this volume's failure, never lost
+            self.error = self.error or f"{member}: feeding it to tar failed ({exc})"
         finally:
             _drop(path, owned)
 
@@ -279,6 +291,8 @@ class VolumeTar:
         tar wants another volume, which the backup does not hold."""
         self.wait()
         problem = self.error
+        if self._owed and (fd := self._open_fifo()) is not None:
+            os.close(fd)  # tar waits on a volume that never came: an empty one ends it
         asked = self._asked()
         if asked is not None:
             self._answer_with("no")
@@ -294,7 +308,13 @@ class VolumeTar:
         return problem
 
     def kill(self) -> None:
+        # The new-volume script that tar may be running goes too: it could be
+        # waiting for an answer that will never come.
+        scripts = [c for proc in self.pipeline.procs for c in _children(proc.pid)]
         self.pipeline.kill()
+        for pid in scripts:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         self.wait()
         self._cleanup()
 
@@ -303,6 +323,15 @@ class VolumeTar:
             with contextlib.suppress(OSError):
                 os.close(fd)
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def _drop(path: Path, owned: bool) -> None:
