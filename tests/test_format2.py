@@ -7,19 +7,22 @@ volumes and a member crosses every volume boundary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, run_cli
+from conftest import PASSPHRASE, family_of, qrecover_exe, run_cli
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -353,3 +356,78 @@ def test_a_format3_backup_without_its_header_is_not_taken_for_beta3(tmp_path: Pa
     run = run_cli("info", folder, env={"QRECOVER_PASSPHRASE": "x"})
     assert run.code == 4, run.text
     assert "not an HMAC-MD5, so not R2-Beta3" in run.err, run.err
+
+
+# -- bounded scratch, and an interrupted run --------------------------------
+
+
+@pytest.fixture(scope="module")
+def big(passfile: Path, tmp_path_factory: pytest.TempPathFactory) -> V2:
+    """40 MiB of random data in 1000 KiB volumes: 41 chunks of one stored file."""
+    root = tmp_path_factory.mktemp("v2big")
+    src = root / "work"
+    src.mkdir()
+    with (src / "private.img").open("wb") as fh:
+        for _ in range(40):
+            fh.write(os.urandom(1 << 20))
+    path = root / "qubes-backup-big"
+    manifest = mb2.make_backup_v2(path, PASSPHRASE, [mb.VmSpec("work", 7, source=src)],
+                                  tape_length_kib=1000)
+    return V2(path, passfile, manifest)
+
+
+def _scratch_bytes(out: Path) -> int:
+    """Chunk copies and plaintext volumes in qrecover's scratch (not the staging
+    folder, which holds what is being restored)."""
+    total = 0
+    for scratch in out.glob(".qrecover-*"):
+        for entry in scratch.iterdir():
+            if entry.name.startswith(("chunk-", "plain-")):
+                with contextlib.suppress(OSError):
+                    total += entry.stat().st_size
+    return total
+
+
+def test_scratch_holds_a_few_volumes_not_the_stored_file(big: V2, tmp_path: Path) -> None:
+    assert next(f for f in big.manifest.files if f.name == "vm7/private.img").chunks > 30
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*qrecover_exe(), "-q", "restore", str(big.path),
+                             "--passphrase-file", str(big.passfile), "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak, seen = 0, 0
+    while proc.poll() is None:
+        now = _scratch_bytes(out) if out.exists() else 0
+        peak, seen = max(peak, now), seen + (now > 0)
+        time.sleep(0.002)
+    assert proc.wait() == 0, proc.stderr.read() if proc.stderr else ""
+    assert seen > 10  # the sampling saw the run's scratch
+    volume = 1000 * 1024
+    assert peak <= 4 * volume, f"scratch peaked at {peak} bytes"
+    assert (out / "work" / "private.img").stat().st_size == 40 << 20
+
+
+def test_terminated_run_leaves_no_process_and_no_scratch(big: V2, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*qrecover_exe(), "-q", "restore", str(big.path),
+                             "--passphrase-file", str(big.passfile), "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            "-M" in _cmdline(pid) for pid in family_of(proc.pid)):
+        time.sleep(0.005)
+    family = family_of(proc.pid)
+    assert any("-M" in _cmdline(pid) for pid in family), "tar -M never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    time.sleep(0.2)
+    alive = [pid for pid in family if pid != proc.pid and _cmdline(pid)]
+    assert not alive, [_cmdline(pid) for pid in alive]
+    assert not list(out.glob(".qrecover-*"))
+    assert not (out / "work" / "private.img").exists()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
