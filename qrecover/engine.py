@@ -245,9 +245,10 @@ class Recovery:
             raise BackupError(
                 "qubes.xml.000 is missing after the header: cannot tell which VMs the backup holds"
             )
-        job = self._job(plan, QUBES_XML, "", None)
+        job = self._active = self._job(plan, QUBES_XML, "", None)  # killed if the run stops
         self._consume(members, job)
         result = job.finish()
+        self._active = None
         if members.error is not None:
             raise members.error
         if not result.ok:

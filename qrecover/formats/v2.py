@@ -32,7 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, ChunkName, Member, Truncated
 from qrecover.container import parse_member_name as _parse
-from qrecover.errors import AuthenticationError, BackupError, MissingProgramError, StoredFileError
+from qrecover.errors import (
+    AuthenticationError,
+    BackupError,
+    DiskFull,
+    MissingProgramError,
+    StoredFileError,
+)
 from qrecover.formats.base import (
     ChunkOutcome,
     ChunkStore,
@@ -130,11 +136,6 @@ BETA3_HEADER = BackupHeaderV2.model_construct(
 )
 
 
-def unversioned(values: dict[str, str]) -> bool:
-    """Whether a header without ``version`` has format 2's four keys."""
-    return set(values) == set(KEYS)
-
-
 def claims(header_hmac: bytes) -> bool:
     """Never by the .hmac's shape alone (it is format 3's): see :func:`names_version`."""
     return False
@@ -212,25 +213,27 @@ class _Volume:
 
     def _run(self, stages: list[Stage], stdin: Path | None, note: str) -> Path:
         out = self.store.scratch_file()
-        with out.open("wb") as sink, open(stdin or os.devnull, "rb") as source:
-            os.chmod(out, 0o600)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as sink, open(stdin or os.devnull, "rb") as source:
             done = Pipeline(stages, stdin=source.fileno(), stdout=sink,
                             secrets={PASS_ENV: self.store.passphrase}, note=note,
                             log=self.store.log).start().wait()
         failure = first_failure(done)
-        if failure is None and out.stat().st_size > MAX_VOLUME:
-            failure_text = f"expands past {MAX_VOLUME} bytes, more than any format-2 volume"
-        elif failure is not None:
-            failure_text = failure.describe()
-        else:
+        too_big = out.stat().st_size > MAX_VOLUME  # head -c stopped it (and its feeder)
+        if not too_big and failure is None:
             return out
         out.unlink()
-        raise StoredFileError(f"{self.member}: {failure_text}")
+        if too_big:
+            raise StoredFileError(f"{self.member}: expands past {MAX_VOLUME} bytes, more "
+                                  "than any format-2 volume (a decompression bomb?)")
+        assert failure is not None
+        message = f"{self.member}: {failure.describe()}"
+        raise DiskFull(message) if failure.disk_full else StoredFileError(message)
 
     def complete(self) -> ChunkOutcome:
         try:
             plain = self._plain()
-        except StoredFileError as exc:
+        except (StoredFileError, DiskFull) as exc:
             return ChunkOutcome(error=exc, checked=True)
         owned = True if plain != self.path else self.owned
         return ChunkOutcome(plain=plain, owned=owned, checked=True, mac=self.mac)
@@ -384,8 +387,8 @@ class Format2:
 
 
 def header_model(values: dict[str, str]) -> type[BackupHeaderV2] | None:
-    """The model of an unversioned header, or None if it is not format 2's."""
-    return BackupHeaderV2 if unversioned(values) else None
+    """The model of a header without ``version``: format 2's four keys, or None."""
+    return BackupHeaderV2 if set(values) == set(KEYS) else None
 
 
 @dataclass(frozen=True)

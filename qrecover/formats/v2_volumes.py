@@ -31,7 +31,6 @@ import select
 import shlex
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -186,18 +185,22 @@ class VolumeTar:
     def __init__(self, tar: Stage, work: Path, guard: VolumeGuard, stdout: IO[bytes] | None,
                  log: CommandLog, stored: str) -> None:
         self.work, self.guard, self.stored = work, guard, stored
-        self.fifo, ask, answer = work / "volume", work / "ask", work / "answer"
-        for path in (self.fifo, ask, answer):
+        self.fifo, ask = work / "volume", work / "ask"
+        for path in (self.fifo, ask):
             os.mkfifo(path, 0o600)
-        # Held open for reading and writing: neither the script's open nor ours blocks.
+        # Held open for reading and writing, and opened so by the script (<>):
+        # neither open blocks, even once qrecover is gone.
         self._ask = os.open(ask, os.O_RDWR | os.O_NONBLOCK)
-        self._answer = os.open(answer, os.O_RDWR)
-        script = (f'printf "%s\\n" "$TAR_VOLUME" > {shlex.quote(str(ask))} && read -r answer '
-                  f'< {shlex.quote(str(answer))} && [ "$answer" = "$TAR_VOLUME" ]')
+        # The answers go into tar's stdin, which its script inherits (tar reads
+        # no stdin itself with -f FIFO): if qrecover dies, the script reads
+        # end-of-file, fails, and tar stops instead of waiting for ever.
+        self._answer_r, self._answer = os.pipe()
+        script = (f'printf "%s\\n" "$TAR_VOLUME" 1<>{shlex.quote(str(ask))} && read -r answer '
+                  '&& [ "$answer" = "$TAR_VOLUME" ]')
         argv = list(tar.argv)
         at = argv.index("-f")
         argv[at:at + 2] = ["-M", "-f", str(self.fifo), f"--new-volume-script={script}"]
-        self.pipeline = Pipeline([Stage(tuple(argv))], stdin=subprocess.DEVNULL, stdout=stdout,
+        self.pipeline = Pipeline([Stage(tuple(argv))], stdin=self._answer_r, stdout=stdout,
                                  note=f"fed the volumes of {stored} one by one", log=log)
         self.shown = (replay_stage(tar),)  # what a --transcript replays instead
         self.error: str | None = None
@@ -207,7 +210,10 @@ class VolumeTar:
         self._pending = b""
 
     def start(self) -> Pipeline:
-        self.pipeline.start()
+        try:
+            self.pipeline.start()
+        finally:
+            os.close(self._answer_r)  # tar has its copy
         self.pipeline.guarded = self.guard
         return self.pipeline
 
@@ -227,7 +233,8 @@ class VolumeTar:
         return int(line) if line.isdigit() else -1
 
     def _answer_with(self, text: str) -> None:
-        os.write(self._answer, text.encode() + b"\n")
+        with contextlib.suppress(BrokenPipeError):  # tar is gone: nothing to answer
+            os.write(self._answer, text.encode() + b"\n")
 
     def _open_fifo(self) -> int | None:
         while True:
