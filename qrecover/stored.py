@@ -183,7 +183,7 @@ class StoredFile:
     def finish(self) -> FileResult:
         """Close the feed, wait for every stage, and place (or keep as partial)."""
         if self.volumes is not None and (problem := self.volumes.close()) is not None:
-            self.fail(StoredFileError(problem))
+            self.fail(problem)
         self._reap_cat()
         if self.feed_w is not None:
             os.close(self.feed_w)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
 from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
 from qrecover.stages.guard import (
@@ -69,6 +70,7 @@ class VolumeGuard(TarGuard):
     _member: str = ""  # the member a volume boundary fell into
     _member_raw: bytes = b""  # its name's bytes, as its header or L header holds it
     _dropped: int = 0  # bytes left out of this volume (dropped special files)
+    _in_map: bool = False  # the volume ended inside a sparse member's extension blocks
 
     def volume(self, src: int, dst: int) -> None:
         """Screen one volume from ``src`` into ``dst`` (both closed after)."""
@@ -93,8 +95,15 @@ class VolumeGuard(TarGuard):
             self._count(moved)
         self._left = 0
 
-    def _continuation(self, header: bytes) -> None:
+    def _continuation(self, header: bytes | None) -> None:
         """A volume that starts inside a member must start with its ``M`` header."""
+        if header is None:
+            raise GuardError(f"{self.label}: an empty volume inside {self._member[:200]!r}")
+        if self._in_map:  # seen in GNU tar 1.34's own output, which it cannot read back
+            raise GuardError(f"{self.label}: GNU tar wrote the sparse map of "
+                             f"{self._member[:200]!r} across a volume boundary, which GNU tar "
+                             "cannot read back (neither could Qubes R2's restore); this stored "
+                             "file cannot be restored")
         if header[156] != ord("M") or not _checksum_ok(header):
             raise GuardError(f"{self.label}: a volume starts inside {self._member[:200]!r} "
                              "without its continuation (M) header; refused")
@@ -105,16 +114,24 @@ class VolumeGuard(TarGuard):
             raise GuardError(f"{self.label}: a volume's continuation header does not continue "
                              f"{self._member[:200]!r} where the last volume ended; refused")
         self._write(header)
-        self._data(self._left)
+
+    def _sparse_map(self) -> bool:
+        """Pass an old GNU sparse member's extension blocks, up to the one that
+        says it is the last; True if the volume ends first."""
+        while True:
+            block = self._header()
+            if block is None:
+                return True
+            self._write(block)
+            if not block[504]:
+                return False
 
     def _run(self) -> None:
         if self.ended:
             raise GuardError(f"{self.label}: a volume after the end of the archive; refused")
         if self._left:
-            header = self._header()
-            if header is None:
-                raise GuardError(f"{self.label}: an empty volume inside {self._member[:200]!r}")
-            self._continuation(header)
+            self._continuation(self._header())
+            self._data(self._left)
             if self._left:
                 return  # the whole volume was this member's data
         meta: list[bytes] = []
@@ -144,13 +161,6 @@ class VolumeGuard(TarGuard):
                 continue
             override = _pax_size(meta)
             size = override if override is not None else size
-            extension = b""
-            if kind == ord("S") and header[482]:
-                block = self._read(BLOCK)
-                extension = block
-                while block[504]:
-                    block = self._read(BLOCK)
-                    extension += block
             if size and kind not in _WITH_DATA:
                 raise GuardError(f"{self.label}: inner archive member {_name(header, meta)!r} "
                                  f"of type {chr(kind)!r} claims data; refused")
@@ -164,8 +174,11 @@ class VolumeGuard(TarGuard):
             if self.prefix is not None:
                 self._check_names(kind, header, meta)
             self._member, self._member_raw = _name(header, meta), _raw_name(header, meta)
-            self._write(b"".join(meta) + header + extension)
+            self._write(b"".join(meta) + header)
             meta.clear()
+            if kind == ord("S") and header[482] and self._sparse_map():
+                self._in_map, self._left = True, _round(size)
+                return  # the volume ended inside the sparse map
             self._data(_round(size))
             if self._left:
                 return  # the volume ended inside this member
@@ -203,7 +216,9 @@ class VolumeTar:
         self.pipeline = Pipeline([Stage(tuple(argv))], stdin=self._answer_r, stdout=stdout,
                                  note=f"fed the volumes of {stored} one by one", log=log)
         self.shown = (replay_stage(tar),)  # what a --transcript replays instead
-        self.error: str | None = None
+        # What went wrong feeding; a consequence (FeedFailed) when tar, which
+        # stopped first, may say why itself (GNU tar cannot read some volumes).
+        self.error: QrecoverError | None = None
         self._fed = 0
         self._owed = False  # tar was told a volume comes, and waits for it on the FIFO
         self._thread: threading.Thread | None = None
@@ -266,25 +281,28 @@ class VolumeTar:
                 if asked != self._fed:
                     if asked is not None:
                         self._answer_with("no")
-                    self.error = (f"{member}: the multi-volume archive of {self.stored} "
-                                  "ended before this chunk; it cannot belong to it")
+                    self.error = FeedFailed(f"{member}: tar did not ask for this volume (the "
+                                            f"archive of {self.stored} ended before it, or tar "
+                                            "refused the one before)")
                     return
                 self._answer_with(str(self._fed))
             self._owed = True  # tar opens the FIFO for this volume now
             fd = self._open_fifo()
             if fd is None:
-                self.error = f"{member}: tar stopped before this volume could be fed"
+                self.error = FeedFailed(f"{member}: tar stopped before this volume could be fed")
                 return
             self._owed = False
             try:
                 src = os.open(path, os.O_RDONLY)
             except OSError as exc:
                 os.close(fd)  # tar sees an empty volume, and asks on (answered no)
-                self.error = f"{member}: cannot read its plaintext ({exc.strerror})"
+                self.error = StoredFileError(f"{member}: cannot read its plaintext "
+                                             f"({exc.strerror})")
                 return
             self.guard.volume(src, fd)
         except Exception as exc:  # told as this volume's failure, never lost
-            self.error = self.error or f"{member}: feeding it to tar failed ({exc})"
+            self.error = self.error or StoredFileError(f"{member}: feeding it to tar failed "
+                                                       f"({exc})")
         finally:
             _drop(path, owned)
 
@@ -293,7 +311,7 @@ class VolumeTar:
             self._thread.join()
             self._thread = None
 
-    def close(self) -> str | None:
+    def close(self) -> QrecoverError | None:
         """The last volume is in: tar must end now.  Returns what went wrong, if
         tar wants another volume, which the backup does not hold."""
         self.wait()
@@ -305,12 +323,13 @@ class VolumeTar:
             self._answer_with("no")
             if problem is None and self.guard.error is None:
                 missing = f"{self.stored}.{max(asked - 1, 0):03d}"
-                problem = (f"{self.stored}: its multi-volume archive continues in {missing}, "
-                           "which is not in the backup (its last chunk is missing)")
+                problem = StoredFileError(
+                    f"{self.stored}: its multi-volume archive continues in {missing}, which "
+                    "is not in the backup (its last chunk is missing)")
         elif problem is None and self.guard.error is None and not self.guard.ended \
                 and self._fed:
-            problem = (f"{self.stored}: the multi-volume archive ends without its "
-                       "end-of-archive marker (truncated)")
+            problem = StoredFileError(f"{self.stored}: the multi-volume archive ends without "
+                                      "its end-of-archive marker (truncated)")
         self._cleanup()
         return problem
 
