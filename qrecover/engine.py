@@ -49,7 +49,7 @@ from qrecover.errors import (
     StoredFileError,
 )
 from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead
-from qrecover.formats import MAX_HEADER_HMAC, authenticate
+from qrecover.formats import MAX_HEADER_HMAC, authenticate, headerless
 from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
@@ -181,17 +181,15 @@ class Recovery:
         if members.peek() is None and members.error is None:
             raise BackupError("the backup is empty (no members): not a Qubes backup")
         first = members.require("backup-header")
+        if first.name != HEADER and (bare := headerless(first.name)) is not None:
+            self.ctx.emit(HeaderVerified(bare))  # none to verify: qubes.xml.000's HMAC is first
+            return bare
         members.take()
         if first.name != HEADER:
             name = first.name.encode("ascii", "backslashreplace").decode()[:80]
-            if name.startswith("qubes.xml.000"):
-                raise BackupError(
-                    "no backup-header: this looks like a format 2 backup "
-                    "(Qubes R2 beta), which qrecover does not read"
-                )
             raise BackupError(
                 f"the backup does not start with backup-header (found {name!r}): "
-                "not a Qubes backup of format 3 or 4"
+                "not a Qubes backup of format 2, 3 or 4"
             )
         data = first.read_all(MAX_HEADER)
         second = members.require("backup-header.hmac")
@@ -240,6 +238,7 @@ class Recovery:
             self.scratch,
             self.output,
             self.resume.placing if self.resume is not None else None,
+            plan.fmt.multi_volume,
         )
 
     def _read_qubes_xml(self, members: Members, plan: Plan) -> bytes:
@@ -249,9 +248,10 @@ class Recovery:
             raise BackupError(
                 "qubes.xml.000 is missing after the header: cannot tell which VMs the backup holds"
             )
-        job = self._job(plan, QUBES_XML, "", None)
+        job = self._active = self._job(plan, QUBES_XML, "", None)  # killed if the run stops
         self._consume(members, job)
         result = job.finish()
+        self._active = None
         if members.error is not None:
             raise members.error
         if not result.ok:

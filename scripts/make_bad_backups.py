@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_backup as gen
+import make_backup_v2 as gen2
 import make_backup_v4 as gen4
 
 PASSPHRASE = "bad-backup passphrase"
@@ -590,13 +591,91 @@ def cases_v4(workdir: Path, add: Callable[..., None], bomb: bytes) -> None:
         "decompression bomb", partial="work/private.img")
 
 
+# -- format 2 (Qubes R2-Beta3 to R2): the same damage to tar -M volumes ------
+# Written by make_backup_v2.py (real tar -M, openssl enc); an attacker who
+# knows the passphrase re-signs a changed volume with openssl dgst.  Not part
+# of cases(): tests/test_format2_bad.py runs them.
+
+V2_TAPE_KIB = 10  # 10 KiB volumes: the 50 KiB image spans six of them
+
+
+def valid_backup_v2(workdir: Path, variant: str, encrypted: bool) -> Members:
+    src = workdir / f"src-v2-{variant}-{encrypted}" / "work"
+    src.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(9)
+    (src / "private.img").write_bytes(rng.randbytes(50 * 1024))
+    (src / "icon.png").write_bytes(b"\x89PNG icon")
+    path = workdir / f"valid-v2-{variant}-{encrypted}"
+    gen2.make_backup_v2(path, PASSPHRASE, [gen.VmSpec("work", 7, source=src)],
+                        variant=variant, encrypted=encrypted, hide_names=True,
+                        tape_length_kib=V2_TAPE_KIB, workdir=workdir)
+    return read_outer(path)
+
+
+def cases_v2(workdir: Path) -> list[Case]:
+    """Write the format-2 cases under ``workdir``; return them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result: list[Case] = []
+
+    def add(name: str, content: Members, code: int, message: str, **kw: str) -> None:
+        path = workdir / f"{name}.backup"
+        write_outer(path, content)
+        result.append(Case(name, str(path), code, message, **kw))
+
+    enc = valid_backup_v2(workdir, "r2", True)
+    plain = valid_backup_v2(workdir, "r2", False)
+    beta3 = valid_backup_v2(workdir, "beta3", True)
+    img = [n for n, _ in enc if n.startswith("vm7/private.img.") and not n.endswith(".hmac")]
+    assert len(img) >= 4, img
+
+    def without(valid: Members, *drop: str) -> Members:
+        return [(n, d) for n, d in valid if n not in drop]
+
+    def resigned(valid: Members, name: str, data: bytes) -> Members:
+        new = {name: data, name + ".hmac": openssl_hmac(data)}
+        return [(n, new.get(n, d)) for n, d in valid]
+
+    add("v2-wrong-passphrase", enc, EXIT_AUTH, "passphrase", passphrase="not it")
+    add("v2-beta3-wrong-passphrase", beta3, EXIT_AUTH, "qubes.xml.000", passphrase="not it")
+    add("v2-header-tampered", [(n, d.replace(b"True", b"False") if n == "backup-header" else d)
+                               for n, d in enc], EXIT_AUTH, "backup-header")
+    add("v2-header-version-2", [*signed_header(b"version=2\n" + enc[0][1]), *enc[2:]],
+        EXIT_BACKUP, "names version=2")
+    flipped = bytearray(dict(enc)[img[1]])
+    flipped[40] ^= 1
+    add("v2-chunk-byte-flipped", [(n, bytes(flipped) if n == img[1] else d) for n, d in enc],
+        EXIT_BACKUP, img[1], partial="work/private.img")
+    add("v2-chunk-missing-middle", without(enc, img[2], img[2] + ".hmac"), EXIT_BACKUP,
+        f"{img[2]}: chunk missing", partial="work/private.img")
+    add("v2-chunk-last-missing", without(enc, img[-1], img[-1] + ".hmac"), EXIT_BACKUP,
+        f"continues in {img[-1]}", partial="work/private.img")
+    # a later volume replaced by a whole (authentic) tar: no continuation header
+    alone = inner_tar([member("vm7/private.img")], {"vm7/private.img": b"x" * 700})
+    add("v2-volume-not-continued", resigned(plain, img[1], alone), EXIT_BACKUP,
+        "continuation", partial="work/private.img")
+    add("v2-inner-device-and-fifo",
+        resigned(plain, "vm7/icon.png.000",
+                 inner_tar([member("vm7/icon.png"), member("vm7/null", tarfile.CHRTYPE),
+                            member("vm7/fifo", tarfile.FIFOTYPE)], {"vm7/icon.png": b"png"})),
+        EXIT_BACKUP, "character device")
+    add("v2-inner-dotdot",
+        resigned(plain, "vm7/icon.png.000",
+                 inner_tar([member("vm7/icon.png/../../../escape")],
+                           {"vm7/icon.png/../../../escape": b"x"})), EXIT_BACKUP, "outside")
+    add("v2-inner-absolute",
+        resigned(plain, "vm7/icon.png.000",
+                 inner_tar([member("/tmp/qrecover-escape")], {"/tmp/qrecover-escape": b"x"})),
+        EXIT_BACKUP, "outside")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1 or args[0].startswith("-"):
         print("usage: make_bad_backups.py DIR", file=sys.stderr)
         return 2
     folder = Path(args[0])
-    made = cases(folder)
+    made = cases(folder) + cases_v2(folder / "v2")
     (folder / "cases.json").write_text(json.dumps([asdict(c) for c in made], indent=2))
     print(f"{len(made)} cases in {folder}")
     return 0

@@ -17,11 +17,12 @@ fragments, narration).  The engine (qrecover.engine) asks the format:
 
 How the formats still to come fit without changing the engine's shape:
 
-- Format 2 (issue 16: per-chunk HMAC, then decrypt and decompress each
-  chunk, and a multi-volume tar): ``read_chunk`` reads the chunk and its
-  ``.hmac`` as format 3 does; ``complete`` checks the HMAC and runs the
-  per-chunk ``openssl enc -d | gzip -d`` into scratch; ``stream_stages``
-  is empty and the format's extract stage reads the volumes in order.
+- Format 2 (per-chunk HMAC, then decrypt or decompress each chunk, and a
+  multi-volume tar): ``read_chunk`` reads the chunk and its ``.hmac`` as
+  format 3 does and compares; ``complete`` runs the per-chunk ``openssl enc
+  -d`` or ``gzip -d`` into scratch; ``stream_stages`` is empty and
+  ``multi_volume`` is True: the stored file's tar runs as ``tar -M`` and is
+  fed each plaintext as one volume (qrecover.formats.v2_volumes).
 - Format 1 (no authentication at all): ``read_chunk`` copies the chunk,
   ``complete`` has nothing to check and says so in its outcome, so the
   renderers and the summary can tell the user nothing was authenticated.
@@ -158,6 +159,9 @@ class Format(Protocol):
     version: int
     written_by: str  # "Qubes R2-R3.2"
     verdict: str  # what a clean run says it checked: "all HMACs matched"
+    # Each fed plaintext is one volume of a GNU multi-volume tar (format 2),
+    # not a piece of one stream: tar -M reads them in turn.
+    multi_volume: bool
 
     @property
     def header(self) -> Header: ...
