@@ -30,6 +30,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from qrecover import formats
 from qrecover.container import (
     HEADER,
     HEADER_HMAC,
@@ -48,10 +49,9 @@ from qrecover.errors import (
     StoredFileError,
 )
 from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead
-from qrecover.formats import MAX_HEADER_HMAC, authenticate
 from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.header import MAX_HEADER
-from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
+from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, doomed, obstacles
@@ -98,10 +98,13 @@ class Recovery:
     # -- the pass -----------------------------------------------------------
 
     def run(self) -> Report:
-        members = Members(self.source.members())
         request = self.request
+        headerless = formats.headerless(self.source)  # format 1: a folder, no header
+        members = Members(headerless.members() if headerless else self.source.members())
         try:
-            self.fmt = fmt = self._read_header(members)
+            self.fmt = fmt = headerless or self._read_header(members)
+            if headerless is not None:
+                self.ctx.emit(HeaderVerified(fmt))
             self.report.fmt = fmt
             self._check_programs(fmt)
             writes = request.mode == "restore" and not request.dry_run
@@ -117,7 +120,8 @@ class Recovery:
                 self.passphrase, self.scratch, self.ctx.command, request.jobs
             )
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
-            inventory = parse_inventory(xml)
+            inventory, problems = formats.read_inventory(fmt, xml)
+            self.report.problems += problems
             self.report.inventory = inventory
             selected = inventory.select(request.vms, request.exclude, request.skip_dom0_home)
             self.report.selected = selected
@@ -181,6 +185,8 @@ class Recovery:
         members.take()
         if first.name != HEADER:
             name = first.name.encode("ascii", "backslashreplace").decode()[:80]
+            if (hint := formats.packed_hint(name)) is not None:
+                raise BackupError(hint)
             if name.startswith("qubes.xml.000"):
                 raise BackupError(
                     "no backup-header: this looks like a format 2 backup "
@@ -195,9 +201,9 @@ class Recovery:
         if second.name != HEADER_HMAC:
             raise BackupError("backup-header.hmac is missing: the header cannot be verified")
         members.take()
-        hmac_text = second.read_all(MAX_HEADER_HMAC)
+        hmac_text = second.read_all(formats.MAX_HEADER_HMAC)
         self.header_raw = data + b"\0" + hmac_text
-        fmt = authenticate(data, hmac_text, self.passphrase, self.ctx.command)
+        fmt = formats.authenticate(data, hmac_text, self.passphrase, self.ctx.command)
         self.ctx.emit(HeaderVerified(fmt))
         return fmt
 
@@ -374,7 +380,7 @@ class Recovery:
                 continue
             assert outcome.plain is not None
             try:
-                job.feed(outcome.plain, outcome.owned, chunk.member)
+                job.feed(outcome.plain, outcome.owned, chunk.member, outcome.feeder)
             except OSError as exc:
                 store.drop(outcome.plain, outcome.owned)
                 job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))

@@ -120,13 +120,14 @@ class StoredFile:
             # Usually a consequence: the pipeline died and cat hit a closed pipe.
             self.fail(FeedFailed(f"feeding {self.cat_path}: {result.describe()}"))
 
-    def feed(self, path: Path, owned: bool, member: str = "") -> None:
-        """Queue a verified chunk; returns while cat is still feeding it."""
+    def feed(self, path: Path, owned: bool, member: str = "", feeder: Stage | None = None) -> None:
+        """Queue a verified chunk; returns while cat (or the format's ``feeder``,
+        format 1's ``tar -c``) is still feeding it."""
         if self.pipeline is None:
             self._start()
         self._reap_cat()
         assert self.feed_w is not None
-        stage = Stage(("cat", str(path)))
+        stage = feeder if feeder is not None else Stage(("cat", str(path)))
         self.cat = Pipeline(
             [stage],
             stdin=subprocess.DEVNULL,

@@ -19,10 +19,11 @@ from types import ModuleType
 from typing import Protocol
 
 from qrecover.errors import BackupError
-from qrecover.formats import v3, v3_words, v4, v4_words
+from qrecover.formats import v1, v1_words, v3, v3_words, v4, v4_words
 from qrecover.formats.base import Format, Words
 from qrecover.header import Header, split_header, validate
 from qrecover.hmacs import MAX_HMAC_FILE
+from qrecover.inventory import Inventory, parse_inventory
 from qrecover.runner import CommandLog, log_command
 
 # The largest backup-header.hmac any format has.
@@ -51,6 +52,7 @@ _MODELS: dict[int, type[v3.BackupHeader] | type[v4.BackupHeaderV4]] = {
     v4.VERSION: v4.BackupHeaderV4,
 }
 _WORDS: dict[int, Callable[[Format | None], Words]] = {
+    v1.VERSION: v1_words.Words1,
     v3.VERSION: v3_words.Words3,
     v4.VERSION: v4_words.Words4,
 }
@@ -103,4 +105,54 @@ def words(fmt: Format | None) -> Words:
     return _WORDS[version](fmt)
 
 
-__all__ = ["Format", "Words", "authenticate", "detect", "parse_header", "words"]
+# -- format 1 (qrecover.formats.v1): a folder with no header ------------------
+
+
+def headerless(source: object) -> v1.Format1 | None:
+    """The format of a backup that has no header to authenticate (a format-1
+    folder: qubes.xml and no backup-header), else None."""
+    return v1.open_folder(source)
+
+
+def read_inventory(fmt: Format, xml: bytes) -> tuple[Inventory, list[str]]:
+    """qubes.xml's VMs, as ``fmt`` reads them, and the problems found beside."""
+    if isinstance(fmt, v1.Format1):
+        return fmt.inventory(xml)
+    return parse_inventory(xml), []
+
+
+def unauthenticated(fmt: Format | None) -> str | None:
+    """Why nothing of this backup can be authenticated, if nothing can."""
+    return fmt.warning if isinstance(fmt, v1.Format1) else None
+
+
+def notes(fmt: Format | None) -> list[str]:
+    """What a run says about the backup without failing (format 1: VMs it lacks)."""
+    return fmt.notes if isinstance(fmt, v1.Format1) else []
+
+
+def packed_hint(first_member: str) -> str | None:
+    """A tar archive that starts with qubes.xml and holds no header: a format-1
+    folder someone packed; qrecover reads format 1 only as the folder."""
+    head = first_member.split("/")
+    if head[-1] == "qubes.xml" and len(head) <= 2:
+        return (
+            f"the backup starts with {first_member!r} and has no backup-header: this looks "
+            "like a format-1 backup (Qubes R1) packed into an archive; unpack it "
+            "(tar -xf FILE) and give qrecover the folder that holds qubes.xml"
+        )
+    return None
+
+
+__all__ = [
+    "Format",
+    "Words",
+    "authenticate",
+    "detect",
+    "headerless",
+    "notes",
+    "parse_header",
+    "read_inventory",
+    "unauthenticated",
+    "words",
+]

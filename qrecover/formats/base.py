@@ -22,9 +22,12 @@ How the formats still to come fit without changing the engine's shape:
   ``.hmac`` as format 3 does; ``complete`` checks the HMAC and runs the
   per-chunk ``openssl enc -d | gzip -d`` into scratch; ``stream_stages``
   is empty and the format's extract stage reads the volumes in order.
-- Format 1 (no authentication at all): ``read_chunk`` copies the chunk,
-  ``complete`` has nothing to check and says so in its outcome, so the
-  renderers and the summary can tell the user nothing was authenticated.
+- Format 1 (no authentication at all; qrecover.formats.v1): a folder, no
+  header.  ``formats.headerless`` finds it and its ``members`` stand for the
+  outer archive; ``read_chunk`` copies nothing and checks nothing
+  (``checked`` stays False), and its outcome's ``feeder`` (``tar -c``) takes
+  the place of ``cat``, so the guard and ``tar -x`` see an inner archive as
+  for the other formats.  Its verdict says that nothing was authenticated.
 - Parallel per-chunk work (issue 14): ``read_chunk`` is the only step that
   touches the stream, so it stays sequential; ``complete`` reads and writes
   only its own scratch files and returns plain data (no events, no shared
@@ -40,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from qrecover.container import ChunkName, Member
 from qrecover.errors import QrecoverError
@@ -67,6 +70,7 @@ class ChunkOutcome:
     checked: bool = False
     reason: str | None = None
     mac: str = ""  # the HMAC that authenticated it (format 3), part of a backup's identity
+    feeder: Stage | None = None  # what writes the chunk into the pipeline, if not cat PATH
 
 
 class PendingChunk(Protocol):
@@ -266,3 +270,11 @@ class Words(Protocol):
     def script(
         self, plan: PlanView, backup: str | None, output: Path, argv: tuple[str, ...]
     ) -> str: ...
+
+
+@runtime_checkable
+class OwnFirstStep(Protocol):
+    """Words whose step 1 is not the page's ``tar -i -x`` of the backup
+    (format 1: a folder, where nothing is untarred)."""
+
+    def first_step(self, backup: str) -> str: ...
