@@ -14,6 +14,7 @@ outside this package names a format or branches on its version.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from types import ModuleType
 from typing import Protocol
@@ -132,10 +133,12 @@ def notes(fmt: Format | None) -> list[str]:
 
 
 def packed_hint(first_member: str) -> str | None:
-    """A tar archive that starts with qubes.xml and holds no header: a format-1
-    folder someone packed; qrecover reads format 1 only as the folder."""
-    head = first_member.split("/")
-    if head[-1] == "qubes.xml" and len(head) <= 2:
+    """A tar archive with no header whose first file is one of R1's tree (qubes.xml,
+    appvms/...): a format-1 folder someone packed; read only as the folder."""
+    parts = [p for p in first_member.split("/") if p not in ("", ".")]
+    if len(parts) > 1 and re.match(r"^qubes-[0-9]{4}-[0-9]{2}-[0-9]{2}-[0-9]{6}$", parts[0]):
+        parts = parts[1:]  # the folder itself, as R1 named it, was packed
+    if parts and parts[0] in v1.TREE:
         return (
             f"the backup starts with {first_member!r} and has no backup-header: this looks "
             "like a format-1 backup (Qubes R1) packed into an archive; unpack it "

@@ -19,6 +19,7 @@ nothing to check, and says so: ``checked`` stays False, and the verdict,
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
@@ -35,7 +36,7 @@ from qrecover.formats.base import (
     MemberStream,
     PendingChunk,
 )
-from qrecover.formats.v1_folder import Scan, path_is_safe, qubes_xml_file, scan_folder
+from qrecover.formats.v1_folder import KNOWN, Scan, path_is_safe, qubes_xml_file, scan_folder
 from qrecover.inventory import (
     _VM_NAME,
     MAX_XML,
@@ -57,6 +58,8 @@ WARNING = (
     "(names, links, special files and sizes are still checked)"
 )
 QUBES_BASE = "/var/lib/qubes"
+# The first names of R1's tree (what a packed format-1 folder starts with).
+TREE = (QUBES_XML, *KNOWN)
 # R1's dir_path: /var/lib/qubes/{appvms,servicevms,vm-templates}/NAME, nothing else.
 _DIR_PATH = re.compile(
     r"^/var/lib/qubes/(?P<rel>(appvms|servicevms|vm-templates)/[A-Za-z0-9_+-][A-Za-z0-9_.+-]*)/?$"
@@ -247,5 +250,5 @@ def _backup_path(name: str, dir_path: str) -> str:
 def open_folder(source: object) -> Format1 | None:
     """The format-1 backup ``source`` is, if it is one."""
     if isinstance(source, FolderSource) and claims(source.root):
-        return Format1(source.root)
+        return Format1(Path(os.path.abspath(source.root)))  # shown in commands
     return None

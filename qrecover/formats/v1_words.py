@@ -23,7 +23,7 @@ from qrecover.runner import Stage, render_pipeline
 from qrecover.stages.extract import extract_stage, qubes_xml_stage
 from qrecover.units import human_bytes
 
-PAGE = "no recovery page (a format-1 backup is a plain folder: its files are copied)"
+PAGE = "qrecover's own: R1 had no recovery page, its backup is a plain folder of copied files"
 _STAGING = "/QRECOVER-STAGING-PLACEHOLDER"
 _BACKUP = "/QRECOVER-BACKUP-PLACEHOLDER"
 
@@ -284,7 +284,7 @@ class Words1:
             lines += _vm_block(target.entity, target.strip, target.folder)
         lines += [
             "",
-            shell.call("say", f"done: {len(selected)} VM(s) copied into $out; nothing "
+            shell.call("say", f"done: {len(selected)} VM(s) copied into the output folder; nothing "
                        "could be authenticated (format 1)"),
             "# ---- step 3: to read a VM's files, mount its private.img (ext4) read-only:",
             *scriptparts.mount_hint(selected, 3),
