@@ -14,7 +14,6 @@ outside this package names a format or branches on its version.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from types import ModuleType
 from typing import Protocol
@@ -136,9 +135,9 @@ def packed_hint(first_member: str) -> str | None:
     """A tar archive with no header whose first file is one of R1's tree (qubes.xml,
     appvms/...): a format-1 folder someone packed; read only as the folder."""
     parts = [p for p in first_member.split("/") if p not in ("", ".")]
-    if len(parts) > 1 and re.match(r"^qubes-[0-9]{4}-[0-9]{2}-[0-9]{2}-[0-9]{6}$", parts[0]):
-        parts = parts[1:]  # the folder itself, as R1 named it, was packed
-    if parts and parts[0] in v1.TREE:
+    if len(parts) > 1 and parts[1] in v1.TREE:
+        parts = parts[1:]  # the folder itself (qubes-YYYY-MM-DD-HHMMSS) was packed
+    if (len(parts) > 1 and parts[0] in v1.TREE[1:]) or parts == [v1.TREE[0]]:
         return (
             f"the backup starts with {first_member!r} and has no backup-header: this looks "
             "like a format-1 backup (Qubes R1) packed into an archive; unpack it "

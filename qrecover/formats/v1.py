@@ -53,9 +53,9 @@ VERSION = 1
 WRITTEN_BY = "Qubes R1 (and R2-Beta1/Beta2)"
 BACKUP_HEADER = "backup-header"
 WARNING = (
-    "format 1 has no header, no HMAC and no encryption: nothing in it can be "
-    "authenticated. What is restored is what the folder holds now, changed or not "
-    "(names, links, special files and sizes are still checked)"
+    "format 1 (Qubes R1) has no HMAC and no encryption: nothing in this backup can be "
+    "authenticated; it is read as the folder holds it now (names, links, special files "
+    "and sizes are still checked)"
 )
 QUBES_BASE = "/var/lib/qubes"
 # The first names of R1's tree (what a packed format-1 folder starts with).
