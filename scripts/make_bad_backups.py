@@ -636,16 +636,18 @@ def cases_v1(workdir: Path) -> list[CaseV1]:
     (outside / "secret.txt").write_bytes(b"secret outside the backup\n")
     result: list[CaseV1] = []
 
-    def add(name: str, change: Callable[[Path], None], code: int, message: str,
-            **kw: object) -> None:
+    def add(name: str, change: Callable[[Path], object], code: int, message: str,
+            restored: tuple[str, ...] = (), absent: tuple[str, ...] = (),
+            as_nobody: bool = False, root_only: bool = False) -> None:
         folder = valid_backup_v1(workdir, name)
         change(folder)
-        result.append(CaseV1(name, str(folder), code, message, **kw))  # type: ignore[arg-type]
+        result.append(CaseV1(name, str(folder), code, message, restored, absent,
+                             as_nobody, root_only))
 
-    def rm(rel: str) -> Callable[[Path], None]:
+    def rm(rel: str) -> Callable[[Path], object]:
         return lambda f: subprocess.run(["rm", "-rf", "--", str(f / rel)], check=True)
 
-    def link(rel: str, target: Path) -> Callable[[Path], None]:
+    def link(rel: str, target: Path) -> Callable[[Path], object]:
         def change(f: Path) -> None:
             subprocess.run(["rm", "-rf", "--", str(f / rel)], check=True)
             os.symlink(target, f / rel)
@@ -655,10 +657,10 @@ def cases_v1(workdir: Path) -> list[CaseV1]:
         os.mkfifo(f / "appvms/work/pipe")
         os.mkfifo(f / "dom0-home/user/Documents/pipe")
 
-    def write(rel: str, data: bytes) -> Callable[[Path], None]:
+    def write(rel: str, data: bytes) -> Callable[[Path], object]:
         return lambda f: (f / rel).write_bytes(data)
 
-    def xml_edit(old: str, new: str) -> Callable[[Path], None]:
+    def xml_edit(old: str, new: str) -> Callable[[Path], object]:
         def change(f: Path) -> None:
             xml = (f / "qubes.xml").read_text(encoding="utf-8")
             assert old in xml, old
