@@ -39,22 +39,30 @@ def _shown(name: str) -> str:
     return name.encode("ascii", "backslashreplace").decode("ascii")[:120]
 
 
-def tree_bytes(path: Path) -> int:
-    """The apparent size of everything under ``path``, links not followed.
+# What tar -c may add per entry: its header, a long-name header and its data
+# block, and a pax header; generous, so that the budget never stops a real folder.
+_PER_ENTRY = 3 * 512
 
-    The apparent size: tar stores no more than that of any file (less for a
-    sparse one), so the guard's budget built on it can never stop a genuine
-    file, on a file system that compresses or not.
+
+def tree_bytes(path: Path) -> int:
+    """What ``tar -c`` of ``path`` can hold at most, links not followed.
+
+    Apparent sizes (tar stores no more of a file, less of a sparse one) plus
+    room for every entry's headers: the guard's budget is built on it, and
+    must never stop a genuine folder of many small files, whatever the file
+    system (one that compresses makes block counts useless here).
     """
     try:
         st = os.lstat(path)
     except OSError:
         return 0
     if not stat.S_ISDIR(st.st_mode):
-        return st.st_size if stat.S_ISREG(st.st_mode) else 0
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):  # os.walk does not follow links
+        return _PER_ENTRY + (st.st_size if stat.S_ISREG(st.st_mode) else 0)
+    total = _PER_ENTRY
+    for dirpath, dirs, files in os.walk(path):  # os.walk does not follow links
+        total += _PER_ENTRY * len(dirs)
         for name in files:
+            total += _PER_ENTRY
             try:
                 fst = os.lstat(os.path.join(dirpath, name))
             except OSError:
