@@ -689,6 +689,7 @@ def cases_v1(workdir: Path) -> list[CaseV1]:
                                                   0o600 | 0o020000, os.makedev(1, 3)),
             EXIT_BACKUP, "character device", restored=("dom0-home/user/.bashrc",),
             absent=("dom0-home/user/null",), root_only=True)
+    add("v1-qubes-xml-missing", rm("qubes.xml"), EXIT_BACKUP, "qubes.xml: missing")
     add("v1-qubes-xml-truncated",
         lambda f: (f / "qubes.xml").write_bytes((f / "qubes.xml").read_bytes()[:700]),
         EXIT_BACKUP, "qubes.xml: not well-formed XML")

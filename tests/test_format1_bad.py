@@ -37,6 +37,7 @@ CASE_NAMES = [
     "v1-qubes-xml-symlink",
     "v1-fifo",
     "v1-device-node",
+    "v1-qubes-xml-missing",
     "v1-qubes-xml-truncated",
     "v1-qubes-xml-garbage",
     "v1-dir-path-dotdot",

@@ -78,9 +78,11 @@ _TYPES = {
 
 def claims(root: Path) -> bool:
     """A folder holding ``qubes.xml`` (even as a link, to refuse it clearly) and
-    no ``backup-header``: R2's own test for format 1."""
-    xml, header = root / QUBES_XML, root / BACKUP_HEADER
-    return (xml.is_symlink() or xml.exists()) and not (header.is_symlink() or header.exists())
+    no ``backup-header``: R2's own test for format 1; or one of R1's folders
+    and no header, to say that its qubes.xml is missing."""
+    if os.path.lexists(root / BACKUP_HEADER):
+        return False
+    return any(os.path.lexists(root / name) for name in TREE)
 
 
 def read_stage(root: Path, stored: str) -> Stage:

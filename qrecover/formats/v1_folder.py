@@ -89,6 +89,11 @@ def qubes_xml_file(root: Path) -> int:
     path = root / QUBES_XML
     try:
         st = os.lstat(path)
+    except FileNotFoundError:
+        raise BackupError(
+            f"{path}: missing: this folder looks like a format-1 backup (Qubes R1), whose "
+            "qubes.xml says which VMs it holds; without it nothing can be restored"
+        ) from None
     except OSError as exc:
         raise BackupError(f"{path}: cannot read it ({exc.strerror})") from None
     if stat.S_ISLNK(st.st_mode):
