@@ -20,7 +20,7 @@ from typing import Protocol
 
 from qrecover.errors import BackupError
 from qrecover.formats import v1, v1_words, v3, v3_words, v4, v4_words
-from qrecover.formats.base import Format, Words
+from qrecover.formats.base import Format, HeaderlessFormat, Words
 from qrecover.header import Header, split_header, validate
 from qrecover.hmacs import MAX_HMAC_FILE
 from qrecover.inventory import Inventory, parse_inventory
@@ -108,7 +108,7 @@ def words(fmt: Format | None) -> Words:
 # -- format 1 (qrecover.formats.v1): a folder with no header ------------------
 
 
-def headerless(source: object) -> v1.Format1 | None:
+def headerless(source: object) -> HeaderlessFormat | None:
     """The format of a backup that has no header to authenticate (a format-1
     folder: qubes.xml and no backup-header), else None."""
     return v1.open_folder(source)
@@ -116,7 +116,7 @@ def headerless(source: object) -> v1.Format1 | None:
 
 def read_inventory(fmt: Format, xml: bytes) -> tuple[Inventory, list[str]]:
     """qubes.xml's VMs, as ``fmt`` reads them, and the problems found beside."""
-    if isinstance(fmt, v1.Format1):
+    if isinstance(fmt, v1.Format1):  # (a HeaderlessFormat)
         return fmt.inventory(xml)
     return parse_inventory(xml), []
 

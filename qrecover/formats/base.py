@@ -40,7 +40,7 @@ How the formats still to come fit without changing the engine's shape:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -52,7 +52,7 @@ from qrecover.hmacs import Digest
 from qrecover.runner import CommandLog, Stage
 
 if TYPE_CHECKING:
-    from qrecover.inventory import Entity
+    from qrecover.inventory import Entity, Inventory
 
 
 @dataclass
@@ -190,6 +190,24 @@ class Format(Protocol):
         self, passphrase: str, scratch: Path, log: CommandLog, jobs: int | None
     ) -> ChunkWorks:
         """Where this run's per-chunk steps run (``jobs``: the user's --jobs)."""
+        ...
+
+
+class HeaderlessFormat(Format, Protocol):
+    """A format with no header to authenticate (format 1: a folder).  Found by
+    the shape of BACKUP (``formats.headerless``), it gives the members itself,
+    reads qubes.xml its own way, and says why nothing can be authenticated;
+    its ``authenticated_with`` says "nothing"."""
+
+    warning: str  # said before a run, in info and in the summary
+
+    @property
+    def notes(self) -> list[str]: ...
+
+    def members(self) -> Iterator[Member]: ...
+
+    def inventory(self, xml: bytes) -> tuple[Inventory, list[str]]:
+        """The VMs, and the problems found beside them (reported, not fatal)."""
         ...
 
 

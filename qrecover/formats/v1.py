@@ -62,7 +62,7 @@ QUBES_BASE = "/var/lib/qubes"
 TREE = (QUBES_XML, *KNOWN)
 # R1's dir_path: /var/lib/qubes/{appvms,servicevms,vm-templates}/NAME, nothing else.
 _DIR_PATH = re.compile(
-    r"^/var/lib/qubes/(?P<rel>(appvms|servicevms|vm-templates)/[A-Za-z0-9_+-][A-Za-z0-9_.+-]*)/?$"
+    r"^/var/lib/qubes/(?P<rel>(appvms|servicevms|vm-templates)/[A-Za-z0-9_+-][A-Za-z0-9_.+-]*)/?"
 )
 # R1's classes, and R2-Beta1/Beta2's HVMs (R2 final wrote format 3).
 _TYPES = {
@@ -240,7 +240,7 @@ class Format1:
 
 def _backup_path(name: str, dir_path: str) -> str:
     """A VM's folder in the backup: its dir_path with /var/lib/qubes taken off."""
-    match = _DIR_PATH.match(dir_path)
+    match = _DIR_PATH.fullmatch(dir_path)
     if match is None or match.group("rel").endswith(("/.", "/..")):
         raise BackupError(
             f"qubes.xml: VM {name[:80]!r} has an unexpected dir_path {dir_path[:120]!r} "
