@@ -140,7 +140,7 @@ def _run(
 ) -> tuple[Report, float]:
     """Run the pass; returns the report and its time (from after the passphrase)."""
     source = open_source(backup)
-    warning = formats.unauthenticated(formats.headerless(source))  # format 1: no passphrase
+    warning = formats.unauthenticated(formats.folder_format(source))  # format 1: no passphrase
     passphrase = get_passphrase(passphrase_file) if warning is None else ""
     if warning is not None:
         err(f"warning: {warning}")

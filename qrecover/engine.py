@@ -99,7 +99,7 @@ class Recovery:
 
     def run(self) -> Report:
         request = self.request
-        headerless = formats.headerless(self.source)  # format 1: a folder, no header
+        headerless = formats.folder_format(self.source)  # format 1: a folder, no header
         members = Members(headerless.members() if headerless else self.source.members())
         try:
             self.fmt = fmt = headerless or self._read_header(members)

@@ -39,10 +39,10 @@ def folder(tmp_path: Path) -> Path:
 
 def test_detection(tmp_path: Path) -> None:
     root = folder(tmp_path)
-    assert formats.headerless(FolderSource(root)) is not None
+    assert formats.folder_format(FolderSource(root)) is not None
     (root / "backup-header").write_text("version=3\n")
-    assert formats.headerless(FolderSource(root)) is None  # format 3, untarred by hand
-    assert formats.headerless(FolderSource(tmp_path / "nothing")) is None
+    assert formats.folder_format(FolderSource(root)) is None  # format 3, untarred by hand
+    assert formats.folder_format(FolderSource(tmp_path / "nothing")) is None
     empty = tmp_path / "empty"
     empty.mkdir()
     assert not v1.claims(empty)

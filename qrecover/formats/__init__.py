@@ -108,7 +108,7 @@ def words(fmt: Format | None) -> Words:
 # -- format 1 (qrecover.formats.v1): a folder with no header ------------------
 
 
-def headerless(source: object) -> HeaderlessFormat | None:
+def folder_format(source: object) -> HeaderlessFormat | None:
     """The format of a backup that has no header to authenticate (a format-1
     folder: qubes.xml and no backup-header), else None."""
     return v1.open_folder(source)
@@ -151,7 +151,7 @@ __all__ = [
     "Words",
     "authenticate",
     "detect",
-    "headerless",
+    "folder_format",
     "notes",
     "parse_header",
     "read_inventory",

@@ -23,7 +23,7 @@ How the formats still to come fit without changing the engine's shape:
   per-chunk ``openssl enc -d | gzip -d`` into scratch; ``stream_stages``
   is empty and the format's extract stage reads the volumes in order.
 - Format 1 (no authentication at all; qrecover.formats.v1): a folder, no
-  header.  ``formats.headerless`` finds it and its ``members`` stand for the
+  header.  ``formats.folder_format`` finds it and its ``members`` stand for the
   outer archive; ``read_chunk`` copies nothing and checks nothing
   (``checked`` stays False), and its outcome's ``feeder`` (``tar -c``) takes
   the place of ``cat``, so the guard and ``tar -x`` see an inner archive as
@@ -195,7 +195,7 @@ class Format(Protocol):
 
 class HeaderlessFormat(Format, Protocol):
     """A format with no header to authenticate (format 1: a folder).  Found by
-    the shape of BACKUP (``formats.headerless``), it gives the members itself,
+    the shape of BACKUP (``formats.folder_format``), it gives the members itself,
     reads qubes.xml its own way, and says why nothing can be authenticated;
     its ``authenticated_with`` says "nothing"."""
 

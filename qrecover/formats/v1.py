@@ -131,6 +131,7 @@ class Format1:
         "no encryption)"
     )
     warning = WARNING
+    multi_volume = False  # (format 2's Format attribute: each stored file is one archive)
     header: HeaderV1 = field(default_factory=HeaderV1)
     absent: list[str] = field(default_factory=list)  # in qubes.xml, no folder here
     _scan: Scan | None = None
