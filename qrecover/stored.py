@@ -72,6 +72,7 @@ class StoredFile:
         self.cat: Pipeline | None = None
         self.cat_path: Path | None = None
         self.cat_owned = False
+        self._feeder = "cat"
 
     def _start(self) -> None:
         stages = self._stages
@@ -87,7 +88,7 @@ class StoredFile:
                 stdout=self.out_file,
                 secrets={PASS_ENV: self.passphrase},
                 guard=self._guard,
-                note=f"fed the chunks of {self.stored} by cat",
+                note=f"fed the chunks of {self.stored} by {self._feeder}",
                 log=self.ctx.command,
             ).start()
         finally:
@@ -124,6 +125,7 @@ class StoredFile:
         """Queue a verified chunk; returns while cat (or the format's ``feeder``,
         format 1's ``tar -c``) is still feeding it."""
         if self.pipeline is None:
+            self._feeder = feeder.program if feeder is not None else "cat"  # for the log
             self._start()
         self._reap_cat()
         assert self.feed_w is not None

@@ -657,6 +657,17 @@ def cases_v1(workdir: Path) -> list[CaseV1]:
         os.mkfifo(f / "appvms/work/pipe")
         os.mkfifo(f / "dom0-home/user/Documents/pipe")
 
+    def unix_socket(f: Path) -> None:
+        import socket
+
+        here = os.getcwd()
+        os.chdir(f / "dom0-home/user")  # bound by a short name: paths may pass 108 bytes
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.bind("sock")
+        finally:
+            os.chdir(here)
+
     def write(rel: str, data: bytes) -> Callable[[Path], object]:
         return lambda f: (f / rel).write_bytes(data)
 
@@ -684,6 +695,8 @@ def cases_v1(workdir: Path) -> list[CaseV1]:
     add("v1-fifo", fifo, EXIT_BACKUP, "FIFO, not restored",
         restored=("work/private.img", "dom0-home/user/.bashrc"),
         absent=("work/pipe", "dom0-home/user/Documents/pipe"))
+    add("v1-socket", unix_socket, EXIT_BACKUP, "socket, not restored",
+        restored=("dom0-home/user/.bashrc",), absent=("dom0-home/user/sock",))
     if os.geteuid() == 0:  # mknod needs root; the case is made only where it can be
         add("v1-device-node", lambda f: os.mknod(f / "dom0-home/user/null",
                                                   0o600 | 0o020000, os.makedev(1, 3)),

@@ -44,19 +44,23 @@ def _shown(name: str) -> str:
 _PER_ENTRY = 3 * 512
 
 
-def tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path, sockets: list[str] | None = None) -> int:
     """What ``tar -c`` of ``path`` can hold at most, links not followed.
 
     Apparent sizes (tar stores no more of a file, less of a sparse one) plus
     room for every entry's headers: the guard's budget is built on it, and
     must never stop a genuine folder of many small files, whatever the file
-    system (one that compresses makes block counts useless here).
+    system (one that compresses makes block counts useless here).  Sockets,
+    which tar -c leaves out with only a warning, are added to ``sockets``.
     """
+    found = sockets if sockets is not None else []
     try:
         st = os.lstat(path)
     except OSError:
         return 0
     if not stat.S_ISDIR(st.st_mode):
+        if stat.S_ISSOCK(st.st_mode):
+            found.append(str(path))
         return _PER_ENTRY + (st.st_size if stat.S_ISREG(st.st_mode) else 0)
     total = _PER_ENTRY
     for dirpath, dirs, files in os.walk(path):  # os.walk does not follow links
@@ -69,6 +73,8 @@ def tree_bytes(path: Path) -> int:
                 continue
             if stat.S_ISREG(fst.st_mode):
                 total += fst.st_size
+            elif stat.S_ISSOCK(fst.st_mode):
+                found.append(os.path.join(dirpath, name))
     return total
 
 
@@ -151,7 +157,11 @@ class _Scanner:
 
     def add(self, stored: str) -> None:
         validate_stored_name(stored)  # the names above always pass; kept as a last check
-        self.scan.stored[stored] = tree_bytes(self.root / stored)
+        sockets: list[str] = []
+        self.scan.stored[stored] = tree_bytes(self.root / stored, sockets)
+        for path in sockets:
+            rel = _shown(os.path.relpath(path, self.root))
+            self.scan.problems.append(f"{stored}: {rel} (socket, not restored)")
 
     def run(self) -> Scan:
         for top in self.names(""):
