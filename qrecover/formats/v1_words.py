@@ -62,6 +62,11 @@ feed() {  # feed STORED.000: format 1 keeps STORED as it is; tar -c reads it (li
 """.strip()
 
 
+def _stage_names(stages: list[Stage]) -> list[str]:
+    """How ``pipeline_ok`` names the stages; stage 0 is tar -c reading the folder."""
+    return ["reading it from the folder (tar -c)", *shell.stage_names(stages)[1:]]
+
+
 def _steps(stored: str) -> str:
     return "step 1, read it from the folder" if stored == QUBES_XML else "step 2, copy it"
 
@@ -277,7 +282,7 @@ class Words1:
             + shell.call("die", "qubes.xml: not a file of the backup folder"),
             "fresh_stage",
             *shell.pipeline_block(["feed qubes.xml.000"], xml_stages, stdout=shell.XML_OUT),
-            shell.pipeline_check(QUBES_XML, xml_stages),
+            shell.call("pipeline_ok", QUBES_XML, *_stage_names(xml_stages)),
             f'place_file "$work/qubes.xml" {shell.out_path(QUBES_XML)}',
         ]
         for target in plan.entities():
@@ -307,7 +312,7 @@ def _vm_block(entity: Entity, strip: int, folder: str) -> list[str]:
             "fresh_stage",
             *shell.pipeline_block([shell.call("feed", stored + ".000")], stages,
                                   {_STAGING: shell.STAGE_DIR}),
-            shell.pipeline_check(stored, stages),
+            shell.call("pipeline_ok", stored, *_stage_names(stages)),
             f'place "$work/stage" {shown}',
         ]
     folder_path = shell.q(entity.backup_path)
@@ -324,7 +329,7 @@ def _vm_block(entity: Entity, strip: int, folder: str) -> list[str]:
     lines += shell.pipeline_block(['feed "$stored.000"'], stages,
                                   {_STAGING: shell.STAGE_DIR}, indent="    ")
     lines += [
-        '    pipeline_ok "$stored" ' + " ".join(shell.q(n) for n in shell.stage_names(stages)),
+        '    pipeline_ok "$stored" ' + " ".join(shell.q(n) for n in _stage_names(stages)),
         f'    place "$work/stage" {shown}',
         "done",
     ]
