@@ -104,7 +104,7 @@ class Words1:
             f"# Transcript of: {shell.comment(shown)}",
             f"# written by qrecover {__version__} on {when}, as the run went.",
             "#",
-            f"# A format-1 backup ({WRITTEN_BY}) is a plain folder. There is no",
+            f"# A format-1 backup, written by {WRITTEN_BY}, is a plain folder. There is no",
             "# recovery page: its files are copied. Replay with `sh THIS-FILE` (dash or",
             "# bash, GNU tar and POSIX utilities): each stored file is read again by",
             "# tar -c from the folder and extracted as qrecover did.",
@@ -148,7 +148,7 @@ class Words1:
     def explain_intro(self, how: str) -> tuple[str, str]:
         return (
             "Step 1 - read qubes.xml from the folder",
-            f"A format-1 backup ({WRITTEN_BY}) is a plain folder mirroring "
+            f"A format-1 backup, written by {WRITTEN_BY}, is a plain folder mirroring "
             "/var/lib/qubes: qubes.xml, appvms/NAME/, servicevms/NAME/, "
             "vm-templates/NAME/ and dom0-home/USER/, each file copied by cp -rp. "
             "There is no recovery page: restoring is copying. qrecover reads each "
@@ -195,7 +195,7 @@ class Words1:
 
     def plan_title(self, backup: str) -> str:
         return (
-            f"Dry run: {backup} is a format-1 backup ({WRITTEN_BY}); NOTHING in it "
+            f"Dry run: {backup} is a format-1 backup, written by {WRITTEN_BY}; NOTHING in it "
             "can be authenticated (no HMAC, no encryption); nothing was written."
         )
 
@@ -249,7 +249,7 @@ class Words1:
             f"# written by qrecover {__version__} on {when}:",
             f"# {shell.comment(shown)}",
             "#",
-            f"# A format-1 backup ({WRITTEN_BY}) is a plain folder, and there is no",
+            f"# A format-1 backup, written by {WRITTEN_BY}, is a plain folder; there is no",
             "# recovery page: restoring it is copying its files. This script does it as",
             "# qrecover restore does: tar -c reads each stored file from the folder (it",
             "# never follows a link; holes are kept), tar -x extracts it into a private",
