@@ -43,6 +43,9 @@ def test_detection(tmp_path: Path) -> None:
     (root / "backup-header").write_text("version=3\n")
     assert formats.folder_format(FolderSource(root)) is None  # format 3, untarred by hand
     assert formats.folder_format(FolderSource(tmp_path / "nothing")) is None
+    (root / "backup-header").unlink()
+    (root / "qubes.xml.000").write_bytes(b"x")  # an untarred R2-Beta3 backup: format 2
+    assert formats.folder_format(FolderSource(root)) is None
     empty = tmp_path / "empty"
     empty.mkdir()
     assert not v1.claims(empty)

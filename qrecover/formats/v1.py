@@ -80,7 +80,8 @@ def claims(root: Path) -> bool:
     """A folder holding ``qubes.xml`` (even as a link, to refuse it clearly) and
     no ``backup-header``: R2's own test for format 1; or one of R1's folders
     and no header, to say that its qubes.xml is missing."""
-    if os.path.lexists(root / BACKUP_HEADER):
+    # qubes.xml.000: an untarred backup of format 2 or 3 (R2-Beta3 wrote no header)
+    if any(os.path.lexists(root / name) for name in (BACKUP_HEADER, f"{QUBES_XML}.000")):
         return False
     return any(os.path.lexists(root / name) for name in TREE)
 
