@@ -22,7 +22,14 @@ from qrecover import formats
 from qrecover.container import open_source
 from qrecover.context import RunContext
 from qrecover.engine import run
-from qrecover.errors import EXIT_BACKUP, EXIT_OK, EXIT_OUTPUT, QrecoverError, UsageError
+from qrecover.errors import (
+    EXIT_BACKUP,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    Interrupted,
+    QrecoverError,
+    UsageError,
+)
 from qrecover.events import EventListener
 from qrecover.files import find_debugfs
 from qrecover.files.command import restore_files
@@ -32,9 +39,11 @@ from qrecover.passphrase import get_passphrase
 from qrecover.progress import Display, source_size, summary_table
 from qrecover.render.explain import Narrator
 from qrecover.render.plantext import plan_text
+from qrecover.render.shell import feed_command
 from qrecover.render.transcript import TranscriptWriter, open_new
 from qrecover.report import FileResult, Report, Request
 from qrecover.report_json import json_output
+from qrecover.resume import RECORD_NAME
 from qrecover.sources import replay_path
 from qrecover.units import human_bytes
 
@@ -243,12 +252,21 @@ def restore_command(
         "restore", tuple(vms), output, force, size_limit, dry_run=dry_run, resume=resume,
         exclude=tuple(exclude), skip_dom0_home=skip_dom0_home, jobs=jobs,
     )
-    with json_output(as_json, "restore", backup) as as_doc:
-        code, report = _restore_command(
-            backup, output, request, passphrase_file, files, transcript, explain,
-            settings or Settings(),
-        )
-        as_doc.done(report, code)
+    try:
+        with json_output(as_json, "restore", backup) as as_doc:
+            code, report = _restore_command(
+                backup, output, request, passphrase_file, files, transcript, explain,
+                settings or Settings(),
+            )
+            as_doc.done(report, code)
+    except (Interrupted, KeyboardInterrupt):
+        if not dry_run and (output / RECORD_NAME).is_file():
+            # What was placed before the signal stays; tell how not to redo it.
+            err(
+                f"note: the stored files already placed in {output} are kept; "
+                "run the same restore again with --resume to go on from there"
+            )
+        raise
     return code
 
 
@@ -266,7 +284,14 @@ def _restore_command(
     if request.dry_run:
         report, _ = _run(settings, backup, passphrase_file, request)
         assert report.plan is not None
-        print(plan_text(report.plan, replay_path(backup) or "-", report.stops))
+        where = replay_path(backup)
+        feed = None if where else feed_command(backup)
+        name = None
+        if feed:
+            many = f"{backup[0]} ... {backup[-1]} ({len(backup)} pieces)"
+            name = " ".join(backup) if len(backup) <= 3 else many
+        print(plan_text(report.plan, where or "-", report.stops, feed=feed, name=name,
+                        kept=report.kept, excused=report.excused))
         # What would stop the restore stops the dry run, with the same exit code.
         return (EXIT_OUTPUT if report.stops else EXIT_OK), report
     if files:

@@ -41,6 +41,7 @@ from qrecover.container import (
     parse_member_name,
 )
 from qrecover.context import RunContext
+from qrecover.dry_run import dry_findings
 from qrecover.errors import (
     BackupError,
     MissingProgramError,
@@ -54,7 +55,7 @@ from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
 from qrecover.output import Output
-from qrecover.plan import XML_SINK, Plan, doomed, obstacles
+from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request
 from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
@@ -120,8 +121,7 @@ class Recovery:
                 self.passphrase, self.scratch, self.ctx.command, request.jobs
             )
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
-            inventory, problems = formats.read_inventory(fmt, xml)
-            self.report.problems += problems
+            inventory = formats.read_inventory(fmt, xml, self.report.problems)
             self.report.inventory = inventory
             selected = inventory.select(request.vms, request.exclude, request.skip_dom0_home)
             self.report.selected = selected
@@ -129,9 +129,11 @@ class Recovery:
             plan = self.report.plan = self._plan(fmt, selected)
             if request.mode == "info":
                 return self.report
-            self.report.stops = obstacles(plan) + doomed(plan)
-            if request.dry_run:
-                return self.report  # what would run and what would stop it; nothing started
+            if request.dry_run:  # what would run and what would stop it; nothing started
+                found = dry_findings(plan, request.resume, fmt, self.header_raw, xml, self.xml_macs)
+                self.report.stops, self.report.kept = found.stops, found.kept
+                self.report.excused = found.excused
+                return self.report
             self.observer.planned(selected)
             if self.output is not None:
                 # DIR's restore record (--resume): the earlier run's own files are no obstacle
@@ -185,17 +187,15 @@ class Recovery:
         members.take()
         if first.name != HEADER:
             name = first.name.encode("ascii", "backslashreplace").decode()[:80]
-            if (hint := formats.packed_hint(name)) is not None:
-                raise BackupError(hint)
             if name.startswith("qubes.xml.000"):
                 raise BackupError(
                     "no backup-header: this looks like a format 2 backup "
                     "(Qubes R2 beta), which qrecover does not read"
                 )
-            raise BackupError(
+            raise BackupError(formats.packed_hint(name) or (  # a packed format-1 folder?
                 f"the backup does not start with backup-header (found {name!r}): "
                 "not a Qubes backup of format 3 or 4"
-            )
+            ))
         data = first.read_all(MAX_HEADER)
         second = members.require("backup-header.hmac")
         if second.name != HEADER_HMAC:

@@ -114,11 +114,14 @@ def folder_format(source: object) -> HeaderlessFormat | None:
     return v1.open_folder(source)
 
 
-def read_inventory(fmt: Format, xml: bytes) -> tuple[Inventory, list[str]]:
-    """qubes.xml's VMs, as ``fmt`` reads them, and the problems found beside."""
+def read_inventory(fmt: Format, xml: bytes, problems: list[str]) -> Inventory:
+    """qubes.xml's VMs, as ``fmt`` reads them; the problems found beside them
+    (format 1: what its folder's scan refused) are added to ``problems``."""
     if isinstance(fmt, v1.Format1):  # (a HeaderlessFormat)
-        return fmt.inventory(xml)
-    return parse_inventory(xml), []
+        inventory, found = fmt.inventory(xml)
+        problems += found
+        return inventory
+    return parse_inventory(xml)
 
 
 def unauthenticated(fmt: Format | None) -> str | None:
