@@ -315,3 +315,20 @@ def test_sparse_islands_hard_links_and_long_names(tmp_path: Path) -> None:
     restored = out / "work" / "private.img"
     assert restored.stat().st_blocks <= image.stat().st_blocks + 64
     assert os.stat(out / "dom0-home/user/a").st_ino == os.stat(out / "dom0-home/user/c").st_ino
+
+
+def test_restore_files_from_an_r1_image(tmp_path: Path) -> None:
+    """restore --files on format 1: the VM's private.img (a real ext4 image, made by
+    mkfs.ext4 -d) restored, then its /home/user copied out with debugfs."""
+    import ext4image
+
+    src = tmp_path / "src" / "work"
+    src.mkdir(parents=True)
+    tree_dir = ext4image.make_private_tree(tmp_path / "tree")
+    ext4image.make_ext4(tree_dir, src / "private.img", 16)
+    (tmp_path / "target").mkdir()
+    manifest = gen1.make_backup_v1(tmp_path / "target", [gen.VmSpec("work", 7, source=src)])
+    out = tmp_path / "out"
+    result = run("restore", manifest.path, "--output", out, "--files")
+    assert result.code == 0, result.err
+    assert tree(out / "work" / "files" / "user") == tree(tree_dir / "home" / "user")
