@@ -148,6 +148,7 @@ def _run(
     listeners: Sequence[EventListener] = (),
 ) -> tuple[Report, float]:
     """Run the pass; returns the report and its time (from after the passphrase)."""
+    formats.refuse_packed_folder(backup)  # a tar of a format-1 folder: before any passphrase
     source = open_source(backup)
     warning = formats.unauthenticated(formats.folder_format(source))  # format 1: no passphrase
     passphrase = get_passphrase(passphrase_file) if warning is None else ""

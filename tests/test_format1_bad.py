@@ -103,9 +103,9 @@ def test_case(cases: dict[str, bad.CaseV1], name: str, mode: str, world: Path) -
     out = world / "out"
     argv = [mode, str(backup)] + (["--output", str(out)] if mode == "restore" else [])
     before = sorted(os.listdir(world))
-    # A file is no format-1 folder: read as a stream, it needs a passphrase first.
+    # No passphrase: none is needed for a folder, and a packed one is named before.
     folder = backup.is_dir()
-    proc = _run(argv, case.as_nobody, None if folder else "any")
+    proc = _run(argv, case.as_nobody)
     assert proc.returncode == case.code, proc.stderr
     assert case.message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr

@@ -137,3 +137,16 @@ def test_read_stage_follows_nothing() -> None:
 ])
 def test_a_packed_folder_is_named(first: str, packed: bool) -> None:
     assert (formats.packed_hint(first) is not None) == packed
+
+
+def test_a_packed_folder_is_named_before_any_passphrase(tmp_path: Path) -> None:
+    import subprocess
+
+    root = folder(tmp_path)
+    packed = tmp_path / "r1.tar"
+    subprocess.run(["tar", "-c", "-f", str(packed), "-C", str(tmp_path), root.name], check=True)
+    assert v1.first_file(str(packed)) == f"{root.name}/appvms/work/icon.png"
+    with pytest.raises(BackupError, match="packed into an archive"):
+        formats.refuse_packed_folder([str(packed)])
+    formats.refuse_packed_folder([str(root / "qubes.xml")])  # not a tar: left to the run
+    formats.refuse_packed_folder(["-"])

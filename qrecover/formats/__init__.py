@@ -14,7 +14,8 @@ outside this package names a format or branches on its version.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Protocol
 
@@ -147,6 +148,17 @@ def packed_hint(first_member: str) -> str | None:
             "(tar -xf FILE) and give qrecover the folder that holds qubes.xml"
         )
     return None
+
+
+def refuse_packed_folder(backups: Sequence[str]) -> None:
+    """Raise the packed-folder message when BACKUP is one plain tar file whose
+    first file is one of R1's tree; checked before any passphrase is asked."""
+    if len(backups) != 1 or backups[0] == "-" or not os.path.isfile(backups[0]):
+        return
+    first = v1.first_file(backups[0])
+    hint = packed_hint(first) if first is not None else None
+    if hint is not None:
+        raise BackupError(hint)
 
 
 __all__ = [

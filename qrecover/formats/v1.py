@@ -251,6 +251,27 @@ def _backup_path(name: str, dir_path: str) -> str:
     return match.group("rel")
 
 
+def first_file(path: str) -> str | None:
+    """The name of the first file in a plain tar file, past its folders' entries
+    (none if it is not a plain ustar/GNU tar, or names it with a long header):
+    enough to tell a packed format-1 folder before any passphrase is asked."""
+    try:
+        with open(path, "rb") as f:
+            for _ in range(8):
+                block = f.read(512)
+                if len(block) < 512 or block[257:262] != b"ustar":
+                    return None
+                name = block[:100].split(b"\0", 1)[0]
+                prefix = block[345:500].split(b"\0", 1)[0] if block[257:263] == b"ustar\0" else b""
+                if block[156:157] != b"5":  # past the folders' entries (no data follows them)
+                    full = (prefix + b"/" + name) if prefix else name
+                    ordinary = block[156:157] in (b"0", b"\0", b"1", b"2", b"7")  # files, links
+                    return full.decode("utf-8", "replace") if ordinary else None
+    except OSError:
+        return None
+    return None
+
+
 def open_folder(source: object) -> Format1 | None:
     """The format-1 backup ``source`` is, if it is one."""
     if isinstance(source, FolderSource) and claims(source.root):
