@@ -76,6 +76,7 @@ class StoredFile:
         self.cat_owned = False
         self.multi_volume = multi_volume  # each chunk one volume of tar -M (format 2)
         self.volumes: VolumeTar | None = None
+        self._feeder = "cat"
 
     def _start(self) -> None:
         stages = self._stages
@@ -94,7 +95,7 @@ class StoredFile:
                 stdout=self.out_file,
                 secrets={PASS_ENV: self.passphrase},
                 guard=self._guard,
-                note=f"fed the chunks of {self.stored} by cat",
+                note=f"fed the chunks of {self.stored} by {self._feeder}",
                 log=self.ctx.command,
             ).start()
         finally:
@@ -141,9 +142,11 @@ class StoredFile:
             # Usually a consequence: the pipeline died and cat hit a closed pipe.
             self.fail(FeedFailed(f"feeding {self.cat_path}: {result.describe()}"))
 
-    def feed(self, path: Path, owned: bool, member: str = "") -> None:
-        """Queue a verified chunk; returns while cat is still feeding it."""
+    def feed(self, path: Path, owned: bool, member: str = "", feeder: Stage | None = None) -> None:
+        """Queue a verified chunk; returns while cat (or the format's ``feeder``,
+        format 1's ``tar -c``) is still feeding it."""
         if self.pipeline is None:
+            self._feeder = feeder.program if feeder is not None else "cat"  # for the log
             self._start()
         if self.volumes is not None:
             self.volumes.feed(path, owned, member or path.name)
@@ -151,7 +154,7 @@ class StoredFile:
             return
         self._reap_cat()
         assert self.feed_w is not None
-        stage = Stage(("cat", str(path)))
+        stage = feeder if feeder is not None else Stage(("cat", str(path)))
         self.cat = Pipeline(
             [stage],
             stdin=subprocess.DEVNULL,

@@ -17,15 +17,17 @@ outside this package names a format or branches on its version.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Protocol
 
 from qrecover.errors import BackupError
-from qrecover.formats import v2, v2_words, v3, v3_words, v4, v4_words
-from qrecover.formats.base import Format, Words
+from qrecover.formats import v1, v1_words, v2, v2_words, v3, v3_words, v4, v4_words
+from qrecover.formats.base import Format, HeaderlessFormat, Words
 from qrecover.header import Header, split_header, validate
 from qrecover.hmacs import MAX_HMAC_FILE
+from qrecover.inventory import Inventory, parse_inventory
 from qrecover.runner import CommandLog, log_command
 
 # The largest backup-header.hmac any format has.
@@ -54,6 +56,7 @@ _MODELS: dict[int, type[v3.BackupHeader] | type[v4.BackupHeaderV4]] = {
     v4.VERSION: v4.BackupHeaderV4,
 }
 _WORDS: dict[int, Callable[[Format | None], Words]] = {
+    v1.VERSION: v1_words.Words1,
     v2.VERSION: v2_words.Words2,
     v3.VERSION: v3_words.Words3,
     v4.VERSION: v4_words.Words4,
@@ -127,4 +130,71 @@ def words(fmt: Format | None) -> Words:
     return _WORDS[version](fmt)
 
 
-__all__ = ["Format", "Words", "authenticate", "detect", "headerless", "parse_header", "words"]
+# -- format 1 (qrecover.formats.v1): a folder with no header ------------------
+
+
+def folder_format(source: object) -> HeaderlessFormat | None:
+    """The format of a backup that has no header to authenticate (a format-1
+    folder: qubes.xml and no backup-header), else None."""
+    return v1.open_folder(source)
+
+
+def read_inventory(fmt: Format, xml: bytes, problems: list[str]) -> Inventory:
+    """qubes.xml's VMs, as ``fmt`` reads them; the problems found beside them
+    (format 1: what its folder's scan refused) are added to ``problems``."""
+    if isinstance(fmt, v1.Format1):  # (a HeaderlessFormat)
+        inventory, found = fmt.inventory(xml)
+        problems += found
+        return inventory
+    return parse_inventory(xml)
+
+
+def unauthenticated(fmt: Format | None) -> str | None:
+    """Why nothing of this backup can be authenticated, if nothing can."""
+    return fmt.warning if isinstance(fmt, v1.Format1) else None
+
+
+def notes(fmt: Format | None) -> list[str]:
+    """What a run says about the backup without failing (format 1: VMs it lacks)."""
+    return fmt.notes if isinstance(fmt, v1.Format1) else []
+
+
+def packed_hint(first_member: str) -> str | None:
+    """A tar archive with no header whose first file is one of R1's tree (qubes.xml,
+    appvms/...): a format-1 folder someone packed; read only as the folder."""
+    parts = [p for p in first_member.split("/") if p not in ("", ".")]
+    if len(parts) > 1 and parts[1] in v1.TREE:
+        parts = parts[1:]  # the folder itself (qubes-YYYY-MM-DD-HHMMSS) was packed
+    if (len(parts) > 1 and parts[0] in v1.TREE[1:]) or parts == [v1.TREE[0]]:
+        return (
+            f"the backup starts with {first_member!r} and has no backup-header: this looks "
+            "like a format-1 backup (Qubes R1) packed into an archive; unpack it "
+            "(tar -xf FILE) and give qrecover the folder that holds qubes.xml"
+        )
+    return None
+
+
+def refuse_packed_folder(backups: Sequence[str]) -> None:
+    """Raise the packed-folder message when BACKUP is one plain tar file whose
+    first file is one of R1's tree; checked before any passphrase is asked."""
+    if len(backups) != 1 or backups[0] == "-" or not os.path.isfile(backups[0]):
+        return
+    first = v1.first_file(backups[0])
+    hint = packed_hint(first) if first is not None else None
+    if hint is not None:
+        raise BackupError(hint)
+
+
+__all__ = [
+    "Format",
+    "Words",
+    "authenticate",
+    "detect",
+    "folder_format",
+    "headerless",
+    "notes",
+    "parse_header",
+    "read_inventory",
+    "unauthenticated",
+    "words",
+]

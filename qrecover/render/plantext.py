@@ -14,6 +14,7 @@ from pathlib import Path
 from qrecover import formats
 from qrecover.container import QUBES_XML
 from qrecover.errors import OutputError, WouldOverwrite
+from qrecover.formats.base import OwnFirstStep
 from qrecover.plan import Plan
 from qrecover.render import shell
 from qrecover.stages.extract import extract_stage
@@ -36,6 +37,7 @@ def plan_text(
         *_kept(kept),
         "",
         "Commands (steps of " + words.page + "):",
+        f"  1    {words.first_step(backup)}" if isinstance(words, OwnFirstStep) else
         f"  1    {shell.untar_command(backup, feed=feed)}"
         "   (qrecover streams instead, one chunk at a time)",
         *words.plan_header_steps(plan.gunzip),
