@@ -117,9 +117,8 @@ class Recovery:
             else:
                 self.scratch = Path(tempfile.mkdtemp(prefix="qrecover-"))
             self.names = ScratchNames(self.scratch)
-            self.works = fmt.chunk_works(
-                self.passphrase, self.scratch, self.ctx.command, request.jobs
-            )
+            log, jobs = self.ctx.command, request.jobs
+            self.works = fmt.chunk_works(self.passphrase, self.scratch, log, jobs)
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
             inventory = formats.read_inventory(fmt, xml, self.report.problems)
             self.report.inventory = inventory
@@ -191,7 +190,8 @@ class Recovery:
         if first.name != HEADER:
             name = first.name.encode("ascii", "backslashreplace").decode()[:80]
             raise BackupError(formats.packed_hint(name) or (  # a packed format-1 folder?
-                f"the backup does not start with backup-header (found {name!r}): "
+                f"{getattr(self.source, 'label', 'the backup')}: does not start with "
+                f"backup-header (found {name!r}): "
                 "not a Qubes backup of format 2, 3 or 4"
             ))
         data = first.read_all(MAX_HEADER)
