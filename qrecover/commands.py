@@ -109,8 +109,12 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
     failures = [f for f in report.files if not f.ok]
     if not settings.quiet:
         print(summary_table(mode, report.files, elapsed), flush=True)
+    for note in formats.notes(report.fmt):
+        err(f"note: {note}")
     for problem in report.problems:
         err(f"problem: {problem}")
+    if (warning := formats.unauthenticated(report.fmt)) is not None:
+        err(f"warning: {warning}")
     count = len(report.files)
     if report.ok:
         verb = "verified" if mode == "verify" else "restored"
@@ -144,8 +148,12 @@ def _run(
     listeners: Sequence[EventListener] = (),
 ) -> tuple[Report, float]:
     """Run the pass; returns the report and its time (from after the passphrase)."""
+    formats.refuse_packed_folder(backup)  # a tar of a format-1 folder: before any passphrase
     source = open_source(backup)
-    passphrase = get_passphrase(passphrase_file)
+    warning = formats.unauthenticated(formats.folder_format(source))  # format 1: no passphrase
+    passphrase = get_passphrase(passphrase_file) if warning is None else ""
+    if warning is not None:
+        err(f"warning: {warning}")
     started = time.monotonic()
     ctx = RunContext(quiet=settings.quiet, listeners=list(listeners))
     if request.mode == "info":
@@ -365,7 +373,9 @@ def info_command(
         print(json.dumps(data, indent=2))
         return EXIT_OK
     print(f"Backup {' '.join(backup)}: format {fmt.version}, written by {fmt.written_by}")
-    print(f"  header verified with {fmt.authenticated_with}")
+    warning = formats.unauthenticated(fmt)
+    print(f"  NOT AUTHENTICATED: {warning}" if warning else
+          f"  header verified with {fmt.authenticated_with}")
     for key, value in fmt.header.fields().items():
         print(f"  {key}: {value}")
     print("VMs with data in this backup:")
@@ -377,4 +387,6 @@ def info_command(
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for note in formats.notes(fmt):
+        print(f"  note: {note}")
     return EXIT_OK

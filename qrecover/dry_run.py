@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from qrecover.errors import OutputError
 from qrecover.formats.base import Format
@@ -25,7 +24,7 @@ from qrecover.resume import Resume, identity
 class DryFindings:
     stops: list[OutputError] = field(default_factory=list)
     kept: tuple[str, ...] = ()  # stored files an earlier run placed, which --resume keeps
-    excused: frozenset[Path] = frozenset()  # existing paths that are that run's own work
+    excused: frozenset[str] = frozenset()  # existing targets (relative) that are its own work
 
 
 def dry_findings(
@@ -40,6 +39,8 @@ def dry_findings(
                               plan.selected)
     except OutputError as exc:  # the restore stops here too, before anything else
         return DryFindings([exc])
-    excused = frozenset(p for p in existing(root, plan.targets()) if record.excused(p))
+    excused = frozenset(
+        rel for rel in plan.targets() if existing(root, [rel]) and record.excused(root / rel)
+    )
     stops = obstacles(plan, record.excused, True) + doomed(plan)
     return DryFindings(stops, tuple(sorted(record.keep)), excused)

@@ -81,7 +81,7 @@ class Report:
     plan: Plan | None = None
     stops: list[OutputError] = field(default_factory=list)  # what would stop a restore
     kept: tuple[str, ...] = ()  # restore --dry-run --resume: what an earlier run placed
-    excused: frozenset[Path] = frozenset()  # ... and the existing paths that are its work
+    excused: frozenset[str] = frozenset()  # ... and the existing targets that are its work
 
     @property
     def header(self) -> Header | None:

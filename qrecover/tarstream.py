@@ -321,10 +321,11 @@ class TarReader:
     def _check_boundary(self, count: int, last: str, name: str, crossed: bool) -> None:
         """Pieces of a split backup: does the member after a piece boundary
         follow the one before it, in the order Qubes wrote them?"""
-        from qrecover.container import HEADER
+        from qrecover.container import HEADER, QUBES_XML
 
         pieces = self.input.pieces
-        if count == 0 and name != HEADER:
+        # R2-Beta3 wrote no header: its backups start with qubes.xml.000
+        if count == 0 and name not in (HEADER, f"{QUBES_XML}.000"):
             raise BackupError(
                 f"the first piece, {pieces[0].label}, does not start the backup: its first "
                 f"member is {_shown(name)}, not {HEADER} (pieces out of order?)"

@@ -321,3 +321,16 @@ def test_raw_disk_copy_with_zeros_after_the_backup(backup: Backup, tmp_path: Pat
     assert result.code == 4, result.text
     assert "taken as the end of the backup" in result.err
     assert re.search(r"dom0-home/\S+: missing from the backup", result.text), result.text
+
+
+def test_an_ordinary_tar_is_named_with_what_it_holds(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "main.c").write_text("int main(void) { return 0; }\n")
+    project = tmp_path / "project.tar"
+    subprocess.run(["tar", "-cf", str(project), "-C", str(tmp_path), "src/main.c"], check=True)
+    result = run_cli("verify", project, env={"QRECOVER_PASSPHRASE": "x"})
+    assert result.code == 4, result.text
+    assert (f"error: {project}: does not start with backup-header (found 'src/main.c'): "
+            "not a Qubes backup of format 2, 3 or 4") in result.err, result.err
+    result = run_cli("verify", "-", stdin=project.read_bytes(), env={"QRECOVER_PASSPHRASE": "x"})
+    assert result.code == 4 and "error: standard input: does not start" in result.err, result.err

@@ -147,8 +147,8 @@ def test_killed_restore_resumes_to_the_same_bytes(
     # The dry run finds what the restore will find: with --resume it goes on
     # (exit 0) and names what it would keep; without, the folder stops it (6).
     listing = sorted(str(p) for p in out.rglob("*"))
-    dry = run_cli("restore", "--resume", "--dry-run", backup.path, "-o", out,
-                  "--passphrase-file", backup.passfile)
+    dry = run_cli("restore", "--resume", "--dry-run", backup.path, "-o", out.name,
+                  "--passphrase-file", backup.passfile, cwd=out.parent)  # relative DIR
     assert dry.code == 0, dry.text
     kept_line = next(line for line in dry.out.splitlines() if "it would keep" in line)
     assert sorted(kept_line.split(": ", 1)[1].split(", ")) == sorted(placed), kept_line

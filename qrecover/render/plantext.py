@@ -14,6 +14,7 @@ from pathlib import Path
 from qrecover import formats
 from qrecover.container import QUBES_XML
 from qrecover.errors import OutputError, WouldOverwrite
+from qrecover.formats.base import OwnFirstStep
 from qrecover.plan import Plan
 from qrecover.render import shell
 from qrecover.stages.extract import extract_stage
@@ -22,7 +23,7 @@ from qrecover.units import human_bytes
 
 def plan_text(
     plan: Plan, backup: str, stops: list[OutputError], feed: str | None = None,
-    name: str | None = None, kept: tuple[str, ...] = (), excused: frozenset[Path] = frozenset(),
+    name: str | None = None, kept: tuple[str, ...] = (), excused: frozenset[str] = frozenset(),
 ) -> str:
     """What ``restore`` would do, and with which commands (``feed``: what
     writes a backup of pieces or compressed as a whole to standard input;
@@ -36,6 +37,7 @@ def plan_text(
         *_kept(kept),
         "",
         "Commands (steps of " + words.page + "):",
+        f"  1    {words.first_step(backup)}" if isinstance(words, OwnFirstStep) else
         f"  1    {shell.untar_command(backup, feed=feed)}"
         "   (qrecover streams instead, one chunk at a time)",
         *words.plan_header_steps(plan.gunzip),
@@ -64,7 +66,7 @@ def _kept(kept: tuple[str, ...]) -> list[str]:
 
 
 def _targets(
-    plan: Plan, root: Path, stops: list[OutputError], excused: frozenset[Path]
+    plan: Plan, root: Path, stops: list[OutputError], excused: frozenset[str]
 ) -> list[str]:
     """Where restore would write, and what would stop it."""
     lines = [
@@ -84,7 +86,7 @@ def _targets(
     conflicts = [
         root / rel
         for rel in plan.targets()
-        if os.path.lexists(root / rel) and root / rel not in excused
+        if os.path.lexists(root / rel) and rel not in excused
     ]
     if conflicts and not plan.force:  # with --force they are replaced, not a stop
         lines.append(
