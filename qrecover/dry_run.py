@@ -39,8 +39,11 @@ def dry_findings(
                               plan.selected)
     except OutputError as exc:  # the restore stops here too, before anything else
         return DryFindings([exc])
-    excused = frozenset(
-        rel for rel in plan.targets() if existing(root, [rel]) and record.excused(root / rel)
-    )
-    stops = obstacles(plan, record.excused, True) + doomed(plan)
+    try:
+        excused = frozenset(
+            rel for rel in plan.targets() if existing(root, [rel]) and record.excused(root / rel)
+        )
+        stops = obstacles(plan, record.excused, True) + doomed(plan)
+    finally:
+        record.release()
     return DryFindings(stops, tuple(sorted(record.keep)), excused)

@@ -56,7 +56,7 @@ from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, obstacles
-from qrecover.report import FileResult, Observer, Quiet, Report, Request
+from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
 from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
 from qrecover.scratch import ChunkStore, ScratchNames
@@ -178,6 +178,8 @@ class Recovery:
         if self.output is not None and self.output.created:
             with contextlib.suppress(OSError):
                 self.output.root.rmdir()  # only if we made it and nothing landed
+        if self.resume is not None:
+            self.resume.release()  # DIR's lock, last: our scratch is gone by now
 
     def _read_header(self, members: Members) -> Format:
         if members.peek() is None and members.error is None:
@@ -306,18 +308,7 @@ class Recovery:
                 raise result.failure
         if members.error is not None:
             self.report.problems.append(str(members.error))
-        self._missing(plan.selected, {f.stored for f in self.report.files})
-
-    def _missing(self, selected: tuple[Entity, ...], found: set[str]) -> None:
-        for entity in selected:
-            required = entity.required_stored()
-            if required is None and not any(f.owner == entity.name for f in self.report.files):
-                required = f"{entity.backup_path}/*"
-            if required is not None and required not in found:
-                self.report.problems.append(
-                    f"{required}: missing from the backup, although qubes.xml says "
-                    f"{entity.name}'s data is in it (truncated or damaged backup?)"
-                )
+        self.report.problems += missing(plan.selected, self.report.files)
 
     # -- one stored file ----------------------------------------------------
 

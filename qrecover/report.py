@@ -117,3 +117,19 @@ class Quiet:
 
     def file_done(self, result: FileResult) -> None:
         pass
+
+
+def missing(selected: Sequence[Entity], files: Sequence[FileResult]) -> list[str]:
+    """What qubes.xml says is in the backup and the pass never met."""
+    found = {f.stored for f in files}
+    problems = []
+    for entity in selected:
+        required = entity.required_stored()
+        if required is None and not any(f.owner == entity.name for f in files):
+            required = f"{entity.backup_path}/*"
+        if required is not None and required not in found:
+            problems.append(
+                f"{required}: missing from the backup, although qubes.xml says "
+                f"{entity.name}'s data is in it (truncated or damaged backup?)"
+            )
+    return problems

@@ -152,7 +152,7 @@ class Resume:
         self.resuming = resuming
         self.path = output.root / RECORD_NAME
         self.scratch: Path | None = None
-        self.lock: int | None = None  # flock held on DIR until the process ends
+        self.lock: int | None = None  # flock held on DIR until release(), at the run's end
         self.redo: list[StoredEntry] = []  # earlier entries of selected VMs to redo
         self.recorded: set[str] = set()  # every path the earlier record names
         self.emit: Listener = lambda event: None  # the run's (RunContext.emit)
@@ -163,6 +163,16 @@ class Resume:
         """Check DIR's record (with --resume); nothing is removed yet (see clean)."""
         root = output.root
         lock = _lock(root)
+        try:
+            return cls._begin(output, resuming, backup, version, scratch, selected, lock)
+        except BaseException:
+            os.close(lock)  # refused: the folder is free again
+            raise
+
+    @classmethod
+    def _begin(cls, output: Output, resuming: bool, backup: str, version: int,
+               scratch: Path | None, selected: Sequence[Entity], lock: int) -> Resume:
+        root = output.root
         record = RestoreRecord(qrecover_restore_record=1, backup=backup, format=version, files={})
         path = root / RECORD_NAME
         if resuming and not os.path.lexists(path) and os.path.lexists(root / QUBES_XML):
@@ -202,6 +212,12 @@ class Resume:
                 resume.redo.append(entry)
         resume.recorded = {p.path for e in earlier.files.values() for p in e.places}
         return resume
+
+    def release(self) -> None:
+        """Let another restore into DIR (the run has ended, its scratch gone)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     def clean(self) -> None:
         """Once every check passed: remove the leftovers of what is redone."""
@@ -326,7 +342,7 @@ class Resume:
 
 def _lock(root: Path) -> int:
     """One restore at a time per DIR: a second would take the first's scratch
-    for a killed run's leftovers.  The lock goes with the process."""
+    for a killed run's leftovers.  Released by Resume.release at the run's end."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored
+from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, run_main
 from typer.testing import CliRunner
 
 from qrecover.cli import app, main
@@ -138,3 +138,21 @@ def test_dry_run_and_restore_stop_alike_in_process(
     assert "It would stop" in capsys.readouterr().out
     assert restore_command(*args, True, default_backup.passfile, dry_run=True) == 0
     assert list((out / "work").iterdir()) == []  # the dry run wrote nothing
+
+
+def test_restores_one_after_another_in_one_process(
+    default_backup: Backup, tmp_path: Path
+) -> None:
+    """DIR's lock belongs to the run, not the process: a restore that ended (or
+    was refused) lets the next one in, even in the same process."""
+    out = tmp_path / "out"
+    args = ("restore", default_backup.path, "-o", out, "--passphrase-file",
+            default_backup.passfile)
+    first = run_main(*args, "--resume")  # nothing to resume in a new DIR: it runs
+    assert first.code == 0, first.text
+    again = run_main(*args, "--resume")  # refused: the first one finished
+    assert again.code == 6 and "nothing to resume" in again.err, again.text
+    forced = run_main(*args, "--force")
+    assert forced.code == 0, forced.text
+    assert "another qrecover is restoring" not in forced.text
+    assert_restored(out, default_backup)
