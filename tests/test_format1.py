@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import make_backup as gen  # noqa: E402  (never qrecover code)
 import make_backup_v1 as gen1  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("test_format1")  # module fixtures built once
+
 QRECOVER = str(Path(sys.executable).parent / "qrecover")
 WARNING = "nothing in this backup can be authenticated"
 # Where each VM's folder in the backup lands in the output (qubes.xml's names).

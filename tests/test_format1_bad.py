@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_bad_backups as bad  # noqa: E402  (never qrecover code)
 
+pytestmark = pytest.mark.xdist_group("test_format1_bad")  # module fixtures built once
+
 QRECOVER = str(Path(sys.executable).parent / "qrecover")
 OUTSIDE_TEXT = b"secret outside the backup"
 

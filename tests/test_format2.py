@@ -30,6 +30,8 @@ sys.path.insert(0, str(SCRIPTS))
 import make_backup as mb  # noqa: E402
 import make_backup_v2 as mb2  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("test_format2")  # module fixtures built once
+
 TAPE_KIB = 40
 PAGE = "backup-emergency-restore-v2"
 

@@ -12,6 +12,8 @@ import make_bad_backups as bad  # scripts/ is on sys.path (conftest)
 import pytest
 from conftest import run_cli
 
+pytestmark = pytest.mark.xdist_group("test_format2_bad")  # module fixtures built once
+
 CASE_NAMES = [
     "v2-wrong-passphrase",
     "v2-beta3-wrong-passphrase",
