@@ -60,6 +60,7 @@ from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
 from qrecover.scratch import ChunkStore, ScratchNames
 from qrecover.stages.decompress import pick_gunzip
+from qrecover.stages.extract import pick_extractor
 from qrecover.stored import StoredFile
 
 
@@ -94,6 +95,7 @@ class Recovery:
         self.works: ChunkWorks | None = None
         # igzip or pigz, when installed, undo gzip faster than gzip -d.
         self.gunzip = pick_gunzip()
+        self.extractor = pick_extractor()  # bsdtar when installed, else GNU tar
 
     # -- the pass -----------------------------------------------------------
 
@@ -161,6 +163,7 @@ class Recovery:
             request.output,
             request.force,
             request.size_limit,
+            self.extractor,
         )
 
     def _cleanup(self) -> None:
@@ -202,7 +205,7 @@ class Recovery:
         return fmt
 
     def _check_programs(self, fmt: Format) -> None:
-        needed = ["tar", "cat", *fmt.programs(self.gunzip)]
+        needed = ["tar", self.extractor, "cat", *fmt.programs(self.gunzip)]
         for program in needed:
             which(program)
         try:

@@ -68,6 +68,7 @@ class Plan:
     output: Path | None = None
     force: bool = False
     size_limit: bool = True
+    extractor: str = "tar"  # what extracts a restored stored file (bsdtar or GNU tar)
 
     def front(self) -> list[Stage]:
         """What every stored file's fed chunks go through before tar."""
@@ -81,7 +82,7 @@ class Plan:
             stages.append(list_stage())
         else:
             assert sink.staging is not None
-            stages.append(extract_stage(sink.staging, sink.strip))
+            stages.append(extract_stage(sink.staging, sink.strip, self.extractor))
         return stages
 
     def budget(self, entity: Entity) -> int | None:

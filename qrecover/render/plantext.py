@@ -35,7 +35,7 @@ def plan_text(plan: Plan, backup: str, stops: list[OutputError]) -> str:
     ]
     placeholder = "/STAGING"
     for target in plan.entities():
-        stages = [*plan.front(), extract_stage(Path(placeholder), target.strip)]
+        stages = [*plan.front(), extract_stage(Path(placeholder), target.strip, plan.extractor)]
         pipeline = " | ".join(
             shell.render_argv(s.argv, {placeholder: '"$staging"'}) for s in stages
         )
