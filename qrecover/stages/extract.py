@@ -13,11 +13,19 @@ README "Speed, memory and disk").
 
 from __future__ import annotations
 
+import fcntl
 import shutil
+import struct
+import subprocess
+import termios
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from qrecover.container import QUBES_XML
 from qrecover.runner import Stage
+from qrecover.stages.guard import GuardError, TarGuard
 
 # Programs that extract a restored stored file, fastest first; the first one
 # installed runs.  GNU tar, the recovery page's tool, is always the fallback.
@@ -81,6 +89,72 @@ def gnu_fallback(stage: Stage) -> Stage | None:
     target = stage.argv[stage.argv.index("-C") + 1]
     strip = next(a for a in stage.argv if a.startswith("--strip-components="))
     return extract_stage(Path(target), int(strip.partition("=")[2]))
+
+
+def stop_on_cut(stage: Stage) -> bool:
+    """Whether this extractor must be stopped before it sees the end of a
+    stream the guard cut off (see :class:`CuttingGuard`)."""
+    return stage.program == "bsdtar"
+
+
+@dataclass
+class CuttingGuard(TarGuard):
+    """The guard, stopping the extractor (``stop``) before it closes a stream it cut.
+
+    bsdtar, when its input ends inside a member, still finishes that member:
+    libarchive extends the file to the size its header declares (a hole in
+    place of the bytes that never came) and sets its mode and mtime as if it
+    were complete.  GNU tar leaves what it wrote.  Stopped first, bsdtar
+    leaves, as GNU tar does, only what came before the bad chunk in the
+    ``.partial``.
+    """
+
+    stop: Callable[[int], None] | None = None  # given the pipe into the extractor
+
+    def _run(self) -> None:
+        try:
+            super()._run()
+        except GuardError:
+            if self.stop is not None:
+                self.stop(self.dst)  # before run() closes it
+            raise
+
+
+def _unread(fd: int) -> int:
+    """Bytes written into the pipe ``fd`` that its reader has not read yet."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+
+
+def _waits_on_a_pipe(pid: int) -> bool | None:
+    """Whether ``pid`` sleeps reading a pipe (None: the kernel does not say)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+    if wchan in ("", "0"):
+        return None
+    return state == "S" and "pipe" in wchan
+
+
+def stop_when_drained(proc: subprocess.Popen[bytes], fd: int, patience: float = 30.0) -> None:
+    """Kill ``proc`` once it has written out everything it was given through
+    ``fd`` and waits for more: what came before the cut is all on disk, and
+    the end of the stream it never sees."""
+    deadline = time.monotonic() + patience
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _unread(fd) == 0:
+            waiting = _waits_on_a_pipe(proc.pid)
+            if waiting is None:
+                time.sleep(0.2)  # a last block may still be being written
+                break
+            if waiting:
+                break
+        time.sleep(0.005)
+    if proc.poll() is None:
+        proc.kill()
 
 
 def placement(backup_path: str, dest: str, stored: str) -> tuple[int, str]:
