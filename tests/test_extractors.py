@@ -430,3 +430,61 @@ def test_strip_components_alike_for_qubes_names(strip: int, tmp_path: Path) -> N
                           for p in target.rglob("*")}
     assert got["bsdtar"] == got["tar"]
     assert got["tar"]["root.img"] == b"vm3/./root.img"
+
+
+# -- a stored file cut by a bad chunk --------------------------------------------
+
+CHUNK = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def tampered(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, Path, Path]]:
+    """format -> (untarred backup with chunk 012 of vm7/private.img damaged,
+    passphrase file, the source image): 1.5 MiB of random bytes in 64 KiB chunks."""
+    root = tmp_path_factory.mktemp("cut")
+    src = root / "work"
+    src.mkdir()
+    (src / "private.img").write_bytes(os.urandom(3 << 19))
+    vms = [gen.VmSpec("work", 7, source=src)]
+    passfile = root / "pass"
+    passfile.write_text(PASSPHRASE + "\n")
+    made = {}
+    for version, write, suffix in ((3, gen.make_backup, ""), (4, gen4.make_backup_v4, ".enc")):
+        backup = root / f"v{version}"
+        write(backup, PASSPHRASE, vms, chunk_size=CHUNK, workdir=root)
+        folder = root / f"v{version}-untarred"
+        folder.mkdir()
+        subprocess.run(["tar", "-i", "-xf", str(backup), "-C", str(folder)], check=True)
+        victim = folder / "vm7" / f"private.img.012{suffix}"
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+        made[version] = (folder, passfile, src / "private.img")
+    return made
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_a_cut_stored_file_leaves_the_same_partial(
+    tampered: dict[int, tuple[Path, Path, Path]], paths: dict[str, str], version: int,
+    tmp_path: Path,
+) -> None:
+    """Only what came before the bad chunk, with each extractor: bsdtar is stopped
+    before it would finish the cut member at its full size (CuttingGuard)."""
+    folder, passfile, source = tampered[version]
+    sizes = {}
+    for extractor in EXTRACTORS:
+        out = tmp_path / extractor
+        result = run(paths[extractor], "-v", "restore", folder, "-o", out,
+                     "--passphrase-file", passfile)
+        assert result.code == 4, result.err
+        assert "private.img.012" in result.err
+        assert extracting(result.err) == {extractor}
+        partial = out / "work" / "private.img.partial"
+        assert not (out / "work" / "private.img").exists()
+        size = partial.stat().st_size
+        assert 0 < size <= 12 * CHUNK, (extractor, size)
+        with source.open("rb") as f:
+            assert partial.read_bytes() == f.read(size), extractor
+        sizes[extractor] = size
+    # GNU tar writes whole 512-byte blocks; bsdtar all it was given
+    assert abs(sizes["bsdtar"] - sizes["tar"]) < 512, sizes
