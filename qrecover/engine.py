@@ -93,9 +93,8 @@ class Recovery:
         self.xml_macs: list[str] = []  # qubes.xml's chunk HMACs (format 3): likewise
         self.names: ScratchNames | None = None
         self.works: ChunkWorks | None = None
-        # igzip or pigz, when installed, undo gzip faster than gzip -d.
-        self.gunzip = pick_gunzip()
-        self.extractor = pick_extractor()  # bsdtar when installed, else GNU tar
+        # igzip or pigz, and bsdtar, when installed: faster than gzip -d, GNU tar
+        self.gunzip, self.extractor = pick_gunzip(), pick_extractor()
 
     # -- the pass -----------------------------------------------------------
 
@@ -163,7 +162,7 @@ class Recovery:
             request.output,
             request.force,
             request.size_limit,
-            self.extractor,
+            self.extractor,  # bsdtar or GNU tar
         )
 
     def _cleanup(self) -> None:
