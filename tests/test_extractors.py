@@ -88,7 +88,7 @@ def run(path: str, *args: str | Path, cwd: Path | None = None) -> Run:
 
 def extracting(log: str) -> set[str]:
     """The extractors a ``-v`` log shows extracting a stored file."""
-    return set(re.findall(r"\| (bsdtar|tar) -x (?:-b 2048 )?-f - -C ", log))
+    return set(re.findall(r"\| (bsdtar|tar) -x -f - -C ", log))
 
 
 # -- what a restored tree is ------------------------------------------------------
@@ -222,7 +222,7 @@ def test_dry_run_and_explain_name_the_extractor(
     explained = run(paths[extractor], "restore", "--explain", backup, "-o", tmp_path / "e",
                     "--passphrase-file", passfile, "--vm", "untrusted")
     assert explained.code == 0, explained.err
-    assert extracting(explained.out + explained.err) == {extractor}
+    assert f"| {extractor} -x -f - -C " in explained.out + explained.err
 
 
 def test_script_uses_gnu_tar(backups: dict[int, tuple[Path, Path, Path]],
@@ -248,7 +248,7 @@ def test_transcript_names_bsdtar_and_replays_with_gnu_tar_without_it(
                  "--vm", "untrusted", "--transcript", transcript)
     assert result.code == 0, result.err
     text = transcript.read_text(encoding="utf-8")
-    assert re.search(r"if command -v bsdtar >/dev/null 2>&1; then bsdtar -x -b 2048 -f - -C "
+    assert re.search(r"if command -v bsdtar >/dev/null 2>&1; then bsdtar -x -f - -C "
                      r'"\$work/stage" --strip-components=1 [^;]*; else tar -x -f - -C '
                      r'"\$work/stage" --strip-components=1 --no-same-owner; fi', text), text
     want = describe(out)

@@ -36,8 +36,8 @@ def normalise(text: str, work: Path, backup: Path) -> str:
     text = re.sub(r"read in [0-9:]+ \([^)]*\)", "read in TIME", text)
     text = re.sub(r"\{ if command -v bsdtar >/dev/null 2>&1; then bsdtar [^;]*; "
                   r"else (tar [^;]*); fi; \}", r"\1", text)
-    text = re.sub(r"\bbsdtar -x -b 2048 (-f - -C \S+ --strip-components=\d+ --no-same-owner) "
-                  r"--no-acls --no-xattrs --no-fflags --no-mac-metadata", r"tar -x \1", text)
+    text = re.sub(r"\bbsdtar (-x -f - -C \S+ --strip-components=\d+ --no-same-owner) "
+                  r"--no-acls --no-xattrs --no-fflags --no-mac-metadata", r"tar \1", text)
     text = re.sub(r"\bbsdtar\b", "tar", text)  # the transcript's comments, pipeline_ok
     return re.sub(r"\b(igzip|pigz)( -d|;| >/dev/null)", r"GUNZIP\2", text)
 

@@ -42,10 +42,6 @@ EXTRACTORS = ("bsdtar", "tar")
 # modes as GNU tar does, and a set-user/group-ID bit only where the archive's
 # owner is the one restoring (GNU tar keeps them all).
 _BSDTAR_SAFE = ("--no-same-owner", "--no-acls", "--no-xattrs", "--no-fflags", "--no-mac-metadata")
-# bsdtar reads 10 KiB at a time by default; from a pipe that is a hundred
-# thousand reads and wake-ups per GiB.  1 MiB reads (-b 2048, the pipe's size:
-# runner.PIPE_SIZE) took its CPU from 1.5-3.2 s to 1.1-1.4 s per GiB (README).
-_BSDTAR_READ = ("-b", "2048")
 
 
 def pick_extractor() -> str:
@@ -66,8 +62,8 @@ def extract_stage(target: Path, strip: int, extractor: str = "tar") -> Stage:
     """
     if extractor == "bsdtar":
         return Stage(
-            ("bsdtar", "-x", *_BSDTAR_READ, "-f", "-", "-C", str(target),
-             f"--strip-components={strip}", *_BSDTAR_SAFE)
+            ("bsdtar", "-x", "-f", "-", "-C", str(target), f"--strip-components={strip}",
+             *_BSDTAR_SAFE)
         )
     if extractor != "tar":
         raise ValueError(f"not an extractor: {extractor}")
