@@ -137,10 +137,10 @@ def describe(root: Path) -> dict[str, tuple[object, ...]]:
 @pytest.fixture(scope="module")
 def backups(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, Path, Path]]:
     """format -> (backup, passphrase file, source tree): the generators' sample VMs,
-    work/private.img a 256 MiB sparse image with data at its start, middle and end."""
+    work/private.img a 32 MiB sparse image with data at its start, middle and end."""
     made: dict[int, tuple[Path, Path, Path]] = {}
     tree = tmp_path_factory.mktemp("tree")
-    vms, home = gen.make_sample_tree(tree, image_mb=256)
+    vms, home = gen.make_sample_tree(tree, image_mb=32)
     folder = tmp_path_factory.mktemp("backups")
     passfile = folder / "pass"
     passfile.write_text(PASSPHRASE + "\n")
@@ -180,7 +180,7 @@ def test_each_extractor_restores_the_backup(
     image = out / "work" / "private.img"
     assert image.read_bytes() == source.read_bytes()
     st = image.stat()
-    assert st.st_size == 256 << 20
+    assert st.st_size == 32 << 20
     assert st.st_blocks * 512 < 4 << 20, "the image is not sparse"
     assert data_map(image)[-1][1] == st.st_size  # its last block of data, at the very end
     assert (out / "dom0-home" / "user" / "notes-link").is_symlink()
