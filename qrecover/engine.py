@@ -59,8 +59,7 @@ from qrecover.report import FileResult, Observer, Quiet, Report, Request
 from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
 from qrecover.scratch import ChunkStore, ScratchNames
-from qrecover.stages.decompress import pick_gunzip
-from qrecover.stages.extract import pick_extractor
+from qrecover.stages.extract import pick_programs
 from qrecover.stored import StoredFile
 
 
@@ -94,7 +93,7 @@ class Recovery:
         self.names: ScratchNames | None = None
         self.works: ChunkWorks | None = None
         # igzip or pigz, and bsdtar, when installed: faster than gzip -d, GNU tar
-        self.gunzip, self.extractor = pick_gunzip(), pick_extractor()
+        self.gunzip, self.extractor = pick_programs()
 
     # -- the pass -----------------------------------------------------------
 
@@ -161,8 +160,7 @@ class Recovery:
             self.gunzip,
             request.output,
             request.force,
-            request.size_limit,
-            self.extractor,  # bsdtar or GNU tar
+            request.size_limit, self.extractor,  # bsdtar or GNU tar
         )
 
     def _cleanup(self) -> None:

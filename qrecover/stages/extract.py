@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qrecover.container import QUBES_XML
 from qrecover.runner import Stage
+from qrecover.stages.decompress import pick_gunzip
 from qrecover.stages.guard import GuardError, TarGuard
 
 # Programs that extract a restored stored file, fastest first; the first one
@@ -48,6 +49,12 @@ def pick_extractor() -> str:
     """The fastest extractor on PATH (``tar`` when none is: it is then
     reported missing like any other program)."""
     return next((name for name in EXTRACTORS if shutil.which(name)), "tar")
+
+
+def pick_programs() -> tuple[str, str]:
+    """The run's gzip decompressor and extractor, each the fastest installed;
+    a run decides them once (qrecover.engine)."""
+    return pick_gunzip(), pick_extractor()
 
 
 def extract_stage(target: Path, strip: int, extractor: str = "tar") -> Stage:
