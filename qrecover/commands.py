@@ -22,7 +22,14 @@ from qrecover import formats
 from qrecover.container import open_source
 from qrecover.context import RunContext
 from qrecover.engine import run
-from qrecover.errors import EXIT_BACKUP, EXIT_OK, EXIT_OUTPUT, QrecoverError, UsageError
+from qrecover.errors import (
+    EXIT_BACKUP,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    Interrupted,
+    QrecoverError,
+    UsageError,
+)
 from qrecover.events import EventListener
 from qrecover.files import find_debugfs
 from qrecover.files.command import restore_files
@@ -32,9 +39,11 @@ from qrecover.passphrase import get_passphrase
 from qrecover.progress import Display, source_size, summary_table
 from qrecover.render.explain import Narrator
 from qrecover.render.plantext import plan_text
+from qrecover.render.shell import feed_command
 from qrecover.render.transcript import TranscriptWriter, open_new
 from qrecover.report import FileResult, Report, Request
 from qrecover.report_json import json_output
+from qrecover.resume import RECORD_NAME
 from qrecover.sources import replay_path
 from qrecover.units import human_bytes
 
@@ -100,8 +109,12 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
     failures = [f for f in report.files if not f.ok]
     if not settings.quiet:
         print(summary_table(mode, report.files, elapsed), flush=True)
+    for note in formats.notes(report.fmt):
+        err(f"note: {note}")
     for problem in report.problems:
         err(f"problem: {problem}")
+    if (warning := formats.unauthenticated(report.fmt)) is not None:
+        err(f"warning: {warning}")
     count = len(report.files)
     if report.ok:
         verb = "verified" if mode == "verify" else "restored"
@@ -135,8 +148,12 @@ def _run(
     listeners: Sequence[EventListener] = (),
 ) -> tuple[Report, float]:
     """Run the pass; returns the report and its time (from after the passphrase)."""
+    formats.refuse_packed_folder(backup)  # a tar of a format-1 folder: before any passphrase
     source = open_source(backup)
-    passphrase = get_passphrase(passphrase_file)
+    warning = formats.unauthenticated(formats.folder_format(source))  # format 1: no passphrase
+    passphrase = get_passphrase(passphrase_file) if warning is None else ""
+    if warning is not None:
+        err(f"warning: {warning}")
     started = time.monotonic()
     ctx = RunContext(quiet=settings.quiet, listeners=list(listeners))
     if request.mode == "info":
@@ -236,12 +253,21 @@ def restore_command(
         "restore", tuple(vms), output, force, size_limit, dry_run=dry_run, resume=resume,
         exclude=tuple(exclude), skip_dom0_home=skip_dom0_home, jobs=jobs,
     )
-    with json_output(as_json, "restore", backup) as as_doc:
-        code, report = _restore_command(
-            backup, output, request, passphrase_file, files, transcript, explain,
-            settings or Settings(),
-        )
-        as_doc.done(report, code)
+    try:
+        with json_output(as_json, "restore", backup) as as_doc:
+            code, report = _restore_command(
+                backup, output, request, passphrase_file, files, transcript, explain,
+                settings or Settings(),
+            )
+            as_doc.done(report, code)
+    except (Interrupted, KeyboardInterrupt):
+        if not dry_run and (output / RECORD_NAME).is_file():
+            # What was placed before the signal stays; tell how not to redo it.
+            err(
+                f"note: the stored files already placed in {output} are kept; "
+                "run the same restore again with --resume to go on from there"
+            )
+        raise
     return code
 
 
@@ -259,7 +285,14 @@ def _restore_command(
     if request.dry_run:
         report, _ = _run(settings, backup, passphrase_file, request)
         assert report.plan is not None
-        print(plan_text(report.plan, replay_path(backup) or "-", report.stops))
+        where = replay_path(backup)
+        feed = None if where else feed_command(backup)
+        name = None
+        if feed:
+            many = f"{backup[0]} ... {backup[-1]} ({len(backup)} pieces)"
+            name = " ".join(backup) if len(backup) <= 3 else many
+        print(plan_text(report.plan, where or "-", report.stops, feed=feed, name=name,
+                        kept=report.kept, excused=report.excused))
         # What would stop the restore stops the dry run, with the same exit code.
         return (EXIT_OUTPUT if report.stops else EXIT_OK), report
     if files:
@@ -340,7 +373,9 @@ def info_command(
         print(json.dumps(data, indent=2))
         return EXIT_OK
     print(f"Backup {' '.join(backup)}: format {fmt.version}, written by {fmt.written_by}")
-    print(f"  header verified with {fmt.authenticated_with}")
+    warning = formats.unauthenticated(fmt)
+    print(f"  NOT AUTHENTICATED: {warning}" if warning else
+          f"  header verified with {fmt.authenticated_with}")
     for key, value in fmt.header.fields().items():
         print(f"  {key}: {value}")
     print("VMs with data in this backup:")
@@ -352,4 +387,6 @@ def info_command(
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for note in formats.notes(fmt):
+        print(f"  note: {note}")
     return EXIT_OK

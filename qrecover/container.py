@@ -187,7 +187,8 @@ class FolderSource:
             for filename in filenames:
                 rel = filename if rel_dir == "." else f"{rel_dir}/{filename}"
                 names.append(rel)
-        if HEADER not in names:
+        beta3 = {f"{QUBES_XML}.000", f"{QUBES_XML}.000.hmac"} <= set(names)  # R2-Beta3: none
+        if HEADER not in names and not beta3:
             raise BackupError(
                 f"{self.root}: no backup-header in this folder (is it an untarred Qubes backup?)"
             )

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from qrecover import formats
 from qrecover.container import (
     HEADER,
     HEADER_HMAC,
@@ -40,6 +41,7 @@ from qrecover.container import (
     parse_member_name,
 )
 from qrecover.context import RunContext
+from qrecover.dry_run import dry_findings
 from qrecover.errors import (
     BackupError,
     MissingProgramError,
@@ -48,13 +50,12 @@ from qrecover.errors import (
     StoredFileError,
 )
 from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead
-from qrecover.formats import MAX_HEADER_HMAC, authenticate
 from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.header import MAX_HEADER
-from qrecover.inventory import MAX_XML, Entity, Inventory, parse_inventory
+from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
 from qrecover.output import Output
-from qrecover.plan import XML_SINK, Plan, doomed, obstacles
+from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request
 from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
@@ -98,10 +99,13 @@ class Recovery:
     # -- the pass -----------------------------------------------------------
 
     def run(self) -> Report:
-        members = Members(self.source.members())
         request = self.request
+        headerless = formats.folder_format(self.source)  # format 1: a folder, no header
+        members = Members(headerless.members() if headerless else self.source.members())
         try:
-            self.fmt = fmt = self._read_header(members)
+            self.fmt = fmt = headerless or self._read_header(members)
+            if headerless is not None:
+                self.ctx.emit(HeaderVerified(fmt))
             self.report.fmt = fmt
             self._check_programs(fmt)
             writes = request.mode == "restore" and not request.dry_run
@@ -113,11 +117,10 @@ class Recovery:
             else:
                 self.scratch = Path(tempfile.mkdtemp(prefix="qrecover-"))
             self.names = ScratchNames(self.scratch)
-            self.works = fmt.chunk_works(
-                self.passphrase, self.scratch, self.ctx.command, request.jobs
-            )
+            log, jobs = self.ctx.command, request.jobs
+            self.works = fmt.chunk_works(self.passphrase, self.scratch, log, jobs)
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
-            inventory = parse_inventory(xml)
+            inventory = formats.read_inventory(fmt, xml, self.report.problems)
             self.report.inventory = inventory
             selected = inventory.select(request.vms, request.exclude, request.skip_dom0_home)
             self.report.selected = selected
@@ -125,9 +128,11 @@ class Recovery:
             plan = self.report.plan = self._plan(fmt, selected)
             if request.mode == "info":
                 return self.report
-            self.report.stops = obstacles(plan) + doomed(plan)
-            if request.dry_run:
-                return self.report  # what would run and what would stop it; nothing started
+            if request.dry_run:  # what would run and what would stop it; nothing started
+                found = dry_findings(plan, request.resume, fmt, self.header_raw, xml, self.xml_macs)
+                self.report.stops, self.report.kept = found.stops, found.kept
+                self.report.excused = found.excused
+                return self.report
             self.observer.planned(selected)
             if self.output is not None:
                 # DIR's restore record (--resume): the earlier run's own files are no obstacle
@@ -178,26 +183,25 @@ class Recovery:
         if members.peek() is None and members.error is None:
             raise BackupError("the backup is empty (no members): not a Qubes backup")
         first = members.require("backup-header")
+        if first.name != HEADER and (bare := formats.headerless(first.name)) is not None:
+            self.ctx.emit(HeaderVerified(bare))  # none to verify: qubes.xml.000's HMAC is first
+            return bare
         members.take()
         if first.name != HEADER:
             name = first.name.encode("ascii", "backslashreplace").decode()[:80]
-            if name.startswith("qubes.xml.000"):
-                raise BackupError(
-                    "no backup-header: this looks like a format 2 backup "
-                    "(Qubes R2 beta), which qrecover does not read"
-                )
-            raise BackupError(
-                f"the backup does not start with backup-header (found {name!r}): "
-                "not a Qubes backup of format 3 or 4"
-            )
+            raise BackupError(formats.packed_hint(name) or (  # a packed format-1 folder?
+                f"{getattr(self.source, 'label', 'the backup')}: does not start with "
+                f"backup-header (found {name!r}): "
+                "not a Qubes backup of format 2, 3 or 4"
+            ))
         data = first.read_all(MAX_HEADER)
         second = members.require("backup-header.hmac")
         if second.name != HEADER_HMAC:
             raise BackupError("backup-header.hmac is missing: the header cannot be verified")
         members.take()
-        hmac_text = second.read_all(MAX_HEADER_HMAC)
+        hmac_text = second.read_all(formats.MAX_HEADER_HMAC)
         self.header_raw = data + b"\0" + hmac_text
-        fmt = authenticate(data, hmac_text, self.passphrase, self.ctx.command)
+        fmt = formats.authenticate(data, hmac_text, self.passphrase, self.ctx.command)
         self.ctx.emit(HeaderVerified(fmt))
         return fmt
 
@@ -237,6 +241,7 @@ class Recovery:
             self.scratch,
             self.output,
             self.resume.placing if self.resume is not None else None,
+            plan.fmt.multi_volume,
         )
 
     def _read_qubes_xml(self, members: Members, plan: Plan) -> bytes:
@@ -246,9 +251,10 @@ class Recovery:
             raise BackupError(
                 "qubes.xml.000 is missing after the header: cannot tell which VMs the backup holds"
             )
-        job = self._job(plan, QUBES_XML, "", None)
+        job = self._active = self._job(plan, QUBES_XML, "", None)  # killed if the run stops
         self._consume(members, job)
         result = job.finish()
+        self._active = None
         if members.error is not None:
             raise members.error
         if not result.ok:
@@ -374,7 +380,7 @@ class Recovery:
                 continue
             assert outcome.plain is not None
             try:
-                job.feed(outcome.plain, outcome.owned, chunk.member)
+                job.feed(outcome.plain, outcome.owned, chunk.member, outcome.feeder)
             except OSError as exc:
                 store.drop(outcome.plain, outcome.owned)
                 job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))

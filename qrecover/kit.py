@@ -31,7 +31,8 @@ KIT_FILES = ("qrecover.pyz", "recover.sh", "RECOVERY.txt")
 
 def _read_backup(backup: str, passphrase_file: Path | None) -> Report:
     source = open_source(backup)
-    passphrase = get_passphrase(passphrase_file)
+    # a format-1 folder has nothing to authenticate with, so no passphrase
+    passphrase = "" if formats.folder_format(source) else get_passphrase(passphrase_file)
     return run(source, passphrase, Request("info"))
 
 

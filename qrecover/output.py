@@ -138,3 +138,31 @@ class Output:
                 os.unlink(tmp)
             raise
         return target
+
+
+def fsync_path(path: Path) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0) | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        # A file or folder the backup made unreadable to its owner (mode 0004,
+        # 0000): it cannot be opened to be flushed alone, so flush everything.
+        os.sync()
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Make a placed file (or folder of files) durable before recording it."""
+    if path.is_dir() and not path.is_symlink():
+        # A folder that cannot be listed (mode 0000 in the backup): flush everything.
+        for dirpath, _dirs, files in os.walk(path, onerror=lambda _exc: os.sync()):
+            for name in files:
+                if not os.path.islink(os.path.join(dirpath, name)):
+                    fsync_path(Path(dirpath, name))
+            fsync_path(Path(dirpath))
+    elif not path.is_symlink():
+        fsync_path(path)

@@ -80,6 +80,8 @@ class Report:
     output: Path | None = None
     plan: Plan | None = None
     stops: list[OutputError] = field(default_factory=list)  # what would stop a restore
+    kept: tuple[str, ...] = ()  # restore --dry-run --resume: what an earlier run placed
+    excused: frozenset[str] = frozenset()  # ... and the existing targets that are its work
 
     @property
     def header(self) -> Header | None:

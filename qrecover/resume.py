@@ -51,7 +51,7 @@ from qrecover.context import Listener
 from qrecover.errors import OutputError
 from qrecover.events import QubesXmlWritten
 from qrecover.formats.base import Format
-from qrecover.output import Output, first_symlink, tree_size
+from qrecover.output import Output, first_symlink, fsync_path, fsync_tree, tree_size
 from qrecover.report import FileResult, Observer
 
 if TYPE_CHECKING:
@@ -117,27 +117,6 @@ def _safe_rel(rel: str) -> bool:
 
 def _stat(path: Path) -> tuple[int, int]:
     return tree_size(path), path.lstat().st_mtime_ns
-
-
-def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0) | os.O_NOFOLLOW
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Make a placed file (or folder of files) durable before recording it."""
-    if path.is_dir() and not path.is_symlink():
-        for dirpath, _dirs, files in os.walk(path):
-            for name in files:
-                if not os.path.islink(os.path.join(dirpath, name)):
-                    _fsync_path(Path(dirpath, name))
-            _fsync_path(Path(dirpath))
-    elif not path.is_symlink():
-        _fsync_path(path)
 
 
 def load(path: Path) -> RestoreRecord:
@@ -289,7 +268,7 @@ class Resume:
         with the staged files' size and mtime (made durable first)."""
         places = []
         for entry in entries:
-            _fsync_tree(entry)
+            fsync_tree(entry)
             size, mtime = _stat(entry)
             rel = os.path.relpath(folder / entry.name, self.output.root)
             places.append(Place(path=rel, size=size, mtime_ns=mtime))
@@ -302,13 +281,13 @@ class Resume:
         places: list[Place] = []
         for path in result.places:
             with contextlib.suppress(OSError):
-                _fsync_tree(path)
+                fsync_tree(path)
                 size, mtime = _stat(path)
                 places.append(Place(path=os.path.relpath(path, self.output.root),
                                     size=size, mtime_ns=mtime))
         for folder in {p.parent for p in result.places}:
             with contextlib.suppress(OSError):
-                _fsync_path(folder)
+                fsync_path(folder)
         status: Literal["placed", "partial"] = "placed" if result.ok else "partial"
         self.record.files[result.stored] = StoredEntry(
             owner=result.owner, status=status, chunks=result.chunks, places=places
@@ -322,7 +301,7 @@ class Resume:
             return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        _fsync_path(self.output.root)
+        fsync_path(self.output.root)
 
     def _save(self) -> None:
         """Replace the record atomically: temp file, fsync, rename, fsync DIR."""
@@ -335,7 +314,7 @@ class Resume:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-            _fsync_path(root)
+            fsync_path(root)
         except BaseException as exc:  # a signal too: no temporary file left behind
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -22,6 +22,7 @@ from typing import IO
 from qrecover.context import RunContext
 from qrecover.errors import DiskFull, FeedFailed, OutputError, QrecoverError, StoredFileError
 from qrecover.events import ChunkFed, FileFinished, PipelineStarted
+from qrecover.formats.v2_volumes import VolumeGuard, VolumeTar
 from qrecover.output import Output, tree_size
 from qrecover.plan import PLACEHOLDER, Sink
 from qrecover.report import FileResult
@@ -57,6 +58,7 @@ class StoredFile:
         scratch: Path,
         output: Output | None,
         placing: Placing | None = None,
+        multi_volume: bool = False,
     ) -> None:
         self.stored = stored
         self.sink = sink
@@ -73,9 +75,15 @@ class StoredFile:
         self.cat: Pipeline | None = None
         self.cat_path: Path | None = None
         self.cat_owned = False
+        self.multi_volume = multi_volume  # each chunk one volume of tar -M (format 2)
+        self.volumes: VolumeTar | None = None
+        self._feeder = "cat"
 
     def _start(self) -> None:
         stages = self._stages
+        if self.multi_volume:
+            self._start_volumes()
+            return
         read_end, self.feed_w = os.pipe()
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.feed_w, F_SETPIPE_SZ, PIPE_SIZE)
@@ -88,11 +96,25 @@ class StoredFile:
                 stdout=self.out_file,
                 secrets={PASS_ENV: self.passphrase},
                 guard=self._guard,
-                note=f"fed the chunks of {self.stored} by cat",
+                note=f"fed the chunks of {self.stored} by {self._feeder}",
                 log=self.ctx.command,
             ).start()
         finally:
             os.close(read_end)
+        self._started()
+
+    def _start_volumes(self) -> None:
+        if self.sink.kind != "extract":
+            self.out_file = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115
+        guard = VolumeGuard(-1, -1, self.sink.limit, self.stored, prefix=self.stored)
+        work = Path(tempfile.mkdtemp(prefix="volumes-", dir=self.scratch))
+        self.volumes = VolumeTar(self._stages[-1], work, guard, self.out_file,
+                                 self.ctx.command, self.stored)
+        self.pipeline = self.volumes.start()
+        self._started()
+
+    def _started(self) -> None:
+        stages = list(self.volumes.shown) if self.volumes is not None else self._stages
         # Told once it runs: the runner logged its command first.
         self.ctx.emit(
             PipelineStarted(
@@ -127,13 +149,19 @@ class StoredFile:
             # Usually a consequence: the pipeline died and cat hit a closed pipe.
             self.fail(FeedFailed(f"feeding {self.cat_path}: {result.describe()}"))
 
-    def feed(self, path: Path, owned: bool, member: str = "") -> None:
-        """Queue a verified chunk; returns while cat is still feeding it."""
+    def feed(self, path: Path, owned: bool, member: str = "", feeder: Stage | None = None) -> None:
+        """Queue a verified chunk; returns while cat (or the format's ``feeder``,
+        format 1's ``tar -c``) is still feeding it."""
         if self.pipeline is None:
+            self._feeder = feeder.program if feeder is not None else "cat"  # for the log
             self._start()
+        if self.volumes is not None:
+            self.volumes.feed(path, owned, member or path.name)
+            self.ctx.emit(ChunkFed(self.stored, member or path.name, path))
+            return
         self._reap_cat()
         assert self.feed_w is not None
-        stage = Stage(("cat", str(path)))
+        stage = feeder if feeder is not None else Stage(("cat", str(path)))
         self.cat = Pipeline(
             [stage],
             stdin=subprocess.DEVNULL,
@@ -153,6 +181,8 @@ class StoredFile:
             self.result.failure = error
 
     def kill(self) -> None:
+        if self.volumes is not None:
+            self.volumes.kill()
         for running in (self.cat, self.pipeline):
             if running is not None:
                 running.kill()
@@ -162,6 +192,8 @@ class StoredFile:
 
     def finish(self) -> FileResult:
         """Close the feed, wait for every stage, and place (or keep as partial)."""
+        if self.volumes is not None and (problem := self.volumes.close()) is not None:
+            self.fail(problem)
         self._reap_cat()
         if self.feed_w is not None:
             os.close(self.feed_w)

@@ -12,11 +12,14 @@ a damaged backup, and tarfile then fails to seek back on a pipe.
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from qrecover.errors import BackupError
+
+log = logging.getLogger("qrecover")
 
 if TYPE_CHECKING:
     from qrecover.container import Member
@@ -26,8 +29,10 @@ BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 MAX_EXTENDED = 1024 * 1024  # a PAX or GNU long-name header's data
 # Qubes' writer padded each small archive to one tar record (10 KiB); far
-# more zeros than that, before anything or between members, is a zero-filled
-# file or region (and /dev/zero must not be read forever).
+# more zeros than that is a zero-filled file before anything (refused), or,
+# after members, the end of the backup on a larger disk or partition (a raw
+# copy): reading stops there, and what is missing is reported as missing.
+# /dev/zero must not be read forever either way.
 MAX_ZERO_RUN = 1024 * 1024
 # Qubes cut every stored file into chunks of at most 100 MiB (FORMAT-NOTES);
 # a member declaring far more would only fill the scratch folder (a small
@@ -242,9 +247,14 @@ class TarReader:
             if block == ZERO_BLOCK:
                 zeros += BLOCK
                 if zeros > MAX_ZERO_RUN:
-                    what = "zero-filled" if count == 0 else "damaged"
-                    raise BackupError(f"{self.label}: {what}: more than {MAX_ZERO_RUN} bytes of "
-                                      f"zeros at {self.input.where(offset + BLOCK - zeros)}")
+                    where = self.input.where(offset + BLOCK - zeros)
+                    if count == 0:
+                        raise BackupError(f"{self.label}: zero-filled: more than "
+                                          f"{MAX_ZERO_RUN} bytes of zeros at {where}")
+                    log.warning("note: %s: more than %d bytes of zeros at %s: taken as the end "
+                                "of the backup (a copy on a larger disk?); nothing after them "
+                                "is read", self.label, MAX_ZERO_RUN, where)
+                    return
                 continue
             zeros_before, zeros = zeros, 0
             if not checksum_ok(block):
@@ -311,10 +321,11 @@ class TarReader:
     def _check_boundary(self, count: int, last: str, name: str, crossed: bool) -> None:
         """Pieces of a split backup: does the member after a piece boundary
         follow the one before it, in the order Qubes wrote them?"""
-        from qrecover.container import HEADER
+        from qrecover.container import HEADER, QUBES_XML
 
         pieces = self.input.pieces
-        if count == 0 and name != HEADER:
+        # R2-Beta3 wrote no header: its backups start with qubes.xml.000
+        if count == 0 and name not in (HEADER, f"{QUBES_XML}.000"):
             raise BackupError(
                 f"the first piece, {pieces[0].label}, does not start the backup: its first "
                 f"member is {_shown(name)}, not {HEADER} (pieces out of order?)"

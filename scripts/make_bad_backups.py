@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_backup as gen
+import make_backup_v2 as gen2
 import make_backup_v4 as gen4
 
 PASSPHRASE = "bad-backup passphrase"
@@ -590,15 +591,246 @@ def cases_v4(workdir: Path, add: Callable[..., None], bomb: bytes) -> None:
         "decompression bomb", partial="work/private.img")
 
 
+# -- format 2 (Qubes R2-Beta3 to R2): the same damage to tar -M volumes ------
+# Written by make_backup_v2.py (real tar -M, openssl enc); an attacker who
+# knows the passphrase re-signs a changed volume with openssl dgst.  Not part
+# of cases(): tests/test_format2_bad.py runs them.
+
+V2_TAPE_KIB = 10  # 10 KiB volumes: the 50 KiB image spans six of them
+
+
+def valid_backup_v2(workdir: Path, variant: str, encrypted: bool) -> Members:
+    src = workdir / f"src-v2-{variant}-{encrypted}" / "work"
+    src.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(9)
+    (src / "private.img").write_bytes(rng.randbytes(50 * 1024))
+    (src / "icon.png").write_bytes(b"\x89PNG icon")
+    path = workdir / f"valid-v2-{variant}-{encrypted}"
+    gen2.make_backup_v2(path, PASSPHRASE, [gen.VmSpec("work", 7, source=src)],
+                        variant=variant, encrypted=encrypted, hide_names=True,
+                        tape_length_kib=V2_TAPE_KIB, workdir=workdir)
+    return read_outer(path)
+
+
+def cases_v2(workdir: Path) -> list[Case]:
+    """Write the format-2 cases under ``workdir``; return them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result: list[Case] = []
+
+    def add(name: str, content: Members, code: int, message: str, **kw: str) -> None:
+        path = workdir / f"{name}.backup"
+        write_outer(path, content)
+        result.append(Case(name, str(path), code, message, **kw))
+
+    enc = valid_backup_v2(workdir, "r2", True)
+    plain = valid_backup_v2(workdir, "r2", False)
+    beta3 = valid_backup_v2(workdir, "beta3", True)
+    img = [n for n, _ in enc if n.startswith("vm7/private.img.") and not n.endswith(".hmac")]
+    assert len(img) >= 4, img
+
+    def without(valid: Members, *drop: str) -> Members:
+        return [(n, d) for n, d in valid if n not in drop]
+
+    def resigned(valid: Members, name: str, data: bytes) -> Members:
+        new = {name: data, name + ".hmac": openssl_hmac(data)}
+        return [(n, new.get(n, d)) for n, d in valid]
+
+    add("v2-wrong-passphrase", enc, EXIT_AUTH, "passphrase", passphrase="not it")
+    add("v2-beta3-wrong-passphrase", beta3, EXIT_AUTH, "qubes.xml.000", passphrase="not it")
+    add("v2-header-tampered", [(n, d.replace(b"True", b"False") if n == "backup-header" else d)
+                               for n, d in enc], EXIT_AUTH, "backup-header")
+    add("v2-header-version-2", [*signed_header(b"version=2\n" + enc[0][1]), *enc[2:]],
+        EXIT_BACKUP, "names version=2")
+    flipped = bytearray(dict(enc)[img[1]])
+    flipped[40] ^= 1
+    add("v2-chunk-byte-flipped", [(n, bytes(flipped) if n == img[1] else d) for n, d in enc],
+        EXIT_BACKUP, img[1], partial="work/private.img")
+    add("v2-chunk-missing-middle", without(enc, img[2], img[2] + ".hmac"), EXIT_BACKUP,
+        f"{img[2]}: chunk missing", partial="work/private.img")
+    add("v2-chunk-last-missing", without(enc, img[-1], img[-1] + ".hmac"), EXIT_BACKUP,
+        f"continues in {img[-1]}", partial="work/private.img")
+    # a later volume replaced by a whole (authentic) tar: no continuation header
+    alone = inner_tar([member("vm7/private.img")], {"vm7/private.img": b"x" * 700})
+    add("v2-volume-not-continued", resigned(plain, img[1], alone), EXIT_BACKUP,
+        "continuation", partial="work/private.img")
+    add("v2-inner-device-and-fifo",
+        resigned(plain, "vm7/icon.png.000",
+                 inner_tar([member("vm7/icon.png"), member("vm7/null", tarfile.CHRTYPE),
+                            member("vm7/fifo", tarfile.FIFOTYPE)], {"vm7/icon.png": b"png"})),
+        EXIT_BACKUP, "character device")
+    add("v2-inner-dotdot",
+        resigned(plain, "vm7/icon.png.000",
+                 inner_tar([member("vm7/icon.png/../../../escape")],
+                           {"vm7/icon.png/../../../escape": b"x"})), EXIT_BACKUP, "outside")
+    add("v2-inner-absolute",
+        resigned(plain, "vm7/icon.png.000",
+                 inner_tar([member("/tmp/qrecover-escape")], {"/tmp/qrecover-escape": b"x"})),
+        EXIT_BACKUP, "outside")
+    return result
+
+
+# -- format 1 (Qubes R1): crafted folders ------------------------------------
+#
+# Each starts from a folder written by make_backup_v1.py (R1's own mkdir -p and
+# cp -rp) and is changed with the plain file-system calls a damaged copy or an
+# attacker would use.  Format 1 authenticates nothing, so what is checked is
+# everything else: names, links, special files, and what is reported.
+
+
+@dataclass
+class CaseV1:
+    name: str
+    path: str
+    code: int  # the documented exit code
+    message: str  # must appear on stderr
+    restored: tuple[str, ...] = ()  # output paths that must be there afterwards
+    absent: tuple[str, ...] = ()  # output paths that must not be there
+    as_nobody: bool = False  # run by an ordinary user (root reads every file)
+    root_only: bool = False  # could only be made as root (a device node)
+
+
+_TREES_V1: dict[Path, tuple[list[gen.VmSpec], Path]] = {}
+
+
+def valid_backup_v1(workdir: Path, name: str) -> Path:
+    """A small R1 folder of the sample VMs (work, untrusted, sys-net, fedora-23,
+    standalone) and dom0's home, written by make_backup_v1.py."""
+    import make_backup_v1 as gen1
+
+    if workdir not in _TREES_V1:  # one source tree, copied into every case
+        _TREES_V1[workdir] = gen.make_sample_tree(workdir / "src-v1", image_mb=2)
+    vms, home = _TREES_V1[workdir]
+    target = workdir / "v1"
+    target.mkdir(exist_ok=True)
+    manifest = gen1.make_backup_v1(target, vms, dom0_home=home, folder_name=name)
+    return Path(manifest.path)
+
+
+def cases_v1(workdir: Path) -> list[CaseV1]:
+    """Write every format-1 case under ``workdir``; return them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    outside = workdir / "outside-v1"
+    outside.mkdir(exist_ok=True)
+    (outside / "private.img").write_bytes(b"a file outside the backup folder\n")
+    (outside / "secret.txt").write_bytes(b"secret outside the backup\n")
+    result: list[CaseV1] = []
+
+    def add(name: str, change: Callable[[Path], object], code: int, message: str,
+            restored: tuple[str, ...] = (), absent: tuple[str, ...] = (),
+            as_nobody: bool = False, root_only: bool = False) -> None:
+        folder = valid_backup_v1(workdir, name)
+        change(folder)
+        result.append(CaseV1(name, str(folder), code, message, restored, absent,
+                             as_nobody, root_only))
+
+    def rm(rel: str) -> Callable[[Path], object]:
+        return lambda f: subprocess.run(["rm", "-rf", "--", str(f / rel)], check=True)
+
+    def link(rel: str, target: Path) -> Callable[[Path], object]:
+        def change(f: Path) -> None:
+            subprocess.run(["rm", "-rf", "--", str(f / rel)], check=True)
+            os.symlink(target, f / rel)
+        return change
+
+    def fifo(f: Path) -> None:
+        os.mkfifo(f / "appvms/work/pipe")
+        os.mkfifo(f / "dom0-home/user/Documents/pipe")
+
+    def unix_socket(f: Path) -> None:
+        import socket
+
+        here = os.getcwd()
+        os.chdir(f / "dom0-home/user")  # bound by a short name: paths may pass 108 bytes
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.bind("sock")
+        finally:
+            os.chdir(here)
+
+    def write(rel: str, data: bytes) -> Callable[[Path], object]:
+        return lambda f: (f / rel).write_bytes(data)
+
+    def xml_edit(old: str, new: str) -> Callable[[Path], object]:
+        def change(f: Path) -> None:
+            xml = (f / "qubes.xml").read_text(encoding="utf-8")
+            assert old in xml, old
+            (f / "qubes.xml").write_text(xml.replace(old, new, 1), encoding="utf-8")
+        return change
+
+    add("v1-vm-folder-missing", rm("appvms/untrusted"), 0, "untrusted",
+        restored=("work/private.img",), absent=("untrusted",))
+    add("v1-private-img-missing", rm("appvms/work/private.img"), EXIT_BACKUP,
+        "appvms/work/private.img: missing", restored=("work/icon.png", "untrusted/private.img"))
+    add("v1-vm-folder-symlink-out", link("appvms/work", outside), EXIT_BACKUP,
+        "symbolic link", restored=("untrusted/private.img",), absent=("work",))
+    add("v1-tree-folder-symlink-out", link("appvms", outside), EXIT_BACKUP,
+        "symbolic link", restored=("sys-net/private.img",), absent=("work", "untrusted"))
+    add("v1-template-symlink-out", link("vm-templates/fedora-23", outside), EXIT_BACKUP,
+        "symbolic link", restored=("work/private.img",), absent=("fedora-23",))
+    add("v1-file-symlink-out", link("appvms/work/private.img", outside / "secret.txt"), 0,
+        "", restored=("work/private.img", "work/icon.png"))
+    add("v1-qubes-xml-symlink", link("qubes.xml", outside / "secret.txt"), EXIT_BACKUP,
+        "qubes.xml: is a symbolic link")
+    add("v1-fifo", fifo, EXIT_BACKUP, "FIFO, not restored",
+        restored=("work/private.img", "dom0-home/user/.bashrc"),
+        absent=("work/pipe", "dom0-home/user/Documents/pipe"))
+    add("v1-socket", unix_socket, EXIT_BACKUP, "socket, not restored",
+        restored=("dom0-home/user/.bashrc",), absent=("dom0-home/user/sock",))
+    if os.geteuid() == 0:  # mknod needs root; the case is made only where it can be
+        add("v1-device-node", lambda f: os.mknod(f / "dom0-home/user/null",
+                                                  0o600 | 0o020000, os.makedev(1, 3)),
+            EXIT_BACKUP, "character device", restored=("dom0-home/user/.bashrc",),
+            absent=("dom0-home/user/null",), root_only=True)
+    add("v1-qubes-xml-missing", rm("qubes.xml"), EXIT_BACKUP, "qubes.xml: missing")
+    add("v1-qubes-xml-truncated",
+        lambda f: (f / "qubes.xml").write_bytes((f / "qubes.xml").read_bytes()[:700]),
+        EXIT_BACKUP, "qubes.xml: not well-formed XML")
+    add("v1-qubes-xml-garbage",
+        write("qubes.xml", bytes(random.Random(11).getrandbits(8) for _ in range(3000))),
+        EXIT_BACKUP, "qubes.xml")
+    add("v1-dir-path-dotdot",
+        xml_edit('dir_path="/var/lib/qubes/appvms/work"',
+                 'dir_path="/var/lib/qubes/appvms/../../../etc"'),
+        EXIT_BACKUP, "unexpected dir_path")
+    add("v1-dir-path-absolute",
+        xml_edit('dir_path="/var/lib/qubes/appvms/work"', 'dir_path="/etc"'),
+        EXIT_BACKUP, "unexpected dir_path")
+    add("v1-vm-name-dotdot", xml_edit('name="work"', 'name="../../etc"'),
+        EXIT_BACKUP, "refusing VM name")
+    add("v1-unreadable-file", lambda f: os.chmod(f / "appvms/work/firewall.xml", 0),
+        EXIT_BACKUP, "Permission denied", restored=("work/private.img",),
+        absent=("work/firewall.xml",), as_nobody=True)
+    add("v1-entry-name-newline", write("appvms/work/evil\nname", b"x"), EXIT_BACKUP,
+        "a name R1's writer never gave", restored=("work/private.img",))
+    add("v1-dom0-two-homes",
+        lambda f: subprocess.run(["cp", "-rp", str(f / "dom0-home/user"),
+                                  str(f / "dom0-home/other")], check=True),
+        EXIT_BACKUP, "holds 2 folders", restored=("work/private.img",), absent=("dom0-home",))
+
+    packed = valid_backup_v1(workdir, "v1-packed")
+    tar_path = workdir / "v1-packed.tar"
+    subprocess.run(["tar", "-c", "-f", str(tar_path), "-C", str(packed.parent), packed.name],
+                   check=True)
+    result.append(CaseV1("v1-packed-tar", str(tar_path), EXIT_BACKUP, "packed into an archive"))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1 or args[0].startswith("-"):
         print("usage: make_bad_backups.py DIR", file=sys.stderr)
         return 2
     folder = Path(args[0])
-    made = cases(folder)
+    made = cases(folder) + cases_v2(folder / "v2")
     (folder / "cases.json").write_text(json.dumps([asdict(c) for c in made], indent=2))
     print(f"{len(made)} cases in {folder}")
+
+
+    made = cases(folder)
+    made_v1 = cases_v1(folder / "format1")  # format 1: folders (its own section)
+    docs = [asdict(c) for c in made] + [asdict(c) for c in made_v1]
+    (folder / "cases.json").write_text(json.dumps(docs, indent=2))
+    print(f"{len(docs)} cases in {folder}")
     return 0
 
 

@@ -166,10 +166,20 @@ def test_reader_refuses_garbage_between_members(tmp_path: Path) -> None:
         _members(path)
 
 
-def test_reader_stops_at_a_megabyte_of_zeros(tmp_path: Path) -> None:
+def test_reader_stops_at_a_megabyte_of_zeros(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After members, a megabyte of zeros is where the backup ends (a raw copy
+    on a larger disk): nothing after it is read, and a note says so."""
     path = tmp_path / "b"
-    path.write_bytes(_tar(MEMBERS[:2]) + bytes(2 << 20))
-    with pytest.raises(BackupError, match="more than 1048576 bytes of zeros"):
+    path.write_bytes(_tar(MEMBERS[:2]) + bytes(2 << 20) + _tar(MEMBERS[2:]))
+    with caplog.at_level("WARNING", logger="qrecover"):
+        names = [name for name, _ in _members(path)]
+    assert names == [name for name, _ in MEMBERS[:2]]
+    assert "more than 1048576 bytes of zeros" in caplog.text
+    assert "taken as the end of the backup" in caplog.text
+    path.write_bytes(bytes(2 << 20) + _tar(MEMBERS))
+    with pytest.raises(BackupError, match="zero-filled: more than 1048576 bytes of zeros"):
         _members(path)
 
 

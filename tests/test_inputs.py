@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import subprocess
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -116,6 +117,22 @@ def test_split_backup_in_order(backup: Backup, tmp_path: Path) -> None:
     result = run_cli("restore", *pieces, "--output", out, "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert_restored(out, backup)
+
+
+def test_dry_run_names_the_pieces_and_how_to_feed_them(backup: Backup, tmp_path: Path) -> None:
+    pieces = split(backup.path, tmp_path / "pieces")
+    result = run_cli("restore", *pieces, "--output", tmp_path / "out", "--dry-run",
+                     "--passphrase-file", backup.passfile)
+    assert result.code == 0, result.text
+    assert f"qubes.xml of {pieces[0]} ... {pieces[-1]} ({len(pieces)} pieces) are" in result.out
+    cat = " ".join(["cat", *(str(p) for p in pieces)])
+    assert f"  1    {cat} | tar -i -xvf -" in result.out, result.out
+    packed = compress("xz", backup.path, tmp_path / "backup.xz")
+    result = run_cli("restore", packed, "--output", tmp_path / "out", "--dry-run",
+                     "--passphrase-file", backup.passfile)
+    assert result.code == 0, result.text
+    assert f"  1    xz -d -c {packed} | tar -i -xvf -" in result.out, result.out
+    assert not (tmp_path / "out").exists()
 
 
 def test_split_pieces_of_unaligned_size(backup: Backup, tmp_path: Path) -> None:
@@ -280,3 +297,40 @@ def test_a_name_with_a_newline_and_an_escape_stays_one_printable_line(tmp_path: 
     lines = result.err.splitlines()
     assert not any(line.startswith("qrecover: success") for line in lines), result.err
     assert any("ev\\nqrecover: success\\x1b[31m" in line for line in lines), result.err
+
+
+def test_raw_disk_copy_with_zeros_after_the_backup(backup: Backup, tmp_path: Path) -> None:
+    """A backup copied onto a larger disk and read back (dd): megabytes of zeros
+    after its end are where it ends; everything is restored, exit 0, and a note
+    says where reading stopped.  (/dev/zero would not be read forever.)"""
+    disk = tmp_path / "disk.img"
+    size = backup.path.stat().st_size
+    disk.write_bytes(backup.path.read_bytes() + bytes(3 << 20))
+    out = tmp_path / "out"
+    result = run_cli("restore", disk, "--output", out, "--passphrase-file", backup.passfile)
+    assert result.code == 0, result.text
+    assert "taken as the end of the backup" in result.err, result.err
+    assert_restored(out, backup)
+    # The same zeros in the middle: what comes after them is missing, and said to be.
+    with tarfile.open(backup.path, ignore_zeros=True) as tar:  # as the writer appended it
+        start = next(m for m in tar if m.name.startswith("dom0-home/")).offset
+    data = backup.path.read_bytes()
+    disk.write_bytes(data[:start] + bytes(3 << 20) + data[start:])
+    assert disk.stat().st_size == size + (3 << 20)
+    result = run_cli("verify", disk, "--passphrase-file", backup.passfile)
+    assert result.code == 4, result.text
+    assert "taken as the end of the backup" in result.err
+    assert re.search(r"dom0-home/\S+: missing from the backup", result.text), result.text
+
+
+def test_an_ordinary_tar_is_named_with_what_it_holds(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "main.c").write_text("int main(void) { return 0; }\n")
+    project = tmp_path / "project.tar"
+    subprocess.run(["tar", "-cf", str(project), "-C", str(tmp_path), "src/main.c"], check=True)
+    result = run_cli("verify", project, env={"QRECOVER_PASSPHRASE": "x"})
+    assert result.code == 4, result.text
+    assert (f"error: {project}: does not start with backup-header (found 'src/main.c'): "
+            "not a Qubes backup of format 2, 3 or 4") in result.err, result.err
+    result = run_cli("verify", "-", stdin=project.read_bytes(), env={"QRECOVER_PASSPHRASE": "x"})
+    assert result.code == 4 and "error: standard input: does not start" in result.err, result.err

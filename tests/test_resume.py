@@ -102,7 +102,10 @@ def _killed_mid_way(
         proc.stdin.close()
     err.close()
     assert proc.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
-    assert "Traceback" not in (tmp / "err").read_text()
+    said = (tmp / "err").read_text()
+    assert "Traceback" not in said
+    if sig == signal.SIGTERM:  # what to do next is said, with what was kept
+        assert "run the same restore again with --resume" in said, said
     while _session_alive(proc.pid):  # the pipeline's children a SIGKILL orphaned
         time.sleep(0.05)
     placed = _placed(out)
@@ -141,6 +144,19 @@ def test_killed_restore_resumes_to_the_same_bytes(
     (lookalike / "my-notes.txt").write_text("mine")
     if sig == signal.SIGKILL:
         assert [p for p in out.iterdir() if p.name.startswith(".qrecover-") and p != lookalike]
+    # The dry run finds what the restore will find: with --resume it goes on
+    # (exit 0) and names what it would keep; without, the folder stops it (6).
+    listing = sorted(str(p) for p in out.rglob("*"))
+    dry = run_cli("restore", "--resume", "--dry-run", backup.path, "-o", out.name,
+                  "--passphrase-file", backup.passfile, cwd=out.parent)  # relative DIR
+    assert dry.code == 0, dry.text
+    kept_line = next(line for line in dry.out.splitlines() if "it would keep" in line)
+    assert sorted(kept_line.split(": ", 1)[1].split(", ")) == sorted(placed), kept_line
+    assert "It would stop" not in dry.out, dry.out
+    assert run_cli("restore", "--dry-run", backup.path, "-o", out,
+                   "--passphrase-file", backup.passfile).code == 6
+    assert sorted(str(p) for p in out.rglob("*")) == listing, "a dry run changed DIR"
+    assert _stat_places_now(before) == before
     # Read from the file this time: the backup is told by its content, not its path.
     result = run_cli("restore", "--resume", backup.path, "-o", out,
                      "--passphrase-file", backup.passfile)

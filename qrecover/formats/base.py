@@ -17,14 +17,18 @@ fragments, narration).  The engine (qrecover.engine) asks the format:
 
 How the formats still to come fit without changing the engine's shape:
 
-- Format 2 (issue 16: per-chunk HMAC, then decrypt and decompress each
-  chunk, and a multi-volume tar): ``read_chunk`` reads the chunk and its
-  ``.hmac`` as format 3 does; ``complete`` checks the HMAC and runs the
-  per-chunk ``openssl enc -d | gzip -d`` into scratch; ``stream_stages``
-  is empty and the format's extract stage reads the volumes in order.
-- Format 1 (no authentication at all): ``read_chunk`` copies the chunk,
-  ``complete`` has nothing to check and says so in its outcome, so the
-  renderers and the summary can tell the user nothing was authenticated.
+- Format 2 (per-chunk HMAC, then decrypt or decompress each chunk, and a
+  multi-volume tar): ``read_chunk`` reads the chunk and its ``.hmac`` as
+  format 3 does and compares; ``complete`` runs the per-chunk ``openssl enc
+  -d`` or ``gzip -d`` into scratch; ``stream_stages`` is empty and
+  ``multi_volume`` is True: the stored file's tar runs as ``tar -M`` and is
+  fed each plaintext as one volume (qrecover.formats.v2_volumes).
+- Format 1 (no authentication at all; qrecover.formats.v1): a folder, no
+  header.  ``formats.folder_format`` finds it and its ``members`` stand for the
+  outer archive; ``read_chunk`` copies nothing and checks nothing
+  (``checked`` stays False), and its outcome's ``feeder`` (``tar -c``) takes
+  the place of ``cat``, so the guard and ``tar -x`` see an inner archive as
+  for the other formats.  Its verdict says that nothing was authenticated.
 - Parallel per-chunk work (issue 14): ``read_chunk`` is the only step that
   touches the stream, so it stays sequential; ``complete`` reads and writes
   only its own scratch files and returns plain data (no events, no shared
@@ -37,10 +41,10 @@ How the formats still to come fit without changing the engine's shape:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from qrecover.container import ChunkName, Member
 from qrecover.errors import QrecoverError
@@ -49,7 +53,7 @@ from qrecover.hmacs import Digest
 from qrecover.runner import CommandLog, Stage
 
 if TYPE_CHECKING:
-    from qrecover.inventory import Entity
+    from qrecover.inventory import Entity, Inventory
 
 
 @dataclass
@@ -67,6 +71,7 @@ class ChunkOutcome:
     checked: bool = False
     reason: str | None = None
     mac: str = ""  # the HMAC that authenticated it (format 3), part of a backup's identity
+    feeder: Stage | None = None  # what writes the chunk into the pipeline, if not cat PATH
 
 
 class PendingChunk(Protocol):
@@ -158,6 +163,9 @@ class Format(Protocol):
     version: int
     written_by: str  # "Qubes R2-R3.2"
     verdict: str  # what a clean run says it checked: "all HMACs matched"
+    # Each fed plaintext is one volume of a GNU multi-volume tar (format 2),
+    # not a piece of one stream: tar -M reads them in turn.
+    multi_volume: bool
 
     @property
     def header(self) -> Header: ...
@@ -186,6 +194,24 @@ class Format(Protocol):
         self, passphrase: str, scratch: Path, log: CommandLog, jobs: int | None
     ) -> ChunkWorks:
         """Where this run's per-chunk steps run (``jobs``: the user's --jobs)."""
+        ...
+
+
+class HeaderlessFormat(Format, Protocol):
+    """A format with no header to authenticate (format 1: a folder).  Found by
+    the shape of BACKUP (``formats.folder_format``), it gives the members itself,
+    reads qubes.xml its own way, and says why nothing can be authenticated;
+    its ``authenticated_with`` says "nothing"."""
+
+    warning: str  # said before a run, in info and in the summary
+
+    @property
+    def notes(self) -> list[str]: ...
+
+    def members(self) -> Iterator[Member]: ...
+
+    def inventory(self, xml: bytes) -> tuple[Inventory, list[str]]:
+        """The VMs, and the problems found beside them (reported, not fatal)."""
         ...
 
 
@@ -266,3 +292,11 @@ class Words(Protocol):
     def script(
         self, plan: PlanView, backup: str | None, output: Path, argv: tuple[str, ...]
     ) -> str: ...
+
+
+@runtime_checkable
+class OwnFirstStep(Protocol):
+    """Words whose step 1 is not the page's ``tar -i -x`` of the backup
+    (format 1: a folder, where nothing is untarred)."""
+
+    def first_step(self, backup: str) -> str: ...

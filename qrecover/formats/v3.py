@@ -223,6 +223,7 @@ class Format3:
     version = VERSION
     written_by = "Qubes R2-R3.2"
     verdict = "all HMACs matched"
+    multi_volume = False
 
     @property
     def authenticated_with(self) -> str:

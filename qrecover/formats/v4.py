@@ -217,6 +217,7 @@ class Format4:
     version = VERSION
     written_by = "Qubes R4"
     verdict = "every chunk authenticated by scrypt"
+    multi_volume = False
 
     @property
     def authenticated_with(self) -> str:

@@ -25,7 +25,7 @@ from qrecover.events import (
     PipelineStarted,
     QubesXmlWritten,
 )
-from qrecover.formats.base import Words
+from qrecover.formats.base import OwnFirstStep, Words
 from qrecover.render import shell
 
 
@@ -57,7 +57,8 @@ class Narrator:
                 "as it comes: nothing is untarred to disk except one chunk at a time."
             )
         title, text = words.explain_intro(how)
-        self.say(title, text, shell.untar_command(backup))
+        own = words.first_step(backup) if isinstance(words, OwnFirstStep) else None
+        self.say(title, text, own or shell.untar_command(backup))
         return words
 
     def say(self, title: str, text: str, command: str | None = None, result: str = "") -> None:

@@ -14,23 +14,32 @@ from pathlib import Path
 from qrecover import formats
 from qrecover.container import QUBES_XML
 from qrecover.errors import OutputError, WouldOverwrite
+from qrecover.formats.base import OwnFirstStep
 from qrecover.plan import Plan
 from qrecover.render import shell
 from qrecover.stages.extract import extract_stage
 from qrecover.units import human_bytes
 
 
-def plan_text(plan: Plan, backup: str, stops: list[OutputError]) -> str:
-    """What ``restore`` would do, and with which commands."""
+def plan_text(
+    plan: Plan, backup: str, stops: list[OutputError], feed: str | None = None,
+    name: str | None = None, kept: tuple[str, ...] = (), excused: frozenset[str] = frozenset(),
+) -> str:
+    """What ``restore`` would do, and with which commands (``feed``: what
+    writes a backup of pieces or compressed as a whole to standard input;
+    ``name``: how to call the backup, when not ``backup``)."""
     assert plan.output is not None
     root = Path(os.path.abspath(plan.output))
     words = formats.words(plan.fmt)
     lines = [
-        words.plan_title(backup),
-        *_targets(plan, root, stops),
+        words.plan_title(name or backup),
+        *_targets(plan, root, stops, excused),
+        *_kept(kept),
         "",
         "Commands (steps of " + words.page + "):",
-        f"  1    {shell.untar_command(backup)}   (qrecover streams instead, one chunk at a time)",
+        f"  1    {words.first_step(backup)}" if isinstance(words, OwnFirstStep) else
+        f"  1    {shell.untar_command(backup, feed=feed)}"
+        "   (qrecover streams instead, one chunk at a time)",
         *words.plan_header_steps(plan.gunzip),
     ]
     placeholder = "/STAGING"
@@ -47,7 +56,18 @@ def plan_text(plan: Plan, backup: str, stops: list[OutputError]) -> str:
     return "\n".join(lines)
 
 
-def _targets(plan: Plan, root: Path, stops: list[OutputError]) -> list[str]:
+def _kept(kept: tuple[str, ...]) -> list[str]:
+    if not kept:
+        return []
+    return [
+        "With --resume it would keep, as an earlier run placed them (read through, "
+        "not restored again): " + ", ".join(kept)
+    ]
+
+
+def _targets(
+    plan: Plan, root: Path, stops: list[OutputError], excused: frozenset[str]
+) -> list[str]:
     """Where restore would write, and what would stop it."""
     lines = [
         f"restore would write into {root}"
@@ -63,7 +83,11 @@ def _targets(plan: Plan, root: Path, stops: list[OutputError]) -> list[str]:
     width = max(len(r[0]) for r in rows)
     for target, what, size in rows:
         lines.append(f"  {target.ljust(width)}  {what}" + (f", about {size}" if size else ""))
-    conflicts = [root / rel for rel in plan.targets() if os.path.lexists(root / rel)]
+    conflicts = [
+        root / rel
+        for rel in plan.targets()
+        if os.path.lexists(root / rel) and rel not in excused
+    ]
     if conflicts and not plan.force:  # with --force they are replaced, not a stop
         lines.append(
             "It would stop: these already exist (use --force to replace them once their "

@@ -22,6 +22,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 
 from qrecover.runner import PASS_ENV, Stage
+from qrecover.sources import SNIFF, compression_of
 from qrecover.stages.decompress import GUNZIPS
 from qrecover.stages.extract import gnu_fallback
 
@@ -369,10 +370,30 @@ def passphrase_lines() -> list[str]:
     ]
 
 
-def untar_command(backup: str, *members: str) -> str:
-    """The page's step 1 for this backup (only ``members``, if named)."""
+def untar_command(backup: str, *members: str, feed: str | None = None) -> str:
+    """The page's step 1 for this backup (only ``members``, if named); a
+    backup read from standard input comes from ``feed`` (or ``...``)."""
     if backup == "-":
-        return render_argv(
-            ("...", "|", "tar", "-i", "-xvf", "-", *members), {"...": "...", "|": "|"}
-        )
+        return f"{feed or '...'} | " + render_argv(("tar", "-i", "-xvf", "-", *members))
     return render_argv(("tar", "-i", "-xvf", os.path.abspath(backup), *members))
+
+
+def feed_command(backups: Sequence[str]) -> str | None:
+    """The command that writes a backup given as pieces, or compressed as a
+    whole, to standard output (None for one plain file, a folder or stdin)."""
+    if list(backups) == ["-"]:
+        return None
+    paths = [os.path.abspath(b) for b in backups]
+    try:
+        with open(paths[0], "rb") as f:
+            comp = compression_of(os.pread(f.fileno(), SNIFF, 0))
+    except (IsADirectoryError, OSError):
+        comp = None
+    if len(paths) == 1 and comp is None:
+        return None
+    cat = render_argv(("cat", *paths))
+    if comp is None:
+        return cat
+    if len(paths) == 1:
+        return render_argv((*comp.argv, paths[0]))
+    return f"{cat} | {render_argv(comp.argv)}"

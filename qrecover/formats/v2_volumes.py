@@ -1,0 +1,369 @@
+"""Format 2's inner archive: GNU ``tar -M`` fed one checked volume at a time.
+
+The plaintext chunks of a stored file are the volumes of one GNU
+multi-volume tar; they cannot be concatenated (each later volume may begin
+with a GNU ``M`` header naming the member it continues), so GNU tar itself
+does the multi-volume logic, reading every volume from one FIFO in private
+scratch:
+
+    tar -x -M -f FIFO --new-volume-script=HANDSHAKE ...
+
+GNU tar closes the archive at the end of a volume and runs the new-volume
+script (with ``sh -c``; TAR_VOLUME is the volume it wants next).  The
+script writes that number into the FIFO ``ask`` and waits for the answer in
+the FIFO ``answer``; qrecover opens the archive FIFO for the next volume only
+once asked (so tar never sees two volumes as one), and answers anything but
+the number when there is no next volume: the script fails, and tar stops
+("... command failed") instead of prompting on a terminal.  Only qrecover's
+own scratch paths are on that command line.
+
+Every volume goes through :class:`VolumeGuard` on its way into the FIFO: the
+guard of the other formats (device nodes and FIFOs dropped, names kept
+under the stored file, the expansion budget) carried across volumes, which
+understands the ``M`` header at a volume's start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shlex
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
+from qrecover.formats.v2_sh import replay_stage
+from qrecover.runner import CommandLog, Pipeline, Stage
+from qrecover.stages.guard import (
+    _DESCRIBE,
+    _KEEP,
+    _MAX_META,
+    _PREFIX,
+    _WITH_DATA,
+    _ZERO,
+    BLOCK,
+    GuardError,
+    TarGuard,
+    _checksum_ok,
+    _name,
+    _octal,
+    _pax_size,
+    _round,
+)
+
+_SPLICE = 1024 * 1024
+_POLL = 0.05  # seconds between looks at tar while waiting for it
+
+
+@dataclass
+class VolumeGuard(TarGuard):
+    """:class:`TarGuard` over the volumes of one multi-volume archive, in turn."""
+
+    ended: bool = False  # the end-of-archive block was seen
+    _left: int = 0  # bytes of the current member's data still to come
+    _member: str = ""  # the member a volume boundary fell into
+    _member_raw: bytes = b""  # its name's bytes, as its header or L header holds it
+    _dropped: int = 0  # bytes left out of this volume (dropped special files)
+    _in_map: bool = False  # the volume ended inside a sparse member's extension blocks
+
+    def volume(self, src: int, dst: int) -> None:
+        """Screen one volume from ``src`` into ``dst`` (both closed after)."""
+        self.src, self.dst, self._dropped = src, dst, 0
+        self.run()
+
+    def _header(self) -> bytes | None:
+        header = os.read(self.src, BLOCK)
+        if header and len(header) < BLOCK:
+            header += self._read(BLOCK - len(header))
+        return header or None
+
+    def _data(self, size: int) -> None:
+        """Pass ``size`` bytes of member data; a volume may end inside them."""
+        while size:
+            self._count(0)
+            moved = os.splice(self.src, self.dst, min(size, _SPLICE))
+            if moved == 0:
+                self._left = size
+                return
+            size -= moved
+            self._count(moved)
+        self._left = 0
+
+    def _continuation(self, header: bytes | None) -> None:
+        """A volume that starts inside a member must start with its ``M`` header."""
+        if header is None:
+            raise GuardError(f"{self.label}: an empty volume inside {self._member[:200]!r}")
+        if self._in_map:  # seen in GNU tar 1.34's own output, which it cannot read back
+            raise GuardError(f"{self.label}: GNU tar wrote the sparse map of "
+                             f"{self._member[:200]!r} across a volume boundary, which GNU tar "
+                             "cannot read back (neither could Qubes R2's restore); this stored "
+                             "file cannot be restored")
+        if header[156] != ord("M") or not _checksum_ok(header):
+            raise GuardError(f"{self.label}: a volume starts inside {self._member[:200]!r} "
+                             "without its continuation (M) header; refused")
+        size = _octal(header[124:136])
+        # GNU tar cuts a long name to the header's 100 bytes here (no L header)
+        named = header[:100].split(b"\0", 1)[0]
+        if named != self._member_raw[:100] or _round(size) != self._left:
+            raise GuardError(f"{self.label}: a volume's continuation header does not continue "
+                             f"{self._member[:200]!r} where the last volume ended; refused")
+        self._write(header)
+
+    def _sparse_map(self) -> bool:
+        """Pass an old GNU sparse member's extension blocks, up to the one that
+        says it is the last; True if the volume ends first."""
+        while True:
+            block = self._header()
+            if block is None:
+                return True
+            self._write(block)
+            if not block[504]:
+                return False
+
+    def _run(self) -> None:
+        if self.ended:
+            raise GuardError(f"{self.label}: a volume after the end of the archive; refused")
+        if self._left:
+            self._continuation(self._header())
+            self._data(self._left)
+            if self._left:
+                return  # the whole volume was this member's data
+        meta: list[bytes] = []
+        while True:
+            header = self._header()
+            if header is None:
+                if meta:
+                    raise GuardError(f"{self.label}: a volume ends between a name header "
+                                     "and its member; refused")
+                return  # a volume boundary between members: the next volume goes on
+            if header == _ZERO:
+                self.ended = True
+                self._write(b"".join(meta) + header)
+                self._rest()
+                # tar needs the zero blocks it would have read: pad what was dropped
+                self._write(bytes(self._dropped))
+                return
+            if not _checksum_ok(header):
+                raise GuardError(f"{self.label}: inner archive has a damaged header "
+                                 f"(after {self.passed} bytes)")
+            kind, size = header[156], _octal(header[124:136])
+            if kind in _PREFIX or kind == ord("g") or kind == ord("M"):
+                if kind == ord("M") or size > _MAX_META or kind == ord("g"):
+                    raise GuardError(f"{self.label}: inner archive has a {chr(kind)!r} header "
+                                     "where a member should start; refused")
+                meta.append(header + self._read(_round(size)))
+                continue
+            override = _pax_size(meta)
+            size = override if override is not None else size
+            if size and kind not in _WITH_DATA:
+                raise GuardError(f"{self.label}: inner archive member {_name(header, meta)!r} "
+                                 f"of type {chr(kind)!r} claims data; refused")
+            if kind not in _KEEP:
+                what = _DESCRIBE.get(kind, f"member of type {chr(kind)!r}")
+                self.skipped.append(f"{_name(header, meta)} ({what}, not restored)")
+                self._dropped += len(header) + sum(len(m) for m in meta)
+                meta.clear()
+                self._skip(_round(size))
+                continue
+            if self.prefix is not None:
+                self._check_names(kind, header, meta)
+            self._member, self._member_raw = _name(header, meta), _raw_name(header, meta)
+            self._write(b"".join(meta) + header)
+            meta.clear()
+            if kind == ord("S") and header[482] and self._sparse_map():
+                self._in_map, self._left = True, _round(size)
+                return  # the volume ended inside the sparse map
+            self._data(_round(size))
+            if self._left:
+                return  # the volume ended inside this member
+
+
+def _raw_name(header: bytes, meta: list[bytes]) -> bytes:
+    """A GNU member's name as bytes: its L header's, else the header's name field."""
+    for blob in meta:
+        if blob[156] == ord("L"):
+            return blob[BLOCK:].split(b"\0", 1)[0]
+    return header[:100].split(b"\0", 1)[0]
+
+
+class VolumeTar:
+    """One ``tar -M`` fed the volumes of one stored file, in order, by a thread."""
+
+    def __init__(self, tar: Stage, work: Path, guard: VolumeGuard, stdout: IO[bytes] | None,
+                 log: CommandLog, stored: str) -> None:
+        self.work, self.guard, self.stored = work, guard, stored
+        self.fifo, ask = work / "volume", work / "ask"
+        for path in (self.fifo, ask):
+            os.mkfifo(path, 0o600)
+        # Held open for reading and writing, and opened so by the script (<>):
+        # neither open blocks, even once qrecover is gone.
+        self._ask = os.open(ask, os.O_RDWR | os.O_NONBLOCK)
+        # The answers go into tar's stdin, which its script inherits (tar reads
+        # no stdin itself with -f FIFO): if qrecover dies, the script reads
+        # end-of-file, fails, and tar stops instead of waiting for ever.
+        self._answer_r, self._answer = os.pipe()
+        script = (f'printf "%s\\n" "$TAR_VOLUME" 1<>{shlex.quote(str(ask))} && read -r answer '
+                  '&& [ "$answer" = "$TAR_VOLUME" ]')
+        argv = list(tar.argv)
+        at = argv.index("-f")
+        argv[at:at + 2] = ["-M", "-f", str(self.fifo), f"--new-volume-script={script}"]
+        self.pipeline = Pipeline([Stage(tuple(argv))], stdin=self._answer_r, stdout=stdout,
+                                 note=f"fed the volumes of {stored} one by one", log=log)
+        self.shown = (replay_stage(tar),)  # what a --transcript replays instead
+        # What went wrong feeding; a consequence (FeedFailed) when tar, which
+        # stopped first, may say why itself (GNU tar cannot read some volumes).
+        self.error: QrecoverError | None = None
+        self._fed = 0
+        self._owed = False  # tar was told a volume comes, and waits for it on the FIFO
+        self._thread: threading.Thread | None = None
+        self._pending = b""
+
+    def start(self) -> Pipeline:
+        try:
+            self.pipeline.start()
+        finally:
+            os.close(self._answer_r)  # tar has its copy
+        self.pipeline.guarded = self.guard
+        return self.pipeline
+
+    def _alive(self) -> bool:
+        return any(proc.poll() is None for proc in self.pipeline.procs)
+
+    def _asked(self) -> int | None:
+        """The volume tar asks for next; None once tar has exited without asking."""
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([self._ask], [], [], _POLL)
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    self._pending += os.read(self._ask, 64)
+            elif not self._alive():
+                return None
+        line, _, self._pending = self._pending.partition(b"\n")
+        return int(line) if line.isdigit() else -1
+
+    def _answer_with(self, text: str) -> None:
+        with contextlib.suppress(BrokenPipeError):  # tar is gone: nothing to answer
+            os.write(self._answer, text.encode() + b"\n")
+
+    def _open_fifo(self) -> int | None:
+        while True:
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                if not self._alive():
+                    return None
+                time.sleep(_POLL / 5)
+                continue
+            os.set_blocking(fd, True)
+            return fd
+
+    def feed(self, path: Path, owned: bool, member: str) -> None:
+        """Queue the next volume; returns while it is still being fed."""
+        self.wait()
+        self._fed += 1
+        if self.error is not None or self.guard.error is not None:
+            _drop(path, owned)
+            return
+        self._thread = threading.Thread(target=self._feed, args=(path, owned, member),
+                                        daemon=True)
+        self._thread.start()
+
+    def _feed(self, path: Path, owned: bool, member: str) -> None:
+        try:
+            if self._fed > 1:
+                asked = self._asked()
+                if asked != self._fed:
+                    if asked is not None:
+                        self._answer_with("no")
+                    self.error = FeedFailed(f"{member}: tar did not ask for this volume (the "
+                                            f"archive of {self.stored} ended before it, or tar "
+                                            "refused the one before)")
+                    return
+                self._answer_with(str(self._fed))
+            self._owed = True  # tar opens the FIFO for this volume now
+            fd = self._open_fifo()
+            if fd is None:
+                self.error = FeedFailed(f"{member}: tar stopped before this volume could be fed")
+                return
+            self._owed = False
+            try:
+                src = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                os.close(fd)  # tar sees an empty volume, and asks on (answered no)
+                self.error = StoredFileError(f"{member}: cannot read its plaintext "
+                                             f"({exc.strerror})")
+                return
+            self.guard.volume(src, fd)
+        except Exception as exc:  # told as this volume's failure, never lost
+            self.error = self.error or StoredFileError(f"{member}: feeding it to tar failed "
+                                                       f"({exc})")
+        finally:
+            _drop(path, owned)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> QrecoverError | None:
+        """The last volume is in: tar must end now.  Returns what went wrong, if
+        tar wants another volume, which the backup does not hold."""
+        self.wait()
+        problem = self.error
+        if self._owed and (fd := self._open_fifo()) is not None:
+            os.close(fd)  # tar waits on a volume that never came: an empty one ends it
+        asked = self._asked()
+        if asked is not None:
+            self._answer_with("no")
+            if problem is None and self.guard.error is None:
+                missing = f"{self.stored}.{max(asked - 1, 0):03d}"
+                problem = StoredFileError(
+                    f"{self.stored}: its multi-volume archive continues in {missing}, which "
+                    "is not in the backup (its last chunk is missing)")
+        elif problem is None and self.guard.error is None and not self.guard.ended \
+                and self._fed:
+            problem = StoredFileError(f"{self.stored}: the multi-volume archive ends without "
+                                      "its end-of-archive marker (truncated)")
+        self._cleanup()
+        return problem
+
+    def kill(self) -> None:
+        # The new-volume script that tar may be running goes too: it could be
+        # waiting for an answer that will never come.
+        scripts = [c for proc in self.pipeline.procs for c in _children(proc.pid)]
+        self.pipeline.kill()
+        for pid in scripts:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        self.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for fd in (self._ask, self._answer):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _drop(path: Path, owned: bool) -> None:
+    if owned:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+__all__ = ["VolumeGuard", "VolumeTar"]

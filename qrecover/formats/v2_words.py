@@ -1,0 +1,273 @@
+"""Format 2's words: the v2 recovery page's steps, its sh fragments, its narration.
+
+Steps as on https://www.qubes-os.org/doc/backup-emergency-restore-v2/:
+1 untar the backup, 2 the passphrase in a variable, 3 verify each chunk's
+HMAC (and, from v2.1.39, the header's), 4 decrypt each chunk, 5 decompress
+it, 6 untar the volumes with ``tar -M`` and a new-volume script, 7 mount.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qrecover import __version__
+from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
+from qrecover.formats import v2_sh
+from qrecover.formats.base import Format, Narration, PlanView
+from qrecover.formats.v2 import PAGE, Format2
+from qrecover.formats.v3 import dgst_command
+from qrecover.inventory import DOM0, Entity
+from qrecover.render import scriptparts, shell
+from qrecover.runner import Stage
+from qrecover.stages.extract import extract_stage, qubes_xml_stage
+from qrecover.units import human_bytes
+
+
+class Words2:
+    """What the renderers say for a format-2 backup."""
+
+    page = PAGE
+    mount_step = 7
+    kit_releases = "Qubes R2-Beta3 to R2 (qubes-core-admin v2.1.34 to v2.1.63)"
+
+    def __init__(self, fmt: Format | None) -> None:
+        assert fmt is None or isinstance(fmt, Format2)
+        self._fmt = fmt
+
+    @property
+    def fmt(self) -> Format2:
+        assert self._fmt is not None, "a verified header"
+        return self._fmt
+
+    def _per_chunk(self) -> str:
+        header = self.fmt.header
+        if header.encrypted is None:
+            return ("as each chunk tells (R2-Beta3): openssl enc -d if it starts with "
+                    "Salted__, then pigz -d -z for openssl enc -z; gzip -d for gzip data; "
+                    "else the chunk is the volume")
+        runs = self.fmt.chunk_stages("NAME.NNN")
+        if not runs:
+            return "not encrypted, not compressed: each chunk is a volume as it is"
+        return " then ".join(" | ".join(s.render() for s in run) for run in runs)
+
+    def _hmac_init(self) -> str:
+        digest = self.fmt.header.digest
+        size = hashlib.new(digest.hashlib_name).block_size
+        return shell.call("hmac_init", digest.hashlib_name, str(size))
+
+    def _preamble(self, title: str, backup: str | None, output: str, argv: tuple[str, ...],
+                  what: str) -> list[str]:
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        shown = shell.call("qrecover", *argv) if argv else "qrecover"
+        return [
+            "#!/bin/sh",
+            f"# {title}: {shell.comment(shown)}",
+            f"# written by qrecover {__version__} on {when}.",
+            "#",
+            "# A format-2 backup (Qubes R2-Beta3 to R2): every chunk is HMAC-checked, then",
+            "# decrypted or decompressed on its own; a stored file's chunks are the volumes",
+            "# of one GNU multi-volume tar, read by tar -M with a new-volume script. It needs",
+            "# room in the scratch folder for one stored file's volumes. Step numbers are",
+            f"# those of the recovery page: {PAGE}",
+            f"# {what}",
+            "",
+            "set -u",
+            "",
+            shell.PRELUDE,
+            *v2_sh.functions(self.fmt.header),
+            *shell.backup_assignment(backup, "qrecover"),
+            output,
+            shell.call("need", *v2_sh.programs(self.fmt.header)),
+            *shell.passphrase_lines(),
+        ]
+
+    # -- --transcript -----------------------------------------------------------
+
+    def transcript_preamble(
+        self, mode: str, backup: str | None, output: Path | None, argv: tuple[str, ...]
+    ) -> list[str]:
+        where = f"out={shell.q(str(output))}  # the output folder" if output else ""
+        lines = self._preamble("Transcript of", backup, where, argv,
+                               "Replay it with `sh THIS-FILE`; it stops at the first failure.")
+        lines += ['make_work "$out"' if mode == "restore" and output else
+                  'make_work "${TMPDIR:-/tmp}"', "next_volume_script"]
+        return lines
+
+    def _header_lines(self) -> list[str]:
+        header = self.fmt.header
+        if header.encrypted is None:
+            return [
+                "# R2-Beta3 wrote no backup-header: the first check is qubes.xml.000's",
+                "# HMAC-MD5 (OpenSSL 1.0's default digest); a wrong passphrase stops there",
+                self._hmac_init(),
+            ]
+        return [
+            shell.call("take", HEADER, HEADER_HMAC),
+            f"# step 3 for the header: its HMAC ({header.hmac_algorithm}) before reading it",
+            self._hmac_init(),
+            shell.call("check_hmac", HEADER, shell.HEADER_MISMATCH),
+            "# the header has no version key (format 2); qrecover checked these values:",
+            'cat -- "$work/backup-header" >&2',
+            *(shell.call("header_is", k, v) for k, v in v2_sh.header_checks(header)),
+        ]
+
+    def transcript_header(self) -> list[str]:
+        return ["", "# ---- step 1: untar the backup (listed once; members taken out as needed)",
+                "list_members", *self._header_lines()]
+
+    def transcript_chunk(self, member: str, error: str | None) -> list[str]:
+        lines = ["", f"# chunk {member}: step 1, take it and its .hmac; step 3, its HMAC",
+                 shell.call("take", member, member + ".hmac"), shell.call("check_hmac", member)]
+        if error is not None:
+            lines.insert(1, f"# qrecover found it bad ({error}); the replay stops here too")
+            lines.append(shell.call("die", f"{member}: {error}"))
+        return lines
+
+    def transcript_steps(self, stored: str) -> str:
+        return "steps 3-6"
+
+    def transcript_pipeline_intro(self) -> str:
+        return ("# steps 3-5 per chunk (feed: decrypt or decompress it alone), step 6: tar -M "
+                "reads the volumes:")
+
+    # -- --explain --------------------------------------------------------------
+
+    def explain_intro(self, how: str) -> tuple[str, str]:
+        return (
+            "Step 1 - untar the backup",
+            "A format-2 backup (Qubes R2-Beta3 to R2) is many small tar archives one after "
+            "the other (hence tar -i): the header (none in R2-Beta3), qubes.xml, and every "
+            "stored file cut in chunks NAME.000, NAME.001, ... each with its NAME.NNN.hmac. "
+            "Each chunk is one volume of a GNU multi-volume tar. " + how,
+        )
+
+    def explain_header(self, out: Narration) -> None:
+        header = self.fmt.header
+        if header.encrypted is None:
+            out.say(
+                "Step 3 - no header (R2-Beta3)",
+                "R2-Beta3 wrote no backup-header. Its chunks were HMAC'd with OpenSSL 1.0's "
+                "default digest, MD5, so qubes.xml.000's HMAC is the first check: a wrong "
+                "passphrase stops there, before anything is written. Whether a chunk is "
+                "encrypted or compressed, each authenticated chunk tells.",
+                dgst_command(header.digest, QUBES_XML + ".000"),
+            )
+            return
+        out.say(
+            "Step 3 - verify the header's HMAC, before reading it",
+            "The header says how everything else was written, so it must be authentic before "
+            "it is read; qrecover computes the HMAC itself (the passphrase never on a command "
+            "line) and compares it with backup-header.hmac.",
+            dgst_command(header.digest, HEADER),
+            f"HMAC-{header.hmac_algorithm} matches {HEADER_HMAC}. No version key: format 2 "
+            f"({', '.join(f'{k}={v}' for k, v in header.fields().items())}).",
+        )
+
+    def explain_chunk(
+        self, out: Narration, member: str, size: int, error: str | None, first: bool
+    ) -> None:
+        if error is None:
+            out.say(f"Step 3 - verify {member}",
+                    f"{human_bytes(size)}. Nothing of a chunk is decrypted before its HMAC "
+                    "matched.", dgst_command(self.fmt.header.digest, member),
+                    f"HMAC matches {member}.hmac: the chunk is authentic.")
+            return
+        out.say(f"Step 3 - verify {member}",
+                "This chunk does not match its HMAC: it is damaged, or it was tampered with. "
+                "It is not decrypted; this stored file stops here, the others go on.",
+                None, f"{error}: {member} rejected.")
+
+    def explain_pipeline(
+        self, out: Narration, stored: str, stages: tuple[Stage, ...], kind: str
+    ) -> None:
+        what = {"extract": "untar into a private staging folder (moved into place once "
+                "complete)", "list": "list the archive with tar -t (verify writes nothing)"}
+        out.say(
+            f"Steps 4-6 - {stored}",
+            f"Steps 4-5, each chunk on its own once its HMAC matched: {self._per_chunk()}. "
+            "Step 6: the plaintexts are the volumes of one GNU multi-volume tar, which GNU "
+            "tar -M reads in numeric order (.999 then .1000), each one fed only after tar "
+            "asked for it through its new-volume script: "
+            + what.get(kind, "take qubes.xml out of the archive") + ".",
+            " | ".join(s.render() for s in stages),
+        )
+
+    def explain_inventory(
+        self, out: Narration, names: str, chosen: str, selected: tuple[Entity, ...]
+    ) -> None:
+        out.say("qubes.xml read",
+                f"qubes.xml (restored with steps 3-6 like any stored file) lists the VMs with "
+                f"data in the backup: {names}. Selected: {chosen}.")
+
+    # -- restore --dry-run ------------------------------------------------------
+
+    def plan_title(self, backup: str) -> str:
+        return (f"Dry run: the header and qubes.xml of {backup} are authentic "
+                f"({self.fmt.authenticated_with}); nothing was written.")
+
+    def plan_header_steps(self, gunzip: str) -> list[str]:
+        header = self.fmt.header
+        if header.encrypted is None:
+            return ["  3    no backup-header (R2-Beta3): qubes.xml.000's HMAC-MD5 was the "
+                    "first check"]
+        return [f"  3    {dgst_command(header.digest, HEADER)}   (compared with {HEADER_HMAC}; "
+                "computed in-process; no version key: format 2)"]
+
+    def plan_entity(self, entity: Entity, files: str, pipeline: str, backup: str) -> list[str]:
+        head = (f"  {entity.name}: for each stored file {files} (F: private.img, icon.png, ...):"
+                if entity.name != DOM0 else f"  {entity.name}: the stored file {files}:")
+        return [
+            head,
+            f"  3    {dgst_command(self.fmt.header.digest, files + '.NNN')}   (every chunk, "
+            "compared with its .hmac, before it is used)",
+            f"  4-5  each chunk on its own: {self._per_chunk().replace('NAME', files)}",
+            f"  6    {pipeline.replace('-f -', '-M -f VOLUME')}   (the volumes "
+            f"{files}.000, {files}.001, ... fed in turn by the new-volume script)",
+        ]
+
+    def plan_footer(self) -> str:
+        return ("($staging is a private folder inside the output folder; $backup_pass is the "
+                "passphrase, given to openssl enc through its environment only.)")
+
+    # -- qrecover kit (RECOVERY.txt) ---------------------------------------------
+
+    def kit_programs(self) -> list[str]:
+        return [p for p in v2_sh.programs(self.fmt.header) if p in ("openssl", "pigz")]
+
+    def kit_by_hand(self, example: Entity | None) -> list[str]:
+        return v2_sh.by_hand(self.fmt.header, example)
+
+    # -- qrecover script --------------------------------------------------------
+
+    def script(
+        self, plan: PlanView, backup: str | None, output: Path, argv: tuple[str, ...]
+    ) -> str:
+        selected = plan.selected
+        total = sum(e.size for e in selected)
+        lines = self._preamble("Recovery script, written by", backup, f"out={shell.q(str(output))}",
+                               argv, f"It restores about {human_bytes(total)} into out=; "
+                               "run it with: sh THIS-FILE")
+        lines += ["#   qubes.xml", *scriptparts.contents(selected), "",
+                  scriptparts.SCRIPT_FUNCTIONS, 'make_work "$out"', "next_volume_script", "",
+                  *scriptparts.STEP1, *self._header_lines(), "",
+                  "# ---- qubes.xml: steps 3-6 (it lists the VMs; kept in the output folder)",
+                  'chunk_list qubes.xml >"$work/chunks" || exit 1', "fresh_stage"]
+        xml_stages = [v2_sh.replay_stage(qubes_xml_stage())]
+        lines += shell.pipeline_block(['feed_chunks "$work/chunks"'], xml_stages,
+                                      stdout=shell.XML_OUT)
+        lines += [shell.pipeline_check(QUBES_XML, xml_stages),
+                  f'place_file "$work/qubes.xml" {shell.out_path(QUBES_XML)}']
+        intro = ["# Steps 3-6 for each of its stored files: each chunk verified (step 3),",
+                 "# decrypted or decompressed (4-5), the volumes read by tar -M (6)."]
+        for target in plan.entities():
+            plain = shell.render_argv(extract_stage(Path(scriptparts._STAGING), 0).argv[:4])
+            multi = shell.render_argv(v2_sh.replay_stage(
+                extract_stage(Path(scriptparts._STAGING), 0)).argv[:6])
+            lines += [line.replace(plain, multi, 1)
+                      for line in scriptparts.vm_block(target, [], intro, enc=False)]
+        lines += ["", f'say "done: {len(selected)} VM(s) restored into $out, every HMAC matched"',
+                  "# ---- step 7: to read a VM's files, mount its private.img (ext4) read-only:",
+                  *scriptparts.mount_hint(selected, 7)]
+        return "\n".join(lines) + "\n"
