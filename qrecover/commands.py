@@ -348,8 +348,8 @@ def script_command(
     where = replay_path(backup)
     out = Path(os.path.abspath(output))
     assert report.plan is not None
-    # A script runs elsewhere: plain gzip -d, which every rescue system has.
-    plan = dataclasses.replace(report.plan, gunzip="gzip")
+    # A script runs elsewhere: plain gzip -d and GNU tar, which every rescue system has.
+    plan = dataclasses.replace(report.plan, gunzip="gzip", extractor="tar")
     text = formats.words(report.fmt).script(plan, where, out, tuple(sys.argv[1:]))
     sys.stdout.write(text)
     sys.stdout.flush()

@@ -60,7 +60,7 @@ from qrecover.report import FileResult, Observer, Quiet, Report, Request, missin
 from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
 from qrecover.scratch import ChunkStore, ScratchNames
-from qrecover.stages.decompress import pick_gunzip
+from qrecover.stages.extract import pick_programs
 from qrecover.stored import StoredFile
 
 
@@ -93,8 +93,8 @@ class Recovery:
         self.xml_macs: list[str] = []  # qubes.xml's chunk HMACs (format 3): likewise
         self.names: ScratchNames | None = None
         self.works: ChunkWorks | None = None
-        # igzip or pigz, when installed, undo gzip faster than gzip -d.
-        self.gunzip = pick_gunzip()
+        # igzip or pigz, and bsdtar, when installed: faster than gzip -d, GNU tar
+        self.gunzip, self.extractor = pick_programs()
 
     # -- the pass -----------------------------------------------------------
 
@@ -165,7 +165,7 @@ class Recovery:
             self.gunzip,
             request.output,
             request.force,
-            request.size_limit,
+            request.size_limit, self.extractor,  # bsdtar or GNU tar
         )
 
     def _cleanup(self) -> None:
@@ -208,7 +208,7 @@ class Recovery:
         return fmt
 
     def _check_programs(self, fmt: Format) -> None:
-        needed = ["tar", "cat", *fmt.programs(self.gunzip)]
+        needed = ["tar", self.extractor, "cat", *fmt.programs(self.gunzip)]
         for program in needed:
             which(program)
         try:

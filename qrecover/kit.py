@@ -67,7 +67,7 @@ def kit_command(backup: str, output: Path, passphrase_file: Path | None) -> int:
     restore_to = Path(os.path.abspath(output)) / "restored"
     argv: Sequence[str] = ("kit", *sys.argv[2:]) if sys.argv[1:2] == ["kit"] else ()
     # recover.sh runs on a rescue system: plain gzip -d, as `qrecover script` writes
-    plan = dataclasses.replace(report.plan, gunzip="gzip")
+    plan = dataclasses.replace(report.plan, gunzip="gzip", extractor="tar")
     script = formats.words(report.fmt).script(plan, where, restore_to, tuple(argv))
     with tempfile.TemporaryDirectory(prefix=".qrecover-kit-", dir=output) as scratch:
         tags = make_pyz(output / "qrecover.pyz", Path(scratch))

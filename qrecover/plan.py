@@ -68,6 +68,12 @@ class Plan:
     output: Path | None = None
     force: bool = False
     size_limit: bool = True
+    extractor: str = "tar"  # what extracts a restored stored file (bsdtar or GNU tar)
+
+    @property
+    def extract_with(self) -> str:
+        """The extractor that runs: GNU tar for a multi-volume format (tar -M)."""
+        return "tar" if self.fmt.multi_volume else self.extractor
 
     def front(self) -> list[Stage]:
         """What every stored file's fed chunks go through before tar."""
@@ -81,7 +87,7 @@ class Plan:
             stages.append(list_stage())
         else:
             assert sink.staging is not None
-            stages.append(extract_stage(sink.staging, sink.strip))
+            stages.append(extract_stage(sink.staging, sink.strip, self.extract_with))
         return stages
 
     def budget(self, entity: Entity) -> int | None:

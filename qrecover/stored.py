@@ -36,6 +36,7 @@ from qrecover.runner import (
     first_failure,
     own_failure,
 )
+from qrecover.stages.extract import CuttingGuard, stop_on_cut, stop_when_drained
 from qrecover.stages.guard import TarGuard
 from qrecover.units import human_bytes
 
@@ -128,7 +129,13 @@ class StoredFile:
         )
 
     def _guard(self, src: int, dst: int) -> TarGuard:
-        return TarGuard(src, dst, self.sink.limit, self.stored, prefix=self.stored)
+        stop = self._kill_extractor if stop_on_cut(self._stages[-1]) else None
+        return CuttingGuard(src, dst, self.sink.limit, self.stored, prefix=self.stored, stop=stop)
+
+    def _kill_extractor(self, fd: int) -> None:
+        # From the guard's thread; data flows only once fed, after start() returned.
+        if self.pipeline is not None and self.pipeline.procs:
+            stop_when_drained(self.pipeline.procs[-1], fd)
 
     def _reap_cat(self) -> None:
         if self.cat is None:

@@ -26,13 +26,19 @@ PASSFILE = ROOT / "fixtures" / "sample-backup.passphrase"
 
 def normalise(text: str, work: Path, backup: Path) -> str:
     """Replace what differs between runs: folders, scratch names, dates, times,
-    and the gzip decompressor this machine has (igzip, pigz or gzip)."""
+    and the gzip decompressor this machine has (igzip, pigz or gzip), and the
+    extractor (bsdtar where installed, shown as the GNU tar command it replaces)."""
     text = text.replace(str(work), "WORK").replace(str(backup), "BACKUP")
     text = re.sub(r"/tmp/[A-Za-z0-9_./-]*qrecover-[a-z0-9_]{8}", "SCRATCH", text)
     text = re.sub(r"\.qrecover-[a-z0-9_]{8}", ".SCRATCH", text)
     text = re.sub(r"qrecover-header-[a-z0-9_]{8}", "HEADER-SCRATCH", text)
     text = re.sub(r"on \d{4}-\d\d-\d\d \d\d:\d\d UTC", "on DATE", text)
     text = re.sub(r"read in [0-9:]+ \([^)]*\)", "read in TIME", text)
+    text = re.sub(r"\{ if command -v bsdtar >/dev/null 2>&1; then bsdtar [^;]*; "
+                  r"else (tar [^;]*); fi; \}", r"\1", text)
+    text = re.sub(r"\bbsdtar (-x -f - -C \S+ --strip-components=\d+ --no-same-owner) "
+                  r"--no-acls --no-xattrs --no-fflags --no-mac-metadata", r"tar \1", text)
+    text = re.sub(r"\bbsdtar\b", "tar", text)  # the transcript's comments, pipeline_ok
     return re.sub(r"\b(igzip|pigz)( -d|;| >/dev/null)", r"GUNZIP\2", text)
 
 

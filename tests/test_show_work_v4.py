@@ -27,6 +27,7 @@ from qrecover.formats import v4_sh
 from qrecover.formats.v4_sh import SCRIPT_FUNCTIONS_V4
 from qrecover.render import shell
 from qrecover.stages.decompress import pick_gunzip
+from qrecover.stages.extract import pick_extractor
 
 SCRYPT_1_2_1_USAGE = (
     "usage: scrypt {enc | dec} [-M maxmem] [-m maxmemfrac] [-P] [-t maxtime] infile [outfile]"
@@ -278,7 +279,8 @@ def test_r4_explain_narrates_the_v4_steps(make4: MakeBackup, tmp_path: Path) -> 
         "--passphrase env:backup_pass vm7/private.img.001.enc vm7/private.img.001"
     ) in err
     assert "scrypt exited 0: the chunk is authentic" in err
-    assert re.search(r"\| (gzip|pigz|igzip) -d \| tar -x -f - -C", err)  # igzip/pigz if there
+    # igzip/pigz, bsdtar if there
+    assert re.search(r"\| (gzip|pigz|igzip) -d \| (bsdtar|tar) -x -f - -C", err)
     assert f"sudo mount -o loop,ro '{out}/work/private.img' /mnt" in err
     assert "openssl" not in err and "HMAC matches" not in err
     verify = run_main(
@@ -304,7 +306,8 @@ def test_r4_dry_run_plans_and_writes_nothing(make4: MakeBackup, tmp_path: Path) 
         f"backup_pass='{backup_id}!vm7/F.NNN!'\"$backup_pass\" scrypt dec --passphrase "
         "env:backup_pass vm7/F.NNN.enc vm7/F.NNN"
     ) in text
-    assert f"| {pick_gunzip()} -d | tar -x -f - -C \"$staging\" --strip-components=1" in text
+    assert f"| {pick_gunzip()} -d | {pick_extractor()} -x -f - -C \"$staging\" " \
+        "--strip-components=1" in text
     assert "backup-emergency-restore-v4" in text
     for line in text.splitlines():  # every command shown pastes as it is
         if line.startswith("  8    "):

@@ -44,7 +44,7 @@ def plan_text(
     ]
     placeholder = "/STAGING"
     for target in plan.entities():
-        stages = [*plan.front(), extract_stage(Path(placeholder), target.strip)]
+        stages = [*plan.front(), extract_stage(Path(placeholder), target.strip, plan.extract_with)]
         pipeline = " | ".join(
             shell.render_argv(s.argv, {placeholder: '"$staging"'}) for s in stages
         )

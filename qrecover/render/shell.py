@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from qrecover.runner import PASS_ENV, Stage
 from qrecover.sources import SNIFF, compression_of
 from qrecover.stages.decompress import GUNZIPS
+from qrecover.stages.extract import gnu_fallback
 
 # Scratch names inside "$work" used by the pipelines.
 STAGE_DIR = '"$work/stage"'
@@ -93,7 +94,8 @@ def stage_command(stage: Stage, subst: Mapping[str, str] | None = None) -> str:
     of a stage that reads it (openssl enc) and of no other.  A faster gzip
     decompressor that qrecover
     found installed (igzip, pigz) is used where the script runs only if it is
-    installed there too; ``gzip -d`` writes the same bytes everywhere else."""
+    installed there too; ``gzip -d`` writes the same bytes everywhere else.
+    Likewise bsdtar, with GNU tar's same extraction where it is absent."""
     text = render_argv(stage.argv, subst)
     if stage.secret_env:  # in this command's environment only (get_passphrase)
         text = " ".join(f'{name}="${name}"' for name in stage.secret_env) + " " + text
@@ -101,6 +103,12 @@ def stage_command(stage: Stage, subst: Mapping[str, str] | None = None) -> str:
         return (
             f"{{ if command -v {stage.program} >/dev/null 2>&1; "
             f"then {text}; else gzip -d; fi; }}"
+        )
+    fallback = gnu_fallback(stage)  # bsdtar ran: GNU tar where it is absent
+    if fallback is not None:
+        return (
+            f"{{ if command -v bsdtar >/dev/null 2>&1; "
+            f"then {text}; else {render_argv(fallback.argv, subst)}; fi; }}"
         )
     return text
 
