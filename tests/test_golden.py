@@ -38,6 +38,7 @@ def normalise(text: str, work: Path, backup: Path) -> str:
                   r"else (tar [^;]*); fi; \}", r"\1", text)
     text = re.sub(r"\bbsdtar (-x -f - -C \S+ --strip-components=\d+ --no-same-owner) "
                   r"--no-acls --no-xattrs --no-fflags --no-mac-metadata", r"tar \1", text)
+    text = re.sub(r"\n +\(bsdtar for its disk images; [^\n]*\)", "", text)  # the dry run
     text = re.sub(r"\bbsdtar\b", "tar", text)  # the transcript's comments, pipeline_ok
     return re.sub(r"\b(igzip|pigz)( -d|;| >/dev/null)", r"GUNZIP\2", text)
 

@@ -44,13 +44,17 @@ def plan_text(
     ]
     placeholder = "/STAGING"
     for target in plan.entities():
-        stages = [*plan.front(), extract_stage(Path(placeholder), target.strip, plan.extract_with)]
+        image = f"{target.entity.backup_path}/private.img"  # the tool its images get
+        tool = plan.extractor_for(image) if target.files != target.entity.backup_path else "tar"
+        stages = [*plan.front(), extract_stage(Path(placeholder), target.strip, tool)]
         pipeline = " | ".join(
             shell.render_argv(s.argv, {placeholder: '"$staging"'}) for s in stages
         )
         lines += [
             *words.plan_entity(target.entity, target.files, pipeline, backup),
             f"       then what $staging holds is moved into {root / target.folder}/",
+            *(["       (bsdtar for its disk images; GNU tar, tar -x, for its other files)"]
+              if tool == "bsdtar" else []),
         ]
     lines.append(words.plan_footer())
     return "\n".join(lines)
