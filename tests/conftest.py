@@ -433,3 +433,12 @@ LONG_FIRST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(getattr(item, "originalname", item.name), len(rank)))
+
+
+def sigint_as_at_a_terminal() -> None:
+    """preexec_fn for a qrecover a test will interrupt with SIGINT: the signal's
+    default disposition, as a shell's foreground job has.  A child inherits an
+    ignored SIGINT, and Python then installs no handler for it; a test that
+    sends SIGINT must not depend on what the test process had meanwhile."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -27,6 +27,7 @@ from conftest import (
     run_cli,
     run_main,
     sha,
+    sigint_as_at_a_terminal,
 )
 
 # its fixtures build something big: all its tests on one worker, so it is built once
@@ -206,6 +207,7 @@ def test_interrupted_jobs_2_restore_stops_every_child(
         [*qrecover_exe(), "restore", "-", "-o", str(out), "--passphrase-file",
          str(many4.passfile), "--jobs", "2"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        preexec_fn=sigint_as_at_a_terminal,
     )
     assert proc.stdin is not None
     proc.stdin.write(data[: len(data) // 2])

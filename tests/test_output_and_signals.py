@@ -22,6 +22,7 @@ from conftest import (
     qrecover_exe,
     run_cli,
     sha,
+    sigint_as_at_a_terminal,
 )
 
 # its fixtures build something big: all its tests on one worker, so it is built once
@@ -85,6 +86,7 @@ def start_half_fed(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
+        preexec_fn=sigint_as_at_a_terminal,
     )
     assert proc.stdin is not None
     proc.stdin.write(data[: len(data) // 2])
