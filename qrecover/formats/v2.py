@@ -47,9 +47,14 @@ from qrecover.formats.base import (
     MemberStream,
     PendingChunk,
 )
-from qrecover.formats.v3 import CIPHER_PATTERN, authenticate_header, dgst_command
+from qrecover.formats.v3 import (
+    allowed_cipher,
+    allowed_digest,
+    authenticate_header,
+    dgst_command,
+)
 from qrecover.header import Header, parse_bool
-from qrecover.hmacs import DIGESTS, MAX_HMAC_FILE, Digest, matches, parse_hmac_text
+from qrecover.hmacs import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage, first_failure
 from qrecover.stages.decompress import pick_gunzip
 from qrecover.tarstream import MAX_MEMBER
@@ -81,16 +86,12 @@ class BackupHeaderV2(BaseModel):
     @field_validator("hmac_algorithm")
     @classmethod
     def _hmac(cls, value: str) -> str:
-        if value.upper() not in DIGESTS:
-            raise ValueError(f"not an allowed digest (allowed: {', '.join(DIGESTS)})")
-        return value.upper()
+        return allowed_digest(value)
 
     @field_validator("crypto_algorithm")
     @classmethod
     def _cipher(cls, value: str) -> str:
-        if not CIPHER_PATTERN.match(value.lower()):
-            raise ValueError("not an allowed openssl cipher")
-        return value.lower()
+        return allowed_cipher(value)
 
     @field_validator("encrypted", "compressed_flag", mode="before")
     @classmethod

@@ -46,6 +46,20 @@ PAGE = "https://www.qubes-os.org/doc/backup-emergency-restore-v3/"
 CIPHER_PATTERN = re.compile(r"^(aes|camellia|aria)-(128|192|256)-(cbc|cfb|cfb1|cfb8|ofb|ctr)$")
 
 
+def allowed_digest(value: str) -> str:
+    """A header's ``hmac-algorithm``, allow-listed (formats 2 and 3)."""
+    if value.upper() not in DIGESTS:
+        raise ValueError(f"not an allowed digest (allowed: {', '.join(DIGESTS)})")
+    return value.upper()
+
+
+def allowed_cipher(value: str) -> str:
+    """A header's ``crypto-algorithm``, allow-listed (formats 2 and 3)."""
+    if not CIPHER_PATTERN.match(value.lower()):
+        raise ValueError("not an allowed openssl cipher")
+    return value.lower()
+
+
 class BackupHeader(BaseModel):
     """A verified format-3 backup header."""
 
@@ -72,16 +86,12 @@ class BackupHeader(BaseModel):
     @field_validator("hmac_algorithm")
     @classmethod
     def _hmac(cls, value: str) -> str:
-        if value.upper() not in DIGESTS:
-            raise ValueError(f"not an allowed digest (allowed: {', '.join(DIGESTS)})")
-        return value.upper()
+        return allowed_digest(value)
 
     @field_validator("crypto_algorithm")
     @classmethod
     def _cipher(cls, value: str) -> str:
-        if not CIPHER_PATTERN.match(value.lower()):
-            raise ValueError("not an allowed openssl cipher")
-        return value.lower()
+        return allowed_cipher(value)
 
     @field_validator("encrypted", "compressed", mode="before")
     @classmethod
