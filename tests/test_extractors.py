@@ -19,7 +19,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,17 +32,11 @@ if str(ROOT / "scripts") not in sys.path:
 import make_backup as gen  # noqa: E402  (the independent writers, never qrecover code)
 import make_backup_v4 as gen4  # noqa: E402
 import make_bad_backups as bad  # noqa: E402
+from conftest import Run, built_once, run_main  # noqa: E402
 
 PASSPHRASE = "extractors: a passphrase, ünïcödé"
 EXTRACTORS = ["bsdtar", "tar"]
 DASH = shutil.which("dash") or "dash"
-
-
-def _qrecover() -> str:
-    beside = Path(sys.executable).parent / "qrecover"
-    exe = str(beside) if beside.exists() else shutil.which("qrecover")
-    assert exe is not None, "qrecover is not installed (pip install -e '.[test]')"
-    return exe
 
 
 def path_without(folder: Path, hidden: tuple[str, ...]) -> str:
@@ -70,20 +63,10 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             "tar": path_without(base / "no-bsdtar", ("bsdtar",))}
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
 def run(path: str, *args: str | Path, cwd: Path | None = None) -> Run:
-    env = {k: v for k, v in os.environ.items() if k not in ("QRECOVER_PASSPHRASE", "backup_pass")}
-    env["PATH"] = path
-    proc = subprocess.run([_qrecover(), *map(str, args)], env=env, cwd=cwd, input=b"",
-                          capture_output=True, timeout=300, check=False)
-    return Run(proc.returncode, proc.stdout.decode(errors="replace"),
-               proc.stderr.decode(errors="replace"))
+    """``qrecover ARGS`` with ``path`` as PATH: in this process (``run_main``), which
+    finds the programs it starts on PATH as the installed program would."""
+    return run_main(*args, env={"PATH": path}, cwd=cwd)
 
 
 def extracting(log: str) -> set[str]:
@@ -276,7 +259,8 @@ def test_transcript_names_bsdtar_and_replays_with_gnu_tar_without_it(
 
 @pytest.fixture(scope="module")
 def bad_cases(tmp_path_factory: pytest.TempPathFactory) -> list[bad.Case]:
-    return bad.cases(tmp_path_factory.mktemp("bad"))
+    # the cases test_bad_input reads, written once per test run (they are only read)
+    return built_once(tmp_path_factory, "bad cases", bad.cases)
 
 
 def _tree(root: Path) -> set[str]:

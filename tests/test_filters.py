@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, MakeBackup, assert_restored, bin_dir, run_cli, run_main
+from conftest import PASSPHRASE, MakeBackup, assert_restored, bin_dir, run_main
 
 from qrecover.runner import PACKAGES
 from qrecover.stages.decompress import FILTERS, check_filter, decompress_stage
@@ -138,7 +138,7 @@ def test_info_shows_the_level_the_header_names(make: MakeBackup) -> None:
 def test_zstd_missing_is_exit_5_naming_its_package(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4(compression="zstdmt")
     bindir = bin_dir(tmp_path, ["tar", "gzip", "cat", "openssl", "scrypt"])
-    result = run_cli(
+    result = run_main(
         "verify", backup.path, "--passphrase-file", backup.passfile, env={"PATH": str(bindir)}
     )
     assert result.code == 5, result.text

@@ -1,6 +1,7 @@
 """Crafted format-1 folders (scripts/make_bad_backups.py, cases_v1): each ends the documented way.
 
-For every case, through the installed CLI: the documented exit code, the
+For every case, through the CLI's main() (in this process, or the installed
+program where it must run as another user): the documented exit code, the
 message naming what is at fault, no traceback, nothing written outside the
 output folder, no FIFO or device node created, the VMs that are fine still
 restored, and nothing of a refused link's target read.
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_bad_backups as bad  # noqa: E402  (never qrecover code)
+from conftest import run_main  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("test_format1_bad")  # module fixtures built once
 
@@ -79,6 +81,10 @@ def _run(argv: list[str], nobody: bool, passphrase: str | None = None
     prefix: list[str] = []
     if nobody and os.geteuid() == 0:  # root reads a mode-000 file: run as nobody
         prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if not prefix:  # in this process (conftest's run_main): the same main() the script calls
+        run = run_main(*argv, env={} if passphrase is None else
+                       {"QRECOVER_PASSPHRASE": passphrase})
+        return subprocess.CompletedProcess(argv, run.code, run.out, run.err)
     env = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
     if passphrase is not None:
         env["QRECOVER_PASSPHRASE"] = passphrase

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, family_of, qrecover_exe, run_cli
+from conftest import PASSPHRASE, family_of, qrecover_exe, run_cli, run_main
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -140,7 +140,7 @@ def test_the_images_span_several_volumes(made: dict[str, V2]) -> None:
 def test_restore_byte_for_byte(name: str, made: dict[str, V2], tmp_path: Path) -> None:
     v2 = made[name]
     out = tmp_path / "out"
-    run = run_cli("restore", v2.path, "--passphrase-file", v2.passfile, "--output", out)
+    run = run_main("restore", v2.path, "--passphrase-file", v2.passfile, "--output", out)
     assert run.code == 0, run.text
     assert "all HMACs matched" in run.text
     assert_restored(v2, out)
@@ -149,15 +149,15 @@ def test_restore_byte_for_byte(name: str, made: dict[str, V2], tmp_path: Path) -
 
 def test_verify_info_and_stdin(made: dict[str, V2], tmp_path: Path) -> None:
     v2 = made["r2-sha1"]
-    run = run_cli("verify", v2.path, "--passphrase-file", v2.passfile)
+    run = run_main("verify", v2.path, "--passphrase-file", v2.passfile)
     assert run.code == 0, run.text
     assert "verified 14 stored file(s)" in run.text
-    info = run_cli("info", v2.path, "--passphrase-file", v2.passfile)
+    info = run_main("info", v2.path, "--passphrase-file", v2.passfile)
     assert info.code == 0, info.text
     assert "format 2, written by Qubes R2-Beta3 to R2" in info.out
     assert "HMAC-SHA1" in info.out
     beta3 = made["beta3-z"]
-    info = run_cli("info", beta3.path, "--passphrase-file", beta3.passfile)
+    info = run_main("info", beta3.path, "--passphrase-file", beta3.passfile)
     assert "format 2, written by Qubes R2-Beta3" in info.out
     assert "no backup-header" in info.out and "HMAC-MD5" in info.out
     out = tmp_path / "stdin"
@@ -174,7 +174,7 @@ def test_a_folder_untarred_by_hand(name: str, made: dict[str, V2], tmp_path: Pat
     folder.mkdir()
     subprocess.run(["tar", "-i", "-xf", str(v2.path)], cwd=folder, check=True)
     out = tmp_path / "out"
-    run = run_cli("restore", folder, "--passphrase-file", v2.passfile, "--output", out)
+    run = run_main("restore", folder, "--passphrase-file", v2.passfile, "--output", out)
     assert run.code == 0, run.text
     assert_restored(v2, out)
 
@@ -183,17 +183,17 @@ def test_dry_run_names_what_runs_and_writes_nothing(made: dict[str, V2],
                                                     tmp_path: Path) -> None:
     v2 = made["r2-sha512"]
     out = tmp_path / "out"
-    run = run_cli("restore", v2.path, "--passphrase-file", v2.passfile, "--output", out,
-                  "--dry-run")
+    run = run_main("restore", v2.path, "--passphrase-file", v2.passfile, "--output", out,
+                   "--dry-run")
     assert run.code == 0, run.text
     assert PAGE in run.out and "tar -x -M" in run.out
     assert "openssl enc -d -aes-256-cbc -md md5 -pass env:backup_pass" in run.out
     assert not out.exists()
     out.mkdir()
     (out / "qubes.xml").write_text("mine")
-    dry = run_cli("restore", v2.path, "--passphrase-file", v2.passfile, "--output", out,
-                  "--dry-run")
-    real = run_cli("restore", v2.path, "--passphrase-file", v2.passfile, "--output", out)
+    dry = run_main("restore", v2.path, "--passphrase-file", v2.passfile, "--output", out,
+                   "--dry-run")
+    real = run_main("restore", v2.path, "--passphrase-file", v2.passfile, "--output", out)
     assert dry.code == real.code == 6
     assert (out / "qubes.xml").read_text() == "mine"
 
@@ -203,7 +203,7 @@ def test_script_under_dash_restores_the_same(name: str, made: dict[str, V2],
                                              tmp_path: Path) -> None:
     v2 = made[name]
     out = tmp_path / "out"
-    script = run_cli("script", v2.path, "--passphrase-file", v2.passfile, "--output", out)
+    script = run_main("script", v2.path, "--passphrase-file", v2.passfile, "--output", out)
     assert script.code == 0, script.err
     assert PAGE in script.out and PASSPHRASE not in script.out
     path = tmp_path / "recover.sh"
@@ -219,8 +219,8 @@ def test_transcript_replays_and_explain_tells_the_v2_steps(made: dict[str, V2],
     v2 = made["beta3"]
     out = tmp_path / "out"
     transcript = tmp_path / "t.sh"
-    run = run_cli("restore", v2.path, "--passphrase-file", v2.passfile, "--output", out,
-                  "--transcript", transcript, "--explain")
+    run = run_main("restore", v2.path, "--passphrase-file", v2.passfile, "--output", out,
+                   "--transcript", transcript, "--explain")
     assert run.code == 0, run.text
     assert "Step 3 - verify vm7/private.img.002" in run.text
     assert "Steps 4-6 - vm7/private.img" in run.text and "tar -M" in run.text
@@ -270,7 +270,7 @@ def test_tampered_chunk(made: dict[str, V2], tmp_path: Path) -> None:
     data[-100] ^= 1
     chunk.write_bytes(bytes(data))
     out = tmp_path / "out"
-    run = run_cli("-q", "restore", folder, "--passphrase-file", v2.passfile, "--output", out)
+    run = run_main("-q", "restore", folder, "--passphrase-file", v2.passfile, "--output", out)
     assert run.code == 4, run.text
     assert "vm7/private.img.000: HMAC mismatch" in run.text
     assert not list((out / "work").glob("private.img*"))  # nothing of it placed
@@ -284,7 +284,7 @@ def test_wrong_passphrase_writes_nothing(name: str, made: dict[str, V2],
     wrong = tmp_path / "wrong"
     wrong.write_text("not it\n")
     out = tmp_path / "out"
-    run = run_cli("restore", v2.path, "--passphrase-file", wrong, "--output", out)
+    run = run_main("restore", v2.path, "--passphrase-file", wrong, "--output", out)
     assert run.code == 3, run.text
     assert not out.exists()
 
@@ -323,7 +323,7 @@ def test_hostile_member_in_an_authenticated_volume(made: dict[str, V2],
     escape.write_bytes(volume([entry("appvms/work/../../evil", tarfile.REGTYPE, 3)]))
     _mac(escape, "sha512")
     out = tmp_path / "out"
-    run = run_cli("-q", "restore", folder, "--passphrase-file", v2.passfile, "--output", out)
+    run = run_main("-q", "restore", folder, "--passphrase-file", v2.passfile, "--output", out)
     assert run.code == 4, run.text
     assert "character device, not restored" in run.text and "FIFO, not restored" in run.text
     assert "lies outside" in run.text
@@ -342,8 +342,8 @@ def test_beta3_zlib_without_pigz_is_exit_5(made: dict[str, V2], tmp_path: Path) 
             link = bindir / program.name
             if program.name != "pigz" and not os.path.lexists(link):
                 link.symlink_to(program)
-    run = run_cli("restore", v2.path, "--passphrase-file", v2.passfile, "--output",
-                  tmp_path / "out", env={"PATH": str(bindir)})
+    run = run_main("restore", v2.path, "--passphrase-file", v2.passfile, "--output",
+                   tmp_path / "out", env={"PATH": str(bindir)})
     assert run.code == 5, run.text
     assert "pigz" in run.err and "openssl enc -z" in run.err
 
@@ -355,7 +355,7 @@ def test_a_format3_backup_without_its_header_is_not_taken_for_beta3(tmp_path: Pa
     subprocess.run(["tar", "-i", "-xf", str(sample)], cwd=folder, check=True)
     for name in ("backup-header", "backup-header.hmac"):
         (folder / name).unlink()
-    run = run_cli("info", folder, env={"QRECOVER_PASSPHRASE": "x"})
+    run = run_main("info", folder, env={"QRECOVER_PASSPHRASE": "x"})
     assert run.code == 4, run.text
     assert "not an HMAC-MD5, so not R2-Beta3" in run.err, run.err
 

@@ -255,7 +255,7 @@ def test_scrypt_authenticated_unknown_version_exit_4_names_it(
 def test_r4_missing_scrypt_exit_5(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4()
     bindir = bin_dir(tmp_path, ["tar", "gzip", "cat", "openssl"])
-    result = run_cli(
+    result = run_main(
         "verify", backup.path, "--passphrase-file", backup.passfile, env={"PATH": str(bindir)}
     )
     assert result.code == 5, result.text
@@ -285,7 +285,7 @@ def test_r4_scrypt_1_2_1_gets_the_passphrase_on_stdin(make4: MakeBackup, tmp_pat
     usage = "usage: scrypt {enc | dec} [-M maxmem] [-m maxmemfrac] [-P] [-t maxtime] infile"
     _fake_scrypt(bindir, usage, log)
     out = tmp_path / "out"
-    result = run_cli(
+    result = run_main(
         "restore", backup.path, "-o", out, "--passphrase-file", backup.passfile,
         env={"PATH": str(bindir)},
     )
@@ -301,7 +301,7 @@ def test_r4_scrypt_1_2_0_is_refused_exit_5(make4: MakeBackup, tmp_path: Path) ->
     bindir = bin_dir(tmp_path, ["tar", "gzip", "cat"])
     usage = "usage: scrypt {enc | dec} [-M maxmem] [-m maxmemfrac] [-t maxtime] infile [outfile]"
     _fake_scrypt(bindir, usage, tmp_path / "argv.log")
-    result = run_cli(
+    result = run_main(
         "info", backup.path, "--passphrase-file", backup.passfile, env={"PATH": str(bindir)}
     )
     assert result.code == 5, result.text

@@ -67,7 +67,7 @@ def test_compressed_backup_restores(kind: str, backup: Backup, tmp_path: Path) -
     packed = compress(kind, backup.path, tmp_path / f"backup.{kind}")
     out = tmp_path / "out"
     result = run_main("-v", "restore", packed, "--output", out, "--passphrase-file",
-                     backup.passfile)
+                      backup.passfile)
     assert result.code == 0, result.text
     assert f"{packed} is {kind}-compressed as a whole; reading it through" in result.err
     # the decompressor ran as a program of its own, logged like every other stage
@@ -91,8 +91,8 @@ def test_compressed_backup_from_stdin(kind: str, backup: Backup, tmp_path: Path)
 def test_missing_decompressor_names_the_package(backup: Backup, tmp_path: Path) -> None:
     packed = compress("zstd", backup.path, tmp_path / "backup.zst")
     path = bin_dir(tmp_path, ["tar", "openssl", "gzip", "cat"])
-    result = run_cli("verify", packed, "--passphrase-file", backup.passfile,
-                     env={"PATH": str(path)})
+    result = run_main("verify", packed, "--passphrase-file", backup.passfile,
+                      env={"PATH": str(path)})
     assert result.code == 5, result.text
     assert "is zstd-compressed as a whole, and zstd not found" in result.err
     assert "apt-get install zstd" in result.err
@@ -122,14 +122,14 @@ def test_split_backup_in_order(backup: Backup, tmp_path: Path) -> None:
 def test_dry_run_names_the_pieces_and_how_to_feed_them(backup: Backup, tmp_path: Path) -> None:
     pieces = split(backup.path, tmp_path / "pieces")
     result = run_main("restore", *pieces, "--output", tmp_path / "out", "--dry-run",
-                     "--passphrase-file", backup.passfile)
+                      "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert f"qubes.xml of {pieces[0]} ... {pieces[-1]} ({len(pieces)} pieces) are" in result.out
     cat = " ".join(["cat", *(str(p) for p in pieces)])
     assert f"  1    {cat} | tar -i -xvf -" in result.out, result.out
     packed = compress("xz", backup.path, tmp_path / "backup.xz")
     result = run_main("restore", packed, "--output", tmp_path / "out", "--dry-run",
-                     "--passphrase-file", backup.passfile)
+                      "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert f"  1    xz -d -c {packed} | tar -i -xvf -" in result.out, result.out
     assert not (tmp_path / "out").exists()
@@ -146,7 +146,7 @@ def test_split_after_compress(backup: Backup, tmp_path: Path) -> None:
     pieces = split(packed, tmp_path / "pieces")
     out = tmp_path / "out"
     result = run_main("-v", "restore", *pieces, "--output", out, "--passphrase-file",
-                     backup.passfile)
+                      backup.passfile)
     assert result.code == 0, result.text
     assert "+ cat -- " in result.err  # the pieces go into the decompressor, in order
     assert_restored(out, backup)
@@ -187,7 +187,7 @@ def test_split_last_pieces_missing(backup: Backup, tmp_path: Path) -> None:
     assert pieces[-2].read_bytes().strip(b"\0")
     out = tmp_path / "out"
     result = run_main("restore", *pieces[:-2], "--output", out, "--passphrase-file",
-                     backup.passfile)
+                      backup.passfile)
     assert result.code == 4, result.text
     assert "Traceback" not in result.text
     only_correct_files(out, backup)
@@ -211,7 +211,7 @@ def test_pieces_usage_errors(backup: Backup, tmp_path: Path) -> None:
 def test_script_of_a_compressed_backup_asks_for_the_file(backup: Backup, tmp_path: Path) -> None:
     packed = compress("gzip", backup.path, tmp_path / "backup.gz")
     result = run_main("script", packed, "--output", tmp_path / "out", "--passphrase-file",
-                     backup.passfile)
+                      backup.passfile)
     assert result.code == 0, result.text
     assert "backup=''" in result.out  # tar -i cannot read the .gz: the user names the backup
 
@@ -291,7 +291,7 @@ def test_a_name_with_a_newline_and_an_escape_stays_one_printable_line(tmp_path: 
     (`qrecover: success`) nor reach the terminal as an escape sequence."""
     hostile = tmp_path / "ev\nqrecover: success\x1b[31m"
     hostile.write_bytes(random.Random(7).randbytes(4096))
-    result = run_cli("-v", "verify", hostile, env={"QRECOVER_PASSPHRASE": "x"})
+    result = run_main("-v", "verify", hostile, env={"QRECOVER_PASSPHRASE": "x"})
     assert result.code == 4, result.text
     assert "\x1b" not in result.err
     lines = result.err.splitlines()
@@ -328,7 +328,7 @@ def test_an_ordinary_tar_is_named_with_what_it_holds(tmp_path: Path) -> None:
     (tmp_path / "src" / "main.c").write_text("int main(void) { return 0; }\n")
     project = tmp_path / "project.tar"
     subprocess.run(["tar", "-cf", str(project), "-C", str(tmp_path), "src/main.c"], check=True)
-    result = run_cli("verify", project, env={"QRECOVER_PASSPHRASE": "x"})
+    result = run_main("verify", project, env={"QRECOVER_PASSPHRASE": "x"})
     assert result.code == 4, result.text
     assert (f"error: {project}: does not start with backup-header (found 'src/main.c'): "
             "not a Qubes backup of format 2, 3 or 4") in result.err, result.err

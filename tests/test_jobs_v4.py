@@ -59,8 +59,8 @@ def untar(backup: Backup, folder: Path) -> Path:
 
 def restore_ok(backup: Backup, where: Path | str, out: Path, *extra: str,
                stdin: bytes | None = None) -> None:
-    result = run_cli("restore", where, "-o", out, "--passphrase-file", backup.passfile,
-                     *extra, stdin=stdin)
+    args = ("restore", where, "-o", out, "--passphrase-file", backup.passfile, *extra)
+    result = run_main(*args) if stdin is None else run_cli(*args, stdin=stdin)
     assert result.code == 0, result.text
     assert "every chunk authenticated by scrypt" in result.out
     assert_restored(out, backup)
@@ -95,14 +95,14 @@ def test_verify_takes_jobs(many4: Backup) -> None:
 
 def test_jobs_0_is_a_usage_error(many4: Backup, tmp_path: Path) -> None:
     result = run_main("restore", many4.path, "-o", tmp_path / "o", "--passphrase-file",
-                     many4.passfile, "--jobs", "0")
+                      many4.passfile, "--jobs", "0")
     assert result.code == 2, result.text
     assert not (tmp_path / "o").exists()
 
 
 def test_v_logs_every_scrypt_dec_with_its_memory_cap(many4: Backup, tmp_path: Path) -> None:
     result = run_main("-v", "restore", many4.path, "-o", tmp_path / "o", "--passphrase-file",
-                     many4.passfile, "--jobs", "2")
+                      many4.passfile, "--jobs", "2")
     assert result.code == 0, result.text
     chunks = [n for n in many4.manifest.member_names() if n.endswith(".enc")]
     logged = [line for line in result.err.splitlines() if "scrypt dec -M " in line]
@@ -128,7 +128,7 @@ def test_tampered_middle_chunk_same_outcome_with_jobs_1_and_2(
     for jobs in ("1", "2"):
         out = tmp_path / f"out{jobs}"
         result = run_main("restore", folder, "-o", out, "--passphrase-file", many4.passfile,
-                         "--jobs", jobs)
+                          "--jobs", jobs)
         said = [line for line in result.err.splitlines() if "private.img.012.enc" in line]
         assert result.code == 4, result.text
         assert said and "scrypt" in said[0], result.err
@@ -351,7 +351,7 @@ def test_transcript_and_explain_do_not_depend_on_jobs(many4: Backup, tmp_path: P
         transcript = tmp_path / "t.sh"
         extra = () if jobs == "1" else ("--jobs", "2")
         result = run_main("restore", many4.path, "-o", out, "--passphrase-file", many4.passfile,
-                         "--transcript", transcript, "--explain", *extra)
+                          "--transcript", transcript, "--explain", *extra)
         assert result.code == 0, result.text
         text = transcript.read_text(encoding="utf-8").replace(" --jobs 2", "")
         # the minute the transcript was written in (the two runs may straddle one)

@@ -78,5 +78,5 @@ def test_json_on_error_keeps_exit_code(tmp_path: Path) -> None:
 
 def test_json_refuses_dry_run(tmp_path: Path) -> None:
     result = run_main("restore", SAMPLE, "-o", tmp_path / "o", "--dry-run", "--json",
-                     "--passphrase-file", PASSFILE)
+                      "--passphrase-file", PASSFILE)
     assert result.code == 2 and "--dry-run" in result.err

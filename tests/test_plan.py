@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from conftest import Backup, bin_dir, run_cli, run_main
+from conftest import Backup, bin_dir, run_main
 
 from qrecover.errors import OutputError, WouldOverwrite
 from qrecover.formats import parse_header
@@ -87,8 +87,8 @@ def test_dry_run_names_the_decompressor_the_restore_runs(
         bindir = bin_dir(folder, [p for p in programs if p not in hidden])
         env = {"PATH": str(bindir)}
         args = (default_backup.path, "--vm", "work", "--passphrase-file", default_backup.passfile)
-        dry = run_cli("restore", "-o", folder / "dry", "--dry-run", *args, env=env)
-        real = run_cli("-v", "restore", "-o", folder / "out", *args, env=env)
+        dry = run_main("restore", "-o", folder / "dry", "--dry-run", *args, env=env)
+        real = run_main("-v", "restore", "-o", folder / "out", *args, env=env)
         assert dry.code == 0 and real.code == 0, (dry.text, real.text)
         expected = next(p for p in ("igzip", "pigz", "gzip") if p not in hidden)
         assert _decompressor(dry.out) == _decompressor(real.err) == expected
@@ -105,8 +105,7 @@ def test_dry_run_stops_where_the_restore_stops_on_a_symlinked_vm_folder(
     args = (default_backup.path, "-o", out, "--passphrase-file", default_backup.passfile)
     for force in ((), ("--force",)):
         dry = run_main("restore", *args, "--dry-run", *force)
-        # a process of its own: a restore holds its lock on DIR until its process ends
-        real = run_cli("restore", *args, *force)
+        real = run_main("restore", *args, *force)
         assert real.code == 6 and "is a symbolic link" in real.err, real.text
         assert dry.code == real.code, (force, dry.text)
         assert "It would stop" in dry.out and "is a symbolic link" in dry.out

@@ -101,7 +101,7 @@ def test_writer_variants(make: MakeBackup, tmp_path: Path, options: dict[str, ob
 
 def test_passphrase_from_environment(default_backup: Backup, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_cli(
+    result = run_main(
         "restore",
         default_backup.path,
         "-o",
@@ -220,7 +220,7 @@ def test_tampered_chunk_keeps_partial_and_restores_the_rest(
 
 def test_missing_program_exit_5(default_backup: Backup, tmp_path: Path) -> None:
     bindir = bin_dir(tmp_path, ["tar", "gzip", "cat"])
-    result = run_cli(
+    result = run_main(
         "verify",
         default_backup.path,
         "--passphrase-file",
@@ -236,8 +236,7 @@ def test_existing_output_exit_6_then_force(default_backup: Backup, tmp_path: Pat
     (out / "work").mkdir(parents=True)
     mine = out / "work" / "private.img"
     mine.write_bytes(b"the user's own file")
-    # a process of its own: a restore holds its lock on DIR until its process ends
-    result = run_cli(
+    result = run_main(
         "restore", default_backup.path, "-o", out, "--passphrase-file", default_backup.passfile
     )
     assert result.code == 6, result.text
@@ -267,7 +266,7 @@ def test_cipher_missing_from_this_openssl_is_exit_5(make: MakeBackup, tmp_path: 
         f'exit 0; fi\nexec {real} "$@"\n'
     )
     wrapper.chmod(0o755)
-    result = run_cli(
+    result = run_main(
         "verify",
         backup.path,
         "--passphrase-file",
@@ -318,7 +317,7 @@ def test_folder_chunks_are_fed_from_private_copies(default_backup: Backup, tmp_p
                                        real=real))
     cat.chmod(0o755)
     out = tmp_path / "out"
-    result = run_cli(
+    result = run_main(
         "-v",
         "restore",
         folder,

@@ -26,6 +26,7 @@ from conftest import (
     gen4,
     qrecover_exe,
     run_cli,
+    run_main,
 )
 
 RECORD = ".restore-record-qrecover.json"
@@ -147,19 +148,19 @@ def test_killed_restore_resumes_to_the_same_bytes(
     # The dry run finds what the restore will find: with --resume it goes on
     # (exit 0) and names what it would keep; without, the folder stops it (6).
     listing = sorted(str(p) for p in out.rglob("*"))
-    dry = run_cli("restore", "--resume", "--dry-run", backup.path, "-o", out.name,
-                  "--passphrase-file", backup.passfile, cwd=out.parent)  # relative DIR
+    dry = run_main("restore", "--resume", "--dry-run", backup.path, "-o", out.name,
+                   "--passphrase-file", backup.passfile, cwd=out.parent)  # relative DIR
     assert dry.code == 0, dry.text
     kept_line = next(line for line in dry.out.splitlines() if "it would keep" in line)
     assert sorted(kept_line.split(": ", 1)[1].split(", ")) == sorted(placed), kept_line
     assert "It would stop" not in dry.out, dry.out
-    assert run_cli("restore", "--dry-run", backup.path, "-o", out,
-                   "--passphrase-file", backup.passfile).code == 6
+    assert run_main("restore", "--dry-run", backup.path, "-o", out,
+                    "--passphrase-file", backup.passfile).code == 6
     assert sorted(str(p) for p in out.rglob("*")) == listing, "a dry run changed DIR"
     assert _stat_places_now(before) == before
     # Read from the file this time: the backup is told by its content, not its path.
-    result = run_cli("restore", "--resume", backup.path, "-o", out,
-                     "--passphrase-file", backup.passfile)
+    result = run_main("restore", "--resume", backup.path, "-o", out,
+                      "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     for stored in placed:
         assert any(line.startswith("KEPT") and f" {stored} -> " in line
@@ -193,7 +194,7 @@ def test_damaged_chunk_then_resume_from_stdin_redoes_only_that_file(
     # Chunk 1 damaged: chunk 0 was restored, and kept as private.img.partial.
     damaged, stored = _damage(backup, tmp_path, "work", "private.img", chunk=1)
     out = tmp_path / "out"
-    first = run_cli("restore", damaged, "-o", out, "--passphrase-file", backup.passfile)
+    first = run_main("restore", damaged, "-o", out, "--passphrase-file", backup.passfile)
     assert first.code == 4, first.text
     assert (out / "work" / "private.img.partial").exists()
     assert not (out / "work" / "private.img").exists()
@@ -203,7 +204,7 @@ def test_damaged_chunk_then_resume_from_stdin_redoes_only_that_file(
     assert sorted(_placed(out)) == sorted(others)
     before = _stat_places(out, others)
     # Without --resume the folder is refused as today, and the hint names --resume.
-    again = run_cli("restore", backup.path, "-o", out, "--passphrase-file", backup.passfile)
+    again = run_main("restore", backup.path, "-o", out, "--passphrase-file", backup.passfile)
     assert again.code == 6 and "--resume" in again.err, again.text
     # The good backup, from a pipe this time: only the damaged stored file is redone.
     result = run_cli("restore", "--resume", "-", "-o", out, "--passphrase-file",
@@ -232,13 +233,13 @@ def test_resume_refused_on_another_backups_folder(
     writer(other, PASSPHRASE, vms, dom0_home=home, workdir=work)
     damaged, _ = _damage(backup, tmp_path, "work", "private.img")
     out = tmp_path / "out"
-    assert run_cli("restore", damaged, "-o", out, "--passphrase-file", backup.passfile).code == 4
+    assert run_main("restore", damaged, "-o", out, "--passphrase-file", backup.passfile).code == 4
     scratch = out / ".qrecover-abcdefgh"  # as a killed run leaves it
     scratch.mkdir()
     (scratch / "stage-1").mkdir()
     snapshot = {str(p): p.lstat().st_mtime_ns for p in out.rglob("*")}
-    result = run_cli("restore", "--resume", other, "-o", out, "--passphrase-file",
-                     backup.passfile)
+    result = run_main("restore", "--resume", other, "-o", out, "--passphrase-file",
+                      backup.passfile)
     assert result.code == 6, result.text
     assert "another backup" in result.err and "Traceback" not in result.text
     assert {str(p): p.lstat().st_mtime_ns for p in out.rglob("*")} == snapshot
@@ -248,12 +249,12 @@ def test_format4_resume_runs_no_scrypt_for_kept_files(make4: MakeBackup, tmp_pat
     backup = make4()
     damaged, stored = _damage(backup, tmp_path, "work", "private.img")
     out = tmp_path / "out"
-    first = run_cli("restore", damaged, "-o", out, "--passphrase-file", backup.passfile)
+    first = run_main("restore", damaged, "-o", out, "--passphrase-file", backup.passfile)
     assert first.code == 4, first.text
     kept = _placed(out)
     assert stored not in kept and kept
-    result = run_cli("-v", "restore", "--resume", backup.path, "-o", out,
-                     "--passphrase-file", backup.passfile)
+    result = run_main("-v", "restore", "--resume", backup.path, "-o", out,
+                      "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     decrypted = [line for line in result.err.splitlines() if "scrypt dec" in line]
     assert any(f" {stored}.000.enc " in line for line in decrypted), decrypted
@@ -279,8 +280,8 @@ def test_broken_record_is_a_clear_error(
     out = tmp_path / "out"
     out.mkdir()
     (out / RECORD).write_bytes(content)
-    result = run_cli("restore", "--resume", backup.path, "-o", out, "--passphrase-file",
-                     backup.passfile)
+    result = run_main("restore", "--resume", backup.path, "-o", out, "--passphrase-file",
+                      backup.passfile)
     assert result.code == 6, result.text
     assert said in result.err and str(out / RECORD) in result.err
     assert "Traceback" not in result.text
@@ -292,15 +293,15 @@ def test_resume_of_a_finished_restore_says_there_is_nothing_to_resume(
 ) -> None:
     backup = make()
     out = tmp_path / "out"
-    assert run_cli("restore", backup.path, "-o", out, "--passphrase-file",
-                   backup.passfile).code == 0
-    result = run_cli("restore", "--resume", backup.path, "-o", out, "--passphrase-file",
-                     backup.passfile)
+    assert run_main("restore", backup.path, "-o", out, "--passphrase-file",
+                    backup.passfile).code == 0
+    result = run_main("restore", "--resume", backup.path, "-o", out, "--passphrase-file",
+                      backup.passfile)
     assert result.code == 6 and "nothing to resume" in result.err, result.text
     # --resume into an empty folder is an ordinary restore.
     fresh = tmp_path / "fresh"
-    result = run_cli("restore", "--resume", backup.path, "-o", fresh, "--passphrase-file",
-                     backup.passfile)
+    result = run_main("restore", "--resume", backup.path, "-o", fresh, "--passphrase-file",
+                      backup.passfile)
     assert result.code == 0, result.text
     assert_restored(fresh, backup)
 
@@ -311,16 +312,16 @@ def test_resume_with_vm_leaves_the_other_vms_leftovers_and_the_record(
     backup = make(chunk_size=16 * 1024)
     damaged, stored = _damage(backup, tmp_path, "work", "private.img", chunk=1)
     out = tmp_path / "out"
-    assert run_cli("restore", damaged, "-o", out, "--passphrase-file", backup.passfile).code == 4
+    assert run_main("restore", damaged, "-o", out, "--passphrase-file", backup.passfile).code == 4
     partial = out / "work" / "private.img.partial"
     assert partial.exists()
-    result = run_cli("restore", "--resume", "--vm", "sys-net", backup.path, "-o", out,
-                     "--passphrase-file", backup.passfile)
+    result = run_main("restore", "--resume", "--vm", "sys-net", backup.path, "-o", out,
+                      "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert partial.exists(), "a VM not named with --vm was touched"
     assert _record(out)["files"][stored]["status"] == "partial"
-    result = run_cli("restore", "--resume", backup.path, "-o", out,
-                     "--passphrase-file", backup.passfile)
+    result = run_main("restore", "--resume", backup.path, "-o", out,
+                      "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert_restored(out, backup)
     assert not (out / RECORD).exists()
@@ -334,14 +335,14 @@ def test_a_second_restore_into_the_same_folder_is_refused(
     seen: list[str] = []
 
     def second() -> None:
-        result = run_cli("restore", "--resume", backup.path, "-o", out,
-                         "--passphrase-file", backup.passfile)
+        result = run_main("restore", "--resume", backup.path, "-o", out,
+                          "--passphrase-file", backup.passfile)
         seen.append(f"{result.code} {result.err}")
 
     _killed_mid_way(backup, out, tmp_path, signal.SIGTERM, meanwhile=second)
     assert seen[0].startswith("6 ") and "another qrecover" in seen[0], seen
-    result = run_cli("restore", "--resume", backup.path, "-o", out,
-                     "--passphrase-file", backup.passfile)
+    result = run_main("restore", "--resume", backup.path, "-o", out,
+                      "--passphrase-file", backup.passfile)
     assert result.code == 0, result.text
     assert_restored(out, backup)
 
@@ -354,7 +355,7 @@ def test_a_partial_the_record_never_heard_of_is_no_obstacle_and_is_kept(
     backup = make(chunk_size=16 * 1024)
     damaged, stored = _damage(backup, tmp_path, "work", "private.img", chunk=1)
     out = tmp_path / "out"
-    first = run_cli("restore", damaged, "-o", out, "--passphrase-file", backup.passfile)
+    first = run_main("restore", damaged, "-o", out, "--passphrase-file", backup.passfile)
     assert first.code == 4, first.text
     partial = out / "work" / "private.img.partial"
     content = partial.read_bytes()
@@ -362,8 +363,8 @@ def test_a_partial_the_record_never_heard_of_is_no_obstacle_and_is_kept(
     data = _record(out)
     del data["files"][stored]
     (out / RECORD).write_text(json.dumps(data))
-    result = run_cli("restore", "--resume", backup.path, "-o", out, "--passphrase-file",
-                     backup.passfile)
+    result = run_main("restore", "--resume", backup.path, "-o", out, "--passphrase-file",
+                      backup.passfile)
     assert result.code == 0, result.text
     assert partial.read_bytes() == content  # never removed or replaced
     partial.unlink()

@@ -199,7 +199,7 @@ def test_transcript_replays_where_the_faster_gunzip_is_missing(
     transcript = tmp_path / "run.sh"
     recorded = _path_without(tmp_path / "with", ("pigz",))
     assert (Path(recorded.split(":")[0]) / "igzip").exists(), "igzip missing (.ci/run installs it)"
-    result = run_cli(
+    result = run_main(
         "-v", "restore", default_backup.path, "-o", out, "--passphrase-file",
         default_backup.passfile, "--transcript", transcript, env={"PATH": recorded},
     )  # fmt: skip

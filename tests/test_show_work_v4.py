@@ -328,11 +328,11 @@ def test_r4_passphrase_never_shown(make4: MakeBackup, tmp_path: Path) -> None:
     transcript = tmp_path / "t.sh"
     runs = [
         run_main("-v", "restore", backup.path, "-o", out, "--passphrase-file", pf,
-                "--transcript", transcript, "--explain"),
+                 "--transcript", transcript, "--explain"),
         run_main("-v", "verify", backup.path, "--passphrase-file", pf, "--explain",
-                "--transcript", tmp_path / "v.sh"),
+                 "--transcript", tmp_path / "v.sh"),
         run_main("-v", "restore", backup.path, "-o", tmp_path / "d", "--dry-run",
-                "--passphrase-file", pf),
+                 "--passphrase-file", pf),
         run_main("-v", "script", backup.path, "-o", tmp_path / "s", "--passphrase-file", pf),
     ]
     assert [r.code for r in runs] == [0, 0, 0, 0], [r.err for r in runs]
@@ -340,11 +340,11 @@ def test_r4_passphrase_never_shown(make4: MakeBackup, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.write_text(PASSPHRASE + "x\n")
     wrong = run_main("-v", "restore", backup.path, "-o", tmp_path / "w", "--passphrase-file",
-                    bad, "--transcript", tmp_path / "w.sh", "--explain")
+                     bad, "--transcript", tmp_path / "w.sh", "--explain")
     assert wrong.code == 3
     tampered = _tampered(backup, tmp_path, "vm7/private.img.000.enc")
     damaged = run_main("-v", "restore", tampered, "-o", tmp_path / "x", "--passphrase-file", pf,
-                      "--explain", "--transcript", tmp_path / "x.sh")
+                       "--explain", "--transcript", tmp_path / "x.sh")
     assert damaged.code == 4 and "vm7/private.img.000.enc" in damaged.err
     runs += [wrong, damaged]
     texts = [r.out + r.err for r in runs]
