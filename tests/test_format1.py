@@ -1,4 +1,5 @@
-"""Format 1 (Qubes R1) end to end, from the installed CLI, on folders written by
+"""Format 1 (Qubes R1) end to end, through the CLI (its main(), as the installed script
+calls it; the nobody run starts the installed program), on folders written by
 scripts/make_backup_v1.py (R1's own mkdir -p and cp -rp, never qrecover's code).
 
 restore byte for byte (holes kept, links as links), the selection options,
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_backup as gen  # noqa: E402  (never qrecover code)
 import make_backup_v1 as gen1  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("test_format1")  # module fixtures built once
 
@@ -54,11 +56,9 @@ class Result:
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
-    full = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
-    full.update(env or {})
-    proc = subprocess.run([QRECOVER, *map(str, args)], capture_output=True, text=True,
-                          env=full, stdin=subprocess.DEVNULL, timeout=300, check=False)
-    return Result(proc.returncode, proc.stdout, proc.stderr)
+    """``qrecover ARGS``: its main() in this process (conftest's ``run_main``)."""
+    done = run_main(*args, env=env)
+    return Result(done.code, done.out, done.err)
 
 
 @pytest.fixture(scope="module")
