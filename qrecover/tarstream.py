@@ -207,7 +207,7 @@ class TarReader:
         return data
 
     def _first_block(self, block: bytes, zeros: int = 0) -> BackupError:
-        from qrecover.sources import describe
+        from qrecover.magic import describe
 
         what = describe(block, "what follows" if zeros else "it")
         if zeros:

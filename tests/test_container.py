@@ -18,7 +18,7 @@ from qrecover.container import (
     parse_member_name,
 )
 from qrecover.errors import BackupError
-from qrecover.sources import compression_of
+from qrecover.magic import compression_of
 from qrecover.tarstream import checksum_ok, follows, parse_pax
 
 

@@ -21,8 +21,8 @@ import os
 import shlex
 from collections.abc import Mapping, Sequence
 
+from qrecover.magic import SNIFF, compression_of
 from qrecover.runner import PASS_ENV, Stage
-from qrecover.sources import SNIFF, compression_of
 from qrecover.stages.decompress import GUNZIPS
 from qrecover.stages.extract import gnu_fallback
 

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Protocol
 
-from qrecover.runner import Stage
+from qrecover.runner import Stage, StageResult
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,13 @@ def pick_gunzip() -> str:
     """The fastest gzip decompressor on PATH (``gzip`` when none is: it is then
     reported missing like any other program)."""
     return next((name for name in GUNZIPS if shutil.which(name)), "gzip")
+
+
+def only_bytes_after_it(result: StageResult) -> bool:
+    """gzip's exit 2 after "decompression OK": the whole compressed stream came out,
+    and bytes after it (garbage, or zeros of a larger disk) were ignored, as igzip
+    and pigz ignore them without a word.  A warning, never damage of the backup."""
+    return result.returncode == 2 and "decompression OK" in result.stderr
 
 
 class Compressed(Protocol):
