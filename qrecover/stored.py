@@ -189,6 +189,9 @@ class StoredFile:
         if self.feed_w is not None:
             os.close(self.feed_w)
             self.feed_w = None
+        if self.out_file is not None:
+            self.out_file.close()
+            self.out_file = None
 
     def finish(self) -> FileResult:
         """Close the feed, wait for every stage, and place (or keep as partial)."""
@@ -228,6 +231,8 @@ class StoredFile:
             self.out_file.seek(0)
         if self.sink.kind == "list" and self.out_file is not None:
             self.result.members = sum(1 for _ in self.out_file)
+            self.out_file.close()  # a listing is only counted (the xml one is read on)
+            self.out_file = None
         if self.sink.kind == "extract":
             self._place()
         r = self.result
