@@ -142,7 +142,7 @@ def folder_format(source: object) -> HeaderlessFormat | None:
 def read_inventory(fmt: Format, xml: bytes, problems: list[str]) -> Inventory:
     """qubes.xml's VMs, as ``fmt`` reads them; the problems found beside them
     (format 1: what its folder's scan refused) are added to ``problems``."""
-    if isinstance(fmt, v1.Format1):  # (a HeaderlessFormat)
+    if isinstance(fmt, HeaderlessFormat):
         inventory, found = fmt.inventory(xml)
         problems += found
         return inventory
@@ -151,12 +151,12 @@ def read_inventory(fmt: Format, xml: bytes, problems: list[str]) -> Inventory:
 
 def unauthenticated(fmt: Format | None) -> str | None:
     """Why nothing of this backup can be authenticated, if nothing can."""
-    return fmt.warning if isinstance(fmt, v1.Format1) else None
+    return fmt.warning if isinstance(fmt, HeaderlessFormat) else None
 
 
 def notes(fmt: Format | None) -> list[str]:
     """What a run says about the backup without failing (format 1: VMs it lacks)."""
-    return fmt.notes if isinstance(fmt, v1.Format1) else []
+    return fmt.notes if isinstance(fmt, HeaderlessFormat) else []
 
 
 def packed_hint(first_member: str) -> str | None:

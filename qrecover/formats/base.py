@@ -197,6 +197,7 @@ class Format(Protocol):
         ...
 
 
+@runtime_checkable
 class HeaderlessFormat(Format, Protocol):
     """A format with no header to authenticate (format 1: a folder).  Found by
     the shape of BACKUP (``formats.folder_format``), it gives the members itself,
