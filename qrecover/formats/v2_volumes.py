@@ -41,20 +41,20 @@ from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
 from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
 from qrecover.stages.guard import (
-    _DESCRIBE,
-    _KEEP,
-    _MAX_META,
-    _PREFIX,
-    _WITH_DATA,
-    _ZERO,
     BLOCK,
+    DESCRIBE_TYPE,
+    KEPT_TYPES,
+    MAX_META,
+    PREFIX_TYPES,
+    TYPES_WITH_DATA,
+    ZERO_BLOCK,
     GuardError,
     TarGuard,
-    _checksum_ok,
-    _name,
-    _octal,
-    _pax_size,
-    _round,
+    checksum_ok,
+    member_name,
+    octal,
+    pax_size,
+    round_up,
 )
 
 _SPLICE = 1024 * 1024
@@ -104,13 +104,13 @@ class VolumeGuard(TarGuard):
                              f"{self._member[:200]!r} across a volume boundary, which GNU tar "
                              "cannot read back (neither could Qubes R2's restore); this stored "
                              "file cannot be restored")
-        if header[156] != ord("M") or not _checksum_ok(header):
+        if header[156] != ord("M") or not checksum_ok(header):
             raise GuardError(f"{self.label}: a volume starts inside {self._member[:200]!r} "
                              "without its continuation (M) header; refused")
-        size = _octal(header[124:136])
+        size = octal(header[124:136])
         # GNU tar cuts a long name to the header's 100 bytes here (no L header)
         named = header[:100].split(b"\0", 1)[0]
-        if named != self._member_raw[:100] or _round(size) != self._left:
+        if named != self._member_raw[:100] or round_up(size) != self._left:
             raise GuardError(f"{self.label}: a volume's continuation header does not continue "
                              f"{self._member[:200]!r} where the last volume ended; refused")
         self._write(header)
@@ -142,44 +142,45 @@ class VolumeGuard(TarGuard):
                     raise GuardError(f"{self.label}: a volume ends between a name header "
                                      "and its member; refused")
                 return  # a volume boundary between members: the next volume goes on
-            if header == _ZERO:
+            if header == ZERO_BLOCK:
                 self.ended = True
                 self._write(b"".join(meta) + header)
                 self._rest()
                 # tar needs the zero blocks it would have read: pad what was dropped
                 self._write(bytes(self._dropped))
                 return
-            if not _checksum_ok(header):
+            if not checksum_ok(header):
                 raise GuardError(f"{self.label}: inner archive has a damaged header "
                                  f"(after {self.passed} bytes)")
-            kind, size = header[156], _octal(header[124:136])
-            if kind in _PREFIX or kind == ord("g") or kind == ord("M"):
-                if kind == ord("M") or size > _MAX_META or kind == ord("g"):
+            kind, size = header[156], octal(header[124:136])
+            if kind in PREFIX_TYPES or kind == ord("g") or kind == ord("M"):
+                if kind == ord("M") or size > MAX_META or kind == ord("g"):
                     raise GuardError(f"{self.label}: inner archive has a {chr(kind)!r} header "
                                      "where a member should start; refused")
-                meta.append(header + self._read(_round(size)))
+                meta.append(header + self._read(round_up(size)))
                 continue
-            override = _pax_size(meta)
+            override = pax_size(meta)
             size = override if override is not None else size
-            if size and kind not in _WITH_DATA:
-                raise GuardError(f"{self.label}: inner archive member {_name(header, meta)!r} "
+            if size and kind not in TYPES_WITH_DATA:
+                name = member_name(header, meta)
+                raise GuardError(f"{self.label}: inner archive member {name!r} "
                                  f"of type {chr(kind)!r} claims data; refused")
-            if kind not in _KEEP:
-                what = _DESCRIBE.get(kind, f"member of type {chr(kind)!r}")
-                self.skipped.append(f"{_name(header, meta)} ({what}, not restored)")
+            if kind not in KEPT_TYPES:
+                what = DESCRIBE_TYPE.get(kind, f"member of type {chr(kind)!r}")
+                self.skipped.append(f"{member_name(header, meta)} ({what}, not restored)")
                 self._dropped += len(header) + sum(len(m) for m in meta)
                 meta.clear()
-                self._skip(_round(size))
+                self._skip(round_up(size))
                 continue
             if self.prefix is not None:
                 self._check_names(kind, header, meta)
-            self._member, self._member_raw = _name(header, meta), _raw_name(header, meta)
+            self._member, self._member_raw = member_name(header, meta), _raw_name(header, meta)
             self._write(b"".join(meta) + header)
             meta.clear()
             if kind == ord("S") and header[482] and self._sparse_map():
-                self._in_map, self._left = True, _round(size)
+                self._in_map, self._left = True, round_up(size)
                 return  # the volume ended inside the sparse map
-            self._data(_round(size))
+            self._data(round_up(size))
             if self._left:
                 return  # the volume ended inside this member
 

@@ -22,26 +22,26 @@ import os
 from dataclasses import dataclass, field
 
 BLOCK = 512
-_ZERO = bytes(BLOCK)
-_MAX_META = 1024 * 1024  # long names, pax headers
+ZERO_BLOCK = bytes(BLOCK)
+MAX_META = 1024 * 1024  # long names, pax headers
 _SPLICE = 1024 * 1024
 
 # Member types passed on to tar: files, hard and symbolic links, folders,
 # GNU sparse files, contiguous files (treated as files), GNU dumpdir, volume labels.
-_KEEP = frozenset(b"0\x001257SDV")
+KEPT_TYPES = frozenset(b"0\x001257SDV")
 # Of those, the ones whose data follows the header; the others must say size 0,
 # so that the guard and tar can never disagree on where the next header is.
-_WITH_DATA = frozenset(b"0\x007SD")
+TYPES_WITH_DATA = frozenset(b"0\x007SD")
 # Headers that describe the member that follows them.
-_PREFIX = frozenset(b"LKxX")
-_DESCRIBE = {ord("3"): "character device", ord("4"): "block device", ord("6"): "FIFO"}
+PREFIX_TYPES = frozenset(b"LKxX")
+DESCRIBE_TYPE = {ord("3"): "character device", ord("4"): "block device", ord("6"): "FIFO"}
 
 
 class GuardError(Exception):
     """The inner archive was cut off: malformed, or past its size limit."""
 
 
-def _octal(field_: bytes) -> int:
+def octal(field_: bytes) -> int:
     if field_ and field_[0] & 0x80:  # GNU base-256 for sizes past 8 GiB
         value = field_[0] & 0x7F
         for byte in field_[1:]:
@@ -56,13 +56,13 @@ def _octal(field_: bytes) -> int:
         raise GuardError("inner archive: malformed header (size field)") from None
 
 
-def _checksum_ok(header: bytes) -> bool:
-    stored = _octal(header[148:156])
+def checksum_ok(header: bytes) -> bool:
+    stored = octal(header[148:156])
     unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
     return stored == unsigned
 
 
-def _round(size: int) -> int:
+def round_up(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK * BLOCK
 
 
@@ -76,7 +76,7 @@ def _pax_records(data: bytes) -> dict[bytes, bytes]:
     return records
 
 
-def _pax_size(meta: list[bytes]) -> int | None:
+def pax_size(meta: list[bytes]) -> int | None:
     """A pax ``size`` record overrides the header's size field, for tar too."""
     size = None
     for blob in meta:
@@ -110,7 +110,7 @@ def outside(name: str, prefix: str) -> bool:
     return not (name == prefix or name.startswith(prefix + "/"))
 
 
-def _name(header: bytes, meta: list[bytes]) -> str:
+def member_name(header: bytes, meta: list[bytes]) -> str:
     for blob in meta:
         kind, data = blob[156], blob[BLOCK:]
         if kind == ord("L"):
@@ -163,7 +163,7 @@ class TarGuard:
 
     def _check_names(self, kind: int, header: bytes, meta: list[bytes]) -> None:
         assert self.prefix is not None
-        name = _name(header, meta)
+        name = member_name(header, meta)
         if outside(name, self.prefix):
             raise GuardError(f"{self.label}: inner archive member {name[:200]!r} lies "
                              f"outside {self.prefix!r}; refused")
@@ -253,29 +253,29 @@ class TarGuard:
                                  "marker (truncated: its last chunk missing?)")
             if len(header) < BLOCK:
                 header += self._read(BLOCK - len(header))
-            if header == _ZERO:
+            if header == ZERO_BLOCK:
                 self._write(b"".join(meta) + header)
                 self._rest()
                 return
-            if not _checksum_ok(header):
+            if not checksum_ok(header):
                 raise GuardError(f"{self.label}: inner archive has a damaged header "
                                  f"(after {self.passed} bytes)")
             kind = header[156]
-            size = _octal(header[124:136])
-            if kind in _PREFIX:
-                if size > _MAX_META:
+            size = octal(header[124:136])
+            if kind in PREFIX_TYPES:
+                if size > MAX_META:
                     raise GuardError(f"{self.label}: inner archive has a {size}-byte "
                                      "name/pax header; refused")
-                meta.append(header + self._read(_round(size)))
+                meta.append(header + self._read(round_up(size)))
                 continue
             if kind == ord("g"):
-                data = self._read(_round(size))
+                data = self._read(round_up(size))
                 if b"size" in _pax_records(data):
                     raise GuardError(f"{self.label}: inner archive has a global size "
                                      "record; refused")
                 self._write(header + data)
                 continue
-            override = _pax_size(meta)
+            override = pax_size(meta)
             if override is not None:
                 size = override
             extension = b""
@@ -285,18 +285,18 @@ class TarGuard:
                 while block[504]:
                     block = self._read(BLOCK)
                     extension += block
-            if size and kind not in _WITH_DATA:
+            if size and kind not in TYPES_WITH_DATA:
                 raise GuardError(f"{self.label}: inner archive member "
-                                 f"{_name(header, meta)!r} of type {chr(kind)!r} claims "
+                                 f"{member_name(header, meta)!r} of type {chr(kind)!r} claims "
                                  "data; refused")
-            if self.prefix is not None and kind in _KEEP:
+            if self.prefix is not None and kind in KEPT_TYPES:
                 self._check_names(kind, header, meta)
-            if kind not in _KEEP:
-                what = _DESCRIBE.get(kind, f"member of type {chr(kind)!r}")
-                self.skipped.append(f"{_name(header, meta)} ({what}, not restored)")
+            if kind not in KEPT_TYPES:
+                what = DESCRIBE_TYPE.get(kind, f"member of type {chr(kind)!r}")
+                self.skipped.append(f"{member_name(header, meta)} ({what}, not restored)")
                 meta.clear()
-                self._skip(_round(size))
+                self._skip(round_up(size))
                 continue
             self._write(b"".join(meta) + header + extension)
             meta.clear()
-            self._splice(_round(size))
+            self._splice(round_up(size))
