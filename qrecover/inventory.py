@@ -28,7 +28,7 @@ DOM0_HOME = "dom0-home"
 MAX_XML = 64 * 1024 * 1024
 
 # Qubes' own rule for VM names (qubes.utils / qvm-create), a little wider.
-_VM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+VM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 # Names that would collide with what qrecover itself writes into DIR.
 _RESERVED = {"qubes.xml", DOM0_HOME}
@@ -128,7 +128,7 @@ class Inventory:
         return left
 
 
-def _refuse_dtd(data: bytes) -> None:
+def refuse_dtd(data: bytes) -> None:
     # qubes.xml never had a DTD; a DOCTYPE or ENTITY here can only be an
     # attack on the parser (billion laughs, external entities).
     head = data.upper()
@@ -154,7 +154,7 @@ def _check_path(name: str, path: str) -> str:
     return path
 
 
-def _dom0(path: str, size: int) -> Entity:
+def dom0_entity(path: str, size: int) -> Entity:
     _check_path(DOM0, path)
     user = path.split("/")[-1]
     if not path.startswith(DOM0_HOME + "/") or not _USER_NAME.match(user):
@@ -162,8 +162,8 @@ def _dom0(path: str, size: int) -> Entity:
     return Entity(DOM0, "AdminVM", None, path, size, f"{DOM0_HOME}/{user}")
 
 
-def _vm(name: str, vm_type: str, template: str | None, path: str, size: int) -> Entity:
-    if not _VM_NAME.match(name) or name in _RESERVED:
+def vm_entity(name: str, vm_type: str, template: str | None, path: str, size: int) -> Entity:
+    if not VM_NAME.match(name) or name in _RESERVED:
         raise BackupError(f"qubes.xml: refusing VM name {name[:80]!r}")
     _check_path(name, path)
     return Entity(name, vm_type, template, path, size, name)
@@ -189,14 +189,14 @@ def _r4_entities(root: ET.Element) -> list[Entity]:
         size = _size(feats.get("backup-size"))
         klass = domain.get("class") or ""
         if klass == "AdminVM":
-            entities.append(_dom0(path, size))
+            entities.append(dom0_entity(path, size))
             continue
         name = props.get("name", "")
         template = props.get("template") or None
-        if template is not None and not _VM_NAME.match(template):
+        if template is not None and not VM_NAME.match(template):
             template = None  # only ever shown; a strange one is not worth stopping for
         vm_type = klass if re.match(r"^[A-Za-z]{1,40}$", klass) else "?"
-        entities.append(_vm(name, vm_type, template, path, size))
+        entities.append(vm_entity(name, vm_type, template, path, size))
     return [dataclasses.replace(e, r4=True) for e in entities]
 
 
@@ -204,13 +204,13 @@ def parse_inventory(data: bytes) -> Inventory:
     """Parse qubes.xml (R2/R3 ``QubesVmCollection`` form, or R4 ``qubes`` form)."""
     if len(data) > MAX_XML:
         raise BackupError("qubes.xml: larger than any real qubes.xml")
-    _refuse_dtd(data)
+    refuse_dtd(data)
     try:
         root = ET.fromstring(data)
     except ET.ParseError as exc:
         raise BackupError(f"qubes.xml: not well-formed XML ({exc})") from None
     if root.tag == "qubes":
-        return _checked(_r4_entities(root))
+        return checked_inventory(_r4_entities(root))
     if root.tag != "QubesVmCollection":
         raise BackupError(
             f"qubes.xml: unexpected root element <{root.tag[:40]}> "
@@ -231,18 +231,18 @@ def parse_inventory(data: bytes) -> Inventory:
         if not re.match(r"^[A-Za-z]{1,40}$", vm_type):
             vm_type = "?"
         if elem.tag == "QubesAdminVm" or name == DOM0:
-            entities.append(_dom0(path, _size(elem.get("backup_size"))))
+            entities.append(dom0_entity(path, _size(elem.get("backup_size"))))
             continue
         template = by_qid.get(elem.get("template_qid") or "")
-        if template is not None and not _VM_NAME.match(template):
+        if template is not None and not VM_NAME.match(template):
             # Another element's name, never checked as that VM is not restored:
             # only ever shown, but shown in scripts too, so never as it is.
             template = None
-        entities.append(_vm(name, vm_type, template, path, _size(elem.get("backup_size"))))
-    return _checked(entities)
+        entities.append(vm_entity(name, vm_type, template, path, _size(elem.get("backup_size"))))
+    return checked_inventory(entities)
 
 
-def _checked(entities: list[Entity]) -> Inventory:
+def checked_inventory(entities: list[Entity]) -> Inventory:
     """No name or path twice, and no VM's files inside another's."""
     seen: set[str] = set()
     for entity in entities:

@@ -38,14 +38,14 @@ from qrecover.formats.base import (
 )
 from qrecover.formats.v1_folder import KNOWN, Scan, path_is_safe, qubes_xml_file, scan_folder
 from qrecover.inventory import (
-    _VM_NAME,
     MAX_XML,
+    VM_NAME,
     Entity,
     Inventory,
-    _checked,
-    _dom0,
-    _refuse_dtd,
-    _vm,
+    checked_inventory,
+    dom0_entity,
+    refuse_dtd,
+    vm_entity,
 )
 from qrecover.runner import CommandLog, Stage
 
@@ -205,7 +205,7 @@ class Format1:
         with the problems the folder's scan found."""
         if len(data) > MAX_XML:
             raise BackupError("qubes.xml: larger than any real qubes.xml")
-        _refuse_dtd(data)
+        refuse_dtd(data)
         try:
             root = ET.fromstring(data)
         except ET.ParseError as exc:
@@ -224,20 +224,20 @@ class Format1:
             name = elem.get("name") or ""
             rel = _backup_path(name, elem.get("dir_path") or "")
             if rel not in scan.folders:
-                self.absent.append(name if _VM_NAME.match(name) else repr(name[:40]))
+                self.absent.append(name if VM_NAME.match(name) else repr(name[:40]))
                 continue
             template = by_qid.get(elem.get("template_qid") or "")
-            if template is not None and not _VM_NAME.match(template):
+            if template is not None and not VM_NAME.match(template):
                 template = None  # only ever shown
             vm_type = _TYPES.get(elem.tag, "?")
             size = sum(n for s, n in scan.stored.items() if s.startswith(rel + "/"))
-            entities.append(_vm(name, vm_type, template, rel, size))
+            entities.append(vm_entity(name, vm_type, template, rel, size))
         if scan.dom0 is not None:
             try:
-                entities.append(_dom0(scan.dom0, scan.stored[scan.dom0]))
+                entities.append(dom0_entity(scan.dom0, scan.stored[scan.dom0]))
             except BackupError as exc:
                 scan.problems.append(f"{exc}; dom0's home not restored")
-        return _checked(entities), list(scan.problems)
+        return checked_inventory(entities), list(scan.problems)
 
 
 def _backup_path(name: str, dir_path: str) -> str:
