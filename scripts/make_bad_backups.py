@@ -19,6 +19,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -612,6 +613,41 @@ def valid_backup_v2(workdir: Path, variant: str, encrypted: bool) -> Members:
     return read_outer(path)
 
 
+def compressed_backup_v2(workdir: Path) -> tuple[Members, Members]:
+    """An 80 MiB image that R2's writer (real ``tar -M``, ``gzip``) split into
+    40 MiB volumes; and the same with its qubes.xml re-signed by an attacker who
+    knows the passphrase to declare 4 KiB: that inner archive outgrows its
+    budget (twice the declared size plus 64 MiB) only in its second volume."""
+    src = workdir / "src-v2-budget" / "work"
+    src.mkdir(parents=True, exist_ok=True)
+    block = b"qrecover" * (1 << 17)  # 1 MiB, not zeros: tar --sparse keeps it all
+    with (src / "private.img").open("wb") as f:
+        for _ in range(80):
+            f.write(block)
+    path = workdir / "valid-v2-budget"
+    gen2.make_backup_v2(path, PASSPHRASE, [gen.VmSpec("work", 7, source=src)], variant="r2",
+                        encrypted=False, compressed=True, hide_names=True,
+                        tape_length_kib=40 * 1024, workdir=workdir)
+    (src / "private.img").unlink()
+    valid = read_outer(path)
+    path.unlink()
+    plain = subprocess.run(["gzip", "-d", "-c"], input=dict(valid)["qubes.xml.000"],
+                           capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        info = tar.getmembers()[0]  # the member R2's tar wrote, kept as it was
+        extracted = tar.extractfile(info)
+        assert extracted is not None
+        doc = re.sub(rb'backup_size="[0-9]+"', b'backup_size="4096"', extracted.read())
+    assert b'backup_size="4096"' in doc
+    info.size = len(doc)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(doc))
+    chunk = gzip_bytes(buf.getvalue())
+    new = {"qubes.xml.000": chunk, "qubes.xml.000.hmac": openssl_hmac(chunk)}
+    return valid, [(n, new.get(n, d)) for n, d in valid]
+
+
 def cases_v2(workdir: Path) -> list[Case]:
     """Write the format-2 cases under ``workdir``; return them."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -666,6 +702,16 @@ def cases_v2(workdir: Path) -> list[Case]:
         resigned(plain, "vm7/icon.png.000",
                  inner_tar([member("/tmp/qrecover-escape")], {"/tmp/qrecover-escape": b"x"})),
         EXIT_BACKUP, "outside")
+    # a chunk that gunzips past any volume (256 MiB), and a budget outgrown
+    # across volumes: scratch and the output stay bounded whatever is signed
+    if not BOMB_GZ:
+        bomb_members()
+    gzipped, outgrown = compressed_backup_v2(workdir)
+    assert "vm7/private.img.002" in dict(gzipped)  # three volumes
+    add("v2-chunk-expands-past-256-mib", resigned(gzipped, "vm7/private.img.001", BOMB_GZ),
+        EXIT_BACKUP, "vm7/private.img.001: expands past", partial="work/private.img")
+    add("v2-budget-outgrown-across-volumes", outgrown, EXIT_BACKUP, "decompression bomb",
+        partial="work/private.img")
     return result
 
 

@@ -26,6 +26,8 @@ CASE_NAMES = [
     "v2-inner-device-and-fifo",
     "v2-inner-dotdot",
     "v2-inner-absolute",
+    "v2-chunk-expands-past-256-mib",
+    "v2-budget-outgrown-across-volumes",
 ]
 
 
