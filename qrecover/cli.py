@@ -10,16 +10,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
 
-from qrecover import __version__
+from qrecover import __version__, signals
 from qrecover.commands import (
     Settings,
     info_command,
@@ -32,7 +30,6 @@ from qrecover.errors import (
     EXIT_INTERNAL,
     EXIT_OK,
     EXIT_SIGINT,
-    EXIT_SIGTERM,
     EXIT_USAGE,
     Interrupted,
     QrecoverError,
@@ -358,23 +355,23 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum, EXIT_SIGTERM)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: the one place where errors become messages and exit codes."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signals.install()
     try:
-        # Without standalone mode, click returns typer.Exit's code instead of raising it.
-        returned = app(args=list(argv) if argv is not None else None, standalone_mode=False)
-        code = returned if isinstance(returned, int) else EXIT_OK
-    except typer.Exit as exc:
-        code = exc.exit_code
+        try:
+            # Without standalone mode, click returns typer.Exit's code instead of raising it.
+            returned = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+            code = returned if isinstance(returned, int) else EXIT_OK
+        except typer.Exit as exc:
+            code = exc.exit_code
+        signals.check()  # a signal whose first raise was lost still stops with its code
     except (typer.Abort, KeyboardInterrupt):
+        signals.kill_children()
         err("interrupted; scratch files removed, nothing left under a final name")
         code = EXIT_SIGINT
     except Interrupted as exc:
+        signals.kill_children()
         err("terminated; scratch files removed, nothing left under a final name")
         code = exc.exit_code
     except QrecoverError as exc:

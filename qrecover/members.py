@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from qrecover import signals
 from qrecover.container import ChunkName, Member
 from qrecover.errors import BackupError, StoredFileError
 
@@ -29,6 +30,7 @@ class Members:
         self.error: BackupError | None = None
 
     def peek(self) -> Member | None:
+        signals.check()  # each member is a place to stop at (qrecover.signals)
         if self._next is None and not self._done:
             try:
                 self._next = next(self._it)

@@ -15,10 +15,9 @@ exit is an error (:class:`~qrecover.errors.ProgramFailed`), never ignored.
 A program that is not found is told apart: :class:`MissingProgramError`
 naming the package to install, before anything starts.
 
-Every start is logged here, by :meth:`Pipeline.start`, through the
-pipeline's ``log`` (``+ shlex.join(argv)``; ``shown`` when the command is
-written for a person, as scrypt's secret prefix is), so that no call site
-can forget to.
+Every start is logged here, by :meth:`Pipeline.start`, through the pipeline's
+``log`` (``+ shlex.join(argv)``; ``shown`` when the command is written for a
+person, as scrypt's secret prefix is), so that no call site can forget to.
 """
 
 from __future__ import annotations
@@ -38,7 +37,9 @@ from typing import IO
 
 import sh
 
+from qrecover import signals
 from qrecover.errors import MissingProgramError, ProgramFailed
+from qrecover.packages import PACKAGES
 from qrecover.stages.guard import TarGuard
 
 log = logging.getLogger("qrecover")
@@ -52,24 +53,6 @@ PIPE_SIZE = 1024 * 1024
 PASS_ENV = "backup_pass"
 # Variables that may carry the passphrase into qrecover; never passed on.
 SECRET_ENV_NAMES = ("QRECOVER_PASSPHRASE", PASS_ENV)
-
-# Which distribution package provides each program we may run.
-PACKAGES: dict[str, str] = {
-    "openssl": "openssl",
-    "tar": "tar",
-    "cat": "coreutils",
-    "gzip": "gzip",
-    "pigz": "pigz",
-    "igzip": "isal",
-    "bzip2": "bzip2",
-    "xz": "xz-utils (Fedora: xz)",
-    "lzma": "xz-utils (Fedora: xz)",
-    "zstd": "zstd",
-    "scrypt": "scrypt",
-    "debugfs": "e2fsprogs",
-    "printf": "coreutils",
-}
-
 
 def which(program: str) -> str:
     """Full path of ``program``, or a :class:`MissingProgramError` naming its package."""
@@ -269,6 +252,7 @@ class Pipeline:
         # Resolve every program before starting any, so a missing one fails
         # cleanly instead of leaving half a pipeline running.
         paths = [which(stage.program) for stage in self.stages]
+        signals.check()  # never a program started after a signal (qrecover.signals)
         self.log(self.render())
         prev = self.stdin
         try:

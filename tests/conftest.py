@@ -97,7 +97,7 @@ def run_main(
     saved_cwd = os.getcwd()
     saved_std = (sys.stdin, sys.stdout, sys.stderr)
     saved_argv, saved_main = sys.argv, sys.modules["__main__"]
-    saved_sigterm = signal.getsignal(signal.SIGTERM)
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     saved_fds = [os.dup(fd) for fd in (0, 1, 2)]
     empty, writer = os.pipe()
     os.close(writer)
@@ -138,7 +138,8 @@ def run_main(
             os.close(empty)
             sys.stdin, sys.stdout, sys.stderr = saved_std
             sys.argv, sys.modules["__main__"] = saved_argv, saved_main
-            signal.signal(signal.SIGTERM, saved_sigterm)
+            for signum, handler in saved_signals.items():
+                signal.signal(signum, handler)
             os.chdir(saved_cwd)
             os.environ.clear()
             os.environ.update(saved_env)

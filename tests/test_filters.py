@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import PASSPHRASE, MakeBackup, assert_restored, bin_dir, run_main
 
-from qrecover.runner import PACKAGES
+from qrecover.packages import PACKAGES
 from qrecover.stages.decompress import FILTERS, check_filter, decompress_stage
 
 ALL = ("gzip", "bzip2", "xz", "lzma", "pbzip2", "pigz", "zstd", "zstdmt")

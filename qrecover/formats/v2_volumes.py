@@ -40,6 +40,7 @@ from typing import IO
 from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
 from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
+from qrecover.signals import children_of
 from qrecover.stages.guard import (
     BLOCK,
     DESCRIBE_TYPE,
@@ -337,7 +338,7 @@ class VolumeTar:
     def kill(self) -> None:
         # The new-volume script that tar may be running goes too: it could be
         # waiting for an answer that will never come.
-        scripts = [c for proc in self.pipeline.procs for c in _children(proc.pid)]
+        scripts = [c for proc in self.pipeline.procs for c in children_of(proc.pid)]
         self.pipeline.kill()
         for pid in scripts:
             with contextlib.suppress(OSError):
@@ -350,15 +351,6 @@ class VolumeTar:
             with contextlib.suppress(OSError):
                 os.close(fd)
         shutil.rmtree(self.work, ignore_errors=True)
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                found += [int(c) for c in (task / "children").read_text().split()]
-    return found
 
 
 def _drop(path: Path, owned: bool) -> None:
