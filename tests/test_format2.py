@@ -428,6 +428,42 @@ def test_terminated_run_leaves_no_process_and_no_scratch(big: V2, tmp_path: Path
     assert not (out / "work" / "private.img").exists()
 
 
+def _session(sid: int) -> list[int]:
+    """The processes still running in session ``sid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry)) == sid and _cmdline(int(entry)):
+                    found.append(int(entry))
+    return found
+
+
+def test_a_killed_run_leaves_no_tar_waiting_for_ever(big: V2, tmp_path: Path) -> None:
+    """SIGKILL, which qrecover cannot handle, at several moments of the volumes'
+    feeding: tar -M never waits for ever on its FIFO (qrecover holds it open
+    from before tar may open it, so tar reads end-of-file and stops)."""
+    for n, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.15, 0.25)):
+        out = tmp_path / f"out{n}"
+        proc = subprocess.Popen([*qrecover_exe(), "-q", "restore", str(big.path),
+                                 "--passphrase-file", str(big.passfile), "--output", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                "-M" in _cmdline(pid) for pid in family_of(proc.pid)):
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while (left := _session(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, (delay, [_cmdline(pid) for pid in left])
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

@@ -10,12 +10,15 @@ scratch:
 
 GNU tar closes the archive at the end of a volume and runs the new-volume
 script (with ``sh -c``; TAR_VOLUME is the volume it wants next).  The
-script writes that number into the FIFO ``ask`` and waits for the answer in
-the FIFO ``answer``; qrecover opens the archive FIFO for the next volume only
-once asked (so tar never sees two volumes as one), and answers anything but
-the number when there is no next volume: the script fails, and tar stops
-("... command failed") instead of prompting on a terminal.  Only qrecover's
-own scratch paths are on that command line.
+script writes that number into the FIFO ``ask`` and reads the answer from
+its stdin; qrecover writes the next volume into the archive FIFO only once
+asked (so tar never sees two volumes as one), and answers anything but the
+number when there is no next volume: the script fails, and tar stops
+("... command failed") instead of prompting on a terminal.  Before tar may
+open the archive FIFO, qrecover holds it open itself, until tar has it: so
+if qrecover dies, even by SIGKILL, tar reads end-of-file instead of waiting
+in open() for ever.  Only qrecover's own scratch paths are on that command
+line.
 
 Every volume goes through :class:`VolumeGuard` on its way into the FIFO: the
 guard of the other formats (device nodes and FIFOs dropped, names kept
@@ -225,6 +228,14 @@ class VolumeTar:
         self._owed = False  # tar was told a volume comes, and waits for it on the FIFO
         self._thread: threading.Thread | None = None
         self._pending = b""
+        # The FIFO held open (read and write) from before tar may open it for a
+        # volume until tar has: tar's open never blocks, and if qrecover dies
+        # (even by SIGKILL) tar reads end-of-file, its script fails and it stops.
+        # Only where /proc shows that tar has opened it; elsewhere as before.
+        self._fifo_id = os.stat(self.fifo).st_ino
+        self._proc = os.path.isdir(f"/proc/{os.getpid()}/fd")
+        self._held: int | None = None
+        self._hold()
 
     def start(self) -> Pipeline:
         try:
@@ -253,17 +264,39 @@ class VolumeTar:
         with contextlib.suppress(BrokenPipeError):  # tar is gone: nothing to answer
             os.write(self._answer, text.encode() + b"\n")
 
+    def _hold(self) -> None:
+        if self._proc and self._held is None:
+            self._held = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
+
+    def _release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+    def _tar_has_fifo(self) -> bool:
+        fds = f"/proc/{self.pipeline.procs[0].pid}/fd"
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(fds):
+                with contextlib.suppress(OSError):
+                    if os.stat(entry.path).st_ino == self._fifo_id:
+                        return True
+        return False
+
     def _open_fifo(self) -> int | None:
+        """The FIFO's write end, once tar reads from it; None if tar stopped."""
         while True:
-            try:
-                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                if not self._alive():
-                    return None
-                time.sleep(_POLL / 5)
-                continue
-            os.set_blocking(fd, True)
-            return fd
+            fd: int | None = None
+            if self._held is None or self._tar_has_fifo():
+                with contextlib.suppress(OSError):
+                    fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            if fd is not None:
+                self._release()  # tar is the only reader now
+                os.set_blocking(fd, True)
+                return fd
+            if not self._alive():
+                self._release()
+                return None
+            time.sleep(_POLL / 5)
 
     def feed(self, path: Path, owned: bool, member: str) -> None:
         """Queue the next volume; returns while it is still being fed."""
@@ -287,6 +320,7 @@ class VolumeTar:
                                             f"archive of {self.stored} ended before it, or tar "
                                             "refused the one before)")
                     return
+                self._hold()  # before tar may open the FIFO for this volume
                 self._answer_with(str(self._fed))
             self._owed = True  # tar opens the FIFO for this volume now
             fd = self._open_fifo()
@@ -320,6 +354,7 @@ class VolumeTar:
         problem = self.error
         if self._owed and (fd := self._open_fifo()) is not None:
             os.close(fd)  # tar waits on a volume that never came: an empty one ends it
+        self._release()
         asked = self._asked()
         if asked is not None:
             self._answer_with("no")
@@ -347,6 +382,7 @@ class VolumeTar:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        self._release()
         for fd in (self._ask, self._answer):
             with contextlib.suppress(OSError):
                 os.close(fd)
