@@ -23,7 +23,7 @@ The caller's thread submits and takes; worker threads only wait on their
 ``scrypt dec`` (the CPU is in scrypt).  All state is on the pool; closing it
 (also on Interrupted) kills every child and removes all its scratch.
 
-The engine's loop, one pool for the run::
+The engine's loop (qrecover.formats.v4_jobs is its format-4 side), one pool::
 
     with ChunkPool(tool, passphrase, scratch, plan) as pool:
         for chunk in chunks:                  # as the reader meets them
@@ -31,8 +31,7 @@ The engine's loop, one pool for the run::
             src = pool.input_path()           # copy the .enc here (or read in place)
             pool.submit(ChunkJob(..., params=read_params(src, chunk.name)))
             handle(pool.ready())
-        handle(pool.drain())  # each Decrypted: cat its plain, unlink; a Failed: stop
-(qrecover.formats.v4_jobs is that loop's format-4 side.)"""
+        handle(pool.drain())  # each Decrypted: cat its plain, unlink; a Failed: stop"""
 
 from __future__ import annotations
 
@@ -50,6 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+from qrecover import signals
 from qrecover.formats.scrypt import ScryptTool, dec_stage
 from qrecover.runner import PASS_ENV, Pipeline, Stage, StageResult
 from qrecover.scrypt_cost import InsufficientMemory, JobPlan, ScryptParams, human, limit_args
@@ -245,7 +245,7 @@ class ChunkPool:
                 self._cancel(entry)
             threads = list(self._n.threads)
         for thread in threads:
-            thread.join(timeout=30)
+            signals.join(thread, timeout=30)
         with self._lock:
             for entry in self._queue:
                 self._remove_src(entry.job)

@@ -205,7 +205,7 @@ class _StderrTail:
                         self._dropped = True
 
     def text(self) -> str:
-        self._thread.join()
+        signals.join(self._thread)
         gap = b"\n[...]\n" if self._dropped else b""
         return bytes(self._head + gap + self._tail).decode("utf-8", "replace")
 
@@ -306,7 +306,7 @@ class Pipeline:
         for proc in self.procs:
             proc.wait()
         if self._guard_thread is not None:
-            self._guard_thread.join(timeout=5)
+            signals.join(self._guard_thread, timeout=5)
 
     def wait(self) -> list[StageResult]:
         results = []
@@ -314,7 +314,7 @@ class Pipeline:
             code = proc.wait()
             results.append(StageResult(stage, code, err.text()))
         if self._guard_thread is not None:
-            self._guard_thread.join()
+            signals.join(self._guard_thread)
         return results
 
 

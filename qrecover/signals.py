@@ -71,3 +71,11 @@ def kill_children() -> None:
     for pid in children_of(os.getpid()):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+
+
+def join(thread: threading.Thread, timeout: float | None = None) -> None:
+    """``thread.join()``, or nothing if the thread was never marked started:
+    what a signal's exception does when it leaves ``Thread.start()`` early (the
+    run is being stopped, and what the thread works for is killed)."""
+    with contextlib.suppress(RuntimeError):  # "cannot join thread before it is started"
+        thread.join(timeout)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import signal
 import sys
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,16 @@ def test_check_raises_a_signal_whose_raise_was_lost(monkeypatch: pytest.MonkeyPa
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def test_join_of_a_thread_a_signal_kept_from_starting() -> None:
+    """A signal's exception can leave ``Thread.start()`` before the thread is marked
+    started; the clean-up that then joins it must go on, not fail with an internal
+    error (seen: exit 1 "cannot join thread before it is started" after SIGTERM)."""
+    thread = threading.Thread(target=lambda: None)
+    with pytest.raises(RuntimeError):
+        thread.join()
+    signals.join(thread)  # no error
+    thread.start()
+    signals.join(thread, timeout=5)
+    assert not thread.is_alive()

@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from qrecover import signals
 from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
 from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
-from qrecover.signals import children_of
 from qrecover.stages.guard import (
     BLOCK,
     DESCRIBE_TYPE,
@@ -228,13 +228,14 @@ class VolumeTar:
         self._owed = False  # tar was told a volume comes, and waits for it on the FIFO
         self._thread: threading.Thread | None = None
         self._pending = b""
-        # The FIFO held open (read and write) from before tar may open it for a
-        # volume until tar has: tar's open never blocks, and if qrecover dies
-        # (even by SIGKILL) tar reads end-of-file, its script fails and it stops.
-        # Only where /proc shows that tar has opened it; elsewhere as before.
-        self._fifo_id = os.stat(self.fifo).st_ino
+        # The FIFO held open (read and write) from before tar may open it for a volume
+        # until /proc shows tar has (elsewhere as before): if qrecover dies, even by
+        # SIGKILL, tar reads end-of-file, its script fails and it stops.
+        fifo = os.stat(self.fifo)
+        self._fifo_id = (fifo.st_dev, fifo.st_ino)
         self._proc = os.path.isdir(f"/proc/{os.getpid()}/fd")
         self._held: int | None = None
+        self._holding = threading.Lock()
         self._hold()
 
     def start(self) -> Pipeline:
@@ -268,17 +269,18 @@ class VolumeTar:
         if self._proc and self._held is None:
             self._held = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
 
-    def _release(self) -> None:
-        if self._held is not None:
-            os.close(self._held)
-            self._held = None
+    def _release(self) -> None:  # by the feeding thread, or a kill not waiting for it
+        with self._holding:
+            held, self._held = self._held, None
+        if held is not None:
+            os.close(held)
 
     def _tar_has_fifo(self) -> bool:
-        fds = f"/proc/{self.pipeline.procs[0].pid}/fd"
         with contextlib.suppress(OSError):
-            for entry in os.scandir(fds):
+            for entry in os.scandir(f"/proc/{self.pipeline.procs[0].pid}/fd"):
                 with contextlib.suppress(OSError):
-                    if os.stat(entry.path).st_ino == self._fifo_id:
+                    st = os.stat(entry.path)
+                    if (st.st_dev, st.st_ino) == self._fifo_id:
                         return True
         return False
 
@@ -344,7 +346,7 @@ class VolumeTar:
 
     def wait(self) -> None:
         if self._thread is not None:
-            self._thread.join()
+            signals.join(self._thread)
             self._thread = None
 
     def close(self) -> QrecoverError | None:
@@ -373,7 +375,7 @@ class VolumeTar:
     def kill(self) -> None:
         # The new-volume script that tar may be running goes too: it could be
         # waiting for an answer that will never come.
-        scripts = [c for proc in self.pipeline.procs for c in children_of(proc.pid)]
+        scripts = [c for proc in self.pipeline.procs for c in signals.children_of(proc.pid)]
         self.pipeline.kill()
         for pid in scripts:
             with contextlib.suppress(OSError):
