@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from qrecover.errors import BackupError
+from qrecover.magic import describe
 
 log = logging.getLogger("qrecover")
 
@@ -207,8 +208,6 @@ class TarReader:
         return data
 
     def _first_block(self, block: bytes, zeros: int = 0) -> BackupError:
-        from qrecover.magic import describe
-
         what = describe(block, "what follows" if zeros else "it")
         if zeros:
             what = f"it starts with {zeros} bytes of zeros; {what}"
