@@ -357,7 +357,12 @@ def _usage_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: the one place where errors become messages and exit codes."""
-    signals.install()
+    with signals.handled():
+        code = _run(argv)
+    sys.exit(code)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         try:
             # Without standalone mode, click returns typer.Exit's code instead of raising it.
@@ -365,13 +370,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = returned if isinstance(returned, int) else EXIT_OK
         except typer.Exit as exc:
             code = exc.exit_code
-        signals.check()  # a signal whose first raise was lost still stops with its code
+        signals.check(again=True)  # a signal stops the command with its code, always
     except (typer.Abort, KeyboardInterrupt):
-        signals.kill_children()
+        signals.kill_all()
         err("interrupted; scratch files removed, nothing left under a final name")
         code = EXIT_SIGINT
     except Interrupted as exc:
-        signals.kill_children()
+        signals.kill_all()
         err("terminated; scratch files removed, nothing left under a final name")
         code = exc.exit_code
     except QrecoverError as exc:
@@ -389,4 +394,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.environ.get("QRECOVER_DEBUG"):
             raise
         code = EXIT_INTERNAL
-    sys.exit(code)
+    return code

@@ -232,13 +232,8 @@ def test_interrupted_jobs_2_restore_stops_every_child(
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     assert b"Traceback" not in err
-    time.sleep(0.2)
-    for kid in kids:
-        try:
-            state = Path(f"/proc/{kid}/stat").read_text()
-        except OSError:
-            continue  # gone (reaped between two looks, too)
-        assert "Z" in state, state
+    for kid in kids:  # killed and reaped before qrecover exited
+        assert not Path(f"/proc/{kid}").exists(), kid
     leftovers = [p.name for p in out.rglob("*")]
     assert not any(n.startswith(".qrecover-") for n in leftovers), leftovers
     assert not [p for p in out.rglob("private.img") if p.is_file()]

@@ -33,7 +33,6 @@ import os
 import select
 import shlex
 import shutil
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -252,6 +251,7 @@ class VolumeTar:
     def _asked(self) -> int | None:
         """The volume tar asks for next; None once tar has exited without asking."""
         while b"\n" not in self._pending:
+            signals.check()
             ready, _, _ = select.select([self._ask], [], [], _POLL)
             if ready:
                 with contextlib.suppress(BlockingIOError):
@@ -298,6 +298,7 @@ class VolumeTar:
             if not self._alive():
                 self._release()
                 return None
+            signals.check()
             time.sleep(_POLL / 5)
 
     def feed(self, path: Path, owned: bool, member: str) -> None:
@@ -373,13 +374,9 @@ class VolumeTar:
         return problem
 
     def kill(self) -> None:
-        # The new-volume script that tar may be running goes too: it could be
-        # waiting for an answer that will never come.
-        scripts = [c for proc in self.pipeline.procs for c in signals.children_of(proc.pid)]
-        self.pipeline.kill()
-        for pid in scripts:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        # The new-volume script that tar may be running goes too (it is in tar's
+        # group): it could be waiting for an answer that will never come.
+        self.pipeline.kill()  # tar's process group: the script too
         self.wait()
         self._cleanup()
 
