@@ -313,7 +313,10 @@ class Pipeline:
             signals.join(self._guard_thread, timeout=5)
 
     def wait(self) -> list[StageResult]:
-        results = []
+        """Every stage's result, in order; none if the pipeline never started."""
+        results: list[StageResult] = []
+        if not self.procs:
+            return results
         for proc, stage, err in zip(self.procs, self.stages, self._stderrs, strict=True):
             code = signals.wait_process(proc)
             results.append(StageResult(stage, code, err.text()))

@@ -110,8 +110,7 @@ class StoredFile:
         work = Path(tempfile.mkdtemp(prefix="volumes-", dir=self.scratch))
         self.volumes = VolumeTar(self._stages[-1], work, guard, self.out_file,
                                  self.ctx.command, self.stored)
-        self.pipeline = self.volumes.start()
-        self._started()
+        self.pipeline = self.volumes.pipeline  # started with the first volume
 
     def _started(self) -> None:
         stages = list(self.volumes.shown) if self.volumes is not None else self._stages
@@ -156,7 +155,8 @@ class StoredFile:
             self._feeder = feeder.program if feeder is not None else "cat"  # for the log
             self._start()
         if self.volumes is not None:
-            self.volumes.feed(path, owned, member or path.name)
+            if self.volumes.feed(path, owned, member or path.name):
+                self._started()
             self.ctx.emit(ChunkFed(self.stored, member or path.name, path))
             return
         self._reap_cat()

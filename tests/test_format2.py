@@ -447,8 +447,10 @@ def _wait_for_tar_m(proc: subprocess.Popen[bytes], mark: str) -> None:
 
 def test_a_killed_run_leaves_no_tar_waiting_for_ever(big: V2, tmp_path: Path) -> None:
     """SIGKILL, which qrecover cannot handle, at several moments of the volumes'
-    feeding: tar -M never waits for ever on its FIFO (qrecover holds it open
-    from before tar may open it, so tar reads end-of-file and stops)."""
+    feeding: tar -M is never left waiting for ever.  (When volumes came through a
+    FIFO, a SIGKILL between qrecover's answer to tar's new-volume script and tar's
+    open() of the FIFO left tar in open() for ever: 2 runs in 30 under load.  Each
+    volume is now a file; the script reads end-of-file and tar stops.)"""
     for n, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.15, 0.25)):
         proc, mark = _start_marked(big, tmp_path / f"out{n}")
         _wait_for_tar_m(proc, mark)
