@@ -167,3 +167,17 @@ def test_explain_of_a_format4_folder_keeps_the_page_and_the_path_whole(
     )
     assert result.code == 0, result.text
     _unbroken(result.err, PAGE_V4, str(folder))
+
+
+def test_readme_is_short_and_its_test_command_is_what_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 250
+    blocks = re.findall(r"```sh\n(.*?)```", readme, flags=re.S)
+    setup, test = blocks[0].strip(), blocks[1].strip()
+    assert setup.startswith("apt-get update && ")
+    assert "qrecover restore fixtures/sample-backup" in setup
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
+    assert ci[-1] == test == ".venv/bin/python -m pytest"
+    for page in ("usage", "cli", "formats", "guarantees", "showing-the-work", "automation",
+                 "performance", "development"):
+        assert f"(docs/{page}.md" in readme and (ROOT / "docs" / f"{page}.md").is_file(), page
