@@ -13,10 +13,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
 
 from qrecover import __version__, signals
 from qrecover.commands import (
@@ -27,7 +26,6 @@ from qrecover.commands import (
     verify_command,
 )
 from qrecover.errors import (
-    EXIT_CODES,
     EXIT_INTERNAL,
     EXIT_OK,
     EXIT_SIGINT,
@@ -37,6 +35,7 @@ from qrecover.errors import (
 )
 from qrecover.files import DEFAULT_PATH
 from qrecover.files.command import files_command
+from qrecover.help_text import EXAMPLES, SUMMARIES, TOP_HELP, Group
 from qrecover.messages import OneLineFormatter, err
 from qrecover.options import (
     BackupArg,
@@ -51,64 +50,11 @@ from qrecover.options import (
     VmOpt,
 )
 
-EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
-
-
-def _examples(*lines: str) -> str:
-    """A command's epilog: its examples, one command a line, indented (a code block
-    in docs/cli.md); help text paragraphs are written without line breaks so that
-    they wrap to the terminal."""
-    return "Examples:\n\n" + "\n".join(f"    {line}" for line in lines)
-
-
-def _no_flag_types(params: list[Any]) -> list[Any]:
-    for param in params:
-        if getattr(param, "is_flag", False) and getattr(param, "metavar", "") is None:
-            param.metavar = ""
-    return params
-
-
-class _Group(TyperGroup):
-    """typer's group, whose help shows no type after a flag.  typer 0.29's rich
-    help prints an option's type (``<bool>``) unless the option has a metavar, flags
-    included (its plain help and ``typer ... utils docs`` leave flags' types out);
-    an empty metavar is what it prints instead.  Set here, for every flag of every
-    command, so that a new flag needs nothing of its own.  (click's classes are
-    named through Any: typer 0.29 vendors click, older versions import it.)"""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _no_flag_types(super().get_params(ctx))
-
-    def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        command = super().get_command(ctx, cmd_name)
-        if command is not None:
-            # its --help too, which click keeps apart from its params (made once)
-            _no_flag_types([*command.params, command.get_help_option(ctx)])
-        return command
-
-
-B = "qubes-backup-2016-08-04T123456"  # the examples' backup
-
 app = typer.Typer(
     name="qrecover",
-    cls=_Group,
-    help="Recover data from a Qubes OS backup on any Linux machine, without Qubes. "
-    "Reads every format Qubes wrote, R1 to R4.3, and tells them apart: "
-    "format 1 (Qubes R1, R2-Beta1 and R2-Beta2: a plain folder, in which nothing can be "
-    "authenticated), format 2 (R2-Beta3 to R2), format 3 (R2 updated, R3.0 to R3.2) "
-    "and format 4 (R4.0 to R4.3).\n\n"
-    "Runs the official emergency recovery procedure (tar, openssl or scrypt, "
-    "gzip/bzip2/xz/zstd, tar) as real pipelines, authenticating every chunk before "
-    "anything of it is decrypted or decompressed. 'qrecover COMMAND --help' shows a "
-    "command's options and examples.\n\n"
-    "Exit codes:\n\n" + EXIT_CODE_HELP,
-    epilog=_examples(
-        "qrecover restore BACKUP --output restored            # everything",
-        "qrecover restore BACKUP --output restored --vm work  # one VM",
-        "qrecover files restored/work/private.img -o files    # my files",
-        "qrecover verify BACKUP                               # check a backup",
-        "qrecover kit BACKUP --output kit                     # a kit beside it",
-    ),
+    cls=Group,
+    help=TOP_HELP,
+    epilog=EXAMPLES["qrecover"],
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -166,15 +112,7 @@ def _main(
     logger.propagate = False
 
 
-@app.command(
-    help="Verify and restore the backup's VMs (all, or those named with --vm) into DIR.",
-    epilog=_examples(
-        f"qrecover restore {B} --output restored",
-        f"qrecover restore {B} -o out --vm work --files",
-        f"qrecover restore {B} --output restored --resume",
-        f"ssh host cat {B} | qrecover restore - -o out",
-    ),
-)
+@app.command(help=SUMMARIES["restore"], epilog=EXAMPLES["restore"])
 def restore(
     ctx: typer.Context,
     backup: BackupArg,
@@ -230,7 +168,7 @@ def restore(
         ),
     ] = False,
 ) -> None:
-    """qrecover restore (its help is the decorator's)."""
+    """qrecover restore (its help and examples: qrecover.help_text)."""
     raise typer.Exit(
         restore_command(
             backup,
@@ -253,18 +191,7 @@ def restore(
     )
 
 
-@app.command(
-    help="Copy files out of a restored private.img, without root and without mounting it."
-    "\n\n"
-    "Uses e2fsprogs' debugfs read-only (-c): permissions and times are kept, symbolic "
-    "links are copied as links and never followed, special files (devices, FIFOs, "
-    "sockets) are skipped with a note.",
-    epilog=_examples(
-        "qrecover files restored/work/private.img --output recovered",
-        "qrecover files restored/work/private.img -o recovered /home/user/Documents",
-        "qrecover files restored/work/private.img --list /",
-    ),
-)
+@app.command(help=SUMMARIES["files"], epilog=EXAMPLES["files"])
 def files(
     image: Annotated[
         Path,
@@ -297,19 +224,11 @@ def files(
         ),
     ] = False,
 ) -> None:
-    """qrecover files (its help is the decorator's)."""
+    """qrecover files (its help and examples: qrecover.help_text)."""
     raise typer.Exit(files_command(image, output, paths or [], list_only, force))
 
 
-@app.command(
-    help="Check everything restore would, writing nothing: every HMAC, decryption, "
-    "decompression, and a listing of each inner archive.",
-    epilog=_examples(
-        f"qrecover verify {B}",
-        f"qrecover verify {B} --vm work --explain",
-        "qrecover verify --json --passphrase-file /root/backup.pass /backups/latest",
-    ),
-)
+@app.command(help=SUMMARIES["verify"], epilog=EXAMPLES["verify"])
 def verify(
     ctx: typer.Context,
     backup: BackupArg,
@@ -323,7 +242,7 @@ def verify(
     explain: ExplainOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """qrecover verify (its help is the decorator's)."""
+    """qrecover verify (its help and examples: qrecover.help_text)."""
     raise typer.Exit(
         verify_command(
             backup,
@@ -341,14 +260,7 @@ def verify(
     )
 
 
-@app.command(
-    help="Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for "
-    "the VMs named with --vm (all without it), after verifying the header and qubes.xml.",
-    epilog=_examples(
-        f"qrecover script {B} -o /mnt/out > recover.sh",
-        "sh recover.sh    # asks for the passphrase",
-    ),
-)
+@app.command(help=SUMMARIES["script"], epilog=EXAMPLES["script"])
 def script(
     ctx: typer.Context,
     backup: BackupArg,
@@ -366,22 +278,14 @@ def script(
     skip_dom0_home: SkipDom0Opt = False,
     passphrase_file: PassFileOpt = None,
 ) -> None:
-    """qrecover script (its help is the decorator's)."""
+    """qrecover script (its help and examples: qrecover.help_text)."""
     code = script_command(
         backup, output, vm or [], passphrase_file, _settings(ctx), exclude or [], skip_dom0_home
     )
     raise typer.Exit(code)
 
 
-@app.command(
-    help="Write a recovery kit to keep beside the backup: qrecover.pyz (runs with only "
-    "python3), recover.sh (no Python) and RECOVERY.txt (the procedure for this backup). "
-    "The passphrase is asked for to read qubes.xml; no file of the kit holds it.",
-    epilog=_examples(
-        f"qrecover kit {B} --output kit",
-        f"python3 -S -I kit/qrecover.pyz restore {B} -o out",
-    ),
-)
+@app.command(help=SUMMARIES["kit"], epilog=EXAMPLES["kit"])
 def kit(
     backup: Annotated[
         str,
@@ -401,16 +305,13 @@ def kit(
     ],
     passphrase_file: PassFileOpt = None,
 ) -> None:
-    """qrecover kit (its help is the decorator's)."""
+    """qrecover kit (its help and examples: qrecover.help_text)."""
     from qrecover.kit import kit_command  # only this command needs shiv's machinery
 
     raise typer.Exit(kit_command(backup, output, passphrase_file))
 
 
-@app.command(
-    help="Verify the header and qubes.xml, then show the header and the VMs in the backup.",
-    epilog=_examples(f"qrecover info {B}", f"qrecover info --json {B}"),
-)
+@app.command(help=SUMMARIES["info"], epilog=EXAMPLES["info"])
 def info(
     ctx: typer.Context,
     backup: BackupArg,
@@ -419,7 +320,7 @@ def info(
     ] = False,
     passphrase_file: PassFileOpt = None,
 ) -> None:
-    """qrecover info (its help is the decorator's)."""
+    """qrecover info (its help and examples: qrecover.help_text)."""
     raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx)))
 
 
