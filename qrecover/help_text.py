@@ -30,12 +30,14 @@ def _no_flag_types(params: list[Any]) -> list[Any]:
 
 
 class Group(TyperGroup):
-    """typer's group, whose help shows no type after a flag.  typer 0.29's rich
-    help prints an option's type (``<bool>``) unless the option has a metavar, flags
-    included (its plain help and ``typer ... utils docs`` leave flags' types out);
-    an empty metavar is what it prints instead.  Set here, for every flag of every
-    command, so that a new flag needs nothing of its own.  (click's classes are
-    named through Any: typer 0.29 vendors click, older versions import it.)"""
+    """typer's group, whose help shows no type after a flag, and each command's
+    whole summary in the list of commands (click cut it to 45 characters in
+    docs/cli.md).  typer 0.29's rich help prints an option's type (``<bool>``)
+    unless the option has a metavar, flags included (its plain help and ``typer ...
+    utils docs`` leave flags' types out); an empty metavar is what it prints
+    instead.  Set here, for every flag of every command, so that a new flag needs
+    nothing of its own.  (click's classes are named through Any: typer 0.29 vendors
+    click, older versions import it.)"""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _no_flag_types(super().get_params(ctx))
@@ -45,6 +47,9 @@ class Group(TyperGroup):
         if command is not None:
             # its --help too, which click keeps apart from its params (made once)
             _no_flag_types([*command.params, command.get_help_option(ctx)])
+            if command.short_help is None and command.help:
+                # the whole summary in lists of commands, never cut at 45 characters
+                command.short_help = command.help.split("\n\n")[0]
         return command
 
 

@@ -120,6 +120,11 @@ def test_cli_reference_is_generated_from_the_app(tmp_path: Path) -> None:
     for command in COMMANDS:
         assert f"## `qrecover {command}`" in committed, command
     assert "R1 to R4.3" in committed and "<bool>" not in committed
+    # the list of commands has whole summaries, not cut at 45 characters
+    assert (
+        "* `verify`: Check everything restore would, writing nothing: every HMAC, "
+        "decryption, decompression, and a listing of each inner archive.\n"
+    ) in committed
 
 
 def _unbroken(text: str, *words: str) -> None:
