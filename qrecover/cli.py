@@ -26,7 +26,6 @@ from qrecover.commands import (
     verify_command,
 )
 from qrecover.errors import (
-    EXIT_CODES,
     EXIT_INTERNAL,
     EXIT_OK,
     EXIT_SIGINT,
@@ -36,6 +35,7 @@ from qrecover.errors import (
 )
 from qrecover.files import DEFAULT_PATH
 from qrecover.files.command import files_command
+from qrecover.help_text import EXAMPLES, SUMMARIES, TOP_HELP, Group
 from qrecover.messages import OneLineFormatter, err
 from qrecover.options import (
     BackupArg,
@@ -50,22 +50,16 @@ from qrecover.options import (
     VmOpt,
 )
 
-EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
-
 app = typer.Typer(
     name="qrecover",
-    help="Recover data from Qubes OS backups without Qubes: format 3 (Qubes R2 to R3.2) "
-    "and format 4 (Qubes R4), told apart automatically.\n\n"
-    "Runs the official emergency recovery procedure (tar, openssl or scrypt, "
-    "gzip/bzip2/xz, tar) as real pipelines, authenticating every chunk before "
-    "anything of it is decrypted or decompressed.\n\n"
-    "Exit codes:\n\n" + EXIT_CODE_HELP,
+    cls=Group,
+    help=TOP_HELP,
+    epilog=EXAMPLES["qrecover"],
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -118,7 +112,7 @@ def _main(
     logger.propagate = False
 
 
-@app.command()
+@app.command(help=SUMMARIES["restore"], epilog=EXAMPLES["restore"])
 def restore(
     ctx: typer.Context,
     backup: BackupArg,
@@ -174,7 +168,7 @@ def restore(
         ),
     ] = False,
 ) -> None:
-    """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
+    """qrecover restore (its help and examples: qrecover.help_text)."""
     raise typer.Exit(
         restore_command(
             backup,
@@ -197,7 +191,7 @@ def restore(
     )
 
 
-@app.command()
+@app.command(help=SUMMARIES["files"], epilog=EXAMPLES["files"])
 def files(
     image: Annotated[
         Path,
@@ -230,16 +224,11 @@ def files(
         ),
     ] = False,
 ) -> None:
-    """Copy files out of a restored private.img, without root and without mounting it.
-
-    Uses e2fsprogs' debugfs read-only (-c): permissions and times are kept,
-    symbolic links are copied as links and never followed, special files
-    (devices, FIFOs, sockets) are skipped with a note.
-    """
+    """qrecover files (its help and examples: qrecover.help_text)."""
     raise typer.Exit(files_command(image, output, paths or [], list_only, force))
 
 
-@app.command()
+@app.command(help=SUMMARIES["verify"], epilog=EXAMPLES["verify"])
 def verify(
     ctx: typer.Context,
     backup: BackupArg,
@@ -253,8 +242,7 @@ def verify(
     explain: ExplainOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check everything restore would, writing nothing: every HMAC, decryption,
-    decompression, and a listing of each inner archive."""
+    """qrecover verify (its help and examples: qrecover.help_text)."""
     raise typer.Exit(
         verify_command(
             backup,
@@ -272,7 +260,7 @@ def verify(
     )
 
 
-@app.command()
+@app.command(help=SUMMARIES["script"], epilog=EXAMPLES["script"])
 def script(
     ctx: typer.Context,
     backup: BackupArg,
@@ -290,15 +278,14 @@ def script(
     skip_dom0_home: SkipDom0Opt = False,
     passphrase_file: PassFileOpt = None,
 ) -> None:
-    """Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for
-    the VMs named with --vm (all without it), after verifying the header and qubes.xml."""
+    """qrecover script (its help and examples: qrecover.help_text)."""
     code = script_command(
         backup, output, vm or [], passphrase_file, _settings(ctx), exclude or [], skip_dom0_home
     )
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(help=SUMMARIES["kit"], epilog=EXAMPLES["kit"])
 def kit(
     backup: Annotated[
         str,
@@ -318,15 +305,13 @@ def kit(
     ],
     passphrase_file: PassFileOpt = None,
 ) -> None:
-    """Write a recovery kit to keep beside the backup: qrecover.pyz (runs with only
-    python3), recover.sh (no Python) and RECOVERY.txt (the procedure for this backup).
-    The passphrase is asked for to read qubes.xml; no file of the kit holds it."""
+    """qrecover kit (its help and examples: qrecover.help_text)."""
     from qrecover.kit import kit_command  # only this command needs shiv's machinery
 
     raise typer.Exit(kit_command(backup, output, passphrase_file))
 
 
-@app.command()
+@app.command(help=SUMMARIES["info"], epilog=EXAMPLES["info"])
 def info(
     ctx: typer.Context,
     backup: BackupArg,
@@ -335,7 +320,7 @@ def info(
     ] = False,
     passphrase_file: PassFileOpt = None,
 ) -> None:
-    """Verify the header and qubes.xml, then show the header and the VMs in the backup."""
+    """qrecover info (its help and examples: qrecover.help_text)."""
     raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx)))
 
 

@@ -163,7 +163,7 @@ def _scratch_files(out: Path) -> int:
 @pytest.mark.parametrize(("source", "bound"), [("file", 2 * 2 + 2), ("folder", 2 + 2)])
 def test_scratch_stays_bounded(many4: Backup, tmp_path: Path, source: str, bound: int) -> None:
     """Looked at over and over during a --jobs 2 restore: never more chunk files in
-    scratch than the README says (2*jobs+2 from a file, jobs+2 from a folder), and
+    scratch than docs/formats.md says (2*jobs+2 from a file, jobs+2 from a folder), and
     never more scrypt dec at once than --jobs."""
     where = many4.path if source == "file" else untar(many4, tmp_path / "untarred")
     out = tmp_path / "out"
