@@ -173,6 +173,16 @@ def restore(
             "what DIR's record says was placed, redo the rest.",
         ),
     ] = False,
+    salvage: Annotated[
+        bool,
+        typer.Option(
+            "--salvage",
+            help="Damaged backup, last resort: use chunks that FAIL authentication "
+            "anyway and place their files under their final names; every such file and "
+            "its unverified byte ranges are listed in DIR/SALVAGED.txt (exit stays 4). "
+            "The header and qubes.xml are always authenticated.",
+        ),
+    ] = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(
@@ -193,6 +203,7 @@ def restore(
             settings=_settings(ctx),
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
+            salvage=salvage,
         )
     )
 

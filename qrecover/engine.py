@@ -54,11 +54,13 @@ from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
+from qrecover.messages import err
 from qrecover.output import Output
-from qrecover.plan import XML_SINK, Plan, obstacles
+from qrecover.plan import XML_SINK, Plan, Sink, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
 from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
+from qrecover.salvage import Geometry, SalvageLog, write_salvaged
 from qrecover.scratch import ChunkStore, ScratchNames
 from qrecover.stages.extract import pick_programs
 from qrecover.stored import StoredFile
@@ -244,7 +246,17 @@ class Recovery:
             self.output,
             self.resume.placing if self.resume is not None else None,
             plan.fmt.multi_volume,
+            self._salvage_log(plan, stored, sink),
         )
+
+    def _salvage_log(self, plan: Plan, stored: str, sink: Sink) -> SalvageLog | None:
+        """--salvage: the account of one restored stored file's unverified chunks
+        (format 2's chunks are each a tar volume of their own: not salvaged)."""
+        if not self.request.salvage or sink.kind != "extract" or plan.fmt.multi_volume:
+            return None
+        front = plan.fmt.stream_stages(self.gunzip)
+        encrypted = bool(front) and front[0].program == "openssl"
+        return SalvageLog(stored, Geometry(encrypted, len(front) > int(encrypted)))
 
     def _read_qubes_xml(self, members: Members, plan: Plan) -> bytes:
         first = members.require("qubes.xml.000")
@@ -298,6 +310,8 @@ class Recovery:
             self._active = None
             self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
             self.report.files.append(result)
+            if job.salvage is not None and job.salvage.used:
+                self._salvaged(job, result)
             if self.resume is not None:
                 self.resume.placed(result)
             # Special files were left out: the rest of the stored file is
@@ -309,6 +323,22 @@ class Recovery:
         if members.error is not None:
             self.report.problems.append(str(members.error))
         self.report.problems += missing(plan.selected, self.report.files)
+
+    def _salvaged(self, job: StoredFile, result: FileResult) -> None:
+        """--salvage used unverified chunks: say so loudly, in the report and in
+        SALVAGED.txt at the top of DIR (rewritten as each such file is placed)."""
+        assert job.salvage is not None and self.output is not None
+        placed = {p.name: p for p in result.places}
+        result.salvage = job.salvage.report(placed, self.output.root, job.sink.strip)
+        self.report.problems.append(
+            f"{result.stored}: restored with --salvage from {len(job.salvage.chunks)} "
+            "chunk(s) that FAILED authentication: its bytes are UNVERIFIED where "
+            "SALVAGED.txt says"
+        )
+        for line in result.salvage.lines():
+            err(f"SALVAGED: {line}")
+        reports = [f.salvage for f in self.report.files if f.salvage is not None]
+        self.report.salvaged = write_salvaged(self.output, reports, self.report.salvaged)
 
     # -- one stored file ----------------------------------------------------
 
@@ -370,8 +400,12 @@ class Recovery:
                 job.fail(outcome.error)
                 continue
             assert outcome.plain is not None
+            if outcome.unverified is not None:  # --salvage only
+                err(f"WARNING: {chunk.member}: {outcome.unverified}: used UNVERIFIED "
+                    "(--salvage): its bytes may be damaged or forged")
             try:
-                job.feed(outcome.plain, outcome.owned, chunk.member, outcome.feeder)
+                job.feed(outcome.plain, outcome.owned, chunk.member, outcome.feeder,
+                         outcome.unverified)
             except OSError as exc:
                 store.drop(outcome.plain, outcome.owned)
                 job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))

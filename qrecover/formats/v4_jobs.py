@@ -23,7 +23,7 @@ from qrecover.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed, Outcome
 from qrecover.errors import BackupError, OutputError, StoredFileError
 from qrecover.formats.base import ChunkOutcome, Completed, PendingChunk
 from qrecover.formats.scrypt import render_stage
-from qrecover.formats.v4 import Format4, ScryptChunk, failure_outcome
+from qrecover.formats.v4 import SCRYPT_OVERHEAD, Format4, ScryptChunk, failure_outcome
 from qrecover.runner import CommandLog, Stage
 from qrecover.scrypt_cost import (
     JobPlan,
@@ -80,9 +80,11 @@ class ScryptWorks:
             params = read_params(pending.src, member)
         except (BackupError, OutputError) as exc:
             # Damaged before scrypt even runs: the chunks before it still count.
-            self._drop(pending)
             said = str(exc)
             bad = ChunkOutcome(error=StoredFileError(said), checked=True, reason=said)
+            if pending.store.salvage and not isinstance(exc, OutputError):
+                bad = _zeros(pending, said)  # --salvage: zeros of its plaintext's size
+            self._drop(pending)
             return [*self.drain(), Completed(member, size, bad)]
         pool = self._ready_pool(pending, params, member)
         job = ChunkJob(
@@ -93,6 +95,8 @@ class ScryptWorks:
             src=pending.src,
             src_owned=pending.owned,
             params=params,
+            plain_size=max(0, pending.src.stat().st_size - SCRYPT_OVERHEAD),
+            salvage=pending.store.salvage,
         )
         if pool.submit(job):
             self._sizes[member] = size
@@ -141,10 +145,23 @@ class ScryptWorks:
         member = outcome.job.name
         size = self._sizes.pop(member, 0)
         if isinstance(outcome, Decrypted):
+            said = outcome.unverified  # --salvage: used although scrypt refused it
             return Completed(member, size, ChunkOutcome(plain=outcome.plain, owned=True,
-                                                        checked=True))
+                                                        checked=True, reason=said,
+                                                        unverified=said))
         assert isinstance(outcome, Failed)
         if outcome.result is None:
             error = StoredFileError(f"{member}: {outcome.error}")
             return Completed(member, size, ChunkOutcome(error=error))
         return Completed(member, size, failure_outcome(member, outcome.result))
+
+
+def _zeros(pending: ScryptChunk, said: str) -> ChunkOutcome:
+    """--salvage: a chunk scrypt cannot even start on stands as zeros of its
+    plaintext's size (sparse: no disk), so that what follows keeps its place."""
+    plain = pending.store.scratch_file()
+    size = max(0, pending.src.stat().st_size - SCRYPT_OVERHEAD)
+    with plain.open("xb") as f:
+        f.truncate(size)
+    return ChunkOutcome(plain=plain, owned=True, checked=True, reason=said,
+                        unverified=f"{said}; fed as {size} zero bytes")
