@@ -35,6 +35,7 @@ from qrecover.container import (
     HEADER,
     HEADER_HMAC,
     QUBES_XML,
+    ChunkName,
     FolderSource,
     StreamSource,
     Truncated,
@@ -366,6 +367,8 @@ class Recovery:
             if job.result.error is not None:
                 continue
             problem = misplaced(fmt, member, name, stored, expected)
+            if problem is not None and self._fill_gap(job, store, name, expected):
+                expected, problem = name.index, None  # --salvage: zeros stand for the gap
             if problem is not None:
                 self._use(job, store, works.drain())  # the chunks before it come first
                 job.fail(problem)
@@ -382,6 +385,29 @@ class Recovery:
             self._use(job, store, works.submit(pending, member.name, member.size))
             self.observer.in_flight(works.in_flight)
         self._use(job, store, works.drain())
+
+    def _fill_gap(self, job: StoredFile, store: ChunkStore, name: ChunkName, expected: int) -> bool:
+        """--salvage, uncompressed stream: chunks missing before ``name`` are fed
+        as zeros of a chunk's size (every chunk but the last has the size of the
+        first), so that what follows keeps its place; False if that cannot be."""
+        log = job.salvage
+        if log is None or log.geometry.compressed or name.is_hmac or name.index <= expected:
+            return False
+        assert self.works is not None and self.fmt is not None
+        if not self.fmt.owns_chunk(name):
+            return False
+        self._use(job, store, self.works.drain())  # the chunks before it are fed first
+        if job.result.error is not None or log.first_size <= 0:
+            return False
+        for index in range(expected, name.index):
+            missing = ChunkName(name.stored, index, False, name.is_enc).name
+            zeros = store.scratch_file()
+            with zeros.open("xb") as f:
+                f.truncate(log.first_size)  # sparse: no disk
+            reason = f"missing from the backup; fed as {log.first_size} zero bytes"
+            err(f"WARNING: {missing}: {reason} (--salvage)")
+            job.feed(zeros, True, missing, None, reason, zeros=True)
+        return True
 
     def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
         """Feed ``job`` the chunks whose step is done, in chunk order; the first

@@ -115,9 +115,8 @@ class SalvageReport:
         out = [f"{self.stored}: placed under its final name with "
                f"{len(self.chunks)} UNVERIFIED chunk(s):"]
         for c in self.chunks:
-            filled = "; missing, fed as zeros" if c.zero_filled else ""
-            out.append(f"  chunk {c.member}: {c.reason}{filled} "
-                       f"(bytes {c.start}-{c.end - 1} of the stream it belongs to)")
+            out.append(f"  chunk {c.member}: {c.reason} "
+                       f"(bytes {c.start}-{c.end - 1} of the stored file's stream)")
         for f in self.files:
             where = f.path or f.member
             if f.from_byte is not None:
@@ -144,12 +143,15 @@ class SalvageLog:
     stored: str
     geometry: Geometry
     fed: int = 0  # bytes fed so far
+    first_size: int = 0  # the first chunk's
     chunks: list[Unverified] = field(default_factory=list)
     layout: list[Extent] = field(default_factory=list)  # filled by the guard
     verified_prefix: int | None = None  # compressed: archive bytes from the verified chunks
     cut: str | None = None
 
     def fed_chunk(self, member: str, size: int, reason: str | None, zeros: bool = False) -> None:
+        if not self.fed:
+            self.first_size = size  # every chunk but the last has this size
         if reason is not None:
             self.chunks.append(Unverified(member, reason, self.fed, self.fed + size, zeros))
         self.fed += size

@@ -165,12 +165,12 @@ class StoredFile:
             self.fail(FeedFailed(f"feeding {self.cat_path}: {result.describe()}"))
 
     def feed(self, path: Path, owned: bool, member: str = "", feeder: Stage | None = None,
-             unverified: str | None = None) -> None:
+             unverified: str | None = None, zeros: bool = False) -> None:
         """Queue a verified chunk (with --salvage, perhaps one that is not:
         ``unverified`` says why); returns while cat (or the format's ``feeder``,
         format 1's ``tar -c``) is still feeding it."""
         if self.salvage is not None:
-            self.salvage.fed_chunk(member or path.name, path.stat().st_size, unverified)
+            self.salvage.fed_chunk(member or path.name, path.stat().st_size, unverified, zeros)
         if self.pipeline is None:
             self._feeder = feeder.program if feeder is not None else "cat"  # for the log
             self._start()
