@@ -82,7 +82,7 @@ class ScryptWorks:
             # Damaged before scrypt even runs: the chunks before it still count.
             said = str(exc)
             bad = ChunkOutcome(error=StoredFileError(said), checked=True, reason=said)
-            if pending.store.salvage and not isinstance(exc, OutputError):
+            if _salvaging(pending) and not isinstance(exc, OutputError):
                 bad = _zeros(pending, said)  # --salvage: zeros of its plaintext's size
             self._drop(pending)
             return [*self.drain(), Completed(member, size, bad)]
@@ -96,7 +96,7 @@ class ScryptWorks:
             src_owned=pending.owned,
             params=params,
             plain_size=max(0, pending.src.stat().st_size - SCRYPT_OVERHEAD),
-            salvage=pending.store.salvage,
+            salvage=_salvaging(pending),
         )
         if pool.submit(job):
             self._sizes[member] = size
@@ -165,3 +165,8 @@ def _zeros(pending: ScryptChunk, said: str) -> ChunkOutcome:
         f.truncate(size)
     return ChunkOutcome(plain=plain, owned=True, checked=True, reason=said,
                         unverified=f"{said}; fed as {size} zero bytes")
+
+
+def _salvaging(pending: ScryptChunk) -> bool:
+    """restore --salvage for this chunk's stored file (a store that does not say: no)."""
+    return bool(getattr(pending.store, "salvage", False))
