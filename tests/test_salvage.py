@@ -225,3 +225,20 @@ def test_salvage_never_bypasses_qubes_xml(
     assert result.code == 4 and "qubes.xml" in result.err and "HMAC mismatch" in result.err
     assert not (tmp_path / "out" / "work").exists()
     assert not list((tmp_path / "out").glob("SALVAGED*"))
+
+
+def test_format4_damaged_scrypt_header_is_zeros(
+    make4: MakeBackup, vm_image: Path, tmp_path: Path
+) -> None:
+    """A bit flipped in a chunk's scrypt header: scrypt writes nothing, so the
+    chunk's plaintext size (its size less scrypt's 128 bytes) of zeros stands in."""
+    backup = _backup(make4, vm_image, compression=None)
+    bad = flipped(backup, "vm7/private.img.001.enc", 50, tmp_path / "bad")
+    out = tmp_path / "out"
+    _, salvage, _ = _salvaged(bad, backup, out)
+    (chunk,) = salvage["chunks"]
+    assert chunk["reason"].endswith(f"fed as {MIB} zero bytes")
+    (entry,) = salvage["files"]
+    diffs = differing(out / "work" / "private.img", vm_image / "private.img")
+    restored = (out / "work" / "private.img").read_bytes()
+    assert diffs and _inside(diffs, entry["ranges"]) and all(restored[o] == 0 for o in diffs)

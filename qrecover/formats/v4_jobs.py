@@ -163,8 +163,9 @@ def _zeros(pending: ScryptChunk, said: str) -> ChunkOutcome:
     size = max(0, pending.src.stat().st_size - SCRYPT_OVERHEAD)
     with plain.open("xb") as f:
         f.truncate(size)
+    why = said.removeprefix(f"{pending.member}: ").replace("; nothing of it was used", "")
     return ChunkOutcome(plain=plain, owned=True, checked=True, reason=said,
-                        unverified=f"{said}; fed as {size} zero bytes")
+                        unverified=f"{why}; fed as {size} zero bytes")
 
 
 def _salvaging(pending: ScryptChunk) -> bool:
