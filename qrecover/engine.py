@@ -57,11 +57,11 @@ from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
 from qrecover.messages import err
 from qrecover.output import Output
-from qrecover.plan import XML_SINK, Plan, Sink, obstacles
+from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
 from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
-from qrecover.salvage import Geometry, SalvageLog, write_salvaged
+from qrecover.salvage import fill_gap, new_log, record
 from qrecover.scratch import ChunkStore, ScratchNames
 from qrecover.stages.extract import pick_programs
 from qrecover.stored import StoredFile
@@ -247,17 +247,8 @@ class Recovery:
             self.output,
             self.resume.placing if self.resume is not None else None,
             plan.fmt.multi_volume,
-            self._salvage_log(plan, stored, sink),
+            new_log(self.request.salvage, plan.fmt, self.gunzip, stored, sink),
         )
-
-    def _salvage_log(self, plan: Plan, stored: str, sink: Sink) -> SalvageLog | None:
-        """--salvage: the account of one restored stored file's unverified chunks
-        (format 2's chunks are each a tar volume of their own: not salvaged)."""
-        if not self.request.salvage or sink.kind != "extract" or plan.fmt.multi_volume:
-            return None
-        front = plan.fmt.stream_stages(self.gunzip)
-        encrypted = bool(front) and front[0].program == "openssl"
-        return SalvageLog(stored, Geometry(encrypted, len(front) > int(encrypted)))
 
     def _read_qubes_xml(self, members: Members, plan: Plan) -> bytes:
         first = members.require("qubes.xml.000")
@@ -312,7 +303,8 @@ class Recovery:
             self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
             self.report.files.append(result)
             if job.salvage is not None and job.salvage.used:
-                self._salvaged(job, result)
+                assert self.output is not None
+                record(self.report, job, result, self.output)  # SALVAGED.txt, loudly
             if self.resume is not None:
                 self.resume.placed(result)
             # Special files were left out: the rest of the stored file is
@@ -324,22 +316,6 @@ class Recovery:
         if members.error is not None:
             self.report.problems.append(str(members.error))
         self.report.problems += missing(plan.selected, self.report.files)
-
-    def _salvaged(self, job: StoredFile, result: FileResult) -> None:
-        """--salvage used unverified chunks: say so loudly, in the report and in
-        SALVAGED.txt at the top of DIR (rewritten as each such file is placed)."""
-        assert job.salvage is not None and self.output is not None
-        placed = {p.name: p for p in result.places}
-        result.salvage = job.salvage.report(placed, self.output.root, job.sink.strip)
-        self.report.problems.append(
-            f"{result.stored}: restored with --salvage from {len(job.salvage.chunks)} "
-            "chunk(s) that FAILED authentication: its bytes are UNVERIFIED where "
-            "SALVAGED.txt says"
-        )
-        for line in result.salvage.lines():
-            err(f"SALVAGED: {line}")
-        reports = [f.salvage for f in self.report.files if f.salvage is not None]
-        self.report.salvaged = write_salvaged(self.output, reports, self.report.salvaged)
 
     # -- one stored file ----------------------------------------------------
 
@@ -388,8 +364,7 @@ class Recovery:
 
     def _fill_gap(self, job: StoredFile, store: ChunkStore, name: ChunkName, expected: int) -> bool:
         """--salvage, uncompressed stream: chunks missing before ``name`` are fed
-        as zeros of a chunk's size (every chunk but the last has the size of the
-        first), so that what follows keeps its place; False if that cannot be."""
+        as zeros (qrecover.salvage.fill_gap); False if that cannot be."""
         log = job.salvage
         if log is None or log.geometry.compressed or name.is_hmac or name.index <= expected:
             return False
@@ -397,17 +372,7 @@ class Recovery:
         if not self.fmt.owns_chunk(name):
             return False
         self._use(job, store, self.works.drain())  # the chunks before it are fed first
-        if job.result.error is not None or log.first_size <= 0:
-            return False
-        for index in range(expected, name.index):
-            missing = ChunkName(name.stored, index, False, name.is_enc).name
-            zeros = store.scratch_file()
-            with zeros.open("xb") as f:
-                f.truncate(log.first_size)  # sparse: no disk
-            reason = f"missing from the backup; fed as {log.first_size} zero bytes"
-            err(f"WARNING: {missing}: {reason} (--salvage)")
-            job.feed(zeros, True, missing, None, reason, zeros=True)
-        return True
+        return fill_gap(job, store.scratch_file, name, expected)
 
     def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
         """Feed ``job`` the chunks whose step is done, in chunk order; the first

@@ -31,14 +31,24 @@ import contextlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from qrecover.container import ChunkName
 from qrecover.errors import OutputError
+from qrecover.messages import err
 from qrecover.output import Output
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage
 from qrecover.stages.guard import Extent
 from qrecover.stages.sparse import file_offset, to_file
+
+if TYPE_CHECKING:
+    from qrecover.formats.base import Format
+    from qrecover.plan import Sink
+    from qrecover.report import FileResult, Report
+    from qrecover.stored import StoredFile
 
 SALVAGED_NAME = "SALVAGED.txt"
 _SALT = 16  # openssl enc's "Salted__" and its 8-byte salt
@@ -327,3 +337,50 @@ class VerifiedPrefix:
                 self.pipeline.wait()
             self.pipeline = None
         self._out.close()
+
+
+def new_log(salvage: bool, fmt: Format, gunzip: str, stored: str, sink: Sink) -> SalvageLog | None:
+    """The account for one stored file being restored, if --salvage asks for one
+    (format 2's chunks are each a tar volume of their own: not salvaged)."""
+    if not salvage or sink.kind != "extract" or fmt.multi_volume:
+        return None
+    front = fmt.stream_stages(gunzip)
+    encrypted = bool(front) and front[0].program == "openssl"
+    return SalvageLog(stored, Geometry(encrypted, len(front) > int(encrypted)))
+
+
+def record(report: Report, job: StoredFile, result: FileResult, output: Output) -> None:
+    """A stored file was placed with unverified chunks: say so loudly, in the
+    report and in SALVAGED.txt at the top of DIR (rewritten as each is placed)."""
+    assert job.salvage is not None
+    placed = {p.name: p for p in result.places}
+    result.salvage = job.salvage.report(placed, output.root, job.sink.strip)
+    report.problems.append(
+        f"{result.stored}: restored with --salvage from {len(job.salvage.chunks)} "
+        "chunk(s) that FAILED authentication: its bytes are UNVERIFIED where "
+        "SALVAGED.txt says"
+    )
+    for line in result.salvage.lines():
+        err(f"SALVAGED: {line}")
+    reports = [f.salvage for f in report.files if f.salvage is not None]
+    report.salvaged = write_salvaged(output, reports, report.salvaged)
+
+
+def fill_gap(job: StoredFile, scratch_file: Callable[[], Path], name: ChunkName,
+             expected: int) -> bool:
+    """Feed zeros of a chunk's size (every chunk but the last has the size of
+    the first) for each chunk missing before ``name``, so that what follows
+    keeps its place; False if the size is not known or the file stopped."""
+    log = job.salvage
+    assert log is not None
+    if job.result.error is not None or log.first_size <= 0:
+        return False
+    for index in range(expected, name.index):
+        missing = ChunkName(name.stored, index, False, name.is_enc).name
+        zeros = scratch_file()
+        with zeros.open("xb") as f:
+            f.truncate(log.first_size)  # sparse: no disk
+        reason = f"missing from the backup; fed as {log.first_size} zero bytes"
+        err(f"WARNING: {missing}: {reason} (--salvage)")
+        job.feed(zeros, True, missing, None, reason, zeros=True)
+    return True
