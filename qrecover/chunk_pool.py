@@ -68,8 +68,6 @@ class ChunkJob:
     src: Path  # what scrypt reads
     src_owned: bool  # a scratch copy, removed once scrypt is done with it
     params: ScryptParams  # its stated cost (scrypt_cost.read_params of src)
-    plain_size: int = -1  # what its plaintext must be (--salvage pads to it; -1: unknown)
-    salvage: bool = False  # restore --salvage: a failed check does not stop its group
 
 
 @dataclass(frozen=True)
@@ -81,9 +79,6 @@ class Decrypted:
     result: StageResult
     seconds: float  # scrypt's wall time
     finished: float  # time.monotonic() when scrypt exited
-    # --salvage only: scrypt did not authenticate it (why); its plaintext,
-    # zero-padded to its size, is used all the same
-    unverified: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,25 +116,6 @@ class _Counters:
     seq: int = 0
     peak_running: int = 0
     threads: list[threading.Thread] = field(default_factory=list)
-
-
-def _pad(plain: Path, size: int) -> bool:
-    """--salvage: make ``plain`` its chunk's size, zeros where scrypt wrote
-    nothing (a damaged scrypt header: nothing at all); False if it cannot."""
-    if size < 0:
-        return False
-    try:
-        fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    except OSError:
-        return False
-    try:
-        if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return True
 
 
 class ChunkPool:
@@ -380,11 +356,6 @@ class ChunkPool:
                 entry.outcome = Decrypted(
                     job, entry.plain, result, finished - entry.started, finished
                 )
-                entry.state = "done"
-            elif job.salvage and result is not None and not result.output_trouble \
-                    and _pad(entry.plain, job.plain_size):
-                entry.outcome = Decrypted(job, entry.plain, result, finished - entry.started,
-                                          finished, unverified=result.describe())
                 entry.state = "done"
             else:
                 with contextlib.suppress(FileNotFoundError):

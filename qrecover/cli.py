@@ -45,6 +45,7 @@ from qrecover.options import (
     JsonOpt,
     NoLimitOpt,
     PassFileOpt,
+    SalvageOpt,
     SkipDom0Opt,
     TranscriptOpt,
     VmOpt,
@@ -173,16 +174,7 @@ def restore(
             "what DIR's record says was placed, redo the rest.",
         ),
     ] = False,
-    salvage: Annotated[
-        bool,
-        typer.Option(
-            "--salvage",
-            help="Damaged backup, last resort: use chunks that FAIL authentication "
-            "anyway and place their files under their final names; every such file and "
-            "its unverified byte ranges are listed in DIR/SALVAGED.txt (exit stays 4). "
-            "The header and qubes.xml are always authenticated.",
-        ),
-    ] = False,
+    salvage: SalvageOpt = False,
 ) -> None:
     """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
     raise typer.Exit(

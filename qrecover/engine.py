@@ -35,7 +35,6 @@ from qrecover.container import (
     HEADER,
     HEADER_HMAC,
     QUBES_XML,
-    ChunkName,
     FolderSource,
     StreamSource,
     Truncated,
@@ -55,7 +54,6 @@ from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
-from qrecover.messages import err
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
@@ -343,7 +341,8 @@ class Recovery:
             if job.result.error is not None:
                 continue
             problem = misplaced(fmt, member, name, stored, expected)
-            if problem is not None and self._fill_gap(job, store, name, expected):
+            if problem and fill_gap(job, fmt, name, expected, store.scratch_file,
+                                    lambda: self._use(job, store, works.drain())):
                 expected, problem = name.index, None  # --salvage: zeros stand for the gap
             if problem is not None:
                 self._use(job, store, works.drain())  # the chunks before it come first
@@ -362,18 +361,6 @@ class Recovery:
             self.observer.in_flight(works.in_flight)
         self._use(job, store, works.drain())
 
-    def _fill_gap(self, job: StoredFile, store: ChunkStore, name: ChunkName, expected: int) -> bool:
-        """--salvage, uncompressed stream: chunks missing before ``name`` are fed
-        as zeros (qrecover.salvage.fill_gap); False if that cannot be."""
-        log = job.salvage
-        if log is None or log.geometry.compressed or name.is_hmac or name.index <= expected:
-            return False
-        assert self.works is not None and self.fmt is not None
-        if not self.fmt.owns_chunk(name):
-            return False
-        self._use(job, store, self.works.drain())  # the chunks before it are fed first
-        return fill_gap(job, store.scratch_file, name, expected)
-
     def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
         """Feed ``job`` the chunks whose step is done, in chunk order; the first
         that failed stops it (nothing after it is used)."""
@@ -391,12 +378,9 @@ class Recovery:
                 job.fail(outcome.error)
                 continue
             assert outcome.plain is not None
-            if outcome.unverified is not None:  # --salvage only
-                err(f"WARNING: {chunk.member}: {outcome.unverified}: used UNVERIFIED "
-                    "(--salvage): its bytes may be damaged or forged")
             try:
                 job.feed(outcome.plain, outcome.owned, chunk.member, outcome.feeder,
-                         outcome.unverified)
+                         outcome.unverified)  # --salvage: used although it failed its check
             except OSError as exc:
                 store.drop(outcome.plain, outcome.owned)
                 job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))

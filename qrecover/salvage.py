@@ -163,6 +163,8 @@ class SalvageLog:
         if not self.fed:
             self.first_size = size  # every chunk but the last has this size
         if reason is not None:
+            err(f"WARNING: {member}: {reason}: used UNVERIFIED (--salvage): its bytes may be "
+                "damaged or forged")
             self.chunks.append(Unverified(member, reason, self.fed, self.fed + size, zeros))
         self.fed += size
 
@@ -366,13 +368,18 @@ def record(report: Report, job: StoredFile, result: FileResult, output: Output) 
     report.salvaged = write_salvaged(output, reports, report.salvaged)
 
 
-def fill_gap(job: StoredFile, scratch_file: Callable[[], Path], name: ChunkName,
-             expected: int) -> bool:
-    """Feed zeros of a chunk's size (every chunk but the last has the size of
-    the first) for each chunk missing before ``name``, so that what follows
-    keeps its place; False if the size is not known or the file stopped."""
+def fill_gap(job: StoredFile, fmt: Format, name: ChunkName, expected: int,
+             scratch_file: Callable[[], Path], flush: Callable[[], None]) -> bool:
+    """--salvage, uncompressed stream: feed zeros of a chunk's size (every chunk
+    but the last has the size of the first) for each chunk missing before
+    ``name``, so that what follows keeps its place (``flush``: the engine feeds
+    the chunks before them first); False if that cannot be."""
     log = job.salvage
-    assert log is not None
+    if log is None or log.geometry.compressed or name.is_hmac or name.index <= expected:
+        return False
+    if not fmt.owns_chunk(name):
+        return False
+    flush()
     if job.result.error is not None or log.first_size <= 0:
         return False
     for index in range(expected, name.index):
@@ -381,6 +388,5 @@ def fill_gap(job: StoredFile, scratch_file: Callable[[], Path], name: ChunkName,
         with zeros.open("xb") as f:
             f.truncate(log.first_size)  # sparse: no disk
         reason = f"missing from the backup; fed as {log.first_size} zero bytes"
-        err(f"WARNING: {missing}: {reason} (--salvage)")
         job.feed(zeros, True, missing, None, reason, zeros=True)
     return True

@@ -105,6 +105,7 @@ def _salvaged(bad: Path, backup: Backup, out: Path) -> tuple[Any, dict[str, Any]
     result = restore(bad, backup, out, "--salvage", "--json")
     assert result.code == 4, result.err
     assert "FAILED AUTHENTICATION" in result.err and "UNVERIFIED" in result.err
+    assert "SALVAGED (unverified)" in result.err  # the summary table's status
     doc = json.loads(result.out)
     (image,) = [f for f in doc["files"] if f["stored"] == "vm7/private.img"]
     assert image["status"] == "salvaged"
@@ -166,6 +167,11 @@ def test_format4_flipped_bit_is_one_byte(
     assert sum(b - a for a, b in entry["ranges"]) == MIB  # one chunk's plaintext
     assert "SALVAGED  work" in result.err  # the file's line says it (stdout under --json)
     _damaged_listed(out / "work" / "private.img", tmp_path)
+    with_files = restore(bad, backup, tmp_path / "with-files", "--salvage", "--files")
+    assert with_files.code == 4, with_files.err
+    assert "DAMAGED   /home/user/big.bin" in with_files.err
+    copied = tmp_path / "with-files" / "work" / "files" / "user"
+    assert (copied / "small.txt").read_text() == "hello\n"
 
 
 def test_format4_missing_chunk_is_zeros(

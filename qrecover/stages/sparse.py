@@ -85,7 +85,7 @@ def extent(
     if header[156] == ord("S"):
         return Extent(name, start, data_start, size, old_gnu_map(header, extension)), b""
     records = _pax(meta)
-    if records.get(b"GNU.sparse.major") == b"1":
+    if records.get(b"GNU.sparse.major") == b"1" and size >= BLOCK:
         prefix = b""
         while True:
             if len(prefix) >= min(size, MAX_META):
