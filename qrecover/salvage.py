@@ -89,6 +89,7 @@ class FileRanges:
     ranges: list[tuple[int, int]]  # [start, end) of the file, exact
     from_byte: int | None = None  # compressed: everything from here on is unverified
     layout_unverified: bool = False  # its headers or sparse map are in an unverified range
+    size: int | None = None  # its size as restored (told when the stream was cut)
 
 
 @dataclass
@@ -114,7 +115,7 @@ class SalvageReport:
             "files": [
                 {"member": f.member, "path": f.path or None,
                  "ranges": [list(r) for r in f.ranges], "from_byte": f.from_byte,
-                 "layout_unverified": f.layout_unverified}
+                 "layout_unverified": f.layout_unverified, "size": f.size}
                 for f in self.files
             ],
             "cut": self.cut,
@@ -143,6 +144,8 @@ class SalvageReport:
             out.append("  no restored file lies in the unverified range(s)")
         if self.cut is not None:
             out.append(f"  CUT SHORT: {self.cut}")
+            out += [f"  {f.path}: {f.size} bytes as restored (cut there)" for f in self.files
+                    if f.path and f.size is not None]
         return out
 
 
@@ -207,6 +210,8 @@ class SalvageLog:
                     continue
                 touched.ranges += to_file(ext, begin, stop)
             touched.ranges = _merge(touched.ranges)
+            if path and root is not None and (root / path).is_file():
+                touched.size = (root / path).stat().st_size
             if touched.ranges or touched.from_byte is not None or touched.layout_unverified:
                 files.append(touched)
         return SalvageReport(self.stored, list(self.chunks), files, ranges,

@@ -208,6 +208,7 @@ def test_compressed_from_byte_n_on(make: MakeBackup, vm_image: Path, tmp_path: P
     assert restored[:n] == original[:n]  # everything before N is as stored
     if len(restored) < len(original):  # the decompressor stopped at the damage: said
         assert salvage["cut"] and "CUT SHORT" in text
+        assert f"work/private.img: {len(restored)} bytes as restored (cut there)" in text
 
 
 def test_salvage_never_bypasses_the_header(
