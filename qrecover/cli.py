@@ -45,6 +45,7 @@ from qrecover.options import (
     JsonOpt,
     NoLimitOpt,
     PassFileOpt,
+    SalvageOpt,
     SkipDom0Opt,
     TranscriptOpt,
     VmOpt,
@@ -167,6 +168,7 @@ def restore(
             "what DIR's record says was placed, redo the rest.",
         ),
     ] = False,
+    salvage: SalvageOpt = False,
 ) -> None:
     """qrecover restore (its help and examples: qrecover.help_text)."""
     raise typer.Exit(
@@ -187,6 +189,7 @@ def restore(
             settings=_settings(ctx),
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
+            salvage=salvage,
         )
     )
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from qrecover.formats.base import Format
     from qrecover.header import Header
     from qrecover.plan import Plan
+    from qrecover.salvage import SalvageReport
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Request:
     # None: as many as the cores and the memory allow.
     jobs: int | None = None
     resume: bool = False  # --resume: skip what DIR's record says is placed
+    # --salvage: use chunks that fail authentication, knowingly (qrecover.salvage)
+    salvage: bool = False
 
 
 @dataclass
@@ -51,6 +54,7 @@ class FileResult:
     failure: QrecoverError | None = None
     expanded: int = 0  # bytes of inner archive the guard let through
     kept: bool = False  # placed by an earlier run; skipped by --resume
+    salvage: SalvageReport | None = None  # placed with unverified chunks (--salvage)
 
     @property
     def ok(self) -> bool:
@@ -82,6 +86,7 @@ class Report:
     stops: list[OutputError] = field(default_factory=list)  # what would stop a restore
     kept: tuple[str, ...] = ()  # restore --dry-run --resume: what an earlier run placed
     excused: frozenset[str] = frozenset()  # ... and the existing targets that are its work
+    salvaged: Path | None = None  # --salvage: the SALVAGED.txt written
 
     @property
     def header(self) -> Header | None:
