@@ -44,6 +44,7 @@ from qrecover.options import (
     JobsOpt,
     JsonOpt,
     NoLimitOpt,
+    OtherCopyOpt,
     PassFileOpt,
     SkipDom0Opt,
     TranscriptOpt,
@@ -165,6 +166,7 @@ def restore(
         ),
     ] = False,
     as_json: JsonOpt = False,
+    other_copy: OtherCopyOpt = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -193,6 +195,7 @@ def restore(
             settings=_settings(ctx),
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
+            other_copies=other_copy or [],
         )
     )
 
@@ -252,6 +255,7 @@ def verify(
     transcript: TranscriptOpt = None,
     explain: ExplainOpt = False,
     as_json: JsonOpt = False,
+    other_copy: OtherCopyOpt = None,
 ) -> None:
     """Check everything restore would, writing nothing: every HMAC, decryption,
     decompression, and a listing of each inner archive."""
@@ -268,6 +272,7 @@ def verify(
             settings=_settings(ctx),
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
+            other_copies=other_copy or [],
         )
     )
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from qrecover import formats
 from qrecover.container import open_source
 from qrecover.context import RunContext
+from qrecover.copies import open_copy
+from qrecover.damage_report import damage_lines
 from qrecover.engine import run
 from qrecover.errors import (
     EXIT_BACKUP,
@@ -31,6 +33,7 @@ from qrecover.errors import (
     UsageError,
 )
 from qrecover.events import EventListener
+from qrecover.fallback import Copies
 from qrecover.files import find_debugfs
 from qrecover.files.command import restore_files
 from qrecover.inventory import Entity
@@ -44,6 +47,7 @@ from qrecover.render.transcript import TranscriptWriter, open_new
 from qrecover.report import FileResult, Report, Request
 from qrecover.report_json import json_output
 from qrecover.resume import RECORD_NAME
+from qrecover.runner import log_command
 from qrecover.sources import replay_path
 from qrecover.units import human_bytes
 
@@ -111,6 +115,10 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
         print(summary_table(mode, report.files, elapsed), flush=True)
     for note in formats.notes(report.fmt):
         err(f"note: {note}")
+    for note in report.notes:
+        err(f"note: {note}")
+    for line in damage_lines(mode, report):
+        err(line)
     for problem in report.problems:
         err(f"problem: {problem}")
     if (warning := formats.unauthenticated(report.fmt)) is not None:
@@ -149,6 +157,22 @@ def _run(
 ) -> tuple[Report, float]:
     """Run the pass; returns the report and its time (from after the passphrase)."""
     formats.refuse_packed_folder(backup)  # a tar of a format-1 folder: before any passphrase
+    with contextlib.ExitStack() as stack:
+        copies = Copies([], " ".join(backup), log_command)
+        stack.callback(copies.close)
+        for value in request.other_copies:  # indexed (seeks only) before any passphrase
+            copies.copies.append(open_copy(value, backup))
+        return _run_with(settings, backup, passphrase_file, request, listeners, copies)
+
+
+def _run_with(
+    settings: Settings,
+    backup: Sequence[str],
+    passphrase_file: Path | None,
+    request: Request,
+    listeners: Sequence[EventListener],
+    copies: Copies,
+) -> tuple[Report, float]:
     source = open_source(backup)
     warning = formats.unauthenticated(formats.folder_format(source))  # format 1: no passphrase
     passphrase = get_passphrase(passphrase_file) if warning is None else ""
@@ -156,12 +180,14 @@ def _run(
         err(f"warning: {warning}")
     started = time.monotonic()
     ctx = RunContext(quiet=settings.quiet, listeners=list(listeners))
+    copies.log = ctx.command
     if request.mode == "info":
         return run(source, passphrase, request, ctx=ctx), time.monotonic() - started
     if not settings.quiet and sys.stderr.isatty():
         ctx.display = Display(sys.stderr, source_size(source))
     try:
-        report = run(source, passphrase, request, _Printer(request.mode, ctx.display), ctx)
+        printer = _Printer(request.mode, ctx.display)
+        report = run(source, passphrase, request, printer, ctx, copies)
         return report, time.monotonic() - started
     finally:
         ctx.clear_line()
@@ -246,12 +272,14 @@ def restore_command(
     settings: Settings | None = None,
     exclude: Sequence[str] = (),
     skip_dom0_home: bool = False,
+    other_copies: Sequence[str] = (),
 ) -> int:
     if as_json and dry_run:
         raise UsageError("--json and --dry-run do not go together")
     request = Request(
         "restore", tuple(vms), output, force, size_limit, dry_run=dry_run, resume=resume,
         exclude=tuple(exclude), skip_dom0_home=skip_dom0_home, jobs=jobs,
+        other_copies=tuple(other_copies),
     )
     try:
         with json_output(as_json, "restore", backup) as as_doc:
@@ -319,11 +347,12 @@ def verify_command(
     settings: Settings | None = None,
     exclude: Sequence[str] = (),
     skip_dom0_home: bool = False,
+    other_copies: Sequence[str] = (),
 ) -> int:
     settings = settings or Settings()
     request = Request(
         "verify", tuple(vms), size_limit=size_limit, exclude=tuple(exclude),
-        skip_dom0_home=skip_dom0_home, jobs=jobs,
+        skip_dom0_home=skip_dom0_home, jobs=jobs, other_copies=tuple(other_copies),
     )
     with json_output(as_json, "verify", backup) as as_doc:
         with _showing("verify", backup, None, transcript, explain) as shown:

@@ -35,7 +35,9 @@ from qrecover.container import (
     HEADER,
     HEADER_HMAC,
     QUBES_XML,
+    ChunkName,
     FolderSource,
+    Member,
     StreamSource,
     Truncated,
     parse_member_name,
@@ -48,9 +50,11 @@ from qrecover.errors import (
     OutputError,
     ProgramFailed,
     StoredFileError,
+    UsageError,
 )
-from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead
-from qrecover.formats.base import ChunkWorks, Completed, Format
+from qrecover.events import ChunkBorrowed, ChunkChecked, HeaderVerified, InventoryRead
+from qrecover.fallback import ChunkDamage, Copies, chunk_name
+from qrecover.formats.base import ChunkOutcome, ChunkWorks, Completed, Format
 from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
@@ -74,8 +78,12 @@ class Recovery:
         request: Request,
         observer: Observer | None = None,
         ctx: RunContext | None = None,
+        copies: Copies | None = None,
     ) -> None:
         self.ctx = ctx if ctx is not None else RunContext()
+        # --other-copy: where a chunk BACKUP lost may be found (qrecover.fallback)
+        self.copies = copies if copies is not None else Copies([], "", self.ctx.command)
+        self._own_xml: dict[int, str] = {}  # qubes.xml's chunk HMACs from BACKUP itself
         self.source = source
         self.passphrase = passphrase
         self.key = passphrase.encode("utf-8")
@@ -106,6 +114,9 @@ class Recovery:
             self.fmt = fmt = headerless or self._read_header(members)
             if headerless is not None:
                 self.ctx.emit(HeaderVerified(fmt))
+                if self.copies:
+                    raise UsageError("--other-copy: a format-1 backup authenticates nothing, "
+                                     "so a good chunk cannot be told from a bad one")
             self.report.fmt = fmt
             self._check_programs(fmt)
             writes = request.mode == "restore" and not request.dry_run
@@ -120,6 +131,7 @@ class Recovery:
             log, jobs = self.ctx.command, request.jobs
             self.works = fmt.chunk_works(self.passphrase, self.scratch, log, jobs)
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
+            self.copies.check_xml(self._own_xml)  # formats 2 and 3: the same backup?
             inventory = formats.read_inventory(fmt, xml, self.report.problems)
             self.report.inventory = inventory
             selected = inventory.select(request.vms, request.exclude, request.skip_dom0_home)
@@ -205,6 +217,11 @@ class Recovery:
         self.header_raw = data + b"\0" + hmac_text
         fmt = formats.authenticate(data, hmac_text, self.passphrase, self.ctx.command)
         self.ctx.emit(HeaderVerified(fmt))
+        # Each other copy: the same header, authenticated: before anything is used from it.
+        self.copies.check_header(
+            data, hmac_text,
+            lambda d, m: formats.authenticate(d, m, self.passphrase, self.ctx.command),
+        )
         return fmt
 
     def _check_programs(self, fmt: Format) -> None:
@@ -290,25 +307,58 @@ class Recovery:
                 kept = self.resume.read_through(members, name.stored, owner.name, self.observer)
                 self.report.files.append(kept)
                 continue
-            job = self._job(plan, name.stored, owner.name, owner)
-            self.observer.file_started(name.stored, owner.name)
-            self._active = job
-            self._consume(members, job)
-            result = job.finish()
-            self._active = None
-            self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
-            self.report.files.append(result)
-            if self.resume is not None:
-                self.resume.placed(result)
-            # Special files were left out: the rest of the stored file is
-            # complete and verified, but the backup was not restored whole.
-            self.report.problems.extend(f"{result.stored}: {note}" for note in result.notes)
-            self.observer.file_done(result)
-            if isinstance(result.failure, OutputError) and result.failure.fatal:
-                raise result.failure
-        if members.error is not None:
+            self._one_file(plan, members, name.stored, owner)
+        if self.copies:  # stored files BACKUP lost whole, or after where it broke off
+            self._rest_from_copies(plan, inventory, chosen, members.error)
+        elif members.error is not None:
             self.report.problems.append(str(members.error))
         self.report.problems += missing(plan.selected, self.report.files)
+
+    def _one_file(self, plan: Plan, members: Members, stored: str, owner: Entity) -> None:
+        job = self._job(plan, stored, owner.name, owner)
+        self.observer.file_started(stored, owner.name)
+        self._active = job
+        self._consume(members, job)
+        result = job.finish()
+        self._active = None
+        self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
+        self.report.files.append(result)
+        if self.resume is not None:
+            self.resume.placed(result)
+        # Special files were left out: the rest of the stored file is
+        # complete and verified, but the backup was not restored whole.
+        self.report.problems.extend(f"{result.stored}: {note}" for note in result.notes)
+        self.observer.file_done(result)
+        if isinstance(result.failure, OutputError) and result.failure.fatal:
+            raise result.failure
+
+    def _rest_from_copies(
+        self, plan: Plan, inventory: Inventory, chosen: set[str], broke: BackupError | None
+    ) -> None:
+        """The selected stored files BACKUP never reached (it broke off, or lost
+        them whole), from the other copies; each chunk authenticated as ever."""
+        fmt = self.fmt
+        assert fmt is not None
+        taken = 0
+        for stored in self.copies.stored_names():
+            owner = inventory.owner(stored)
+            if stored in self._seen or owner is None or owner.backup_path not in chosen:
+                continue
+            if not self.copies.holds(chunk_name(fmt, stored, 0)):
+                continue
+            taken += 1
+            if self.resume is not None and self.resume.keeps(stored):  # placed earlier
+                none = Members(iter(()))
+                self.report.files.append(
+                    self.resume.read_through(none, stored, owner.name, self.observer))
+                continue
+            self._one_file(plan, Members(iter(())), stored, owner)
+        if broke is not None:
+            # Said, not a failure: whatever the copies hold after it was taken from them.
+            self.report.notes.append(
+                f"{broke}; what BACKUP held after it was looked for in the other copies "
+                f"({taken} stored file(s) taken whole from them)"
+            )
 
     # -- one stored file ----------------------------------------------------
 
@@ -334,8 +384,21 @@ class Recovery:
                 break
             members.take()
             if job.result.error is not None:
+                if self.request.mode == "verify":  # tell every damaged chunk, not the first
+                    self._check_only(store, member, name, members)
                 continue
             problem = misplaced(fmt, member, name, stored, expected)
+            if problem is not None and fmt.owns_chunk(name) and (
+                name.index > expected or (name.is_hmac and name.index == expected)
+            ):
+                # chunks missing before it (or, for an .hmac alone, its own chunk)
+                self._use(job, store, works.drain())  # the chunks before them come first
+                upto = name.index + 1 if name.is_hmac else name.index
+                if self._fill(job, store, stored, expected, upto, problem.message):
+                    expected = upto
+                    if name.is_hmac:
+                        continue  # its chunk came whole, with its own .hmac, from a copy
+                    problem = None
             if problem is not None:
                 self._use(job, store, works.drain())  # the chunks before it come first
                 job.fail(problem)
@@ -345,13 +408,90 @@ class Recovery:
                 pending = fmt.read_chunk(store, member, name, members)
             except Truncated as exc:
                 self._use(job, store, works.drain())
-                job.fail(exc)
+                if self._fill(job, store, stored, expected, expected + 1, exc.message):
+                    expected += 1
+                    self._fill_tail(job, store, stored, expected)
+                else:
+                    job.fail(exc)
                 members.stop(exc)
-                break
+                return
             expected += 1
             self._use(job, store, works.submit(pending, member.name, member.size))
             self.observer.in_flight(works.in_flight)
         self._use(job, store, works.drain())
+        self._fill_tail(job, store, stored, expected)
+
+    def _check_only(self, store: ChunkStore, member: Member, name: ChunkName,
+                    members: Members) -> None:
+        """verify, after a stored file failed: check its later chunks all the same
+        (nothing of them is used), so that the report names every damaged one."""
+        fmt = self.fmt
+        assert fmt is not None
+        if not fmt.owns_chunk(name) or name.is_hmac:
+            return
+        try:
+            outcome = fmt.read_chunk(store, member, name, members).complete()
+        except Truncated as exc:
+            self.report.damage.append(ChunkDamage(name.stored, member.name, exc.message))
+            members.stop(exc)
+            return
+        if outcome.plain is not None:
+            store.drop(outcome.plain, outcome.owned)
+        if outcome.error is not None:
+            problem = outcome.reason or outcome.error.message
+            self.report.damage.append(ChunkDamage(name.stored, member.name, problem))
+
+    def _fill(self, job: StoredFile, store: ChunkStore, stored: str, start: int, stop: int,
+              problem: str) -> bool:
+        """Chunks ``start`` to ``stop - 1``, missing in BACKUP, from the other copies."""
+        assert self.fmt is not None
+        for index in range(start, stop):
+            name = chunk_name(self.fmt, stored, index)
+            if not self._borrow(job, store, name, problem, None):
+                return False
+        return True
+
+    def _fill_tail(self, job: StoredFile, store: ChunkStore, stored: str, expected: int) -> None:
+        """Chunks after the last BACKUP holds of ``stored``, if a copy holds them."""
+        assert self.fmt is not None
+        while self.copies and job.result.error is None:
+            name = chunk_name(self.fmt, stored, expected)
+            if not self.copies.holds(name):
+                return
+            if not self._borrow(job, store, name, f"{name.name}: missing from the backup", None):
+                job.fail(StoredFileError(f"{name.name}: missing from the backup, and no other "
+                                         "copy has it good"))
+                return
+            expected += 1
+
+    def _borrow(self, job: StoredFile, store: ChunkStore, name: ChunkName, problem: str,
+                counted: int | None) -> bool:
+        """Take chunk ``name`` from the first other copy where it authenticates and
+        feed it; False (and the damage recorded) when none does.  ``counted``: the
+        size of BACKUP's bad chunk, already counted in the stored file's figures."""
+        assert self.fmt is not None
+        damage = ChunkDamage(job.stored, name.name, problem)
+        self.report.damage.append(damage)
+        if not self.copies:
+            return False
+        got = self.copies.fetch(self.fmt, store, name)
+        damage.tried = got.tried
+        outcome = got.outcome
+        if outcome is None or got.copy is None:
+            return False
+        if outcome.error is not None:  # the output side failed (a full disk)
+            job.fail(outcome.error)
+            return True
+        assert outcome.plain is not None
+        damage.copy = got.copy.label
+        if counted is not None:
+            job.result.chunks -= 1
+            job.result.stored_bytes -= counted
+        self.ctx.emit(ChunkBorrowed(name.name, got.size, got.copy.label, got.command, problem))
+        if job.stored == QUBES_XML and outcome.mac:
+            self.xml_macs.append(outcome.mac)
+        self._feed(job, store, name.name, outcome)
+        return True
 
     def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
         """Feed ``job`` the chunks whose step is done, in chunk order; the first
@@ -362,19 +502,34 @@ class Recovery:
                 if outcome.plain is not None:
                     store.drop(outcome.plain, outcome.owned)
                 continue
+            bad = outcome.error
+            if bad is not None and not isinstance(bad, OutputError):
+                name = parse_member_name(chunk.member)
+                problem = f"{chunk.member}: {outcome.reason}" if outcome.reason else bad.message
+                if name is not None and self._borrow(job, store, name, problem, chunk.size):
+                    continue
             if outcome.checked:
                 self.ctx.emit(ChunkChecked(chunk.member, chunk.size, outcome.reason))
             if job.stored == QUBES_XML and outcome.mac:
                 self.xml_macs.append(outcome.mac)
+                name = parse_member_name(chunk.member)
+                if name is not None:
+                    self._own_xml[name.index] = outcome.mac
             if outcome.error is not None:
+                if self.copies and not isinstance(outcome.error, OutputError):
+                    job.fail(StoredFileError(f"{outcome.error.message}; no other copy has it "
+                                             "good either"))
                 job.fail(outcome.error)
                 continue
-            assert outcome.plain is not None
-            try:
-                job.feed(outcome.plain, outcome.owned, chunk.member, outcome.feeder)
-            except OSError as exc:
-                store.drop(outcome.plain, outcome.owned)
-                job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))
+            self._feed(job, store, chunk.member, outcome)
+
+    def _feed(self, job: StoredFile, store: ChunkStore, member: str, outcome: ChunkOutcome) -> None:
+        assert outcome.plain is not None
+        try:
+            job.feed(outcome.plain, outcome.owned, member, outcome.feeder)
+        except OSError as exc:
+            store.drop(outcome.plain, outcome.owned)
+            job.fail(StoredFileError(f"{member}: could not start the pipeline ({exc})"))
 
 
 def run(
@@ -383,9 +538,10 @@ def run(
     request: Request,
     observer: Observer | None = None,
     ctx: RunContext | None = None,
+    copies: Copies | None = None,
 ) -> Report:
     """Run the procedure; raises QrecoverError for what stops everything."""
-    return Recovery(source, passphrase, request, observer, ctx).run()
+    return Recovery(source, passphrase, request, observer, ctx, copies).run()
 
 
 __all__ = ["FileResult", "Report", "Request", "run"]

@@ -13,6 +13,7 @@ from qrecover.inventory import Entity, Inventory
 from qrecover.plan import Mode
 
 if TYPE_CHECKING:
+    from qrecover.fallback import ChunkDamage
     from qrecover.formats.base import Format
     from qrecover.header import Header
     from qrecover.plan import Plan
@@ -34,6 +35,7 @@ class Request:
     # None: as many as the cores and the memory allow.
     jobs: int | None = None
     resume: bool = False  # --resume: skip what DIR's record says is placed
+    other_copies: Sequence[str] = ()  # --other-copy PATH...: where lost chunks may be found
 
 
 @dataclass
@@ -82,6 +84,10 @@ class Report:
     stops: list[OutputError] = field(default_factory=list)  # what would stop a restore
     kept: tuple[str, ...] = ()  # restore --dry-run --resume: what an earlier run placed
     excused: frozenset[str] = frozenset()  # ... and the existing targets that are its work
+    # Chunks BACKUP lost (missing, unreadable, failing their check), each with the
+    # other copy it was taken from, if any (qrecover.fallback).
+    damage: list[ChunkDamage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # said, but no failure
 
     @property
     def header(self) -> Header | None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from qrecover.damage_report import damage_json
 from qrecover.errors import EXIT_OK, QrecoverError
 from qrecover.report import FileResult, Report
 
@@ -45,6 +46,8 @@ def report_json(
         "vms": [e.as_json() for e in report.selected],
         "files": [file_json(f) for f in report.files],
         "problems": list(report.problems),
+        # what BACKUP did not give good, and which other copy gave it (--other-copy)
+        "damage": damage_json(report),
         "verdict": "ok" if exit_code == EXIT_OK else "failed",
         "exit_code": exit_code,
     }
