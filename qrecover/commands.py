@@ -130,6 +130,8 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
         if kept := sum(1 for f in report.files if f.kept):  # --resume (qrecover/resume.py)
             where += f" ({kept} of them kept from an earlier run, not read again)"
         checked = report.fmt.verdict if report.fmt is not None else "all HMACs matched"
+        if taken := sum(1 for d in report.damage if d.copy is not None):  # --other-copy
+            checked += f" ({taken} chunk(s) taken from the other copies)"
         print(
             f"{verb} {count} stored file(s) of {len(report.selected)} VM(s){where}: "
             f"{checked}, every stage succeeded",

@@ -130,6 +130,7 @@ class Recovery:
             self.names = ScratchNames(self.scratch)
             log, jobs = self.ctx.command, request.jobs
             self.works = fmt.chunk_works(self.passphrase, self.scratch, log, jobs)
+            self.works.keep_going = bool(self.copies)
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
             self.copies.check_xml(self._own_xml)  # formats 2 and 3: the same backup?
             inventory = formats.read_inventory(fmt, xml, self.report.problems)
@@ -505,7 +506,7 @@ class Recovery:
             bad = outcome.error
             if bad is not None and not isinstance(bad, OutputError):
                 name = parse_member_name(chunk.member)
-                problem = f"{chunk.member}: {outcome.reason}" if outcome.reason else bad.message
+                problem = outcome.reason or bad.message
                 if name is not None and self._borrow(job, store, name, problem, chunk.size):
                     continue
             if outcome.checked:

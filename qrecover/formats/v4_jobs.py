@@ -58,6 +58,7 @@ class ScryptWorks:
         self.log = log
         self.jobs = jobs
         self.planner = planner
+        self.keep_going = False  # --other-copy: a failed chunk does not stop its stored file
         self.plan: JobPlan | None = None
         self._ceiling = 0
         self._pool: ChunkPool | None = None
@@ -116,7 +117,7 @@ class ScryptWorks:
                 self._ceiling = scrypt_ceiling(read_memory().total)
                 self._pool = ChunkPool(
                     self.fmt.tool, self.passphrase, self.scratch, self.plan,
-                    on_start=self._started,
+                    on_start=self._started, stop_groups=not self.keep_going,
                 )
             else:
                 assert self.plan is not None
