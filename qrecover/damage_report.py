@@ -89,7 +89,7 @@ def damage_lines(mode: str, report: Report) -> list[str]:
                 where = f"good in {chunk.copy} (restore with --other-copy {chunk.copy})"
             else:
                 where = f"taken from {chunk.copy}"
-            lines.append(f"      chunk {chunk.chunk}: {chunk.problem}; {where}")
+            lines.append(f"      chunk {chunk.chunk}: {chunk.said}; {where}")
             lines += [f"        {tried}" for tried in chunk.tried if chunk.copy is None]
         if not item.chunks and not result.ok:
             lines.append(f"      {result.problem}")

@@ -32,8 +32,16 @@ class ChunkDamage:
     copy: str | None = None  # the other copy it was taken from; None: none had it good
     tried: list[str] = field(default_factory=list)  # what was wrong in the copies tried
 
+    @property
+    def said(self) -> str:
+        """The problem without the chunk's name in front (it is said beside it)."""
+        for name in (self.chunk, self.chunk.removesuffix(".enc")):
+            if self.problem.startswith(f"{name}: "):
+                return self.problem[len(name) + 2:]
+        return self.problem
+
     def as_json(self) -> dict[str, object]:
-        return {"chunk": self.chunk, "problem": self.problem, "taken_from": self.copy,
+        return {"chunk": self.chunk, "problem": self.said, "taken_from": self.copy,
                 "other_copies": list(self.tried)}
 
 
