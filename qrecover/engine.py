@@ -475,7 +475,9 @@ class Recovery:
         self.report.damage.append(damage)
         if not self.copies:
             return False
+        figures = job.result.chunks, job.result.stored_bytes  # copies tried count no chunk
         got = self.copies.fetch(self.fmt, store, name)
+        job.result.chunks, job.result.stored_bytes = figures
         damage.tried = got.tried
         outcome = got.outcome
         if outcome is None or got.copy is None:
@@ -485,9 +487,8 @@ class Recovery:
             return True
         assert outcome.plain is not None
         damage.copy = got.copy.label
-        if counted is not None:
-            job.result.chunks -= 1
-            job.result.stored_bytes -= counted
+        job.result.chunks += 0 if counted is not None else 1  # BACKUP's bad one was counted
+        job.result.stored_bytes += got.size - (counted or 0)
         self.ctx.emit(ChunkBorrowed(name.name, got.size, got.copy.label, got.command, problem))
         if job.stored == QUBES_XML and outcome.mac:
             self.xml_macs.append(outcome.mac)

@@ -231,3 +231,26 @@ def test_format2_pieces_as_the_other_copy(tmp_path: Path) -> None:
     assert code == 0, text
     assert sha(out / "tiny" / "private.img") == sha(src / "private.img")
     assert f"chunk {names[1]}: HMAC mismatch; taken from {pieces}" in text
+
+
+def test_outer_damage_and_two_copies_each_damaged(v3: Backup, tmp_path: Path) -> None:
+    """4 KiB of zeros over a chunk's tar header in BACKUP (an unreadable sector, as
+    ddrescue leaves it); each other copy lacks a different chunk: each chunk comes from
+    the first copy where it authenticates."""
+    chunks = chunks_of(v3, "vm7/private.img")
+    with tarfile.open(v3.path, ignore_zeros=True) as tar:
+        header = next(m.offset for m in tar if m.name == chunks[0])
+    zeroed = tmp_path / "zeroed"
+    shutil.copyfile(v3.path, zeroed)
+    with zeroed.open("r+b") as f:
+        f.seek(header // 4096 * 4096)
+        f.write(bytes(4096))
+    a = damaged_copy(v3.path, tmp_path / "A", chunks[0])
+    b = damaged_copy(v3.path, tmp_path / "B", chunks[1])
+    out = tmp_path / "out"
+    code, text = restore(zeroed, out, v3.passfile, "--other-copy", a, "--other-copy", b)
+    assert code == 0, text
+    assert_restored(out, v3)
+    assert f"chunk {chunks[0]}: " in text and f"taken from {b}" in text
+    code, text = restore(zeroed, tmp_path / "out2", v3.passfile, "--other-copy", a)
+    assert code == 4 and f"{a}: HMAC mismatch" in text  # A alone does not have it good
