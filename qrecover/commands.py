@@ -323,6 +323,10 @@ def _restore_command(
             name = " ".join(backup) if len(backup) <= 3 else many
         print(plan_text(report.plan, where or "-", report.stops, feed=feed, name=name,
                         kept=report.kept, excused=report.excused))
+        for copy in request.other_copies:  # its header was checked against BACKUP's
+            print(f"other copy {copy}: the same backup (its header checked); a chunk missing "
+                  "or bad in the backup is taken from it (tail -c +OFFSET COPY | tar -i -x "
+                  "... CHUNK), and checked the same way")
         # What would stop the restore stops the dry run, with the same exit code.
         return (EXIT_OUTPUT if report.stops else EXIT_OK), report
     if files:

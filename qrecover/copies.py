@@ -47,7 +47,7 @@ from qrecover.hmacs import MAX_HMAC_FILE, parse_hmac_text
 from qrecover.magic import SNIFF, compression_of
 from qrecover.tarstream import BLOCK, MAX_EXTENDED, MAX_MEMBER, ZERO_BLOCK, checksum_ok, parse_pax
 
-MAX_ENTRIES = 1_000_000  # members indexed per copy: 100 TiB of 100 MiB chunks
+MAX_ENTRIES = 500_000  # members indexed per copy: 25 TiB of 100 MiB chunks, and their .hmac
 WINDOW = 1024 * 1024  # what a scan over damage or zeros reads at a time
 
 
@@ -62,7 +62,7 @@ def _octal(field_: bytes) -> int | None:
     return int(text, 8)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """Where a member of a copy is: its first header block, its data, its size."""
 

@@ -254,3 +254,15 @@ def test_outer_damage_and_two_copies_each_damaged(v3: Backup, tmp_path: Path) ->
     assert f"chunk {chunks[0]}: " in text and f"taken from {b}" in text
     code, text = restore(zeroed, tmp_path / "out2", v3.passfile, "--other-copy", a)
     assert code == 4 and f"{a}: HMAC mismatch" in text  # A alone does not have it good
+
+
+def test_dry_run_checks_and_names_the_other_copy(v3: Backup, tmp_path: Path) -> None:
+    b = damaged_copy(v3.path, tmp_path / "B", chunks_of(v3, "vm7/private.img")[0])
+    result = run_main("restore", v3.path, "-o", tmp_path / "out", "--passphrase-file",
+                      v3.passfile, "--dry-run", "--other-copy", b)
+    assert result.code == 0, result.text
+    assert f"other copy {b}: the same backup" in result.out
+    assert not (tmp_path / "out").exists()
+    result = run_main("verify", v3.path, "--passphrase-file", v3.passfile,
+                      "--other-copy", "-")
+    assert result.code == 2 and "must be seekable" in result.err
