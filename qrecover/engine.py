@@ -376,6 +376,7 @@ class Recovery:
         works = self.works
         assert works is not None
         expected = 0
+        elsewhere: set[int] = set()  # chunks taken whole (with their .hmac) from a copy
         while True:
             member = members.peek()
             if member is None:
@@ -388,6 +389,8 @@ class Recovery:
                 if self.request.mode == "verify":  # tell every damaged chunk, not the first
                     self._check_only(store, member, name, members)
                 continue
+            if name.is_hmac and name.index in elsewhere:
+                continue  # the .hmac of a chunk BACKUP could not give: unused
             problem = misplaced(fmt, member, name, stored, expected)
             if problem is not None and fmt.owns_chunk(name) and (
                 name.index > expected or (name.is_hmac and name.index == expected)
@@ -396,6 +399,7 @@ class Recovery:
                 self._use(job, store, works.drain())  # the chunks before them come first
                 upto = name.index + 1 if name.is_hmac else name.index
                 if self._fill(job, store, stored, expected, upto, problem.message):
+                    elsewhere.update(range(expected, upto))
                     expected = upto
                     if name.is_hmac:
                         continue  # its chunk came whole, with its own .hmac, from a copy
@@ -416,6 +420,16 @@ class Recovery:
                     job.fail(exc)
                 members.stop(exc)
                 return
+            except BackupError as exc:
+                if member.path is None or not self.copies:
+                    raise
+                # a chunk file of a folder that cannot be opened: from a copy
+                self._use(job, store, works.drain())
+                if not self._fill(job, store, stored, expected, expected + 1, exc.message):
+                    job.fail(StoredFileError(f"{exc.message}; no other copy has it good"))
+                elsewhere.add(expected)
+                expected += 1
+                continue
             expected += 1
             self._use(job, store, works.submit(pending, member.name, member.size))
             self.observer.in_flight(works.in_flight)

@@ -266,3 +266,18 @@ def test_dry_run_checks_and_names_the_other_copy(v3: Backup, tmp_path: Path) -> 
     result = run_main("verify", v3.path, "--passphrase-file", v3.passfile,
                       "--other-copy", "-")
     assert result.code == 2 and "must be seekable" in result.err
+
+
+def test_folder_backup_missing_a_chunk_file_but_not_its_hmac(v3: Backup, tmp_path: Path) -> None:
+    chunks = chunks_of(v3, "vm7/private.img")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    subprocess.run(["tar", "-i", "-xf", str(v3.path), "-C", str(folder)], check=True)
+    (folder / chunks[1]).unlink()  # its .hmac stays, alone
+    b = damaged_copy(v3.path, tmp_path / "B", chunks[0])
+    out = tmp_path / "out"
+    code, text = restore(folder, out, v3.passfile, "--other-copy", b)
+    assert code == 0, text
+    assert_restored(out, v3)
+    assert f"chunk {chunks[1]}: {chunks[1]}.hmac: an .hmac without its chunk" in text
+    assert f"taken from {b}" in text
