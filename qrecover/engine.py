@@ -354,8 +354,13 @@ class Recovery:
                     self.resume.read_through(none, stored, owner.name, self.observer))
                 continue
             self._one_file(plan, Members(iter(())), stored, owner)
-        if broke is not None:
-            # Said, not a failure: whatever the copies hold after it was taken from them.
+        if broke is not None and not self.copies.whole():
+            self.report.problems.append(
+                f"{broke}; no other copy was read whole, without damage, so what BACKUP held "
+                "after it may not all have been found"
+            )
+        elif broke is not None:
+            # Said, not a failure: a copy read whole gave what BACKUP held after it.
             self.report.notes.append(
                 f"{broke}; what BACKUP held after it was looked for in the other copies "
                 f"({taken} stored file(s) taken whole from them)"

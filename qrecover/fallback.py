@@ -97,6 +97,10 @@ class Copies:
         for copy in self.copies:
             copy.check_xml_macs(own, self.backup)
 
+    def whole(self) -> bool:
+        """Was a copy read without damage to its end (so what it lacks, BACKUP lacked)?"""
+        return any(not copy.damage for copy in self.copies)
+
     def holds(self, name: ChunkName) -> bool:
         return any(copy.member(name.name) is not None for copy in self.copies)
 

@@ -52,6 +52,13 @@ def damaged_copy(src: Path, dst: Path, member: str) -> Path:
     return dst
 
 
+def untar(src: Path, folder: Path) -> Path:
+    """The backup untarred by hand, as the recovery page's step 1 does."""
+    folder.mkdir()
+    subprocess.run(["tar", "-i", "-xf", str(src), "-C", str(folder)], check=True)
+    return folder
+
+
 def chunks_of(backup: Backup, stored: str) -> list[str]:
     names = [n for n in backup.manifest.member_names()
              if n.startswith(stored + ".") and not n.endswith(".hmac")]
@@ -96,9 +103,7 @@ def test_format3_from_stdin_with_a_folder_copy_missing_a_chunk(v3: Backup, tmp_p
     chunk (and .hmac) files of another chunk are gone."""
     first, second = chunks_of(v3, "vm7/private.img")[:2]
     a = damaged_copy(v3.path, tmp_path / "A", first)
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    subprocess.run(["tar", "-i", "-xf", str(v3.path), "-C", str(folder)], check=True)
+    folder = untar(v3.path, tmp_path / "folder")
     (folder / second).unlink()
     (folder / f"{second}.hmac").unlink()
     out = tmp_path / "out"
@@ -178,9 +183,7 @@ def test_format4_damaged_file_and_folder_copies(make4: MakeBackup, tmp_path: Pat
     other copy a file with another chunk garbled; and the other way round."""
     backup = make4(chunk_size=16 * 1024)
     first, second = chunks_of(backup, "vm7/private.img")[:2]
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    subprocess.run(["tar", "-i", "-xf", str(backup.path), "-C", str(folder)], check=True)
+    folder = untar(backup.path, tmp_path / "folder")
     (folder / first).unlink()
     garbled = damaged_copy(backup.path, tmp_path / "garbled", second)
 
@@ -270,9 +273,7 @@ def test_dry_run_checks_and_names_the_other_copy(v3: Backup, tmp_path: Path) -> 
 
 def test_folder_backup_missing_a_chunk_file_but_not_its_hmac(v3: Backup, tmp_path: Path) -> None:
     chunks = chunks_of(v3, "vm7/private.img")
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    subprocess.run(["tar", "-i", "-xf", str(v3.path), "-C", str(folder)], check=True)
+    folder = untar(v3.path, tmp_path / "folder")
     (folder / chunks[1]).unlink()  # its .hmac stays, alone
     b = damaged_copy(v3.path, tmp_path / "B", chunks[0])
     out = tmp_path / "out"
@@ -281,3 +282,18 @@ def test_folder_backup_missing_a_chunk_file_but_not_its_hmac(v3: Backup, tmp_pat
     assert_restored(out, v3)
     assert f"chunk {chunks[1]}: {chunks[1]}.hmac: an .hmac without its chunk" in text
     assert f"taken from {b}" in text
+
+
+def test_backup_and_copy_both_cut_short_is_no_success(v3: Backup, tmp_path: Path) -> None:
+    """A copy that is itself cut short cannot tell what BACKUP lost after its own end."""
+    offsets = data_offsets(v3.path)
+    first = chunks_of(v3, "vm7/private.img")[1]
+    names = list(offsets)
+    later = next(n for n in names[names.index(first) + 2:] if offsets[n][1] > 1000)
+    data = v3.path.read_bytes()
+    cut, copy = tmp_path / "cut", tmp_path / "copy"
+    cut.write_bytes(data[: offsets[first][0] + 100])
+    copy.write_bytes(data[: offsets[later][0] + offsets[later][1] // 2])
+    code, text = restore(cut, tmp_path / "out", v3.passfile, "--other-copy", copy)
+    assert code == 4, text
+    assert "no other copy was read whole" in text
