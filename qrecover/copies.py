@@ -308,12 +308,14 @@ class OtherCopy:
     def _over_zeros(self, pos: int) -> int:
         """Past a run of zero blocks (each small archive's end, or zero-filled damage)."""
         assert self.data is not None
+        size = 16 * 1024  # past a small archive's end (a 10 KiB record) in one read
         while pos < self.data.size:
-            window = self.data.pread(pos, WINDOW)
+            window = self.data.pread(pos, size)
             rest = window.lstrip(b"\0")
             if rest:
                 return pos + (len(window) - len(rest)) // BLOCK * BLOCK
             pos += len(window)
+            size = min(size * 4, WINDOW)  # a long run: zero-filled damage
         return pos
 
     def _resync(self, pos: int) -> int:
