@@ -130,7 +130,9 @@ class Recovery:
             self.names = ScratchNames(self.scratch)
             log, jobs = self.ctx.command, request.jobs
             self.works = fmt.chunk_works(self.passphrase, self.scratch, log, jobs)
-            self.works.keep_going = bool(self.copies)
+            # a failed chunk does not cancel the next ones: a copy may replace it, and
+            # verify tells every damaged chunk
+            self.works.keep_going = bool(self.copies) or request.mode == "verify"
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
             self.copies.check_xml(self._own_xml)  # formats 2 and 3: the same backup?
             inventory = formats.read_inventory(fmt, xml, self.report.problems)
@@ -522,6 +524,9 @@ class Recovery:
             if job.result.error is not None:  # stopped at an earlier chunk: unused
                 if outcome.plain is not None:
                     store.drop(outcome.plain, outcome.owned)
+                elif outcome.error is not None and self.request.mode == "verify":
+                    problem = outcome.reason or outcome.error.message  # told, as every other
+                    self.report.damage.append(ChunkDamage(job.stored, chunk.member, problem))
                 continue
             bad = outcome.error
             if bad is not None and not isinstance(bad, OutputError):

@@ -297,3 +297,17 @@ def test_backup_and_copy_both_cut_short_is_no_success(v3: Backup, tmp_path: Path
     code, text = restore(cut, tmp_path / "out", v3.passfile, "--other-copy", copy)
     assert code == 4, text
     assert "no other copy was read whole" in text
+
+
+def test_format4_verify_names_every_damaged_chunk(make4: MakeBackup, tmp_path: Path) -> None:
+    """With several scrypt dec at once, the chunks in flight after a damaged one are
+    checked all the same, and each damaged one is named."""
+    backup = make4(chunk_size=16 * 1024)
+    chunks = chunks_of(backup, "vm7/private.img")
+    a = damaged_copy(backup.path, tmp_path / "A", chunks[0])
+    a2 = damaged_copy(a, tmp_path / "A2", chunks[2])
+    result = run_main("verify", a2, "--passphrase-file", backup.passfile, "-j", "4", "--json")
+    assert result.code == 4, result.text
+    (damaged,) = json.loads(result.out)["damage"]["damaged"]
+    assert [c["chunk"] for c in damaged["chunks"]] == [chunks[0], chunks[2]]
+    assert all("scrypt" in c["problem"] for c in damaged["chunks"])
