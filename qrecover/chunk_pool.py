@@ -134,7 +134,6 @@ class ChunkPool:
         *,
         window: int | None = None,
         on_start: StartListener | None = None,
-        stop_groups: bool = True,
     ) -> None:
         self.tool = tool
         self.plan = plan
@@ -148,9 +147,6 @@ class ChunkPool:
         self._changed = threading.Condition(self._lock)
         self._queue: deque[_Entry] = deque()
         self._stopped: dict[str, int] = {}  # group -> index of its failed chunk
-        # False (--other-copy): a failed chunk is replaced from another copy, so
-        # the chunks after it are still wanted.
-        self._stop_groups = stop_groups
         self._n = _Counters()
         self._closed = False
 
@@ -321,8 +317,6 @@ class ChunkPool:
 
     def _stop_group(self, group: str, index: int) -> None:
         """Chunk ``index`` of ``group`` failed: nothing after it is used."""
-        if not self._stop_groups:
-            return
         self._stopped[group] = min(index, self._stopped.get(group, index))
         for entry in self._queue:
             if entry.job.group == group and entry.job.index > index:

@@ -34,9 +34,9 @@ from qrecover.errors import (
 )
 from qrecover.events import EventListener
 from qrecover.fallback import Copies
+from qrecover.file_lines import Printer
 from qrecover.files import find_debugfs
 from qrecover.files.command import restore_files
-from qrecover.inventory import Entity
 from qrecover.messages import err
 from qrecover.passphrase import get_passphrase
 from qrecover.progress import Display, source_size, summary_table
@@ -44,7 +44,7 @@ from qrecover.render.explain import Narrator
 from qrecover.render.plantext import plan_text
 from qrecover.render.shell import feed_command
 from qrecover.render.transcript import TranscriptWriter, open_new
-from qrecover.report import FileResult, Report, Request
+from qrecover.report import Report, Request
 from qrecover.report_json import json_output
 from qrecover.resume import RECORD_NAME
 from qrecover.runner import log_command
@@ -57,56 +57,6 @@ class Settings:
     """The global options, kept on typer's context (``ctx.obj``) for the commands."""
 
     quiet: bool = False
-
-
-class _Printer:
-    """Prints a line per stored file as it completes; drives the progress display."""
-
-    def __init__(self, mode: str, display: Display | None = None) -> None:
-        self.mode = mode
-        self.display = display
-
-    def planned(self, selected: Sequence[Entity]) -> None:
-        if self.display is not None:
-            self.display.planned(selected)
-
-    def file_started(self, stored: str, owner: str) -> None:
-        if self.display is not None:
-            self.display.file_started(stored, owner)
-
-    def data_read(self, stored: str, nbytes: int) -> None:
-        if self.display is not None:
-            self.display.data_read(stored, nbytes)
-
-    def in_flight(self, chunks: int) -> None:
-        if self.display is not None:
-            self.display.in_flight(chunks)
-
-    def file_done(self, result: FileResult) -> None:
-        if self.display is not None:
-            self.display.file_done(result)
-        print(_file_line(self.mode, result), flush=True)
-
-
-def _file_line(mode: str, result: FileResult) -> str:
-    where = result.owner or "-"
-    if result.kept:  # --resume (qrecover/resume.py)
-        places = ", ".join(str(p) for p in result.places)
-        return f"KEPT      {where:<16} {result.stored} -> {places} (placed by an earlier run)"
-    if not result.ok:
-        kept = ""
-        if result.places:
-            kept = " (kept as " + ", ".join(str(p) for p in result.places) + ")"
-        return f"FAILED    {where:<16} {result.problem}{kept}"
-    if mode == "verify":
-        return (
-            f"OK        {where:<16} {result.stored}  {result.chunks} chunk(s), "
-            f"{human_bytes(result.stored_bytes)} stored, {result.members} member(s) listed"
-        )
-    places = ", ".join(str(p) for p in result.places)
-    return (
-        f"RESTORED  {where:<16} {result.stored} -> {places} ({human_bytes(result.restored_bytes)})"
-    )
 
 
 def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> int:
@@ -188,7 +138,7 @@ def _run_with(
     if not settings.quiet and sys.stderr.isatty():
         ctx.display = Display(sys.stderr, source_size(source))
     try:
-        printer = _Printer(request.mode, ctx.display)
+        printer = Printer(request.mode, ctx.display)
         report = run(source, passphrase, request, printer, ctx, copies)
         return report, time.monotonic() - started
     finally:

@@ -31,13 +31,10 @@ import tempfile
 from pathlib import Path
 
 from qrecover import formats
+from qrecover.borrowing import Borrowing
 from qrecover.container import (
-    HEADER,
-    HEADER_HMAC,
     QUBES_XML,
-    ChunkName,
     FolderSource,
-    Member,
     StreamSource,
     Truncated,
     parse_member_name,
@@ -46,23 +43,20 @@ from qrecover.context import RunContext
 from qrecover.dry_run import dry_findings
 from qrecover.errors import (
     BackupError,
-    MissingProgramError,
     OutputError,
-    ProgramFailed,
     StoredFileError,
     UsageError,
 )
-from qrecover.events import ChunkBorrowed, ChunkChecked, HeaderVerified, InventoryRead
-from qrecover.fallback import ChunkDamage, Copies, chunk_name
-from qrecover.formats.base import ChunkOutcome, ChunkWorks, Completed, Format
-from qrecover.header import MAX_HEADER
+from qrecover.events import HeaderVerified, InventoryRead
+from qrecover.fallback import Copies
+from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
+from qrecover.opening import check_programs, read_header
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
 from qrecover.resume import Resume, identity
-from qrecover.runner import control, which
 from qrecover.scratch import ChunkStore, ScratchNames
 from qrecover.stages.extract import pick_programs
 from qrecover.stored import StoredFile
@@ -83,7 +77,6 @@ class Recovery:
         self.ctx = ctx if ctx is not None else RunContext()
         # --other-copy: where a chunk BACKUP lost may be found (qrecover.fallback)
         self.copies = copies if copies is not None else Copies([], "", self.ctx.command)
-        self._own_xml: dict[int, str] = {}  # qubes.xml's chunk HMACs from BACKUP itself
         self.source = source
         self.passphrase = passphrase
         self.key = passphrase.encode("utf-8")
@@ -100,6 +93,9 @@ class Recovery:
         self.header_raw = b""  # backup-header and its .hmac: part of the backup's identity
         self.xml_macs: list[str] = []  # qubes.xml's chunk HMACs (format 3): likewise
         self.names: ScratchNames | None = None
+        self.borrowing = Borrowing(
+            self.copies, self.report, self.ctx, self.xml_macs, request.mode == "verify"
+        )
         self.works: ChunkWorks | None = None
         # igzip or pigz, and bsdtar, when installed: faster than gzip -d, GNU tar
         self.gunzip, self.extractor = pick_programs()
@@ -118,7 +114,7 @@ class Recovery:
                     raise UsageError("--other-copy: a format-1 backup authenticates nothing, "
                                      "so a good chunk cannot be told from a bad one")
             self.report.fmt = fmt
-            self._check_programs(fmt)
+            check_programs(fmt, self.gunzip, self.extractor, self.ctx.command)
             writes = request.mode == "restore" and not request.dry_run
             if writes:
                 assert request.output is not None
@@ -133,8 +129,9 @@ class Recovery:
             # a failed chunk does not cancel the next ones: a copy may replace it, and
             # verify tells every damaged chunk
             self.works.keep_going = bool(self.copies) or request.mode == "verify"
+            self.borrowing.fmt = fmt
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
-            self.copies.check_xml(self._own_xml)  # formats 2 and 3: the same backup?
+            self.copies.check_xml(self.borrowing.own_xml)  # formats 2 and 3: the same backup?
             inventory = formats.read_inventory(fmt, xml, self.report.problems)
             self.report.inventory = inventory
             selected = inventory.select(request.vms, request.exclude, request.skip_dom0_home)
@@ -197,50 +194,9 @@ class Recovery:
             self.resume.release()  # DIR's lock, last: our scratch is gone by now
 
     def _read_header(self, members: Members) -> Format:
-        if members.peek() is None and members.error is None:
-            raise BackupError("the backup is empty (no members): not a Qubes backup")
-        first = members.require("backup-header")
-        if first.name != HEADER and (bare := formats.headerless(first.name)) is not None:
-            self.ctx.emit(HeaderVerified(bare))  # none to verify: qubes.xml.000's HMAC is first
-            return bare
-        members.take()
-        if first.name != HEADER:
-            name = first.name.encode("ascii", "backslashreplace").decode()[:80]
-            raise BackupError(formats.packed_hint(name) or (  # a packed format-1 folder?
-                f"{getattr(self.source, 'label', 'the backup')}: does not start with "
-                f"backup-header (found {name!r}): "
-                "not a Qubes backup of format 2, 3 or 4"
-            ))
-        data = first.read_all(MAX_HEADER)
-        second = members.require("backup-header.hmac")
-        if second.name != HEADER_HMAC:
-            raise BackupError("backup-header.hmac is missing: the header cannot be verified")
-        members.take()
-        hmac_text = second.read_all(formats.MAX_HEADER_HMAC)
-        self.header_raw = data + b"\0" + hmac_text
-        fmt = formats.authenticate(data, hmac_text, self.passphrase, self.ctx.command)
-        self.ctx.emit(HeaderVerified(fmt))
-        # Each other copy: the same header, authenticated: before anything is used from it.
-        self.copies.check_header(
-            data, hmac_text,
-            lambda d, m: formats.authenticate(d, m, self.passphrase, self.ctx.command),
-        )
+        label = getattr(self.source, "label", "the backup")
+        fmt, self.header_raw = read_header(members, label, self.passphrase, self.ctx, self.copies)
         return fmt
-
-    def _check_programs(self, fmt: Format) -> None:
-        needed = ["tar", self.extractor, "cat", *fmt.programs(self.gunzip)]
-        for program in needed:
-            which(program)
-        try:
-            version = control("tar", "--version", log=self.ctx.command)
-        except ProgramFailed:  # busybox's tar, for one, has no --version
-            version = ""
-        if "GNU tar" not in version:
-            raise MissingProgramError(
-                "tar is not GNU tar (needed for sparse VM images)",
-                hint="install GNU tar (package 'tar') and put it first on PATH",
-            )
-        fmt.check_programs(self.ctx.command)
 
     def _job(self, plan: Plan, stored: str, owner: str, sink_staging: Entity | None) -> StoredFile:
         assert self.scratch is not None
@@ -311,8 +267,9 @@ class Recovery:
                 self.report.files.append(kept)
                 continue
             self._one_file(plan, members, name.stored, owner)
-        if self.copies:  # stored files BACKUP lost whole, or after where it broke off
-            self._rest_from_copies(plan, inventory, chosen, members.error)
+        if self.borrowing:  # stored files BACKUP lost whole, or after where it broke off
+            self.borrowing.rest(self._seen, inventory, chosen, members.error,
+                                lambda stored, owner: self._from_copies(plan, stored, owner))
         elif members.error is not None:
             self.report.problems.append(str(members.error))
         self.report.problems += missing(plan.selected, self.report.files)
@@ -335,38 +292,14 @@ class Recovery:
         if isinstance(result.failure, OutputError) and result.failure.fatal:
             raise result.failure
 
-    def _rest_from_copies(
-        self, plan: Plan, inventory: Inventory, chosen: set[str], broke: BackupError | None
-    ) -> None:
-        """The selected stored files BACKUP never reached (it broke off, or lost
-        them whole), from the other copies; each chunk authenticated as ever."""
-        fmt = self.fmt
-        assert fmt is not None
-        taken = 0
-        for stored in self.copies.stored_names():
-            owner = inventory.owner(stored)
-            if stored in self._seen or owner is None or owner.backup_path not in chosen:
-                continue
-            if not self.copies.holds(chunk_name(fmt, stored, 0)):
-                continue
-            taken += 1
-            if self.resume is not None and self.resume.keeps(stored):  # placed earlier
-                none = Members(iter(()))
-                self.report.files.append(
-                    self.resume.read_through(none, stored, owner.name, self.observer))
-                continue
-            self._one_file(plan, Members(iter(())), stored, owner)
-        if broke is not None and not self.copies.whole():
-            self.report.problems.append(
-                f"{broke}; no other copy was read whole, without damage, so what BACKUP held "
-                "after it may not all have been found"
-            )
-        elif broke is not None:
-            # Said, not a failure: a copy read whole gave what BACKUP held after it.
-            self.report.notes.append(
-                f"{broke}; what BACKUP held after it was looked for in the other copies "
-                f"({taken} stored file(s) taken whole from them)"
-            )
+    def _from_copies(self, plan: Plan, stored: str, owner: Entity) -> None:
+        """A stored file BACKUP never reached, whole from the other copies."""
+        none = Members(iter(()))
+        if self.resume is not None and self.resume.keeps(stored):  # placed earlier
+            self.report.files.append(
+                self.resume.read_through(none, stored, owner.name, self.observer))
+        else:
+            self._one_file(plan, none, stored, owner)
 
     # -- one stored file ----------------------------------------------------
 
@@ -394,7 +327,10 @@ class Recovery:
             members.take()
             if job.result.error is not None:
                 if self.request.mode == "verify":  # tell every damaged chunk, not the first
-                    self._check_only(store, member, name, members)
+                    try:
+                        self.borrowing.check_only(store, member, name, members)
+                    except Truncated as exc:
+                        members.stop(exc)
                 continue
             if name.is_hmac and name.index in elsewhere:
                 continue  # the .hmac of a chunk BACKUP could not give: unused
@@ -405,7 +341,7 @@ class Recovery:
                 # chunks missing before it (or, for an .hmac alone, its own chunk)
                 self._use(job, store, works.drain())  # the chunks before them come first
                 upto = name.index + 1 if name.is_hmac else name.index
-                if self._fill(job, store, stored, expected, upto, problem.message):
+                if self.borrowing.fill(job, store, expected, upto, problem.message):
                     elsewhere.update(range(expected, upto))
                     expected = upto
                     if name.is_hmac:
@@ -420,19 +356,18 @@ class Recovery:
                 pending = fmt.read_chunk(store, member, name, members)
             except Truncated as exc:
                 self._use(job, store, works.drain())
-                if self._fill(job, store, stored, expected, expected + 1, exc.message):
-                    expected += 1
-                    self._fill_tail(job, store, stored, expected)
+                if self.borrowing.fill(job, store, expected, expected + 1, exc.message):
+                    self.borrowing.fill_tail(job, store, expected + 1)
                 else:
                     job.fail(exc)
                 members.stop(exc)
                 return
             except BackupError as exc:
-                if member.path is None or not self.copies:
+                if member.path is None or not self.borrowing:
                     raise
                 # a chunk file of a folder that cannot be opened: from a copy
                 self._use(job, store, works.drain())
-                if not self._fill(job, store, stored, expected, expected + 1, exc.message):
+                if not self.borrowing.fill(job, store, expected, expected + 1, exc.message):
                     job.fail(StoredFileError(f"{exc.message}; no other copy has it good"))
                 elsewhere.add(expected)
                 expected += 1
@@ -441,122 +376,10 @@ class Recovery:
             self._use(job, store, works.submit(pending, member.name, member.size))
             self.observer.in_flight(works.in_flight)
         self._use(job, store, works.drain())
-        self._fill_tail(job, store, stored, expected)
-
-    def _check_only(self, store: ChunkStore, member: Member, name: ChunkName,
-                    members: Members) -> None:
-        """verify, after a stored file failed: check its later chunks all the same
-        (nothing of them is used), so that the report names every damaged one."""
-        fmt = self.fmt
-        assert fmt is not None
-        if not fmt.owns_chunk(name) or name.is_hmac:
-            return
-        try:
-            outcome = fmt.read_chunk(store, member, name, members).complete()
-        except Truncated as exc:
-            self.report.damage.append(ChunkDamage(name.stored, member.name, exc.message))
-            members.stop(exc)
-            return
-        if outcome.plain is not None:
-            store.drop(outcome.plain, outcome.owned)
-        if outcome.error is not None:
-            problem = outcome.reason or outcome.error.message
-            self.report.damage.append(ChunkDamage(name.stored, member.name, problem))
-
-    def _fill(self, job: StoredFile, store: ChunkStore, stored: str, start: int, stop: int,
-              problem: str) -> bool:
-        """Chunks ``start`` to ``stop - 1``, missing in BACKUP, from the other copies."""
-        assert self.fmt is not None
-        for index in range(start, stop):
-            name = chunk_name(self.fmt, stored, index)
-            if not self._borrow(job, store, name, problem, None):
-                return False
-        return True
-
-    def _fill_tail(self, job: StoredFile, store: ChunkStore, stored: str, expected: int) -> None:
-        """Chunks after the last BACKUP holds of ``stored``, if a copy holds them."""
-        assert self.fmt is not None
-        while self.copies and job.result.error is None:
-            name = chunk_name(self.fmt, stored, expected)
-            if not self.copies.holds(name):
-                return
-            if not self._borrow(job, store, name, f"{name.name}: missing from the backup", None):
-                job.fail(StoredFileError(f"{name.name}: missing from the backup, and no other "
-                                         "copy has it good"))
-                return
-            expected += 1
-
-    def _borrow(self, job: StoredFile, store: ChunkStore, name: ChunkName, problem: str,
-                counted: int | None) -> bool:
-        """Take chunk ``name`` from the first other copy where it authenticates and
-        feed it; False (and the damage recorded) when none does.  ``counted``: the
-        size of BACKUP's bad chunk, already counted in the stored file's figures."""
-        assert self.fmt is not None
-        damage = ChunkDamage(job.stored, name.name, problem)
-        self.report.damage.append(damage)
-        if not self.copies:
-            return False
-        figures = job.result.chunks, job.result.stored_bytes  # copies tried count no chunk
-        got = self.copies.fetch(self.fmt, store, name)
-        job.result.chunks, job.result.stored_bytes = figures
-        damage.tried = got.tried
-        outcome = got.outcome
-        if outcome is None or got.copy is None:
-            return False
-        if outcome.error is not None:  # the output side failed (a full disk)
-            job.fail(outcome.error)
-            return True
-        assert outcome.plain is not None
-        damage.copy = got.copy.label
-        job.result.chunks += 0 if counted is not None else 1  # BACKUP's bad one was counted
-        job.result.stored_bytes += got.size - (counted or 0)
-        self.ctx.emit(ChunkBorrowed(name.name, got.size, got.copy.label, got.command, problem))
-        if job.stored == QUBES_XML and outcome.mac:
-            self.xml_macs.append(outcome.mac)
-        self._feed(job, store, name.name, outcome)
-        return True
+        self.borrowing.fill_tail(job, store, expected)
 
     def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
-        """Feed ``job`` the chunks whose step is done, in chunk order; the first
-        that failed stops it (nothing after it is used)."""
-        for chunk in done:
-            outcome = chunk.outcome
-            if job.result.error is not None:  # stopped at an earlier chunk: unused
-                if outcome.plain is not None:
-                    store.drop(outcome.plain, outcome.owned)
-                elif outcome.error is not None and self.request.mode == "verify":
-                    problem = outcome.reason or outcome.error.message  # told, as every other
-                    self.report.damage.append(ChunkDamage(job.stored, chunk.member, problem))
-                continue
-            bad = outcome.error
-            if bad is not None and not isinstance(bad, OutputError):
-                name = parse_member_name(chunk.member)
-                problem = outcome.reason or bad.message
-                if name is not None and self._borrow(job, store, name, problem, chunk.size):
-                    continue
-            if outcome.checked:
-                self.ctx.emit(ChunkChecked(chunk.member, chunk.size, outcome.reason))
-            if job.stored == QUBES_XML and outcome.mac:
-                self.xml_macs.append(outcome.mac)
-                name = parse_member_name(chunk.member)
-                if name is not None:
-                    self._own_xml[name.index] = outcome.mac
-            if outcome.error is not None:
-                if self.copies and not isinstance(outcome.error, OutputError):
-                    job.fail(StoredFileError(f"{outcome.error.message}; no other copy has it "
-                                             "good either"))
-                job.fail(outcome.error)
-                continue
-            self._feed(job, store, chunk.member, outcome)
-
-    def _feed(self, job: StoredFile, store: ChunkStore, member: str, outcome: ChunkOutcome) -> None:
-        assert outcome.plain is not None
-        try:
-            job.feed(outcome.plain, outcome.owned, member, outcome.feeder)
-        except OSError as exc:
-            store.drop(outcome.plain, outcome.owned)
-            job.fail(StoredFileError(f"{member}: could not start the pipeline ({exc})"))
-
+        self.borrowing.use(job, store, done)  # fed in chunk order, or taken from a copy
 
 def run(
     source: StreamSource | FolderSource,

@@ -87,7 +87,8 @@ class ScryptWorks:
             return [*self.drain(), Completed(member, size, bad)]
         pool = self._ready_pool(pending, params, member)
         job = ChunkJob(
-            group=pending.name.stored,
+            # keep_going: each chunk its own group, so a failure cancels no other
+            group=member if self.keep_going else pending.name.stored,
             index=pending.name.index,
             name=member,
             prefix=self.fmt.chunk_prefix(pending.name.data_name),
@@ -117,7 +118,7 @@ class ScryptWorks:
                 self._ceiling = scrypt_ceiling(read_memory().total)
                 self._pool = ChunkPool(
                     self.fmt.tool, self.passphrase, self.scratch, self.plan,
-                    on_start=self._started, stop_groups=not self.keep_going,
+                    on_start=self._started,
                 )
             else:
                 assert self.plan is not None
