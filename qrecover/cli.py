@@ -44,6 +44,7 @@ from qrecover.options import (
     JobsOpt,
     JsonOpt,
     NoLimitOpt,
+    OtherCopyOpt,
     PassFileOpt,
     SalvageOpt,
     SkipDom0Opt,
@@ -160,6 +161,7 @@ def restore(
         ),
     ] = False,
     as_json: JsonOpt = False,
+    other_copy: OtherCopyOpt = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -190,6 +192,7 @@ def restore(
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
             salvage=salvage,
+            other_copies=other_copy or [],
         )
     )
 
@@ -244,6 +247,7 @@ def verify(
     transcript: TranscriptOpt = None,
     explain: ExplainOpt = False,
     as_json: JsonOpt = False,
+    other_copy: OtherCopyOpt = None,
 ) -> None:
     """qrecover verify (its help and examples: qrecover.help_text)."""
     raise typer.Exit(
@@ -259,6 +263,7 @@ def verify(
             settings=_settings(ctx),
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
+            other_copies=other_copy or [],
         )
     )
 

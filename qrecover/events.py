@@ -50,6 +50,18 @@ class ChunkChecked:
 
 
 @dataclass(frozen=True)
+class ChunkBorrowed:
+    """BACKUP's ``member`` was missing or bad (``problem``); it was taken from
+    the other copy ``copy`` (``command``: how), where the format's check passed."""
+
+    member: str
+    size: int
+    copy: str
+    command: str
+    problem: str
+
+
+@dataclass(frozen=True)
 class PipelineStarted:
     """One stored file's pipeline (decrypt | decompress | untar, as the format says)."""
 
@@ -91,6 +103,7 @@ Event = (
     HeaderVerified
     | InventoryRead
     | ChunkChecked
+    | ChunkBorrowed
     | PipelineStarted
     | ChunkFed
     | FileFinished

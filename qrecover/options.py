@@ -104,3 +104,14 @@ JsonOpt = Annotated[
         "Exit codes are unchanged.",
     ),
 ]
+OtherCopyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--other-copy",
+        help="Another copy of the same backup (repeatable): a file, a folder, or its "
+        "pieces joined by commas. A chunk that is missing, unreadable or fails its check "
+        "in BACKUP is taken from the first copy where it authenticates. Its header must be "
+        "BACKUP's, byte for byte, and authenticate with the passphrase.",
+        metavar="PATH",
+    ),
+]

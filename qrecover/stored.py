@@ -153,12 +153,12 @@ class StoredFile:
         if self.cat is None:
             return
         (result,) = self.cat.wait()
+        if self.counter is not None:  # its own cat reads the same chunk: before the unlink
+            self.counter.reap()
         if self.cat_owned and self.cat_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.cat_path.unlink()
         self.cat = None
-        if self.counter is not None:
-            self.counter.reap()
         if not result.ok:
             # Usually a consequence: the pipeline died and cat hit a closed pipe.
             self.fail(FeedFailed(f"feeding {self.cat_path}: {result.describe()}"))

@@ -58,6 +58,7 @@ class ScryptWorks:
         self.log = log
         self.jobs = jobs
         self.planner = planner
+        self.keep_going = False  # --other-copy: a failed chunk does not stop its stored file
         self.plan: JobPlan | None = None
         self._ceiling = 0
         self._pool: ChunkPool | None = None
@@ -90,7 +91,9 @@ class ScryptWorks:
         pool = self._ready_pool(pending, params, member)
         salvage = _salvaging(pending)  # --salvage: each chunk a group, its input kept
         job = ChunkJob(
-            group=pending.name.data_name if salvage else pending.name.stored,
+            # each chunk its own group (--salvage, or keep_going: other copies, verify),
+            # so that a failure cancels no other
+            group=member if salvage or self.keep_going else pending.name.stored,
             index=pending.name.index,
             name=member,
             prefix=self.fmt.chunk_prefix(pending.name.data_name),
