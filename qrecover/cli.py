@@ -3,17 +3,18 @@
 Each command parses its options and calls a plain function of
 qrecover.commands; :func:`main` is the one place where an error becomes a
 message and an exit code.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: typer reads each command's
+options from its annotations, and before Python 3.10 it cannot evaluate string
+annotations; so they are written as Python 3.8 evaluates them (Optional, List).
+"""
 
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import List, Optional, Sequence, Tuple, Type
 
 import typer
 
@@ -25,6 +26,7 @@ from qrecover.commands import (
     script_command,
     verify_command,
 )
+from qrecover.compat import Annotated
 from qrecover.errors import (
     EXIT_CODES,
     EXIT_INTERNAL,
@@ -206,7 +208,7 @@ def files(
         ),
     ],
     paths: Annotated[
-        list[str] | None,
+        Optional[List[str]],  # typer evaluates these: no X | None, list[str] (3.8)
         typer.Argument(
             help=f"Folders or files inside the image to copy (default: {DEFAULT_PATH}; "
             "the image's root holds home/, config/ and usrlocal/). Each is copied into DIR "
@@ -215,7 +217,7 @@ def files(
         ),
     ] = None,
     output: Annotated[
-        Path | None,
+        Optional[Path],
         typer.Option("--output", "-o", help="Folder to copy into.", metavar="DIR"),
     ] = None,
     list_only: Annotated[
@@ -339,10 +341,10 @@ def info(
     raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx)))
 
 
-def _usage_errors() -> tuple[type[Exception], ...]:
+def _usage_errors() -> Tuple[Type[Exception], ...]:
     """typer's usage-error classes: its own since typer 0.29 (which vendors
     click), click's before; imported by name so that either works."""
-    found: list[type[Exception]] = []
+    found: List[Type[Exception]] = []
     typer_base = getattr(typer, "TyperException", None)
     if isinstance(typer_base, type) and issubclass(typer_base, Exception):
         found.append(typer_base)
@@ -355,7 +357,7 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point: the one place where errors become messages and exit codes."""
     signals.install()
     try:

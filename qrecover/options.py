@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import List, Optional
 
 import typer
 
+from qrecover.compat import Annotated
+
+# typer evaluates these at runtime: Optional and List, as Python 3.8 has no X | None
+# nor list[str] there
+
 BackupArg = Annotated[
-    list[str],
+    List[str],
     typer.Argument(
         help="The backup file; '-' to read it from standard input; a folder holding a "
         "backup already untarred by hand (tar -i -xf BACKUP); or the pieces of a split "
@@ -18,7 +23,7 @@ BackupArg = Annotated[
     ),
 ]
 PassFileOpt = Annotated[
-    Path | None,
+    Optional[Path],
     typer.Option(
         "--passphrase-file",
         help="Read the passphrase from the first line of this file "
@@ -35,7 +40,7 @@ NoLimitOpt = Annotated[
     ),
 ]
 JobsOpt = Annotated[
-    int | None,
+    Optional[int],
     typer.Option(
         "--jobs",
         "-j",
@@ -47,7 +52,7 @@ JobsOpt = Annotated[
     ),
 ]
 TranscriptOpt = Annotated[
-    Path | None,
+    Optional[Path],
     typer.Option(
         "--transcript",
         help="Write every command run, as the run proceeds, to FILE: a POSIX sh script "
@@ -65,7 +70,7 @@ ExplainOpt = Annotated[
     ),
 ]
 VmOpt = Annotated[
-    list[str] | None,
+    Optional[List[str]],
     typer.Option(
         "--vm",
         help="Only this VM (repeatable); 'dom0' selects dom0's home. "
@@ -74,7 +79,7 @@ VmOpt = Annotated[
     ),
 ]
 ExcludeOpt = Annotated[
-    list[str] | None,
+    Optional[List[str]],
     typer.Option(
         "--exclude",
         help="Leave out this VM (repeatable; 'dom0': dom0's home), as qvm-backup-restore's.",

@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Sequence
 
 from qrecover import __version__, formats
+from qrecover.compat import zip_strict
 from qrecover.formats.base import Format
 from qrecover.inventory import Entity
 from qrecover.stages.decompress import decompress_stage
@@ -50,7 +51,7 @@ def _tool_table(fmt: Format) -> list[str]:
         why, deb, fed, arch = PACKAGES.get(program, ("", program, program, program))
         rows.append((program, deb, fed, arch, why))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    out = ["  " + "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+    out = ["  " + "  ".join(c.ljust(w) for c, w in zip_strict(r[:4], widths)) + "  " + r[4]
            for r in rows]
     debs = " ".join(dict.fromkeys(PACKAGES[p][1] for p in programs(fmt) if p in PACKAGES))
     feds = " ".join(dict.fromkeys(PACKAGES[p][2] for p in programs(fmt) if p in PACKAGES))
@@ -66,7 +67,7 @@ def _vm_table(selected: Sequence[Entity]) -> list[str]:
     rows += [(e.name, e.type, e.backup_path, f"{human_bytes(e.size)} ({e.size} bytes)",
               f"OUT/{e.dest}/") for e in selected]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip_strict(r, widths)).rstrip()
             for r in rows]
 
 

@@ -20,10 +20,9 @@ import tempfile
 import time
 import traceback
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar  # typing's Callable: a runtime alias (3.8)
 
 import pytest
 
@@ -132,7 +131,7 @@ def run_main(
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(ValueError, OSError):
                     stream.flush()
-            for fd, saved in zip((0, 1, 2), saved_fds, strict=True):
+            for fd, saved in zip((0, 1, 2), saved_fds):
                 os.dup2(saved, fd)
                 os.close(saved)
             os.close(empty)

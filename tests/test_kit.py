@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import PASSPHRASE, ROOT, Backup, MakeBackup, run_cli
 
+from qrecover.compat import removeprefix
+
 # its fixtures build something big: all its tests on one worker, so it is built once
 pytestmark = pytest.mark.xdist_group("test_kit")
 
@@ -71,7 +73,7 @@ def assert_sample_restored(out: Path) -> None:
     for entry in entries:
         name: str = entry["name"]
         prefix = next(p for p in dest if name == p or name.startswith(p + "/"))
-        rest = name[len(prefix) :].lstrip("/").removeprefix("./")
+        rest = removeprefix(name[len(prefix) :].lstrip("/"), "./")
         rest = "" if rest == "." else rest
         path = out / dest[prefix] / rest if rest else out / dest[prefix]
         if entry["type"] == "file":

@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -80,8 +81,9 @@ class BackupHeaderV2(BaseModel):
 
     hmac_algorithm: str
     crypto_algorithm: str = "aes-256-cbc"
-    encrypted: bool | None
-    compressed_flag: bool | None = Field(alias="compressed")
+    # Optional, not X | None: pydantic evaluates these, and Python 3.8 has no X | None
+    encrypted: Optional[bool]
+    compressed_flag: Optional[bool] = Field(alias="compressed")
 
     @field_validator("hmac_algorithm")
     @classmethod

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO
 
 from qrecover import signals
+from qrecover.compat import splice
 from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
 from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
@@ -91,7 +92,7 @@ class VolumeGuard(TarGuard):
         """Pass ``size`` bytes of member data; a volume may end inside them."""
         while size:
             self._count(0)
-            moved = os.splice(self.src, self.dst, min(size, _SPLICE))
+            moved = splice(self.src, self.dst, min(size, _SPLICE))
             if moved == 0:
                 self._left = size
                 return
