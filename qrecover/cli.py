@@ -319,13 +319,41 @@ def kit(
         ),
     ],
     passphrase_file: PassFileOpt = None,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline",
+            help="Do not download: pack what is installed here (the pyz then runs on this "
+            "Python and machine only). Without it, kit downloads from the package index "
+            "the wheels a pyz for CPython 3.8-3.13 on x86_64 and aarch64 needs, and packs "
+            "what is installed only when the index cannot be reached.",
+        ),
+    ] = False,
+    python: Annotated[
+        Optional[List[str]],
+        typer.Option(
+            "--python",
+            help="Make the pyz for this CPython version (repeatable; default 3.8 to 3.13).",
+            metavar="X.Y",
+        ),
+    ] = None,
+    arch: Annotated[
+        Optional[List[str]],
+        typer.Option(
+            "--arch",
+            help="... and this machine (repeatable: x86_64, aarch64; default both).",
+            metavar="ARCH",
+        ),
+    ] = None,
 ) -> None:
     """Write a recovery kit to keep beside the backup: qrecover.pyz (runs with only
     python3), recover.sh (no Python) and RECOVERY.txt (the procedure for this backup).
     The passphrase is asked for to read qubes.xml; no file of the kit holds it."""
     from qrecover.kit import kit_command  # only this command needs shiv's machinery
+    from qrecover.pyz_wheels import parse_targets
 
-    raise typer.Exit(kit_command(backup, output, passphrase_file))
+    wanted = parse_targets(python or [], arch or [])
+    raise typer.Exit(kit_command(backup, output, passphrase_file, wanted, offline))
 
 
 @app.command()

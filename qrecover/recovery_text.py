@@ -19,7 +19,7 @@ from qrecover.units import human_bytes
 
 # program -> (what it is for, Debian/Ubuntu package, Fedora package, Arch package)
 PACKAGES: dict[str, tuple[str, str, str, str]] = {
-    "python3": ("runs qrecover.pyz (3.10 or later)", "python3", "python3", "python"),
+    "python3": ("runs qrecover.pyz (3.8 or later)", "python3", "python3", "python"),
     "sh": ("runs recover.sh (dash or bash)", "dash", "bash", "bash"),
     "tar": ("GNU tar: the outer and inner archives", "tar", "tar", "tar"),
     "openssl": ("decrypts format 3 (and checks HMACs by hand)", "openssl", "openssl",
@@ -116,8 +116,8 @@ def recovery_text(
         "  it unpacks its Python packages into ~/.shiv/ (the user's home, even with",
         "  HOME unset); where the home is read-only, give it another folder:",
         "  SHIV_ROOT=/tmp/qrecover-cache python3 -S -I qrecover.pyz ...",
-        "  On another CPython version or architecture, use WAY 2 (or a pyz made by",
-        "  qrecover's scripts/build-pyz, which runs on CPython 3.10-3.13, x86_64 and aarch64).",
+        "  On any other Python it says so in one line and exits 5: use WAY 2, which",
+        "  needs no Python.",
         "",
         "WAY 2: recover.sh (no Python: sh, tar and the tools above)",
         "  Edit the two settings near its top if the backup or the output moved:",
