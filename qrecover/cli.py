@@ -4,9 +4,8 @@ Each command parses its options and calls a plain function of
 qrecover.commands; :func:`main` is the one place where an error becomes a
 message and an exit code.
 
-No ``from __future__ import annotations`` here: typer reads each command's
-options from its annotations, and before Python 3.10 it cannot evaluate string
-annotations; so they are written as Python 3.8 evaluates them (Optional, List).
+No ``from __future__ import annotations``: typer cannot evaluate string
+annotations before Python 3.10, so these are as 3.8 evaluates them (Optional).
 """
 
 import importlib
@@ -40,13 +39,16 @@ from qrecover.files import DEFAULT_PATH
 from qrecover.files.command import files_command
 from qrecover.messages import OneLineFormatter, err
 from qrecover.options import (
+    ArchOpt,
     BackupArg,
     ExcludeOpt,
     ExplainOpt,
     JobsOpt,
     JsonOpt,
     NoLimitOpt,
+    OfflineOpt,
     PassFileOpt,
+    PythonOpt,
     SkipDom0Opt,
     TranscriptOpt,
     VmOpt,
@@ -319,41 +321,16 @@ def kit(
         ),
     ],
     passphrase_file: PassFileOpt = None,
-    offline: Annotated[
-        bool,
-        typer.Option(
-            "--offline",
-            help="Do not download: pack what is installed here (the pyz then runs on this "
-            "Python and machine only). Without it, kit downloads from the package index "
-            "the wheels a pyz for CPython 3.8-3.13 on x86_64 and aarch64 needs, and packs "
-            "what is installed only when the index cannot be reached.",
-        ),
-    ] = False,
-    python: Annotated[
-        Optional[List[str]],
-        typer.Option(
-            "--python",
-            help="Make the pyz for this CPython version (repeatable; default 3.8 to 3.13).",
-            metavar="X.Y",
-        ),
-    ] = None,
-    arch: Annotated[
-        Optional[List[str]],
-        typer.Option(
-            "--arch",
-            help="... and this machine (repeatable: x86_64, aarch64; default both).",
-            metavar="ARCH",
-        ),
-    ] = None,
+    offline: OfflineOpt = False,
+    python: PythonOpt = None,
+    arch: ArchOpt = None,
 ) -> None:
     """Write a recovery kit to keep beside the backup: qrecover.pyz (runs with only
     python3), recover.sh (no Python) and RECOVERY.txt (the procedure for this backup).
     The passphrase is asked for to read qubes.xml; no file of the kit holds it."""
     from qrecover.kit import kit_command  # only this command needs shiv's machinery
-    from qrecover.pyz_wheels import parse_targets
 
-    wanted = parse_targets(python or [], arch or [])
-    raise typer.Exit(kit_command(backup, output, passphrase_file, wanted, offline))
+    raise typer.Exit(kit_command(backup, output, passphrase_file, python, arch, offline))
 
 
 @app.command()

@@ -23,7 +23,7 @@ from qrecover.engine import run
 from qrecover.errors import EXIT_OK, OutputError, UsageError
 from qrecover.passphrase import get_passphrase
 from qrecover.pyz import PyzMade, make_pyz
-from qrecover.pyz_guard import Target
+from qrecover.pyz_wheels import parse_targets
 from qrecover.recovery_text import recovery_text
 from qrecover.report import Report, Request
 
@@ -68,16 +68,19 @@ def kit_command(
     backup: str,
     output: Path,
     passphrase_file: Path | None,
-    wanted: list[Target] | None = None,
+    pythons: Sequence[str] | None = None,
+    arches: Sequence[str] | None = None,
     offline: bool = False,
 ) -> int:
     """Write qrecover.pyz, recover.sh and RECOVERY.txt into ``output``.
 
-    The pyz is for ``wanted`` (default CPython 3.8-3.13, x86_64 and aarch64),
+    The pyz is for ``pythons`` on ``arches`` (default CPython 3.8-3.13, x86_64 and
+    aarch64),
     with wheels from the package index; ``offline`` (or an index that cannot be
     reached) packs what is installed, for this Python only, and says so."""
     if backup == "-":
         raise UsageError("qrecover kit needs the backup's path, not standard input")
+    wanted = parse_targets(list(pythons or []), list(arches or []))
     _check_output(output)
     report = _read_backup(backup, passphrase_file)
     assert report.fmt is not None and report.plan is not None

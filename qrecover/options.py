@@ -99,3 +99,30 @@ JsonOpt = Annotated[
         "Exit codes are unchanged.",
     ),
 ]
+
+# qrecover kit's choice of the Pythons its qrecover.pyz serves (docs/kit.md)
+OfflineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offline",
+        help="Do not download: pack what is installed here (the pyz then runs on this "
+        "Python and machine only). Without it, kit downloads from the package index "
+        "the wheels a pyz for CPython 3.8-3.13 on x86_64 and aarch64 needs, and packs "
+        "what is installed only when the index cannot be reached.",
+    ),
+]
+PythonOpt = Annotated[
+    Optional[List[str]],
+    typer.Option(
+        "--python",
+        help="Make the pyz for this CPython version (repeatable; default 3.8 to 3.13).",
+        metavar="X.Y",
+    ),
+]
+ArchOpt = Annotated[
+    Optional[List[str]],
+    typer.Option(
+        "--arch", help="... and this machine (repeatable: x86_64, aarch64; default both).",
+        metavar="ARCH",
+    ),
+]

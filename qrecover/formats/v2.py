@@ -48,12 +48,7 @@ from qrecover.formats.base import (
     MemberStream,
     PendingChunk,
 )
-from qrecover.formats.v3 import (
-    allowed_cipher,
-    allowed_digest,
-    authenticate_header,
-    dgst_command,
-)
+from qrecover.formats.v3 import allowed_cipher, allowed_digest, authenticate_header, dgst_command
 from qrecover.header import Header, parse_bool
 from qrecover.hmacs import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage, first_failure
@@ -81,8 +76,7 @@ class BackupHeaderV2(BaseModel):
 
     hmac_algorithm: str
     crypto_algorithm: str = "aes-256-cbc"
-    # Optional, not X | None: pydantic evaluates these, and Python 3.8 has no X | None
-    encrypted: Optional[bool]
+    encrypted: Optional[bool]  # Optional: pydantic evaluates it, on Python 3.8 too
     compressed_flag: Optional[bool] = Field(alias="compressed")
 
     @field_validator("hmac_algorithm")

@@ -17,8 +17,7 @@ number when there is no next volume: the script fails, and tar stops
 ("... command failed") instead of prompting on a terminal.  Before tar may
 open the archive FIFO, qrecover holds it open itself, until tar has it: so
 if qrecover dies, even by SIGKILL, tar reads end-of-file instead of waiting
-in open() for ever.  Only qrecover's own scratch paths are on that command
-line.
+in open() for ever.  Only qrecover's own scratch paths are on that command line.
 
 Every volume goes through :class:`VolumeGuard` on its way into the FIFO: the
 guard of the other formats (device nodes and FIFOs dropped, names kept
