@@ -58,6 +58,8 @@ def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
 
 def runs_on_text(made: PyzMade) -> str:
     """What the kit's output and RECOVERY.txt say of the pyz."""
+    if made.copied_from is not None:
+        return f"{made.runs_on} (a copy of the qrecover.pyz that made this kit)"
     if made.offline is None:
         return made.runs_on
     return (f"{made.runs_on} ONLY: made offline from what was installed "
@@ -101,7 +103,9 @@ def kit_command(
     _write_text(output / "RECOVERY.txt", text)
     print(f"kit written to {output}: " + ", ".join(KIT_FILES), file=sys.stderr)
     print(f"  qrecover.pyz runs on: {made.runs_on}", file=sys.stderr)
-    if made.offline is not None:
+    if made.copied_from is not None:
+        print(f"  (a copy of {made.copied_from}, the pyz running now)", file=sys.stderr)
+    elif made.offline is not None:
         print(f"  OFFLINE: it holds what is installed here ({made.offline}), so it runs "
               "on that Python only; recover.sh needs no Python. Run qrecover kit again "
               "where the package index can be reached for a pyz that runs on CPython "

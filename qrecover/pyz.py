@@ -184,6 +184,7 @@ class PyzMade:
 
     targets: list[Target]
     offline: str | None = None
+    copied_from: Path | None = None  # made by a pyz without shiv: a copy of it
 
     @property
     def runs_on(self) -> str:
@@ -197,7 +198,7 @@ def _copy_running(existing: Path, target: Path) -> PyzMade:
     with zipfile.ZipFile(target) as archive:
         names = [n.rsplit("/", 1)[-1] for n in archive.namelist() if n.endswith(".so")]
     tags = sorted({n.split(".")[-2] for n in names if n.count(".") >= 2})
-    return PyzMade(targets_of(tags), offline=f"a copy of {existing}, the pyz running now")
+    return PyzMade(targets_of(tags), copied_from=existing)
 
 
 def _stage_downloaded(stage: Path, scratch: Path, wanted: list[Target]) -> None:
