@@ -235,7 +235,12 @@ def make_pyz(
             stage.mkdir()
     for dist in closure() if why is not None else [md.distribution(ROOT_DIST)]:
         stage_distribution(dist, stage)
-    build_pyz(stage, target)
     made = PyzMade(targets_of(compiled_tags(stage)), why)
-    install_guard(target, made.targets)
+    unguarded = target.with_name(target.name + ".unguarded")
+    try:  # under its final name only once it is complete, guard included
+        build_pyz(stage, unguarded)
+        install_guard(unguarded, made.targets)
+        os.replace(unguarded, target)
+    finally:
+        unguarded.unlink(missing_ok=True)
     return made
