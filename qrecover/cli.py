@@ -3,17 +3,17 @@
 Each command parses its options and calls a plain function of
 qrecover.commands; :func:`main` is the one place where an error becomes a
 message and an exit code.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations``: typer cannot evaluate string
+annotations before Python 3.10, so these are as 3.8 evaluates them (Optional).
+"""
 
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import List, Optional, Sequence, Tuple, Type
 
 import typer
 
@@ -25,6 +25,7 @@ from qrecover.commands import (
     script_command,
     verify_command,
 )
+from qrecover.compat import Annotated
 from qrecover.errors import (
     EXIT_INTERNAL,
     EXIT_OK,
@@ -38,14 +39,17 @@ from qrecover.files.command import files_command
 from qrecover.help_text import EXAMPLES, SUMMARIES, TOP_HELP, Group
 from qrecover.messages import OneLineFormatter, err
 from qrecover.options import (
+    ArchOpt,
     BackupArg,
     ExcludeOpt,
     ExplainOpt,
     JobsOpt,
     JsonOpt,
     NoLimitOpt,
+    OfflineOpt,
     OtherCopyOpt,
     PassFileOpt,
+    PythonOpt,
     SalvageOpt,
     SkipDom0Opt,
     TranscriptOpt,
@@ -206,7 +210,7 @@ def files(
         ),
     ],
     paths: Annotated[
-        list[str] | None,
+        Optional[List[str]],  # typer evaluates these: no X | None, list[str] (3.8)
         typer.Argument(
             help=f"Folders or files inside the image to copy (default: {DEFAULT_PATH}; "
             "the image's root holds home/, config/ and usrlocal/). Each is copied into DIR "
@@ -215,7 +219,7 @@ def files(
         ),
     ] = None,
     output: Annotated[
-        Path | None,
+        Optional[Path],
         typer.Option("--output", "-o", help="Folder to copy into.", metavar="DIR"),
     ] = None,
     list_only: Annotated[
@@ -312,11 +316,14 @@ def kit(
         ),
     ],
     passphrase_file: PassFileOpt = None,
+    offline: OfflineOpt = False,
+    python: PythonOpt = None,
+    arch: ArchOpt = None,
 ) -> None:
     """qrecover kit (its help and examples: qrecover.help_text)."""
     from qrecover.kit import kit_command  # only this command needs shiv's machinery
 
-    raise typer.Exit(kit_command(backup, output, passphrase_file))
+    raise typer.Exit(kit_command(backup, output, passphrase_file, python, arch, offline))
 
 
 @app.command(help=SUMMARIES["info"], epilog=EXAMPLES["info"])
@@ -332,10 +339,10 @@ def info(
     raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx)))
 
 
-def _usage_errors() -> tuple[type[Exception], ...]:
+def _usage_errors() -> Tuple[Type[Exception], ...]:
     """typer's usage-error classes: its own since typer 0.29 (which vendors
     click), click's before; imported by name so that either works."""
-    found: list[type[Exception]] = []
+    found: List[Type[Exception]] = []
     typer_base = getattr(typer, "TyperException", None)
     if isinstance(typer_base, type) and issubclass(typer_base, Exception):
         found.append(typer_base)
@@ -348,14 +355,14 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point: the one place where errors become messages and exit codes."""
     with signals.handled():
         code = _run(argv)
     sys.exit(code)
 
 
-def _run(argv: Sequence[str] | None) -> int:
+def _run(argv: Optional[Sequence[str]]) -> int:
     try:
         try:
             # Without standalone mode, click returns typer.Exit's code instead of raising it.

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrecover import formats
+from qrecover.compat import zip_strict
 from qrecover.container import open_source
 from qrecover.context import RunContext
 from qrecover.copies import open_copy
@@ -375,7 +376,7 @@ def info_command(
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip_strict(row, widths)).rstrip())
     for note in formats.notes(fmt):
         print(f"  note: {note}")
     return EXIT_OK

@@ -62,7 +62,7 @@ def _octal(field_: bytes) -> int | None:
     return int(text, 8)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Entry:
     """Where a member of a copy is: its first header block, its data, its size."""
 

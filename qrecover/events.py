@@ -10,10 +10,9 @@ where they are done in-process (the format's HMAC checks), not here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Union
 
 from qrecover.inventory import Entity, Inventory
 from qrecover.runner import Stage
@@ -99,16 +98,17 @@ class QubesXmlWritten:
     path: Path
 
 
-Event = (
-    HeaderVerified
-    | InventoryRead
-    | ChunkChecked
-    | ChunkBorrowed
-    | PipelineStarted
-    | ChunkFed
-    | FileFinished
-    | QubesXmlWritten
-)
+# typing's Union and Callable: runtime aliases, which Python 3.8 cannot subscript otherwise
+Event = Union[
+    HeaderVerified,
+    InventoryRead,
+    ChunkChecked,
+    ChunkBorrowed,
+    PipelineStarted,
+    ChunkFed,
+    FileFinished,
+    QubesXmlWritten,
+]
 EventListener = Callable[[Event], None]
 
 

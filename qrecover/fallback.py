@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from qrecover.compat import removesuffix
 from qrecover.container import ChunkName, Member
 from qrecover.copies import OtherCopy, check_header
 from qrecover.errors import OutputError, QrecoverError
@@ -35,7 +36,7 @@ class ChunkDamage:
     @property
     def said(self) -> str:
         """The problem without the chunk's name in front (it is said beside it)."""
-        for name in (self.chunk, self.chunk.removesuffix(".enc")):
+        for name in (self.chunk, removesuffix(self.chunk, ".enc")):
             if self.problem.startswith(f"{name}: "):
                 return self.problem[len(name) + 2:]
         return self.problem

@@ -15,9 +15,8 @@ import fcntl
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable, List  # typing's: Placing is a runtime alias (3.8)
 
 from qrecover.context import RunContext
 from qrecover.errors import DiskFull, FeedFailed, OutputError, QrecoverError, StoredFileError
@@ -42,7 +41,7 @@ from qrecover.stages.guard import TarGuard
 from qrecover.units import human_bytes
 
 # Told (stored, owner, entries, folder) just before a stored file is placed.
-Placing = Callable[[str, str, list[Path], Path], None]
+Placing = Callable[[str, str, List[Path], Path], None]
 
 
 class StoredFile:
