@@ -484,7 +484,7 @@ INPROCESS = frozenset({
     "test_inprocess.py", "test_plan.py", "test_json.py", "test_bad_input.py",
     "test_selection.py", "test_fixture_sample.py", "test_header.py", "test_container.py",
     "test_inventory.py", "test_verify.py", "test_argv.py", "test_format4_units.py",
-    "test_format1_units.py", "test_files_units.py", "test_chunk_pool.py",
+    "test_format1_units.py", "test_files_units.py", "test_chunk_pool.py", "test_signals.py",
 })
 
 
