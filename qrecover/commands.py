@@ -111,6 +111,8 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
         print(summary_table(mode, report.files, elapsed), flush=True)
     for note in formats.notes(report.fmt):
         err(f"note: {note}")
+    for damage in report.damage:  # each damaged range once, with what it cost
+        err(damage.line())
     for problem in report.problems:
         err(f"problem: {problem}")
     if (warning := formats.unauthenticated(report.fmt)) is not None:
@@ -130,6 +132,7 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
         return EXIT_OK
     err(
         f"{len(failures)} of {count} stored file(s) failed"
+        + (f", {len(report.damage)} damaged range(s)" if report.damage else "")
         + (f", {len(report.problems)} other problem(s)" if report.problems else "")
         + ":"
     )
@@ -180,7 +183,7 @@ class _Showing:
         if not report.ok:
             failures = [f.problem for f in report.files if not f.ok]
             self.note = "qrecover reported problems: " + "; ".join(
-                [*failures, *report.problems]
+                [*failures, *(d.line() for d in report.damage), *report.problems]
             )[:500]
 
 

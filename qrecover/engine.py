@@ -35,12 +35,16 @@ from qrecover.container import (
     HEADER,
     HEADER_HMAC,
     QUBES_XML,
+    ChunkName,
     FolderSource,
+    Member,
     StreamSource,
     Truncated,
+    Unreadable,
     parse_member_name,
 )
 from qrecover.context import RunContext
+from qrecover.damage import Damage, DamageLog
 from qrecover.dry_run import dry_findings
 from qrecover.errors import (
     BackupError,
@@ -95,13 +99,19 @@ class Recovery:
         self.works: ChunkWorks | None = None
         # igzip or pigz, and bsdtar, when installed: faster than gzip -d, GNU tar
         self.gunzip, self.extractor = pick_programs()
+        # Damaged ranges (the reader's, and chunks that failed their check) and
+        # where each chunk read lies, to charge each range with what it cost.
+        self.damage: DamageLog = getattr(source, "damage", None) or DamageLog()
+        self.report.damage = self.damage.ranges
+        self._spans: dict[str, tuple[str, int, int | None]] = {}
 
     # -- the pass -----------------------------------------------------------
 
     def run(self) -> Report:
         request = self.request
         headerless = formats.folder_format(self.source)  # format 1: a folder, no header
-        members = Members(headerless.members() if headerless else self.source.members())
+        members = Members(headerless.members() if headerless else self.source.members(),
+                          self._position)
         try:
             self.fmt = fmt = headerless or self._read_header(members)
             if headerless is not None:
@@ -155,6 +165,10 @@ class Recovery:
         finally:
             self._cleanup()
         return self.report
+
+    def _position(self) -> int:
+        """How far the backup's stream has been read (a folder: 0)."""
+        return self.source.position if isinstance(self.source, StreamSource) else 0
 
     def _plan(self, fmt: Format, selected: tuple[Entity, ...]) -> Plan:
         request = self.request
@@ -293,9 +307,11 @@ class Recovery:
             job = self._job(plan, name.stored, owner.name, owner)
             self.observer.file_started(name.stored, owner.name)
             self._active = job
-            self._consume(members, job)
+            expected = self._consume(members, job)
             result = job.finish()
             self._active = None
+            if not result.ok:  # its last chunks lost in damage after them?
+                self._tail_lost(members, name.stored, expected)
             self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
             self.report.files.append(result)
             if self.resume is not None:
@@ -307,13 +323,14 @@ class Recovery:
             if isinstance(result.failure, OutputError) and result.failure.fatal:
                 raise result.failure
         if members.error is not None:
-            self.report.problems.append(str(members.error))
+            self._broken(members)
         self.report.problems += missing(plan.selected, self.report.files)
 
     # -- one stored file ----------------------------------------------------
 
-    def _consume(self, members: Members, job: StoredFile) -> None:
-        """Take every member of ``job``'s stored file; the format checks each chunk."""
+    def _consume(self, members: Members, job: StoredFile) -> int:
+        """Take every member of ``job``'s stored file; the format checks each chunk.
+        Returns how many of its chunks came in order."""
         stored = job.stored
         if stored in self._seen:
             job.fail(StoredFileError(f"{stored}: its chunks appear in two places in the backup"))
@@ -333,6 +350,8 @@ class Recovery:
             if name is None or name.stored != stored:
                 break
             members.take()
+            if member.after_damage is not None:  # chunks lost in the damage before it
+                self._lost_before(member.after_damage, name, stored, expected)
             if job.result.error is not None:
                 continue
             problem = misplaced(fmt, member, name, stored, expected)
@@ -343,15 +362,27 @@ class Recovery:
             try:
                 self._use(job, store, works.admit())  # room in scratch for one more
                 pending = fmt.read_chunk(store, member, name, members)
+            except Unreadable as exc:  # a chunk file of a folder: that chunk only
+                self._use(job, store, works.drain())
+                job.fail(StoredFileError(exc.message))
+                assert member.path is not None
+                self.damage.add(str(member.path), 0, member.size, "cannot be read").charge(
+                    member.name, stored)
+                continue
             except Truncated as exc:
                 self._use(job, store, works.drain())
                 job.fail(exc)
                 members.stop(exc)
+                if member.at is not None:
+                    self._spans[member.name] = (self.damage_label, member.at, None)
+                    self._charge(member.name, stored, "the backup ends inside it")
                 break
+            self._span(member, members.last)
             expected += 1
             self._use(job, store, works.submit(pending, member.name, member.size))
             self.observer.in_flight(works.in_flight)
         self._use(job, store, works.drain())
+        return expected
 
     def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
         """Feed ``job`` the chunks whose step is done, in chunk order; the first
@@ -368,6 +399,8 @@ class Recovery:
                 self.xml_macs.append(outcome.mac)
             if outcome.error is not None:
                 job.fail(outcome.error)
+                if isinstance(outcome.error, StoredFileError):
+                    self._charge(chunk.member, job.stored, outcome.reason or "failed its check")
                 continue
             assert outcome.plain is not None
             try:
@@ -375,6 +408,66 @@ class Recovery:
             except OSError as exc:
                 store.drop(outcome.plain, outcome.owned)
                 job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))
+
+    # -- damage: where it is and what it cost (qrecover.damage) -----------
+
+    @property
+    def damage_label(self) -> str:
+        return getattr(self.source, "label", "the backup")
+
+    def _span(self, member: Member, last: Member | None) -> None:
+        """Where a chunk (with its .hmac) lies: a range of the stream, or its file."""
+        if member.path is not None:
+            self._spans[member.name] = (str(member.path), 0, member.size)
+        elif member.at is not None:
+            end = last.data_end if last is not None and last.data_end is not None else None
+            if end is not None:
+                end += -end % 512  # its padding: damage may begin right after it
+            self._spans[member.name] = (self.damage_label, member.at, end)
+
+    def _charge(self, chunk: str, stored: str, what: str) -> None:
+        """A chunk failed (its check, its .hmac, its end): charged to the damaged
+        range it lies in, or, where none is known, to itself as a new one."""
+        span = self._spans.get(chunk)
+        if span is None:
+            return
+        label, start, end = span
+        found = self.damage.at(label, start, end)
+        if found is None:
+            where = f"byte {start}" if self.damage_label == label else ""
+            found = self.damage.add(label, start, end, f"{chunk}: {what}", where)
+        found.charge(chunk, stored)
+
+    def _lost_before(self, damage: Damage, name: ChunkName, stored: str, expected: int) -> None:
+        """The first member after a damaged range: the chunks of its stored file
+        before it that never came were lost there."""
+        first = expected if name.stored == stored else 0
+        for index in range(first, name.index):
+            damage.charge(ChunkName(name.stored, index).name, name.stored)
+        if name.is_hmac:
+            damage.charge(name.data_name, name.stored)
+
+    def _tail_lost(self, members: Members, stored: str, expected: int) -> None:
+        """A stored file that failed, and after whose last chunk came damage:
+        its next chunks (if it had more) may have been lost there."""
+        after = members.peek()
+        damage = after.after_damage if after is not None else None
+        if damage is None and members.error is not None and isinstance(self.source, StreamSource):
+            damage = self._broken(members)
+        if damage is not None:
+            damage.charge(f"{ChunkName(stored, expected).name} and after (if any)", stored)
+
+    def _broken(self, members: Members) -> Damage | None:
+        """The stream broke (truncated, a decompressor failed): the rest is one
+        damaged range, reported with the others."""
+        assert members.error is not None
+        if not isinstance(self.source, StreamSource) or members.error_at is None:
+            if str(members.error) not in self.report.problems:
+                self.report.problems.append(str(members.error))
+            return None
+        at = members.error_at
+        return self.damage.add(self.damage_label, at, None, members.error.message,
+                               self.source.input.where(at))
 
 
 def run(

@@ -13,6 +13,7 @@ from qrecover.inventory import Entity, Inventory
 from qrecover.plan import Mode
 
 if TYPE_CHECKING:
+    from qrecover.damage import Damage
     from qrecover.formats.base import Format
     from qrecover.header import Header
     from qrecover.plan import Plan
@@ -82,6 +83,7 @@ class Report:
     stops: list[OutputError] = field(default_factory=list)  # what would stop a restore
     kept: tuple[str, ...] = ()  # restore --dry-run --resume: what an earlier run placed
     excused: frozenset[str] = frozenset()  # ... and the existing targets that are its work
+    damage: list[Damage] = field(default_factory=list)  # damaged ranges (qrecover.damage)
 
     @property
     def header(self) -> Header | None:
@@ -89,7 +91,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(f.ok for f in self.files)
+        return not self.problems and not self.damage and all(f.ok for f in self.files)
 
 
 class Observer(Protocol):

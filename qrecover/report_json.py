@@ -45,6 +45,7 @@ def report_json(
         "vms": [e.as_json() for e in report.selected],
         "files": [file_json(f) for f in report.files],
         "problems": list(report.problems),
+        "damage": [d.as_json() for d in report.damage],
         "verdict": "ok" if exit_code == EXIT_OK else "failed",
         "exit_code": exit_code,
     }
@@ -60,6 +61,7 @@ def error_json(mode: str, backup: str | list[str], error: QrecoverError) -> dict
         "vms": [],
         "files": [],
         "problems": [error.message],
+        "damage": [],
         "verdict": "error",
         "exit_code": error.exit_code,
     }

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qrecover.damage import DamageLog
 from qrecover.errors import BackupError, MissingProgramError, UsageError
 from qrecover.magic import SNIFF, Compression, compression_of
 from qrecover.runner import (
@@ -41,6 +42,8 @@ from qrecover.runner import (
 from qrecover.stages.decompress import only_bytes_after_it, pick_gunzip
 
 log = logging.getLogger("qrecover")
+SECTOR = 512  # what a read error costs at least: one sector of the medium
+
 
 @dataclass
 class Piece:
@@ -70,6 +73,7 @@ class ByteInput:
         self._pushed = b""
         self._closed = False
         self._noted = False  # gzip's note on bytes after the compressed backup
+        self.damage = DamageLog()  # unreadable sectors here, skipped ranges (tarstream)
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" only at the end of the last piece."""
@@ -84,7 +88,9 @@ class ByteInput:
                     piece.fd = os.open(piece.label, os.O_RDONLY | os.O_CLOEXEC)
                 data = os.read(piece.fd, n)
             except OSError as exc:
-                raise BackupError(f"{piece.label}: cannot read ({exc.strerror})") from None
+                if piece.fd < 0 or not _seekable(piece):
+                    raise BackupError(f"{piece.label}: cannot read ({exc.strerror})") from None
+                data = self._by_sectors(piece, n)  # unreadable sectors: stepped over
             if data:
                 self.position += len(data)
                 return data
@@ -95,6 +101,32 @@ class ByteInput:
             if self._index < len(self.pieces):
                 self.pieces[self._index].start = self.position
         return b""
+
+    def _by_sectors(self, piece: Piece, n: int) -> bytes:
+        """A read error in a file: the same bytes again, one sector at a time;
+        a sector that cannot be read comes back as zeros (as ddrescue leaves
+        it) and is recorded as damage, so that the reader steps over it and
+        goes on; no chunk that held it can pass its check."""
+        pos = self.position - piece.start  # nothing pushed back: that is read first
+        end = pos + n
+        parts: list[bytes] = []
+        while pos < end:
+            size = min(SECTOR - pos % SECTOR, end - pos)
+            try:
+                data = os.pread(piece.fd, size, pos)
+            except OSError as exc:
+                if piece.size is not None and pos >= piece.size:
+                    break
+                data = bytes(size)
+                whole = piece.start + pos
+                self.damage.add(self.label, whole, whole + size,
+                                f"unreadable ({exc.strerror})", self.where(whole))
+            if not data:
+                break
+            parts.append(data)
+            pos += len(data)
+        os.lseek(piece.fd, pos, os.SEEK_SET)  # the next read goes on after them
+        return b"".join(parts)
 
     def read_exact(self, n: int) -> bytes:
         """``n`` bytes, fewer only at the end."""
@@ -166,6 +198,16 @@ class ByteInput:
             if piece.fd > 2:
                 with contextlib.suppress(OSError):
                     os.close(piece.fd)
+
+
+def _seekable(piece: Piece) -> bool:
+    """A regular file (also as standard input): its unreadable sectors can be stepped over."""
+    if piece.size is not None:
+        return True
+    try:
+        return stat.S_ISREG(os.fstat(piece.fd).st_mode)
+    except OSError:
+        return False
 
 
 def _open_piece(path: str, now: bool) -> Piece:

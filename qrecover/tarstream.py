@@ -24,6 +24,7 @@ log = logging.getLogger("qrecover")
 
 if TYPE_CHECKING:
     from qrecover.container import Member
+    from qrecover.damage import Damage
     from qrecover.sources import ByteInput
 
 BLOCK = 512
@@ -39,6 +40,10 @@ MAX_ZERO_RUN = 1024 * 1024
 # a member declaring far more would only fill the scratch folder (a small
 # compressed input can expand to any size), so it is refused before any copy.
 MAX_MEMBER = 256 * 1024 * 1024
+# Damage is stepped over (``tar -i``) to the next member header: in a file to
+# its end, in a pipe for at most this much (a few chunks' worth), so that
+# /dev/urandom or a disk's empty end is not read forever.
+MAX_SKIP_STREAM = 512 * 1024 * 1024
 _REGULAR = (b"0", b"\0", b"7")
 _NOT_REGULAR = {
     b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
@@ -127,6 +132,30 @@ def follows(prev: str, name: str) -> bool:
     return not after.is_hmac and after.is_enc == before.is_enc and (nxt or after.index == 0)
 
 
+class _Damaged(Exception):
+    """Damage where a member header should be (see TarReader._damaged)."""
+
+    def __init__(self, what: str, error: BackupError, fatal: bool) -> None:
+        super().__init__(what)
+        self.what = what
+        self.error = error
+        self.fatal = fatal
+
+
+def _qubes_member(name: str, kind: bytes, size: int) -> bool:
+    """A member Qubes could have written: a regular file of at most 100 MiB
+    with the name of a header, a chunk or an .hmac."""
+    from qrecover.container import parse_member_name
+
+    if kind not in _REGULAR or not 0 <= size <= MAX_MEMBER:
+        return False
+    try:
+        parse_member_name(name)
+    except BackupError:
+        return False
+    return True
+
+
 class _MemberStream:
     """One member's data: exactly its size, then its padding is skipped."""
 
@@ -162,6 +191,13 @@ class TarReader:
     def __init__(self, data: ByteInput) -> None:
         self.input = data
         self.label = data.label
+        self.skipping: int | None = None  # where the damage being stepped over began
+        self.skip_what = ""
+        self.zeros_only = True  # nothing but zero blocks in it so far
+        self.after: Damage | None = None  # for the next member: the damage before it
+        # A file is stepped over to its end; a pipe only so far (/dev/zero is endless).
+        seekable = not data.via and all(p.size is not None for p in data.pieces)
+        self.max_skip = 1 << 62 if seekable else MAX_SKIP_STREAM
 
     def ended(self) -> str:
         """Why the stream ended early, for a truncation message."""
@@ -174,19 +210,24 @@ class TarReader:
             return f"the last piece, {last}, ends there (is a piece missing?)"
         return f"it ends at {where}"
 
-    def _damaged(self, offset: int, what: str, since_piece: bool) -> BackupError:
+    def _damaged(self, offset: int, what: str, since_piece: bool) -> _Damaged:
+        """Damage where a member header should be.  Fatal (an error) when it
+        says the pieces are out of order or a decompressor failed; otherwise
+        stepped over, to the next member header (``tar -i``)."""
         where = self.input.where(offset)
         failed = self.input.failure()
         if failed is not None:
-            return BackupError(f"{self.label}: {failed} (the compressed backup is damaged)")
+            return _Damaged(what, BackupError(
+                f"{self.label}: {failed} (the compressed backup is damaged)"), True)
         index = self.input.piece_at(offset)
         if since_piece and index > 0 and not self.input.via:
             piece, prev = self.input.pieces[index], self.input.pieces[index - 1]
-            return BackupError(
+            return _Damaged(what, BackupError(
                 f"piece {piece.label} does not continue piece {prev.label}: {what} at {where}, "
                 "where a member should start (pieces out of order, or one missing?)"
-            )
-        return BackupError(f"{self.label}: outer archive damaged at {where}: {what}")
+            ), True)
+        return _Damaged(what, BackupError(
+            f"{self.label}: outer archive damaged at {where}: {what}"), False)
 
     def _skip(self, count: int) -> None:
         """Skip ``count`` bytes of member data (what the engine did not read)."""
@@ -222,12 +263,17 @@ class TarReader:
         long_name: str | None = None
         piece = entry_piece = end_piece = self.input.piece_at(0)
         last = ""
+        entry = entry_zeros = 0  # where the entry being read (its first header) starts
+        resynced = False  # that entry was found by stepping over damage
         while True:
             offset = self.input.position
             block = self.input.read_exact(BLOCK)
             # a block whose last byte lies in another piece crosses the boundary too
             crossed = self.input.piece_at(offset + len(block) - 1) != piece
             if len(block) < BLOCK:
+                if self.skipping is not None:
+                    self._ended_in_damage(offset + len(block))
+                    return
                 self.input.finish()  # a decompressor that failed says why the bytes ended
                 if pax or long_name is not None:
                     raise BackupError(f"{self.label}: the backup ends after an extended tar "
@@ -243,6 +289,17 @@ class TarReader:
                     raise BackupError(f"{self.label}: the backup ends inside a tar header "
                                       f"(truncated backup): {self.ended()}")
                 return
+            if self.skipping is not None:
+                if offset - self.skipping > self.max_skip:
+                    self._ended_in_damage(None)
+                    return
+                if block == ZERO_BLOCK:
+                    continue
+                if not self._resumes_here(block):
+                    self.zeros_only = False
+                    continue  # still inside the damage
+                self._resumed(offset)
+                resynced, zeros = True, 0
             if block == ZERO_BLOCK:
                 zeros += BLOCK
                 if zeros > MAX_ZERO_RUN:
@@ -250,50 +307,63 @@ class TarReader:
                     if count == 0:
                         raise BackupError(f"{self.label}: zero-filled: more than "
                                           f"{MAX_ZERO_RUN} bytes of zeros at {where}")
-                    log.warning("note: %s: more than %d bytes of zeros at %s: taken as the end "
-                                "of the backup (a copy on a larger disk?); nothing after them "
-                                "is read", self.label, MAX_ZERO_RUN, where)
-                    return
+                    # a copy on a larger disk ends in zeros; unreadable sectors
+                    # ddrescue filled are zeros too: looked past, to a member or the end
+                    self._step_over(offset + BLOCK - zeros, "", zeros_only=True)
+                    zeros = 0
                 continue
             zeros_before, zeros = zeros, 0
-            if not checksum_ok(block):
-                if count == 0 and offset == 0:
-                    raise self._first_block(block)
-                if count == 0 and offset == zeros_before:
-                    raise self._first_block(block, offset)
-                raise self._damaged(offset, "a broken tar header", crossed)
-            piece = self.input.piece_at(offset + BLOCK - 1)
             if not pax and long_name is None:
-                entry_piece = piece  # where this entry's first header is
-            kind = block[156:157]
+                entry, entry_zeros = offset, zeros_before
             try:
-                size = _number(block[124:136])
-                if "size" in pax:
-                    size = int(pax["size"]) if pax["size"].isdigit() else -1
-            except ValueError as exc:
-                raise self._damaged(offset, f"tar header with a bad size ({exc})", False) from None
-            if size < 0:
-                raise self._damaged(offset, "PAX header with a bad size", False)
-            if kind in (b"x", b"g"):
+                if not checksum_ok(block):
+                    if count == 0 and offset == 0:
+                        raise self._first_block(block)
+                    if count == 0 and offset == zeros_before:
+                        raise self._first_block(block, offset)
+                    raise self._damaged(offset, "a broken tar header", crossed)
+                piece = self.input.piece_at(offset + BLOCK - 1)
+                if not pax and long_name is None:
+                    entry_piece = piece  # where this entry's first header is
+                kind = block[156:157]
                 try:
-                    records = parse_pax(self._extended(size, offset))
+                    size = _number(block[124:136])
+                    if "size" in pax:
+                        size = int(pax["size"]) if pax["size"].isdigit() else -1
                 except ValueError as exc:
-                    raise self._damaged(offset, str(exc), False) from None
-                if kind == b"x":
-                    pax = records
+                    raise self._damaged(offset, f"tar header with a bad size ({exc})",
+                                        False) from None
+                if size < 0:
+                    raise self._damaged(offset, "PAX header with a bad size", False)
+                if kind in (b"x", b"g"):
+                    try:
+                        records = parse_pax(self._extended(size, offset))
+                    except ValueError as exc:
+                        raise self._damaged(offset, str(exc), False) from None
+                    if kind == b"x":
+                        pax = records
+                    continue
+                if kind in (b"L", b"K"):
+                    data = self._extended(size, offset)
+                    if kind == b"L":
+                        long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    continue
+                name = pax.get("path") or long_name or _text(block[0:100])
+                prefix = _text(block[345:500]) if block[257:263] == b"ustar\0" else ""
+                if prefix and "path" not in pax and long_name is None:
+                    name = f"{prefix}/{name}"
+                if any(key.startswith("GNU.sparse") for key in pax):
+                    kind = b"S"
+                pax, long_name = {}, None
+                if resynced and not _qubes_member(name, kind, size):
+                    raise self._damaged(offset, f"a tar header of {_shown(name)}", False)
+            except _Damaged as damage:
+                if count == 0 or damage.fatal:
+                    raise damage.error from None
+                pax, long_name = {}, None
+                # from the end of the last member read: the zeros before the entry included
+                self._step_over(entry - entry_zeros, damage.what)
                 continue
-            if kind in (b"L", b"K"):
-                data = self._extended(size, offset)
-                if kind == b"L":
-                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                continue
-            name = pax.get("path") or long_name or _text(block[0:100])
-            prefix = _text(block[345:500]) if block[257:263] == b"ustar\0" else ""
-            if prefix and "path" not in pax and long_name is None:
-                name = f"{prefix}/{name}"
-            if any(key.startswith("GNU.sparse") for key in pax):
-                kind = b"S"
-            pax, long_name = {}, None
             if size > MAX_MEMBER:
                 raise BackupError(f"outer archive: member {_shown(name)} declares {size} bytes, "
                                   f"more than any chunk Qubes writes (100 MiB)")
@@ -310,12 +380,71 @@ class TarReader:
                 self._check_boundary(count, last, name, entry_piece != end_piece)
             count += 1
             last = name
+            after, self.after = self.after, None
+            resynced = False
             stream = _MemberStream(self, name, size)
-            yield Member(name, size, stream=stream)  # type: ignore[arg-type]
+            yield Member(name, size, stream=stream, at=entry,  # type: ignore[arg-type]
+                         data_end=self.input.position + size, after_damage=after)
             rest, stream.left = stream.left, 0
             self._skip(rest)
             self._skip_padding(size)
             end_piece = self.input.piece_at(self.input.position - 1)
+
+    # -- stepping over damage ---------------------------------------------
+
+    def _step_over(self, start: int, what: str, zeros_only: bool = False) -> None:
+        """Begin stepping over bytes from ``start``: what is there is no member."""
+        if self.skipping is None:
+            self.skipping, self.skip_what = start, what
+        elif what and not self.skip_what:
+            self.skip_what = what
+        self.zeros_only = zeros_only and self.zeros_only
+
+    def _resumes_here(self, block: bytes) -> bool:
+        """Could a member start at this block?  A tar header (checksum, ustar)
+        of a PAX record or of a regular file that Qubes could have written;
+        anything else inside damage is stepped over."""
+        if not checksum_ok(block):
+            return False
+        kind = block[156:157]
+        if kind in (b"x", b"L"):
+            return True
+        try:
+            size = _number(block[124:136])
+        except ValueError:
+            return False
+        return _qubes_member(_text(block[0:100]), kind, size)
+
+    def _resumed(self, offset: int) -> None:
+        """A member header again at ``offset``: the range before it is one damage."""
+        assert self.skipping is not None
+        start, self.skipping = self.skipping, None
+        if self.zeros_only:
+            what = f"{offset - start} bytes of zeros where members should be"
+        else:
+            what = self.skip_what or "no tar header"
+        self.after = self.input.damage.add(
+            self.label, start, offset, f"{what}; stepped over to the next member header",
+            self.input.where(start),
+        )
+        self.zeros_only = True
+
+    def _ended_in_damage(self, end: int | None) -> None:
+        """The input ended (or, on a pipe, too much was stepped over) inside damage."""
+        assert self.skipping is not None
+        start, self.skipping = self.skipping, None
+        if self.zeros_only:  # zeros to the end: where the backup ends (a larger disk)
+            log.warning("note: %s: more than %d bytes of zeros at %s: taken as the end "
+                        "of the backup (a copy on a larger disk?); nothing after them "
+                        "is read", self.label, MAX_ZERO_RUN, self.input.where(start))
+            return
+        what = self.skip_what or "no tar header"
+        if end is None:
+            what += f"; no member header in the {self.max_skip} bytes after it: reading stopped"
+        else:
+            what += "; no member header after it"
+        self.input.damage.add(self.label, start, end, what, self.input.where(start))
+        self.input.finish()  # a decompressor that failed says why
 
     def _check_boundary(self, count: int, last: str, name: str, crossed: bool) -> None:
         """Pieces of a split backup: does the member after a piece boundary

@@ -158,25 +158,44 @@ def test_reader_names_what_is_not_a_tar(data: bytes, message: str, tmp_path: Pat
         _members(path)
 
 
-def test_reader_refuses_garbage_between_members(tmp_path: Path) -> None:
-    data = _tar(MEMBERS[:2]) + b"\x01" * 512 + _tar(MEMBERS[2:])
+def test_reader_steps_over_garbage_between_members(tmp_path: Path) -> None:
+    """Garbage where a header should be is stepped over (``tar -i``), to the
+    next member header, and recorded once as one damaged range."""
+    before = _tar(MEMBERS[:2])
+    data = before + b"\x01" * 512 + _tar(MEMBERS[2:])
     path = tmp_path / "b"
     path.write_bytes(data)
-    with pytest.raises(BackupError, match=r"outer archive damaged at byte .*a broken tar header"):
-        _members(path)
+    source = open_source([str(path)])
+    assert isinstance(source, StreamSource)
+    got = [(m.name, m.read_all(1 << 20), m.after_damage) for m in source.members()]
+    assert [(n, d) for n, d, _ in got] == MEMBERS
+    (damage,) = source.damage.ranges
+    # from the end of the last member read (its archive's zeros) to the next header
+    assert damage.end == len(before) + 512
+    assert damage.start <= len(before) < damage.end
+    assert "a broken tar header" in damage.what[0]
+    assert got[2][2] is damage and all(d is None for _, _, d in got[:2] + got[3:])
 
 
-def test_reader_stops_at_a_megabyte_of_zeros(
+def test_reader_steps_over_a_megabyte_of_zeros_in_a_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """After members, a megabyte of zeros is where the backup ends (a raw copy
-    on a larger disk): nothing after it is read, and a note says so."""
+    """Megabytes of zeros after members: in a file, looked past (ddrescue's
+    unreadable sectors); what follows is read, and the zeros are damage.  At
+    the end of the file they are where the backup ends (a raw copy on a larger
+    disk), with a note."""
     path = tmp_path / "b"
-    path.write_bytes(_tar(MEMBERS[:2]) + bytes(2 << 20) + _tar(MEMBERS[2:]))
+    head = _tar(MEMBERS[:2])
+    path.write_bytes(head + bytes(2 << 20) + _tar(MEMBERS[2:]))
+    source = open_source([str(path)])
+    assert isinstance(source, StreamSource)
+    assert [(m.name, m.read_all(1 << 20)) for m in source.members()] == MEMBERS
+    (damage,) = source.damage.ranges
+    assert damage.end == len(head) + (2 << 20) and damage.start <= len(head)
+    assert "bytes of zeros where members should be" in damage.what[0]
+    path.write_bytes(_tar(MEMBERS) + bytes(2 << 20))
     with caplog.at_level("WARNING", logger="qrecover"):
-        names = [name for name, _ in _members(path)]
-    assert names == [name for name, _ in MEMBERS[:2]]
-    assert "more than 1048576 bytes of zeros" in caplog.text
+        assert _members(path) == MEMBERS
     assert "taken as the end of the backup" in caplog.text
     path.write_bytes(bytes(2 << 20) + _tar(MEMBERS))
     with pytest.raises(BackupError, match="zero-filled: more than 1048576 bytes of zeros"):

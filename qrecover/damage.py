@@ -1,0 +1,100 @@
+"""Damaged ranges of a backup, and what each one cost.
+
+A backup on failing media has sectors that read as zeros (what ``ddrescue``
+leaves), garbage, flipped bits, or that cannot be read at all.  The outer
+reader (qrecover.tarstream) steps over what is not a member, as ``tar -i``
+does, and goes on at the next valid member header; the bytes it stepped over,
+and the sectors that could not be read (qrecover.sources), are recorded here
+as ranges.  The engine then charges each range with what it cost: the chunks
+that were lost in it or failed their check because of it, and their stored
+files.  A range is reported once, however many chunks it cost.
+
+Nothing here decides what is used: every chunk is still authenticated
+before use, and a stored file that lost a chunk fails as for a missing chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Damage:
+    """Bytes ``start`` to ``end`` (exclusive; None: to the end) of ``label``."""
+
+    label: str  # the backup, a piece of it, or a chunk file of a folder
+    start: int
+    end: int | None
+    what: list[str] = field(default_factory=list)
+    where: str = ""  # ``byte N`` or ``byte N of PIECE``, as the reader names places
+    chunks: list[str] = field(default_factory=list)  # chunks lost to it, or damaged by it
+    stored: list[str] = field(default_factory=list)  # their stored files
+
+    def touches(self, start: int, end: int | None) -> bool:
+        """Does it overlap (or border) bytes ``start`` to ``end``?"""
+        mine = self.end if self.end is not None else float("inf")
+        theirs = end if end is not None else float("inf")
+        return self.start <= theirs and start <= mine
+
+    def charge(self, chunk: str, stored: str) -> None:
+        if chunk not in self.chunks:
+            self.chunks.append(chunk)
+        if stored not in self.stored:
+            self.stored.append(stored)
+
+    @property
+    def span(self) -> str:
+        where = self.where or f"byte {self.start}"
+        if self.end is None:
+            return f"{self.label}: from {where} to the end"
+        return f"{self.label}: {self.end - self.start} bytes at {where}"
+
+    @property
+    def cost(self) -> str:
+        if not self.chunks:
+            return "no chunk lost"
+        files = ", ".join(self.stored)
+        return f"lost chunk(s) {', '.join(self.chunks)} (stored file(s) {files})"
+
+    def line(self) -> str:
+        """One line for the summary: where, what was found there, what it cost."""
+        return f"damaged: {self.span} ({'; '.join(self.what)}): {self.cost}"
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "file": self.label,
+            "start": self.start,
+            "end": self.end,
+            "what": list(self.what),
+            "chunks": list(self.chunks),
+            "stored_files": list(self.stored),
+        }
+
+
+class DamageLog:
+    """Every damaged range of one pass, in the order met; ranges that touch
+    (a read error inside a range the reader stepped over) become one."""
+
+    def __init__(self) -> None:
+        self.ranges: list[Damage] = []
+
+    def add(self, label: str, start: int, end: int | None, what: str, where: str = "") -> Damage:
+        for damage in self.ranges:
+            if damage.label == label and damage.touches(start, end):
+                if start < damage.start:
+                    damage.start, damage.where = start, where
+                if damage.end is not None and (end is None or end > damage.end):
+                    damage.end = end
+                if what not in damage.what:
+                    damage.what.append(what)
+                return damage
+        damage = Damage(label, start, end, [what], where)
+        self.ranges.append(damage)
+        return damage
+
+    def at(self, label: str, start: int, end: int | None) -> Damage | None:
+        """The range that touches bytes ``start`` to ``end`` of ``label``, if any."""
+        for damage in self.ranges:
+            if damage.label == label and damage.touches(start, end):
+                return damage
+        return None
