@@ -29,6 +29,8 @@ class Damage:
     where: str = ""  # ``byte N`` or ``byte N of PIECE``, as the reader names places
     chunks: list[str] = field(default_factory=list)  # chunks lost to it, or damaged by it
     stored: list[str] = field(default_factory=list)  # their stored files
+    unreadable: list[list[int]] = field(default_factory=list)  # [start, end] read errors
+    reason: str = ""  # the read errors' (strerror)
 
     def touches(self, start: int, end: int | None) -> bool:
         """Does it overlap (or border) bytes ``start`` to ``end``?"""
@@ -56,16 +58,24 @@ class Damage:
         files = ", ".join(self.stored)
         return f"lost chunk(s) {', '.join(self.chunks)} (stored file(s) {files})"
 
+    @property
+    def found(self) -> list[str]:
+        """What was found there: the unreadable bytes first, exactly."""
+        spans = ", ".join(f"{a}-{b}" for a, b in self.unreadable)
+        read = [f"unreadable bytes {spans} ({self.reason})"] if self.unreadable else []
+        return read + self.what
+
     def line(self) -> str:
         """One line for the summary: where, what was found there, what it cost."""
-        return f"damaged: {self.span} ({'; '.join(self.what)}): {self.cost}"
+        return f"damaged: {self.span} ({'; '.join(self.found)}): {self.cost}"
 
     def as_json(self) -> dict[str, object]:
         return {
             "file": self.label,
             "start": self.start,
             "end": self.end,
-            "what": list(self.what),
+            "what": self.found,
+            "unreadable": [list(u) for u in self.unreadable],
             "chunks": list(self.chunks),
             "stored_files": list(self.stored),
         }
@@ -79,18 +89,28 @@ class DamageLog:
         self.ranges: list[Damage] = []
 
     def add(self, label: str, start: int, end: int | None, what: str, where: str = "") -> Damage:
-        for damage in self.ranges:
-            if damage.label == label and damage.touches(start, end):
-                if start < damage.start:
-                    damage.start, damage.where = start, where
-                if damage.end is not None and (end is None or end > damage.end):
-                    damage.end = end
-                if what not in damage.what:
-                    damage.what.append(what)
-                return damage
-        damage = Damage(label, start, end, [what], where)
-        self.ranges.append(damage)
+        """Record bytes ``start`` to ``end``; merged with the ranges it touches."""
+        damage = Damage(label, start, end, [what] if what else [], where)
+        kept: list[Damage] = []
+        for other in self.ranges:
+            if other.label != label or not other.touches(damage.start, damage.end):
+                kept.append(other)
+                continue
+            damage = _merged(other, damage)
+        kept.append(damage)
+        kept.sort(key=lambda d: (d.label, d.start))
+        self.ranges[:] = kept
         return damage
+
+    def unreadable(self, label: str, start: int, end: int, reason: str, where: str) -> None:
+        """Bytes that could not be read (a read error), kept exactly."""
+        damage = self.add(label, start, end, "", where)
+        damage.reason = damage.reason or reason
+        last = damage.unreadable[-1] if damage.unreadable else None
+        if last is not None and last[1] == start:
+            last[1] = end
+        else:
+            damage.unreadable.append([start, end])
 
     def at(self, label: str, start: int, end: int | None) -> Damage | None:
         """The range that touches bytes ``start`` to ``end`` of ``label``, if any."""
@@ -98,3 +118,17 @@ class DamageLog:
             if damage.label == label and damage.touches(start, end):
                 return damage
         return None
+
+
+def _merged(first: Damage, then: Damage) -> Damage:
+    """One range of two that touch: ``first`` (met earlier) keeps its identity."""
+    if then.start < first.start:
+        first.start, first.where = then.start, then.where
+    if first.end is not None and (then.end is None or then.end > first.end):
+        first.end = then.end
+    first.what += [w for w in then.what if w not in first.what]
+    first.unreadable = sorted(first.unreadable + then.unreadable)
+    first.reason = first.reason or then.reason
+    first.chunks += [c for c in then.chunks if c not in first.chunks]
+    first.stored += [s for s in then.stored if s not in first.stored]
+    return first

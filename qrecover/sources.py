@@ -119,8 +119,8 @@ class ByteInput:
                     break
                 data = bytes(size)
                 whole = piece.start + pos
-                self.damage.add(self.label, whole, whole + size,
-                                f"unreadable ({exc.strerror})", self.where(whole))
+                self.damage.unreadable(self.label, whole, whole + size, str(exc.strerror),
+                                       self.where(whole))
             if not data:
                 break
             parts.append(data)
