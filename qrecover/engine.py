@@ -443,7 +443,7 @@ class Recovery:
         before it that never came were lost there."""
         first = expected if name.stored == stored else 0
         for index in range(first, name.index):
-            damage.charge(ChunkName(name.stored, index).name, name.stored)
+            damage.charge(ChunkName(name.stored, index, is_enc=name.is_enc).name, name.stored)
         if name.is_hmac:
             damage.charge(name.data_name, name.stored)
 
@@ -455,7 +455,9 @@ class Recovery:
         if damage is None and members.error is not None and isinstance(self.source, StreamSource):
             damage = self._broken(members)
         if damage is not None:
-            damage.charge(f"{ChunkName(stored, expected).name} and after (if any)", stored)
+            enc = self.fmt is not None and self.fmt.version == 4
+            chunk = ChunkName(stored, expected, is_enc=enc).name
+            damage.charge(f"{chunk} and after (if any)", stored)
 
     def _broken(self, members: Members) -> Damage | None:
         """The stream broke (truncated, a decompressor failed): the rest is one
