@@ -375,7 +375,7 @@ class Recovery:
                 members.stop(exc)
                 if member.at is not None:
                     self._spans[member.name] = (self.damage_label, member.at, None)
-                    self._charge(member.name, stored, "the backup ends inside it")
+                    self._charge(member.name, stored, exc.message)
                 break
             self._span(member, members.last)
             expected += 1
@@ -434,8 +434,11 @@ class Recovery:
         label, start, end = span
         found = self.damage.at(label, start, end)
         if found is None:
-            where = f"byte {start}" if self.damage_label == label else ""
-            found = self.damage.add(label, start, end, f"{chunk}: {what}", where)
+            stream = isinstance(self.source, StreamSource) and self.damage_label == label
+            where = self.source.input.where(start) if isinstance(self.source, StreamSource) \
+                and stream else ""
+            found = self.damage.add(label, start, end, what if what.startswith(chunk)
+                                    else f"{chunk}: {what}", where)
         found.charge(chunk, stored)
 
     def _lost_before(self, damage: Damage, name: ChunkName, stored: str, expected: int) -> None:
@@ -457,6 +460,8 @@ class Recovery:
         if damage is not None:
             enc = self.fmt is not None and self.fmt.version == 4
             chunk = ChunkName(stored, expected, is_enc=enc).name
+            if chunk in damage.chunks:  # cut short in it: the ones after it are gone too
+                damage.chunks.remove(chunk)
             damage.charge(f"{chunk} and after (if any)", stored)
 
     def _broken(self, members: Members) -> Damage | None:

@@ -39,7 +39,7 @@ from qrecover.runner import (
     first_failure,
     render_pipeline,
 )
-from qrecover.stages.decompress import only_bytes_after_it, pick_gunzip
+from qrecover.stages.decompress import only_bytes_after_it, pick_outer_gunzip
 
 log = logging.getLogger("qrecover")
 SECTOR = 512  # what a read error costs at least: one sector of the medium
@@ -74,6 +74,7 @@ class ByteInput:
         self._closed = False
         self._noted = False  # gzip's note on bytes after the compressed backup
         self.damage = DamageLog()  # unreadable sectors here, skipped ranges (tarstream)
+        self._finished = False
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" only at the end of the last piece."""
@@ -181,9 +182,11 @@ class ByteInput:
         return first_failure([r for r in results if not only_bytes_after_it(r)])
 
     def finish(self) -> None:
-        """At the end of the bytes: a decompressor that failed makes the backup damaged."""
-        if self.pipeline is None:
+        """At the end of the bytes: a decompressor that failed makes the backup damaged
+        (said once: the reader records it as a damaged range)."""
+        if self.pipeline is None or self._finished:
             return
+        self._finished = True
         if (failed := self._failed()) is not None:
             raise BackupError(f"{self.label}: {failed.describe()} "
                               "(the compressed backup is damaged or truncated)")
@@ -294,7 +297,7 @@ def _decompress(raw: ByteInput, comp: Compression) -> ByteInput:
     or our copy of the pipe) in, an OS pipe out."""
     argv = comp.argv
     if comp.name == "gzip":
-        argv = (pick_gunzip(), *argv[1:])
+        argv = (pick_outer_gunzip(), *argv[1:])
     stages = [Stage(argv)]
     shown_in: str | None = None
     feeder: threading.Thread | None = None

@@ -215,10 +215,6 @@ class TarReader:
         says the pieces are out of order or a decompressor failed; otherwise
         stepped over, to the next member header (``tar -i``)."""
         where = self.input.where(offset)
-        failed = self.input.failure()
-        if failed is not None:
-            return _Damaged(what, BackupError(
-                f"{self.label}: {failed} (the compressed backup is damaged)"), True)
         index = self.input.piece_at(offset)
         if since_piece and index > 0 and not self.input.via:
             piece, prev = self.input.pieces[index], self.input.pieces[index - 1]
@@ -271,6 +267,8 @@ class TarReader:
             # a block whose last byte lies in another piece crosses the boundary too
             crossed = self.input.piece_at(offset + len(block) - 1) != piece
             if len(block) < BLOCK:
+                if count > 0:
+                    self._decompressor_failed(offset + len(block))
                 if self.skipping is not None:
                     self._ended_in_damage(offset + len(block))
                     return
@@ -391,6 +389,18 @@ class TarReader:
             end_piece = self.input.piece_at(self.input.position - 1)
 
     # -- stepping over damage ---------------------------------------------
+
+    def _decompressor_failed(self, end: int) -> None:
+        """A backup compressed as a whole whose decompressor failed: what it
+        wrote was read (every chunk in it is authenticated on its own); the
+        failure is damage from where its output ended (its damage is before
+        that, in its input, where no offset of ours can name it)."""
+        try:
+            self.input.finish()
+        except BackupError as exc:
+            self.input.damage.add(self.label, end, None, f"{exc.message}; everything "
+                                  f"{self.input.via} wrote before it was read",
+                                  self.input.where(end))
 
     def _step_over(self, start: int, what: str, zeros_only: bool = False) -> None:
         """Begin stepping over bytes from ``start``: what is there is no member."""

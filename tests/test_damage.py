@@ -320,3 +320,26 @@ def test_unreadable_and_missing_chunk_files_of_a_folder(
     assert found[str(point / f"{other}.000")]["stored_files"] == [other]
     assert "Input/output error" in files[big]["error"]
     assert f"{other}.000.hmac is missing" in files[other]["error"]
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz"])
+def test_backup_compressed_as_a_whole_damaged(
+    kind: str, v3: Backup, v3_pristine: Restored, tmp_path: Path
+) -> None:
+    """The decompressor fails at the damage: everything it wrote before is read
+    (each chunk authenticated), what it cost is said, nothing wrong is placed."""
+    packed = tmp_path / f"backup.{kind}"
+    with v3.path.open("rb") as src, packed.open("wb") as dst:
+        subprocess.run([kind, "-c"], stdin=src, stdout=dst, check=True)
+    data = bytearray(packed.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x10
+    packed.write_bytes(bytes(data))
+    damaged = restore(packed, v3.passfile, tmp_path / "out")
+    assert damaged.code == 4, damaged.err
+    ok = [f["stored"] for f in damaged.doc["files"] if f["status"] == "ok"]
+    assert len(ok) >= 3, damaged.err  # what came before the damage
+    for stored in ok:
+        assert damaged.hashes(stored) == v3_pristine.hashes(stored), stored
+    last = damaged.doc["damage"][-1]
+    assert last["end"] is None and "exited 1" in " ".join(last["what"]), damaged.doc["damage"]
+    assert f"damaged: {packed}: from byte " in damaged.err
