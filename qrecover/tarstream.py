@@ -142,6 +142,17 @@ class _Damaged(Exception):
         self.fatal = fatal
 
 
+def _refused(name: str) -> str | None:
+    """Why no Qubes backup holds a member of this name, if none does."""
+    from qrecover.container import parse_member_name
+
+    try:
+        parse_member_name(name)
+    except BackupError as exc:
+        return exc.message
+    return None
+
+
 def _qubes_member(name: str, kind: bytes, size: int) -> bool:
     """A member Qubes could have written: a regular file of at most 100 MiB
     with the name of a header, a chunk or an .hmac."""
@@ -374,6 +385,14 @@ class TarReader:
                 shown = name.encode("ascii", "backslashreplace").decode()[:120]
                 raise BackupError(f"outer archive: member {shown!r} is not a regular file "
                                   f"(it is {what})")
+            if count > 0 and (refused := _refused(name)) is not None:
+                # a well-formed member with a name no Qubes backup holds (a damaged
+                # PAX path, or planted): its bytes are stepped over, never used
+                self._skip(size)
+                self._skip_padding(size)
+                self.after = self.input.damage.add(self.label, entry, self.input.position,
+                                                   refused, self.input.where(entry))
+                continue
             if len(self.input.pieces) > 1:
                 self._check_boundary(count, last, name, entry_piece != end_piece)
             count += 1
