@@ -106,6 +106,10 @@ def _file_line(mode: str, result: FileResult) -> str:
 
 
 def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> int:
+    if report.nothing_left:
+        print(f"nothing left to do: the restore into {report.output} finished already "
+              "(its record says so, and every file it placed is still there)", flush=True)
+        return EXIT_OK
     failures = [f for f in report.files if not f.ok]
     if not settings.quiet:
         print(summary_table(mode, report.files, elapsed), flush=True)

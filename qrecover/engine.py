@@ -26,6 +26,7 @@ the plan and starts nothing for the stored files.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -148,9 +149,13 @@ class Recovery:
                 # DIR's restore record (--resume): the earlier run's own files are no obstacle
                 ident = identity(fmt, self.header_raw, xml, self.xml_macs)
                 self.resume = Resume.begin(
-                    self.output, request.resume, ident, fmt.version, self.scratch, selected
+                    self.output, request.resume, ident, fmt.version, self.scratch, selected,
+                    lambda: self._finished_before(plan, xml),
                 )
                 self.resume.emit = self.ctx.emit
+                if self.resume.complete:  # an earlier restore of it finished: nothing to do
+                    self.report.nothing_left = True
+                    return self.report
                 stops = obstacles(plan, self.resume.excused, request.resume)
                 if stops:
                     raise stops[0]
@@ -165,6 +170,19 @@ class Recovery:
         finally:
             self._cleanup()
         return self.report
+
+    def _finished_before(self, plan: Plan, xml: bytes) -> bool:
+        """Does DIR hold a finished restore of this backup (``--resume`` without a
+        record)?  Its qubes.xml is this one's, each selected VM's folder is there."""
+        assert self.output is not None
+        root = self.output.root
+        target = root / QUBES_XML
+        if target.is_symlink() or not target.is_file():
+            return False
+        with target.open("rb") as f:
+            if f.read(len(xml) + 1) != xml:
+                return False
+        return all(os.path.isdir(root / vm.folder) for vm in plan.entities())
 
     def _position(self) -> int:
         """How far the backup's stream has been read (a folder: 0)."""

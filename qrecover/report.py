@@ -84,6 +84,7 @@ class Report:
     kept: tuple[str, ...] = ()  # restore --dry-run --resume: what an earlier run placed
     excused: frozenset[str] = frozenset()  # ... and the existing targets that are its work
     damage: list[Damage] = field(default_factory=list)  # damaged ranges (qrecover.damage)
+    nothing_left: bool = False  # --resume of a restore that finished (qrecover.resume)
 
     @property
     def header(self) -> Header | None:
