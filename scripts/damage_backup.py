@@ -73,8 +73,9 @@ def outer_members(backup: Path) -> list[OuterMember]:
 
 
 def touched(members: list[OuterMember], start: int, end: int) -> list[str]:
-    """The members that bytes ``start``..``end`` damage: their header, data or padding."""
-    return [m.name for m in members if m.needed < end and start < m.end]
+    """The members that bytes ``start``..``end`` damage: their header or data (the
+    padding after the data is read past unchecked, as tar does)."""
+    return [m.name for m in members if m.needed < end and start < m.data + m.size]
 
 
 def sector_range(offset: int, sector: int) -> tuple[int, int]:
@@ -89,6 +90,7 @@ class Damager:
     def __init__(self, backup: Path, seed: int = 0) -> None:
         self.members = outer_members(backup)
         self.data = bytearray(backup.read_bytes())
+        self.original = bytes(self.data)
         self.hits: list[Hit] = []
         self.random = random.Random(seed)
 
@@ -97,7 +99,9 @@ class Damager:
 
     def _hit(self, kind: str, start: int, end: int) -> Hit:
         end = min(end, len(self.data))
-        hit = Hit(kind, start, end, touched(self.members, start, end))
+        same = kind != "truncate" and self.data[start:end] == self.original[start:end]
+        # zeros over zeros (an image's holes) change nothing: no member is hit
+        hit = Hit(kind, start, end, [] if same else touched(self.members, start, end))
         self.hits.append(hit)
         return hit
 
