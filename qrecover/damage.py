@@ -53,6 +53,10 @@ class Damage:
 
     @property
     def cost(self) -> str:
+        if not self.chunks and any("stepped over" in w for w in self.what):
+            # a member wholly inside it leaves no trace: its name was in the damage
+            return ("no chunk known lost (a stored file all of whose members lay in it "
+                    "would be missing from the summary, not named here)")
         if not self.chunks:
             return "no chunk lost"
         files = ", ".join(self.stored)

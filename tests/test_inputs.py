@@ -344,7 +344,7 @@ def test_raw_disk_copy_with_zeros_after_the_backup(backup: Backup, tmp_path: Pat
     result = run_main("verify", disk, "--passphrase-file", backup.passfile)
     assert result.code == 4, result.text
     assert "taken as the end of the backup" not in result.err
-    assert f"damaged: {disk}: " in result.err and "no chunk lost" in result.err, result.err
+    assert f"damaged: {disk}: " in result.err and "no chunk known lost" in result.err, result.err
     assert re.search(r"OK .* dom0-home/\S+ ", result.out), result.text
     assert "missing from the backup" not in result.text
 
