@@ -1,13 +1,15 @@
-"""The outer archive's tar headers, read strictly from a forward-only stream.
+"""The outer archive's tar headers, read from a forward-only stream.
 
 Qubes appended every chunk as its own small ``tar -cO --posix`` archive, so
 the stream is ustar/PAX headers, member data padded to 512 bytes, and runs
-of zero blocks (each small archive's end) between them.  Anything else, a
-block that is neither a valid header nor zeros where a header must be, is
-damage, and is said to be, with where it is: skipping it (as ``tar -i``
-and Python's ``tarfile`` with ``ignore_zeros`` do) would read a zip, random
-bytes or a misplaced piece of a split backup block by block as if it were
-a damaged backup, and tarfile then fails to seek back on a pipe.
+of zero blocks (each small archive's end) between them.  What does not
+start that way is not a Qubes backup, and is named ("a zip archive") instead
+of being read block by block as a damaged one.  Once members have been read,
+a block that is neither a valid header nor zeros where a header must be is
+damage: it is stepped over (as ``tar -i`` does), block by block, to the next
+valid member header of a name Qubes writes, and the range stepped over is
+recorded (qrecover.damage), once, with where it is.  Nothing is seeked: a
+pipe is stepped through as it is read.
 """
 
 from __future__ import annotations
@@ -156,15 +158,7 @@ def _refused(name: str) -> str | None:
 def _qubes_member(name: str, kind: bytes, size: int) -> bool:
     """A member Qubes could have written: a regular file of at most 100 MiB
     with the name of a header, a chunk or an .hmac."""
-    from qrecover.container import parse_member_name
-
-    if kind not in _REGULAR or not 0 <= size <= MAX_MEMBER:
-        return False
-    try:
-        parse_member_name(name)
-    except BackupError:
-        return False
-    return True
+    return kind in _REGULAR and 0 <= size <= MAX_MEMBER and _refused(name) is None
 
 
 class _MemberStream:
@@ -223,8 +217,8 @@ class TarReader:
 
     def _damaged(self, offset: int, what: str, since_piece: bool) -> _Damaged:
         """Damage where a member header should be.  Fatal (an error) when it
-        says the pieces are out of order or a decompressor failed; otherwise
-        stepped over, to the next member header (``tar -i``)."""
+        says the pieces are out of order; otherwise stepped over, to the next
+        member header (``tar -i``)."""
         where = self.input.where(offset)
         index = self.input.piece_at(offset)
         if since_piece and index > 0 and not self.input.via:
