@@ -36,9 +36,7 @@ from qrecover.container import (
     HEADER,
     HEADER_HMAC,
     QUBES_XML,
-    ChunkName,
     FolderSource,
-    Member,
     StreamSource,
     Truncated,
     Unreadable,
@@ -46,6 +44,7 @@ from qrecover.container import (
 )
 from qrecover.context import RunContext
 from qrecover.damage import Damage, DamageLog
+from qrecover.damage_costs import Costs
 from qrecover.dry_run import dry_findings
 from qrecover.errors import (
     BackupError,
@@ -104,7 +103,8 @@ class Recovery:
         # where each chunk read lies, to charge each range with what it cost.
         self.damage: DamageLog = getattr(source, "damage", None) or DamageLog()
         self.report.damage = self.damage.ranges
-        self._spans: dict[str, tuple[str, int, int | None]] = {}
+        where = source.input.where if isinstance(source, StreamSource) else None
+        self.costs = Costs(self.damage, getattr(source, "label", "the backup"), where)
 
     # -- the pass -----------------------------------------------------------
 
@@ -369,7 +369,7 @@ class Recovery:
                 break
             members.take()
             if member.after_damage is not None:  # chunks lost in the damage before it
-                self._lost_before(member.after_damage, name, stored, expected)
+                self.costs.lost_before(member.after_damage, name, stored, expected)
             if job.result.error is not None:
                 continue
             problem = misplaced(fmt, member, name, stored, expected)
@@ -391,11 +391,9 @@ class Recovery:
                 self._use(job, store, works.drain())
                 job.fail(exc)
                 members.stop(exc)
-                if member.at is not None:
-                    self._spans[member.name] = (self.damage_label, member.at, None)
-                    self._charge(member.name, stored, exc.message)
+                self.costs.cut(member, stored, exc.message)
                 break
-            self._span(member, members.last)
+            self.costs.span(member, members.last)
             expected += 1
             self._use(job, store, works.submit(pending, member.name, member.size))
             self.observer.in_flight(works.in_flight)
@@ -418,7 +416,8 @@ class Recovery:
             if outcome.error is not None:
                 job.fail(outcome.error)
                 if isinstance(outcome.error, StoredFileError):
-                    self._charge(chunk.member, job.stored, outcome.reason or "failed its check")
+                    self.costs.charge(chunk.member, job.stored,
+                                      outcome.reason or "failed its check")
                 continue
             assert outcome.plain is not None
             try:
@@ -429,58 +428,15 @@ class Recovery:
 
     # -- damage: where it is and what it cost (qrecover.damage) -----------
 
-    @property
-    def damage_label(self) -> str:
-        return getattr(self.source, "label", "the backup")
-
-    def _span(self, member: Member, last: Member | None) -> None:
-        """Where a chunk (with its .hmac) lies: a range of the stream, or its file."""
-        if member.path is not None:
-            self._spans[member.name] = (str(member.path), 0, member.size)
-        elif member.at is not None:
-            end = last.data_end if last is not None and last.data_end is not None else None
-            if end is not None:
-                end += -end % 512  # its padding: damage may begin right after it
-            self._spans[member.name] = (self.damage_label, member.at, end)
-
-    def _charge(self, chunk: str, stored: str, what: str) -> None:
-        """A chunk failed (its check, its .hmac, its end): charged to the damaged
-        range it lies in, or, where none is known, to itself as a new one."""
-        span = self._spans.get(chunk)
-        if span is None:
-            return
-        label, start, end = span
-        found = self.damage.at(label, start, end)
-        if found is None:
-            stream = isinstance(self.source, StreamSource) and self.damage_label == label
-            where = self.source.input.where(start) if isinstance(self.source, StreamSource) \
-                and stream else ""
-            found = self.damage.add(label, start, end, what if what.startswith(chunk)
-                                    else f"{chunk}: {what}", where)
-        found.charge(chunk, stored)
-
-    def _lost_before(self, damage: Damage, name: ChunkName, stored: str, expected: int) -> None:
-        """The first member after a damaged range: the chunks of its stored file
-        before it that never came were lost there."""
-        first = expected if name.stored == stored else 0
-        for index in range(first, name.index):
-            damage.charge(ChunkName(name.stored, index, is_enc=name.is_enc).name, name.stored)
-        if name.is_hmac:
-            damage.charge(name.data_name, name.stored)
-
     def _tail_lost(self, members: Members, stored: str, expected: int) -> None:
-        """A stored file that failed, and after whose last chunk came damage:
-        its next chunks (if it had more) may have been lost there."""
+        """A stored file that failed, and after whose last chunk came damage."""
         after = members.peek()
         damage = after.after_damage if after is not None else None
-        if damage is None and members.error is not None and isinstance(self.source, StreamSource):
+        if damage is None and members.error is not None:
             damage = self._broken(members)
         if damage is not None:
-            enc = self.fmt is not None and self.fmt.version == 4
-            chunk = ChunkName(stored, expected, is_enc=enc).name
-            if chunk in damage.chunks:  # cut short in it: the ones after it are gone too
-                damage.chunks.remove(chunk)
-            damage.charge(f"{chunk} and after (if any)", stored)
+            self.costs.tail_lost(damage, stored, expected, self.fmt is not None
+                                 and self.fmt.version == 4)
 
     def _broken(self, members: Members) -> Damage | None:
         """The stream broke (truncated, a decompressor failed): the rest is one
@@ -491,7 +447,7 @@ class Recovery:
                 self.report.problems.append(str(members.error))
             return None
         at = members.error_at
-        return self.damage.add(self.damage_label, at, None, members.error.message,
+        return self.damage.add(self.costs.label, at, None, members.error.message,
                                self.source.input.where(at))
 
 
