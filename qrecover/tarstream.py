@@ -74,6 +74,8 @@ def _text(field: bytes) -> str:
 
 def checksum_ok(block: bytes) -> bool:
     """Is this 512-byte block a tar header (its checksum, signed or unsigned)?"""
+    if block[257:262] != b"ustar":  # first: cheap, when stepping over damage block by block
+        return False
     try:
         stored = _number(block[148:156])
     except ValueError:
