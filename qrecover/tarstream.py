@@ -46,6 +46,12 @@ MAX_MEMBER = 256 * 1024 * 1024
 # its end, in a pipe for at most this much (a few chunks' worth), so that
 # /dev/urandom or a disk's empty end is not read forever.
 MAX_SKIP_STREAM = 512 * 1024 * 1024
+# Before any member, damage is stepped over only inside the first tar record
+# (10 KiB, backup-header's small archive), to that member: the PAX header
+# Qubes' tar wrote before it may be damaged; what has no backup-header there
+# is not a backup, and is named by its first block as before.
+FIRST_RECORD = 10240
+_FIRST = ("backup-header", "qubes.xml.000")  # R2-Beta3 wrote no header
 _REGULAR = (b"0", b"\0", b"7")
 _NOT_REGULAR = {
     b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
@@ -205,6 +211,7 @@ class TarReader:
         # A file is stepped over to its end; a pipe only so far (/dev/zero is endless).
         seekable = not data.via and all(p.size is not None for p in data.pieces)
         self.max_skip = 1 << 62 if seekable else MAX_SKIP_STREAM
+        self.first_error: BackupError | None = None  # the first block was no tar header
 
     def ended(self) -> str:
         """Why the stream ended early, for a truncation message."""
@@ -277,6 +284,8 @@ class TarReader:
                 if count > 0:
                     self._decompressor_failed(offset + len(block))
                 if self.skipping is not None:
+                    if count == 0:
+                        raise self._not_a_backup()
                     self._ended_in_damage(offset + len(block))
                     return
                 self.input.finish()  # a decompressor that failed says why the bytes ended
@@ -295,12 +304,14 @@ class TarReader:
                                       f"(truncated backup): {self.ended()}")
                 return
             if self.skipping is not None:
+                if count == 0 and offset >= FIRST_RECORD:
+                    raise self._not_a_backup()
                 if offset - self.skipping > self.max_skip:
                     self._ended_in_damage(None)
                     return
                 if block == ZERO_BLOCK:
                     continue
-                if not self._resumes_here(block):
+                if not self._resumes_here(block, first=count == 0):
                     self.zeros_only = False
                     continue  # still inside the damage
                 self._resumed(offset)
@@ -322,10 +333,9 @@ class TarReader:
                 entry, entry_zeros = offset, zeros_before
             try:
                 if not checksum_ok(block):
-                    if count == 0 and offset == 0:
-                        raise self._first_block(block)
-                    if count == 0 and offset == zeros_before:
-                        raise self._first_block(block, offset)
+                    if count == 0 and offset in (0, zeros_before):  # not a tar, or damaged
+                        raise _Damaged("a broken tar header", self._first_block(block, offset),
+                                       False)
                     raise self._damaged(offset, "a broken tar header", crossed)
                 piece = self.input.piece_at(offset + BLOCK - 1)
                 if not pax and long_name is None:
@@ -360,11 +370,16 @@ class TarReader:
                 if any(key.startswith("GNU.sparse") for key in pax):
                     kind = b"S"
                 pax, long_name = {}, None
-                if resynced and not _qubes_member(name, kind, size):
+                if resynced and (not _qubes_member(name, kind, size)
+                                 or (count == 0 and name not in _FIRST)):
                     raise self._damaged(offset, f"a tar header of {_shown(name)}", False)
             except _Damaged as damage:
-                if count == 0 or damage.fatal:
+                if damage.fatal:
                     raise damage.error from None
+                if count == 0:  # the first record: its PAX header damaged, or not a tar
+                    self.first_error = self.first_error or damage.error
+                    if offset >= FIRST_RECORD:
+                        raise self._not_a_backup() from None
                 pax, long_name = {}, None
                 # from the end of the last member read: the zeros before the entry included
                 self._step_over(entry - entry_zeros, damage.what)
@@ -425,10 +440,16 @@ class TarReader:
             self.skip_what = what
         self.zeros_only = zeros_only and self.zeros_only
 
-    def _resumes_here(self, block: bytes) -> bool:
+    def _not_a_backup(self) -> BackupError:
+        """What the first block said, when no backup-header followed it in the first record."""
+        assert self.first_error is not None
+        return self.first_error
+
+    def _resumes_here(self, block: bytes, first: bool = False) -> bool:
         """Could a member start at this block?  A tar header (checksum, ustar)
-        of a PAX record or of a regular file that Qubes could have written;
-        anything else inside damage is stepped over."""
+        of a PAX record or of a regular file that Qubes could have written
+        (``first``: the first member, backup-header); anything else inside
+        damage is stepped over."""
         if not checksum_ok(block):
             return False
         kind = block[156:157]
@@ -438,7 +459,8 @@ class TarReader:
             size = _number(block[124:136])
         except ValueError:
             return False
-        return _qubes_member(_text(block[0:100]), kind, size)
+        name = _text(block[0:100])
+        return _qubes_member(name, kind, size) and (not first or name in _FIRST)
 
     def _resumed(self, offset: int) -> None:
         """A member header again at ``offset``: the range before it is one damage."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 import re
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -286,3 +287,28 @@ def test_short_first_piece_is_named(tmp_path: Path) -> None:
     (tmp_path / "b").write_bytes(data[:2048])
     with pytest.raises(BackupError, match="is shorter than the next piece"):
         open_source([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_a_damaged_pax_header_before_backup_header_is_stepped_over(tmp_path: Path) -> None:
+    """The first member's PAX header (GNU tar --posix writes one, as for Qubes)
+    zeroed or garbled: its ustar header, in the first record, still names
+    backup-header; read from there, the damage recorded."""
+    stage = tmp_path / "stage"
+    (stage / "vm7").mkdir(parents=True)
+    members = [("backup-header", b"version=3\n"), ("backup-header.hmac", b"x" * 70),
+               ("vm7/p.000", b"d" * 900)]
+    data = bytearray()
+    for name, content in members:
+        (stage / name).write_bytes(content)
+        data += subprocess.run(["tar", "-cO", "--posix", "-C", str(stage), name],
+                               capture_output=True, check=True).stdout
+    assert data[156:157] == b"x"  # a PAX header first
+    for damage in (bytes(512), b"\x07" * 512):
+        data[0:512] = damage
+        path = tmp_path / "b"
+        path.write_bytes(bytes(data))
+        source = open_source([str(path)])
+        assert isinstance(source, StreamSource)
+        assert [(m.name, m.read_all(1 << 20)) for m in source.members()] == members
+        (found,) = source.damage.ranges
+        assert found.start == 0 and found.end == 1024, found
