@@ -11,18 +11,39 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qrecover.container import ChunkName, Member
+from qrecover.container import ChunkName, Member, StreamSource, Unreadable
 from qrecover.damage import Damage, DamageLog
+from qrecover.errors import StoredFileError
+from qrecover.formats.base import Format
+from qrecover.members import Members
+from qrecover.report import Report
 
 
 class Costs:
     """Charges chunks to the damaged ranges of one pass."""
 
-    def __init__(self, log: DamageLog, label: str, where: Callable[[int], str] | None) -> None:
+    def __init__(self, log: DamageLog, label: str, where: Callable[[int], str] | None,
+                 position: Callable[[], int] = lambda: 0) -> None:
         self.log = log
         self.label = label  # the backup's, for ranges of its stream
         self.where = where  # how the reader names a place of the stream (None: a folder)
+        self.position = position  # how far the stream has been read
         self.spans: dict[str, tuple[str, int, int | None]] = {}
+
+    @classmethod
+    def of(cls, source: object) -> Costs:
+        """For BACKUP as opened: a stream (its reader's ranges), or a folder."""
+        if isinstance(source, StreamSource):
+            return cls(source.damage, source.label, source.input.where, lambda: source.position)
+        return cls(getattr(source, "damage", None) or DamageLog(),
+                   getattr(source, "label", "the backup"), None)
+
+    def unreadable(self, member: Member, stored: str, error: Unreadable) -> StoredFileError:
+        """A chunk file of a folder that cannot be read: a range of its own."""
+        assert member.path is not None
+        self.log.add(str(member.path), 0, member.size, "cannot be read").charge(member.name,
+                                                                                 stored)
+        return StoredFileError(error.message)
 
     def span(self, member: Member, last: Member | None) -> None:
         """Where a chunk (with its .hmac, ``last``) lies: a range of the stream, or its file."""
@@ -64,10 +85,28 @@ class Costs:
         if name.is_hmac:
             damage.charge(name.data_name, name.stored)
 
-    @staticmethod
-    def tail_lost(damage: Damage, stored: str, expected: int, enc: bool) -> None:
-        """A stored file that failed, and after whose last chunk came damage: its
-        next chunks (if it had more) may have been lost there."""
+    def broken(self, members: Members, problems: list[str]) -> Damage | None:
+        """The stream broke (truncated, a decompressor failed): the rest is one
+        damaged range, reported with the others (a folder: a problem)."""
+        assert members.error is not None
+        if self.where is None or members.error_at is None:
+            if str(members.error) not in problems:
+                problems.append(str(members.error))
+            return None
+        at = members.error_at
+        return self.log.add(self.label, at, None, members.error.message, self.where(at))
+
+    def tail_lost(self, members: Members, stored: str, expected: int, fmt: Format,
+                  report: Report) -> None:
+        """A stored file that failed, and after whose last chunk came damage (or the
+        stream's end): its next chunks (if it had more) may have been lost there."""
+        after = members.peek()
+        damage = after.after_damage if after is not None else None
+        if damage is None and members.error is not None:
+            damage = self.broken(members, report.problems)
+        if damage is None:
+            return
+        enc = fmt.owns_chunk(ChunkName(stored, 0, is_enc=True))  # format 4's NAME.NNN.enc
         chunk = ChunkName(stored, expected, is_enc=enc).name
         if chunk in damage.chunks:  # cut short in it: the ones after it are gone too
             damage.charge(f"any chunk after {chunk}", stored)

@@ -26,7 +26,6 @@ the plan and starts nothing for the stored files.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,26 +42,24 @@ from qrecover.container import (
     parse_member_name,
 )
 from qrecover.context import RunContext
-from qrecover.damage import Damage, DamageLog
 from qrecover.damage_costs import Costs
 from qrecover.dry_run import dry_findings
 from qrecover.errors import (
     BackupError,
-    MissingProgramError,
     OutputError,
-    ProgramFailed,
     StoredFileError,
 )
 from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead
+from qrecover.finished import finished_before
 from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, obstacles
+from qrecover.programs import check_programs
 from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
 from qrecover.resume import Resume, identity
-from qrecover.runner import control, which
 from qrecover.scratch import ChunkStore, ScratchNames
 from qrecover.stages.extract import pick_programs
 from qrecover.stored import StoredFile
@@ -99,12 +96,8 @@ class Recovery:
         self.works: ChunkWorks | None = None
         # igzip or pigz, and bsdtar, when installed: faster than gzip -d, GNU tar
         self.gunzip, self.extractor = pick_programs()
-        # Damaged ranges (the reader's, and chunks that failed their check) and
-        # where each chunk read lies, to charge each range with what it cost.
-        self.damage: DamageLog = getattr(source, "damage", None) or DamageLog()
-        self.report.damage = self.damage.ranges
-        where = source.input.where if isinstance(source, StreamSource) else None
-        self.costs = Costs(self.damage, getattr(source, "label", "the backup"), where)
+        self.costs = Costs.of(source)  # damaged ranges, and what each cost
+        self.report.damage = self.costs.log.ranges
 
     # -- the pass -----------------------------------------------------------
 
@@ -112,13 +105,13 @@ class Recovery:
         request = self.request
         headerless = formats.folder_format(self.source)  # format 1: a folder, no header
         members = Members(headerless.members() if headerless else self.source.members(),
-                          self._position)
+                          self.costs.position)
         try:
             self.fmt = fmt = headerless or self._read_header(members)
             if headerless is not None:
                 self.ctx.emit(HeaderVerified(fmt))
             self.report.fmt = fmt
-            self._check_programs(fmt)
+            check_programs(fmt, self.gunzip, self.extractor, self.ctx.command)
             writes = request.mode == "restore" and not request.dry_run
             if writes:
                 assert request.output is not None
@@ -146,16 +139,15 @@ class Recovery:
                 return self.report
             self.observer.planned(selected)
             if self.output is not None:
+                if request.resume and finished_before(self.output, xml, plan.entities()):
+                    self.report.nothing_left = True  # a restore of it into DIR finished
+                    return self.report
                 # DIR's restore record (--resume): the earlier run's own files are no obstacle
                 ident = identity(fmt, self.header_raw, xml, self.xml_macs)
                 self.resume = Resume.begin(
-                    self.output, request.resume, ident, fmt.version, self.scratch, selected,
-                    lambda: self._finished_before(plan, xml),
+                    self.output, request.resume, ident, fmt.version, self.scratch, selected
                 )
                 self.resume.emit = self.ctx.emit
-                if self.resume.complete:  # an earlier restore of it finished: nothing to do
-                    self.report.nothing_left = True
-                    return self.report
                 stops = obstacles(plan, self.resume.excused, request.resume)
                 if stops:
                     raise stops[0]
@@ -170,23 +162,6 @@ class Recovery:
         finally:
             self._cleanup()
         return self.report
-
-    def _finished_before(self, plan: Plan, xml: bytes) -> bool:
-        """Does DIR hold a finished restore of this backup (``--resume`` without a
-        record)?  Its qubes.xml is this one's, each selected VM's folder is there."""
-        assert self.output is not None
-        root = self.output.root
-        target = root / QUBES_XML
-        if target.is_symlink() or not target.is_file():
-            return False
-        with target.open("rb") as f:
-            if f.read(len(xml) + 1) != xml:
-                return False
-        return all(os.path.isdir(root / vm.folder) for vm in plan.entities())
-
-    def _position(self) -> int:
-        """How far the backup's stream has been read (a folder: 0)."""
-        return self.source.position if isinstance(self.source, StreamSource) else 0
 
     def _plan(self, fmt: Format, selected: tuple[Entity, ...]) -> Plan:
         request = self.request
@@ -238,21 +213,6 @@ class Recovery:
         fmt = formats.authenticate(data, hmac_text, self.passphrase, self.ctx.command)
         self.ctx.emit(HeaderVerified(fmt))
         return fmt
-
-    def _check_programs(self, fmt: Format) -> None:
-        needed = ["tar", self.extractor, "cat", *fmt.programs(self.gunzip)]
-        for program in needed:
-            which(program)
-        try:
-            version = control("tar", "--version", log=self.ctx.command)
-        except ProgramFailed:  # busybox's tar, for one, has no --version
-            version = ""
-        if "GNU tar" not in version:
-            raise MissingProgramError(
-                "tar is not GNU tar (needed for sparse VM images)",
-                hint="install GNU tar (package 'tar') and put it first on PATH",
-            )
-        fmt.check_programs(self.ctx.command)
 
     def _job(self, plan: Plan, stored: str, owner: str, sink_staging: Entity | None) -> StoredFile:
         assert self.scratch is not None
@@ -329,7 +289,7 @@ class Recovery:
             result = job.finish()
             self._active = None
             if not result.ok:  # its last chunks lost in damage after them?
-                self._tail_lost(members, name.stored, expected)
+                self.costs.tail_lost(members, name.stored, expected, plan.fmt, self.report)
             self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
             self.report.files.append(result)
             if self.resume is not None:
@@ -341,14 +301,14 @@ class Recovery:
             if isinstance(result.failure, OutputError) and result.failure.fatal:
                 raise result.failure
         if members.error is not None:
-            self._broken(members)
+            self.costs.broken(members, self.report.problems)
         self.report.problems += missing(plan.selected, self.report.files)
 
     # -- one stored file ----------------------------------------------------
 
     def _consume(self, members: Members, job: StoredFile) -> int:
-        """Take every member of ``job``'s stored file; the format checks each chunk.
-        Returns how many of its chunks came in order."""
+        """Take every member of ``job``'s stored file; the format checks each chunk
+        (returns how many came in order)."""
         stored = job.stored
         if stored in self._seen:
             job.fail(StoredFileError(f"{stored}: its chunks appear in two places in the backup"))
@@ -382,10 +342,7 @@ class Recovery:
                 pending = fmt.read_chunk(store, member, name, members)
             except Unreadable as exc:  # a chunk file of a folder: that chunk only
                 self._use(job, store, works.drain())
-                job.fail(StoredFileError(exc.message))
-                assert member.path is not None
-                self.damage.add(str(member.path), 0, member.size, "cannot be read").charge(
-                    member.name, stored)
+                job.fail(self.costs.unreadable(member, stored, exc))
                 continue
             except Truncated as exc:
                 self._use(job, store, works.drain())
@@ -425,30 +382,6 @@ class Recovery:
             except OSError as exc:
                 store.drop(outcome.plain, outcome.owned)
                 job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))
-
-    # -- damage: where it is and what it cost (qrecover.damage) -----------
-
-    def _tail_lost(self, members: Members, stored: str, expected: int) -> None:
-        """A stored file that failed, and after whose last chunk came damage."""
-        after = members.peek()
-        damage = after.after_damage if after is not None else None
-        if damage is None and members.error is not None:
-            damage = self._broken(members)
-        if damage is not None:
-            self.costs.tail_lost(damage, stored, expected, self.fmt is not None
-                                 and self.fmt.version == 4)
-
-    def _broken(self, members: Members) -> Damage | None:
-        """The stream broke (truncated, a decompressor failed): the rest is one
-        damaged range, reported with the others."""
-        assert members.error is not None
-        if not isinstance(self.source, StreamSource) or members.error_at is None:
-            if str(members.error) not in self.report.problems:
-                self.report.problems.append(str(members.error))
-            return None
-        at = members.error_at
-        return self.damage.add(self.costs.label, at, None, members.error.message,
-                               self.source.input.where(at))
 
 
 def run(

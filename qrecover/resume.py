@@ -10,10 +10,7 @@ only after its files and their folder are fsynced; a placement is recorded as
 ``placing`` (with the names it will take) just before the renames.  So after
 a power cut or SIGKILL the record never claims more than is on disk.  A
 restore that ends without any error removes its record: DIR then holds only
-the restored files, and there is nothing to resume.  That is the record
-``--resume`` needs to say so (exit 0, nothing read past qubes.xml): DIR's
-qubes.xml, written before any stored file, is byte for byte this backup's
-(authenticated), every selected VM's folder is there, and no record is left.
+the restored files, and there is nothing to resume.
 
 A run with ``--resume`` whose record names the same backup:
 
@@ -43,7 +40,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -158,24 +155,15 @@ class Resume:
         self.lock: int | None = None  # flock held on DIR until release(), at the run's end
         self.redo: list[StoredEntry] = []  # earlier entries of selected VMs to redo
         self.recorded: set[str] = set()  # every path the earlier record names
-        self.complete = False  # an earlier restore of this backup finished: nothing to do
         self.emit: Listener = lambda event: None  # the run's (RunContext.emit)
 
     @classmethod
     def begin(cls, output: Output, resuming: bool, backup: str, version: int,
-              scratch: Path | None, selected: Sequence[Entity],
-              finished: Callable[[], bool] = lambda: False) -> Resume:
-        """Check DIR's record (with --resume); nothing is removed yet (see clean).
-        ``finished``: does DIR hold the finished restore of this backup (its
-        qubes.xml, the selected VMs' folders)?  Asked when there is no record."""
+              scratch: Path | None, selected: Sequence[Entity]) -> Resume:
+        """Check DIR's record (with --resume); nothing is removed yet (see clean)."""
         root = output.root
         lock = _lock(root)
         try:
-            if resuming and not os.path.lexists(root / RECORD_NAME) and finished():
-                done = cls(output, RestoreRecord(qrecover_restore_record=1, backup=backup,
-                                                 format=version, files={}), {}, resuming)
-                done.lock, done.complete = lock, True
-                return done
             return cls._begin(output, resuming, backup, version, scratch, selected, lock)
         except BaseException:
             os.close(lock)  # refused: the folder is free again

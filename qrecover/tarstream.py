@@ -15,12 +15,28 @@ pipe is stepped through as it is read.
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from qrecover.errors import BackupError
 from qrecover.magic import describe
+from qrecover.tarheaders import (
+    BLOCK,
+    MAX_MEMBER,
+    NOT_REGULAR,
+    REGULAR,
+    ZERO_BLOCK,
+    Damaged,
+    check_boundary,
+    checksum_ok,
+    follows,
+    number,
+    parse_pax,
+    qubes_member,
+    quoted,
+    refusal,
+    text,
+)
 
 log = logging.getLogger("qrecover")
 
@@ -29,8 +45,6 @@ if TYPE_CHECKING:
     from qrecover.damage import Damage
     from qrecover.sources import ByteInput
 
-BLOCK = 512
-ZERO_BLOCK = bytes(BLOCK)
 MAX_EXTENDED = 1024 * 1024  # a PAX or GNU long-name header's data
 # Qubes' writer padded each small archive to one tar record (10 KiB); far
 # more zeros than that is a zero-filled file before anything (refused), or,
@@ -38,10 +52,6 @@ MAX_EXTENDED = 1024 * 1024  # a PAX or GNU long-name header's data
 # copy): reading stops there, and what is missing is reported as missing.
 # /dev/zero must not be read forever either way.
 MAX_ZERO_RUN = 1024 * 1024
-# Qubes cut every stored file into chunks of at most 100 MiB (FORMAT-NOTES);
-# a member declaring far more would only fill the scratch folder (a small
-# compressed input can expand to any size), so it is refused before any copy.
-MAX_MEMBER = 256 * 1024 * 1024
 # Damage is stepped over (``tar -i``) to the next member header: in a file to
 # its end, in a pipe for at most this much (a few chunks' worth), so that
 # /dev/urandom or a disk's empty end is not read forever.
@@ -52,123 +62,6 @@ MAX_SKIP_STREAM = 512 * 1024 * 1024
 # is not a backup, and is named by its first block as before.
 FIRST_RECORD = 10240
 _FIRST = ("backup-header", "qubes.xml.000")  # R2-Beta3 wrote no header
-_REGULAR = (b"0", b"\0", b"7")
-_NOT_REGULAR = {
-    b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
-    b"4": "a block device", b"6": "a FIFO", b"S": "a GNU sparse file",
-    b"M": "the continuation of a multi-volume archive", b"V": "a volume label",
-}
-
-
-def _number(field: bytes) -> int:
-    """A numeric header field: octal digits, or GNU's base-256 (top bit set)."""
-    if field and field[0] & 0x80:
-        if field[0] != 0x80:
-            raise ValueError("negative or oversized base-256 number")
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    if any(c not in b"01234567" for c in text):
-        raise ValueError(f"not an octal number: {text[:12]!r}")
-    return int(text, 8)
-
-
-def _text(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def checksum_ok(block: bytes) -> bool:
-    """Is this 512-byte block a tar header (its checksum, signed or unsigned)?"""
-    if block[257:262] != b"ustar":  # first: cheap, when stepping over damage block by block
-        return False
-    try:
-        stored = _number(block[148:156])
-    except ValueError:
-        return False
-    if not block[148:156].strip(b"\0 "):
-        return False
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
-    signed = sum(struct.unpack("512b", block)) - sum(struct.unpack("8b", block[148:156])) + 8 * 32
-    return stored in (unsigned, signed) and block[257:262] == b"ustar"
-
-
-def parse_pax(data: bytes) -> dict[str, str]:
-    """PAX records, ``LEN key=value\\n``; strict: a bad record is damage."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos, pos + 20)
-        if space < 0 or not data[pos:space].isdigit():
-            raise ValueError("malformed PAX record")
-        length = int(data[pos:space])
-        record = data[space + 1 : pos + length]
-        if length <= space - pos or pos + length > len(data) or not record.endswith(b"\n"):
-            raise ValueError("malformed PAX record")
-        key, eq, value = record[:-1].partition(b"=")
-        if not eq:
-            raise ValueError("PAX record without '='")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return records
-
-
-def _shown(name: str) -> str:
-    return repr(name.encode("ascii", "backslashreplace").decode()[:120])
-
-
-def follows(prev: str, name: str) -> bool:
-    """Can member ``name`` come right after ``prev`` in a backup Qubes wrote?
-    The header, its .hmac, then each stored file's chunks in order, each
-    format-3 chunk followed by its .hmac.  Unknown shapes are not judged here
-    (the engine refuses them with their own message)."""
-    from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
-
-    if prev == HEADER:
-        return name == HEADER_HMAC
-    try:
-        before, after = parse_member_name(prev), parse_member_name(name)
-    except BackupError:
-        return True
-    if after is None:
-        return False
-    if prev == HEADER_HMAC:
-        return after.stored == QUBES_XML and after.index == 0 and not after.is_hmac
-    if before is None:
-        return True
-    if not before.is_hmac and not before.is_enc:
-        return after.is_hmac and (after.stored, after.index) == (before.stored, before.index)
-    nxt = (after.stored, after.index) == (before.stored, before.index + 1)
-    return not after.is_hmac and after.is_enc == before.is_enc and (nxt or after.index == 0)
-
-
-class _Damaged(Exception):
-    """Damage where a member header should be (see TarReader._damaged)."""
-
-    def __init__(self, what: str, error: BackupError, fatal: bool) -> None:
-        super().__init__(what)
-        self.what = what
-        self.error = error
-        self.fatal = fatal
-
-
-def _refused(name: str) -> str | None:
-    """Why no Qubes backup holds a member of this name, if none does."""
-    from qrecover.container import parse_member_name
-
-    try:
-        parse_member_name(name)
-    except BackupError as exc:
-        return exc.message
-    return None
-
-
-def _qubes_member(name: str, kind: bytes, size: int) -> bool:
-    """A member Qubes could have written: a regular file of at most 100 MiB
-    with the name of a header, a chunk or an .hmac."""
-    return kind in _REGULAR and 0 <= size <= MAX_MEMBER and _refused(name) is None
-
-
 class _MemberStream:
     """One member's data: exactly its size, then its padding is skipped."""
 
@@ -224,7 +117,7 @@ class TarReader:
             return f"the last piece, {last}, ends there (is a piece missing?)"
         return f"it ends at {where}"
 
-    def _damaged(self, offset: int, what: str, since_piece: bool) -> _Damaged:
+    def _damaged(self, offset: int, what: str, since_piece: bool) -> Damaged:
         """Damage where a member header should be.  Fatal (an error) when it
         says the pieces are out of order; otherwise stepped over, to the next
         member header (``tar -i``)."""
@@ -232,11 +125,11 @@ class TarReader:
         index = self.input.piece_at(offset)
         if since_piece and index > 0 and not self.input.via:
             piece, prev = self.input.pieces[index], self.input.pieces[index - 1]
-            return _Damaged(what, BackupError(
+            return Damaged(what, BackupError(
                 f"piece {piece.label} does not continue piece {prev.label}: {what} at {where}, "
                 "where a member should start (pieces out of order, or one missing?)"
             ), True)
-        return _Damaged(what, BackupError(
+        return Damaged(what, BackupError(
             f"{self.label}: outer archive damaged at {where}: {what}"), False)
 
     def _skip(self, count: int) -> None:
@@ -334,7 +227,7 @@ class TarReader:
             try:
                 if not checksum_ok(block):
                     if count == 0 and offset in (0, zeros_before):  # not a tar, or damaged
-                        raise _Damaged("a broken tar header", self._first_block(block, offset),
+                        raise Damaged("a broken tar header", self._first_block(block, offset),
                                        False)
                     raise self._damaged(offset, "a broken tar header", crossed)
                 piece = self.input.piece_at(offset + BLOCK - 1)
@@ -342,7 +235,7 @@ class TarReader:
                     entry_piece = piece  # where this entry's first header is
                 kind = block[156:157]
                 try:
-                    size = _number(block[124:136])
+                    size = number(block[124:136])
                     if "size" in pax:
                         size = int(pax["size"]) if pax["size"].isdigit() else -1
                 except ValueError as exc:
@@ -363,17 +256,17 @@ class TarReader:
                     if kind == b"L":
                         long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                     continue
-                name = pax.get("path") or long_name or _text(block[0:100])
-                prefix = _text(block[345:500]) if block[257:263] == b"ustar\0" else ""
+                name = pax.get("path") or long_name or text(block[0:100])
+                prefix = text(block[345:500]) if block[257:263] == b"ustar\0" else ""
                 if prefix and "path" not in pax and long_name is None:
                     name = f"{prefix}/{name}"
                 if any(key.startswith("GNU.sparse") for key in pax):
                     kind = b"S"
                 pax, long_name = {}, None
-                if resynced and (not _qubes_member(name, kind, size)
+                if resynced and (not qubes_member(name, kind, size)
                                  or (count == 0 and name not in _FIRST)):
-                    raise self._damaged(offset, f"a tar header of {_shown(name)}", False)
-            except _Damaged as damage:
+                    raise self._damaged(offset, f"a tar header of {quoted(name)}", False)
+            except Damaged as damage:
                 if damage.fatal:
                     raise damage.error from None
                 if count == 0:  # the first record: its PAX header damaged, or not a tar
@@ -385,18 +278,18 @@ class TarReader:
                 self._step_over(entry - entry_zeros, damage.what)
                 continue
             if size > MAX_MEMBER:
-                raise BackupError(f"outer archive: member {_shown(name)} declares {size} bytes, "
+                raise BackupError(f"outer archive: member {quoted(name)} declares {size} bytes, "
                                   f"more than any chunk Qubes writes (100 MiB)")
             if kind == b"5":
                 self._skip(size)
                 self._skip_padding(size)
                 continue
-            if kind not in _REGULAR:
-                what = _NOT_REGULAR.get(kind, f"of tar type {kind!r}")
+            if kind not in REGULAR:
+                what = NOT_REGULAR.get(kind, f"of tar type {kind!r}")
                 shown = name.encode("ascii", "backslashreplace").decode()[:120]
                 raise BackupError(f"outer archive: member {shown!r} is not a regular file "
                                   f"(it is {what})")
-            if count > 0 and (refused := _refused(name)) is not None:
+            if count > 0 and (refused := refusal(name)) is not None:
                 # a well-formed member with a name no Qubes backup holds (a damaged
                 # PAX path, or planted): its bytes are stepped over, never used
                 self._skip(size)
@@ -456,11 +349,11 @@ class TarReader:
         if kind in (b"x", b"L"):
             return True
         try:
-            size = _number(block[124:136])
+            size = number(block[124:136])
         except ValueError:
             return False
-        name = _text(block[0:100])
-        return _qubes_member(name, kind, size) and (not first or name in _FIRST)
+        name = text(block[0:100])
+        return qubes_member(name, kind, size) and (not first or name in _FIRST)
 
     def _resumed(self, offset: int) -> None:
         """A member header again at ``offset``: the range before it is one damage."""
@@ -494,27 +387,14 @@ class TarReader:
         self.input.finish()  # a decompressor that failed says why
 
     def _check_boundary(self, count: int, last: str, name: str, crossed: bool) -> None:
-        """Pieces of a split backup: does the member after a piece boundary
-        follow the one before it, in the order Qubes wrote them?"""
-        from qrecover.container import HEADER, QUBES_XML
-
-        pieces = self.input.pieces
-        # R2-Beta3 wrote no header: its backups start with qubes.xml.000
-        if count == 0 and name not in (HEADER, f"{QUBES_XML}.000"):
-            raise BackupError(
-                f"the first piece, {pieces[0].label}, does not start the backup: its first "
-                f"member is {_shown(name)}, not {HEADER} (pieces out of order?)"
-            )
-        if crossed and not follows(last, name):
-            index = self.input.piece_at(self.input.position - BLOCK)
-            raise BackupError(
-                f"piece {pieces[index].label} does not continue piece {pieces[index - 1].label}: "
-                f"the member before the boundary is {_shown(last)}, the one after it "
-                f"{_shown(name)} (pieces out of order, or one missing?)"
-            )
+        index = self.input.piece_at(self.input.position - BLOCK)
+        check_boundary([p.label for p in self.input.pieces], index, count, last, name, crossed)
 
     def _skip_padding(self, size: int) -> None:
         pad = -size % BLOCK
         if pad and len(self.input.read_exact(pad)) < pad:
             raise BackupError(f"{self.label}: the backup ends inside a member's padding "
                               f"(truncated backup): {self.ended()}")
+
+
+__all__ = ["MAX_MEMBER", "TarReader", "checksum_ok", "follows", "parse_pax"]
