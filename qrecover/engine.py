@@ -100,6 +100,7 @@ class Recovery:
         self.borrowing = Borrowing(
             self.copies, self.report, self.ctx, self.xml_macs, request.mode == "verify"
         )
+        self.report.healed_by_copies = bool(self.borrowing)
         self.works: ChunkWorks | None = None
         # igzip or pigz, and bsdtar, when installed: faster than gzip -d, GNU tar
         self.gunzip, self.extractor = pick_programs()

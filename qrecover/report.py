@@ -96,6 +96,9 @@ class Report:
     notes: list[str] = field(default_factory=list)  # said, but no failure
     damage: list[Damage] = field(default_factory=list)  # damaged ranges (qrecover.damage)
     nothing_left: bool = False  # --resume of a restore that finished (qrecover.resume)
+    # --other-copy given: the damaged ranges of BACKUP are told, but a run whose every
+    # stored file came out whole (its lost chunks good in a copy) is a success
+    healed_by_copies: bool = False
 
     @property
     def header(self) -> Header | None:
@@ -103,7 +106,9 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and not self.damage and all(f.ok for f in self.files)
+        files_ok = all(f.ok for f in self.files)
+        damage_ok = not self.damage or (self.healed_by_copies and files_ok)
+        return not self.problems and damage_ok and files_ok
 
 
 class Observer(Protocol):
