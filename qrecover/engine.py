@@ -282,7 +282,7 @@ class Recovery:
                     f"{member.name}: stored file not listed in qubes.xml; skipped"
                 )
                 continue
-            if owner.backup_path not in chosen:
+            if owner.backup_path not in chosen or not self.request.wants(name.stored, owner):
                 members.take()  # the stream skips its bytes without reading them into us
                 self.observer.data_read(name.stored, member.size)
                 continue
@@ -308,7 +308,8 @@ class Recovery:
                 raise result.failure
         if members.error is not None:
             self.report.problems.append(str(members.error))
-        self.report.problems += missing(plan.selected, self.report.files)
+        if not self.request.only:  # else the caller checks for what it asked
+            self.report.problems += missing(plan.selected, self.report.files)
 
     # -- one stored file ----------------------------------------------------
 

@@ -34,6 +34,16 @@ class Request:
     # None: as many as the cores and the memory allow.
     jobs: int | None = None
     resume: bool = False  # --resume: skip what DIR's record says is placed
+    # Only these stored files of each selected VM (names below its folder:
+    # "private.img"); empty: all of them.  ``qrecover files BACKUP --vm``.
+    only: tuple[str, ...] = ()
+
+    def wants(self, stored: str, owner: Entity) -> bool:
+        """Is this stored file of a selected VM asked for?  A folder stored
+        whole (an R2-R3.2 template's ``vm3/.``) holds every file of the VM."""
+        if not self.only or stored in (owner.backup_path, f"{owner.backup_path}/."):
+            return True
+        return stored in {f"{owner.backup_path}/{name}" for name in self.only}
 
 
 @dataclass
