@@ -124,15 +124,16 @@ def make_private_tree(root: Path, owner: str = "user") -> Path:
     return root
 
 
-def make_partitioned(image: Path, partition: Path) -> Path:
+def make_partitioned(image: Path, partition: Path, ptype: int = 0x83) -> Path:
     """A disk image with an MBR partition table whose one partition is ``partition``.
 
-    The table is written in Python: one Linux (0x83) partition starting at
-    sector 2048, as fdisk/sfdisk would lay it out.
+    The table is written in Python: one partition (0x83: Linux; 0x07: NTFS,
+    as a Windows qube's private.img) starting at sector 2048, as
+    fdisk/sfdisk would lay it out.
     """
     data_size = partition.stat().st_size
     sectors = (data_size + SECTOR - 1) // SECTOR
-    entry = struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff", 2048, sectors)
+    entry = struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", ptype, b"\xfe\xff\xff", 2048, sectors)
     mbr = bytearray(SECTOR)
     mbr[440:444] = b"QRCV"  # disk signature
     mbr[446:462] = entry

@@ -156,14 +156,21 @@ class Sleuth:
         return problems
 
     def _folder(self, ino: int, where: Path, problems: list[str]) -> None:
-        where.mkdir(mode=0o755)
-        for child in self.children.get(ino, []):
-            place = where / os.fsdecode(child.name)  # a name listing.walk checked
-            if stat.S_ISDIR(child.mode):
-                self._folder(child.ino, place, problems)
-            elif stat.S_ISREG(child.mode):
-                self._file(child.ino, place, problems)
-        self._stamp(ino, where)
+        """Make the folder tree (no recursion: a crafted image may nest deeply)."""
+        made: list[tuple[int, Path]] = []
+        todo = [(ino, where)]
+        while todo:
+            folder, place = todo.pop()
+            place.mkdir(mode=0o755)
+            made.append((folder, place))
+            for child in self.children.get(folder, []):
+                path = place / os.fsdecode(child.name)  # a name listing.walk checked
+                if stat.S_ISDIR(child.mode):
+                    todo.append((child.ino, path))
+                elif stat.S_ISREG(child.mode):
+                    self._file(child.ino, path, problems)
+        for folder, place in reversed(made):  # deepest last made, first stamped
+            self._stamp(folder, place)
 
     def _file(self, ino: int, place: Path, problems: list[str]) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
