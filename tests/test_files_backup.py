@@ -8,11 +8,16 @@ restored into scratch inside DIR by the restore engine, read, and removed.
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import ext4image
 import pytest
-from conftest import Backup, MakeBackup, gen, run_main, sha
+from conftest import Backup, MakeBackup, gen, qrecover_exe, run_main, sha, sigint_as_at_a_terminal
 from test_output_and_signals import mounted_tmpfs
 
 pytestmark = pytest.mark.xdist_group("test_files")
@@ -141,6 +146,9 @@ def test_wrong_passphrase_and_options(backup: Backup, tmp_path: Path) -> None:
     assert result.code == 2 and "give --vm NAME with the BACKUP" in result.err
     result = run_main("files", backup.path, "--vm", "box")
     assert result.code == 2 and "--output DIR is needed with --vm" in result.err
+    result = run_main("files", backup.path, "-o", out)  # the backup without --vm
+    assert result.code == 2 and "is a tar archive, not a VM image" in result.err
+    assert f"qrecover files {backup.path} --vm NAME --output DIR" in result.err
     result = run_main(*_files(backup, "--vm", "box", "--image", "swap", "-o", out))
     assert result.code == 2 and "choose private or root" in result.err
     # what exists in DIR is never overwritten: refused before the restore
@@ -162,3 +170,36 @@ def test_transcript_and_explain(backup: Backup, tmp_path: Path) -> None:
     assert "vm7/private.img" in text and "backup-header" in text
     assert "HMAC" in result.err or "scrypt" in result.err  # the narration, on stderr
     _no_scratch(out)
+
+
+def test_interrupted_leaves_no_image(backup: Backup, tmp_path: Path) -> None:
+    """SIGINT while the image is being restored (the backup half fed on stdin): exit 130,
+    and the scratch folder with the half-restored image is gone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
+    proc = subprocess.Popen(
+        [*qrecover_exe(), "files", "-", "--vm", "box", "-o", str(out),
+         "--passphrase-file", str(backup.passfile)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        preexec_fn=sigint_as_at_a_terminal,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    data = backup.path.read_bytes()
+    proc.stdin.write(data[: len(data) // 2])
+    proc.stdin.flush()
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"IMAGE" not in seen:  # printed once the plan is made, before the image is read
+        assert time.monotonic() < deadline, seen
+        ready, _, _ = select.select([proc.stdout], [], [], 5)
+        if ready:
+            block = os.read(proc.stdout.fileno(), 4096)
+            assert block, "qrecover ended before restoring"
+            seen += block
+    assert [p.name[:15] for p in out.iterdir()] == [".qrecover-image"]
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    assert list(out.iterdir()) == []

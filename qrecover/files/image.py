@@ -359,6 +359,12 @@ def find_volume(image: Path, partition: int | None = None) -> Volume:
         )
     if content in READABLE:
         return Volume(image, 0, content)
+    if content is None and head[257:262] == b"ustar":
+        raise UsageError(
+            f"{image} is a tar archive, not a VM image: a Qubes backup? then name the VM "
+            "whose files you want",
+            hint=f"qrecover files {image} --vm NAME --output DIR",
+        )
     raise BackupError(_not_readable(image, content, size, head))
 
 
