@@ -203,3 +203,30 @@ def test_interrupted_leaves_no_image(backup: Backup, tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert b"Traceback" not in err
     assert list(out.iterdir()) == []
+
+
+def test_an_image_restored_as_a_link_is_not_followed(tmp_path: Path) -> None:
+    """A validly signed backup whose private.img is a symbolic link to a file of yours:
+    refused (exit 4), the file never read, nothing left."""
+    import tarfile
+
+    import make_bad_backups as bad
+
+    victim = tmp_path / "victim.img"
+    victim.write_bytes(b"not for the backup to read")
+    link_tar = bad.inner_tar([bad.member("vm7/private.img", tarfile.SYMTYPE, str(victim))])
+    members = (
+        bad.signed_header(bad.HEADER)
+        + bad.xml_members(bad.qubes_xml(bad.vm_xml(size=64 << 10)))
+        + bad.stored("vm7/private.img", link_tar)
+    )
+    backup = tmp_path / "trap"
+    bad.write_outer(backup, members)
+    passfile = tmp_path / "pass"
+    passfile.write_text(bad.PASSPHRASE + "\n")
+    out = tmp_path / "out"
+    result = run_main("files", backup, "--vm", "work", "-o", out, "--passphrase-file", passfile)
+    assert result.code == 4, result.text
+    assert "restored as a symbolic link; not followed" in result.err
+    assert "COPIED" not in result.out
+    assert not out.exists()

@@ -28,7 +28,7 @@ from qrecover.files.copy import _force_rmtree
 from qrecover.files.debugfs import find_debugfs
 from qrecover.files.listing import DEFAULT_PATH, dest_name
 from qrecover.inventory import Entity
-from qrecover.output import Output
+from qrecover.output import Output, first_symlink
 from qrecover.report import Request
 from qrecover.units import human_bytes
 
@@ -110,7 +110,11 @@ def files_from_backup(
         entity = check.entity
         assert entity is not None
         restored = scratch / entity.dest / name
-        if restored.is_symlink() or not restored.is_file():
+        # What the backup restored is data: never read through a link it made.
+        link = first_symlink(scratch, Path(entity.dest) / name)
+        if link is not None:
+            raise BackupError(f"{vm}: its {name} was restored as a symbolic link; not followed")
+        if not restored.is_file():
             held = ", ".join(f.stored for f in report.files) or "nothing"
             raise BackupError(
                 f"{vm}: the backup holds no {name} for it (it holds: {held})",
