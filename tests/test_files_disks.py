@@ -9,6 +9,7 @@ with debugfs through the partition's offset, and fls/icat for NTFS.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import random
@@ -58,7 +59,7 @@ def _windows_tree(root: Path) -> Path:
     docs = root / "Users" / "user" / "Documents"
     docs.mkdir(parents=True)
     (docs / "Grüße aus Köln.txt").write_text("Grüße - ünïcödé ✓\r\n")
-    (docs / "tax return 2016.pdf").write_bytes(random.Random(7).randbytes(70_000))
+    (docs / "tax return 2016.pdf").write_bytes(hashlib.shake_256(b"pdf").digest(70_000))
     (root / "Users" / "user" / "Desktop").mkdir()
     (root / "Users" / "user" / "Desktop" / "todo.txt").write_text("buy milk\r\n")
     for path in [*root.rglob("*")]:
