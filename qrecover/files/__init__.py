@@ -25,7 +25,7 @@ read-only, and nothing is ever mounted:
 :mod:`qrecover.files.command` holds ``qrecover files IMAGE`` and ``restore
 --files``, :mod:`qrecover.files.from_backup` ``qrecover files BACKUP --vm
 NAME`` (the image restored by the restore engine into scratch, then read).
-The modules import each other in that order only: image, debugfs, ntfs,
+The modules import each other in that order only: partitions, image, debugfs, ntfs,
 listing, copy, command, from_backup.
 """
 
