@@ -58,12 +58,8 @@ class Settings:
 class _Printer:
     """Prints a line per stored file as it completes; drives the progress display."""
 
-    def __init__(
-        self,
-        mode: str,
-        display: Display | None = None,
-        before: Callable[[Sequence[Entity]], None] | None = None,
-    ) -> None:
+    def __init__(self, mode: str, display: Display | None = None,
+                 before: Callable[[Sequence[Entity]], None] | None = None) -> None:
         self.mode = mode
         self.display = display
         self.before = before  # told the selection before anything is read (may refuse it)
@@ -157,10 +153,7 @@ def _run(
     before: Callable[[Sequence[Entity]], None] | None = None,
 ) -> tuple[Report, float]:
     """Run the pass; returns the report and its time (from after the passphrase).
-
-    ``before`` is told the selected VMs once the plan is made, before any of
-    their stored files is read; an error it raises stops the run there.
-    """
+    ``before`` is told the selected VMs before any of their data is read (may raise)."""
     formats.refuse_packed_folder(backup)  # a tar of a format-1 folder: before any passphrase
     source = open_source(backup)
     warning = formats.unauthenticated(formats.folder_format(source))  # format 1: no passphrase
