@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,15 +58,11 @@ class Settings:
 class _Printer:
     """Prints a line per stored file as it completes; drives the progress display."""
 
-    def __init__(self, mode: str, display: Display | None = None,
-                 before: Callable[[Sequence[Entity]], None] | None = None) -> None:
+    def __init__(self, mode: str, display: Display | None = None) -> None:
         self.mode = mode
         self.display = display
-        self.before = before  # told the selection before anything is read (may refuse it)
 
     def planned(self, selected: Sequence[Entity]) -> None:
-        if self.before is not None:
-            self.before(selected)
         if self.display is not None:
             self.display.planned(selected)
 
@@ -150,10 +146,8 @@ def _run(
     passphrase_file: Path | None,
     request: Request,
     listeners: Sequence[EventListener] = (),
-    before: Callable[[Sequence[Entity]], None] | None = None,
 ) -> tuple[Report, float]:
-    """Run the pass; returns the report and its time (from after the passphrase).
-    ``before`` is told the selected VMs before any of their data is read (may raise)."""
+    """Run the pass; returns the report and its time (from after the passphrase)."""
     formats.refuse_packed_folder(backup)  # a tar of a format-1 folder: before any passphrase
     source = open_source(backup)
     warning = formats.unauthenticated(formats.folder_format(source))  # format 1: no passphrase
@@ -167,8 +161,7 @@ def _run(
     if not settings.quiet and sys.stderr.isatty():
         ctx.display = Display(sys.stderr, source_size(source))
     try:
-        printer = _Printer(request.mode, ctx.display, before)
-        report = run(source, passphrase, request, printer, ctx)
+        report = run(source, passphrase, request, _Printer(request.mode, ctx.display), ctx)
         return report, time.monotonic() - started
     finally:
         ctx.clear_line()

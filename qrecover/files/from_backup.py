@@ -23,6 +23,7 @@ from pathlib import Path
 
 from qrecover.commands import Settings, _finish, _run, _showing
 from qrecover.errors import BackupError, DiskFull, OutputError, UsageError, WouldOverwrite
+from qrecover.events import InventoryRead
 from qrecover.files.command import files_command
 from qrecover.files.copy import _force_rmtree
 from qrecover.files.debugfs import find_debugfs
@@ -44,8 +45,11 @@ class _SpaceCheck:
         self.image = image
         self.entity: Entity | None = None
 
-    def __call__(self, selected: Sequence[Entity]) -> None:
-        (entity,) = selected
+    def __call__(self, event: object) -> None:
+        """A listener of the run: told when qubes.xml is read, before any VM data is."""
+        if not isinstance(event, InventoryRead):
+            return
+        (entity,) = event.selected
         self.entity = entity
         free = shutil.disk_usage(self.scratch).free
         where = f"private scratch in {self.scratch.parent}"
@@ -103,7 +107,7 @@ def files_from_backup(
         request = Request("restore", (vm,), scratch, only=(name,))
         with _showing("restore", [backup], scratch, transcript, explain) as shown:
             report, elapsed = _run(settings, [backup], passphrase_file, request,
-                                   shown.listeners, before=check)
+                                   [*shown.listeners, check])
             shown.finished(report)
         if not report.ok:
             return _finish(settings, "restore", report, elapsed)
