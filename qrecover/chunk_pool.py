@@ -178,7 +178,7 @@ class ChunkPool:
                 if outcome is not None:
                     taken.append(outcome)
                 else:
-                    self._changed.wait()
+                    signals.wait_condition(self._changed)
 
     def submit(self, job: ChunkJob) -> bool:
         """Queue ``job`` (after :meth:`admit`); False, and its copy removed, if
@@ -214,7 +214,7 @@ class ChunkPool:
                 outcome = self._take_locked()
                 if outcome is not None or not self._queue or not block:
                     return outcome
-                self._changed.wait()
+                signals.wait_condition(self._changed)
 
     def ready(self) -> list[Outcome]:
         """Every outcome that can be taken now without waiting, in order."""

@@ -26,7 +26,6 @@ from qrecover.commands import (
     verify_command,
 )
 from qrecover.errors import (
-    EXIT_CODES,
     EXIT_INTERNAL,
     EXIT_OK,
     EXIT_SIGINT,
@@ -36,6 +35,7 @@ from qrecover.errors import (
 )
 from qrecover.files import DEFAULT_PATH
 from qrecover.files.cli import files
+from qrecover.help_text import EXAMPLES, SUMMARIES, TOP_HELP, Group
 from qrecover.messages import OneLineFormatter, err
 from qrecover.options import (
     BackupArg,
@@ -45,27 +45,22 @@ from qrecover.options import (
     JsonOpt,
     NoLimitOpt,
     PassFileOpt,
+    SalvageOpt,
     SkipDom0Opt,
     TranscriptOpt,
     VmOpt,
 )
 
-EXIT_CODE_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
-
 app = typer.Typer(
     name="qrecover",
-    help="Recover data from Qubes OS backups without Qubes: format 3 (Qubes R2 to R3.2) "
-    "and format 4 (Qubes R4), told apart automatically.\n\n"
-    "Runs the official emergency recovery procedure (tar, openssl or scrypt, "
-    "gzip/bzip2/xz, tar) as real pipelines, authenticating every chunk before "
-    "anything of it is decrypted or decompressed.\n\n"
-    "Exit codes:\n\n" + EXIT_CODE_HELP,
+    cls=Group,
+    help=TOP_HELP,
+    epilog=EXAMPLES["qrecover"],
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -118,7 +113,7 @@ def _main(
     logger.propagate = False
 
 
-@app.command()
+@app.command(help=SUMMARIES["restore"], epilog=EXAMPLES["restore"])
 def restore(
     ctx: typer.Context,
     backup: BackupArg,
@@ -173,8 +168,9 @@ def restore(
             "what DIR's record says was placed, redo the rest.",
         ),
     ] = False,
+    salvage: SalvageOpt = False,
 ) -> None:
-    """Verify and restore the backup's VMs (all, or those named with --vm) into DIR."""
+    """qrecover restore (its help and examples: qrecover.help_text)."""
     raise typer.Exit(
         restore_command(
             backup,
@@ -193,14 +189,15 @@ def restore(
             settings=_settings(ctx),
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
+            salvage=salvage,
         )
     )
 
 
-app.command()(files)  # qrecover/files/cli.py
+app.command(help=SUMMARIES["files"], epilog=EXAMPLES["files"])(files)  # files/cli.py
 
 
-@app.command()
+@app.command(help=SUMMARIES["verify"], epilog=EXAMPLES["verify"])
 def verify(
     ctx: typer.Context,
     backup: BackupArg,
@@ -214,8 +211,7 @@ def verify(
     explain: ExplainOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check everything restore would, writing nothing: every HMAC, decryption,
-    decompression, and a listing of each inner archive."""
+    """qrecover verify (its help and examples: qrecover.help_text)."""
     raise typer.Exit(
         verify_command(
             backup,
@@ -233,7 +229,7 @@ def verify(
     )
 
 
-@app.command()
+@app.command(help=SUMMARIES["script"], epilog=EXAMPLES["script"])
 def script(
     ctx: typer.Context,
     backup: BackupArg,
@@ -251,15 +247,14 @@ def script(
     skip_dom0_home: SkipDom0Opt = False,
     passphrase_file: PassFileOpt = None,
 ) -> None:
-    """Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for
-    the VMs named with --vm (all without it), after verifying the header and qubes.xml."""
+    """qrecover script (its help and examples: qrecover.help_text)."""
     code = script_command(
         backup, output, vm or [], passphrase_file, _settings(ctx), exclude or [], skip_dom0_home
     )
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(help=SUMMARIES["kit"], epilog=EXAMPLES["kit"])
 def kit(
     backup: Annotated[
         str,
@@ -279,15 +274,13 @@ def kit(
     ],
     passphrase_file: PassFileOpt = None,
 ) -> None:
-    """Write a recovery kit to keep beside the backup: qrecover.pyz (runs with only
-    python3), recover.sh (no Python) and RECOVERY.txt (the procedure for this backup).
-    The passphrase is asked for to read qubes.xml; no file of the kit holds it."""
+    """qrecover kit (its help and examples: qrecover.help_text)."""
     from qrecover.kit import kit_command  # only this command needs shiv's machinery
 
     raise typer.Exit(kit_command(backup, output, passphrase_file))
 
 
-@app.command()
+@app.command(help=SUMMARIES["info"], epilog=EXAMPLES["info"])
 def info(
     ctx: typer.Context,
     backup: BackupArg,
@@ -296,7 +289,7 @@ def info(
     ] = False,
     passphrase_file: PassFileOpt = None,
 ) -> None:
-    """Verify the header and qubes.xml, then show the header and the VMs in the backup."""
+    """qrecover info (its help and examples: qrecover.help_text)."""
     raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx)))
 
 
@@ -318,7 +311,12 @@ def _usage_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: the one place where errors become messages and exit codes."""
-    signals.install()
+    with signals.handled():
+        code = _run(argv)
+    sys.exit(code)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         try:
             # Without standalone mode, click returns typer.Exit's code instead of raising it.
@@ -326,13 +324,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = returned if isinstance(returned, int) else EXIT_OK
         except typer.Exit as exc:
             code = exc.exit_code
-        signals.check()  # a signal whose first raise was lost still stops with its code
+        signals.check(again=True)  # a signal stops the command with its code, always
     except (typer.Abort, KeyboardInterrupt):
-        signals.kill_children()
+        signals.kill_all()
         err("interrupted; scratch files removed, nothing left under a final name")
         code = EXIT_SIGINT
     except Interrupted as exc:
-        signals.kill_children()
+        signals.kill_all()
         err("terminated; scratch files removed, nothing left under a final name")
         code = exc.exit_code
     except QrecoverError as exc:
@@ -350,4 +348,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.environ.get("QRECOVER_DEBUG"):
             raise
         code = EXIT_INTERNAL
-    sys.exit(code)
+    return code

@@ -44,6 +44,7 @@ from qrecover.render.transcript import TranscriptWriter, open_new
 from qrecover.report import FileResult, Report, Request
 from qrecover.report_json import json_output
 from qrecover.resume import RECORD_NAME
+from qrecover.salvage import WARNING
 from qrecover.sources import replay_path
 from qrecover.units import human_bytes
 
@@ -94,6 +95,10 @@ def _file_line(mode: str, result: FileResult) -> str:
         if result.places:
             kept = " (kept as " + ", ".join(str(p) for p in result.places) + ")"
         return f"FAILED    {where:<16} {result.problem}{kept}"
+    if result.salvage is not None:  # --salvage (qrecover/salvage.py)
+        places = ", ".join(str(p) for p in result.places)
+        return (f"SALVAGED  {where:<16} {result.stored} -> {places} (UNVERIFIED: "
+                f"{len(result.salvage.chunks)} chunk(s) failed authentication; see SALVAGED.txt)")
     if mode == "verify":
         return (
             f"OK        {where:<16} {result.stored}  {result.chunks} chunk(s), "
@@ -113,6 +118,8 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
         err(f"note: {note}")
     for problem in report.problems:
         err(f"problem: {problem}")
+    if report.salvaged is not None:  # --salvage (qrecover/salvage.py): said last, loudly
+        err(f"{WARNING}: {report.salvaged}")
     if (warning := formats.unauthenticated(report.fmt)) is not None:
         err(f"warning: {warning}")
     count = len(report.files)
@@ -246,12 +253,13 @@ def restore_command(
     settings: Settings | None = None,
     exclude: Sequence[str] = (),
     skip_dom0_home: bool = False,
+    salvage: bool = False,
 ) -> int:
     if as_json and dry_run:
         raise UsageError("--json and --dry-run do not go together")
     request = Request(
         "restore", tuple(vms), output, force, size_limit, dry_run=dry_run, resume=resume,
-        exclude=tuple(exclude), skip_dom0_home=skip_dom0_home, jobs=jobs,
+        exclude=tuple(exclude), skip_dom0_home=skip_dom0_home, jobs=jobs, salvage=salvage,
     )
     try:
         with json_output(as_json, "restore", backup) as as_doc:

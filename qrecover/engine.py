@@ -59,6 +59,7 @@ from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
 from qrecover.resume import Resume, identity
 from qrecover.runner import control, which
+from qrecover.salvage import fill_gap, new_log, record
 from qrecover.scratch import ChunkStore, ScratchNames
 from qrecover.stages.extract import pick_programs
 from qrecover.stored import StoredFile
@@ -244,6 +245,7 @@ class Recovery:
             self.output,
             self.resume.placing if self.resume is not None else None,
             plan.fmt.multi_volume,
+            new_log(self.request.salvage, plan.fmt, self.gunzip, stored, sink),
         )
 
     def _read_qubes_xml(self, members: Members, plan: Plan) -> bytes:
@@ -298,6 +300,9 @@ class Recovery:
             self._active = None
             self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
             self.report.files.append(result)
+            if job.salvage is not None and job.salvage.used:
+                assert self.output is not None
+                record(self.report, job, result, self.output)  # SALVAGED.txt, loudly
             if self.resume is not None:
                 self.resume.placed(result)
             # Special files were left out: the rest of the stored file is
@@ -308,8 +313,7 @@ class Recovery:
                 raise result.failure
         if members.error is not None:
             self.report.problems.append(str(members.error))
-        if not self.request.only:  # else the caller checks for what it asked
-            self.report.problems += missing(plan.selected, self.report.files)
+        self.report.problems += missing(plan.selected, self.report.files, self.request.only)
 
     # -- one stored file ----------------------------------------------------
 
@@ -337,6 +341,9 @@ class Recovery:
             if job.result.error is not None:
                 continue
             problem = misplaced(fmt, member, name, stored, expected)
+            if problem and fill_gap(job, fmt, name, expected, store.scratch_file,
+                                    lambda: self._use(job, store, works.drain())):
+                expected, problem = name.index, None  # --salvage: zeros stand for the gap
             if problem is not None:
                 self._use(job, store, works.drain())  # the chunks before it come first
                 job.fail(problem)
@@ -372,7 +379,8 @@ class Recovery:
                 continue
             assert outcome.plain is not None
             try:
-                job.feed(outcome.plain, outcome.owned, chunk.member, outcome.feeder)
+                job.feed(outcome.plain, outcome.owned, chunk.member, outcome.feeder,
+                         outcome.unverified)  # --salvage: used although it failed its check
             except OSError as exc:
                 store.drop(outcome.plain, outcome.owned)
                 job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))

@@ -12,7 +12,7 @@ EXIT_OUTPUT = 6
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
-# The one table of exit codes: README, --help and a test all read it.
+# The one table of exit codes: the README, --help and a test all read it.
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success: everything selected was verified (and restored)",
     EXIT_INTERNAL: "internal error (a bug in qrecover; please report it)",

@@ -46,6 +46,16 @@ JobsOpt = Annotated[
         metavar="N",
     ),
 ]
+SalvageOpt = Annotated[
+    bool,
+    typer.Option(
+        "--salvage",
+        help="Damaged backup, last resort: use chunks that FAIL authentication "
+        "anyway and place their files under their final names; every such file and "
+        "its unverified byte ranges are listed in DIR/SALVAGED.txt (exit stays 4). "
+        "The header and qubes.xml are always authenticated.",
+    ),
+]
 TranscriptOpt = Annotated[
     Path | None,
     typer.Option(

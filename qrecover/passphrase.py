@@ -6,6 +6,7 @@ import getpass
 import os
 from pathlib import Path
 
+from qrecover import signals
 from qrecover.errors import UsageError
 
 ENV_VAR = "QRECOVER_PASSPHRASE"
@@ -48,7 +49,8 @@ def get_passphrase(passphrase_file: Path | None) -> str:
             "(there is no terminal to ask on)"
         )
     try:
-        entered = getpass.getpass("Backup passphrase: ")
+        with signals.raising():  # Ctrl-C at the prompt stops at once
+            entered = getpass.getpass("Backup passphrase: ")
     except EOFError:
         raise UsageError("no passphrase entered") from None
     if not entered:

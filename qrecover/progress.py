@@ -102,6 +102,8 @@ def summary_table(mode: str, results: Sequence[FileResult], elapsed: float) -> s
     for result in results:
         if result.kept:  # --resume (qrecover/resume.py)
             status = "kept (earlier run)"
+        elif result.salvage is not None:  # --salvage (qrecover/salvage.py)
+            status = "SALVAGED (unverified)"
         elif result.ok:
             status = done_word
         elif result.places:

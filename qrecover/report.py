@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from qrecover.formats.base import Format
     from qrecover.header import Header
     from qrecover.plan import Plan
+    from qrecover.salvage import SalvageReport
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Request:
     # None: as many as the cores and the memory allow.
     jobs: int | None = None
     resume: bool = False  # --resume: skip what DIR's record says is placed
+    # --salvage: use chunks that fail authentication, knowingly (qrecover.salvage)
+    salvage: bool = False
     # Only these stored files of each selected VM (names below its folder:
     # "private.img"); empty: all of them.  ``qrecover files BACKUP --vm``.
     only: tuple[str, ...] = ()
@@ -61,6 +64,7 @@ class FileResult:
     failure: QrecoverError | None = None
     expanded: int = 0  # bytes of inner archive the guard let through
     kept: bool = False  # placed by an earlier run; skipped by --resume
+    salvage: SalvageReport | None = None  # placed with unverified chunks (--salvage)
 
     @property
     def ok(self) -> bool:
@@ -92,6 +96,7 @@ class Report:
     stops: list[OutputError] = field(default_factory=list)  # what would stop a restore
     kept: tuple[str, ...] = ()  # restore --dry-run --resume: what an earlier run placed
     excused: frozenset[str] = frozenset()  # ... and the existing targets that are its work
+    salvaged: Path | None = None  # --salvage: the SALVAGED.txt written
 
     @property
     def header(self) -> Header | None:
@@ -129,8 +134,13 @@ class Quiet:
         pass
 
 
-def missing(selected: Sequence[Entity], files: Sequence[FileResult]) -> list[str]:
-    """What qubes.xml says is in the backup and the pass never met."""
+def missing(
+    selected: Sequence[Entity], files: Sequence[FileResult], only: Sequence[str] = ()
+) -> list[str]:
+    """What qubes.xml says is in the backup and the pass never met.  Not asked
+    with ``only`` (a few stored files were asked for: the caller checks them)."""
+    if only:
+        return []
     found = {f.stored for f in files}
     problems = []
     for entity in selected:

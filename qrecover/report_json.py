@@ -28,8 +28,10 @@ def file_json(result: FileResult) -> dict[str, object]:
         "restored_bytes": result.restored_bytes,
         "members": result.members,
         "places": [str(p) for p in result.places],
-        "status": "ok" if result.ok else "failed",
+        "status": "salvaged" if result.salvage is not None else "ok" if result.ok else "failed",
         "error": None if result.ok else result.problem,
+        # --salvage: the chunks used unverified and the bytes they cover
+        **({"salvage": result.salvage.as_json()} if result.salvage is not None else {}),
     }
 
 
@@ -45,6 +47,7 @@ def report_json(
         "vms": [e.as_json() for e in report.selected],
         "files": [file_json(f) for f in report.files],
         "problems": list(report.problems),
+        **({"salvaged": str(report.salvaged)} if report.salvaged is not None else {}),
         "verdict": "ok" if exit_code == EXIT_OK else "failed",
         "exit_code": exit_code,
     }

@@ -276,11 +276,14 @@ class Pipeline:
                         env=env,
                         cwd=self.cwd,
                         close_fds=True,
+                        # its own process group, killed whole (qrecover.signals)
+                        start_new_session=True,
                     )
                 except FileNotFoundError:  # gone since which() found it
                     raise MissingProgramError(f"{stage.program}: could not be started "
                                               f"({path} not found)") from None
                 self.procs.append(proc)
+                signals.started(proc)
                 assert proc.stderr is not None
                 self._stderrs.append(_StderrTail(proc.stderr))
                 if i > 0 or (last and self.guard is not None):
@@ -300,18 +303,22 @@ class Pipeline:
         return self
 
     def kill(self) -> None:
+        """Kill every stage with what it started (its process group), and reap it."""
         for proc in self.procs:
             if proc.poll() is None:
-                proc.kill()
+                signals.kill_group(proc)
         for proc in self.procs:
             proc.wait()
         if self._guard_thread is not None:
             signals.join(self._guard_thread, timeout=5)
 
     def wait(self) -> list[StageResult]:
-        results = []
+        """Every stage's result, in order; none if the pipeline never started."""
+        results: list[StageResult] = []
+        if not self.procs:
+            return results
         for proc, stage, err in zip(self.procs, self.stages, self._stderrs, strict=True):
-            code = proc.wait()
+            code = signals.wait_process(proc)
             results.append(StageResult(stage, code, err.text()))
         if self._guard_thread is not None:
             signals.join(self._guard_thread)

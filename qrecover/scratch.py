@@ -54,6 +54,7 @@ class ChunkStore:
         self.log = log
         self.observer = observer
         self.job = job
+        self.salvage = job.salvage is not None  # restore --salvage (qrecover.salvage)
 
     def copy(self, member: Member, digest: Digest | None) -> tuple[Path, bool, str]:
         """Compute the chunk's HMAC under ``digest`` (None: none to compute)

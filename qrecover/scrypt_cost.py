@@ -45,7 +45,7 @@ GiB = 1024 * MiB
 # parameter set tried; 4 MiB leaves room for other builds and libcs.
 SCRYPT_BASE_RSS = 4 * MiB
 # Left to everything else a restore runs while the scrypts work: qrecover's
-# own process with the guard (38 MiB measured, see README), the decompressor
+# own process with the guard (38 MiB measured, see docs/performance.md), the decompressor
 # (zstd -d refuses windows over 128 MiB; xz -d of -9 needs 65 MiB; gzip,
 # igzip, pigz and bzip2 a few MiB), tar and cat (under 16 MiB), the 1 MiB
 # pipes between them, and room in the page cache for the two chunks in

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qrecover import signals
 from qrecover.errors import BackupError, MissingProgramError, UsageError
 from qrecover.magic import SNIFF, Compression, compression_of
 from qrecover.runner import (
@@ -82,6 +83,8 @@ class ByteInput:
             try:
                 if piece.fd < 0:  # pieces are opened one at a time, when reached
                     piece.fd = os.open(piece.label, os.O_RDONLY | os.O_CLOEXEC)
+                if piece.size is None:  # a pipe: a wait that a signal ends
+                    signals.wait_readable(piece.fd)
                 data = os.read(piece.fd, n)
             except OSError as exc:
                 raise BackupError(f"{piece.label}: cannot read ({exc.strerror})") from None

@@ -36,6 +36,7 @@ from qrecover.runner import (
     first_failure,
     own_failure,
 )
+from qrecover.salvage import SalvageLog, VerifiedPrefix
 from qrecover.stages.extract import CuttingGuard, stop_on_cut, stop_when_drained
 from qrecover.stages.guard import TarGuard
 from qrecover.units import human_bytes
@@ -59,6 +60,7 @@ class StoredFile:
         output: Output | None,
         placing: Placing | None = None,
         multi_volume: bool = False,
+        salvage: SalvageLog | None = None,
     ) -> None:
         self.stored = stored
         self.sink = sink
@@ -78,6 +80,11 @@ class StoredFile:
         self.multi_volume = multi_volume  # each chunk one volume of tar -M (format 2)
         self.volumes: VolumeTar | None = None
         self._feeder = "cat"
+        # restore --salvage: the account of unverified chunks (qrecover.salvage),
+        # and for a compressed stream the second decompressor that counts what
+        # the verified chunks before the first unverified one give
+        self.salvage = salvage
+        self.counter: VerifiedPrefix | None = None
 
     def _start(self) -> None:
         stages = self._stages
@@ -101,6 +108,9 @@ class StoredFile:
             ).start()
         finally:
             os.close(read_end)
+        if self.salvage is not None and self.salvage.geometry.compressed:
+            self.counter = VerifiedPrefix(stages[:-1], self.scratch, self.passphrase,
+                                          self.ctx.command, self.stored)
         self._started()
 
     def _start_volumes(self) -> None:
@@ -110,8 +120,7 @@ class StoredFile:
         work = Path(tempfile.mkdtemp(prefix="volumes-", dir=self.scratch))
         self.volumes = VolumeTar(self._stages[-1], work, guard, self.out_file,
                                  self.ctx.command, self.stored)
-        self.pipeline = self.volumes.start()
-        self._started()
+        self.pipeline = self.volumes.pipeline  # started with the first volume
 
     def _started(self) -> None:
         stages = list(self.volumes.shown) if self.volumes is not None else self._stages
@@ -130,7 +139,10 @@ class StoredFile:
 
     def _guard(self, src: int, dst: int) -> TarGuard:
         stop = self._kill_extractor if stop_on_cut(self._stages[-1]) else None
-        return CuttingGuard(src, dst, self.sink.limit, self.stored, prefix=self.stored, stop=stop)
+        guard = CuttingGuard(src, dst, self.sink.limit, self.stored, prefix=self.stored, stop=stop)
+        if self.salvage is not None:
+            guard.layout = self.salvage.layout  # where each member's bytes lie
+        return guard
 
     def _kill_extractor(self, fd: int) -> None:
         # From the guard's thread; data flows only once fed, after start() returned.
@@ -145,18 +157,25 @@ class StoredFile:
             with contextlib.suppress(FileNotFoundError):
                 self.cat_path.unlink()
         self.cat = None
+        if self.counter is not None:
+            self.counter.reap()
         if not result.ok:
             # Usually a consequence: the pipeline died and cat hit a closed pipe.
             self.fail(FeedFailed(f"feeding {self.cat_path}: {result.describe()}"))
 
-    def feed(self, path: Path, owned: bool, member: str = "", feeder: Stage | None = None) -> None:
-        """Queue a verified chunk; returns while cat (or the format's ``feeder``,
+    def feed(self, path: Path, owned: bool, member: str = "", feeder: Stage | None = None,
+             unverified: str | None = None, zeros: bool = False) -> None:
+        """Queue a verified chunk (with --salvage, perhaps one that is not:
+        ``unverified`` says why); returns while cat (or the format's ``feeder``,
         format 1's ``tar -c``) is still feeding it."""
+        if self.salvage is not None:
+            self.salvage.fed_chunk(member or path.name, path.stat().st_size, unverified, zeros)
         if self.pipeline is None:
             self._feeder = feeder.program if feeder is not None else "cat"  # for the log
             self._start()
         if self.volumes is not None:
-            self.volumes.feed(path, owned, member or path.name)
+            if self.volumes.feed(path, owned, member or path.name):
+                self._started()
             self.ctx.emit(ChunkFed(self.stored, member or path.name, path))
             return
         self._reap_cat()
@@ -172,6 +191,11 @@ class StoredFile:
         self.ctx.emit(ChunkFed(self.stored, member or path.name, path))
         self.cat_path = path
         self.cat_owned = owned
+        if self.counter is not None:
+            if unverified is None and not self.counter.closed:
+                self.counter.feed(path)
+            else:
+                self.counter.close()  # only the chunks before the first unverified one
 
     def fail(self, error: QrecoverError) -> None:
         """Record why the stored file failed: the first cause wins, and a cause
@@ -181,6 +205,8 @@ class StoredFile:
             self.result.failure = error
 
     def kill(self) -> None:
+        if self.counter is not None:
+            self.counter.kill()
         if self.volumes is not None:
             self.volumes.kill()
         for running in (self.cat, self.pipeline):
@@ -227,6 +253,10 @@ class StoredFile:
                 self.fail(DiskFull(message) if failure.disk_full else OutputError(message))
             else:
                 self.fail(StoredFileError(message))
+        if self.salvage is not None and self.salvage.used:
+            self._salvaged(guarded)
+        elif self.counter is not None:
+            self.counter.kill()  # every chunk was verified: nothing to count
         if self.out_file is not None:
             self.out_file.seek(0)
         if self.sink.kind == "list" and self.out_file is not None:
@@ -239,6 +269,22 @@ class StoredFile:
         finished = FileFinished(r.stored, r.owner, r.error, tuple(r.places), r.restored_bytes)
         self.ctx.emit(finished)
         return self.result
+
+    def _salvaged(self, guarded: TarGuard | None) -> None:
+        """--salvage, with unverified chunks fed: a failure that is not the
+        output folder's (the decompressor or tar stopping at the damage) cuts
+        the file there, and it is placed under its final name all the same."""
+        assert self.salvage is not None
+        if self.counter is not None:
+            self.salvage.verified_prefix = self.counter.finish()
+        failure = self.result.failure
+        if failure is None or isinstance(failure, OutputError):
+            return
+        where = ""
+        if guarded is not None:
+            where = f" (the inner archive ended after byte {guarded.passed + guarded.dropped_in})"
+        self.salvage.cut = f"{failure.message}{where}: the file ends where the stream stopped"
+        self.result.failure = None
 
     def _place(self) -> None:
         output = self.output

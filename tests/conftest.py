@@ -222,6 +222,53 @@ def family_of(pid: int) -> list[int]:
     return family
 
 
+def marked_env() -> tuple[str, dict[str, str]]:
+    """A mark, and an environment (without the passphrase variable) that carries
+    it: every program a qrecover started with it runs inherits the mark, whatever
+    session or process group it is in (qrecover gives each its own group)."""
+    mark = f"{os.getpid()}-{time.monotonic_ns()}"
+    env = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
+    env["QRECOVER_TEST_RUN"] = mark
+    return mark, env
+
+
+def marked_processes(mark: str) -> list[int]:
+    """The live processes whose environment carries ``mark`` (a zombie has none;
+    one that ends between two looks at /proc is simply not there)."""
+    found = []
+    needle = f"QRECOVER_TEST_RUN={mark}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+    return found
+
+
+def left_after(mark: str, patience: float = 10) -> list[dict[str, str]]:
+    """What of a finished run's programs is still there after ``patience`` seconds
+    (a SIGKILL is delivered asynchronously: a process may take a moment to go);
+    each described for the failure message, then killed."""
+    deadline = time.monotonic() + patience
+    while (left := marked_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen = []
+    for pid in left:
+        what = {"pid": str(pid)}
+        for name in ("cmdline", "wchan", "stat"):
+            with contextlib.suppress(OSError):
+                what[name] = Path(f"/proc/{pid}/{name}").read_bytes()[:300].decode(
+                    "utf-8", "replace").replace("\0", " ")
+        with contextlib.suppress(OSError):
+            what["fds"] = repr({e.name: os.readlink(e.path)
+                                for e in os.scandir(f"/proc/{pid}/fd")})
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        if what.get("cmdline"):  # a zombie is gone, only not yet reaped
+            seen.append(what)
+    return seen
+
+
 @dataclass(frozen=True)
 class Seen:
     """One process of a running qrecover's family, as /proc showed it."""

@@ -358,10 +358,11 @@ def test_restore_files_copies_each_restored_home(
 
 
 def test_files_modules_import_in_one_direction() -> None:
-    """partitions <- image <- debugfs <- ntfs <- listing <- copy <- command <- from_backup:
-    no cycle, each under 400 lines."""
+    """partitions <- image <- debugfs <- ntfs <- listing <- copy <- damaged <- command <-
+    from_backup: no cycle, each under 400 lines."""
     order = [
-        "partitions", "image", "debugfs", "ntfs", "listing", "copy", "command", "from_backup"
+        "partitions", "image", "debugfs", "ntfs", "listing", "copy", "damaged", "command",
+        "from_backup",
     ]
     for position, name in enumerate(order):
         path = ROOT / "qrecover" / "files" / f"{name}.py"

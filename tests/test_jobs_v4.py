@@ -163,7 +163,7 @@ def _scratch_files(out: Path) -> int:
 @pytest.mark.parametrize(("source", "bound"), [("file", 2 * 2 + 2), ("folder", 2 + 2)])
 def test_scratch_stays_bounded(many4: Backup, tmp_path: Path, source: str, bound: int) -> None:
     """Looked at over and over during a --jobs 2 restore: never more chunk files in
-    scratch than the README says (2*jobs+2 from a file, jobs+2 from a folder), and
+    scratch than docs/formats.md says (2*jobs+2 from a file, jobs+2 from a folder), and
     never more scrypt dec at once than --jobs."""
     where = many4.path if source == "file" else untar(many4, tmp_path / "untarred")
     out = tmp_path / "out"
@@ -232,13 +232,8 @@ def test_interrupted_jobs_2_restore_stops_every_child(
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     assert b"Traceback" not in err
-    time.sleep(0.2)
-    for kid in kids:
-        try:
-            state = Path(f"/proc/{kid}/stat").read_text()
-        except OSError:
-            continue  # gone (reaped between two looks, too)
-        assert "Z" in state, state
+    for kid in kids:  # killed and reaped before qrecover exited
+        assert not Path(f"/proc/{kid}").exists(), kid
     leftovers = [p.name for p in out.rglob("*")]
     assert not any(n.startswith(".qrecover-") for n in leftovers), leftovers
     assert not [p for p in out.rglob("private.img") if p.is_file()]

@@ -24,6 +24,8 @@ from conftest import (
     assert_restored,
     gen,
     gen4,
+    left_after,
+    marked_env,
     qrecover_exe,
     run_cli,
     run_main,
@@ -59,17 +61,6 @@ def _stat_places(out: Path, stored: list[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _session_alive(sid: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            return True
-    return False
-
-
 def _killed_mid_way(
     backup: Backup, out: Path, tmp: Path, sig: signal.Signals,
     meanwhile: Callable[[], None] | None = None,
@@ -79,11 +70,11 @@ def _killed_mid_way(
     Returns what was placed."""
     data = backup.path.read_bytes()
     err = (tmp / "err").open("wb")
+    mark, env = marked_env()
     proc = subprocess.Popen(
         [*qrecover_exe(), "restore", "-", "-o", str(out), "--passphrase-file",
          str(backup.passfile)],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
-        start_new_session=True,
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env,
     )
     assert proc.stdin is not None
     sent = 0
@@ -107,8 +98,8 @@ def _killed_mid_way(
     assert "Traceback" not in said
     if sig == signal.SIGTERM:  # what to do next is said, with what was kept
         assert "run the same restore again with --resume" in said, said
-    while _session_alive(proc.pid):  # the pipeline's children a SIGKILL orphaned
-        time.sleep(0.05)
+    left = left_after(mark)  # the pipeline's children a SIGKILL orphaned go by themselves
+    assert not left, left
     placed = _placed(out)
     assert 0 < len(placed) < len(_stored_names(backup)), placed
     return placed

@@ -1,12 +1,15 @@
-"""A signal always stops the run (qrecover/signals.py), even where Python loses
-the handler's exception.
+"""A signal always stops the run, at a natural point (qrecover/signals.py).
 
-Python runs a signal handler wherever the main thread is.  Inside a garbage
-collector callback or a weakref callback, what the handler raises is printed
-as "Exception ignored" and dropped: before qrecover/signals.py, a SIGTERM or a
-Ctrl-C that landed there was lost and the restore ran on to its end (exit 0
-or 4, instead of 143 or 130).  Here the signal is raised inside a gc callback
-during a real run in this process, so that its first raise is lost for sure.
+The handler only records the signal; the run raises it where it can stop
+cleanly.  Before, the handler raised wherever the main thread was: inside a
+garbage-collector or weakref callback Python printed that as "Exception
+ignored" and dropped it, and the restore ran on to its end.  Here the signal
+is raised inside a gc callback during a real run in this process.
+
+These tests set SIGINT's disposition themselves: a test process started with
+SIGINT ignored (a suite started with ``&`` from a non-interactive shell) passes
+that on, and qrecover then rightly leaves SIGINT ignored
+(:func:`test_sigint_ignored_when_started_so`).
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import gc
 import signal
 import sys
-import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,46 +29,78 @@ from qrecover import signals
 from qrecover.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted
 
 
+@pytest.fixture
+def sigint_default() -> Iterator[None]:
+    """SIGINT at Python's default (KeyboardInterrupt), whatever this process inherited."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
 def _ours() -> bool:
     handler = signal.getsignal(signal.SIGTERM)
     return getattr(handler, "__module__", "") == "qrecover.signals"
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, EXIT_SIGTERM),
-                                              (signal.SIGINT, EXIT_SIGINT)])
-def test_a_signal_raised_where_python_drops_it_still_stops_the_restore(
-    default_backup: Backup, tmp_path: Path, signum: int, code: int,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _restore_with_signal_in_gc(backup: Backup, out: Path, signum: int,
+                               monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, list[Any]]:
+    """Restore in this process; ``signum`` is raised inside the garbage collector's
+    first callback once qrecover's handler is in place."""
     fired: list[int] = []
-    dropped: list[type[BaseException]] = []  # what Python printed as "Exception ignored"
+    dropped: list[Any] = []  # what Python printed as "Exception ignored"
     monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
 
     def in_the_collector(phase: str, info: dict[str, Any]) -> None:
-        # only once qrecover's handler is in place (cli.main installs it)
         if phase == "start" and not fired and _ours():
             fired.append(signum)
-            signal.raise_signal(signum)  # the handler raises here, and gc drops it
+            signal.raise_signal(signum)
 
-    out = tmp_path / "out"
     gc.callbacks.append(in_the_collector)
     try:
-        result = run_main("restore", default_backup.path, "--output", out,
-                          "--passphrase-file", default_backup.passfile)
+        result = run_main("restore", backup.path, "--output", out,
+                          "--passphrase-file", backup.passfile)
     finally:
         gc.callbacks.remove(in_the_collector)
     assert fired, "the collector never ran during the restore"
-    assert result.code == code, result.text
-    assert dropped == [Interrupted if signum == signal.SIGTERM else KeyboardInterrupt]
+    return result.code, result.text, dropped
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, EXIT_SIGTERM),
+                                              (signal.SIGINT, EXIT_SIGINT)])
+def test_a_signal_raised_inside_the_collector_stops_the_restore(
+    default_backup: Backup, tmp_path: Path, signum: int, code: int,
+    monkeypatch: pytest.MonkeyPatch, sigint_default: None,
+) -> None:
+    out = tmp_path / "out"
+    got, text, dropped = _restore_with_signal_in_gc(default_backup, out, signum, monkeypatch)
+    assert got == code, text
+    assert dropped == []  # the handler raises nothing, so nothing can be dropped
     assert not list(out.glob(".qrecover-*")), "scratch left"
+    assert "Traceback" not in text
+    # the handlers the process had are back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_check_raises_a_signal_whose_raise_was_lost(monkeypatch: pytest.MonkeyPatch) -> None:
-    dropped: list[type[BaseException]] = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+def test_sigint_ignored_when_started_so(default_backup: Backup, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started with SIGINT ignored (``qrecover ... &`` in a script), qrecover keeps
+    ignoring it, as a program should, and its restore ends normally."""
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        signals.install()
+        out = tmp_path / "out"
+        got, text, _ = _restore_with_signal_in_gc(default_backup, out, signal.SIGINT,
+                                                  monkeypatch)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, saved)
+    assert got == 0, text
+    assert (out / "work" / "private.img").exists()
+
+
+def test_check_raises_once_and_the_end_always(sigint_default: None) -> None:
+    with signals.handled():
         signals.check()  # nothing came: nothing raised
 
         class Thing:
@@ -73,25 +108,20 @@ def test_check_raises_a_signal_whose_raise_was_lost(monkeypatch: pytest.MonkeyPa
 
         thing = Thing()
         ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGTERM))
-        del thing  # the callback runs, the handler raises in it, and it is dropped
-        assert ref() is None and dropped == [Interrupted]
+        del thing  # the handler runs inside the callback: it only records
+        assert ref() is None
         with pytest.raises(Interrupted):
             signals.check()
-        signals.install()  # a new run forgets it
-        signals.check()
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+        signals.check()  # raised once: the clean-up it unwinds to goes on
+        with pytest.raises(Interrupted):
+            signals.check(again=True)  # the command's end
+    with signals.handled():  # a new run forgets it
+        signals.check(again=True)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_join_of_a_thread_a_signal_kept_from_starting() -> None:
-    """A signal's exception can leave ``Thread.start()`` before the thread is marked
-    started; the clean-up that then joins it must go on, not fail with an internal
-    error (seen: exit 1 "cannot join thread before it is started" after SIGTERM)."""
-    thread = threading.Thread(target=lambda: None)
-    with pytest.raises(RuntimeError):
-        thread.join()
-    signals.join(thread)  # no error
-    thread.start()
-    signals.join(thread, timeout=5)
-    assert not thread.is_alive()
+def test_raising_at_a_prompt(sigint_default: None) -> None:
+    """Around a passphrase prompt a signal raises at once (the prompt would wait for Enter)."""
+    with signals.handled(), pytest.raises(KeyboardInterrupt), signals.raising():
+        signal.raise_signal(signal.SIGINT)
+        pytest.fail("the prompt went on")

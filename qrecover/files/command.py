@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from qrecover.errors import EXIT_BACKUP, EXIT_OK, EXIT_OUTPUT, QrecoverError, UsageError
 from qrecover.files.copy import CopyResult, FilesRequest, copy_files, list_trees
+from qrecover.files.damaged import name_damaged
 from qrecover.files.image import find_volume, image_table, table_lines
 from qrecover.files.listing import DEFAULT_PATH, PathNotFound, show
 from qrecover.messages import err
@@ -66,6 +67,8 @@ def restore_files(report: Report, output: Path, force: bool) -> int:
         if not image.is_file():
             continue
         print(f"FILES     {entity.name:<16} {image}:{DEFAULT_PATH}", flush=True)
+        if any(f.salvage is not None for f in results):
+            name_damaged(image)  # the restore's exit is 4 already
         try:
             copied = copy_files(
                 FilesRequest(image, (DEFAULT_PATH,), image.parent / "files", force),
@@ -102,14 +105,16 @@ def files_command(
 ) -> int:
     """``qrecover files``: copy each PATH of ``image`` into ``output``, or list it."""
     request = FilesRequest(image, tuple(paths) or (DEFAULT_PATH,), output, force, partition)
-    if list_only:
-        return list_files(request, bool(paths))
-    if output is None:
+    if output is None and not list_only:
         raise UsageError("--output DIR is needed to copy files (or use --list)")
+    damaged = name_damaged(image) if image.is_file() else 0  # restore --salvage's record
+    if list_only:
+        code = list_files(request, bool(paths))
+        return EXIT_BACKUP if damaged and code == EXIT_OK else code
     results = copy_files(request, print_copy)
     failures = [r for r in results if not r.ok]
     if not failures:
-        return EXIT_OK
+        return EXIT_BACKUP if damaged else EXIT_OK
     err(f"{len(failures)} of {len(results)} PATH(s) failed:")
     for failure in failures:
         err(f"  {show(failure.path)}: {failure.error}")

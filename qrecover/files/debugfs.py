@@ -238,6 +238,25 @@ class Debugfs:
                 problems += [f"folder <{ino}>: unreadable entry {b!r}" for b in bad]
         return listings, problems
 
+    def answers(self, requests: Sequence[str]) -> list[bytes]:
+        """What debugfs answers to each request (requests naming inodes only),
+        :data:`LS_BATCH` to a run; an answer it did not give is empty."""
+        found: list[bytes] = []
+        for start in range(0, len(requests), LS_BATCH):
+            batch = list(requests[start : start + LS_BATCH])
+            stages = [
+                Stage(tuple(printf_argv(batch))),
+                Stage(tuple(debugfs_batch_argv(self.image, self.program))),
+            ]
+            out, err, code = self._run(stages)
+            if code != 0:
+                raise BackupError(
+                    f"{self.image}: debugfs exited {code}: {' '.join(_meaningful(err))[:300]}"
+                )
+            blocks, _cut = split_batch(out, batch)
+            found += blocks + [b""] * (len(batch) - len(blocks))
+        return found
+
     def rdump(self, ino: int, cwd: Path) -> list[str]:
         """``rdump <ino> .`` run in ``cwd``; what went wrong, if anything."""
         argv = debugfs_rdump_argv(self.image, ino, ".", self.program, self.offset)

@@ -72,6 +72,9 @@ class ChunkOutcome:
     reason: str | None = None
     mac: str = ""  # the HMAC that authenticated it (format 3), part of a backup's identity
     feeder: Stage | None = None  # what writes the chunk into the pipeline, if not cat PATH
+    # restore --salvage only: why the chunk could not be authenticated; its
+    # ``plain`` is fed on all the same (qrecover.salvage)
+    unverified: str | None = None
 
 
 class PendingChunk(Protocol):
@@ -137,6 +140,11 @@ class ChunkStore(Protocol):
 
     @property
     def log(self) -> CommandLog: ...
+
+    @property
+    def salvage(self) -> bool:
+        """restore --salvage: a chunk that fails its check is used anyway."""
+        ...
 
     def copy(self, member: Member, digest: Digest | None) -> tuple[Path, bool, str]:
         """The chunk in private scratch (or in place, for a folder and no digest),

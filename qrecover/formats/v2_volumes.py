@@ -3,22 +3,22 @@
 The plaintext chunks of a stored file are the volumes of one GNU
 multi-volume tar; they cannot be concatenated (each later volume may begin
 with a GNU ``M`` header naming the member it continues), so GNU tar itself
-does the multi-volume logic, reading every volume from one FIFO in private
-scratch:
+does the multi-volume logic, each volume a file in private scratch:
 
-    tar -x -M -f FIFO --new-volume-script=HANDSHAKE ...
+    tar -x -M -f SCRATCH/volume-1 --new-volume-script=HANDSHAKE ...
 
-GNU tar closes the archive at the end of a volume and runs the new-volume
-script (with ``sh -c``; TAR_VOLUME is the volume it wants next).  The
-script writes that number into the FIFO ``ask`` and reads the answer from
-its stdin; qrecover writes the next volume into the archive FIFO only once
-asked (so tar never sees two volumes as one), and answers anything but the
-number when there is no next volume: the script fails, and tar stops
-("... command failed") instead of prompting on a terminal.  Before tar may
-open the archive FIFO, qrecover holds it open itself, until tar has it: so
-if qrecover dies, even by SIGKILL, tar reads end-of-file instead of waiting
-in open() for ever.  Only qrecover's own scratch paths are on that command
-line.
+GNU tar closes a volume at its end and runs the new-volume script (with
+``sh -c``; TAR_VOLUME is the volume it wants next, TAR_FD a descriptor on
+which the script may name the file that holds it).  The script writes that
+number into the FIFO ``ask`` and reads the answer from its stdin; qrecover
+answers once the volume is in scratch, and the script names
+``SCRATCH/volume-N`` on TAR_FD.  Anything but the number (there is no next
+volume, or qrecover is gone and the script reads end-of-file) makes the
+script fail, and tar stops ("... command failed") instead of prompting on a
+terminal.  tar only ever opens regular files, so nothing can leave it
+waiting in open() for ever, even a SIGKILL of qrecover.  Only qrecover's own
+scratch paths are on that command line; a volume is removed once tar asks
+for the next.
 
 Every volume goes through :class:`VolumeGuard` on its way into the FIFO: the
 guard of the other formats (device nodes and FIFOs dropped, names kept
@@ -33,9 +33,6 @@ import os
 import select
 import shlex
 import shutil
-import signal
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -61,7 +58,7 @@ from qrecover.stages.guard import (
     round_up,
 )
 
-_SPLICE = 1024 * 1024
+_COPY = 1024 * 1024
 _POLL = 0.05  # seconds between looks at tar while waiting for it
 
 
@@ -91,13 +88,18 @@ class VolumeGuard(TarGuard):
         """Pass ``size`` bytes of member data; a volume may end inside them."""
         while size:
             self._count(0)
-            moved = os.splice(self.src, self.dst, min(size, _SPLICE))
+            moved = os.sendfile(self.dst, self.src, None, min(size, _COPY))
             if moved == 0:
                 self._left = size
                 return
             size -= moved
             self._count(moved)
         self._left = 0
+
+    def _rest(self) -> None:
+        """What follows the end-of-archive block (padding), to the volume's end."""
+        while moved := os.sendfile(self.dst, self.src, None, _COPY):
+            self._count(moved)
 
     def _continuation(self, header: bytes | None) -> None:
         """A volume that starts inside a member must start with its ``M`` header."""
@@ -198,53 +200,40 @@ def _raw_name(header: bytes, meta: list[bytes]) -> bytes:
 
 
 class VolumeTar:
-    """One ``tar -M`` fed the volumes of one stored file, in order, by a thread."""
+    """One ``tar -M`` given the volumes of one stored file, in order, as files."""
 
     def __init__(self, tar: Stage, work: Path, guard: VolumeGuard, stdout: IO[bytes] | None,
                  log: CommandLog, stored: str) -> None:
         self.work, self.guard, self.stored = work, guard, stored
-        self.fifo, ask = work / "volume", work / "ask"
-        for path in (self.fifo, ask):
-            os.mkfifo(path, 0o600)
+        ask = work / "ask"
+        os.mkfifo(ask, 0o600)
         # Held open for reading and writing, and opened so by the script (<>):
         # neither open blocks, even once qrecover is gone.
         self._ask = os.open(ask, os.O_RDWR | os.O_NONBLOCK)
         # The answers go into tar's stdin, which its script inherits (tar reads
-        # no stdin itself with -f FIFO): if qrecover dies, the script reads
+        # no stdin itself with -f FILE): if qrecover dies, the script reads
         # end-of-file, fails, and tar stops instead of waiting for ever.
         self._answer_r, self._answer = os.pipe()
         script = (f'printf "%s\\n" "$TAR_VOLUME" 1<>{shlex.quote(str(ask))} && read -r answer '
-                  '&& [ "$answer" = "$TAR_VOLUME" ]')
+                  '&& [ "$answer" = "$TAR_VOLUME" ] '
+                  f'&& printf "%s" {shlex.quote(str(work))}/volume-"$answer" >&"$TAR_FD"')
         argv = list(tar.argv)
         at = argv.index("-f")
-        argv[at:at + 2] = ["-M", "-f", str(self.fifo), f"--new-volume-script={script}"]
+        # --force-local: a colon in a scratch path never makes tar look for a host
+        argv[at:at + 2] = ["-M", "--force-local", "-f", str(self._volume(1)),
+                           f"--new-volume-script={script}"]
         self.pipeline = Pipeline([Stage(tuple(argv))], stdin=self._answer_r, stdout=stdout,
-                                 note=f"fed the volumes of {stored} one by one", log=log)
+                                 note=f"given the volumes of {stored} one by one", log=log)
+        self.pipeline.guarded = guard
         self.shown = (replay_stage(tar),)  # what a --transcript replays instead
         # What went wrong feeding; a consequence (FeedFailed) when tar, which
         # stopped first, may say why itself (GNU tar cannot read some volumes).
         self.error: QrecoverError | None = None
         self._fed = 0
-        self._owed = False  # tar was told a volume comes, and waits for it on the FIFO
-        self._thread: threading.Thread | None = None
         self._pending = b""
-        # The FIFO held open (read and write) from before tar may open it for a volume
-        # until /proc shows tar has (elsewhere as before): if qrecover dies, even by
-        # SIGKILL, tar reads end-of-file, its script fails and it stops.
-        fifo = os.stat(self.fifo)
-        self._fifo_id = (fifo.st_dev, fifo.st_ino)
-        self._proc = os.path.isdir(f"/proc/{os.getpid()}/fd")
-        self._held: int | None = None
-        self._holding = threading.Lock()
-        self._hold()
 
-    def start(self) -> Pipeline:
-        try:
-            self.pipeline.start()
-        finally:
-            os.close(self._answer_r)  # tar has its copy
-        self.pipeline.guarded = self.guard
-        return self.pipeline
+    def _volume(self, number: int) -> Path:
+        return self.work / f"volume-{number}"
 
     def _alive(self) -> bool:
         return any(proc.poll() is None for proc in self.pipeline.procs)
@@ -252,6 +241,7 @@ class VolumeTar:
     def _asked(self) -> int | None:
         """The volume tar asks for next; None once tar has exited without asking."""
         while b"\n" not in self._pending:
+            signals.check()
             ready, _, _ = select.select([self._ask], [], [], _POLL)
             if ready:
                 with contextlib.suppress(BlockingIOError):
@@ -265,99 +255,48 @@ class VolumeTar:
         with contextlib.suppress(BrokenPipeError):  # tar is gone: nothing to answer
             os.write(self._answer, text.encode() + b"\n")
 
-    def _hold(self) -> None:
-        if self._proc and self._held is None:
-            self._held = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
-
-    def _release(self) -> None:  # by the feeding thread, or a kill not waiting for it
-        with self._holding:
-            held, self._held = self._held, None
-        if held is not None:
-            os.close(held)
-
-    def _tar_has_fifo(self) -> bool:
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(f"/proc/{self.pipeline.procs[0].pid}/fd"):
-                with contextlib.suppress(OSError):
-                    st = os.stat(entry.path)
-                    if (st.st_dev, st.st_ino) == self._fifo_id:
-                        return True
-        return False
-
-    def _open_fifo(self) -> int | None:
-        """The FIFO's write end, once tar reads from it; None if tar stopped."""
-        while True:
-            fd: int | None = None
-            if self._held is None or self._tar_has_fifo():
-                with contextlib.suppress(OSError):
-                    fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
-            if fd is not None:
-                self._release()  # tar is the only reader now
-                os.set_blocking(fd, True)
-                return fd
-            if not self._alive():
-                self._release()
-                return None
-            time.sleep(_POLL / 5)
-
-    def feed(self, path: Path, owned: bool, member: str) -> None:
-        """Queue the next volume; returns while it is still being fed."""
-        self.wait()
-        self._fed += 1
+    def feed(self, path: Path, owned: bool, member: str) -> bool:
+        """Screen the next volume into scratch and give it to tar (started with
+        the first: True then).  A volume the guard stopped in is given as far as
+        it passed, as a stream cut there would be; nothing after it is."""
         if self.error is not None or self.guard.error is not None:
             _drop(path, owned)
-            return
-        self._thread = threading.Thread(target=self._feed, args=(path, owned, member),
-                                        daemon=True)
-        self._thread.start()
-
-    def _feed(self, path: Path, owned: bool, member: str) -> None:
+            return False
+        self._fed += 1
+        number = self._fed
         try:
-            if self._fed > 1:
-                asked = self._asked()
-                if asked != self._fed:
-                    if asked is not None:
-                        self._answer_with("no")
-                    self.error = FeedFailed(f"{member}: tar did not ask for this volume (the "
-                                            f"archive of {self.stored} ended before it, or tar "
-                                            "refused the one before)")
-                    return
-                self._hold()  # before tar may open the FIFO for this volume
-                self._answer_with(str(self._fed))
-            self._owed = True  # tar opens the FIFO for this volume now
-            fd = self._open_fifo()
-            if fd is None:
-                self.error = FeedFailed(f"{member}: tar stopped before this volume could be fed")
-                return
-            self._owed = False
-            try:
-                src = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                os.close(fd)  # tar sees an empty volume, and asks on (answered no)
-                self.error = StoredFileError(f"{member}: cannot read its plaintext "
-                                             f"({exc.strerror})")
-                return
-            self.guard.volume(src, fd)
-        except Exception as exc:  # told as this volume's failure, never lost
-            self.error = self.error or StoredFileError(f"{member}: feeding it to tar failed "
-                                                       f"({exc})")
+            src = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            self.error = StoredFileError(f"{member}: cannot read its plaintext ({exc.strerror})")
+            return False
         finally:
-            _drop(path, owned)
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            signals.join(self._thread)
-            self._thread = None
+            _drop(path, owned)  # open or not: the name is no longer needed
+        dst = os.open(self._volume(number), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.guard.volume(src, dst)  # closes both; a problem is the guard's error
+        if number == 1:
+            try:
+                self.pipeline.start()
+            finally:
+                os.close(self._answer_r)  # tar has its copy
+                self._answer_r = -1
+            return True
+        asked = self._asked()
+        if asked != number:
+            if asked is not None:
+                self._answer_with("no")
+            self.error = FeedFailed(f"{member}: tar did not ask for this volume (the "
+                                    f"archive of {self.stored} ended before it, or tar "
+                                    "refused the one before)")
+            return False
+        _drop(self._volume(number - 1), True)  # tar closed it before asking
+        self._answer_with(str(number))
+        return False
 
     def close(self) -> QrecoverError | None:
         """The last volume is in: tar must end now.  Returns what went wrong, if
         tar wants another volume, which the backup does not hold."""
-        self.wait()
         problem = self.error
-        if self._owed and (fd := self._open_fifo()) is not None:
-            os.close(fd)  # tar waits on a volume that never came: an empty one ends it
-        self._release()
-        asked = self._asked()
+        asked = self._asked() if self.pipeline.procs else None
         if asked is not None:
             self._answer_with("no")
             if problem is None and self.guard.error is None:
@@ -373,21 +312,16 @@ class VolumeTar:
         return problem
 
     def kill(self) -> None:
-        # The new-volume script that tar may be running goes too: it could be
-        # waiting for an answer that will never come.
-        scripts = [c for proc in self.pipeline.procs for c in signals.children_of(proc.pid)]
+        # The new-volume script that tar may be running goes too (it is in tar's
+        # process group): it could be waiting for an answer that will never come.
         self.pipeline.kill()
-        for pid in scripts:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        self.wait()
         self._cleanup()
 
     def _cleanup(self) -> None:
-        self._release()
-        for fd in (self._ask, self._answer):
-            with contextlib.suppress(OSError):
+        for fd in (self._ask, self._answer, self._answer_r):
+            if fd >= 0:
                 os.close(fd)
+        self._ask = self._answer = self._answer_r = -1
         shutil.rmtree(self.work, ignore_errors=True)
 
 

@@ -214,6 +214,17 @@ def open_format(
     return fmt
 
 
+def refused(store: ChunkStore, path: Path, owned: bool, outcome: ChunkOutcome) -> _Done:
+    """A chunk that failed its check: dropped, or with --salvage fed on all the
+    same, marked unverified (``outcome.reason`` says why)."""
+    if store.salvage:
+        return _Done(ChunkOutcome(plain=path, owned=owned, checked=outcome.checked,
+                                  reason=outcome.reason, unverified=outcome.reason))
+    store.drop(path, owned)
+    outcome.reason = outcome.reason if outcome.checked else None  # as before --salvage
+    return _Done(outcome)
+
+
 @dataclass(frozen=True)
 class _Done:
     """Format 3's chunk needs nothing more once read: its HMAC was computed
@@ -291,10 +302,9 @@ class Format3:
         nxt = members.peek()
         nxt_name = parse_member_name(nxt.name) if nxt is not None else None
         if nxt is None or nxt_name != ChunkName(name.stored, name.index, True):
-            store.drop(path, owned)
-            return _Done(ChunkOutcome(error=StoredFileError(
+            return refused(store, path, owned, ChunkOutcome(error=StoredFileError(
                 f"{member.name}.hmac is missing: the chunk cannot be verified"
-            )))
+            ), reason="its .hmac is missing"))
         members.take()
         try:
             expected_hex = (
@@ -304,13 +314,11 @@ class Format3:
             store.drop(path, owned)
             raise
         if expected_hex is None:
-            store.drop(path, owned)
-            return _Done(ChunkOutcome(error=StoredFileError(
+            return refused(store, path, owned, ChunkOutcome(error=StoredFileError(
                 f"{nxt.name}: not an HMAC line (or larger than 4 KiB)"
-            )))
+            ), reason="its .hmac is not an HMAC line"))
         if not matches(digest_hex, expected_hex):
-            store.drop(path, owned)
-            return _Done(ChunkOutcome(
+            return refused(store, path, owned, ChunkOutcome(
                 error=StoredFileError(
                     f"{member.name}: HMAC mismatch: the chunk is damaged or was "
                     "tampered with; nothing of it was used"

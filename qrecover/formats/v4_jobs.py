@@ -23,7 +23,7 @@ from qrecover.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed, Outcome
 from qrecover.errors import BackupError, OutputError, StoredFileError
 from qrecover.formats.base import ChunkOutcome, Completed, PendingChunk
 from qrecover.formats.scrypt import render_stage
-from qrecover.formats.v4 import Format4, ScryptChunk, failure_outcome
+from qrecover.formats.v4 import SCRYPT_OVERHEAD, Format4, ScryptChunk, failure_outcome
 from qrecover.runner import CommandLog, Stage
 from qrecover.scrypt_cost import (
     JobPlan,
@@ -62,6 +62,7 @@ class ScryptWorks:
         self._ceiling = 0
         self._pool: ChunkPool | None = None
         self._sizes: dict[str, int] = {}
+        self._kept: dict[str, ScryptChunk] = {}  # --salvage: inputs kept for a second look
 
     @property
     def in_flight(self) -> int:
@@ -80,20 +81,25 @@ class ScryptWorks:
             params = read_params(pending.src, member)
         except (BackupError, OutputError) as exc:
             # Damaged before scrypt even runs: the chunks before it still count.
-            self._drop(pending)
             said = str(exc)
             bad = ChunkOutcome(error=StoredFileError(said), checked=True, reason=said)
+            if _salvaging(pending) and not isinstance(exc, OutputError):
+                bad = _zeros(pending, said)  # --salvage: zeros of its plaintext's size
+            self._drop(pending)
             return [*self.drain(), Completed(member, size, bad)]
         pool = self._ready_pool(pending, params, member)
+        salvage = _salvaging(pending)  # --salvage: each chunk a group, its input kept
         job = ChunkJob(
-            group=pending.name.stored,
+            group=pending.name.data_name if salvage else pending.name.stored,
             index=pending.name.index,
             name=member,
             prefix=self.fmt.chunk_prefix(pending.name.data_name),
             src=pending.src,
-            src_owned=pending.owned,
+            src_owned=pending.owned and not salvage,
             params=params,
         )
+        if salvage:
+            self._kept[member] = pending
         if pool.submit(job):
             self._sizes[member] = size
         return [self._completed(o) for o in pool.ready()]
@@ -106,6 +112,9 @@ class ScryptWorks:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
+        for pending in self._kept.values():
+            self._drop(pending)
+        self._kept.clear()
 
     # -- inside --------------------------------------------------------------
 
@@ -140,11 +149,56 @@ class ScryptWorks:
     def _completed(self, outcome: Outcome) -> Completed:
         member = outcome.job.name
         size = self._sizes.pop(member, 0)
+        kept = self._kept.pop(member, None)
         if isinstance(outcome, Decrypted):
+            if kept is not None:
+                self._drop(kept)
             return Completed(member, size, ChunkOutcome(plain=outcome.plain, owned=True,
                                                         checked=True))
         assert isinstance(outcome, Failed)
+        if kept is not None:
+            result = outcome.result
+            if result is not None and not result.output_trouble:
+                return Completed(member, size, self._salvaged(kept, result.describe()))
+            self._drop(kept)
         if outcome.result is None:
             error = StoredFileError(f"{member}: {outcome.error}")
             return Completed(member, size, ChunkOutcome(error=error))
         return Completed(member, size, failure_outcome(member, outcome.result))
+
+
+    def _salvaged(self, pending: ScryptChunk, said: str) -> ChunkOutcome:
+        """--salvage: scrypt refused the chunk.  ``scrypt dec`` writes what it
+        decrypts before it checks, so it is run again on the kept input and its
+        plaintext used, made up to the chunk's size with zeros (a damaged scrypt
+        header: all zeros), so that what follows keeps its place."""
+        plain = pending.store.scratch_file()
+        try:
+            self.fmt.decrypt_chunk(pending.name, pending.src, plain, self.passphrase, self.log)
+            return _padded(pending, plain, said)
+        except OSError as exc:
+            return ChunkOutcome(error=StoredFileError(f"{pending.member}: --salvage could not "
+                                                      f"run scrypt again ({exc})"))
+        finally:
+            self._drop(pending)
+
+
+def _padded(pending: ScryptChunk, plain: Path, said: str) -> ChunkOutcome:
+    size = max(0, pending.src.stat().st_size - SCRYPT_OVERHEAD)
+    with plain.open("ab") as f:
+        if f.tell() < size:
+            f.truncate(size)  # sparse: no disk
+    return ChunkOutcome(plain=plain, owned=True, checked=True, reason=said, unverified=said)
+
+
+def _zeros(pending: ScryptChunk, said: str) -> ChunkOutcome:
+    """--salvage: a chunk scrypt cannot even start on stands as zeros of its
+    plaintext's size, so that what follows keeps its place."""
+    why = said.removeprefix(f"{pending.member}: ").replace("; nothing of it was used", "")
+    size = max(0, pending.src.stat().st_size - SCRYPT_OVERHEAD)
+    return _padded(pending, pending.store.scratch_file(), f"{why}; fed as {size} zero bytes")
+
+
+def _salvaging(pending: ScryptChunk) -> bool:
+    """restore --salvage for this chunk's stored file (a store that does not say: no)."""
+    return bool(getattr(pending.store, "salvage", False))

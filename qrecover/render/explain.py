@@ -29,6 +29,21 @@ from qrecover.formats.base import OwnFirstStep, Words
 from qrecover.render import shell
 
 
+def _wrap(text: str, first: str, rest: str) -> list[str]:
+    """Lines of at most 76 characters, broken only at spaces: a URL
+    (``www.qubes-os.org``), a path or an option (``--ignore-zeros``) is never cut
+    at a hyphen or in the middle, so it can be copied whole; a word longer than
+    the line gets a line of its own."""
+    return textwrap.wrap(
+        text,
+        76,
+        initial_indent=first,
+        subsequent_indent=rest,
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
+
+
 class Narrator:
     """Narrates the engine's events on stderr, step by step."""
 
@@ -63,11 +78,11 @@ class Narrator:
 
     def say(self, title: str, text: str, command: str | None = None, result: str = "") -> None:
         lines = [f"* {title}"]
-        lines += textwrap.wrap(text, 76, initial_indent="  ", subsequent_indent="  ")
+        lines += _wrap(text, "  ", "  ")
         if command:
             lines.append(f"    $ {command}")
         if result:
-            lines += textwrap.wrap(result, 76, initial_indent="  -> ", subsequent_indent="     ")
+            lines += _wrap(result, "  -> ", "     ")
         print("\n".join(lines), file=self.out, flush=True)
 
     def __call__(self, event: Event) -> None:

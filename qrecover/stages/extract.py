@@ -8,7 +8,7 @@ qubes.xml; the restore's extraction is done by the fastest installed of
 million ``write`` calls for 1 GiB of image, seconds of kernel time); bsdtar
 (libarchive) writes each data run at once and seeks over the holes, with the
 same bytes and the same holes, in about a fifth of the CPU (scripts/bench,
-README "Speed, memory and disk").
+docs/performance.md).
 """
 
 from __future__ import annotations

@@ -37,6 +37,25 @@ PREFIX_TYPES = frozenset(b"LKxX")
 DESCRIBE_TYPE = {ord("3"): "character device", ord("4"): "block device", ord("6"): "FIFO"}
 
 
+@dataclass(frozen=True)
+class Extent:
+    """Where one member's data lies in the inner archive (``restore --salvage``
+    maps unverified ranges of the archive onto the restored files with it).
+
+    Offsets count the archive as it came into the guard.  ``segments``: the
+    ``(file offset, length)`` of each data run, in archive order, for a
+    sparse member (None: the data is the file); ``map_bytes``: the PAX 1.0
+    sparse map's blocks at the start of the data.
+    """
+
+    name: str
+    header_start: int
+    data_start: int
+    size: int
+    segments: tuple[tuple[int, int], ...] | None = None
+    map_bytes: int = 0
+
+
 class GuardError(Exception):
     """The inner archive was cut off: malformed, or past its size limit."""
 
@@ -145,6 +164,10 @@ class TarGuard:
     # Paths of the members that are not folders (files, links): nothing may
     # later be written beneath one, as it would go through a symlink.
     _leaves: set[str] = field(default_factory=set)
+    # restore --salvage only: each member's extent (None: not recorded), and
+    # the bytes of dropped members, so that offsets count the archive as read
+    layout: list[Extent] | None = None
+    dropped_in: int = 0
 
     def run(self) -> None:
         try:
@@ -294,9 +317,26 @@ class TarGuard:
             if kind not in KEPT_TYPES:
                 what = DESCRIBE_TYPE.get(kind, f"member of type {chr(kind)!r}")
                 self.skipped.append(f"{member_name(header, meta)} ({what}, not restored)")
+                self.dropped_in += sum(map(len, meta)) + len(header) + round_up(size)
                 meta.clear()
                 self._skip(round_up(size))
                 continue
+            start = self.passed + self.dropped_in
             self._write(b"".join(meta) + header + extension)
+            taken = 0
+            if self.layout is not None and kind in TYPES_WITH_DATA:
+                taken = self._record(header, meta, extension, start, size)
             meta.clear()
-            self._splice(round_up(size))
+            self._splice(round_up(size) - taken)
+
+    def _record(self, header: bytes, meta: list[bytes], extension: bytes, start: int,
+                size: int) -> int:
+        """restore --salvage: note the member's extent (reading and passing on a
+        PAX 1.0 sparse map first); returns the data bytes already passed."""
+        from qrecover.stages.sparse import extent  # only --salvage needs it
+
+        assert self.layout is not None
+        found, prefix = extent(header, meta, extension, start, size, self._read)
+        self._write(prefix)
+        self.layout.append(found)
+        return len(prefix)
