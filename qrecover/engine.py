@@ -308,8 +308,7 @@ class Recovery:
                 raise result.failure
         if members.error is not None:
             self.report.problems.append(str(members.error))
-        if not self.request.only:  # else the caller checks for what it asked
-            self.report.problems += missing(plan.selected, self.report.files)
+        self.report.problems += missing(plan.selected, self.report.files, self.request.only)
 
     # -- one stored file ----------------------------------------------------
 
