@@ -43,11 +43,11 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Callable, Literal, Union
 
 from qrecover import signals
 from qrecover.formats.scrypt import ScryptTool, dec_stage
@@ -90,7 +90,7 @@ class Failed:
     error: str  # what went wrong, for the message (result.describe() or the OSError)
 
 
-Outcome = Decrypted | Failed
+Outcome = Union[Decrypted, Failed]  # typing's: a runtime alias on Python 3.8
 StartListener = Callable[[ChunkJob, Stage], None]
 
 _State = Literal["queued", "running", "done", "dropped"]

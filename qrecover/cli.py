@@ -3,17 +3,17 @@
 Each command parses its options and calls a plain function of
 qrecover.commands; :func:`main` is the one place where an error becomes a
 message and an exit code.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations``: typer cannot evaluate string
+annotations before Python 3.10, so these are as 3.8 evaluates them (Optional).
+"""
 
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import List, Optional, Sequence, Tuple, Type
 
 import typer
 
@@ -25,6 +25,7 @@ from qrecover.commands import (
     script_command,
     verify_command,
 )
+from qrecover.compat import Annotated
 from qrecover.errors import (
     EXIT_INTERNAL,
     EXIT_OK,
@@ -38,13 +39,17 @@ from qrecover.files.cli import files
 from qrecover.help_text import EXAMPLES, SUMMARIES, TOP_HELP, Group
 from qrecover.messages import OneLineFormatter, err
 from qrecover.options import (
+    ArchOpt,
     BackupArg,
     ExcludeOpt,
     ExplainOpt,
     JobsOpt,
     JsonOpt,
     NoLimitOpt,
+    OfflineOpt,
+    OtherCopyOpt,
     PassFileOpt,
+    PythonOpt,
     SalvageOpt,
     SkipDom0Opt,
     TranscriptOpt,
@@ -160,6 +165,7 @@ def restore(
         ),
     ] = False,
     as_json: JsonOpt = False,
+    other_copy: OtherCopyOpt = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -190,6 +196,7 @@ def restore(
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
             salvage=salvage,
+            other_copies=other_copy or [],
         )
     )
 
@@ -210,6 +217,7 @@ def verify(
     transcript: TranscriptOpt = None,
     explain: ExplainOpt = False,
     as_json: JsonOpt = False,
+    other_copy: OtherCopyOpt = None,
 ) -> None:
     """qrecover verify (its help and examples: qrecover.help_text)."""
     raise typer.Exit(
@@ -225,6 +233,7 @@ def verify(
             settings=_settings(ctx),
             exclude=exclude or [],
             skip_dom0_home=skip_dom0_home,
+            other_copies=other_copy or [],
         )
     )
 
@@ -273,11 +282,14 @@ def kit(
         ),
     ],
     passphrase_file: PassFileOpt = None,
+    offline: OfflineOpt = False,
+    python: PythonOpt = None,
+    arch: ArchOpt = None,
 ) -> None:
     """qrecover kit (its help and examples: qrecover.help_text)."""
     from qrecover.kit import kit_command  # only this command needs shiv's machinery
 
-    raise typer.Exit(kit_command(backup, output, passphrase_file))
+    raise typer.Exit(kit_command(backup, output, passphrase_file, python, arch, offline))
 
 
 @app.command(help=SUMMARIES["info"], epilog=EXAMPLES["info"])
@@ -293,10 +305,10 @@ def info(
     raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx)))
 
 
-def _usage_errors() -> tuple[type[Exception], ...]:
+def _usage_errors() -> Tuple[Type[Exception], ...]:
     """typer's usage-error classes: its own since typer 0.29 (which vendors
     click), click's before; imported by name so that either works."""
-    found: list[type[Exception]] = []
+    found: List[Type[Exception]] = []
     typer_base = getattr(typer, "TyperException", None)
     if isinstance(typer_base, type) and issubclass(typer_base, Exception):
         found.append(typer_base)
@@ -309,14 +321,14 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point: the one place where errors become messages and exit codes."""
     with signals.handled():
         code = _run(argv)
     sys.exit(code)
 
 
-def _run(argv: Sequence[str] | None) -> int:
+def _run(argv: Optional[Sequence[str]]) -> int:
     try:
         try:
             # Without standalone mode, click returns typer.Exit's code instead of raising it.

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrecover import formats
+from qrecover.compat import zip_strict
 from qrecover.container import open_source
 from qrecover.context import RunContext
+from qrecover.copies import open_copy
+from qrecover.damage_report import damage_lines
 from qrecover.engine import run
 from qrecover.errors import (
     EXIT_BACKUP,
@@ -31,9 +34,10 @@ from qrecover.errors import (
     UsageError,
 )
 from qrecover.events import EventListener
+from qrecover.fallback import Copies
+from qrecover.file_lines import Printer
 from qrecover.files import find_debugfs
 from qrecover.files.command import restore_files
-from qrecover.inventory import Entity
 from qrecover.messages import err
 from qrecover.passphrase import get_passphrase
 from qrecover.progress import Display, source_size, summary_table
@@ -41,9 +45,10 @@ from qrecover.render.explain import Narrator
 from qrecover.render.plantext import plan_text
 from qrecover.render.shell import feed_command
 from qrecover.render.transcript import TranscriptWriter, open_new
-from qrecover.report import FileResult, Report, Request
+from qrecover.report import Report, Request
 from qrecover.report_json import json_output
 from qrecover.resume import RECORD_NAME
+from qrecover.runner import log_command
 from qrecover.salvage import WARNING
 from qrecover.sources import replay_path
 from qrecover.units import human_bytes
@@ -56,66 +61,16 @@ class Settings:
     quiet: bool = False
 
 
-class _Printer:
-    """Prints a line per stored file as it completes; drives the progress display."""
-
-    def __init__(self, mode: str, display: Display | None = None) -> None:
-        self.mode = mode
-        self.display = display
-
-    def planned(self, selected: Sequence[Entity]) -> None:
-        if self.display is not None:
-            self.display.planned(selected)
-
-    def file_started(self, stored: str, owner: str) -> None:
-        if self.display is not None:
-            self.display.file_started(stored, owner)
-
-    def data_read(self, stored: str, nbytes: int) -> None:
-        if self.display is not None:
-            self.display.data_read(stored, nbytes)
-
-    def in_flight(self, chunks: int) -> None:
-        if self.display is not None:
-            self.display.in_flight(chunks)
-
-    def file_done(self, result: FileResult) -> None:
-        if self.display is not None:
-            self.display.file_done(result)
-        print(_file_line(self.mode, result), flush=True)
-
-
-def _file_line(mode: str, result: FileResult) -> str:
-    where = result.owner or "-"
-    if result.kept:  # --resume (qrecover/resume.py)
-        places = ", ".join(str(p) for p in result.places)
-        return f"KEPT      {where:<16} {result.stored} -> {places} (placed by an earlier run)"
-    if not result.ok:
-        kept = ""
-        if result.places:
-            kept = " (kept as " + ", ".join(str(p) for p in result.places) + ")"
-        return f"FAILED    {where:<16} {result.problem}{kept}"
-    if result.salvage is not None:  # --salvage (qrecover/salvage.py)
-        places = ", ".join(str(p) for p in result.places)
-        return (f"SALVAGED  {where:<16} {result.stored} -> {places} (UNVERIFIED: "
-                f"{len(result.salvage.chunks)} chunk(s) failed authentication; see SALVAGED.txt)")
-    if mode == "verify":
-        return (
-            f"OK        {where:<16} {result.stored}  {result.chunks} chunk(s), "
-            f"{human_bytes(result.stored_bytes)} stored, {result.members} member(s) listed"
-        )
-    places = ", ".join(str(p) for p in result.places)
-    return (
-        f"RESTORED  {where:<16} {result.stored} -> {places} ({human_bytes(result.restored_bytes)})"
-    )
-
-
 def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> int:
     failures = [f for f in report.files if not f.ok]
     if not settings.quiet:
         print(summary_table(mode, report.files, elapsed), flush=True)
     for note in formats.notes(report.fmt):
         err(f"note: {note}")
+    for note in report.notes:
+        err(f"note: {note}")
+    for line in damage_lines(mode, report):
+        err(line)
     for problem in report.problems:
         err(f"problem: {problem}")
     if report.salvaged is not None:  # --salvage (qrecover/salvage.py): said last, loudly
@@ -129,6 +84,8 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
         if kept := sum(1 for f in report.files if f.kept):  # --resume (qrecover/resume.py)
             where += f" ({kept} of them kept from an earlier run, not read again)"
         checked = report.fmt.verdict if report.fmt is not None else "all HMACs matched"
+        if taken := sum(1 for d in report.damage if d.copy is not None):  # --other-copy
+            checked += f" ({taken} chunk(s) taken from the other copies)"
         print(
             f"{verb} {count} stored file(s) of {len(report.selected)} VM(s){where}: "
             f"{checked}, every stage succeeded",
@@ -156,6 +113,22 @@ def _run(
 ) -> tuple[Report, float]:
     """Run the pass; returns the report and its time (from after the passphrase)."""
     formats.refuse_packed_folder(backup)  # a tar of a format-1 folder: before any passphrase
+    with contextlib.ExitStack() as stack:
+        copies = Copies([], " ".join(backup), log_command)
+        stack.callback(copies.close)
+        for value in request.other_copies:  # indexed (seeks only) before any passphrase
+            copies.copies.append(open_copy(value, backup))
+        return _run_with(settings, backup, passphrase_file, request, listeners, copies)
+
+
+def _run_with(
+    settings: Settings,
+    backup: Sequence[str],
+    passphrase_file: Path | None,
+    request: Request,
+    listeners: Sequence[EventListener],
+    copies: Copies,
+) -> tuple[Report, float]:
     source = open_source(backup)
     warning = formats.unauthenticated(formats.folder_format(source))  # format 1: no passphrase
     passphrase = get_passphrase(passphrase_file) if warning is None else ""
@@ -163,12 +136,14 @@ def _run(
         err(f"warning: {warning}")
     started = time.monotonic()
     ctx = RunContext(quiet=settings.quiet, listeners=list(listeners))
+    copies.log = ctx.command
     if request.mode == "info":
         return run(source, passphrase, request, ctx=ctx), time.monotonic() - started
     if not settings.quiet and sys.stderr.isatty():
         ctx.display = Display(sys.stderr, source_size(source))
     try:
-        report = run(source, passphrase, request, _Printer(request.mode, ctx.display), ctx)
+        printer = Printer(request.mode, ctx.display)
+        report = run(source, passphrase, request, printer, ctx, copies)
         return report, time.monotonic() - started
     finally:
         ctx.clear_line()
@@ -254,12 +229,14 @@ def restore_command(
     exclude: Sequence[str] = (),
     skip_dom0_home: bool = False,
     salvage: bool = False,
+    other_copies: Sequence[str] = (),
 ) -> int:
     if as_json and dry_run:
         raise UsageError("--json and --dry-run do not go together")
     request = Request(
         "restore", tuple(vms), output, force, size_limit, dry_run=dry_run, resume=resume,
         exclude=tuple(exclude), skip_dom0_home=skip_dom0_home, jobs=jobs, salvage=salvage,
+        other_copies=tuple(other_copies),
     )
     try:
         with json_output(as_json, "restore", backup) as as_doc:
@@ -301,6 +278,10 @@ def _restore_command(
             name = " ".join(backup) if len(backup) <= 3 else many
         print(plan_text(report.plan, where or "-", report.stops, feed=feed, name=name,
                         kept=report.kept, excused=report.excused))
+        for copy in request.other_copies:  # its header was checked against BACKUP's
+            print(f"other copy {copy}: the same backup (its header checked); a chunk missing "
+                  "or bad in the backup is taken from it (tail -c +OFFSET COPY | tar -i -x "
+                  "... CHUNK), and checked the same way")
         # What would stop the restore stops the dry run, with the same exit code.
         return (EXIT_OUTPUT if report.stops else EXIT_OK), report
     if files:
@@ -327,11 +308,12 @@ def verify_command(
     settings: Settings | None = None,
     exclude: Sequence[str] = (),
     skip_dom0_home: bool = False,
+    other_copies: Sequence[str] = (),
 ) -> int:
     settings = settings or Settings()
     request = Request(
         "verify", tuple(vms), size_limit=size_limit, exclude=tuple(exclude),
-        skip_dom0_home=skip_dom0_home, jobs=jobs,
+        skip_dom0_home=skip_dom0_home, jobs=jobs, other_copies=tuple(other_copies),
     )
     with json_output(as_json, "verify", backup) as as_doc:
         with _showing("verify", backup, None, transcript, explain) as shown:
@@ -394,7 +376,7 @@ def info_command(
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip_strict(row, widths)).rstrip())
     for note in formats.notes(fmt):
         print(f"  note: {note}")
     return EXIT_OK

@@ -8,9 +8,9 @@ their own events and log lines.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable  # typing's: a runtime alias (3.8)
 
 from qrecover.runner import log_command
 

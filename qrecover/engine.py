@@ -31,9 +31,8 @@ import tempfile
 from pathlib import Path
 
 from qrecover import formats
+from qrecover.borrowing import Borrowing
 from qrecover.container import (
-    HEADER,
-    HEADER_HMAC,
     QUBES_XML,
     FolderSource,
     StreamSource,
@@ -44,21 +43,20 @@ from qrecover.context import RunContext
 from qrecover.dry_run import dry_findings
 from qrecover.errors import (
     BackupError,
-    MissingProgramError,
     OutputError,
-    ProgramFailed,
     StoredFileError,
+    UsageError,
 )
-from qrecover.events import ChunkChecked, HeaderVerified, InventoryRead
+from qrecover.events import HeaderVerified, InventoryRead
+from qrecover.fallback import Copies
 from qrecover.formats.base import ChunkWorks, Completed, Format
-from qrecover.header import MAX_HEADER
 from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
+from qrecover.opening import check_programs, read_header
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
 from qrecover.resume import Resume, identity
-from qrecover.runner import control, which
 from qrecover.salvage import fill_gap, new_log, record
 from qrecover.scratch import ChunkStore, ScratchNames
 from qrecover.stages.extract import pick_programs
@@ -75,8 +73,11 @@ class Recovery:
         request: Request,
         observer: Observer | None = None,
         ctx: RunContext | None = None,
+        copies: Copies | None = None,
     ) -> None:
         self.ctx = ctx if ctx is not None else RunContext()
+        # --other-copy: where a chunk BACKUP lost may be found (qrecover.fallback)
+        self.copies = copies if copies is not None else Copies([], "", self.ctx.command)
         self.source = source
         self.passphrase = passphrase
         self.key = passphrase.encode("utf-8")
@@ -93,6 +94,9 @@ class Recovery:
         self.header_raw = b""  # backup-header and its .hmac: part of the backup's identity
         self.xml_macs: list[str] = []  # qubes.xml's chunk HMACs (format 3): likewise
         self.names: ScratchNames | None = None
+        self.borrowing = Borrowing(
+            self.copies, self.report, self.ctx, self.xml_macs, request.mode == "verify"
+        )
         self.works: ChunkWorks | None = None
         # igzip or pigz, and bsdtar, when installed: faster than gzip -d, GNU tar
         self.gunzip, self.extractor = pick_programs()
@@ -107,8 +111,11 @@ class Recovery:
             self.fmt = fmt = headerless or self._read_header(members)
             if headerless is not None:
                 self.ctx.emit(HeaderVerified(fmt))
+                if self.copies:
+                    raise UsageError("--other-copy: a format-1 backup authenticates nothing, "
+                                     "so a good chunk cannot be told from a bad one")
             self.report.fmt = fmt
-            self._check_programs(fmt)
+            check_programs(fmt, self.gunzip, self.extractor, self.ctx.command)
             writes = request.mode == "restore" and not request.dry_run
             if writes:
                 assert request.output is not None
@@ -120,7 +127,12 @@ class Recovery:
             self.names = ScratchNames(self.scratch)
             log, jobs = self.ctx.command, request.jobs
             self.works = fmt.chunk_works(self.passphrase, self.scratch, log, jobs)
+            # a failed chunk does not cancel the next ones: a copy may replace it, and
+            # verify tells every damaged chunk
+            self.works.keep_going = bool(self.copies) or request.mode == "verify"
+            self.borrowing.fmt = fmt
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
+            self.copies.check_xml(self.borrowing.own_xml)  # formats 2 and 3: the same backup?
             inventory = formats.read_inventory(fmt, xml, self.report.problems)
             self.report.inventory = inventory
             selected = inventory.select(request.vms, request.exclude, request.skip_dom0_home)
@@ -183,45 +195,9 @@ class Recovery:
             self.resume.release()  # DIR's lock, last: our scratch is gone by now
 
     def _read_header(self, members: Members) -> Format:
-        if members.peek() is None and members.error is None:
-            raise BackupError("the backup is empty (no members): not a Qubes backup")
-        first = members.require("backup-header")
-        if first.name != HEADER and (bare := formats.headerless(first.name)) is not None:
-            self.ctx.emit(HeaderVerified(bare))  # none to verify: qubes.xml.000's HMAC is first
-            return bare
-        members.take()
-        if first.name != HEADER:
-            name = first.name.encode("ascii", "backslashreplace").decode()[:80]
-            raise BackupError(formats.packed_hint(name) or (  # a packed format-1 folder?
-                f"{getattr(self.source, 'label', 'the backup')}: does not start with "
-                f"backup-header (found {name!r}): "
-                "not a Qubes backup of format 2, 3 or 4"
-            ))
-        data = first.read_all(MAX_HEADER)
-        second = members.require("backup-header.hmac")
-        if second.name != HEADER_HMAC:
-            raise BackupError("backup-header.hmac is missing: the header cannot be verified")
-        members.take()
-        hmac_text = second.read_all(formats.MAX_HEADER_HMAC)
-        self.header_raw = data + b"\0" + hmac_text
-        fmt = formats.authenticate(data, hmac_text, self.passphrase, self.ctx.command)
-        self.ctx.emit(HeaderVerified(fmt))
+        label = getattr(self.source, "label", "the backup")
+        fmt, self.header_raw = read_header(members, label, self.passphrase, self.ctx, self.copies)
         return fmt
-
-    def _check_programs(self, fmt: Format) -> None:
-        needed = ["tar", self.extractor, "cat", *fmt.programs(self.gunzip)]
-        for program in needed:
-            which(program)
-        try:
-            version = control("tar", "--version", log=self.ctx.command)
-        except ProgramFailed:  # busybox's tar, for one, has no --version
-            version = ""
-        if "GNU tar" not in version:
-            raise MissingProgramError(
-                "tar is not GNU tar (needed for sparse VM images)",
-                hint="install GNU tar (package 'tar') and put it first on PATH",
-            )
-        fmt.check_programs(self.ctx.command)
 
     def _job(self, plan: Plan, stored: str, owner: str, sink_staging: Entity | None) -> StoredFile:
         assert self.scratch is not None
@@ -292,28 +268,43 @@ class Recovery:
                 kept = self.resume.read_through(members, name.stored, owner.name, self.observer)
                 self.report.files.append(kept)
                 continue
-            job = self._job(plan, name.stored, owner.name, owner)
-            self.observer.file_started(name.stored, owner.name)
-            self._active = job
-            self._consume(members, job)
-            result = job.finish()
-            self._active = None
-            self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
-            self.report.files.append(result)
-            if job.salvage is not None and job.salvage.used:
-                assert self.output is not None
-                record(self.report, job, result, self.output)  # SALVAGED.txt, loudly
-            if self.resume is not None:
-                self.resume.placed(result)
-            # Special files were left out: the rest of the stored file is
-            # complete and verified, but the backup was not restored whole.
-            self.report.problems.extend(f"{result.stored}: {note}" for note in result.notes)
-            self.observer.file_done(result)
-            if isinstance(result.failure, OutputError) and result.failure.fatal:
-                raise result.failure
-        if members.error is not None:
+            self._one_file(plan, members, name.stored, owner)
+        if self.borrowing:  # stored files BACKUP lost whole, or after where it broke off
+            self.borrowing.rest(self._seen, inventory, chosen, members.error,
+                                lambda stored, owner: self._from_copies(plan, stored, owner))
+        elif members.error is not None:
             self.report.problems.append(str(members.error))
         self.report.problems += missing(plan.selected, self.report.files, self.request.only)
+
+    def _one_file(self, plan: Plan, members: Members, stored: str, owner: Entity) -> None:
+        job = self._job(plan, stored, owner.name, owner)
+        self.observer.file_started(stored, owner.name)
+        self._active = job
+        self._consume(members, job)
+        result = job.finish()
+        self._active = None
+        self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
+        self.report.files.append(result)
+        if job.salvage is not None and job.salvage.used:
+            assert self.output is not None
+            record(self.report, job, result, self.output)  # SALVAGED.txt, loudly
+        if self.resume is not None:
+            self.resume.placed(result)
+        # Special files were left out: the rest of the stored file is
+        # complete and verified, but the backup was not restored whole.
+        self.report.problems.extend(f"{result.stored}: {note}" for note in result.notes)
+        self.observer.file_done(result)
+        if isinstance(result.failure, OutputError) and result.failure.fatal:
+            raise result.failure
+
+    def _from_copies(self, plan: Plan, stored: str, owner: Entity) -> None:
+        """A stored file BACKUP never reached, whole from the other copies."""
+        none = Members(iter(()))
+        if self.resume is not None and self.resume.keeps(stored):  # placed earlier
+            self.report.files.append(
+                self.resume.read_through(none, stored, owner.name, self.observer))
+        else:
+            self._one_file(plan, none, stored, owner)
 
     # -- one stored file ----------------------------------------------------
 
@@ -330,6 +321,7 @@ class Recovery:
         works = self.works
         assert works is not None
         expected = 0
+        elsewhere: set[int] = set()  # chunks taken whole (with their .hmac) from a copy
         while True:
             member = members.peek()
             if member is None:
@@ -339,8 +331,27 @@ class Recovery:
                 break
             members.take()
             if job.result.error is not None:
+                if self.request.mode == "verify":  # tell every damaged chunk, not the first
+                    try:
+                        self.borrowing.check_only(store, member, name, members)
+                    except Truncated as exc:
+                        members.stop(exc)
                 continue
+            if name.is_hmac and name.index in elsewhere:
+                continue  # the .hmac of a chunk BACKUP could not give: unused
             problem = misplaced(fmt, member, name, stored, expected)
+            if problem is not None and fmt.owns_chunk(name) and (
+                name.index > expected or (name.is_hmac and name.index == expected)
+            ):
+                # chunks missing before it (or, for an .hmac alone, its own chunk)
+                self._use(job, store, works.drain())  # the chunks before them come first
+                upto = name.index + 1 if name.is_hmac else name.index
+                if self.borrowing.fill(job, store, expected, upto, problem.message):
+                    elsewhere.update(range(expected, upto))
+                    expected = upto
+                    if name.is_hmac:
+                        continue  # its chunk came whole, with its own .hmac, from a copy
+                    problem = None
             if problem and fill_gap(job, fmt, name, expected, store.scratch_file,
                                     lambda: self._use(job, store, works.drain())):
                 expected, problem = name.index, None  # --salvage: zeros stand for the gap
@@ -353,38 +364,30 @@ class Recovery:
                 pending = fmt.read_chunk(store, member, name, members)
             except Truncated as exc:
                 self._use(job, store, works.drain())
-                job.fail(exc)
+                if self.borrowing.fill(job, store, expected, expected + 1, exc.message):
+                    self.borrowing.fill_tail(job, store, expected + 1)
+                else:
+                    job.fail(exc)
                 members.stop(exc)
-                break
+                return
+            except BackupError as exc:
+                if member.path is None or not self.borrowing:
+                    raise
+                # a chunk file of a folder that cannot be opened: from a copy
+                self._use(job, store, works.drain())
+                if not self.borrowing.fill(job, store, expected, expected + 1, exc.message):
+                    job.fail(StoredFileError(f"{exc.message}; no other copy has it good"))
+                elsewhere.add(expected)
+                expected += 1
+                continue
             expected += 1
             self._use(job, store, works.submit(pending, member.name, member.size))
             self.observer.in_flight(works.in_flight)
         self._use(job, store, works.drain())
+        self.borrowing.fill_tail(job, store, expected)
 
     def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
-        """Feed ``job`` the chunks whose step is done, in chunk order; the first
-        that failed stops it (nothing after it is used)."""
-        for chunk in done:
-            outcome = chunk.outcome
-            if job.result.error is not None:  # stopped at an earlier chunk: unused
-                if outcome.plain is not None:
-                    store.drop(outcome.plain, outcome.owned)
-                continue
-            if outcome.checked:
-                self.ctx.emit(ChunkChecked(chunk.member, chunk.size, outcome.reason))
-            if job.stored == QUBES_XML and outcome.mac:
-                self.xml_macs.append(outcome.mac)
-            if outcome.error is not None:
-                job.fail(outcome.error)
-                continue
-            assert outcome.plain is not None
-            try:
-                job.feed(outcome.plain, outcome.owned, chunk.member, outcome.feeder,
-                         outcome.unverified)  # --salvage: used although it failed its check
-            except OSError as exc:
-                store.drop(outcome.plain, outcome.owned)
-                job.fail(StoredFileError(f"{chunk.member}: could not start the pipeline ({exc})"))
-
+        self.borrowing.use(job, store, done)  # fed in chunk order, or taken from a copy
 
 def run(
     source: StreamSource | FolderSource,
@@ -392,9 +395,10 @@ def run(
     request: Request,
     observer: Observer | None = None,
     ctx: RunContext | None = None,
+    copies: Copies | None = None,
 ) -> Report:
     """Run the procedure; raises QrecoverError for what stops everything."""
-    return Recovery(source, passphrase, request, observer, ctx).run()
+    return Recovery(source, passphrase, request, observer, ctx, copies).run()
 
 
 __all__ = ["FileResult", "Report", "Request", "run"]

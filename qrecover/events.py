@@ -10,10 +10,9 @@ where they are done in-process (the format's HMAC checks), not here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Union
 
 from qrecover.inventory import Entity, Inventory
 from qrecover.runner import Stage
@@ -47,6 +46,18 @@ class ChunkChecked:
     member: str
     size: int
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class ChunkBorrowed:
+    """BACKUP's ``member`` was missing or bad (``problem``); it was taken from
+    the other copy ``copy`` (``command``: how), where the format's check passed."""
+
+    member: str
+    size: int
+    copy: str
+    command: str
+    problem: str
 
 
 @dataclass(frozen=True)
@@ -87,15 +98,17 @@ class QubesXmlWritten:
     path: Path
 
 
-Event = (
-    HeaderVerified
-    | InventoryRead
-    | ChunkChecked
-    | PipelineStarted
-    | ChunkFed
-    | FileFinished
-    | QubesXmlWritten
-)
+# typing's Union and Callable: runtime aliases, which Python 3.8 cannot subscript otherwise
+Event = Union[
+    HeaderVerified,
+    InventoryRead,
+    ChunkChecked,
+    ChunkBorrowed,
+    PipelineStarted,
+    ChunkFed,
+    FileFinished,
+    QubesXmlWritten,
+]
 EventListener = Callable[[Event], None]
 
 

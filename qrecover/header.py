@@ -13,6 +13,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from qrecover.compat import removeprefix
 from qrecover.errors import BackupError
 from qrecover.stages.decompress import FILTER_TEXT, check_filter, filter_program
 
@@ -95,6 +96,6 @@ def validate(model: type[M], values: dict[str, str]) -> M:
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]).replace("_", "-")
-            msg = str(err["msg"]).removeprefix("Value error, ")
+            msg = removeprefix(str(err["msg"]), "Value error, ")
             problems.append(f"{key}: {msg}")
         raise BackupError("backup-header: " + "; ".join(problems)) from None

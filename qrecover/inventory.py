@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qrecover.compat import removeprefix, removesuffix
 from qrecover.container import validate_stored_name
 from qrecover.errors import BackupError, UsageError
 
@@ -185,7 +186,7 @@ def _r4_entities(root: ET.Element) -> list[Entity]:
         if feats.get("backup-content", "").strip().lower() in _FALSE_TEXT:
             continue
         # R4 writes the VM's folder in the backup with a trailing slash: "vm7/".
-        path = feats.get("backup-path", "").removesuffix("/")
+        path = removesuffix(feats.get("backup-path", ""), "/")
         size = _size(feats.get("backup-size"))
         klass = domain.get("class") or ""
         if klass == "AdminVM":
@@ -227,7 +228,7 @@ def parse_inventory(data: bytes) -> Inventory:
             continue
         name = elem.get("name") or ""
         path = elem.get("backup_path") or ""
-        vm_type = _R3_TYPES.get(elem.tag, elem.tag.removeprefix("Qubes"))
+        vm_type = _R3_TYPES.get(elem.tag, removeprefix(elem.tag, "Qubes"))
         if not re.match(r"^[A-Za-z]{1,40}$", vm_type):
             vm_type = "?"
         if elem.tag == "QubesAdminVm" or name == DOM0:

@@ -22,7 +22,8 @@ from qrecover.container import open_source
 from qrecover.engine import run
 from qrecover.errors import EXIT_OK, OutputError, UsageError
 from qrecover.passphrase import get_passphrase
-from qrecover.pyz import make_pyz, runs_on
+from qrecover.pyz import PyzMade, make_pyz
+from qrecover.pyz_wheels import parse_targets
 from qrecover.recovery_text import recovery_text
 from qrecover.report import Report, Request
 
@@ -55,10 +56,33 @@ def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(partial, path)
 
 
-def kit_command(backup: str, output: Path, passphrase_file: Path | None) -> int:
-    """Write qrecover.pyz, recover.sh and RECOVERY.txt into ``output``."""
+def runs_on_text(made: PyzMade) -> str:
+    """What the kit's output and RECOVERY.txt say of the pyz."""
+    if made.copied_from is not None:
+        return f"{made.runs_on} (a copy of the qrecover.pyz that made this kit)"
+    if made.offline is None:
+        return made.runs_on
+    return (f"{made.runs_on} ONLY: made offline from what was installed "
+            f"({made.offline}); on any other Python use WAY 2 (recover.sh)")
+
+
+def kit_command(
+    backup: str,
+    output: Path,
+    passphrase_file: Path | None,
+    pythons: Sequence[str] | None = None,
+    arches: Sequence[str] | None = None,
+    offline: bool = False,
+) -> int:
+    """Write qrecover.pyz, recover.sh and RECOVERY.txt into ``output``.
+
+    The pyz is for ``pythons`` on ``arches`` (default CPython 3.8-3.13, x86_64 and
+    aarch64),
+    with wheels from the package index; ``offline`` (or an index that cannot be
+    reached) packs what is installed, for this Python only, and says so."""
     if backup == "-":
         raise UsageError("qrecover kit needs the backup's path, not standard input")
+    wanted = parse_targets(list(pythons or []), list(arches or []))
     _check_output(output)
     report = _read_backup(backup, passphrase_file)
     assert report.fmt is not None and report.plan is not None
@@ -70,12 +94,20 @@ def kit_command(backup: str, output: Path, passphrase_file: Path | None) -> int:
     plan = dataclasses.replace(report.plan, gunzip="gzip", extractor="tar")
     script = formats.words(report.fmt).script(plan, where, restore_to, tuple(argv))
     with tempfile.TemporaryDirectory(prefix=".qrecover-kit-", dir=output) as scratch:
-        tags = make_pyz(output / "qrecover.pyz", Path(scratch))
+        made = make_pyz(output / "qrecover.pyz", Path(scratch), wanted,
+                        "--offline given" if offline else None)
     _write_text(output / "recover.sh", script, 0o755)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = recovery_text(report.fmt, report.selected, os.path.basename(where),
-                         runs_on(tags), when)
+                         runs_on_text(made), when)
     _write_text(output / "RECOVERY.txt", text)
     print(f"kit written to {output}: " + ", ".join(KIT_FILES), file=sys.stderr)
-    print(f"  qrecover.pyz runs on: {runs_on(tags)}", file=sys.stderr)
+    print(f"  qrecover.pyz runs on: {made.runs_on}", file=sys.stderr)
+    if made.copied_from is not None:
+        print(f"  (a copy of {made.copied_from}, the pyz running now)", file=sys.stderr)
+    elif made.offline is not None:
+        print(f"  OFFLINE: it holds what is installed here ({made.offline}), so it runs "
+              "on that Python only; recover.sh needs no Python. Run qrecover kit again "
+              "where the package index can be reached for a pyz that runs on CPython "
+              "3.8-3.13 on x86_64 and aarch64.", file=sys.stderr)
     return EXIT_OK

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import List, Optional
 
 import typer
 
+from qrecover.compat import Annotated
+
+# typer evaluates these at runtime: Optional and List, as Python 3.8 has no X | None
+# nor list[str] there
+
 BackupArg = Annotated[
-    list[str],
+    List[str],
     typer.Argument(
         help="The backup file; '-' to read it from standard input; a folder holding a "
         "backup already untarred by hand (tar -i -xf BACKUP); or the pieces of a split "
@@ -18,7 +23,7 @@ BackupArg = Annotated[
     ),
 ]
 PassFileOpt = Annotated[
-    Path | None,
+    Optional[Path],
     typer.Option(
         "--passphrase-file",
         help="Read the passphrase from the first line of this file "
@@ -35,7 +40,7 @@ NoLimitOpt = Annotated[
     ),
 ]
 JobsOpt = Annotated[
-    int | None,
+    Optional[int],
     typer.Option(
         "--jobs",
         "-j",
@@ -57,7 +62,7 @@ SalvageOpt = Annotated[
     ),
 ]
 TranscriptOpt = Annotated[
-    Path | None,
+    Optional[Path],
     typer.Option(
         "--transcript",
         help="Write every command run, as the run proceeds, to FILE: a POSIX sh script "
@@ -75,7 +80,7 @@ ExplainOpt = Annotated[
     ),
 ]
 VmOpt = Annotated[
-    list[str] | None,
+    Optional[List[str]],
     typer.Option(
         "--vm",
         help="Only this VM (repeatable); 'dom0' selects dom0's home. "
@@ -84,7 +89,7 @@ VmOpt = Annotated[
     ),
 ]
 ExcludeOpt = Annotated[
-    list[str] | None,
+    Optional[List[str]],
     typer.Option(
         "--exclude",
         help="Leave out this VM (repeatable; 'dom0': dom0's home), as qvm-backup-restore's.",
@@ -102,5 +107,43 @@ JsonOpt = Annotated[
         help="Print one JSON document on stdout: the header, every stored file with its "
         "VM, chunks, bytes and status, and the verdict (the human output goes to stderr). "
         "Exit codes are unchanged.",
+    ),
+]
+OtherCopyOpt = Annotated[
+    Optional[List[str]],
+    typer.Option(
+        "--other-copy",
+        help="Another copy of the same backup (repeatable): a file, a folder, or its "
+        "pieces joined by commas. A chunk that is missing, unreadable or fails its check "
+        "in BACKUP is taken from the first copy where it authenticates. Its header must be "
+        "BACKUP's, byte for byte, and authenticate with the passphrase.",
+        metavar="PATH",
+    ),
+]
+
+# qrecover kit's choice of the Pythons its qrecover.pyz serves (docs/kit.md)
+OfflineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offline",
+        help="Do not download: pack what is installed here (the pyz then runs on this "
+        "Python and machine only). Without it, kit downloads from the package index "
+        "the wheels a pyz for CPython 3.8-3.13 on x86_64 and aarch64 needs, and packs "
+        "what is installed only when the index cannot be reached.",
+    ),
+]
+PythonOpt = Annotated[
+    Optional[List[str]],
+    typer.Option(
+        "--python",
+        help="Make the pyz for this CPython version (repeatable; default 3.8 to 3.13).",
+        metavar="X.Y",
+    ),
+]
+ArchOpt = Annotated[
+    Optional[List[str]],
+    typer.Option(
+        "--arch", help="... and this machine (repeatable: x86_64, aarch64; default both).",
+        metavar="ARCH",
     ),
 ]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from qrecover import signals
+from qrecover.compat import removesuffix
 from qrecover.errors import UsageError
 
 ENV_VAR = "QRECOVER_PASSPHRASE"
@@ -36,7 +37,7 @@ def get_passphrase(passphrase_file: Path | None) -> str:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError(f"--passphrase-file {passphrase_file}: not UTF-8 text") from None
-        line = text.split("\n", 1)[0].removesuffix("\r")
+        line = removesuffix(text.split("\n", 1)[0], "\r")
         if not line:
             raise UsageError(f"--passphrase-file {passphrase_file}: the first line is empty")
         return line

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 # Re-exported: the progress line and the summary are written with them.
+from qrecover.compat import zip_strict
 from qrecover.units import human_bytes as human_bytes
 from qrecover.units import human_duration as human_duration
 from qrecover.units import human_rate as human_rate
@@ -126,7 +127,7 @@ def summary_table(mode: str, results: Sequence[FileResult], elapsed: float) -> s
     for row in rows:
         cells = [
             cell.rjust(w) if i in (2, 3, 4) and row is not rows[0] else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            for i, (cell, w) in enumerate(zip_strict(row, widths))
         ]
         lines.append("  ".join(cells).rstrip())
     stored = sum(r.stored_bytes for r in results)

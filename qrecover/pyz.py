@@ -7,12 +7,16 @@ first run into its cache, ``~/.shiv/qrecover.pyz_<build id>/``, or under
 variables, so SHIV_ROOT still counts; with HOME unset, ``~`` is the user's
 home from the password database).
 
-``qrecover kit`` packs what is installed, offline: the files of the
-installed distributions of qrecover and its dependencies, found with
-importlib.metadata, are copied into a staging folder that shiv zips.  The
-pyz so made runs on the installed CPython's version and architecture only
-(that is what pydantic-core was built for); ``scripts/build-pyz`` makes one
-for several.
+``qrecover kit`` (and ``scripts/build-pyz``, which calls the same
+:func:`make_pyz`) stages qrecover's code as it is installed and its
+dependencies as wheels downloaded for CPython 3.8 to 3.13 on x86_64 and
+aarch64 Linux (:mod:`qrecover.pyz_wheels`); shiv zips the staging folder.
+When the package index cannot be reached it packs instead the installed
+distributions of qrecover and its dependencies (found with
+importlib.metadata): that pyz runs on this CPython's version and
+architecture only, what the installed pydantic-core was built for.  Either
+way the pyz's ``__main__.py`` checks the running Python first
+(:mod:`qrecover.pyz_guard`).
 """
 
 from __future__ import annotations
@@ -23,11 +27,20 @@ import os
 import re
 import shutil
 import sys
-import sysconfig
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from qrecover.errors import MissingProgramError, OutputError, ProgramFailed
+from qrecover.pyz_guard import Target, describe, install_guard, targets_of
+from qrecover.pyz_wheels import (
+    ALL_TARGETS,
+    DownloadFailed,
+    download,
+    index_unreachable,
+    runtime_requirements,
+    unpack,
+)
 from qrecover.runner import control
 
 ROOT_DIST = "qrecover"
@@ -125,18 +138,6 @@ def compiled_tags(stage: Path) -> list[str]:
     return sorted(tags)
 
 
-def runs_on(tags: list[str]) -> str:
-    """Which Pythons a pyz with these compiled parts runs on, for a person."""
-    if not tags:
-        return "any CPython 3.10 or later"
-    shown = []
-    for tag in tags:
-        m = re.match(r"cpython-(\d)(\d+)-(\w+?)-linux-gnu", tag)
-        shown.append(f"CPython {m.group(1)}.{m.group(2)} on {m.group(3)} Linux (glibc)"
-                     if m else tag)
-    return "; ".join(shown)
-
-
 def build_pyz(stage: Path, target: Path) -> None:
     """Zip ``stage`` with shiv into ``target`` (written beside it, then moved in place)."""
     if importlib.util.find_spec("shiv") is None:
@@ -176,25 +177,70 @@ def running_pyz() -> Path | None:
         return candidate if "environment.json" in archive.namelist() else None
 
 
-def this_python() -> str:
-    """The running CPython's compiled-module tag, e.g. cpython-311-x86_64-linux-gnu."""
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ""
-    return suffix.split(".")[1] if suffix.count(".") >= 2 else sys.implementation.cache_tag
+@dataclass(frozen=True)
+class PyzMade:
+    """What :func:`make_pyz` wrote: the Pythons it serves, and whether it had to
+    make do with what is installed here (``offline``: why)."""
+
+    targets: list[Target]
+    offline: str | None = None
+    copied_from: Path | None = None  # made by a pyz without shiv: a copy of it
+
+    @property
+    def runs_on(self) -> str:
+        return describe(self.targets)
 
 
-def make_pyz(target: Path, scratch: Path) -> list[str]:
-    """Write ``target``; returns the compiled-part tags it carries."""
+def _copy_running(existing: Path, target: Path) -> PyzMade:
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(existing, partial)
+    os.replace(partial, target)
+    with zipfile.ZipFile(target) as archive:
+        names = [n.rsplit("/", 1)[-1] for n in archive.namelist() if n.endswith(".so")]
+    tags = sorted({n.split(".")[-2] for n in names if n.count(".") >= 2})
+    return PyzMade(targets_of(tags), copied_from=existing)
+
+
+def _stage_downloaded(stage: Path, scratch: Path, wanted: list[Target]) -> None:
+    """qrecover's dependencies as wheels for ``wanted``; DownloadFailed if any is missing."""
+    wheels = download(runtime_requirements(ROOT_DIST, BUILD_ONLY), wanted, scratch / "wheels")
+    unpack(wheels, stage)
+    have = targets_of(compiled_tags(stage))
+    missing = [t.version + " " + t.arch for t in wanted if t not in have]
+    if missing:
+        raise DownloadFailed("no compiled pydantic-core was downloaded for CPython "
+                             + ", ".join(missing))
+
+
+def make_pyz(
+    target: Path, scratch: Path, wanted: list[Target] | None = None, offline: str | None = None
+) -> PyzMade:
+    """Write ``target``, a pyz for the ``wanted`` Pythons (default: CPython 3.8 to
+    3.13 on x86_64 and aarch64) with wheels from the package index; when that
+    cannot be (``offline`` says why, or the index does not answer, or pip fails)
+    from what is installed here, for this Python only.  Its ``__main__.py``
+    checks the Python that runs it (:mod:`qrecover.pyz_guard`)."""
     existing = running_pyz()
     if existing is not None and importlib.util.find_spec("shiv") is None:
-        partial = target.with_name(target.name + ".partial")
-        shutil.copyfile(existing, partial)
-        os.replace(partial, target)
-        with zipfile.ZipFile(target) as archive:
-            names = [n.rsplit("/", 1)[-1] for n in archive.namelist() if n.endswith(".so")]
-        return sorted({n.split(".")[-2] for n in names if n.count(".") >= 2})
+        return _copy_running(existing, target)
     stage = scratch / "site-packages"
     stage.mkdir(parents=True)
-    for dist in closure():
+    why = offline or index_unreachable()
+    if why is None:
+        try:
+            _stage_downloaded(stage, scratch, wanted or ALL_TARGETS)
+        except DownloadFailed as exc:
+            why = str(exc)
+            shutil.rmtree(stage)
+            stage.mkdir()
+    for dist in closure() if why is not None else [md.distribution(ROOT_DIST)]:
         stage_distribution(dist, stage)
-    build_pyz(stage, target)
-    return compiled_tags(stage)
+    made = PyzMade(targets_of(compiled_tags(stage)), why)
+    unguarded = target.with_name(target.name + ".unguarded")
+    try:  # under its final name only once it is complete, guard included
+        build_pyz(stage, unguarded)
+        install_guard(unguarded, made.targets)
+        os.replace(unguarded, target)
+    finally:
+        unguarded.unlink(missing_ok=True)
+    return made

@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Sequence
 
 from qrecover import __version__, formats
+from qrecover.compat import zip_strict
 from qrecover.formats.base import Format
 from qrecover.inventory import Entity
 from qrecover.stages.decompress import decompress_stage
@@ -18,7 +19,7 @@ from qrecover.units import human_bytes
 
 # program -> (what it is for, Debian/Ubuntu package, Fedora package, Arch package)
 PACKAGES: dict[str, tuple[str, str, str, str]] = {
-    "python3": ("runs qrecover.pyz (3.10 or later)", "python3", "python3", "python"),
+    "python3": ("runs qrecover.pyz (3.8 or later)", "python3", "python3", "python"),
     "sh": ("runs recover.sh (dash or bash)", "dash", "bash", "bash"),
     "tar": ("GNU tar: the outer and inner archives", "tar", "tar", "tar"),
     "openssl": ("decrypts format 3 (and checks HMACs by hand)", "openssl", "openssl",
@@ -50,7 +51,7 @@ def _tool_table(fmt: Format) -> list[str]:
         why, deb, fed, arch = PACKAGES.get(program, ("", program, program, program))
         rows.append((program, deb, fed, arch, why))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    out = ["  " + "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+    out = ["  " + "  ".join(c.ljust(w) for c, w in zip_strict(r[:4], widths)) + "  " + r[4]
            for r in rows]
     debs = " ".join(dict.fromkeys(PACKAGES[p][1] for p in programs(fmt) if p in PACKAGES))
     feds = " ".join(dict.fromkeys(PACKAGES[p][2] for p in programs(fmt) if p in PACKAGES))
@@ -66,7 +67,7 @@ def _vm_table(selected: Sequence[Entity]) -> list[str]:
     rows += [(e.name, e.type, e.backup_path, f"{human_bytes(e.size)} ({e.size} bytes)",
               f"OUT/{e.dest}/") for e in selected]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip_strict(r, widths)).rstrip()
             for r in rows]
 
 
@@ -115,8 +116,8 @@ def recovery_text(
         "  it unpacks its Python packages into ~/.shiv/ (the user's home, even with",
         "  HOME unset); where the home is read-only, give it another folder:",
         "  SHIV_ROOT=/tmp/qrecover-cache python3 -S -I qrecover.pyz ...",
-        "  On another CPython version or architecture, use WAY 2 (or a pyz made by",
-        "  qrecover's scripts/build-pyz, which runs on CPython 3.10-3.13, x86_64 and aarch64).",
+        "  On any other Python it says so in one line and exits 5: use WAY 2, which",
+        "  needs no Python.",
         "",
         "WAY 2: recover.sh (no Python: sh, tar and the tools above)",
         "  Edit the two settings near its top if the backup or the output moved:",

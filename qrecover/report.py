@@ -13,6 +13,7 @@ from qrecover.inventory import Entity, Inventory
 from qrecover.plan import Mode
 
 if TYPE_CHECKING:
+    from qrecover.fallback import ChunkDamage
     from qrecover.formats.base import Format
     from qrecover.header import Header
     from qrecover.plan import Plan
@@ -37,6 +38,7 @@ class Request:
     resume: bool = False  # --resume: skip what DIR's record says is placed
     # --salvage: use chunks that fail authentication, knowingly (qrecover.salvage)
     salvage: bool = False
+    other_copies: Sequence[str] = ()  # --other-copy PATH...: where lost chunks may be found
     # Only these stored files of each selected VM (names below its folder:
     # "private.img"); empty: all of them.  ``qrecover files BACKUP --vm``.
     only: tuple[str, ...] = ()
@@ -97,6 +99,10 @@ class Report:
     kept: tuple[str, ...] = ()  # restore --dry-run --resume: what an earlier run placed
     excused: frozenset[str] = frozenset()  # ... and the existing targets that are its work
     salvaged: Path | None = None  # --salvage: the SALVAGED.txt written
+    # Chunks BACKUP lost (missing, unreadable, failing their check), each with the
+    # other copy it was taken from, if any (qrecover.fallback).
+    damage: list[ChunkDamage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # said, but no failure
 
     @property
     def header(self) -> Header | None:

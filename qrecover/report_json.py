@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from qrecover.damage_report import damage_json
 from qrecover.errors import EXIT_OK, QrecoverError
 from qrecover.report import FileResult, Report
 
@@ -48,6 +49,8 @@ def report_json(
         "files": [file_json(f) for f in report.files],
         "problems": list(report.problems),
         **({"salvaged": str(report.salvaged)} if report.salvaged is not None else {}),
+        # what BACKUP did not give good, and which other copy gave it (--other-copy)
+        "damage": damage_json(report),
         "verdict": "ok" if exit_code == EXIT_OK else "failed",
         "exit_code": exit_code,
     }

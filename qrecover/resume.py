@@ -42,7 +42,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Dict, List, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -85,7 +85,7 @@ class StoredEntry(BaseModel):
     owner: str
     status: Literal["placing", "placed", "partial"]
     chunks: int = Field(ge=0)
-    places: list[Place]
+    places: List[Place]  # typing's: pydantic evaluates it (Python 3.8)
 
 
 class RestoreRecord(BaseModel):
@@ -93,7 +93,7 @@ class RestoreRecord(BaseModel):
     qrecover_restore_record: Literal[1]
     backup: str = Field(pattern=r"^[0-9a-f]{64}$")
     format: int = Field(ge=1)  # the version of the backup's format
-    files: dict[str, StoredEntry]
+    files: Dict[str, StoredEntry]
 
 
 class Members(Protocol):

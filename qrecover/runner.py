@@ -30,14 +30,15 @@ import shlex
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable  # typing's: CommandLog is a runtime alias (3.8)
 
 import sh
 
 from qrecover import signals
+from qrecover.compat import zip_strict
 from qrecover.errors import MissingProgramError, ProgramFailed
 from qrecover.packages import PACKAGES
 from qrecover.stages.guard import TarGuard
@@ -256,7 +257,7 @@ class Pipeline:
         self.log(self.render())
         prev = self.stdin
         try:
-            for i, (stage, path) in enumerate(zip(self.stages, paths, strict=True)):
+            for i, (stage, path) in enumerate(zip_strict(self.stages, paths)):
                 last = i == len(self.stages) - 1
                 if last and self.guard is not None:
                     # The guard owns what it reads: our pipe end, or a copy of the caller's.
@@ -317,7 +318,7 @@ class Pipeline:
         results: list[StageResult] = []
         if not self.procs:
             return results
-        for proc, stage, err in zip(self.procs, self.stages, self._stderrs, strict=True):
+        for proc, stage, err in zip_strict(self.procs, self.stages, self._stderrs):
             code = signals.wait_process(proc)
             results.append(StageResult(stage, code, err.text()))
         if self._guard_thread is not None:

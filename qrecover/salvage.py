@@ -41,6 +41,7 @@ from qrecover.errors import OutputError
 from qrecover.messages import err
 from qrecover.output import Output
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage
+from qrecover.stages.decompress import GUNZIPS
 from qrecover.stages.guard import Extent
 from qrecover.stages.sparse import file_offset, to_file
 
@@ -292,6 +293,9 @@ class VerifiedPrefix:
     ) -> None:
         read_end, self._feed = os.pipe()
         self._out = tempfile.TemporaryFile(dir=scratch)  # noqa: SIM115
+        # GNU gzip, never igzip: igzip may write nothing of a stream cut short
+        front = [Stage(("gzip", "-d")) if stage.program in GUNZIPS else stage
+                 for stage in front]
         self.closed = False
         self._cat: Pipeline | None = None
         try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import logging
 import os
 import shlex
@@ -28,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from qrecover import signals
+from qrecover.compat import pairwise
 from qrecover.errors import BackupError, MissingProgramError, UsageError
 from qrecover.magic import SNIFF, Compression, compression_of
 from qrecover.runner import (
@@ -206,7 +206,7 @@ def _check_pieces(pieces: list[Piece]) -> None:
             f"({first.size} bytes) is shorter than the next piece ({pieces[1].size} bytes), "
             "so it must be the last piece (pieces out of order, or not of one backup?)"
         )
-    for prev, piece in itertools.pairwise(pieces):
+    for prev, piece in pairwise(pieces):
         if first.size is None or piece.size is None:
             continue
         if piece.size == 0:

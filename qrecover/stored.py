@@ -15,9 +15,8 @@ import fcntl
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable, List  # typing's: Placing is a runtime alias (3.8)
 
 from qrecover.context import RunContext
 from qrecover.errors import DiskFull, FeedFailed, OutputError, QrecoverError, StoredFileError
@@ -42,7 +41,7 @@ from qrecover.stages.guard import TarGuard
 from qrecover.units import human_bytes
 
 # Told (stored, owner, entries, folder) just before a stored file is placed.
-Placing = Callable[[str, str, list[Path], Path], None]
+Placing = Callable[[str, str, List[Path], Path], None]
 
 
 class StoredFile:
@@ -153,12 +152,12 @@ class StoredFile:
         if self.cat is None:
             return
         (result,) = self.cat.wait()
+        if self.counter is not None:  # its own cat reads the same chunk: before the unlink
+            self.counter.reap()
         if self.cat_owned and self.cat_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.cat_path.unlink()
         self.cat = None
-        if self.counter is not None:
-            self.counter.reap()
         if not result.ok:
             # Usually a consequence: the pipeline died and cat hit a closed pipe.
             self.fail(FeedFailed(f"feeding {self.cat_path}: {result.describe()}"))

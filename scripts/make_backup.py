@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import stat
@@ -69,6 +70,17 @@ COMPRESSION_FILTERS = ("gzip", "bzip2", "xz", "lzma", "pbzip2", "pigz", "zstd", 
 # R3.2's `qvm-backup -Z` took a whole command ("gzip -3", qubes-issues
 # #3865): tar ran it as given and the header said compression-filter=gzip -3.
 _FILTER_WITH_LEVEL = re.compile(r"^([a-z0-9]+) (-[0-9]{1,2}|--fast|--best)$")
+
+
+def randbytes(rng: random.Random, n: int) -> bytes:
+    """``rng.randbytes(n)`` (Python 3.9 and later): the same bytes for the same seed,
+    on Python 3.8 too."""
+    return rng.getrandbits(n * 8).to_bytes(n, "little") if n else b""
+
+
+def exit_code(status: int) -> int:
+    """``os.waitstatus_to_exitcode`` (Python 3.9 and later): -N for signal N."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def check_compression(value: str) -> str:
@@ -172,7 +184,7 @@ class BackupManifest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for entry, stored in zip(data["files"], self.files, strict=True):
+        for entry, stored in zip(data["files"], self.files):
             entry["chunk_names"] = stored.chunk_names()
         return data
 

@@ -116,7 +116,7 @@ class BackupManifestV2:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["volume_size"] = self.volume_size
-        for entry, stored in zip(data["files"], self.files, strict=True):
+        for entry, stored in zip(data["files"], self.files):
             entry["chunk_names"] = stored.chunk_names()
         data["member_names"] = self.member_names()
         return data

@@ -20,10 +20,9 @@ import tempfile
 import time
 import traceback
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar  # typing's Callable: a runtime alias (3.8)
 
 import pytest
 
@@ -132,7 +131,7 @@ def run_main(
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(ValueError, OSError):
                     stream.flush()
-            for fd, saved in zip((0, 1, 2), saved_fds, strict=True):
+            for fd, saved in zip((0, 1, 2), saved_fds):
                 os.dup2(saved, fd)
                 os.close(saved)
             os.close(empty)
@@ -478,9 +477,23 @@ LONG_FIRST = (
 )
 
 
+# The in-process part of the suite (marker "inprocess"): modules that run qrecover's
+# own code in this interpreter (cli.main through run_main, the modules directly) in
+# little time; scripts/test-all runs them on the oldest and newest Pythons too.
+INPROCESS = frozenset({
+    "test_inprocess.py", "test_plan.py", "test_json.py", "test_bad_input.py",
+    "test_selection.py", "test_fixture_sample.py", "test_header.py", "test_container.py",
+    "test_inventory.py", "test_verify.py", "test_argv.py", "test_format4_units.py",
+    "test_format1_units.py", "test_files_units.py", "test_chunk_pool.py", "test_signals.py",
+})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(getattr(item, "originalname", item.name), len(rank)))
+    for item in items:
+        if Path(str(item.fspath)).name in INPROCESS:
+            item.add_marker(pytest.mark.inprocess)
 
 
 def sigint_as_at_a_terminal() -> None:

@@ -230,3 +230,24 @@ def test_an_image_restored_as_a_link_is_not_followed(tmp_path: Path) -> None:
     assert "restored as a symbolic link; not followed" in result.err
     assert "COPIED" not in result.out
     assert not out.exists()
+
+
+def test_other_copy_gives_the_lost_chunk(backup: Backup, tmp_path: Path) -> None:
+    """A chunk of box's private.img damaged in BACKUP: refused alone (exit 4), and
+    taken from --other-copy (the intact backup) instead; the files then come out."""
+    from test_salvage import flipped
+
+    name = "vm7/private.img.000" + (".enc" if backup.path.name.endswith("r4") else "")
+    bad = flipped(backup, name, 100, tmp_path / "damaged")
+    out = tmp_path / "out"
+    result = run_main("files", bad, "--vm", "box", "-o", out, "--passphrase-file",
+                      backup.passfile)
+    assert result.code == 4, result.text
+    assert not out.exists()
+    result = run_main("files", bad, "--vm", "box", "-o", out, "--passphrase-file",
+                      backup.passfile, "--other-copy", backup.path)
+    assert result.code == 0, result.text
+    assert (out / "user" / "script.sh").read_text() == "#!/bin/sh\necho hello\n"
+    _no_scratch(out)
+    result = run_main("files", bad, "--other-copy", backup.path, "-o", tmp_path / "o")
+    assert result.code == 2 and "--other-copy reads a backup" in result.err

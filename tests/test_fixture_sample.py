@@ -8,6 +8,8 @@ from pathlib import Path
 
 from conftest import ROOT, run_main
 
+from qrecover.compat import removeprefix
+
 SAMPLE = ROOT / "fixtures" / "sample-backup"
 PASSFILE = ROOT / "fixtures" / "sample-backup.passphrase"
 CONTENTS = ROOT / "fixtures" / "sample-backup.contents.json"
@@ -30,7 +32,7 @@ def test_sample_backup_restores_as_recorded(tmp_path: Path) -> None:
     for entry in entries:
         name: str = entry["name"]
         prefix = next(p for p in dest if name == p or name.startswith(p + "/"))
-        rest = name[len(prefix) :].lstrip("/").removeprefix("./")
+        rest = removeprefix(name[len(prefix) :].lstrip("/"), "./")
         rest = "" if rest == "." else rest
         path = out / dest[prefix] / rest if rest else out / dest[prefix]
         if entry["type"] == "file":

@@ -38,6 +38,8 @@ sys.path.insert(0, str(SCRIPTS))
 import make_backup as mb  # noqa: E402
 import make_backup_v2 as mb2  # noqa: E402
 
+from qrecover.compat import removeprefix  # noqa: E402
+
 pytestmark = pytest.mark.xdist_group("test_format2")  # module fixtures built once
 
 TAPE_KIB = 40
@@ -119,7 +121,7 @@ def assert_restored(v2: V2, out: Path) -> None:
             path = out / name
         else:
             rest = name[len(paths[vm]) + 1:]
-            rest = "" if rest == "." else rest.removeprefix("./")
+            rest = "" if rest == "." else removeprefix(rest, "./")
             path = out / vm / rest if rest else out / vm
         if entry["type"] == "symlink":
             assert os.readlink(path) == entry["target"], entry["name"]

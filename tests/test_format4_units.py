@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qrecover.compat import removesuffix
 from qrecover.container import ChunkName, FolderSource, parse_member_name
 from qrecover.errors import BackupError
 from qrecover.formats import parse_header
@@ -61,7 +62,7 @@ def test_enc_chunk_names(name: str, expected: ChunkName) -> None:
     parsed = parse_member_name(name)
     assert parsed == expected
     assert expected.name == name
-    assert expected.data_name == name.removesuffix(".enc")
+    assert expected.data_name == removesuffix(name, ".enc")
 
 
 @pytest.mark.parametrize(

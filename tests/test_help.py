@@ -182,7 +182,7 @@ def test_readme_is_short_and_its_test_command_is_what_ci_runs() -> None:
     assert setup.startswith("apt-get update && ")
     assert "qrecover restore fixtures/sample-backup" in setup
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
-    assert ci[-1] == test == ".venv/bin/python -m pytest"
+    assert ci[-1] == test == "scripts/test-all"
     for page in ("usage", "cli", "formats", "guarantees", "showing-the-work", "automation",
                  "performance", "development"):
         assert f"(docs/{page}.md" in readme and (ROOT / "docs" / f"{page}.md").is_file(), page

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Backup, MakeBackup, assert_restored, bin_dir, run_cli, run_main, sha
+from make_backup import randbytes
 
 COMPRESSORS = {
     "gzip": ["gzip", "-c"],
@@ -98,7 +99,7 @@ def test_bytes_after_a_gzipped_backup_are_no_damage(
     garbage ignored" with its exit 2 (a warning): that is a note, not exit 4."""
     packed = compress("gzip", backup.path, tmp_path / "backup.gz")
     with packed.open("ab") as f:
-        f.write(random.Random(5).randbytes(4096) if after == "garbage" else bytes(1 << 20))
+        f.write(randbytes(random.Random(5), 4096) if after == "garbage" else bytes(1 << 20))
     path = bin_dir(tmp_path, ["tar", "openssl", "cat", gunzip])
     out = tmp_path / "out"
     result = run_main("-v", "restore", packed, "--output", out, "--passphrase-file",
@@ -243,7 +244,7 @@ def test_script_of_a_compressed_backup_asks_for_the_file(backup: Backup, tmp_pat
 
 RNG = random.Random(2026)
 NOT_BACKUPS = {
-    "random": (RNG.randbytes(300_001), "not a tar archive, so not a Qubes backup: it starts "
+    "random": (randbytes(RNG, 300_001), "not a tar archive, so not a Qubes backup: it starts "
                "with the bytes"),
     "zeros": (bytes(70_000), "zero-filled (70000 bytes of zeros): not a Qubes backup"),
     "zip": (b"", "it is a zip archive"),
@@ -313,7 +314,7 @@ def test_a_name_with_a_newline_and_an_escape_stays_one_printable_line(tmp_path: 
     """A piece's name is someone else's choice: it must not forge a second line
     (`qrecover: success`) nor reach the terminal as an escape sequence."""
     hostile = tmp_path / "ev\nqrecover: success\x1b[31m"
-    hostile.write_bytes(random.Random(7).randbytes(4096))
+    hostile.write_bytes(randbytes(random.Random(7), 4096))
     result = run_main("-v", "verify", hostile, env={"QRECOVER_PASSPHRASE": "x"})
     assert result.code == 4, result.text
     assert "\x1b" not in result.err

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import PASSPHRASE, ROOT, Backup, MakeBackup, run_cli
 
+from qrecover.compat import removeprefix
+
 # its fixtures build something big: all its tests on one worker, so it is built once
 pytestmark = pytest.mark.xdist_group("test_kit")
 
@@ -52,8 +54,10 @@ def run_bare(
 @pytest.fixture(scope="module")
 def sample_kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     kit = tmp_path_factory.mktemp("kit") / "qrecover-kit"
-    result = run_cli("kit", SAMPLE, "--output", kit, "--passphrase-file", PASSFILE)
+    # offline: what is installed, for this Python (tests/test_kit_pythons.py downloads)
+    result = run_cli("kit", SAMPLE, "--output", kit, "--passphrase-file", PASSFILE, "--offline")
     assert result.code == 0, result.text
+    assert "OFFLINE" in result.err and "--offline given" in result.err
     return kit
 
 
@@ -71,7 +75,7 @@ def assert_sample_restored(out: Path) -> None:
     for entry in entries:
         name: str = entry["name"]
         prefix = next(p for p in dest if name == p or name.startswith(p + "/"))
-        rest = name[len(prefix) :].lstrip("/").removeprefix("./")
+        rest = removeprefix(name[len(prefix) :].lstrip("/"), "./")
         rest = "" if rest == "." else rest
         path = out / dest[prefix] / rest if rest else out / dest[prefix]
         if entry["type"] == "file":
@@ -189,7 +193,8 @@ def test_kit_never_overwrites(sample_kit: Path) -> None:
 def test_kit_for_format4(make4: MakeBackup, tmp_path: Path) -> None:
     backup: Backup = make4()
     kit = tmp_path / "kit4"
-    result = run_cli("kit", backup.path, "-o", kit, "--passphrase-file", backup.passfile)
+    result = run_cli("kit", backup.path, "-o", kit, "--passphrase-file", backup.passfile,
+                     "--offline")
     assert result.code == 0, result.text
     text = (kit / "RECOVERY.txt").read_text()
     assert "format 4" in text and "R4" in text and "scrypt" in text
@@ -229,7 +234,8 @@ def test_format4_by_hand_steps_restore(make4: MakeBackup, tmp_path: Path) -> Non
     BACKUPID!NAME!PASSPHRASE (given with -P here), then step 5's line restores it."""
     backup: Backup = make4()
     kit = tmp_path / "kit4"
-    assert run_cli("kit", backup.path, "-o", kit, "--passphrase-file", backup.passfile).code == 0
+    made = run_cli("kit", backup.path, "-o", kit, "--passphrase-file", backup.passfile, "--offline")
+    assert made.code == 0
     text = (kit / "RECOVERY.txt").read_text()
     start = text.index("  5. cat $(find ") + len("  5. ")
     command = " ".join(text[start : text.index("-C OUT", start) + 6].split())

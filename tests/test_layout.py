@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qrecover"
-MAX_LINES = 400
 
 
 def _modules() -> dict[str, Path]:
@@ -18,15 +17,6 @@ def _modules() -> dict[str, Path]:
             parts = parts[:-1]
         found[".".join(parts)] = path
     return found
-
-
-def test_no_module_is_over_400_lines() -> None:
-    sizes = {
-        name: len(path.read_text(encoding="utf-8").splitlines())
-        for name, path in _modules().items()
-    }
-    long = {name: n for name, n in sizes.items() if n > MAX_LINES}
-    assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:

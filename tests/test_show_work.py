@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import PASSPHRASE, Backup, MakeBackup, Run, assert_restored, run_cli, run_main, sha
+from make_backup import exit_code
 
 from qrecover.stages.decompress import pick_gunzip
 
@@ -612,7 +613,7 @@ def test_script_asks_for_the_passphrase_without_echo(
     read_until(b"done:")
     _, status = os.waitpid(pid, 0)
     os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 0, seen.decode("utf-8", "replace")
+    assert exit_code(status) == 0, seen.decode("utf-8", "replace")
     assert PASSPHRASE.encode("utf-8") not in seen  # typed with echo off
     assert_restored(out, default_backup, ["work"])
     # only openssl enc, which reads it (-pass env:backup_pass), had it

@@ -5,16 +5,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import List, Optional  # typer evaluates them: no X | None, list[str] (3.8)
 
 import typer
 
 from qrecover.commands import Settings
+from qrecover.compat import Annotated
 from qrecover.errors import UsageError
 from qrecover.files.command import files_command
 from qrecover.files.from_backup import check_options, files_from_backup
 from qrecover.files.listing import DEFAULT_PATH
-from qrecover.options import ExplainOpt, PassFileOpt, TranscriptOpt
+from qrecover.options import ExplainOpt, OtherCopyOpt, PassFileOpt, TranscriptOpt
 
 
 def files(
@@ -29,7 +30,7 @@ def files(
         ),
     ],
     paths: Annotated[
-        list[str] | None,
+        Optional[List[str]],
         typer.Argument(
             help=f"Folders or files inside the image to copy (default: {DEFAULT_PATH}; "
             "the image's root holds home/, config/ and usrlocal/). Each is copied into DIR "
@@ -38,7 +39,7 @@ def files(
         ),
     ] = None,
     output: Annotated[
-        Path | None,
+        Optional[Path],
         typer.Option("--output", "-o", help="Folder to copy into.", metavar="DIR"),
     ] = None,
     list_only: Annotated[
@@ -50,7 +51,7 @@ def files(
         ),
     ] = False,
     partition: Annotated[
-        int | None,
+        Optional[int],
         typer.Option(
             "--partition",
             min=1,
@@ -67,7 +68,7 @@ def files(
         ),
     ] = False,
     vm: Annotated[
-        str | None,
+        Optional[str],
         typer.Option(
             "--vm",
             help="Read this VM's image straight from the backup: it is restored into "
@@ -77,7 +78,7 @@ def files(
         ),
     ] = None,
     image_name: Annotated[
-        str | None,
+        Optional[str],
         typer.Option(
             "--image",
             help="With --vm: which image, 'private' (default: the VM's own files) or "
@@ -86,6 +87,7 @@ def files(
         ),
     ] = None,
     passphrase_file: PassFileOpt = None,
+    other_copy: OtherCopyOpt = None,
     transcript: TranscriptOpt = None,
     explain: ExplainOpt = False,
 ) -> None:
@@ -97,7 +99,7 @@ def files(
     never followed, special files (devices, FIFOs, sockets) are skipped with a
     note.
     """
-    check_options(vm, image_name, passphrase_file, transcript, explain)
+    check_options(vm, image_name, passphrase_file, transcript, explain, bool(other_copy))
     if vm is None:
         raise typer.Exit(files_command(image, output, paths or [], list_only, force, partition))
     if output is None:
@@ -106,6 +108,6 @@ def files(
     raise typer.Exit(
         files_from_backup(
             str(image), vm, image_name or "private", paths or [], output, force, partition,
-            list_only, passphrase_file, transcript, explain, settings,
+            list_only, passphrase_file, transcript, explain, settings, other_copy or [],
         )
     )

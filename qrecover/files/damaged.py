@@ -21,7 +21,9 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Tuple
 
+from qrecover.compat import zip_strict
 from qrecover.files.copy import open_image
 from qrecover.files.debugfs import Debugfs, inode_spec
 from qrecover.files.listing import Entry, show, walk
@@ -30,7 +32,7 @@ from qrecover.messages import err
 _EXACT = re.compile(r"^  (.+): UNVERIFIED bytes ([0-9, -]+) \(exact")
 _FROM = re.compile(r"^  (.+): from byte (\d+) on, UNVERIFIED")
 _RECORDS = ("SALVAGED.txt", *(f"SALVAGED.{n}.txt" for n in range(1, 10)))
-Range = tuple[int, int | None]  # [start, end) in bytes; end None: to the end
+Range = Tuple[int, Optional[int]]  # [start, end) in bytes; end None: to the end
 
 
 def _parse(line: str) -> tuple[str, list[Range]] | None:
@@ -94,7 +96,7 @@ def damaged_files(fs: Debugfs, ranges: list[Range]) -> list[Damaged]:
     entries = [e for e in tree.entries if e.kind in ("file", "dir")]
     requests = [f"blocks {inode_spec(e.ino)}" for e in entries]
     found = []
-    for entry, answer in zip(entries, fs.answers(requests), strict=True):
+    for entry, answer in zip_strict(entries, fs.answers(requests)):
         blocks = [int(w) for w in answer.split() if w.isdigit()]
         hit = _hit(blocks, spans)
         if hit:

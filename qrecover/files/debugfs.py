@@ -192,10 +192,7 @@ class Debugfs:
 
     def _run(self, stages: list[Stage], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
         # The runner logs it as it starts it: (cd CWD && debugfs ...)
-        with (
-            tempfile.TemporaryFile(dir=self.scratch) as out,
-            open(os.devnull, "rb") as devnull,
-        ):
+        with tempfile.TemporaryFile(dir=self.scratch) as out, open(os.devnull, "rb") as devnull:
             pipeline = Pipeline(
                 stages, stdin=devnull.fileno(), stdout=out, cwd=cwd
             )
@@ -232,7 +229,7 @@ class Debugfs:
             problems += [f"debugfs: {line}" for line in _meaningful(err)]
             blocks, cut = split_batch(out, requests)
             problems += cut
-            for ino, block in zip(batch, blocks, strict=False):
+            for ino, block in zip(batch, blocks):
                 entries, bad = parse_ls(block)
                 listings[ino] = entries
                 problems += [f"folder <{ino}>: unreadable entry {b!r}" for b in bad]

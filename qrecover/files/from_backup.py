@@ -87,6 +87,7 @@ def files_from_backup(
     transcript: Path | None = None,
     explain: bool = False,
     settings: Settings | None = None,
+    other_copies: Sequence[str] = (),
 ) -> int:
     settings = settings or Settings()
     name = IMAGES[image]
@@ -104,7 +105,8 @@ def files_from_backup(
         raise OutputError(f"{out.root}: cannot create a scratch folder ({exc.strerror})") from None
     try:
         check = _SpaceCheck(scratch, name)
-        request = Request("restore", (vm,), scratch, only=(name,))
+        request = Request("restore", (vm,), scratch, only=(name,),
+                          other_copies=tuple(other_copies))
         with _showing("restore", [backup], scratch, transcript, explain) as shown:
             report, elapsed = _run(settings, [backup], passphrase_file, request,
                                    [*shown.listeners, check])
@@ -134,7 +136,7 @@ def files_from_backup(
 
 
 def check_options(vm: str | None, image: str | None, passphrase_file: Path | None,
-                  transcript: Path | None, explain: bool) -> None:
+                  transcript: Path | None, explain: bool, other_copy: bool = False) -> None:
     """The backup's options make sense only with --vm."""
     if vm is not None:
         if image is not None and image not in IMAGES:
@@ -143,6 +145,7 @@ def check_options(vm: str | None, image: str | None, passphrase_file: Path | Non
     given = [opt for opt, value in (("--image", image), ("--passphrase-file", passphrase_file),
                                     ("--transcript", transcript)) if value is not None]
     given += ["--explain"] if explain else []
+    given += ["--other-copy"] if other_copy else []
     if given:
         raise UsageError(f"{given[0]} reads a backup: give --vm NAME with the BACKUP")
 

@@ -102,6 +102,10 @@ class ChunkWorks(Protocol):
     :meth:`close` stops every child and removes the works' scratch.
     """
 
+    # Set by the engine when other copies may replace a failed chunk: the
+    # chunks after a failed one are still completed (not cancelled).
+    keep_going: bool
+
     @property
     def in_flight(self) -> int: ...
 
@@ -118,6 +122,7 @@ class InOrder:
     """One chunk at a time: each is completed as soon as it is submitted."""
 
     in_flight = 0
+    keep_going = False
 
     def admit(self) -> list[Completed]:
         return []

@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -47,12 +48,7 @@ from qrecover.formats.base import (
     MemberStream,
     PendingChunk,
 )
-from qrecover.formats.v3 import (
-    allowed_cipher,
-    allowed_digest,
-    authenticate_header,
-    dgst_command,
-)
+from qrecover.formats.v3 import allowed_cipher, allowed_digest, authenticate_header, dgst_command
 from qrecover.header import Header, parse_bool
 from qrecover.hmacs import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage, first_failure
@@ -80,8 +76,8 @@ class BackupHeaderV2(BaseModel):
 
     hmac_algorithm: str
     crypto_algorithm: str = "aes-256-cbc"
-    encrypted: bool | None
-    compressed_flag: bool | None = Field(alias="compressed")
+    encrypted: Optional[bool]  # Optional: pydantic evaluates it, on Python 3.8 too
+    compressed_flag: Optional[bool] = Field(alias="compressed")
 
     @field_validator("hmac_algorithm")
     @classmethod

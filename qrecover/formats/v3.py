@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -70,7 +70,7 @@ class BackupHeader(BaseModel):
     crypto_algorithm: str = "aes-256-cbc"
     encrypted: bool
     compressed: bool
-    compression_filter: str | None = None
+    compression_filter: Optional[str] = None  # pydantic evaluates it: no X | None (3.8)
 
     @field_validator("version", mode="before")
     @classmethod

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -57,7 +57,7 @@ class BackupHeaderV4(BaseModel):
     # R4 always encrypts (scrypt does both); early R4.0 could write False.
     encrypted: bool = True
     compressed: bool
-    compression_filter: str | None = None
+    compression_filter: Optional[str] = None  # pydantic evaluates it: no X | None (3.8)
     backup_id: str
 
     @field_validator("version", mode="before")

@@ -16,10 +16,11 @@ is a failed chunk like any other: its stored file stops there.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
+from typing import Callable  # typing's: Planner is a runtime alias (3.8)
 
 from qrecover.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed, Outcome
+from qrecover.compat import removeprefix, removesuffix
 from qrecover.errors import BackupError, OutputError, StoredFileError
 from qrecover.formats.base import ChunkOutcome, Completed, PendingChunk
 from qrecover.formats.scrypt import render_stage
@@ -58,6 +59,7 @@ class ScryptWorks:
         self.log = log
         self.jobs = jobs
         self.planner = planner
+        self.keep_going = False  # --other-copy: a failed chunk does not stop its stored file
         self.plan: JobPlan | None = None
         self._ceiling = 0
         self._pool: ChunkPool | None = None
@@ -90,7 +92,9 @@ class ScryptWorks:
         pool = self._ready_pool(pending, params, member)
         salvage = _salvaging(pending)  # --salvage: each chunk a group, its input kept
         job = ChunkJob(
-            group=pending.name.data_name if salvage else pending.name.stored,
+            # each chunk its own group (--salvage, or keep_going: other copies, verify),
+            # so that a failure cancels no other
+            group=member if salvage or self.keep_going else pending.name.stored,
             index=pending.name.index,
             name=member,
             prefix=self.fmt.chunk_prefix(pending.name.data_name),
@@ -142,7 +146,7 @@ class ScryptWorks:
 
     def _started(self, job: ChunkJob, stage: Stage) -> None:
         """``-v``: the command as a person would replay it, named after the chunk."""
-        data_name = job.name.removesuffix(".enc")
+        data_name = removesuffix(job.name, ".enc")
         shown = Stage((*stage.argv[:-2], job.name, data_name), secret_env=stage.secret_env)
         self.log(render_stage(self.fmt.tool, shown, job.prefix))
 
@@ -194,7 +198,7 @@ def _padded(pending: ScryptChunk, plain: Path, said: str) -> ChunkOutcome:
 def _zeros(pending: ScryptChunk, said: str) -> ChunkOutcome:
     """--salvage: a chunk scrypt cannot even start on stands as zeros of its
     plaintext's size, so that what follows keeps its place."""
-    why = said.removeprefix(f"{pending.member}: ").replace("; nothing of it was used", "")
+    why = removeprefix(said, f"{pending.member}: ").replace("; nothing of it was used", "")
     size = max(0, pending.src.stat().st_size - SCRYPT_OVERHEAD)
     return _padded(pending, pending.store.scratch_file(), f"{why}; fed as {size} zero bytes")
 

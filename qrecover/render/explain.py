@@ -16,6 +16,7 @@ from typing import TextIO
 from qrecover import formats
 from qrecover.container import QUBES_XML, parse_member_name
 from qrecover.events import (
+    ChunkBorrowed,
     ChunkChecked,
     ChunkFed,
     Event,
@@ -95,6 +96,13 @@ class Narrator:
             if event.error is None:
                 self.told_scratch = True
             words.explain_chunk(self, event.member, event.size, event.error, first)
+        elif isinstance(event, ChunkBorrowed):
+            self.say(
+                f"Chunk {event.member}: taken from the other copy {event.copy}",
+                f"In the backup it was missing or bad ({event.problem}). The other copy's "
+                "chunk went through the same check, and passed it.",
+                event.command,
+            )
         elif isinstance(event, PipelineStarted):
             words.explain_pipeline(self, event.stored, event.stages, event.kind)
         elif isinstance(event, ChunkFed):

@@ -21,6 +21,7 @@ from qrecover import formats
 from qrecover.container import QUBES_XML, parse_member_name
 from qrecover.errors import OutputError
 from qrecover.events import (
+    ChunkBorrowed,
     ChunkChecked,
     ChunkFed,
     Event,
@@ -128,6 +129,8 @@ class TranscriptWriter:
         if isinstance(event, ChunkChecked):
             block = self._block_for(event.member)
             block.chunks += words.transcript_chunk(event.member, event.error)
+        elif isinstance(event, ChunkBorrowed):
+            self._block_for(event.member).chunks += borrowed_lines(words, event)
         elif isinstance(event, ChunkFed):
             name = parse_member_name(event.member)
             fed = name.data_name if name is not None else event.member
@@ -204,3 +207,17 @@ class TranscriptWriter:
             lines += ["", shell.call("die", f"qrecover's run ended here: {note or 'it failed'}")]
         self._write(lines)
         self.file.close()
+
+
+def borrowed_lines(words: Words, event: ChunkBorrowed) -> list[str]:
+    """A chunk taken from another copy (--other-copy): the format's own lines for
+    a good chunk, with ``take`` (from the backup) replaced by the copy's command."""
+    lines = ["", f"# {shell.comment(event.member)}: bad in the backup "
+             f"({shell.comment(event.problem)[:200]});",
+             f"# taken from the other copy {shell.comment(event.copy)} instead"]
+    for line in words.transcript_chunk(event.member, None):
+        if line.startswith("take "):
+            line = f"{event.command} ||\n    " + shell.call(
+                "die", f"{event.member}: not taken out of the other copy {event.copy}")
+        lines.append(line)
+    return lines

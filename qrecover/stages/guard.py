@@ -11,7 +11,8 @@ still do with a hostile (but authenticated) archive are stopped here:
   declares.  The stream is counted and cut off past a limit.
 
 Only 512-byte headers are read into Python; member data moves from pipe to
-pipe with ``os.splice``, so the guard costs next to nothing.
+pipe with ``os.splice``, so the guard costs next to nothing (Python 3.8 and 3.9,
+which lack it, read and write: qrecover.compat.splice).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import contextlib
 import errno
 import os
 from dataclasses import dataclass, field
+
+from qrecover.compat import splice
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -239,7 +242,7 @@ class TarGuard:
     def _splice(self, size: int) -> None:
         while size:
             self._count(0)
-            moved = os.splice(self.src, self.dst, min(size, _SPLICE))
+            moved = splice(self.src, self.dst, min(size, _SPLICE))
             if moved == 0:
                 raise GuardError(f"{self.label}: inner archive ends inside a member "
                                  "(truncated)")
@@ -259,7 +262,7 @@ class TarGuard:
         # EOF; tar may already have stopped reading, which is fine.
         with contextlib.suppress(BrokenPipeError):
             while True:
-                moved = os.splice(self.src, self.dst, _SPLICE)
+                moved = splice(self.src, self.dst, _SPLICE)
                 if moved == 0:
                     return
                 self._count(moved)
