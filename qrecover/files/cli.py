@@ -1,8 +1,7 @@
 """``qrecover files`` as a typer command: its options and help; the work is in
 :mod:`qrecover.files.command` (an image) and :mod:`qrecover.files.from_backup`
-(``--vm``).  Registered on the app by :mod:`qrecover.cli`."""
-
-from __future__ import annotations
+(``--vm``).  Registered on the app by :mod:`qrecover.cli`.  No ``from __future__
+import annotations``: typer evaluates the annotations, on 3.8 too."""
 
 from pathlib import Path
 from typing import List, Optional  # typer evaluates them: no X | None, list[str] (3.8)
