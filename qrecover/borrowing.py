@@ -52,7 +52,8 @@ class Borrowing:
     def __bool__(self) -> bool:
         return bool(self.copies)
 
-    def use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
+    def use(self, job: StoredFile, store: ChunkStore, done: list[Completed],
+            charge: Callable[[str, str], None]) -> None:
         """Feed ``job`` the chunks whose step is done, in chunk order; one that
         failed is taken from another copy, else it stops ``job`` (nothing after it
         is used)."""
@@ -82,6 +83,8 @@ class Borrowing:
                 if (name := parse_member_name(chunk.member)) is not None:
                     self.own_xml[name.index] = outcome.mac
             if outcome.error is not None:
+                if isinstance(outcome.error, StoredFileError):  # to the damage it lay in
+                    charge(chunk.member, outcome.reason or "failed its check")
                 if self.copies and not isinstance(outcome.error, OutputError):
                     job.fail(StoredFileError(f"{outcome.error.message}; no other copy has it "
                                              "good either"))
@@ -90,7 +93,7 @@ class Borrowing:
             feed(job, store, chunk.member, outcome)
 
     def record(self, stored: str, member: str, problem: str) -> None:
-        self.report.damage.append(ChunkDamage(stored, member, problem))
+        self.report.chunk_damage.append(ChunkDamage(stored, member, problem))
 
     def check_only(self, store: ChunkStore, member: Member, name: ChunkName,
                    members: MemberStream) -> None:
@@ -140,7 +143,7 @@ class Borrowing:
         size of BACKUP's bad chunk, already counted in the stored file's figures."""
         assert self.fmt is not None
         damage = ChunkDamage(job.stored, name.name, problem)
-        self.report.damage.append(damage)
+        self.report.chunk_damage.append(damage)
         if not self.copies:
             return False
         figures = job.result.chunks, job.result.stored_bytes  # copies tried count no chunk

@@ -62,11 +62,17 @@ class Settings:
 
 
 def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> int:
+    if report.nothing_left:
+        print(f"nothing left to do: the restore into {report.output} finished already "
+              "(its record says so, and every file it placed is still there)", flush=True)
+        return EXIT_OK
     failures = [f for f in report.files if not f.ok]
     if not settings.quiet:
         print(summary_table(mode, report.files, elapsed), flush=True)
     for note in formats.notes(report.fmt):
         err(f"note: {note}")
+    for damage in report.damage:  # each damaged range once, with what it cost
+        err(damage.line())
     for note in report.notes:
         err(f"note: {note}")
     for line in damage_lines(mode, report):
@@ -84,7 +90,7 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
         if kept := sum(1 for f in report.files if f.kept):  # --resume (qrecover/resume.py)
             where += f" ({kept} of them kept from an earlier run, not read again)"
         checked = report.fmt.verdict if report.fmt is not None else "all HMACs matched"
-        if taken := sum(1 for d in report.damage if d.copy is not None):  # --other-copy
+        if taken := sum(1 for d in report.chunk_damage if d.copy is not None):  # --other-copy
             checked += f" ({taken} chunk(s) taken from the other copies)"
         print(
             f"{verb} {count} stored file(s) of {len(report.selected)} VM(s){where}: "
@@ -94,6 +100,7 @@ def _finish(settings: Settings, mode: str, report: Report, elapsed: float) -> in
         return EXIT_OK
     err(
         f"{len(failures)} of {count} stored file(s) failed"
+        + (f", {len(report.damage)} damaged range(s)" if report.damage else "")
         + (f", {len(report.problems)} other problem(s)" if report.problems else "")
         + ":"
     )
@@ -162,7 +169,7 @@ class _Showing:
         if not report.ok:
             failures = [f.problem for f in report.files if not f.ok]
             self.note = "qrecover reported problems: " + "; ".join(
-                [*failures, *report.problems]
+                [*failures, *(d.line() for d in report.damage), *report.problems]
             )[:500]
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from qrecover.damage import Damage, DamageLog
 from qrecover.errors import BackupError
 from qrecover.sources import ByteInput, open_input
 from qrecover.tarstream import MAX_MEMBER, TarReader
@@ -107,6 +108,10 @@ class Truncated(BackupError):
     """The backup ends (or its stream breaks) inside a member."""
 
 
+class Unreadable(BackupError):
+    """A chunk file of a folder cannot be read: that chunk is lost, the others go on."""
+
+
 @dataclass
 class Member:
     """One file of the backup, readable once, in order."""
@@ -115,6 +120,9 @@ class Member:
     size: int
     stream: IO[bytes] | None = None  # for a member of a stream
     path: Path | None = None  # for a file of an untarred folder
+    at: int | None = None  # where its first tar header starts in the stream
+    data_end: int | None = None  # where its data ends in the stream
+    after_damage: Damage | None = None  # the first member after a damaged range
 
     def open(self) -> IO[bytes]:
         if self.stream is not None:
@@ -123,7 +131,7 @@ class Member:
         try:
             return self.path.open("rb")
         except OSError as exc:
-            raise BackupError(f"{self.path}: cannot open ({exc.strerror})") from None
+            raise Unreadable(f"{self.path}: cannot open ({exc.strerror})") from None
 
     def read_all(self, limit: int) -> bytes:
         """The whole member, refused when larger than ``limit``."""
@@ -132,7 +140,12 @@ class Member:
         try:
             with self.open() as f:
                 data = f.read(limit + 1)
-        except (EOFError, OSError) as exc:
+        except OSError as exc:
+            if self.path is not None:
+                raise Unreadable(f"{self.path}: cannot read ({exc.strerror})") from None
+            raise Truncated(f"{self.name}: the backup ends inside this member "
+                            f"(truncated backup): {exc}") from None
+        except EOFError as exc:
             raise Truncated(f"{self.name}: the backup ends inside this member "
                             f"(truncated backup): {exc}") from None
         if len(data) != self.size:
@@ -150,6 +163,12 @@ class StreamSource:
         # pieces' sizes; None for a pipe or what a decompressor writes.
         sizes = [piece.size for piece in data.pieces]
         self.size = None if data.via or None in sizes else sum(s or 0 for s in sizes)
+        self.damage = data.damage  # the ranges stepped over (qrecover.damage)
+
+    @property
+    def position(self) -> int:
+        """How far the stream has been read."""
+        return self.input.position
 
     def members(self) -> Iterator[Member]:
         try:
@@ -178,6 +197,8 @@ class FolderSource:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.label = str(root)
+        self.damage = DamageLog()  # chunk files that cannot be read, or fail their check
 
     def members(self) -> Iterator[Member]:
         names: list[str] = []

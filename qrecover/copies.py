@@ -45,7 +45,8 @@ from qrecover.container import (
 from qrecover.errors import BackupError, QrecoverError, UsageError
 from qrecover.hmacs import MAX_HMAC_FILE, parse_hmac_text
 from qrecover.magic import SNIFF, compression_of
-from qrecover.tarstream import BLOCK, MAX_EXTENDED, MAX_MEMBER, ZERO_BLOCK, checksum_ok, parse_pax
+from qrecover.tarheaders import BLOCK, ZERO_BLOCK
+from qrecover.tarstream import MAX_EXTENDED, MAX_MEMBER, checksum_ok, parse_pax
 
 MAX_ENTRIES = 500_000  # members indexed per copy: 25 TiB of 100 MiB chunks, and their .hmac
 WINDOW = 1024 * 1024  # what a scan over damage or zeros reads at a time

@@ -50,7 +50,7 @@ class Damaged:
 def sort_out(report: Report) -> tuple[list[FileResult], list[Damaged]]:
     """The stored files that were intact in BACKUP, and the damaged ones."""
     by_stored: dict[str, list[ChunkDamage]] = {}
-    for damage in report.damage:
+    for damage in report.chunk_damage:
         by_stored.setdefault(damage.stored, []).append(damage)
     intact: list[FileResult] = []
     damaged: list[Damaged] = []

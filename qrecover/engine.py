@@ -37,9 +37,11 @@ from qrecover.container import (
     FolderSource,
     StreamSource,
     Truncated,
+    Unreadable,
     parse_member_name,
 )
 from qrecover.context import RunContext
+from qrecover.damage_costs import Costs
 from qrecover.dry_run import dry_findings
 from qrecover.errors import (
     BackupError,
@@ -49,6 +51,7 @@ from qrecover.errors import (
 )
 from qrecover.events import HeaderVerified, InventoryRead
 from qrecover.fallback import Copies
+from qrecover.finished import finished_before
 from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
@@ -100,13 +103,16 @@ class Recovery:
         self.works: ChunkWorks | None = None
         # igzip or pigz, and bsdtar, when installed: faster than gzip -d, GNU tar
         self.gunzip, self.extractor = pick_programs()
+        self.costs = Costs.of(source)  # damaged ranges, and what each cost
+        self.report.damage = self.costs.log.ranges
 
     # -- the pass -----------------------------------------------------------
 
     def run(self) -> Report:
         request = self.request
         headerless = formats.folder_format(self.source)  # format 1: a folder, no header
-        members = Members(headerless.members() if headerless else self.source.members())
+        members = Members(headerless.members() if headerless else self.source.members(),
+                          self.costs.position)
         try:
             self.fmt = fmt = headerless or self._read_header(members)
             if headerless is not None:
@@ -148,6 +154,9 @@ class Recovery:
                 return self.report
             self.observer.planned(selected)
             if self.output is not None:
+                if request.resume and finished_before(self.output, xml, plan.entities()):
+                    self.report.nothing_left = True  # a restore of it into DIR finished
+                    return self.report
                 # DIR's restore record (--resume): the earlier run's own files are no obstacle
                 ident = identity(fmt, self.header_raw, xml, self.xml_macs)
                 self.resume = Resume.begin(
@@ -273,16 +282,18 @@ class Recovery:
             self.borrowing.rest(self._seen, inventory, chosen, members.error,
                                 lambda stored, owner: self._from_copies(plan, stored, owner))
         elif members.error is not None:
-            self.report.problems.append(str(members.error))
+            self.costs.broken(members, self.report.problems)
         self.report.problems += missing(plan.selected, self.report.files, self.request.only)
 
     def _one_file(self, plan: Plan, members: Members, stored: str, owner: Entity) -> None:
         job = self._job(plan, stored, owner.name, owner)
         self.observer.file_started(stored, owner.name)
         self._active = job
-        self._consume(members, job)
+        expected = self._consume(members, job)
         result = job.finish()
         self._active = None
+        if not result.ok:  # its last chunks lost in damage after them?
+            self.costs.tail_lost(members, stored, expected, plan.fmt, self.report)
         self._spent[owner.name] = self._spent.get(owner.name, 0) + result.expanded
         self.report.files.append(result)
         if job.salvage is not None and job.salvage.used:
@@ -308,8 +319,9 @@ class Recovery:
 
     # -- one stored file ----------------------------------------------------
 
-    def _consume(self, members: Members, job: StoredFile) -> None:
-        """Take every member of ``job``'s stored file; the format checks each chunk."""
+    def _consume(self, members: Members, job: StoredFile) -> int:
+        """Take every member of ``job``'s stored file; the format checks each chunk
+        (returns how many came in order)."""
         stored = job.stored
         if stored in self._seen:
             job.fail(StoredFileError(f"{stored}: its chunks appear in two places in the backup"))
@@ -330,6 +342,8 @@ class Recovery:
             if name is None or name.stored != stored:
                 break
             members.take()
+            if member.after_damage is not None:  # chunks lost in the damage before it
+                self.costs.lost_before(member.after_damage, name, stored, expected)
             if job.result.error is not None:
                 if self.request.mode == "verify":  # tell every damaged chunk, not the first
                     try:
@@ -362,6 +376,15 @@ class Recovery:
             try:
                 self._use(job, store, works.admit())  # room in scratch for one more
                 pending = fmt.read_chunk(store, member, name, members)
+            except Unreadable as exc:  # a chunk file of a folder: that chunk only
+                self._use(job, store, works.drain())
+                failure = self.costs.unreadable(member, stored, exc)
+                if self.borrowing.fill(job, store, expected, expected + 1, exc.message):
+                    elsewhere.add(expected)  # ... or from a copy
+                    expected += 1
+                else:
+                    job.fail(failure)
+                continue
             except Truncated as exc:
                 self._use(job, store, works.drain())
                 if self.borrowing.fill(job, store, expected, expected + 1, exc.message):
@@ -369,7 +392,8 @@ class Recovery:
                 else:
                     job.fail(exc)
                 members.stop(exc)
-                return
+                self.costs.cut(member, stored, exc.message)
+                return expected
             except BackupError as exc:
                 if member.path is None or not self.borrowing:
                     raise
@@ -380,14 +404,19 @@ class Recovery:
                 elsewhere.add(expected)
                 expected += 1
                 continue
+            self.costs.span(member, members.last)
             expected += 1
             self._use(job, store, works.submit(pending, member.name, member.size))
             self.observer.in_flight(works.in_flight)
         self._use(job, store, works.drain())
         self.borrowing.fill_tail(job, store, expected)
+        return expected
 
     def _use(self, job: StoredFile, store: ChunkStore, done: list[Completed]) -> None:
-        self.borrowing.use(job, store, done)  # fed in chunk order, or taken from a copy
+        # fed in chunk order, or taken from a copy; a chunk lost is charged to its damage
+        self.borrowing.use(job, store, done, lambda member, reason: self.costs.charge(
+            member, job.stored, reason))
+
 
 def run(
     source: StreamSource | FolderSource,

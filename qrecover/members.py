@@ -9,7 +9,7 @@ and is remembered, so that what was read before it is still reported.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from qrecover import signals
@@ -23,11 +23,14 @@ if TYPE_CHECKING:
 class Members:
     """Members one at a time; a broken stream ends it and is remembered."""
 
-    def __init__(self, it: Iterator[Member]) -> None:
+    def __init__(self, it: Iterator[Member], position: Callable[[], int] | None = None) -> None:
         self._it = it
         self._next: Member | None = None
         self._done = False
         self.error: BackupError | None = None
+        self.last: Member | None = None  # the member taken last
+        self._position = position  # how far the stream is read, for where it broke
+        self.error_at: int | None = None
 
     def peek(self) -> Member | None:
         signals.check()  # each member is a place to stop at (qrecover.signals)
@@ -43,6 +46,8 @@ class Members:
     def take(self) -> Member | None:
         member = self.peek()
         self._next = None
+        if member is not None:
+            self.last = member
         return member
 
     def stop(self, error: BackupError) -> None:
@@ -50,6 +55,7 @@ class Members:
         self._next = None
         if self.error is None:
             self.error = error
+            self.error_at = self._position() if self._position is not None else None
 
     def require(self, what: str) -> Member:
         member = self.peek()

@@ -13,6 +13,7 @@ from qrecover.inventory import Entity, Inventory
 from qrecover.plan import Mode
 
 if TYPE_CHECKING:
+    from qrecover.damage import Damage
     from qrecover.fallback import ChunkDamage
     from qrecover.formats.base import Format
     from qrecover.header import Header
@@ -101,8 +102,10 @@ class Report:
     salvaged: Path | None = None  # --salvage: the SALVAGED.txt written
     # Chunks BACKUP lost (missing, unreadable, failing their check), each with the
     # other copy it was taken from, if any (qrecover.fallback).
-    damage: list[ChunkDamage] = field(default_factory=list)
+    chunk_damage: list[ChunkDamage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # said, but no failure
+    damage: list[Damage] = field(default_factory=list)  # damaged ranges (qrecover.damage)
+    nothing_left: bool = False  # --resume of a restore that finished (qrecover.resume)
 
     @property
     def header(self) -> Header | None:
@@ -110,7 +113,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(f.ok for f in self.files)
+        return not self.problems and not self.damage and all(f.ok for f in self.files)
 
 
 class Observer(Protocol):

@@ -49,8 +49,11 @@ def report_json(
         "files": [file_json(f) for f in report.files],
         "problems": list(report.problems),
         **({"salvaged": str(report.salvaged)} if report.salvaged is not None else {}),
-        # what BACKUP did not give good, and which other copy gave it (--other-copy)
-        "damage": damage_json(report),
+        # each damaged range of BACKUP once, with what it cost (qrecover.damage)
+        "damage": [d.as_json() for d in report.damage],
+        # which stored files are intact, which lost chunks, and which other copy gave
+        # them (--other-copy; verify tells it before anything is written)
+        "integrity": damage_json(report),
         "verdict": "ok" if exit_code == EXIT_OK else "failed",
         "exit_code": exit_code,
     }
@@ -66,6 +69,7 @@ def error_json(mode: str, backup: str | list[str], error: QrecoverError) -> dict
         "vms": [],
         "files": [],
         "problems": [error.message],
+        "damage": [],
         "verdict": "error",
         "exit_code": error.exit_code,
     }

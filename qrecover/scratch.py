@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from qrecover.container import READ_SIZE, Member, Truncated
+from qrecover.container import READ_SIZE, Member, Truncated, Unreadable
 from qrecover.errors import DiskFull, OutputError
 from qrecover.hmacs import Digest
 from qrecover.report import Observer
@@ -97,7 +97,13 @@ class ChunkStore:
             while True:
                 try:
                     block = stream.read(READ_SIZE)
-                except (EOFError, OSError) as exc:  # tarstream: the stream ended early
+                except OSError as exc:
+                    if member.path is not None:  # a chunk file of a folder: this chunk only
+                        raise Unreadable(f"{member.path}: cannot read ({exc.strerror}): "
+                                         "the chunk is lost") from None
+                    raise Truncated(f"{member.name}: the backup ends inside this chunk "
+                                    f"(truncated backup): {exc}") from None
+                except EOFError as exc:  # tarstream: the stream ended early
                     raise Truncated(f"{member.name}: the backup ends inside this chunk "
                                      f"(truncated backup): {exc}") from None
                 if not block:

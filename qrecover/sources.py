@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from qrecover import signals
 from qrecover.compat import pairwise
+from qrecover.damage import DamageLog
 from qrecover.errors import BackupError, MissingProgramError, UsageError
 from qrecover.magic import SNIFF, Compression, compression_of
 from qrecover.runner import (
@@ -39,9 +40,11 @@ from qrecover.runner import (
     first_failure,
     render_pipeline,
 )
-from qrecover.stages.decompress import only_bytes_after_it, pick_gunzip
+from qrecover.stages.decompress import only_bytes_after_it, pick_outer_gunzip
 
 log = logging.getLogger("qrecover")
+SECTOR = 512  # what a read error costs at least: one sector of the medium
+
 
 @dataclass
 class Piece:
@@ -71,6 +74,8 @@ class ByteInput:
         self._pushed = b""
         self._closed = False
         self._noted = False  # gzip's note on bytes after the compressed backup
+        self.damage = DamageLog()  # unreadable sectors here, skipped ranges (tarstream)
+        self._finished = False
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" only at the end of the last piece."""
@@ -87,7 +92,9 @@ class ByteInput:
                     signals.wait_readable(piece.fd)
                 data = os.read(piece.fd, n)
             except OSError as exc:
-                raise BackupError(f"{piece.label}: cannot read ({exc.strerror})") from None
+                if piece.fd < 0 or not _seekable(piece):
+                    raise BackupError(f"{piece.label}: cannot read ({exc.strerror})") from None
+                data = self._by_sectors(piece, n)  # unreadable sectors: stepped over
             if data:
                 self.position += len(data)
                 return data
@@ -98,6 +105,32 @@ class ByteInput:
             if self._index < len(self.pieces):
                 self.pieces[self._index].start = self.position
         return b""
+
+    def _by_sectors(self, piece: Piece, n: int) -> bytes:
+        """A read error in a file: the same bytes again, one sector at a time;
+        a sector that cannot be read comes back as zeros (as ddrescue leaves
+        it) and is recorded as damage, so that the reader steps over it and
+        goes on; no chunk that held it can pass its check."""
+        pos = self.position - piece.start  # nothing pushed back: that is read first
+        end = pos + n
+        parts: list[bytes] = []
+        while pos < end:
+            size = min(SECTOR - pos % SECTOR, end - pos)
+            try:
+                data = os.pread(piece.fd, size, pos)
+            except OSError as exc:
+                if piece.size is not None and pos >= piece.size:
+                    break
+                data = bytes(size)
+                whole = piece.start + pos
+                self.damage.unreadable(self.label, whole, whole + size, str(exc.strerror),
+                                       self.where(whole))
+            if not data:
+                break
+            parts.append(data)
+            pos += len(data)
+        os.lseek(piece.fd, pos, os.SEEK_SET)  # the next read goes on after them
+        return b"".join(parts)
 
     def read_exact(self, n: int) -> bytes:
         """``n`` bytes, fewer only at the end."""
@@ -152,9 +185,11 @@ class ByteInput:
         return first_failure([r for r in results if not only_bytes_after_it(r)])
 
     def finish(self) -> None:
-        """At the end of the bytes: a decompressor that failed makes the backup damaged."""
-        if self.pipeline is None:
+        """At the end of the bytes: a decompressor that failed makes the backup damaged
+        (said once: the reader records it as a damaged range)."""
+        if self.pipeline is None or self._finished:
             return
+        self._finished = True
         if (failed := self._failed()) is not None:
             raise BackupError(f"{self.label}: {failed.describe()} "
                               "(the compressed backup is damaged or truncated)")
@@ -169,6 +204,16 @@ class ByteInput:
             if piece.fd > 2:
                 with contextlib.suppress(OSError):
                     os.close(piece.fd)
+
+
+def _seekable(piece: Piece) -> bool:
+    """A regular file (also as standard input): its unreadable sectors can be stepped over."""
+    if piece.size is not None:
+        return True
+    try:
+        return stat.S_ISREG(os.fstat(piece.fd).st_mode)
+    except OSError:
+        return False
 
 
 def _open_piece(path: str, now: bool) -> Piece:
@@ -255,7 +300,7 @@ def _decompress(raw: ByteInput, comp: Compression) -> ByteInput:
     or our copy of the pipe) in, an OS pipe out."""
     argv = comp.argv
     if comp.name == "gzip":
-        argv = (pick_gunzip(), *argv[1:])
+        argv = (pick_outer_gunzip(), *argv[1:])
     stages = [Stage(argv)]
     shown_in: str | None = None
     feeder: threading.Thread | None = None

@@ -1,33 +1,50 @@
-"""The outer archive's tar headers, read strictly from a forward-only stream.
+"""The outer archive's tar headers, read from a forward-only stream.
 
 Qubes appended every chunk as its own small ``tar -cO --posix`` archive, so
 the stream is ustar/PAX headers, member data padded to 512 bytes, and runs
-of zero blocks (each small archive's end) between them.  Anything else, a
-block that is neither a valid header nor zeros where a header must be, is
-damage, and is said to be, with where it is: skipping it (as ``tar -i``
-and Python's ``tarfile`` with ``ignore_zeros`` do) would read a zip, random
-bytes or a misplaced piece of a split backup block by block as if it were
-a damaged backup, and tarfile then fails to seek back on a pipe.
+of zero blocks (each small archive's end) between them.  What does not
+start that way is not a Qubes backup, and is named ("a zip archive") instead
+of being read block by block as a damaged one.  Once members have been read,
+a block that is neither a valid header nor zeros where a header must be is
+damage: it is stepped over (as ``tar -i`` does), block by block, to the next
+valid member header of a name Qubes writes, and the range stepped over is
+recorded (qrecover.damage), once, with where it is.  Nothing is seeked: a
+pipe is stepped through as it is read.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from qrecover.errors import BackupError
 from qrecover.magic import describe
+from qrecover.tarheaders import (
+    BLOCK,
+    MAX_MEMBER,
+    NOT_REGULAR,
+    REGULAR,
+    ZERO_BLOCK,
+    Damaged,
+    check_boundary,
+    checksum_ok,
+    follows,
+    number,
+    parse_pax,
+    qubes_member,
+    quoted,
+    refusal,
+    text,
+)
 
 log = logging.getLogger("qrecover")
 
 if TYPE_CHECKING:
     from qrecover.container import Member
+    from qrecover.damage import Damage
     from qrecover.sources import ByteInput
 
-BLOCK = 512
-ZERO_BLOCK = bytes(BLOCK)
 MAX_EXTENDED = 1024 * 1024  # a PAX or GNU long-name header's data
 # Qubes' writer padded each small archive to one tar record (10 KiB); far
 # more zeros than that is a zero-filled file before anything (refused), or,
@@ -35,98 +52,16 @@ MAX_EXTENDED = 1024 * 1024  # a PAX or GNU long-name header's data
 # copy): reading stops there, and what is missing is reported as missing.
 # /dev/zero must not be read forever either way.
 MAX_ZERO_RUN = 1024 * 1024
-# Qubes cut every stored file into chunks of at most 100 MiB (FORMAT-NOTES);
-# a member declaring far more would only fill the scratch folder (a small
-# compressed input can expand to any size), so it is refused before any copy.
-MAX_MEMBER = 256 * 1024 * 1024
-_REGULAR = (b"0", b"\0", b"7")
-_NOT_REGULAR = {
-    b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
-    b"4": "a block device", b"6": "a FIFO", b"S": "a GNU sparse file",
-    b"M": "the continuation of a multi-volume archive", b"V": "a volume label",
-}
-
-
-def _number(field: bytes) -> int:
-    """A numeric header field: octal digits, or GNU's base-256 (top bit set)."""
-    if field and field[0] & 0x80:
-        if field[0] != 0x80:
-            raise ValueError("negative or oversized base-256 number")
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    if any(c not in b"01234567" for c in text):
-        raise ValueError(f"not an octal number: {text[:12]!r}")
-    return int(text, 8)
-
-
-def _text(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def checksum_ok(block: bytes) -> bool:
-    """Is this 512-byte block a tar header (its checksum, signed or unsigned)?"""
-    try:
-        stored = _number(block[148:156])
-    except ValueError:
-        return False
-    if not block[148:156].strip(b"\0 "):
-        return False
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
-    signed = sum(struct.unpack("512b", block)) - sum(struct.unpack("8b", block[148:156])) + 8 * 32
-    return stored in (unsigned, signed) and block[257:262] == b"ustar"
-
-
-def parse_pax(data: bytes) -> dict[str, str]:
-    """PAX records, ``LEN key=value\\n``; strict: a bad record is damage."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos, pos + 20)
-        if space < 0 or not data[pos:space].isdigit():
-            raise ValueError("malformed PAX record")
-        length = int(data[pos:space])
-        record = data[space + 1 : pos + length]
-        if length <= space - pos or pos + length > len(data) or not record.endswith(b"\n"):
-            raise ValueError("malformed PAX record")
-        key, eq, value = record[:-1].partition(b"=")
-        if not eq:
-            raise ValueError("PAX record without '='")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return records
-
-
-def _shown(name: str) -> str:
-    return repr(name.encode("ascii", "backslashreplace").decode()[:120])
-
-
-def follows(prev: str, name: str) -> bool:
-    """Can member ``name`` come right after ``prev`` in a backup Qubes wrote?
-    The header, its .hmac, then each stored file's chunks in order, each
-    format-3 chunk followed by its .hmac.  Unknown shapes are not judged here
-    (the engine refuses them with their own message)."""
-    from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
-
-    if prev == HEADER:
-        return name == HEADER_HMAC
-    try:
-        before, after = parse_member_name(prev), parse_member_name(name)
-    except BackupError:
-        return True
-    if after is None:
-        return False
-    if prev == HEADER_HMAC:
-        return after.stored == QUBES_XML and after.index == 0 and not after.is_hmac
-    if before is None:
-        return True
-    if not before.is_hmac and not before.is_enc:
-        return after.is_hmac and (after.stored, after.index) == (before.stored, before.index)
-    nxt = (after.stored, after.index) == (before.stored, before.index + 1)
-    return not after.is_hmac and after.is_enc == before.is_enc and (nxt or after.index == 0)
-
-
+# Damage is stepped over (``tar -i``) to the next member header: in a file to
+# its end, in a pipe for at most this much (a few chunks' worth), so that
+# /dev/urandom or a disk's empty end is not read forever.
+MAX_SKIP_STREAM = 512 * 1024 * 1024
+# Before any member, damage is stepped over only inside the first tar record
+# (10 KiB, backup-header's small archive), to that member: the PAX header
+# Qubes' tar wrote before it may be damaged; what has no backup-header there
+# is not a backup, and is named by its first block as before.
+FIRST_RECORD = 10240
+_FIRST = ("backup-header", "qubes.xml.000")  # R2-Beta3 wrote no header
 class _MemberStream:
     """One member's data: exactly its size, then its padding is skipped."""
 
@@ -162,6 +97,14 @@ class TarReader:
     def __init__(self, data: ByteInput) -> None:
         self.input = data
         self.label = data.label
+        self.skipping: int | None = None  # where the damage being stepped over began
+        self.skip_what = ""
+        self.zeros_only = True  # nothing but zero blocks in it so far
+        self.after: Damage | None = None  # for the next member: the damage before it
+        # A file is stepped over to its end; a pipe only so far (/dev/zero is endless).
+        seekable = not data.via and all(p.size is not None for p in data.pieces)
+        self.max_skip = 1 << 62 if seekable else MAX_SKIP_STREAM
+        self.first_error: BackupError | None = None  # the first block was no tar header
 
     def ended(self) -> str:
         """Why the stream ended early, for a truncation message."""
@@ -174,19 +117,20 @@ class TarReader:
             return f"the last piece, {last}, ends there (is a piece missing?)"
         return f"it ends at {where}"
 
-    def _damaged(self, offset: int, what: str, since_piece: bool) -> BackupError:
+    def _damaged(self, offset: int, what: str, since_piece: bool) -> Damaged:
+        """Damage where a member header should be.  Fatal (an error) when it
+        says the pieces are out of order; otherwise stepped over, to the next
+        member header (``tar -i``)."""
         where = self.input.where(offset)
-        failed = self.input.failure()
-        if failed is not None:
-            return BackupError(f"{self.label}: {failed} (the compressed backup is damaged)")
         index = self.input.piece_at(offset)
         if since_piece and index > 0 and not self.input.via:
             piece, prev = self.input.pieces[index], self.input.pieces[index - 1]
-            return BackupError(
+            return Damaged(what, BackupError(
                 f"piece {piece.label} does not continue piece {prev.label}: {what} at {where}, "
                 "where a member should start (pieces out of order, or one missing?)"
-            )
-        return BackupError(f"{self.label}: outer archive damaged at {where}: {what}")
+            ), True)
+        return Damaged(what, BackupError(
+            f"{self.label}: outer archive damaged at {where}: {what}"), False)
 
     def _skip(self, count: int) -> None:
         """Skip ``count`` bytes of member data (what the engine did not read)."""
@@ -222,12 +166,21 @@ class TarReader:
         long_name: str | None = None
         piece = entry_piece = end_piece = self.input.piece_at(0)
         last = ""
+        entry = entry_zeros = 0  # where the entry being read (its first header) starts
+        resynced = False  # that entry was found by stepping over damage
         while True:
             offset = self.input.position
             block = self.input.read_exact(BLOCK)
             # a block whose last byte lies in another piece crosses the boundary too
             crossed = self.input.piece_at(offset + len(block) - 1) != piece
             if len(block) < BLOCK:
+                if count > 0:
+                    self._decompressor_failed(offset + len(block))
+                if self.skipping is not None:
+                    if count == 0:
+                        raise self._not_a_backup()
+                    self._ended_in_damage(offset + len(block))
+                    return
                 self.input.finish()  # a decompressor that failed says why the bytes ended
                 if pax or long_name is not None:
                     raise BackupError(f"{self.label}: the backup ends after an extended tar "
@@ -243,6 +196,19 @@ class TarReader:
                     raise BackupError(f"{self.label}: the backup ends inside a tar header "
                                       f"(truncated backup): {self.ended()}")
                 return
+            if self.skipping is not None:
+                if count == 0 and offset >= FIRST_RECORD:
+                    raise self._not_a_backup()
+                if offset - self.skipping > self.max_skip:
+                    self._ended_in_damage(None)
+                    return
+                if block == ZERO_BLOCK:
+                    continue
+                if not self._resumes_here(block, first=count == 0):
+                    self.zeros_only = False
+                    continue  # still inside the damage
+                self._resumed(offset)
+                resynced, zeros = True, 0
             if block == ZERO_BLOCK:
                 zeros += BLOCK
                 if zeros > MAX_ZERO_RUN:
@@ -250,95 +216,185 @@ class TarReader:
                     if count == 0:
                         raise BackupError(f"{self.label}: zero-filled: more than "
                                           f"{MAX_ZERO_RUN} bytes of zeros at {where}")
-                    log.warning("note: %s: more than %d bytes of zeros at %s: taken as the end "
-                                "of the backup (a copy on a larger disk?); nothing after them "
-                                "is read", self.label, MAX_ZERO_RUN, where)
-                    return
+                    # a copy on a larger disk ends in zeros; unreadable sectors
+                    # ddrescue filled are zeros too: looked past, to a member or the end
+                    self._step_over(offset + BLOCK - zeros, "", zeros_only=True)
+                    zeros = 0
                 continue
             zeros_before, zeros = zeros, 0
-            if not checksum_ok(block):
-                if count == 0 and offset == 0:
-                    raise self._first_block(block)
-                if count == 0 and offset == zeros_before:
-                    raise self._first_block(block, offset)
-                raise self._damaged(offset, "a broken tar header", crossed)
-            piece = self.input.piece_at(offset + BLOCK - 1)
             if not pax and long_name is None:
-                entry_piece = piece  # where this entry's first header is
-            kind = block[156:157]
+                entry, entry_zeros = offset, zeros_before
             try:
-                size = _number(block[124:136])
-                if "size" in pax:
-                    size = int(pax["size"]) if pax["size"].isdigit() else -1
-            except ValueError as exc:
-                raise self._damaged(offset, f"tar header with a bad size ({exc})", False) from None
-            if size < 0:
-                raise self._damaged(offset, "PAX header with a bad size", False)
-            if kind in (b"x", b"g"):
+                if not checksum_ok(block):
+                    if count == 0 and offset in (0, zeros_before):  # not a tar, or damaged
+                        raise Damaged("a broken tar header", self._first_block(block, offset),
+                                       False)
+                    raise self._damaged(offset, "a broken tar header", crossed)
+                piece = self.input.piece_at(offset + BLOCK - 1)
+                if not pax and long_name is None:
+                    entry_piece = piece  # where this entry's first header is
+                kind = block[156:157]
                 try:
-                    records = parse_pax(self._extended(size, offset))
+                    size = number(block[124:136])
+                    if "size" in pax:
+                        size = int(pax["size"]) if pax["size"].isdigit() else -1
                 except ValueError as exc:
-                    raise self._damaged(offset, str(exc), False) from None
-                if kind == b"x":
-                    pax = records
+                    raise self._damaged(offset, f"tar header with a bad size ({exc})",
+                                        False) from None
+                if size < 0:
+                    raise self._damaged(offset, "PAX header with a bad size", False)
+                if kind in (b"x", b"g"):
+                    try:
+                        records = parse_pax(self._extended(size, offset))
+                    except ValueError as exc:
+                        raise self._damaged(offset, str(exc), False) from None
+                    if kind == b"x":
+                        pax = records
+                    continue
+                if kind in (b"L", b"K"):
+                    data = self._extended(size, offset)
+                    if kind == b"L":
+                        long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    continue
+                name = pax.get("path") or long_name or text(block[0:100])
+                prefix = text(block[345:500]) if block[257:263] == b"ustar\0" else ""
+                if prefix and "path" not in pax and long_name is None:
+                    name = f"{prefix}/{name}"
+                if any(key.startswith("GNU.sparse") for key in pax):
+                    kind = b"S"
+                pax, long_name = {}, None
+                if resynced and (not qubes_member(name, kind, size)
+                                 or (count == 0 and name not in _FIRST)):
+                    raise self._damaged(offset, f"a tar header of {quoted(name)}", False)
+            except Damaged as damage:
+                if damage.fatal:
+                    raise damage.error from None
+                if count == 0:  # the first record: its PAX header damaged, or not a tar
+                    self.first_error = self.first_error or damage.error
+                    if offset >= FIRST_RECORD:
+                        raise self._not_a_backup() from None
+                pax, long_name = {}, None
+                # from the end of the last member read: the zeros before the entry included
+                self._step_over(entry - entry_zeros, damage.what)
                 continue
-            if kind in (b"L", b"K"):
-                data = self._extended(size, offset)
-                if kind == b"L":
-                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                continue
-            name = pax.get("path") or long_name or _text(block[0:100])
-            prefix = _text(block[345:500]) if block[257:263] == b"ustar\0" else ""
-            if prefix and "path" not in pax and long_name is None:
-                name = f"{prefix}/{name}"
-            if any(key.startswith("GNU.sparse") for key in pax):
-                kind = b"S"
-            pax, long_name = {}, None
             if size > MAX_MEMBER:
-                raise BackupError(f"outer archive: member {_shown(name)} declares {size} bytes, "
+                raise BackupError(f"outer archive: member {quoted(name)} declares {size} bytes, "
                                   f"more than any chunk Qubes writes (100 MiB)")
             if kind == b"5":
                 self._skip(size)
                 self._skip_padding(size)
                 continue
-            if kind not in _REGULAR:
-                what = _NOT_REGULAR.get(kind, f"of tar type {kind!r}")
+            if kind not in REGULAR:
+                what = NOT_REGULAR.get(kind, f"of tar type {kind!r}")
                 shown = name.encode("ascii", "backslashreplace").decode()[:120]
                 raise BackupError(f"outer archive: member {shown!r} is not a regular file "
                                   f"(it is {what})")
+            if count > 0 and (refused := refusal(name)) is not None:
+                # a well-formed member with a name no Qubes backup holds (a damaged
+                # PAX path, or planted): its bytes are stepped over, never used
+                self._skip(size)
+                self._skip_padding(size)
+                self.after = self.input.damage.add(self.label, entry, self.input.position,
+                                                   refused, self.input.where(entry))
+                continue
             if len(self.input.pieces) > 1:
                 self._check_boundary(count, last, name, entry_piece != end_piece)
             count += 1
             last = name
+            after, self.after = self.after, None
+            resynced = False
             stream = _MemberStream(self, name, size)
-            yield Member(name, size, stream=stream)  # type: ignore[arg-type]
+            yield Member(name, size, stream=stream, at=entry,  # type: ignore[arg-type]
+                         data_end=self.input.position + size, after_damage=after)
             rest, stream.left = stream.left, 0
             self._skip(rest)
             self._skip_padding(size)
             end_piece = self.input.piece_at(self.input.position - 1)
 
-    def _check_boundary(self, count: int, last: str, name: str, crossed: bool) -> None:
-        """Pieces of a split backup: does the member after a piece boundary
-        follow the one before it, in the order Qubes wrote them?"""
-        from qrecover.container import HEADER, QUBES_XML
+    # -- stepping over damage ---------------------------------------------
 
-        pieces = self.input.pieces
-        # R2-Beta3 wrote no header: its backups start with qubes.xml.000
-        if count == 0 and name not in (HEADER, f"{QUBES_XML}.000"):
-            raise BackupError(
-                f"the first piece, {pieces[0].label}, does not start the backup: its first "
-                f"member is {_shown(name)}, not {HEADER} (pieces out of order?)"
-            )
-        if crossed and not follows(last, name):
-            index = self.input.piece_at(self.input.position - BLOCK)
-            raise BackupError(
-                f"piece {pieces[index].label} does not continue piece {pieces[index - 1].label}: "
-                f"the member before the boundary is {_shown(last)}, the one after it "
-                f"{_shown(name)} (pieces out of order, or one missing?)"
-            )
+    def _decompressor_failed(self, end: int) -> None:
+        """A backup compressed as a whole whose decompressor failed: what it
+        wrote was read (every chunk in it is authenticated on its own); the
+        failure is damage from where its output ended (its damage is before
+        that, in its input, where no offset of ours can name it)."""
+        try:
+            self.input.finish()
+        except BackupError as exc:
+            self.input.damage.add(self.label, end, None, f"{exc.message}; everything "
+                                  f"{self.input.via} wrote before it was read",
+                                  self.input.where(end))
+
+    def _step_over(self, start: int, what: str, zeros_only: bool = False) -> None:
+        """Begin stepping over bytes from ``start``: what is there is no member."""
+        if self.skipping is None:
+            self.skipping, self.skip_what = start, what
+        elif what and not self.skip_what:
+            self.skip_what = what
+        self.zeros_only = zeros_only and self.zeros_only
+
+    def _not_a_backup(self) -> BackupError:
+        """What the first block said, when no backup-header followed it in the first record."""
+        assert self.first_error is not None
+        return self.first_error
+
+    def _resumes_here(self, block: bytes, first: bool = False) -> bool:
+        """Could a member start at this block?  A tar header (checksum, ustar)
+        of a PAX record or of a regular file that Qubes could have written
+        (``first``: the first member, backup-header); anything else inside
+        damage is stepped over."""
+        if not checksum_ok(block):
+            return False
+        kind = block[156:157]
+        if kind in (b"x", b"L"):
+            return True
+        try:
+            size = number(block[124:136])
+        except ValueError:
+            return False
+        name = text(block[0:100])
+        return qubes_member(name, kind, size) and (not first or name in _FIRST)
+
+    def _resumed(self, offset: int) -> None:
+        """A member header again at ``offset``: the range before it is one damage."""
+        assert self.skipping is not None
+        start, self.skipping = self.skipping, None
+        if self.zeros_only:
+            what = f"{offset - start} bytes of zeros where members should be"
+        else:
+            what = self.skip_what or "no tar header"
+        self.after = self.input.damage.add(
+            self.label, start, offset, f"{what}; stepped over to the next member header",
+            self.input.where(start),
+        )
+        self.zeros_only = True
+
+    def _ended_in_damage(self, end: int | None) -> None:
+        """The input ended (or, on a pipe, too much was stepped over) inside damage."""
+        assert self.skipping is not None
+        start, self.skipping = self.skipping, None
+        if self.zeros_only:  # zeros to the end: where the backup ends (a larger disk)
+            log.warning("note: %s: more than %d bytes of zeros at %s: taken as the end "
+                        "of the backup (a copy on a larger disk?); nothing after them "
+                        "is read", self.label, MAX_ZERO_RUN, self.input.where(start))
+            return
+        what = self.skip_what or "no tar header"
+        if end is None:
+            what += f"; no member header in the {self.max_skip} bytes after it: reading stopped"
+        else:
+            what += "; no member header after it"
+        self.input.damage.add(self.label, start, end, what, self.input.where(start))
+        self.input.finish()  # a decompressor that failed says why
+
+    def _check_boundary(self, count: int, last: str, name: str, crossed: bool) -> None:
+        index = self.input.piece_at(self.input.position - BLOCK)
+        check_boundary([p.label for p in self.input.pieces], index, count, last, name, crossed)
 
     def _skip_padding(self, size: int) -> None:
         pad = -size % BLOCK
         if pad and len(self.input.read_exact(pad)) < pad:
             raise BackupError(f"{self.label}: the backup ends inside a member's padding "
                               f"(truncated backup): {self.ended()}")
+
+
+__all__ = ["MAX_MEMBER", "TarReader", "checksum_ok", "follows", "parse_pax"]

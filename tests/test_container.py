@@ -6,6 +6,7 @@ import io
 import logging
 import random
 import re
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -160,28 +161,47 @@ def test_reader_names_what_is_not_a_tar(data: bytes, message: str, tmp_path: Pat
         _members(path)
 
 
-def test_reader_refuses_garbage_between_members(tmp_path: Path) -> None:
-    data = _tar(MEMBERS[:2]) + b"\x01" * 512 + _tar(MEMBERS[2:])
+def test_reader_steps_over_garbage_between_members(tmp_path: Path) -> None:
+    """Garbage where a header should be is stepped over (``tar -i``), to the
+    next member header, and recorded once as one damaged range."""
+    before = _tar(MEMBERS[:2])
+    data = before + b"\x01" * 512 + _tar(MEMBERS[2:])
     path = tmp_path / "b"
     path.write_bytes(data)
-    with pytest.raises(BackupError, match=r"outer archive damaged at byte .*a broken tar header"):
-        _members(path)
+    source = open_source([str(path)])
+    assert isinstance(source, StreamSource)
+    got = [(m.name, m.read_all(1 << 20), m.after_damage) for m in source.members()]
+    assert [(n, d) for n, d, _ in got] == MEMBERS
+    (damage,) = source.damage.ranges
+    # from the end of the last member read (its archive's zeros) to the next header
+    assert damage.end == len(before) + 512
+    assert damage.start <= len(before) < damage.end
+    assert "a broken tar header" in damage.what[0]
+    assert got[2][2] is damage and all(d is None for _, _, d in got[:2] + got[3:])
 
 
-def test_reader_stops_at_a_megabyte_of_zeros(
+def test_reader_steps_over_a_megabyte_of_zeros_in_a_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After members, a megabyte of zeros is where the backup ends (a raw copy
-    on a larger disk): nothing after it is read, and a note says so."""
+    """Megabytes of zeros after members: in a file, looked past (ddrescue's
+    unreadable sectors); what follows is read, and the zeros are damage.  At
+    the end of the file they are where the backup ends (a raw copy on a larger
+    disk), with a note."""
     # an earlier cli.main in this worker stopped "qrecover" propagating to the root
     # logger, where caplog listens on the pytest that Python 3.8 has
     monkeypatch.setattr(logging.getLogger("qrecover"), "propagate", True)
     path = tmp_path / "b"
-    path.write_bytes(_tar(MEMBERS[:2]) + bytes(2 << 20) + _tar(MEMBERS[2:]))
+    head = _tar(MEMBERS[:2])
+    path.write_bytes(head + bytes(2 << 20) + _tar(MEMBERS[2:]))
+    source = open_source([str(path)])
+    assert isinstance(source, StreamSource)
+    assert [(m.name, m.read_all(1 << 20)) for m in source.members()] == MEMBERS
+    (damage,) = source.damage.ranges
+    assert damage.end == len(head) + (2 << 20) and damage.start <= len(head)
+    assert "bytes of zeros where members should be" in damage.what[0]
+    path.write_bytes(_tar(MEMBERS) + bytes(2 << 20))
     with caplog.at_level("WARNING", logger="qrecover"):
-        names = [name for name, _ in _members(path)]
-    assert names == [name for name, _ in MEMBERS[:2]]
-    assert "more than 1048576 bytes of zeros" in caplog.text
+        assert _members(path) == MEMBERS
     assert "taken as the end of the backup" in caplog.text
     path.write_bytes(bytes(2 << 20) + _tar(MEMBERS))
     with pytest.raises(BackupError, match="zero-filled: more than 1048576 bytes of zeros"):
@@ -272,3 +292,28 @@ def test_short_first_piece_is_named(tmp_path: Path) -> None:
     (tmp_path / "b").write_bytes(data[:2048])
     with pytest.raises(BackupError, match="is shorter than the next piece"):
         open_source([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_a_damaged_pax_header_before_backup_header_is_stepped_over(tmp_path: Path) -> None:
+    """The first member's PAX header (GNU tar --posix writes one, as for Qubes)
+    zeroed or garbled: its ustar header, in the first record, still names
+    backup-header; read from there, the damage recorded."""
+    stage = tmp_path / "stage"
+    (stage / "vm7").mkdir(parents=True)
+    members = [("backup-header", b"version=3\n"), ("backup-header.hmac", b"x" * 70),
+               ("vm7/p.000", b"d" * 900)]
+    data = bytearray()
+    for name, content in members:
+        (stage / name).write_bytes(content)
+        data += subprocess.run(["tar", "-cO", "--posix", "-C", str(stage), name],
+                               capture_output=True, check=True).stdout
+    assert data[156:157] == b"x"  # a PAX header first
+    for damage in (bytes(512), b"\x07" * 512):
+        data[0:512] = damage
+        path = tmp_path / "b"
+        path.write_bytes(bytes(data))
+        source = open_source([str(path)])
+        assert isinstance(source, StreamSource)
+        assert [(m.name, m.read_all(1 << 20)) for m in source.members()] == members
+        (found,) = source.damage.ranges
+        assert found.start == 0 and found.end == 1024, found

@@ -338,3 +338,21 @@ def test_restore_files_from_an_r1_image(tmp_path: Path) -> None:
     result = run("restore", manifest.path, "--output", out, "--files")
     assert result.code == 0, result.err
     assert tree(out / "work" / "files" / "user") == tree(tree_dir / "home" / "user")
+
+
+def test_a_vm_folder_qubes_xml_does_not_list_is_restored_under_its_name(
+    backup: Path, tmp_path: Path
+) -> None:
+    """Issue 22, item 5: the data is there and named, and nothing in format 1 is
+    authenticated anyway: restored under the folder's name with a note, exit 0."""
+    copy = tmp_path / "qubes-2012-09-01-120000"
+    shutil.copytree(backup, copy, symlinks=True)
+    shutil.copytree(copy / "appvms" / "untrusted", copy / "appvms" / "stray", symlinks=True)
+    out = tmp_path / "out"
+    result = run("restore", copy, "--output", out, "--vm", "stray")
+    assert result.code == 0, result.err
+    assert "not in its qubes.xml, so restored under the folder's name" in result.err
+    assert "stray (appvms/stray)" in result.err
+    assert tree(out / "stray") == tree(copy / "appvms" / "stray")
+    listed = run("info", copy)
+    assert listed.code == 0 and "stray" in listed.out, listed.err

@@ -60,3 +60,19 @@ def test_short_fuzz_run_of_inputs_that_are_not_backups(tmp_path: Path) -> None:
     assert data["exit_codes"].get("4", 0) >= 40
     # valid backups in another wrapping (compressed whole, split in order) restored
     assert data["exit_codes"].get("0", 0) >= 1
+
+
+def test_short_fuzz_run_of_damage_as_media_do_it(tmp_path: Path) -> None:
+    """A few cases of ``--mode damage`` (thousands are run outside the suite:
+    docs/damaged-backups.md): no crash, no wrong byte, no intact file lost."""
+    report = tmp_path / "fuzz.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "fuzz"), "--mode", "damage", "--cases", "12",
+         "--seed", "5", "--jobs", "2", "--timeout", "120", "--json", str(report)],
+        capture_output=True, text=True, check=False, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    assert data["failures"] == []
+    assert data["verdicts"] == {"ok": 12}
+    assert data["exit_codes"].get("4", 0) >= 6  # the damage was there, and reported

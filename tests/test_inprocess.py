@@ -153,8 +153,8 @@ def test_restores_one_after_another_in_one_process(
             default_backup.passfile)
     first = run_main(*args, "--resume")  # nothing to resume in a new DIR: it runs
     assert first.code == 0, first.text
-    again = run_main(*args, "--resume")  # refused: the first one finished
-    assert again.code == 6 and "nothing to resume" in again.err, again.text
+    again = run_main(*args, "--resume")  # the first one finished: nothing left to do
+    assert again.code == 0 and "nothing left to do" in again.out, again.text
     forced = run_main(*args, "--force")
     assert forced.code == 0, forced.text
     assert "another qrecover is restoring" not in forced.text

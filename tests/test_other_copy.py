@@ -91,11 +91,11 @@ def test_format3_two_damaged_copies_restore_perfectly(v3: Backup, tmp_path: Path
     assert f"chunk {first}: HMAC mismatch; taken from {b}" in text
     assert "1 chunk(s) taken from the other copies" in text
     doc = json.loads(text[text.index("{"):text.rindex("}") + 1])
-    (damaged,) = doc["damage"]["damaged"]
+    (damaged,) = doc["integrity"]["damaged"]
     assert damaged["stored"] == "vm7/private.img" and damaged["recovered"] is True
     assert [c["chunk"] for c in damaged["chunks"]] == [first]
     assert damaged["chunks"][0]["taken_from"] == str(b)
-    assert "vm7/private.img" not in doc["damage"]["intact"] and doc["damage"]["intact"]
+    assert "vm7/private.img" not in doc["integrity"]["intact"] and doc["integrity"]["intact"]
 
 
 def test_format3_from_stdin_with_a_folder_copy_missing_a_chunk(v3: Backup, tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_verify_tells_the_damage_before_anything_is_written(v3: Backup, tmp_path
     assert f"chunk {chunks[0]}: HMAC mismatch; no other copy given" in result.err
     assert f"chunk {chunks[2]}: HMAC mismatch; no other copy given" in result.err
     doc = json.loads(result.out)
-    (damaged,) = doc["damage"]["damaged"]
+    (damaged,) = doc["integrity"]["damaged"]
     assert [c["chunk"] for c in damaged["chunks"]] == [chunks[0], chunks[2]]
     assert damaged["recovered"] is False and "--salvage" in damaged["hint"]
 
@@ -308,6 +308,6 @@ def test_format4_verify_names_every_damaged_chunk(make4: MakeBackup, tmp_path: P
     a2 = damaged_copy(a, tmp_path / "A2", chunks[2])
     result = run_main("verify", a2, "--passphrase-file", backup.passfile, "-j", "4", "--json")
     assert result.code == 4, result.text
-    (damaged,) = json.loads(result.out)["damage"]["damaged"]
+    (damaged,) = json.loads(result.out)["integrity"]["damaged"]
     assert [c["chunk"] for c in damaged["chunks"]] == [chunks[0], chunks[2]]
     assert all("scrypt" in c["problem"] for c in damaged["chunks"])

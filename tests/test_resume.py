@@ -279,13 +279,23 @@ def test_broken_record_is_a_clear_error(
     assert sorted(p.name for p in out.iterdir()) == [RECORD]
 
 
-def test_resume_of_a_finished_restore_says_there_is_nothing_to_resume(
+def test_resume_of_a_finished_restore_says_there_is_nothing_left_to_do(
     make: MakeBackup, tmp_path: Path
 ) -> None:
+    """Issue 22: exit 0, nothing written; the finished restore is known by what it
+    left: no record, this backup's qubes.xml, every selected VM's folder."""
     backup = make()
     out = tmp_path / "out"
     assert run_main("restore", backup.path, "-o", out, "--passphrase-file",
                     backup.passfile).code == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    result = run_main("restore", "--resume", backup.path, "-o", out, "--passphrase-file",
+                      backup.passfile)
+    assert result.code == 0 and "nothing left to do" in result.out, result.text
+    assert "RESTORED" not in result.out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    # A VM's folder gone: it is not a finished restore any more; said as before.
+    shutil.rmtree(out / "sys-net")
     result = run_main("restore", "--resume", backup.path, "-o", out, "--passphrase-file",
                       backup.passfile)
     assert result.code == 6 and "nothing to resume" in result.err, result.text

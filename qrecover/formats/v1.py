@@ -135,6 +135,7 @@ class Format1:
     multi_volume = False  # (format 2's Format attribute: each stored file is one archive)
     header: HeaderV1 = field(default_factory=HeaderV1)
     absent: list[str] = field(default_factory=list)  # in qubes.xml, no folder here
+    unlisted: list[str] = field(default_factory=list)  # a VM's folder here, not in qubes.xml
     _scan: Scan | None = None
 
     @property
@@ -149,6 +150,11 @@ class Format1:
             notes.append(
                 "in qubes.xml but not in this folder, so not in the backup (R1 backed up "
                 "only some VMs): " + ", ".join(self.absent)
+            )
+        if self.unlisted:
+            notes.append(
+                "in this folder but not in its qubes.xml, so restored under the folder's "
+                "name (its type and template are unknown): " + ", ".join(self.unlisted)
             )
         return notes
 
@@ -232,12 +238,39 @@ class Format1:
             vm_type = _TYPES.get(elem.tag, "?")
             size = sum(n for s, n in scan.stored.items() if s.startswith(rel + "/"))
             entities.append(vm_entity(name, vm_type, template, rel, size))
+        entities += self._unlisted(entities)
         if scan.dom0 is not None:
             try:
                 entities.append(dom0_entity(scan.dom0, scan.stored[scan.dom0]))
             except BackupError as exc:
                 scan.problems.append(f"{exc}; dom0's home not restored")
         return checked_inventory(entities), list(scan.problems)
+
+
+    def _unlisted(self, listed: list[Entity]) -> list[Entity]:
+        """The VMs' folders qubes.xml does not list: the data is there and named
+        (and nothing in format 1 is authenticated anyway), so each is restored
+        under its folder's name, with a note; a name already taken is skipped."""
+        scan = self.scan
+        paths = {e.backup_path for e in listed}
+        names = {e.name for e in listed}
+        found: list[Entity] = []
+        for rel in sorted(scan.folders - paths):
+            kind, _, name = rel.partition("/")
+            if name in names or not VM_NAME.match(name):
+                scan.problems.append(f"{rel}: a VM folder not listed in qubes.xml, whose name "
+                                     "is taken or not a VM name; skipped")
+                continue
+            size = sum(n for s, n in scan.stored.items() if s.startswith(rel + "/"))
+            vm_type = {"vm-templates": "TemplateVM", "servicevms": "NetVM"}.get(kind, "AppVM")
+            try:
+                found.append(vm_entity(name, vm_type, None, rel, size))
+            except BackupError as exc:
+                scan.problems.append(f"{rel}: {exc}; skipped")
+                continue
+            names.add(name)
+            self.unlisted.append(f"{name} ({rel})")
+        return found
 
 
 def _backup_path(name: str, dir_path: str) -> str:
