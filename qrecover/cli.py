@@ -35,7 +35,7 @@ from qrecover.errors import (
     QrecoverError,
 )
 from qrecover.files import DEFAULT_PATH
-from qrecover.files.command import files_command
+from qrecover.files.cli import files
 from qrecover.help_text import EXAMPLES, SUMMARIES, TOP_HELP, Group
 from qrecover.messages import OneLineFormatter, err
 from qrecover.options import (
@@ -201,41 +201,7 @@ def restore(
     )
 
 
-@app.command(help=SUMMARIES["files"], epilog=EXAMPLES["files"])
-def files(
-    image: Annotated[
-        Path,
-        typer.Argument(
-            help="A restored private.img (an ext2/3/4 file system image).", metavar="IMAGE"
-        ),
-    ],
-    paths: Annotated[
-        Optional[List[str]],  # typer evaluates these: no X | None, list[str] (3.8)
-        typer.Argument(
-            help=f"Folders or files inside the image to copy (default: {DEFAULT_PATH}; "
-            "the image's root holds home/, config/ and usrlocal/). Each is copied into DIR "
-            "under its last name: /home/user -> DIR/user; / -> DIR/rw.",
-            metavar="PATH",
-        ),
-    ] = None,
-    output: Annotated[
-        Optional[Path],
-        typer.Option("--output", "-o", help="Folder to copy into.", metavar="DIR"),
-    ] = None,
-    list_only: Annotated[
-        bool,
-        typer.Option("--list", help="Print the tree below each PATH (stdout) instead of copying."),
-    ] = False,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Replace DIR/<name> if it exists (only once the new copy is complete).",
-        ),
-    ] = False,
-) -> None:
-    """qrecover files (its help and examples: qrecover.help_text)."""
-    raise typer.Exit(files_command(image, output, paths or [], list_only, force))
+app.command(help=SUMMARIES["files"], epilog=EXAMPLES["files"])(files)  # files/cli.py
 
 
 @app.command(help=SUMMARIES["verify"], epilog=EXAMPLES["verify"])

@@ -270,7 +270,7 @@ class Recovery:
                     f"{member.name}: stored file not listed in qubes.xml; skipped"
                 )
                 continue
-            if owner.backup_path not in chosen:
+            if owner.backup_path not in chosen or not self.request.wants(name.stored, owner):
                 members.take()  # the stream skips its bytes without reading them into us
                 self.observer.data_read(name.stored, member.size)
                 continue
@@ -284,7 +284,7 @@ class Recovery:
                                 lambda stored, owner: self._from_copies(plan, stored, owner))
         elif members.error is not None:
             self.costs.broken(members, self.report.problems)
-        self.report.problems += missing(plan.selected, self.report.files)
+        self.report.problems += missing(plan.selected, self.report.files, self.request.only)
 
     def _one_file(self, plan: Plan, members: Members, stored: str, owner: Entity) -> None:
         job = self._job(plan, stored, owner.name, owner)

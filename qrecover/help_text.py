@@ -70,11 +70,14 @@ TOP_HELP = (
 # commands), then what else to know.
 SUMMARIES = {
     "restore": "Verify and restore the backup's VMs (all, or those named with --vm) into DIR.",
-    "files": "Copy files out of a restored private.img, without root and without mounting it."
+    "files": "Copy files out of a VM image, or straight from a backup with --vm NAME, "
+    "without root and without mounting anything."
     "\n\n"
-    "Uses e2fsprogs' debugfs read-only (-c): permissions and times are kept, symbolic "
-    "links are copied as links and never followed, special files (devices, FIFOs, "
-    "sockets) are skipped with a note.",
+    "Reads ext2/3/4 with e2fsprogs' debugfs read-only (-c), a whole-disk image (a "
+    "template's root.img: GPT; a Windows qube's private.img: MBR) through its "
+    "partition's offset, and NTFS with The Sleuth Kit (fls, icat): permissions and "
+    "times are kept, symbolic links are copied as links and never followed, special "
+    "files (devices, FIFOs, sockets) are skipped with a note.",
     "verify": "Check everything restore would, writing nothing: every HMAC, decryption, "
     "decompression, and a listing of each inner archive.",
     "script": "Print a standalone POSIX sh recovery script (no Python, no qrecover needed) for "
@@ -105,6 +108,8 @@ EXAMPLES = {
         "qrecover files restored/work/private.img --output recovered",
         "qrecover files restored/work/private.img -o recovered /home/user/Documents",
         "qrecover files restored/work/private.img --list /",
+        f"qrecover files {B} --vm work -o recovered",
+        "qrecover files restored/fedora-41/root.img --list",
     ),
     "verify": _examples(
         f"qrecover verify {B}",

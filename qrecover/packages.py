@@ -18,4 +18,6 @@ PACKAGES: dict[str, str] = {
     "scrypt": "scrypt",
     "debugfs": "e2fsprogs",
     "printf": "coreutils",
+    "fls": "sleuthkit",
+    "icat": "sleuthkit",
 }

@@ -40,6 +40,16 @@ class Request:
     # --salvage: use chunks that fail authentication, knowingly (qrecover.salvage)
     salvage: bool = False
     other_copies: Sequence[str] = ()  # --other-copy PATH...: where lost chunks may be found
+    # Only these stored files of each selected VM (names below its folder:
+    # "private.img"); empty: all of them.  ``qrecover files BACKUP --vm``.
+    only: tuple[str, ...] = ()
+
+    def wants(self, stored: str, owner: Entity) -> bool:
+        """Is this stored file of a selected VM asked for?  A folder stored
+        whole (an R2-R3.2 template's ``vm3/.``) holds every file of the VM."""
+        if not self.only or stored in (owner.backup_path, f"{owner.backup_path}/."):
+            return True
+        return stored in {f"{owner.backup_path}/{name}" for name in self.only}
 
 
 @dataclass
@@ -138,8 +148,13 @@ class Quiet:
         pass
 
 
-def missing(selected: Sequence[Entity], files: Sequence[FileResult]) -> list[str]:
-    """What qubes.xml says is in the backup and the pass never met."""
+def missing(
+    selected: Sequence[Entity], files: Sequence[FileResult], only: Sequence[str] = ()
+) -> list[str]:
+    """What qubes.xml says is in the backup and the pass never met.  Not asked
+    with ``only`` (a few stored files were asked for: the caller checks them)."""
+    if only:
+        return []
     found = {f.stored for f in files}
     problems = []
     for entity in selected:

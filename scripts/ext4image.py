@@ -22,6 +22,8 @@ import shutil
 import struct
 import subprocess
 import sys
+import uuid
+import zlib
 from pathlib import Path
 
 __all__ = [
@@ -31,9 +33,11 @@ __all__ = [
     "add_special_files",
     "debugfs_program",
     "make_ext4",
+    "make_gpt",
     "make_hostile",
     "make_partitioned",
     "make_private_tree",
+    "make_template_root",
     "mkfs_program",
 ]
 
@@ -120,15 +124,16 @@ def make_private_tree(root: Path, owner: str = "user") -> Path:
     return root
 
 
-def make_partitioned(image: Path, partition: Path) -> Path:
+def make_partitioned(image: Path, partition: Path, ptype: int = 0x83) -> Path:
     """A disk image with an MBR partition table whose one partition is ``partition``.
 
-    The table is written in Python: one Linux (0x83) partition starting at
-    sector 2048, as fdisk/sfdisk would lay it out.
+    The table is written in Python: one partition (0x83: Linux; 0x07: NTFS,
+    as a Windows qube's private.img) starting at sector 2048, as
+    fdisk/sfdisk would lay it out.
     """
     data_size = partition.stat().st_size
     sectors = (data_size + SECTOR - 1) // SECTOR
-    entry = struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff", 2048, sectors)
+    entry = struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", ptype, b"\xfe\xff\xff", 2048, sectors)
     mbr = bytearray(SECTOR)
     mbr[440:444] = b"QRCV"  # disk signature
     mbr[446:462] = entry
@@ -139,6 +144,78 @@ def make_partitioned(image: Path, partition: Path) -> Path:
         shutil.copyfileobj(src, out, 1 << 20)
         out.truncate(PARTITION_OFFSET + sectors * SECTOR)
     return image
+
+
+# GPT partition type GUIDs (UEFI specification), as text.
+GPT_EFI = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+GPT_BIOS_BOOT = "21686148-6449-6e6f-744e-656564454649"
+GPT_LINUX = "0fc63daf-8483-4772-8e79-3d69d8477de4"
+GPT_ENTRIES = 128
+GPT_ENTRY_SIZE = 128
+# Where a template's root.img puts its partitions (in sectors): 1 EFI system,
+# 2 BIOS boot, 3 the root file system; kept small here.
+TEMPLATE_LAYOUT = ((2048, 2048, GPT_EFI, "EFI System"), (4096, 2048, GPT_BIOS_BOOT, "BIOS boot"))
+
+
+def _gpt_header(lba: int, other: int, entries_lba: int, last_usable: int, disk_guid: bytes,
+                entries_crc: int) -> bytes:
+    fields = struct.pack(
+        "<8sIIIIQQQQ16sQIII",
+        b"EFI PART", 0x00010000, 92, 0, 0, lba, other, 34, last_usable, disk_guid,
+        entries_lba, GPT_ENTRIES, GPT_ENTRY_SIZE, entries_crc,
+    )
+    crc = zlib.crc32(fields)
+    return fields[:16] + struct.pack("<I", crc) + fields[20:]
+
+
+def make_gpt(image: Path, partitions: list[tuple[int, int, str, str]], files: dict[int, Path],
+             total_sectors: int | None = None) -> Path:
+    """A GPT disk image, written from the UEFI specification in Python.
+
+    ``partitions``: (first sector, sectors, type GUID, name) each; ``files``:
+    partition number (from 1) -> a file whose bytes fill that partition.  A
+    protective MBR, the primary header and entries, the data, and the backup
+    entries and header in the last 33 sectors, as sgdisk/sfdisk write them.
+    """
+    end = max(first + count for first, count, _t, _n in partitions)
+    total = total_sectors or end + 33
+    entries = bytearray(GPT_ENTRIES * GPT_ENTRY_SIZE)
+    for i, (first, count, kind, name) in enumerate(partitions):
+        unique = hashlib.sha256(f"{image.name}-{i}".encode()).digest()[:16]
+        entry = struct.pack("<16s16sQQQ72s", uuid.UUID(kind).bytes_le, unique, first,
+                            first + count - 1, 0, name.encode("utf-16-le"))
+        entries[i * GPT_ENTRY_SIZE : (i + 1) * GPT_ENTRY_SIZE] = entry
+    crc = zlib.crc32(bytes(entries))
+    guid = hashlib.sha256(image.name.encode()).digest()[:16]
+    last_usable = total - 34
+    mbr = bytearray(SECTOR)
+    mbr[446:462] = struct.pack("<B3sB3sII", 0, b"\x00\x02\x00", 0xEE, b"\xff\xff\xff", 1,
+                               min(total - 1, 0xFFFFFFFF))
+    mbr[510:512] = b"\x55\xaa"
+    with image.open("wb") as out:
+        out.write(mbr)
+        out.write(_gpt_header(1, total - 1, 2, last_usable, guid, crc).ljust(SECTOR, b"\0"))
+        out.write(entries)
+        for number, source in files.items():
+            first, count, _k, _n = partitions[number - 1]
+            if source.stat().st_size > count * SECTOR:
+                raise ValueError(f"{source} does not fit partition {number}")
+            out.seek(first * SECTOR)
+            with source.open("rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        out.seek((total - 33) * SECTOR)
+        out.write(entries)
+        backup = _gpt_header(total - 1, 1, total - 33, last_usable, guid, crc)
+        out.write(backup.ljust(SECTOR, b"\0"))
+        out.truncate(total * SECTOR)
+    return image
+
+
+def make_template_root(image: Path, root_fs: Path) -> Path:
+    """A template's or standalone VM's root.img: EFI, BIOS boot, then ``root_fs`` as partition 3."""
+    sectors = (root_fs.stat().st_size + SECTOR - 1) // SECTOR
+    layout = [*TEMPLATE_LAYOUT, (6144, sectors, GPT_LINUX, "Root filesystem")]
+    return make_gpt(image, layout, {3: root_fs})
 
 
 def _debugfs_write(image: Path, requests: list[str]) -> None:

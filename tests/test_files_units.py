@@ -275,7 +275,8 @@ def test_read_partitions_of_an_mbr_disk(private: tuple[Path, Path], tmp_path: Pa
         "MBR",
         [
             image.Partition(
-                1, ext4image.PARTITION_OFFSET, img.stat().st_size, "ext2/3/4 file system"
+                1, "0x83 Linux", ext4image.PARTITION_OFFSET, img.stat().st_size,
+                "ext2/3/4 file system",
             )
         ],
     )
@@ -287,7 +288,8 @@ def test_read_partitions_of_an_mbr_disk(private: tuple[Path, Path], tmp_path: Pa
     with pytest.raises(BackupError) as info:
         image.check_image(luks)
     assert info.value.message == (
-        f"{luks} is not an ext2/3/4 file system: it holds a LUKS encrypted volume"
+        f"{luks} holds no file system qrecover reads (ext2/3/4, NTFS): it holds a LUKS "
+        "encrypted volume"
     )
     empty = tmp_path / "empty.img"
     empty.touch()
@@ -356,9 +358,12 @@ def test_restore_files_copies_each_restored_home(
 
 
 def test_files_modules_import_in_one_direction() -> None:
-    """image <- debugfs <- listing <- copy <- damaged <- command: no cycle, each
-    under 400 lines."""
-    order = ["image", "debugfs", "listing", "copy", "damaged", "command"]
+    """partitions <- image <- debugfs <- ntfs <- listing <- copy <- damaged <- command <-
+    from_backup: no cycle, each under 400 lines."""
+    order = [
+        "partitions", "image", "debugfs", "ntfs", "listing", "copy", "damaged", "command",
+        "from_backup",
+    ]
     for position, name in enumerate(order):
         path = ROOT / "qrecover" / "files" / f"{name}.py"
         source = path.read_text()

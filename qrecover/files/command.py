@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from qrecover.errors import EXIT_BACKUP, EXIT_OK, EXIT_OUTPUT, QrecoverError, UsageError
 from qrecover.files.copy import CopyResult, FilesRequest, copy_files, list_trees
 from qrecover.files.damaged import name_damaged
+from qrecover.files.image import find_volume, image_table, table_lines
 from qrecover.files.listing import DEFAULT_PATH, PathNotFound, show
 from qrecover.messages import err
 from qrecover.output import first_symlink
@@ -95,15 +96,20 @@ def restore_files(report: Report, output: Path, force: bool) -> int:
 
 
 def files_command(
-    image: Path, output: Path | None, paths: Sequence[str], list_only: bool, force: bool
+    image: Path,
+    output: Path | None,
+    paths: Sequence[str],
+    list_only: bool,
+    force: bool,
+    partition: int | None = None,
 ) -> int:
     """``qrecover files``: copy each PATH of ``image`` into ``output``, or list it."""
-    request = FilesRequest(image, tuple(paths) or (DEFAULT_PATH,), output, force)
+    request = FilesRequest(image, tuple(paths) or (DEFAULT_PATH,), output, force, partition)
     if output is None and not list_only:
         raise UsageError("--output DIR is needed to copy files (or use --list)")
     damaged = name_damaged(image) if image.is_file() else 0  # restore --salvage's record
     if list_only:
-        code = list_files(request)
+        code = list_files(request, bool(paths))
         return EXIT_BACKUP if damaged and code == EXIT_OK else code
     results = copy_files(request, print_copy)
     failures = [r for r in results if not r.ok]
@@ -115,8 +121,41 @@ def files_command(
     return EXIT_OUTPUT if any(r.output_trouble for r in failures) else EXIT_BACKUP
 
 
-def list_files(request: FilesRequest) -> int:
-    """``qrecover files --list``: the tree below each PATH on stdout, problems on stderr."""
+def list_partitions(request: FilesRequest, paths_given: bool) -> bool:
+    """A whole-disk image's partitions (stdout), the one read marked; False if it has none.
+
+    Its notes go to stderr; without a PATH, how to list a partition's files too.
+    """
+    table = image_table(request.image)
+    if table is None:
+        return False
+    chosen, error = None, None
+    try:
+        chosen = find_volume(request.image, request.partition).partition
+    except QrecoverError as exc:
+        error = exc
+    for line in table_lines(request.image, table, chosen):
+        print(line, flush=True)
+    for note in table.notes:
+        err(f"note: {request.image}: {note}")
+    if error is not None and (paths_given or request.partition is not None):
+        raise error
+    if not paths_given:
+        number = chosen.number if chosen is not None else "N"
+        err(f"note: to list a partition's files: qrecover files {request.image} "
+            f"--partition {number} --list /")
+    return True
+
+
+def list_files(request: FilesRequest, paths_given: bool = True) -> int:
+    """``qrecover files --list``: the tree below each PATH on stdout, problems on stderr.
+
+    A whole-disk image's partition table comes first; without a PATH it is all.
+    """
+    if list_partitions(request, paths_given):
+        if not paths_given:
+            return EXIT_OK
+        print(flush=True)
     code = EXIT_OK
     for tree in list_trees(request):
         # Sorted by path, so each folder's contents follow it.

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qrecover.errors import BackupError, OutputError, UsageError
-from qrecover.files.debugfs import Debugfs, find_debugfs, inode_spec
-from qrecover.files.image import check_image
+from qrecover.files.debugfs import Debugfs, Reader, find_debugfs, inode_spec
+from qrecover.files.image import NTFS, Volume, find_volume
 from qrecover.files.listing import DEFAULT_PATH, Kind, Tree, dest_name, kind_of, show, walk
+from qrecover.files.ntfs import Sleuth, find_sleuthkit
 from qrecover.output import Output
 
 # debugfs's words for a write that failed because of the output folder.
@@ -148,7 +149,7 @@ def _place(output: Output, staged: Path, final: str, partial: bool, modes: dict[
     return place
 
 
-def copy_tree(fs: Debugfs, tree: Tree, output: Output, staging: Path, index: int) -> CopyResult:
+def copy_tree(fs: Reader, tree: Tree, output: Output, staging: Path, index: int) -> CopyResult:
     """rdump one checked tree into staging, check it, and move it into place."""
     result = CopyResult(tree.path)
     result.skipped = [f"{show(e.image_path)} ({e.special_kind()})" for e in tree.specials()]
@@ -181,16 +182,24 @@ class FilesRequest:
     paths: Sequence[str] = (DEFAULT_PATH,)
     output: Path | None = None
     force: bool = False
+    partition: int | None = None  # --partition N of a whole-disk image
 
 
-def open_image(image: Path) -> Debugfs:
-    """Check the image and find debugfs: exit 2/4/5 before anything is written."""
-    check_image(image)
-    return Debugfs(image.resolve(), find_debugfs(), None)
+def reader_for(volume: Volume) -> Reader:
+    """debugfs for ext2/3/4, The Sleuth Kit for NTFS: exit 5 if it is not installed."""
+    image = volume.image.resolve()
+    if volume.content == NTFS:
+        return Sleuth(image, find_sleuthkit(), None, volume.offset)
+    return Debugfs(image, find_debugfs(), None, volume.offset)
+
+
+def open_image(image: Path, partition: int | None = None) -> Reader:
+    """Find the file system to read and its reader: exit 2/4/5 before anything is written."""
+    return reader_for(find_volume(image, partition))
 
 
 def list_trees(request: FilesRequest) -> list[Tree]:
-    fs = open_image(request.image)
+    fs = open_image(request.image, request.partition)
     return [walk(fs, path) for path in request.paths]
 
 
@@ -199,7 +208,7 @@ def copy_files(
 ) -> list[CopyResult]:
     """Copy each PATH of the image into ``request.output``; one result per PATH."""
     assert request.output is not None
-    fs = open_image(request.image)
+    fs = open_image(request.image, request.partition)
     names = [dest_name(p) for p in request.paths]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

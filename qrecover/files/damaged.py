@@ -111,7 +111,13 @@ def name_damaged(image: Path) -> int:
     if found is None:
         return 0
     record, ranges = found
-    damaged = damaged_files(open_image(image), ranges)
+    fs = open_image(image)
+    if not isinstance(fs, Debugfs) or fs.offset:  # NTFS, or a partition of a whole disk
+        err(f"WARNING: {record} says parts of {image} are UNVERIFIED (restore --salvage used "
+            "chunks that failed authentication); which files lie on them is worked out only "
+            "for an image that is one ext2/3/4 file system: trust none of its files")
+        return 1
+    damaged = damaged_files(fs, ranges)
     err(f"WARNING: {record} says parts of {image} are UNVERIFIED (restore --salvage used "
         f"chunks that failed authentication); {len(damaged)} file(s) and folder(s) in it "
         "lie on those bytes: do not trust them")

@@ -18,8 +18,9 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from qrecover.errors import BackupError
+from qrecover.errors import BackupError, UsageError
 from qrecover.runner import Pipeline, Stage, which
 
 SBIN = ("/usr/sbin", "/sbin")  # debugfs lives here, often not on a user's PATH
@@ -69,18 +70,32 @@ def printf_argv(requests: Sequence[str]) -> list[str]:
     return ["printf", "%s\\n", *requests]
 
 
-def debugfs_batch_argv(image: Path, program: str = "debugfs") -> list[str]:
+def device(image: Path, offset: int = 0) -> str:
+    """The image as debugfs names it: ``IMAGE?offset=N`` for a partition at byte N.
+
+    The ext2fs library cuts the name at its first ``?`` to read options
+    from the rest, so a path holding one cannot be named at all.
+    """
+    if "?" in str(image):
+        raise UsageError(
+            f"{image}: debugfs cannot open a path holding '?'",
+            hint="rename it, or make a symbolic link to it whose path has none",
+        )
+    return f"{image}?offset={offset}" if offset else str(image)
+
+
+def debugfs_batch_argv(image: Path, program: str = "debugfs", offset: int = 0) -> list[str]:
     """Run the requests read from stdin (``-f -``) on ``image``, read-only (``-c``)."""
-    return [program, "-c", "-f", "-", str(image)]
+    return [program, "-c", "-f", "-", device(image, offset)]
 
 
-def debugfs_ls_argv(image: Path, ino: int, program: str = "debugfs") -> list[str]:
+def debugfs_ls_argv(image: Path, ino: int, program: str = "debugfs", offset: int = 0) -> list[str]:
     """List one folder (by inode) of ``image``, read-only."""
-    return [program, "-c", "-R", ls_request(ino), str(image)]
+    return [program, "-c", "-R", ls_request(ino), device(image, offset)]
 
 
 def debugfs_rdump_argv(
-    image: Path, ino: int, dest: str = ".", program: str = "debugfs"
+    image: Path, ino: int, dest: str = ".", program: str = "debugfs", offset: int = 0
 ) -> list[str]:
     """Copy inode ``ino`` (and below) into ``dest``, read-only on the image.
 
@@ -90,7 +105,7 @@ def debugfs_rdump_argv(
     """
     if not dest or any(c in dest for c in ' \t\n"\\') or dest.startswith("-"):
         raise ValueError(f"unsafe rdump destination {dest!r}")
-    return [program, "-c", "-R", f"rdump {inode_spec(ino)} {dest}", str(image)]
+    return [program, "-c", "-R", f"rdump {inode_spec(ino)} {dest}", device(image, offset)]
 
 
 # -- its answers (pure) -----------------------------------------------------
@@ -152,13 +167,28 @@ def _meaningful(stderr: bytes) -> list[str]:
 # -- running it -------------------------------------------------------------
 
 
+class Reader(Protocol):
+    """What lists and copies a file system's folders: debugfs here, fls/icat for NTFS."""
+
+    image: Path
+    root_ino: int
+    scratch: Path | None
+
+    def list_dirs(self, inos: Sequence[int]) -> tuple[dict[int, list[RawEntry]], list[str]]: ...
+    def rdump(self, ino: int, cwd: Path) -> list[str]: ...
+
+
 class Debugfs:
     """Runs debugfs on one image, through the runner, announcing every command."""
 
-    def __init__(self, image: Path, program: str, scratch: Path | None) -> None:
+    root_ino = 2  # the root folder of every ext2/3/4 file system
+
+    def __init__(self, image: Path, program: str, scratch: Path | None, offset: int = 0) -> None:
         self.image = image
         self.program = program
         self.scratch = scratch
+        self.offset = offset  # of the partition read, in bytes (0: the whole image)
+        device(image, offset)  # a path debugfs cannot open stops us here
 
     def _run(self, stages: list[Stage], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
         # The runner logs it as it starts it: (cd CWD && debugfs ...)
@@ -189,7 +219,7 @@ class Debugfs:
             requests = [ls_request(ino) for ino in batch]
             stages = [
                 Stage(tuple(printf_argv(requests))),
-                Stage(tuple(debugfs_batch_argv(self.image, self.program))),
+                Stage(tuple(debugfs_batch_argv(self.image, self.program, self.offset))),
             ]
             out, err, code = self._run(stages)
             if code != 0:
@@ -226,7 +256,8 @@ class Debugfs:
 
     def rdump(self, ino: int, cwd: Path) -> list[str]:
         """``rdump <ino> .`` run in ``cwd``; what went wrong, if anything."""
-        stage = Stage(tuple(debugfs_rdump_argv(self.image, ino, ".", self.program)))
+        argv = debugfs_rdump_argv(self.image, ino, ".", self.program, self.offset)
+        stage = Stage(tuple(argv))
         _out, err, code = self._run([stage], cwd=cwd)
         problems = _meaningful(err)
         if code != 0:

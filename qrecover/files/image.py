@@ -1,145 +1,158 @@
 """What an image file holds, read in Python before any program sees it.
 
-``qrecover files`` reads ext2/3/4 file systems only.  Anything else gets a
-message saying what it is instead: a whole disk with a partition table (a
-template's ``root.img``; with the offset to mount the ext partition), a LUKS,
-XFS, btrfs or squashfs volume, swap, an image of zeros, or nothing known.
+``qrecover files`` reads ext2/3/4 file systems (with debugfs) and NTFS ones
+(with The Sleuth Kit, :mod:`qrecover.files.ntfs`), either as the whole image
+(a VM's ``private.img``) or as one partition of a whole-disk image, whose
+table :mod:`qrecover.files.partitions` parses: nothing is mounted, the chosen
+partition is read through its byte offset.  Anything else gets a message
+saying what it is instead.
 """
 
 from __future__ import annotations
 
-import struct
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from qrecover.errors import BackupError, UsageError
+from qrecover.files.partitions import (
+    EXT,
+    EXT_MAGIC_OFFSET,
+    NTFS,
+    READABLE,
+    Partition,
+    Table,
+    probe_content,
+    read_at,
+    read_partitions,
+    read_table,
+    table_lines,
+)
 
-EXT_MAGIC = b"\x53\xef"  # 0xEF53, little-endian
-EXT_MAGIC_OFFSET = 1080  # superblock at 1024, s_magic at +56
-SECTOR = 512
+__all__ = [
+    "EXT",
+    "NTFS",
+    "Partition",
+    "Table",
+    "Volume",
+    "check_image",
+    "find_volume",
+    "image_table",
+    "probe_content",
+    "read_partitions",
+    "read_table",
+    "table_lines",
+]
 
 
 @dataclass(frozen=True)
-class Partition:
-    number: int
-    offset: int  # bytes from the start of the image
-    size: int
-    content: str  # "ext2/3/4 file system", "unknown content", ...
+class Volume:
+    """The file system qrecover reads: the whole image, or one partition of it."""
+
+    image: Path
+    offset: int
+    content: str  # EXT or NTFS
+    partition: Partition | None = None
+    table: Table | None = None
 
 
-def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
-    f.seek(offset)
-    return f.read(size)
-
-
-def probe_content(f: BinaryIO, offset: int = 0) -> str | None:
-    """What the bytes at ``offset`` hold, if we recognise it."""
-    if _read_at(f, offset + EXT_MAGIC_OFFSET, 2) == EXT_MAGIC:
-        return "ext2/3/4 file system"
-    head = _read_at(f, offset, 8)
-    if head[:6] == b"LUKS\xba\xbe":
-        return "LUKS encrypted volume"
-    if head[:4] == b"XFSB":
-        return "XFS file system"
-    if head[:4] == b"hsqs":
-        return "squashfs file system"
-    if _read_at(f, offset + 0x10040, 8) == b"_BHRfS_M":
-        return "btrfs file system"
-    if _read_at(f, offset + 4086, 10) in (b"SWAPSPACE2", b"SWAP-SPACE"):
-        return "swap space"
-    return None
-
-
-def read_partitions(f: BinaryIO) -> tuple[str, list[Partition]] | None:
-    """The partition table of a disk image (GPT or MBR), if it has one."""
-    mbr = _read_at(f, 0, SECTOR)
-    if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
-        return None
-    gpt = _read_at(f, SECTOR, 92)
-    parts: list[Partition] = []
-    if gpt[:8] == b"EFI PART":
-        entries_lba, count, entry_size = struct.unpack_from("<QII", gpt, 72)
-        count = min(count, 128)
-        if entry_size < 128 or entry_size > 4096:
-            return "GPT", []
-        table = _read_at(f, entries_lba * SECTOR, count * entry_size)
-        for i in range(len(table) // entry_size):
-            entry = table[i * entry_size : (i + 1) * entry_size]
-            if entry[:16] == bytes(16):
-                continue
-            first, last = struct.unpack_from("<QQ", entry, 32)
-            offset = first * SECTOR
-            size = (last - first + 1) * SECTOR if last >= first else 0
-            parts.append(
-                Partition(i + 1, offset, size, probe_content(f, offset) or "unknown content")
-            )
-        return "GPT", parts
-    for i in range(4):
-        entry = mbr[446 + 16 * i : 462 + 16 * i]
-        ptype = entry[4]
-        start, sectors = struct.unpack_from("<II", entry, 8)
-        if ptype == 0 or start == 0 or sectors == 0:
-            continue
-        if ptype == 0xEE:  # protective MBR of a GPT disk whose header we could not read
-            return "GPT (protective MBR)", []
-        offset = start * SECTOR
-        parts.append(
-            Partition(
-                i + 1, offset, sectors * SECTOR, probe_content(f, offset) or "unknown content"
-            )
+def _pick(image: Path, table: Table, number: int | None) -> Partition:
+    shown = "; ".join(p.describe() for p in table.partitions) or "no partitions"
+    if number is not None:
+        for p in table.partitions:
+            if p.number == number:
+                return p
+        numbers = ", ".join(str(p.number) for p in table.partitions) or "none"
+        raise UsageError(
+            f"{image}: has no partition {number} (its {table.kind} table has: {numbers})",
+            hint=f"see them with: qrecover files {image} --list",
         )
-    if not parts:
-        return None  # a boot-sector signature alone: a FAT/NTFS volume, not a table
-    return "MBR", parts
+    for content in READABLE:
+        for p in table.partitions:
+            if p.content == content and p.problem is None:
+                return p
+    raise BackupError(
+        f"{image}: no partition of its {table.kind} table holds an ext2/3/4 or NTFS file "
+        f"system: {shown}"
+    )
 
 
-def check_image(image: Path) -> None:
-    """Raise a helpful :class:`BackupError` unless ``image`` is an ext2/3/4 file system."""
+@contextlib.contextmanager
+def _opened(image: Path) -> Iterator[tuple[BinaryIO, int]]:
+    """The image open for reading and its size; its troubles as one-line errors."""
     try:
         with image.open("rb") as f:
-            content = probe_content(f)
-            if content == "ext2/3/4 file system":
-                return
-            table = None if content else read_partitions(f)
-            size = image.stat().st_size
-            head = _read_at(f, 0, 65536)
+            yield f, os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise UsageError(f"{image}: no such file") from None
     except IsADirectoryError:
         raise UsageError(f"{image}: is a folder, not an image file") from None
+    except BackupError as exc:
+        raise BackupError(f"{image}: {exc.message}", exc.hint) from None
     except OSError as exc:
         raise UsageError(f"{image}: cannot read ({exc.strerror})") from None
-    what = f"{image} is not an ext2/3/4 file system"
-    if table is not None:
-        kind, parts = table
-        shown = "; ".join(
-            f"partition {p.number} at byte offset {p.offset} ({p.content})" for p in parts
-        )
-        target = next(
-            (p for p in parts if p.content.startswith("ext")), parts[0] if parts else None
-        )
-        hint = "qrecover files reads file-system images such as a VM's private.img"
-        if target is not None:
-            hint += (
-                f"; to read partition {target.number}, mount it read-only: "
-                f"sudo mount -o loop,ro,offset={target.offset} {image} /mnt"
+
+
+def image_table(image: Path) -> Table | None:
+    """The partition table of ``image`` (None: it is one file system, or unknown)."""
+    with _opened(image) as (f, size):
+        return None if probe_content(f) in READABLE else read_table(f, size)
+
+
+def find_volume(image: Path, partition: int | None = None) -> Volume:
+    """The file system to read in ``image``: the whole image, or a partition of it
+    (``partition``, else the first ext2/3/4 one, else the first NTFS one)."""
+    chosen: Partition | None = None
+    with _opened(image) as (f, size):
+        content = probe_content(f)
+        table = None if content in READABLE else read_table(f, size)
+        head = read_at(f, 0, 65536)
+        if table is not None:
+            chosen = _pick(image, table, partition)
+    if table is not None and chosen is not None:
+        if chosen.problem is not None or chosen.content not in READABLE:
+            raise BackupError(
+                f"{image}: cannot read {chosen.describe()}",
+                hint="qrecover reads ext2/3/4 and NTFS file systems; --list shows the partitions",
             )
-        raise BackupError(
-            f"{what}: it is a whole disk image with an {kind} partition table "
-            f"(like a template's or standalone VM's root.img)" + (f": {shown}" if shown else ""),
-            hint=hint,
+        return Volume(image, chosen.offset, chosen.content, chosen, table)
+    if partition is not None:
+        raise UsageError(
+            f"{image}: has no partition table (it is one file system), so no --partition"
         )
+    if content in READABLE:
+        return Volume(image, 0, content)
+    if content is None and head[257:262] == b"ustar":
+        raise UsageError(
+            f"{image} is a tar archive, not a VM image: a Qubes backup? then name the VM "
+            "whose files you want",
+            hint=f"qrecover files {image} --vm NAME --output DIR",
+        )
+    raise BackupError(_not_readable(image, content, size, head))
+
+
+def _not_readable(image: Path, content: str | None, size: int, head: bytes) -> str:
+    what = f"{image} holds no file system qrecover reads (ext2/3/4, NTFS)"
     if content is not None:
-        raise BackupError(f"{what}: it holds a {content}")
+        return f"{what}: it holds a {content}"
     if size == 0:
-        raise BackupError(f"{what}: it is empty")
+        return f"{what}: it is empty"
     if head.count(0) == len(head):
-        raise BackupError(
+        return (
             f"{what}: its first {len(head)} bytes are all zeros "
             "(an image never formatted, or damaged)"
         )
-    raise BackupError(
-        f"{what}: no ext superblock (magic 0xEF53 at byte {EXT_MAGIC_OFFSET}) and no "
-        "partition table; it may be damaged or not an image at all"
+    return (
+        f"{what}: no ext superblock (magic 0xEF53 at byte {EXT_MAGIC_OFFSET}), no NTFS boot "
+        "sector and no partition table; it may be damaged or not an image at all"
     )
+
+
+def check_image(image: Path) -> None:
+    """Raise a helpful :class:`BackupError` unless ``image`` holds a file system we read."""
+    find_volume(image)
+
+

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from qrecover.errors import BackupError, UsageError
-from qrecover.files.debugfs import Debugfs, RawEntry
+from qrecover.files.debugfs import RawEntry, Reader
 
 DEFAULT_PATH = "/home/user"
 ROOT_INODE = 2  # the root folder of every ext2/3/4 file system
@@ -104,10 +104,10 @@ def dest_name(path: str) -> str:
     return parts[-1] if parts else ROOT_NAME
 
 
-def walk(fs: Debugfs, path: str) -> Tree:
+def walk(fs: Reader, path: str) -> Tree:
     """List and check everything below ``path`` (a path inside the image)."""
     parts = _normalise(path)
-    top = Entry(ROOT_INODE, stat.S_IFDIR | 0o755, ROOT_NAME, 0, "", "/")
+    top = Entry(fs.root_ino, stat.S_IFDIR | 0o755, ROOT_NAME, 0, "", "/")
     where = ""
     for i, part in enumerate(parts):
         listings, problems = fs.list_dirs([top.ino])
