@@ -20,7 +20,7 @@ waiting in open() for ever, even a SIGKILL of qrecover.  Only qrecover's own
 scratch paths are on that command line; a volume is removed once tar asks
 for the next.
 
-Every volume goes through :class:`VolumeGuard` on its way into the FIFO: the
+Every volume goes through :class:`VolumeGuard` on its way into scratch: the
 guard of the other formats (device nodes and FIFOs dropped, names kept
 under the stored file, the expansion budget) carried across volumes, which
 understands the ``M`` header at a volume's start.
