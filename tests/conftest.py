@@ -31,8 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_backup as gen  # noqa: E402  (the independent writer, never qrecover code)
 import make_backup_v4 as gen4  # noqa: E402  (the same, for Qubes R4's format 4)
-
-PASSPHRASE = "correct horse battery staple ünïcödé"
+from helpers import PASSPHRASE, sha  # noqa: E402  (re-exported: many tests import them from here)
 
 
 def qrecover_exe() -> list[str]:
@@ -307,12 +306,14 @@ def watch_family(proc: subprocess.Popen[bytes], timeout: float = 240) -> list[Se
     return seen
 
 
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+
+def reference(backup: Backup, out: Path, *extra: str | Path) -> None:
+    """The backup restored by ``qrecover restore`` into ``out``: what a script or a
+    transcript must restore too."""
+    result = run_main(
+        "restore", backup.path, "-o", out, "--passphrase-file", backup.passfile, *extra
+    )
+    assert result.code == 0, result.text
 
 
 def assert_restored(out: Path, backup: Backup, vm_names: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import ext4image
 import pytest
 from conftest import Backup, MakeBackup, gen, qrecover_exe, run_main, sha, sigint_as_at_a_terminal
-from test_output_and_signals import mounted_tmpfs
+from helpers import mounted_tmpfs, tampered_copy
 
 pytestmark = pytest.mark.xdist_group("test_files")
 
@@ -235,10 +235,9 @@ def test_an_image_restored_as_a_link_is_not_followed(tmp_path: Path) -> None:
 def test_other_copy_gives_the_lost_chunk(backup: Backup, tmp_path: Path) -> None:
     """A chunk of box's private.img damaged in BACKUP: refused alone (exit 4), and
     taken from --other-copy (the intact backup) instead; the files then come out."""
-    from test_salvage import flipped
 
     name = "vm7/private.img.000" + (".enc" if backup.path.name.endswith("r4") else "")
-    bad = flipped(backup, name, 100, tmp_path / "damaged")
+    bad = tampered_copy(backup.path, tmp_path / "damaged", name, at=100, mask=0x04)
     out = tmp_path / "out"
     result = run_main("files", bad, "--vm", "box", "-o", out, "--passphrase-file",
                       backup.passfile)

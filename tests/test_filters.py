@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PASSPHRASE, MakeBackup, assert_restored, bin_dir, run_main
+from helpers import untar
 
 from qrecover.packages import PACKAGES
 from qrecover.stages.decompress import FILTERS, check_filter, decompress_stage
@@ -93,12 +94,6 @@ def test_format4_restores_a_backup_written_with(
     assert_restored(out, backup)
 
 
-def _untar(backup: Path, folder: Path) -> Path:
-    folder.mkdir()
-    subprocess.run(["tar", "-x", "-f", str(backup), "-C", str(folder)], check=True)
-    return folder
-
-
 def _resign_header(folder: Path, text: str) -> None:
     """Rewrite a format-3 header and HMAC it as Qubes did (openssl dgst -hmac)."""
     (folder / "backup-header").write_text(text, encoding="ascii")
@@ -115,7 +110,7 @@ def test_a_filter_with_other_arguments_is_refused_exit_4(
     make: MakeBackup, tmp_path: Path, value: str
 ) -> None:
     backup = make(compression="gzip -3")
-    folder = _untar(backup.path, tmp_path / "untarred")
+    folder = untar(backup.path, tmp_path / "untarred")
     text = (folder / "backup-header").read_text(encoding="ascii")
     assert "compression-filter=gzip -3\n" in text
     bad = text.replace("compression-filter=gzip -3", f"compression-filter={value}")

@@ -31,6 +31,7 @@ from conftest import (
     run_cli,
     run_main,
 )
+from helpers import untar
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -247,18 +248,12 @@ def test_transcript_replays_and_explain_tells_the_v2_steps(made: dict[str, V2],
 # -- damaged and hostile backups ------------------------------------------------
 
 
-def untarred(v2: V2, folder: Path) -> Path:
-    folder.mkdir()
-    subprocess.run(["tar", "-i", "-xf", str(v2.path)], cwd=folder, check=True)
-    return folder
-
-
 def test_missing_middle_and_last_volume(made: dict[str, V2], tmp_path: Path) -> None:
     v2 = made["r2-sha512"]
     for which, chunk, said in (("middle", "002", "vm7/private.img.002: chunk missing"),
                                ("last", "004", "continues in vm7/private.img.004, which is "
                                 "not in the backup")):
-        folder = untarred(v2, tmp_path / which)
+        folder = untar(v2.path, tmp_path / which)
         for suffix in ("", ".hmac"):
             (folder / f"vm7/private.img.{chunk}{suffix}").unlink()
         out = tmp_path / f"out-{which}"
@@ -274,7 +269,7 @@ def test_missing_middle_and_last_volume(made: dict[str, V2], tmp_path: Path) -> 
 
 def test_tampered_chunk(made: dict[str, V2], tmp_path: Path) -> None:
     v2 = made["r2-sha512"]
-    folder = untarred(v2, tmp_path / "x")
+    folder = untar(v2.path, tmp_path / "x")
     chunk = folder / "vm7/private.img.000"
     data = bytearray(chunk.read_bytes())
     data[-100] ^= 1
@@ -310,7 +305,7 @@ def test_hostile_member_in_an_authenticated_volume(made: dict[str, V2],
     '..' name, correctly HMAC'd: the device and FIFO are dropped, the '..'
     member stops that stored file, nothing lands outside the output."""
     v2 = made["r2-plain"]
-    folder = untarred(v2, tmp_path / "x")
+    folder = untar(v2.path, tmp_path / "x")
 
     def volume(entries: list[tarfile.TarInfo]) -> bytes:
         buf = io.BytesIO()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import stat
 import subprocess
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from conftest import (
     sha,
     watch_family,
 )
+from helpers import fake_scrypt, untar
 
 # its fixtures build something big: all its tests on one worker, so it is built once
 pytestmark = pytest.mark.xdist_group("test_format4_e2e")
@@ -37,12 +36,6 @@ def restore(backup: Backup | Path, out: Path, passfile: Path, *extra: str) -> No
     result = run_main("restore", where, "--output", out, "--passphrase-file", passfile, *extra)
     assert result.code == 0, result.text
     assert "every chunk authenticated by scrypt" in result.out
-
-
-def untar(backup: Backup, folder: Path) -> Path:
-    folder.mkdir()
-    subprocess.run(["tar", "-i", "-xf", str(backup.path), "-C", str(folder)], check=True)
-    return folder
 
 
 def test_r4_restore_everything_byte_for_byte_and_sparse(make4: MakeBackup, tmp_path: Path) -> None:
@@ -72,7 +65,7 @@ def test_r4_from_pipe(make4: MakeBackup, tmp_path: Path) -> None:
 
 def test_r4_from_folder_untarred_by_hand(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4()
-    folder = untar(backup, tmp_path / "untarred")
+    folder = untar(backup.path, tmp_path / "untarred")
     out = tmp_path / "out"
     restore(folder, out, backup.passfile, "--vm", "work", "--vm", "dom0")
     assert_restored(out, backup, ["work", "dom0"])
@@ -188,7 +181,7 @@ def test_r4_wrong_passphrase_exit_3_nothing_written(make4: MakeBackup, tmp_path:
 
 def test_r4_tampered_enc_chunk_keeps_partial(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4(chunk_size=16 * 1024)
-    folder = untar(backup, tmp_path / "untarred")
+    folder = untar(backup.path, tmp_path / "untarred")
     victim = folder / "vm7" / "private.img.001.enc"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01  # in the ciphertext: only scrypt's final HMAC notices
@@ -222,7 +215,7 @@ def test_r4_tampered_enc_chunk_keeps_partial(make4: MakeBackup, tmp_path: Path) 
 
 def test_r4_header_altered_is_exit_3(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4()
-    folder = untar(backup, tmp_path / "untarred")
+    folder = untar(backup.path, tmp_path / "untarred")
     header = folder / "backup-header"
     header.write_bytes(header.read_bytes().replace(b"compressed=True", b"compressed=False"))
     result = run_main("info", folder, "--passphrase-file", backup.passfile)
@@ -242,7 +235,7 @@ def test_scrypt_authenticated_unknown_version_exit_4_names_it(
     make4: MakeBackup, tmp_path: Path
 ) -> None:
     backup = make4()
-    folder = untar(backup, tmp_path / "untarred")
+    folder = untar(backup.path, tmp_path / "untarred")
     header = folder / "backup-header"
     header.write_bytes(header.read_bytes().replace(b"version=4", b"version=7"))
     (folder / "backup-header.hmac").unlink()
@@ -262,28 +255,12 @@ def test_r4_missing_scrypt_exit_5(make4: MakeBackup, tmp_path: Path) -> None:
     assert "scrypt" in result.err and "install" in result.err
 
 
-def _fake_scrypt(bindir: Path, usage: str, log: Path) -> None:
-    """A scrypt that shows an older version's usage, logs its argv, and does the
-    work with the real scrypt (so the -P path is exercised for real)."""
-    real = shutil.which("scrypt")
-    script = bindir / "scrypt"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'printf "%s\\n" "$*" >> {log}\n'
-        'if [ "$1" = "--help" ]; then\n'
-        f"  printf '%s\\n' '{usage}' >&2; exit 1\n"
-        "fi\n"
-        f'exec {real} "$@"\n'
-    )
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-
-
 def test_r4_scrypt_1_2_1_gets_the_passphrase_on_stdin(make4: MakeBackup, tmp_path: Path) -> None:
     backup = make4(chunk_size=64 * 1024)
     bindir = bin_dir(tmp_path, ["tar", "gzip", "cat"])
     log = tmp_path / "argv.log"
     usage = "usage: scrypt {enc | dec} [-M maxmem] [-m maxmemfrac] [-P] [-t maxtime] infile"
-    _fake_scrypt(bindir, usage, log)
+    fake_scrypt(bindir, usage, log)
     out = tmp_path / "out"
     result = run_main(
         "restore", backup.path, "-o", out, "--passphrase-file", backup.passfile,
@@ -300,7 +277,7 @@ def test_r4_scrypt_1_2_0_is_refused_exit_5(make4: MakeBackup, tmp_path: Path) ->
     backup = make4()
     bindir = bin_dir(tmp_path, ["tar", "gzip", "cat"])
     usage = "usage: scrypt {enc | dec} [-M maxmem] [-m maxmemfrac] [-t maxtime] infile [outfile]"
-    _fake_scrypt(bindir, usage, tmp_path / "argv.log")
+    fake_scrypt(bindir, usage, tmp_path / "argv.log")
     result = run_main(
         "info", backup.path, "--passphrase-file", backup.passfile, env={"PATH": str(bindir)}
     )

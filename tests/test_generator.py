@@ -10,7 +10,6 @@ The restored files are then compared with the sources, holes included.
 
 from __future__ import annotations
 
-import filecmp
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ sys.path.insert(0, str(SCRIPTS))
 import make_backup as mb  # noqa: E402
 from conftest import PASSPHRASE as SHARED_PASSPHRASE  # noqa: E402
 from conftest import Backup, MakeBackup  # noqa: E402
+from helpers import assert_same_tree  # noqa: E402
 
 PASSPHRASE = "correct horse battery staple"
 DECOMPRESS = {"gzip": "gzip -d", "bzip2": "bzip2 -d", "xz": "xz -d"}
@@ -142,24 +142,6 @@ def walk(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             yield (Path(dirpath) / name).relative_to(root)
-
-
-def assert_same_tree(restored: Path, source: Path) -> None:
-    """Bytes, symlinks, and holes of the restored copy match the source."""
-    if source.is_file():
-        pairs = [(restored, source)]
-    else:
-        assert sorted(walk(restored)) == sorted(walk(source)), (restored, source)
-        pairs = [(restored / rel, source / rel) for rel in walk(source)]
-    for got, want in pairs:
-        if want.is_symlink():
-            assert got.is_symlink() and os.readlink(got) == os.readlink(want)
-        elif want.is_file():
-            assert filecmp.cmp(got, want, shallow=False), got
-            st = got.stat()
-            if st.st_size >= 1024 * 1024:  # VM images: holes must stay holes
-                assert st.st_blocks * 512 < st.st_size / 4, f"{got} is not sparse"
-                assert st.st_blocks <= want.stat().st_blocks + 64
 
 
 def check_against_manifest(res: Restored, manifest: mb.BackupManifest) -> None:

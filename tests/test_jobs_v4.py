@@ -29,6 +29,7 @@ from conftest import (
     sha,
     sigint_as_at_a_terminal,
 )
+from helpers import flip, untar
 
 # its fixtures build something big: all its tests on one worker, so it is built once
 pytestmark = pytest.mark.xdist_group("test_jobs_v4")
@@ -49,12 +50,6 @@ def many4(make4: MakeBackup, tmp_path_factory: pytest.TempPathFactory) -> Backup
         (src / "notes.txt").write_bytes(b"kept\n" * 1000)
         vms.append(gen.VmSpec(name, qid, source=src))
     return make4(vms=vms, dom0_home=None, chunk_size=CHUNK)
-
-
-def untar(backup: Backup, folder: Path) -> Path:
-    folder.mkdir()
-    subprocess.run(["tar", "-i", "-xf", str(backup.path), "-C", str(folder)], check=True)
-    return folder
 
 
 def restore_ok(backup: Backup, where: Path | str, out: Path, *extra: str,
@@ -82,7 +77,7 @@ def test_jobs_2_from_stdin(many4: Backup, tmp_path: Path) -> None:
 
 
 def test_jobs_2_from_a_folder(many4: Backup, tmp_path: Path) -> None:
-    folder = untar(many4, tmp_path / "untarred")
+    folder = untar(many4.path, tmp_path / "untarred")
     before = sorted(p.name for p in (folder / "vm7").iterdir())
     restore_ok(many4, folder, tmp_path / "out", "--jobs", "2")
     assert sorted(p.name for p in (folder / "vm7").iterdir()) == before  # read in place
@@ -112,11 +107,9 @@ def test_v_logs_every_scrypt_dec_with_its_memory_cap(many4: Backup, tmp_path: Pa
 
 
 def _tampered(backup: Backup, tmp_path: Path) -> Path:
-    folder = untar(backup, tmp_path / "untarred")
+    folder = untar(backup.path, tmp_path / "untarred")
     victim = folder / "vm7" / "private.img.012.enc"
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01  # in the ciphertext: only scrypt's final HMAC notices
-    victim.write_bytes(bytes(data))
+    flip(victim, victim.stat().st_size // 2)  # in the ciphertext: only scrypt's final HMAC notices
     return folder
 
 
@@ -165,7 +158,7 @@ def test_scratch_stays_bounded(many4: Backup, tmp_path: Path, source: str, bound
     """Looked at over and over during a --jobs 2 restore: never more chunk files in
     scratch than docs/formats.md says (2*jobs+2 from a file, jobs+2 from a folder), and
     never more scrypt dec at once than --jobs."""
-    where = many4.path if source == "file" else untar(many4, tmp_path / "untarred")
+    where = many4.path if source == "file" else untar(many4.path, tmp_path / "untarred")
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
     proc = subprocess.Popen(

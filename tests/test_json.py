@@ -4,27 +4,13 @@ a damaged chunk marks exactly its stored file as failed."""
 from __future__ import annotations
 
 import json
-import shutil
-import tarfile
 from pathlib import Path
 
 from conftest import ROOT, run_main
+from helpers import tampered_copy
 
 SAMPLE = ROOT / "fixtures" / "sample-backup"
 PASSFILE = ROOT / "fixtures" / "sample-backup.passphrase"
-
-
-def _tampered(tmp_path: Path, member: str) -> Path:
-    copy = tmp_path / "tampered-backup"
-    shutil.copyfile(SAMPLE, copy)
-    with tarfile.open(copy, "r:", ignore_zeros=True) as archive:
-        offset = archive.getmember(member).offset_data
-    with copy.open("r+b") as f:
-        f.seek(offset + 100)
-        byte = f.read(1)
-        f.seek(offset + 100)
-        f.write(bytes([byte[0] ^ 1]))
-    return copy
 
 
 def test_verify_json_intact() -> None:
@@ -44,7 +30,7 @@ def test_verify_json_intact() -> None:
 
 
 def test_verify_json_tampered_marks_only_its_file(tmp_path: Path) -> None:
-    backup = _tampered(tmp_path, "vm7/private.img.000")
+    backup = tampered_copy(SAMPLE, tmp_path / "tampered-backup", "vm7/private.img.000", at=100)
     plain = run_main("verify", backup, "--passphrase-file", PASSFILE)
     result = run_main("verify", backup, "--json", "--passphrase-file", PASSFILE)
     assert result.code == plain.code == 4, result.text

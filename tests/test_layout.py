@@ -97,3 +97,17 @@ def test_the_check_itself_catches_a_version_branch() -> None:
     assert _FORMAT_KNOWLEDGE.search("isinstance(fmt, Format4)")
     assert _FORMAT_KNOWLEDGE.search("def plan_text_v4(")
     assert not _FORMAT_KNOWLEDGE.search("print(fmt.version)")
+
+
+def test_tests_share_helpers_only_through_helpers_and_conftest() -> None:
+    """A test module imports shared helpers from tests/helpers.py (or fixtures'
+    conftest.py), never another test module's own functions."""
+    offenders = []
+    for path in sorted((PACKAGE.parent / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("test_"):
+                offenders.append(f"{path.name}: from {node.module} import ...")
+            elif isinstance(node, ast.Import):
+                offenders += [f"{path.name}: import {a.name}" for a in node.names
+                              if a.name.startswith("test_")]
+    assert offenders == []

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, gen, run_cli, run_main, sha
+from helpers import untar
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -50,13 +50,6 @@ def damaged_copy(src: Path, dst: Path, member: str) -> Path:
         f.seek(offset + size // 2)
         f.write(bytes(b ^ 0xFF for b in old))
     return dst
-
-
-def untar(src: Path, folder: Path) -> Path:
-    """The backup untarred by hand, as the recovery page's step 1 does."""
-    folder.mkdir()
-    subprocess.run(["tar", "-i", "-xf", str(src), "-C", str(folder)], check=True)
-    return folder
 
 
 def chunks_of(backup: Backup, stored: str) -> list[str]:

@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from conftest import (
     sha,
     sigint_as_at_a_terminal,
 )
+from helpers import mounted_tmpfs
 
 # its fixtures build something big: all its tests on one worker, so it is built once
 pytestmark = pytest.mark.xdist_group("test_output_and_signals")
@@ -43,25 +43,6 @@ def big(make: MakeBackup, tmp_path_factory: pytest.TempPathFactory) -> Backup:
         compression=None,
     )
 
-
-@contextlib.contextmanager
-def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(
-            f"cannot mount a small filesystem here ({proc.stderr.strip()}); "
-            "needs root in a machine that allows mount"
-        )
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def start_half_fed(

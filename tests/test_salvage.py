@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import ext4image
 import make_backup as gen
 import pytest
 from conftest import Backup, MakeBackup, run_main
+from helpers import spans
 
 MIB = 1 << 20
 
@@ -39,21 +39,10 @@ def _backup(make: MakeBackup, work: Path, **options: Any) -> Backup:
     return make(vms=vms, dom0_home=None, chunk_size=MIB, **options)
 
 
-def _spans(path: Path) -> dict[str, tuple[int, int, int]]:
-    """Each outer member: (its archive's first byte, its data's first byte, the next's)."""
-    with tarfile.open(path, ignore_zeros=True) as t:
-        members = list(t)
-    size = path.stat().st_size
-    return {
-        m.name: (m.offset, m.offset_data, members[i + 1].offset if i + 1 < len(members) else size)
-        for i, m in enumerate(members)
-    }
-
-
 def flipped(backup: Backup, member: str, at: int, dest: Path) -> Path:
     """A copy of the backup with one bit flipped at byte ``at`` of ``member``'s data."""
     data = bytearray(backup.path.read_bytes())
-    data[_spans(backup.path)[member][1] + at] ^= 0x04
+    data[spans(backup.path)[member][1] + at] ^= 0x04
     dest.write_bytes(data)
     return dest
 
@@ -61,7 +50,7 @@ def flipped(backup: Backup, member: str, at: int, dest: Path) -> Path:
 def without(backup: Backup, member: str, dest: Path) -> Path:
     """A copy of the backup with ``member`` cut out (as if never written)."""
     data = backup.path.read_bytes()
-    start, _, end = _spans(backup.path)[member]
+    start, _, end = spans(backup.path)[member]
     dest.write_bytes(data[:start] + data[end:])
     return dest
 

@@ -11,70 +11,34 @@ import os
 import re
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, Backup, MakeBackup, Run, assert_restored, run_cli, run_main, sha
+from conftest import (
+    PASSPHRASE,
+    Backup,
+    MakeBackup,
+    Run,
+    assert_restored,
+    reference,
+    run_cli,
+    run_main,
+    sha,
+)
+from helpers import (
+    DASH,
+    ODD,
+    argv_logging_path,
+    assert_same_tree,
+    run_sh,
+    tampered_copy,
+    tree,
+    wrapped,
+)
 from make_backup import exit_code
 
 from qrecover.stages.decompress import pick_gunzip
-
-DASH = shutil.which("dash") or "/usr/bin/dash"
-# An output folder name with a space and non-ASCII characters, as users have.
-ODD = "out dir ü €"
-
-
-def tree(root: Path) -> dict[str, tuple[Any, ...]]:
-    entries: dict[str, tuple[Any, ...]] = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            entries[rel] = ("link", os.readlink(path))
-        elif path.is_dir():
-            entries[rel] = ("dir",)
-        else:
-            entries[rel] = ("file", path.stat().st_size, sha(path))
-    return entries
-
-
-def assert_same_tree(got: Path, want: Path) -> None:
-    """Same names, types, link targets and bytes; sparse files stay as sparse."""
-    got_tree, want_tree = tree(got), tree(want)
-    assert got_tree == want_tree
-    for rel, entry in want_tree.items():
-        if entry[0] == "file" and entry[1] >= 1 << 20:
-            got_alloc = (got / rel).stat().st_blocks * 512
-            want_alloc = (want / rel).stat().st_blocks * 512
-            assert got_alloc <= want_alloc + (256 << 10), (rel, got_alloc, want_alloc)
-
-
-def run_sh(
-    script: Path, cwd: Path, env_extra: dict[str, str] | None = None, path: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("QRECOVER_PASSPHRASE", "backup_pass")}
-    env["backup_pass"] = PASSPHRASE
-    if path is not None:
-        env["PATH"] = path
-    env.update(env_extra or {})
-    return subprocess.run(
-        [DASH, str(script)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=240,
-        check=False,
-    )
-
-
-def reference(backup: Backup, out: Path, *extra: str | Path) -> None:
-    result = run_main(
-        "restore", backup.path, "-o", out, "--passphrase-file", backup.passfile, *extra
-    )
-    assert result.code == 0, result.text
 
 
 def write_script(backup: Backup | Path, passfile: Path, out: Path, dest: Path, *extra: str) -> Path:
@@ -264,36 +228,17 @@ def test_transcript_of_chunked_verify_replays(make: MakeBackup, tmp_path: Path) 
     assert again.code == 6 and "already exists" in again.err
 
 
-def _tampered(backup: Backup, tmp_path: Path, member: str) -> Path:
-    copy = tmp_path / "tampered-backup"
-    shutil.copyfile(backup.path, copy)
-    with tarfile.open(copy, "r:", ignore_zeros=True) as archive:
-        info = archive.getmember(member)
-        offset = info.offset_data
-    with copy.open("r+b") as f:
-        f.seek(offset + 100)
-        byte = f.read(1)
-        f.seek(offset + 100)
-        f.write(bytes([byte[0] ^ 1]))
-    return copy
-
-
 def _recording_openssl(bindir: Path, logdir: Path) -> str:
     """An `openssl` first on PATH that keeps a copy of what `openssl enc` reads."""
-    real = shutil.which("openssl")
-    bindir.mkdir()
     logdir.mkdir()
-    wrapper = bindir / "openssl"
-    wrapper.write_text(
-        "#!/bin/sh\n"
+    body = (
         'if [ "$1" = enc ]; then\n'
-        f'    tee "{logdir}/enc.$$" | {real} "$@"\n'
+        f'    tee "{logdir}/enc.$$" | {{real}} "$@"\n'
         "    exit $?\n"
         "fi\n"
-        f'exec {real} "$@"\n'
+        'exec {real} "$@"\n'
     )
-    wrapper.chmod(0o755)
-    return f"{bindir}:{os.environ['PATH']}"
+    return wrapped(bindir, ("openssl",), body)
 
 
 def test_tampered_chunk_stops_the_script_before_openssl_enc(
@@ -301,7 +246,7 @@ def test_tampered_chunk_stops_the_script_before_openssl_enc(
 ) -> None:
     backup = make(chunk_size=16 * 1024)
     victim = "vm7/private.img.001"
-    tampered = _tampered(backup, tmp_path, victim)
+    tampered = tampered_copy(backup.path, tmp_path / "tampered-backup", victim, at=100)
     out = tmp_path / ODD
     script = write_script(tampered, backup.passfile, out, tmp_path / "r.sh", "--vm", "work")
     path = _recording_openssl(tmp_path / "bin", tmp_path / "log")
@@ -449,41 +394,6 @@ def test_dry_run_plans_and_writes_nothing(default_backup: Backup, tmp_path: Path
     assert wrong.code == 3
 
 
-def _argv_logging_path(bindir: Path, log: Path) -> str:
-    """Wrappers that log every argv of the programs a script runs."""
-    bindir.mkdir()
-    for program in (
-        "tar",
-        "openssl",
-        "gzip",
-        "od",
-        "sed",
-        "tr",
-        "wc",
-        "grep",
-        "sort",
-        "find",
-        "cat",
-        "rm",
-        "mkdir",
-        "mv",
-        "cp",
-        "tail",
-        "stty",
-        "rmdir",
-        "head",
-    ):
-        real = shutil.which(program)
-        if real is None:
-            continue
-        wrapper = bindir / program
-        wrapper.write_text(
-            f'#!/bin/sh\nprintf "%s\\n" "{program} $*" >>"{log}"\nexec {real} "$@"\n'
-        )
-        wrapper.chmod(0o755)
-    return str(bindir)
-
-
 def test_passphrase_never_shown(default_backup: Backup, tmp_path: Path) -> None:
     """Not in any output, log, transcript, script, error message, or argv of the scripts."""
     secret_forms = [PASSPHRASE, PASSPHRASE.encode("utf-8").hex()]
@@ -554,7 +464,7 @@ def test_passphrase_never_shown(default_backup: Backup, tmp_path: Path) -> None:
     # replay the transcript and run the script with every program's argv logged
     shutil.rmtree(out)
     log = tmp_path / "argv.log"
-    path = _argv_logging_path(tmp_path / "bin", log) + ":" + os.environ["PATH"]
+    path = argv_logging_path(tmp_path / "bin", log) + ":" + os.environ["PATH"]
     for sh_file in (transcript, script):
         proc = run_sh(sh_file, tmp_path, path=path)
         assert proc.returncode == 0, proc.stderr

@@ -14,14 +14,22 @@ import re
 import shlex
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, gen4, run_main
-from test_format4_e2e import _fake_scrypt
-from test_show_work import DASH, ODD, _argv_logging_path, assert_same_tree, reference, run_sh
+from conftest import PASSPHRASE, MakeBackup, assert_restored, gen4, reference, run_main
+from helpers import (
+    DASH,
+    ODD,
+    argv_logging_path,
+    assert_same_tree,
+    fake_scrypt,
+    recording,
+    run_sh,
+    tampered_copy,
+    untar,
+)
 
 from qrecover.formats import v4_sh
 from qrecover.formats.v4_sh import SCRIPT_FUNCTIONS_V4
@@ -51,12 +59,6 @@ def scrypt_dec(enc: Path, secret: str) -> bytes:
         check=True,
     )
     return plain.read_bytes()
-
-
-def untarred(backup: Path, folder: Path) -> Path:
-    folder.mkdir()
-    subprocess.run(["tar", "-i", "-xf", str(backup), "-C", str(folder)], check=True)
-    return folder
 
 
 VARIANTS: list[tuple[dict[str, Any], str]] = [
@@ -140,53 +142,21 @@ def test_r4_transcripts_replay_restore_and_verify(make4: MakeBackup, tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def _tampered(backup: Backup, tmp_path: Path, member: str) -> Path:
-    """A copy of the backup with one byte of ``member``'s ciphertext flipped
-    (only scrypt's HMAC, at the end of the chunk, notices)."""
-    copy = tmp_path / "tampered-backup"
-    shutil.copyfile(backup.path, copy)
-    with tarfile.open(copy, "r:", ignore_zeros=True) as archive:
-        info = archive.getmember(member)
-        offset = info.offset_data + info.size // 2
-    with copy.open("r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 1]))
-    return copy
-
-
-def _recording(programs: tuple[str, ...], bindir: Path, logdir: Path) -> str:
-    """Each of ``programs`` that is installed first on PATH, keeping a copy of
-    everything it reads (gzip, pigz, igzip: qrecover uses igzip or pigz when installed,
-    and a transcript replays what ran)."""
-    bindir.mkdir()
-    logdir.mkdir()
-    for program in programs:
-        real = shutil.which(program)
-        if real is None:
-            continue
-        wrapper = bindir / program
-        wrapper.write_text(f'#!/bin/sh\ntee "{logdir}/in.$$" | {real} "$@"\n')
-        wrapper.chmod(0o755)
-    return f"{bindir}:{os.environ['PATH']}"
-
-
 def test_r4_tampered_chunk_stops_before_the_decompressor(
     make4: MakeBackup, tmp_path: Path
 ) -> None:
     backup = make4(chunk_size=16 * 1024)
     victim = "vm7/private.img.001"
-    tampered = _tampered(backup, tmp_path, victim + ".enc")
+    tampered = tampered_copy(backup.path, tmp_path / "tampered-backup", victim + ".enc")
     out = tmp_path / ODD
     script = write_script(tampered, backup.passfile, out, tmp_path / "r.sh", "--vm", "work")
-    path = _recording(("gzip", "pigz", "igzip"), tmp_path / "bin", tmp_path / "log")
+    path = recording(("gzip", "pigz", "igzip"), tmp_path / "bin", tmp_path / "log")
     proc = run_sh(script, tmp_path, path=path)
     assert proc.returncode != 0
     assert f"STOPPED: {victim}.enc: scrypt could not authenticate it" in proc.stderr
     # what the decompressor of private.img read: chunk .000's plaintext, and not
     # one byte more (scrypt may have written some of .001's: it was not used)
-    folder = untarred(backup.path, tmp_path / "untarred")
+    folder = untar(backup.path, tmp_path / "untarred")
     backup_id = backup.manifest.header["backup-id"]
     plain = [
         scrypt_dec(folder / f"vm7/private.img.{i:03d}.enc",
@@ -243,7 +213,7 @@ def test_r4_scripts_with_scrypt_1_2_1_use_P(make4: MakeBackup, tmp_path: Path) -
     bindir = tmp_path / "bin"
     bindir.mkdir()
     log = tmp_path / "argv.log"
-    _fake_scrypt(bindir, SCRYPT_1_2_1_USAGE, log)
+    fake_scrypt(bindir, SCRYPT_1_2_1_USAGE, log)
     path = f"{bindir}:{os.environ['PATH']}"
     for sh_file, target in ((script, out), (transcript, ref)):
         proc = run_sh(sh_file, tmp_path, path=path)
@@ -342,7 +312,7 @@ def test_r4_passphrase_never_shown(make4: MakeBackup, tmp_path: Path) -> None:
     wrong = run_main("-v", "restore", backup.path, "-o", tmp_path / "w", "--passphrase-file",
                      bad, "--transcript", tmp_path / "w.sh", "--explain")
     assert wrong.code == 3
-    tampered = _tampered(backup, tmp_path, "vm7/private.img.000.enc")
+    tampered = tampered_copy(backup.path, tmp_path / "tampered-backup", "vm7/private.img.000.enc")
     damaged = run_main("-v", "restore", tampered, "-o", tmp_path / "x", "--passphrase-file", pf,
                        "--explain", "--transcript", tmp_path / "x.sh")
     assert damaged.code == 4 and "vm7/private.img.000.enc" in damaged.err
@@ -353,7 +323,7 @@ def test_r4_passphrase_never_shown(make4: MakeBackup, tmp_path: Path) -> None:
     # replay the transcript and run the script with every program's argv logged
     shutil.rmtree(out)
     log = tmp_path / "argv.log"
-    path = _argv_logging_path(tmp_path / "bin", log)
+    path = argv_logging_path(tmp_path / "bin", log)
     scrypt_wrapper = tmp_path / "bin" / "scrypt"
     scrypt_wrapper.write_text(
         f'#!/bin/sh\nprintf "%s\\n" "scrypt $*" >>"{log}"\nexec {shutil.which("scrypt")} "$@"\n'
