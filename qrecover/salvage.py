@@ -42,8 +42,7 @@ from qrecover.messages import err
 from qrecover.output import Output
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage
 from qrecover.stages.decompress import GUNZIPS
-from qrecover.stages.guard import Extent
-from qrecover.stages.sparse import file_offset, to_file
+from qrecover.stages.sparse import Extent, file_offset, to_file
 
 if TYPE_CHECKING:
     from qrecover.formats.base import Format

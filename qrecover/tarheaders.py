@@ -1,151 +1,172 @@
-"""Tar headers of the outer archive, one 512-byte block at a time: their
-fields, checksum and PAX records, strictly read; which members Qubes writes,
-and in what order (qrecover.tarstream reads the stream with them)."""
+"""Tar headers, one 512-byte block at a time: the one parser qrecover has.
+
+Every tar archive qrecover reads goes through it: the outer archive
+(qrecover.tarstream, another copy's index in qrecover.copies), the inner
+archive the guard screens (qrecover.stages.guard, format 2's volumes), a
+packed format-1 folder's first file.  It reads what GNU tar reads: ustar
+fields, numbers in octal or base-256, the checksum summed signed or unsigned,
+PAX records, GNU long names and links.  What a reader refuses, steps over or
+passes on is that reader's own policy, not this module's.
+"""
 
 from __future__ import annotations
 
-import struct
-
-from qrecover.errors import BackupError
+from dataclasses import dataclass, field
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
-# Qubes cut every stored file into chunks of at most 100 MiB (FORMAT-NOTES);
-# a member declaring far more would only fill the scratch folder (a small
-# compressed input can expand to any size), so it is refused before any copy.
-MAX_MEMBER = 256 * 1024 * 1024
-REGULAR = (b"0", b"\0", b"7")
-NOT_REGULAR = {
-    b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
-    b"4": "a block device", b"6": "a FIFO", b"S": "a GNU sparse file",
-    b"M": "the continuation of a multi-volume archive", b"V": "a volume label",
-}
+MAX_EXTENDED = 1024 * 1024  # the data of a PAX or GNU long-name header
+# The types of headers that describe the member after them: PAX (x, and
+# Solaris' X), GNU long name (L) and long link (K).
+EXTENDED = frozenset(b"xXLK")
+_HIGH = bytes(range(128, 256))
 
 
-def number(field: bytes) -> int:
-    """A numeric header field: octal digits, or GNU's base-256 (top bit set)."""
-    if field and field[0] & 0x80:
-        if field[0] != 0x80:
-            raise ValueError("negative or oversized base-256 number")
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    if any(c not in b"01234567" for c in text):
-        raise ValueError(f"not an octal number: {text[:12]!r}")
-    return int(text, 8)
+class TarError(ValueError):
+    """A header field that GNU tar would not read either."""
 
 
-def text(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+def number(field_: bytes) -> int:
+    """A numeric field as GNU tar reads it: octal digits after any spaces, ended
+    by the field's end, a NUL or a space; or base-256, a first byte of 0x80 for
+    a number too large for octal, 0xFF for a negative one (two's complement)."""
+    if field_ and field_[0] & 0x80:
+        if field_[0] == 0x80:
+            return int.from_bytes(field_[1:], "big")
+        if field_[0] == 0xFF:
+            return int.from_bytes(field_, "big", signed=True)
+        raise TarError(f"not a base-256 number (first byte {field_[0]:#x})")
+    digits = field_.lstrip(b" ")
+    end = next((i for i, c in enumerate(digits) if c in b"\0 \t\n\v\f\r"), len(digits))
+    if any(c not in b"01234567" for c in digits[:end]):
+        raise TarError(f"not an octal number: {digits[:12]!r}")
+    return int(digits[:end] or b"0", 8)
+
+
+def size_of(block: bytes) -> int:
+    """The header's size field (a PAX ``size`` record overrides it: :class:`Extended`)."""
+    found = number(block[124:136])
+    if found < 0:
+        raise TarError("a negative size")
+    return found
+
+
+def text(field_: bytes) -> str:
+    """A text field: up to its first NUL, undecodable bytes kept (surrogateescape)."""
+    return field_.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def kind_of(block: bytes) -> bytes:
+    """The type flag, one byte: ``b"0"`` a file, ``b"x"`` a PAX header, ..."""
+    return block[156:157]
 
 
 def checksum_ok(block: bytes) -> bool:
-    """Is this 512-byte block a tar header (its checksum, signed or unsigned)?"""
-    if block[257:262] != b"ustar":  # first: cheap, when stepping over damage block by block
+    """Does the block's checksum match, summed unsigned (POSIX) or signed (old
+    tars, which GNU tar still reads)?  An empty checksum field never does."""
+    stored = block[148:156]
+    if not stored.strip(b"\0 "):
         return False
     try:
-        stored = number(block[148:156])
-    except ValueError:
+        expected = number(stored)
+    except TarError:
         return False
-    if not block[148:156].strip(b"\0 "):
-        return False
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
-    signed = sum(struct.unpack("512b", block)) - sum(struct.unpack("8b", block[148:156])) + 8 * 32
-    return stored in (unsigned, signed) and block[257:262] == b"ustar"
+    rest = block[:148] + b" " * 8 + block[156:]
+    unsigned = sum(rest)
+    high = len(rest) - len(rest.translate(None, _HIGH))
+    return expected in (unsigned, unsigned - 256 * high)
 
 
-def parse_pax(data: bytes) -> dict[str, str]:
-    """PAX records, ``LEN key=value\\n``; strict: a bad record is damage."""
+def is_ustar(block: bytes) -> bool:
+    """A POSIX ustar or GNU header (magic ``ustar``) whose checksum matches."""
+    return block[257:262] == b"ustar" and checksum_ok(block)
+
+
+def header_name(block: bytes) -> str:
+    """The name the header itself holds: a POSIX ustar header's prefix joined to
+    its name field (an old GNU header keeps other fields where the prefix is)."""
+    name = text(block[0:100])
+    prefix = text(block[345:500]) if block[257:263] == b"ustar\0" else ""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def pax_records(data: bytes) -> dict[str, str]:
+    """PAX records, ``LEN key=value\\n``, each as long as its length says."""
     records: dict[str, str] = {}
     pos = 0
     while pos < len(data):
         space = data.find(b" ", pos, pos + 20)
         if space < 0 or not data[pos:space].isdigit():
-            raise ValueError("malformed PAX record")
+            raise TarError("malformed PAX record")
         length = int(data[pos:space])
         record = data[space + 1 : pos + length]
         if length <= space - pos or pos + length > len(data) or not record.endswith(b"\n"):
-            raise ValueError("malformed PAX record")
+            raise TarError("malformed PAX record")
         key, eq, value = record[:-1].partition(b"=")
         if not eq:
-            raise ValueError("PAX record without '='")
+            raise TarError("PAX record without '='")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
 
 
-def quoted(name: str) -> str:
-    return repr(name.encode("ascii", "backslashreplace").decode()[:120])
+@dataclass
+class Extended:
+    """What the extended headers before a member say about it: its PAX records,
+    its GNU long name and long link target."""
+
+    pax: dict[str, str] = field(default_factory=dict)
+    long_name: str | None = None
+    long_link: str | None = None
+
+    @classmethod
+    def of(cls, blobs: list[bytes]) -> Extended:
+        """From extended headers kept whole: each its header block, then its data."""
+        found = cls()
+        for blob in blobs:
+            found.add(kind_of(blob), blob[BLOCK : BLOCK + size_of(blob)])
+        return found
+
+    @property
+    def empty(self) -> bool:
+        return not self.pax and self.long_name is None and self.long_link is None
+
+    def add(self, type_: bytes, data: bytes) -> None:
+        """One extended header's data (a global ``g`` header describes no member)."""
+        if type_ in (b"x", b"X"):
+            self.pax.update(pax_records(data))
+        elif type_ == b"L":
+            self.long_name = text(data)
+        elif type_ == b"K":
+            self.long_link = text(data)
+
+    def name(self, block: bytes) -> str:
+        """The member's name: GNU tar takes a PAX sparse file's real name, then
+        PAX ``path``, then a GNU long name, then the header's own."""
+        for key in ("GNU.sparse.name", "path"):
+            if key in self.pax:
+                return self.pax[key]
+        return self.long_name if self.long_name is not None else header_name(block)
+
+    def linkname(self, block: bytes) -> str:
+        if "linkpath" in self.pax:
+            return self.pax["linkpath"]
+        return self.long_link if self.long_link is not None else text(block[157:257])
+
+    def size(self, block: bytes) -> int:
+        """The member's size: a PAX ``size`` record, else the header's field."""
+        if "size" not in self.pax:
+            return size_of(block)
+        if not (self.pax["size"].isascii() and self.pax["size"].isdigit()):
+            raise TarError("a PAX size record that is not a number")
+        return int(self.pax["size"])
+
+    @property
+    def sparse(self) -> bool:
+        """A GNU sparse file stored in PAX form (its data is not the file's)."""
+        return any(key.startswith("GNU.sparse") for key in self.pax)
 
 
-def follows(prev: str, name: str) -> bool:
-    """Can member ``name`` come right after ``prev`` in a backup Qubes wrote?
-    The header, its .hmac, then each stored file's chunks in order, each
-    format-3 chunk followed by its .hmac.  Unknown shapes are not judged here
-    (the engine refuses them with their own message)."""
-    from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
-
-    if prev == HEADER:
-        return name == HEADER_HMAC
-    try:
-        before, after = parse_member_name(prev), parse_member_name(name)
-    except BackupError:
-        return True
-    if after is None:
-        return False
-    if prev == HEADER_HMAC:
-        return after.stored == QUBES_XML and after.index == 0 and not after.is_hmac
-    if before is None:
-        return True
-    if not before.is_hmac and not before.is_enc:
-        return after.is_hmac and (after.stored, after.index) == (before.stored, before.index)
-    nxt = (after.stored, after.index) == (before.stored, before.index + 1)
-    return not after.is_hmac and after.is_enc == before.is_enc and (nxt or after.index == 0)
-
-
-class Damaged(Exception):
-    """Damage where a member header should be (see TarReader._damaged)."""
-
-    def __init__(self, what: str, error: BackupError, fatal: bool) -> None:
-        super().__init__(what)
-        self.what = what
-        self.error = error
-        self.fatal = fatal
-
-
-def refusal(name: str) -> str | None:
-    """Why no Qubes backup holds a member of this name, if none does."""
-    from qrecover.container import parse_member_name
-
-    try:
-        parse_member_name(name)
-    except BackupError as exc:
-        return exc.message
-    return None
-
-
-def qubes_member(name: str, kind: bytes, size: int) -> bool:
-    """A member Qubes could have written: a regular file of at most 100 MiB
-    with the name of a header, a chunk or an .hmac."""
-    return kind in REGULAR and 0 <= size <= MAX_MEMBER and refusal(name) is None
-
-
-def check_boundary(pieces: list[str], index: int, count: int, last: str, name: str,
-                   crossed: bool) -> None:
-    """Pieces of a split backup: does the member after a piece boundary (in
-    piece ``index``) follow the one before it, in the order Qubes wrote them?"""
-    from qrecover.container import HEADER, QUBES_XML
-
-    # R2-Beta3 wrote no header: its backups start with qubes.xml.000
-    if count == 0 and name not in (HEADER, f"{QUBES_XML}.000"):
-        raise BackupError(
-            f"the first piece, {pieces[0]}, does not start the backup: its first "
-            f"member is {quoted(name)}, not {HEADER} (pieces out of order?)"
-        )
-    if crossed and not follows(last, name):
-        raise BackupError(
-            f"piece {pieces[index]} does not continue piece {pieces[index - 1]}: "
-            f"the member before the boundary is {quoted(last)}, the one after it "
-            f"{quoted(name)} (pieces out of order, or one missing?)"
-        )
+def readable(name: str) -> str:
+    """A name as the guard judges and shows it: bytes that are not UTF-8 as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import logging
-import random
 import re
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
-from make_backup import randbytes
 
 from qrecover.container import (
     ChunkName,
@@ -22,7 +20,7 @@ from qrecover.container import (
 )
 from qrecover.errors import BackupError
 from qrecover.magic import compression_of
-from qrecover.tarstream import checksum_ok, follows, parse_pax
+from qrecover.members import follows
 
 
 @pytest.mark.parametrize(
@@ -242,27 +240,12 @@ def test_follows_is_the_order_qubes_wrote(prev: str, name: str, ok: bool) -> Non
     assert follows(prev, name) is ok
 
 
-def test_checksum_ok_on_real_and_random_blocks() -> None:
-    block = _tar(MEMBERS[:1])[:512]
-    assert checksum_ok(block)
-    assert not checksum_ok(block[:100] + b"X" + block[101:])
-    rng = random.Random(3)
-    assert not any(checksum_ok(randbytes(rng, 512)) for _ in range(2000))
-
-
 @pytest.mark.parametrize(("head", "name"), [(b"\x1f\x8b\x08", "gzip"), (b"BZh9", "bzip2"),
                                             (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd")])
 def test_compression_told_by_magic(head: bytes, name: str) -> None:
     comp = compression_of(head + bytes(10))
     assert comp is not None and comp.name == name
     assert compression_of(b"BZhx") is None  # "BZh" and not a block size: not bzip2
-
-
-def test_pax_records_are_strict() -> None:
-    assert parse_pax(b"13 path=abcd\n") == {"path": "abcd"}
-    for bad in (b"12 path=abcd\n", b"13 path=abcdX", b"x path=a\n", b"9 pathab\n"):
-        with pytest.raises(ValueError):
-            parse_pax(bad)
 
 
 def test_member_larger_than_any_chunk_is_refused(tmp_path: Path) -> None:

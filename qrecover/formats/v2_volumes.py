@@ -42,21 +42,18 @@ from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
 from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
 from qrecover.stages.guard import (
-    BLOCK,
     DESCRIBE_TYPE,
     KEPT_TYPES,
-    MAX_META,
     PREFIX_TYPES,
     TYPES_WITH_DATA,
-    ZERO_BLOCK,
     GuardError,
     TarGuard,
-    checksum_ok,
+    header_size,
     member_name,
-    octal,
     pax_size,
     round_up,
 )
+from qrecover.tarheaders import BLOCK, MAX_EXTENDED, ZERO_BLOCK, checksum_ok
 
 _COPY = 1024 * 1024
 _POLL = 0.05  # seconds between looks at tar while waiting for it
@@ -113,7 +110,7 @@ class VolumeGuard(TarGuard):
         if header[156] != ord("M") or not checksum_ok(header):
             raise GuardError(f"{self.label}: a volume starts inside {self._member[:200]!r} "
                              "without its continuation (M) header; refused")
-        size = octal(header[124:136])
+        size = header_size(header)
         # GNU tar cuts a long name to the header's 100 bytes here (no L header)
         named = header[:100].split(b"\0", 1)[0]
         if named != self._member_raw[:100] or round_up(size) != self._left:
@@ -158,9 +155,9 @@ class VolumeGuard(TarGuard):
             if not checksum_ok(header):
                 raise GuardError(f"{self.label}: inner archive has a damaged header "
                                  f"(after {self.passed} bytes)")
-            kind, size = header[156], octal(header[124:136])
+            kind, size = header[156], header_size(header)
             if kind in PREFIX_TYPES or kind == ord("g") or kind == ord("M"):
-                if kind == ord("M") or size > MAX_META or kind == ord("g"):
+                if kind == ord("M") or size > MAX_EXTENDED or kind == ord("g"):
                     raise GuardError(f"{self.label}: inner archive has a {chr(kind)!r} header "
                                      "where a member should start; refused")
                 meta.append(header + self._read(round_up(size)))
