@@ -33,19 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from qrecover.container import (
+from qrecover.container import FolderSource
+from qrecover.errors import BackupError, QrecoverError, UsageError
+from qrecover.hmacs import MAX_HMAC_FILE, parse_hmac_text
+from qrecover.magic import SNIFF, compression_of
+from qrecover.members import (
     HEADER,
     HEADER_HMAC,
+    MAX_MEMBER,
     MAX_NAME,
     QUBES_XML,
+    REGULAR,
     ChunkName,
     Member,
     parse_member_name,
 )
-from qrecover.errors import BackupError, QrecoverError, UsageError
-from qrecover.hmacs import MAX_HMAC_FILE, parse_hmac_text
-from qrecover.magic import SNIFF, compression_of
-from qrecover.members import MAX_MEMBER, REGULAR
 from qrecover.tarheaders import (
     BLOCK,
     MAX_EXTENDED,
@@ -217,8 +219,7 @@ class OtherCopy:
     def _names(self) -> list[str]:
         if self.folder is None:
             return sorted(self.index, key=lambda n: self.index[n].offset)
-        from qrecover.container import FolderSource  # its order: qubes.xml, then by name
-
+        # a folder's order: qubes.xml, then by name
         return [m.name for m in FolderSource(self.folder).members()]
 
     def check_xml_macs(self, own: dict[int, str], backup: str) -> None:
