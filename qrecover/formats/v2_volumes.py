@@ -48,12 +48,13 @@ from qrecover.stages.guard import (
     TYPES_WITH_DATA,
     GuardError,
     TarGuard,
+    extended,
     header_size,
     member_name,
     pax_size,
     round_up,
 )
-from qrecover.tarheaders import BLOCK, MAX_EXTENDED, ZERO_BLOCK, checksum_ok
+from qrecover.tarheaders import BLOCK, MAX_EXTENDED, ZERO_BLOCK, checksum_ok, text
 
 _COPY = 1024 * 1024
 _POLL = 0.05  # seconds between looks at tar while waiting for it
@@ -112,7 +113,7 @@ class VolumeGuard(TarGuard):
                              "without its continuation (M) header; refused")
         size = header_size(header)
         # GNU tar cuts a long name to the header's 100 bytes here (no L header)
-        named = header[:100].split(b"\0", 1)[0]
+        named = text(header[:100]).encode("utf-8", "surrogateescape")
         if named != self._member_raw[:100] or round_up(size) != self._left:
             raise GuardError(f"{self.label}: a volume's continuation header does not continue "
                              f"{self._member[:200]!r} where the last volume ended; refused")
@@ -190,10 +191,9 @@ class VolumeGuard(TarGuard):
 
 def _raw_name(header: bytes, meta: list[bytes]) -> bytes:
     """A GNU member's name as bytes: its L header's, else the header's name field."""
-    for blob in meta:
-        if blob[156] == ord("L"):
-            return blob[BLOCK:].split(b"\0", 1)[0]
-    return header[:100].split(b"\0", 1)[0]
+    long_name = extended(meta).long_name
+    name = long_name if long_name is not None else text(header[:100])
+    return name.encode("utf-8", "surrogateescape")
 
 
 class VolumeTar:
