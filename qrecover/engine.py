@@ -31,8 +31,7 @@ import tempfile
 from pathlib import Path
 
 from qrecover import formats
-from qrecover.borrowing import Borrowing
-from qrecover.container import (
+from qrecover.archive.container import (
     QUBES_XML,
     FolderSource,
     StreamSource,
@@ -40,6 +39,8 @@ from qrecover.container import (
     Unreadable,
     parse_member_name,
 )
+from qrecover.archive.members import Members, misplaced
+from qrecover.borrowing import Borrowing
 from qrecover.context import RunContext
 from qrecover.damage_costs import Costs
 from qrecover.dry_run import dry_findings
@@ -54,7 +55,6 @@ from qrecover.fallback import Copies
 from qrecover.finished import finished_before
 from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.inventory import MAX_XML, Entity, Inventory
-from qrecover.members import Members, misplaced
 from qrecover.opening import check_programs, read_header
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, obstacles

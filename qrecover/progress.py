@@ -20,15 +20,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
+from qrecover.archive.container import FolderSource
+
 # Re-exported: the progress line and the summary are written with them.
 from qrecover.compat import zip_strict
-from qrecover.container import FolderSource
 from qrecover.units import human_bytes as human_bytes
 from qrecover.units import human_duration as human_duration
 from qrecover.units import human_rate as human_rate
 
 if TYPE_CHECKING:
-    from qrecover.container import StreamSource
+    from qrecover.archive.container import StreamSource
     from qrecover.inventory import Entity
     from qrecover.report import FileResult
 

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from qrecover.container import (
+from qrecover.archive.container import (
     ChunkName,
     FolderSource,
     StreamSource,
     open_source,
     parse_member_name,
 )
+from qrecover.archive.members import follows
 from qrecover.errors import BackupError
 from qrecover.magic import compression_of
-from qrecover.members import follows
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_folder_order_is_numeric_and_pairs_hmacs(tmp_path: Path) -> None:
     assert sorted(got) == sorted(names)
 
 
-# -- the outer archive's reader (qrecover.tarstream, qrecover.sources) --------
+# -- the outer archive's reader (qrecover.archive.tarstream, qrecover.archive.sources) --------
 
 
 def _tar(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:

@@ -1,4 +1,4 @@
-"""The one tar-header parser (qrecover.tarheaders): numbers, checksum, names
+"""The one tar-header parser (qrecover.archive.tarheaders): numbers, checksum, names
 and PAX records read as GNU tar reads them; GNU tar itself is the judge."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from make_backup import randbytes
 
-from qrecover.tarheaders import (
+from qrecover.archive.tarheaders import (
     BLOCK,
     Extended,
     TarError,

@@ -26,7 +26,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qrecover.container import QUBES_XML, ChunkName, FolderSource, Member
+from qrecover.archive.container import QUBES_XML, ChunkName, FolderSource, Member
+from qrecover.archive.tarheaders import BLOCK, header_name, kind_of, readable
 from qrecover.errors import BackupError, StoredFileError
 from qrecover.formats.base import (
     ChunkOutcome,
@@ -48,7 +49,6 @@ from qrecover.inventory import (
     vm_entity,
 )
 from qrecover.runner import CommandLog, Stage
-from qrecover.tarheaders import BLOCK, header_name, kind_of, readable
 
 VERSION = 1
 WRITTEN_BY = "Qubes R1 (and R2-Beta1/Beta2)"

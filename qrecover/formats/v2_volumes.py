@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO
 
 from qrecover import signals
+from qrecover.archive.tarheaders import BLOCK, MAX_EXTENDED, ZERO_BLOCK, checksum_ok, text
 from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
 from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
@@ -54,7 +55,6 @@ from qrecover.stages.guard import (
     pax_size,
     round_up,
 )
-from qrecover.tarheaders import BLOCK, MAX_EXTENDED, ZERO_BLOCK, checksum_ok, text
 
 _COPY = 1024 * 1024
 _POLL = 0.05  # seconds between looks at tar while waiting for it

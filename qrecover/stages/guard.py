@@ -22,9 +22,7 @@ import errno
 import os
 from dataclasses import dataclass, field
 
-from qrecover.compat import splice
-from qrecover.stages.sparse import Extent, extent
-from qrecover.tarheaders import (
+from qrecover.archive.tarheaders import (
     BLOCK,
     MAX_EXTENDED,
     ZERO_BLOCK,
@@ -35,6 +33,8 @@ from qrecover.tarheaders import (
     readable,
     size_of,
 )
+from qrecover.compat import splice
+from qrecover.stages.sparse import Extent, extent
 
 _SPLICE = 1024 * 1024
 
@@ -54,7 +54,7 @@ class GuardError(Exception):
 
 
 def header_size(header: bytes) -> int:
-    """The header's size field, as GNU tar reads it (qrecover.tarheaders)."""
+    """The header's size field, as GNU tar reads it (qrecover.archive.tarheaders)."""
     try:
         return size_of(header)
     except TarError:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qrecover.tarheaders import BLOCK, MAX_EXTENDED, Extended, TarError, number, readable
+from qrecover.archive.tarheaders import BLOCK, MAX_EXTENDED, Extended, TarError, number, readable
 
 _ENTRY = 24  # one (offset, numbytes) pair of 12-byte octal fields
 

@@ -33,11 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from qrecover.container import FolderSource
-from qrecover.errors import BackupError, QrecoverError, UsageError
-from qrecover.hmacs import MAX_HMAC_FILE, parse_hmac_text
-from qrecover.magic import SNIFF, compression_of
-from qrecover.members import (
+from qrecover.archive.container import FolderSource
+from qrecover.archive.members import (
     HEADER,
     HEADER_HMAC,
     MAX_MEMBER,
@@ -48,7 +45,7 @@ from qrecover.members import (
     Member,
     parse_member_name,
 )
-from qrecover.tarheaders import (
+from qrecover.archive.tarheaders import (
     BLOCK,
     MAX_EXTENDED,
     ZERO_BLOCK,
@@ -57,6 +54,9 @@ from qrecover.tarheaders import (
     is_ustar,
     kind_of,
 )
+from qrecover.errors import BackupError, QrecoverError, UsageError
+from qrecover.hmacs import MAX_HMAC_FILE, parse_hmac_text
+from qrecover.magic import SNIFF, compression_of
 
 MAX_ENTRIES = 500_000  # members indexed per copy: 25 TiB of 100 MiB chunks, and their .hmac
 WINDOW = 1024 * 1024  # what a scan over damage or zeros reads at a time

@@ -1,7 +1,7 @@
 """Tar headers, one 512-byte block at a time: the one parser qrecover has.
 
 Every tar archive qrecover reads goes through it: the outer archive
-(qrecover.tarstream, another copy's index in qrecover.copies), the inner
+(qrecover.archive.tarstream, another copy's index in qrecover.archive.copies), the inner
 archive the guard screens (qrecover.stages.guard, format 2's volumes), a
 packed format-1 folder's first file.  It reads what GNU tar reads: ustar
 fields, numbers in octal or base-256, the checksum summed signed or unsigned,

@@ -18,9 +18,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from qrecover.errors import BackupError
-from qrecover.magic import describe
-from qrecover.members import (
+from qrecover.archive.members import (
     MAX_MEMBER,
     NOT_REGULAR,
     REGULAR,
@@ -30,7 +28,7 @@ from qrecover.members import (
     quoted,
     refusal,
 )
-from qrecover.tarheaders import (
+from qrecover.archive.tarheaders import (
     BLOCK,
     MAX_EXTENDED,
     ZERO_BLOCK,
@@ -42,12 +40,14 @@ from qrecover.tarheaders import (
     size_of,
     text,
 )
+from qrecover.errors import BackupError
+from qrecover.magic import describe
 
 log = logging.getLogger("qrecover")
 
 if TYPE_CHECKING:
+    from qrecover.archive.sources import ByteInput
     from qrecover.damage import Damage
-    from qrecover.sources import ByteInput
 
 # Qubes' writer padded each small archive to one tar record (10 KiB); far
 # more zeros than that is a zero-filled file before anything (refused), or,
@@ -400,4 +400,4 @@ class TarReader:
                               f"(truncated backup): {self.ended()}")
 
 
-__all__ = ["MAX_MEMBER", "TarReader"]  # MAX_MEMBER: qrecover.members
+__all__ = ["MAX_MEMBER", "TarReader"]  # MAX_MEMBER: qrecover.archive.members

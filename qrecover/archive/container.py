@@ -8,7 +8,7 @@ folder that a person already untarred by hand (the page's step 1) is read in
 the same order.
 
 Member names come from the backup and are checked before any use
-(qrecover.members, whose names this module passes on to its many users).
+(qrecover.archive.members, whose names this module passes on to its many users).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from qrecover.damage import DamageLog
-from qrecover.errors import BackupError
-from qrecover.members import (
+from qrecover.archive.members import (
     HEADER,
     HEADER_HMAC,
     MAX_MEMBER,
@@ -35,8 +33,10 @@ from qrecover.members import (
     validate_stored_name,
     written_order,
 )
-from qrecover.sources import ByteInput, open_input
-from qrecover.tarstream import TarReader
+from qrecover.archive.sources import ByteInput, open_input
+from qrecover.archive.tarstream import TarReader
+from qrecover.damage import DamageLog
+from qrecover.errors import BackupError
 
 __all__ = [
     "HEADER",
