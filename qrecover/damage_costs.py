@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qrecover.archive.container import ChunkName, Member, StreamSource, Unreadable
-from qrecover.archive.members import Members
+from qrecover.archive.container import StreamSource
+from qrecover.archive.members import ChunkName, Member, Members, Unreadable
 from qrecover.damage import Damage, DamageLog
 from qrecover.errors import StoredFileError
 from qrecover.formats.base import Format

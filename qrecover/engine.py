@@ -31,15 +31,15 @@ import tempfile
 from pathlib import Path
 
 from qrecover import formats
-from qrecover.archive.container import (
+from qrecover.archive.container import FolderSource, StreamSource
+from qrecover.archive.members import (
     QUBES_XML,
-    FolderSource,
-    StreamSource,
+    Members,
     Truncated,
     Unreadable,
+    misplaced,
     parse_member_name,
 )
-from qrecover.archive.members import Members, misplaced
 from qrecover.borrowing import Borrowing
 from qrecover.context import RunContext
 from qrecover.damage_costs import Costs

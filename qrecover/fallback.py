@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from qrecover.archive.container import ChunkName, Member
 from qrecover.archive.copies import OtherCopy, check_header
+from qrecover.archive.members import ChunkName, Member
 from qrecover.compat import removesuffix
 from qrecover.errors import OutputError, QrecoverError
 from qrecover.formats.base import ChunkOutcome, ChunkStore, Format

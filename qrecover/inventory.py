@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qrecover.archive.container import validate_stored_name
+from qrecover.archive.members import validate_stored_name
 from qrecover.compat import removeprefix, removesuffix
 from qrecover.errors import BackupError, UsageError
 

@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 from qrecover import formats
-from qrecover.archive.container import HEADER, HEADER_HMAC
-from qrecover.archive.members import Members
+from qrecover.archive.members import HEADER, HEADER_HMAC, Members
 from qrecover.context import RunContext
 from qrecover.errors import BackupError, MissingProgramError, ProgramFailed
 from qrecover.events import HeaderVerified

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qrecover.archive.container import ChunkName
+from qrecover.archive.members import ChunkName
 from qrecover.errors import OutputError
 from qrecover.messages import err
 from qrecover.output import Output

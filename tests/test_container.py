@@ -11,14 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qrecover.archive.container import (
-    ChunkName,
-    FolderSource,
-    StreamSource,
-    open_source,
-    parse_member_name,
-)
-from qrecover.archive.members import follows
+from qrecover.archive.container import FolderSource, StreamSource, open_source
+from qrecover.archive.members import ChunkName, follows, parse_member_name
 from qrecover.errors import BackupError
 from qrecover.magic import compression_of
 

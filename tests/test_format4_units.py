@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qrecover.archive.container import ChunkName, FolderSource, parse_member_name
+from qrecover.archive.container import FolderSource
+from qrecover.archive.members import ChunkName, parse_member_name
 from qrecover.compat import removesuffix
 from qrecover.errors import BackupError
 from qrecover.formats import parse_header

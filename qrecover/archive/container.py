@@ -8,7 +8,7 @@ folder that a person already untarred by hand (the page's step 1) is read in
 the same order.
 
 Member names come from the backup and are checked before any use
-(qrecover.archive.members, whose names this module passes on to its many users).
+(qrecover.archive.members).
 """
 
 from __future__ import annotations
@@ -18,42 +18,12 @@ import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from qrecover.archive.members import (
-    HEADER,
-    HEADER_HMAC,
-    MAX_MEMBER,
-    MAX_NAME,
-    QUBES_XML,
-    READ_SIZE,
-    ChunkName,
-    Member,
-    Truncated,
-    Unreadable,
-    parse_member_name,
-    validate_stored_name,
-    written_order,
-)
+from qrecover.archive.members import HEADER, MAX_MEMBER, QUBES_XML, Member, written_order
 from qrecover.archive.sources import ByteInput, open_input
 from qrecover.archive.tarstream import TarReader
 from qrecover.damage import DamageLog
 from qrecover.errors import BackupError
 
-__all__ = [
-    "HEADER",
-    "HEADER_HMAC",
-    "MAX_NAME",
-    "QUBES_XML",
-    "READ_SIZE",
-    "ChunkName",
-    "FolderSource",
-    "Member",
-    "StreamSource",
-    "Truncated",
-    "Unreadable",
-    "open_source",
-    "parse_member_name",
-    "validate_stored_name",
-]
 
 class StreamSource:
     """Members of a (possibly concatenated) tar stream: a file, pieces, a pipe."""

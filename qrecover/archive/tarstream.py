@@ -400,4 +400,4 @@ class TarReader:
                               f"(truncated backup): {self.ended()}")
 
 
-__all__ = ["MAX_MEMBER", "TarReader"]  # MAX_MEMBER: qrecover.archive.members
+__all__ = ["TarReader"]

@@ -26,7 +26,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qrecover.archive.container import QUBES_XML, ChunkName, FolderSource, Member
+from qrecover.archive.container import FolderSource
+from qrecover.archive.members import QUBES_XML, ChunkName, Member
 from qrecover.archive.tarheaders import BLOCK, header_name, kind_of, readable
 from qrecover.errors import BackupError, StoredFileError
 from qrecover.formats.base import (

@@ -31,9 +31,16 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qrecover.archive.container import HEADER, HEADER_HMAC, QUBES_XML, ChunkName, Member, Truncated
-from qrecover.archive.container import parse_member_name as _parse
-from qrecover.archive.tarstream import MAX_MEMBER
+from qrecover.archive.members import (
+    HEADER,
+    HEADER_HMAC,
+    MAX_MEMBER,
+    QUBES_XML,
+    ChunkName,
+    Member,
+    Truncated,
+)
+from qrecover.archive.members import parse_member_name as _parse
 from qrecover.errors import (
     AuthenticationError,
     BackupError,

@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from qrecover.archive.container import (
+from qrecover.archive.members import (
     HEADER,
     HEADER_HMAC,
     ChunkName,
