@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from qrecover.container import QUBES_XML, ChunkName, Member, Truncated, parse_member_name
+from qrecover.archive.members import QUBES_XML, ChunkName, Member, Truncated, parse_member_name
 from qrecover.context import RunContext
 from qrecover.errors import BackupError, OutputError, StoredFileError
 from qrecover.events import ChunkBorrowed, ChunkChecked

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrecover import formats
+from qrecover.archive.container import open_source
+from qrecover.archive.copies import open_copy
+from qrecover.archive.sources import replay_path
 from qrecover.compat import zip_strict
-from qrecover.container import open_source
 from qrecover.context import RunContext
-from qrecover.copies import open_copy
 from qrecover.damage_report import damage_lines
 from qrecover.engine import run
 from qrecover.errors import (
@@ -50,7 +51,6 @@ from qrecover.report_json import json_output
 from qrecover.resume import RECORD_NAME
 from qrecover.runner import log_command
 from qrecover.salvage import WARNING
-from qrecover.sources import replay_path
 from qrecover.units import human_bytes
 
 

@@ -2,9 +2,9 @@
 
 A backup on failing media has sectors that read as zeros (what ``ddrescue``
 leaves), garbage, flipped bits, or that cannot be read at all.  The outer
-reader (qrecover.tarstream) steps over what is not a member, as ``tar -i``
+reader (qrecover.archive.tarstream) steps over what is not a member, as ``tar -i``
 does, and goes on at the next valid member header; the bytes it stepped over,
-and the sectors that could not be read (qrecover.sources), are recorded here
+and the sectors that could not be read (qrecover.archive.sources), are recorded here
 as ranges.  The engine then charges each range with what it cost: the chunks
 that were lost in it or failed their check because of it, and their stored
 files.  A range is reported once, however many chunks it cost.

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qrecover.container import ChunkName, Member, StreamSource, Unreadable
+from qrecover.archive.container import StreamSource
+from qrecover.archive.members import ChunkName, Member, Members, Unreadable
 from qrecover.damage import Damage, DamageLog
 from qrecover.errors import StoredFileError
 from qrecover.formats.base import Format
-from qrecover.members import Members
 from qrecover.report import Report
 
 

@@ -31,15 +31,16 @@ import tempfile
 from pathlib import Path
 
 from qrecover import formats
-from qrecover.borrowing import Borrowing
-from qrecover.container import (
+from qrecover.archive.container import FolderSource, StreamSource
+from qrecover.archive.members import (
     QUBES_XML,
-    FolderSource,
-    StreamSource,
+    Members,
     Truncated,
     Unreadable,
+    misplaced,
     parse_member_name,
 )
+from qrecover.borrowing import Borrowing
 from qrecover.context import RunContext
 from qrecover.damage_costs import Costs
 from qrecover.dry_run import dry_findings
@@ -54,7 +55,6 @@ from qrecover.fallback import Copies
 from qrecover.finished import finished_before
 from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.inventory import MAX_XML, Entity, Inventory
-from qrecover.members import Members, misplaced
 from qrecover.opening import check_programs, read_header
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Plan, obstacles

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from qrecover.archive.copies import OtherCopy, check_header
+from qrecover.archive.members import ChunkName, Member
 from qrecover.compat import removesuffix
-from qrecover.container import ChunkName, Member
-from qrecover.copies import OtherCopy, check_header
 from qrecover.errors import OutputError, QrecoverError
 from qrecover.formats.base import ChunkOutcome, ChunkStore, Format
 from qrecover.runner import CommandLog

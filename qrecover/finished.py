@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Protocol
 
-from qrecover.container import QUBES_XML
+from qrecover.archive.members import QUBES_XML
 from qrecover.output import Output
 from qrecover.resume import RECORD_NAME
 

@@ -20,8 +20,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qrecover.archive.members import validate_stored_name
 from qrecover.compat import removeprefix, removesuffix
-from qrecover.container import validate_stored_name
 from qrecover.errors import BackupError, UsageError
 
 DOM0 = "dom0"

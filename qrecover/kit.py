@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qrecover import formats
-from qrecover.container import open_source
+from qrecover.archive.container import open_source
 from qrecover.engine import run
 from qrecover.errors import EXIT_OK, OutputError, UsageError
 from qrecover.passphrase import get_passphrase

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 from qrecover import formats
-from qrecover.container import HEADER, HEADER_HMAC
+from qrecover.archive.members import HEADER, HEADER_HMAC, Members
 from qrecover.context import RunContext
 from qrecover.errors import BackupError, MissingProgramError, ProgramFailed
 from qrecover.events import HeaderVerified
 from qrecover.fallback import Copies
 from qrecover.formats.base import Format
 from qrecover.header import MAX_HEADER
-from qrecover.members import Members
 from qrecover.runner import CommandLog, control, which
 
 

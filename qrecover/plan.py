@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from qrecover.container import QUBES_XML
+from qrecover.archive.members import QUBES_XML
 from qrecover.errors import OutputError, WouldOverwrite
 from qrecover.formats.base import Format
 from qrecover.inventory import DOM0, MAX_XML, Entity

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
+from qrecover.archive.container import FolderSource
+
 # Re-exported: the progress line and the summary are written with them.
 from qrecover.compat import zip_strict
 from qrecover.units import human_bytes as human_bytes
@@ -27,7 +29,7 @@ from qrecover.units import human_duration as human_duration
 from qrecover.units import human_rate as human_rate
 
 if TYPE_CHECKING:
-    from qrecover.container import FolderSource, StreamSource
+    from qrecover.archive.container import StreamSource
     from qrecover.inventory import Entity
     from qrecover.report import FileResult
 
@@ -145,8 +147,6 @@ def summary_table(mode: str, results: Sequence[FileResult], elapsed: float) -> s
 
 def source_size(source: StreamSource | FolderSource) -> int | None:
     """Bytes the pass will read: a file's size, a folder's files; None for a pipe."""
-    from qrecover.container import FolderSource  # here: container imports nothing of ours
-
     if isinstance(source, FolderSource):
         total = 0
         for dirpath, _dirs, files in os.walk(source.root):

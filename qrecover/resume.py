@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Dict, List, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from qrecover.container import QUBES_XML, Member, parse_member_name
+from qrecover.archive.members import QUBES_XML, Member, parse_member_name
 from qrecover.context import Listener
 from qrecover.errors import OutputError
 from qrecover.events import QubesXmlWritten

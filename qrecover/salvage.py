@@ -36,14 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qrecover.container import ChunkName
+from qrecover.archive.members import ChunkName
 from qrecover.errors import OutputError
 from qrecover.messages import err
 from qrecover.output import Output
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage
 from qrecover.stages.decompress import GUNZIPS
-from qrecover.stages.guard import Extent
-from qrecover.stages.sparse import file_offset, to_file
+from qrecover.stages.sparse import Extent, file_offset, to_file
 
 if TYPE_CHECKING:
     from qrecover.formats.base import Format

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from qrecover.container import READ_SIZE, Member, Truncated, Unreadable
+from qrecover.archive.members import READ_SIZE, Member, Truncated, Unreadable
 from qrecover.errors import DiskFull, OutputError
 from qrecover.hmacs import Digest
 from qrecover.report import Observer

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import io
 import logging
-import random
 import re
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
-from make_backup import randbytes
 
-from qrecover.container import (
-    ChunkName,
-    FolderSource,
-    StreamSource,
-    open_source,
-    parse_member_name,
-)
+from qrecover.archive.container import FolderSource, StreamSource, open_source
+from qrecover.archive.members import ChunkName, follows, parse_member_name
 from qrecover.errors import BackupError
 from qrecover.magic import compression_of
-from qrecover.tarstream import checksum_ok, follows, parse_pax
 
 
 @pytest.mark.parametrize(
@@ -95,7 +87,7 @@ def test_folder_order_is_numeric_and_pairs_hmacs(tmp_path: Path) -> None:
     assert sorted(got) == sorted(names)
 
 
-# -- the outer archive's reader (qrecover.tarstream, qrecover.sources) --------
+# -- the outer archive's reader (qrecover.archive.tarstream, qrecover.archive.sources) --------
 
 
 def _tar(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
@@ -242,27 +234,12 @@ def test_follows_is_the_order_qubes_wrote(prev: str, name: str, ok: bool) -> Non
     assert follows(prev, name) is ok
 
 
-def test_checksum_ok_on_real_and_random_blocks() -> None:
-    block = _tar(MEMBERS[:1])[:512]
-    assert checksum_ok(block)
-    assert not checksum_ok(block[:100] + b"X" + block[101:])
-    rng = random.Random(3)
-    assert not any(checksum_ok(randbytes(rng, 512)) for _ in range(2000))
-
-
 @pytest.mark.parametrize(("head", "name"), [(b"\x1f\x8b\x08", "gzip"), (b"BZh9", "bzip2"),
                                             (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd")])
 def test_compression_told_by_magic(head: bytes, name: str) -> None:
     comp = compression_of(head + bytes(10))
     assert comp is not None and comp.name == name
     assert compression_of(b"BZhx") is None  # "BZh" and not a block size: not bzip2
-
-
-def test_pax_records_are_strict() -> None:
-    assert parse_pax(b"13 path=abcd\n") == {"path": "abcd"}
-    for bad in (b"12 path=abcd\n", b"13 path=abcdX", b"x path=a\n", b"9 pathab\n"):
-        with pytest.raises(ValueError):
-            parse_pax(bad)
 
 
 def test_member_larger_than_any_chunk_is_refused(tmp_path: Path) -> None:

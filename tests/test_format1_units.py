@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qrecover import formats
-from qrecover.container import FolderSource
+from qrecover.archive.container import FolderSource
 from qrecover.errors import BackupError
 from qrecover.formats import v1
 from qrecover.formats.v1_folder import path_is_safe, scan_folder

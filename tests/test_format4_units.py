@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from qrecover.archive.container import FolderSource
+from qrecover.archive.members import ChunkName, parse_member_name
 from qrecover.compat import removesuffix
-from qrecover.container import ChunkName, FolderSource, parse_member_name
 from qrecover.errors import BackupError
 from qrecover.formats import parse_header
 from qrecover.formats.scrypt import ScryptTool, dec_stage, is_scrypt_file, render_dec

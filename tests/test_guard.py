@@ -215,3 +215,30 @@ def test_archive_cut_at_a_member_boundary_is_refused() -> None:
     assert guard.error is not None and "end-of-archive" in guard.error
     guard, out = screen(whole)
     assert guard.error is None and out == whole
+
+
+def _resum(block: bytearray, signed: bool) -> bytes:
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(b - 256 if signed and b >= 128 else b for b in block)
+    return bytes(block)
+
+
+def test_header_summed_signed_passes_as_gnu_tar_reads_it(tmp_path: Path) -> None:
+    """The guard took only the unsigned checksum, the outer archive's reader
+    both; GNU tar reads both, so the one parser does."""
+    archive = bytearray(build([(entry("vm7/apps/caf\u00e9"), b"abc")]))
+    archive[:512] = _resum(archive[:512], signed=True)
+    guard, out = screen(bytes(archive))
+    assert guard.error is None and out[:512] == archive[:512]
+    subprocess.run(["tar", "-x", "-f", "-", "-C", str(tmp_path)], input=out, check=True)
+    assert (tmp_path / "vm7/apps/caf\u00e9").read_bytes() == b"abc"
+
+
+def test_size_in_base_256_gnu_tar_cannot_read_is_refused() -> None:
+    """A first byte other than 0x80 or 0xFF is no base-256 number for GNU tar;
+    the guard used to read it as one (a huge size)."""
+    archive = bytearray(build([(entry("vm7/apps/a"), b"abc")]))
+    archive[124:136] = b"\x81" + bytes(10) + b"\x03"
+    archive[:512] = _resum(archive[:512], signed=False)
+    guard, _ = screen(bytes(archive))
+    assert guard.error is not None and "malformed header (size field)" in guard.error

@@ -19,9 +19,9 @@ import pytest
 from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, run_main
 from typer.testing import CliRunner
 
+from qrecover.archive.container import open_source
 from qrecover.cli import app, main
 from qrecover.commands import restore_command
-from qrecover.container import open_source
 from qrecover.context import RunContext
 from qrecover.engine import run
 from qrecover.events import ChunkChecked, Event, FileFinished, HeaderVerified, InventoryRead

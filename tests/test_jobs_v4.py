@@ -250,7 +250,7 @@ BACKUP_ID = "20230405T123455-1234"
 def _enc_chunk(folder: Path, index: int, log_n: int) -> tuple[Path, str]:
     """A chunk of vm7/private.img written as R4's writer did (scrypt enc under
     BACKUPID!NAME!PASSPHRASE), at the given cost; returns it and its member name."""
-    from qrecover.container import ChunkName
+    from qrecover.archive.members import ChunkName
 
     name = ChunkName("vm7/private.img", index, is_enc=True)
     plain = folder / f"plain{index}"
@@ -290,7 +290,7 @@ def _works(tmp_path: Path, available: int) -> tuple[object, object]:
 
 
 def _pending(fmt: object, enc: Path, member: str) -> object:
-    from qrecover.container import parse_member_name
+    from qrecover.archive.members import parse_member_name
     from qrecover.formats.v4 import ScryptChunk
 
     name = parse_member_name(member)

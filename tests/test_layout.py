@@ -1,4 +1,5 @@
-"""The shape of qrecover/: small modules, no import cycle, every format behind one seam."""
+"""The shape of qrecover/: no import cycle, deferred imports counted; every format
+behind one seam."""
 
 from __future__ import annotations
 
@@ -20,18 +21,21 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The qrecover modules ``name`` imports when it is imported: its top-level
-    imports, not those for type checking only nor those a function defers."""
+    """The qrecover modules ``name`` imports, at the top or inside a function
+    (a deferred import still makes a cycle), not those for type checking only."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found: set[str] = set()
-    statements = [
-        node
-        for top in tree.body
-        if not (isinstance(top, ast.If) and "TYPE_CHECKING" in ast.unparse(top.test))
-        for node in ([top] if not isinstance(top, ast.Try) else [*top.body, *top.orelse])
-    ]
-    for node in statements:
+    checking_only = {
+        id(inner)
+        for top in ast.walk(tree)
+        if isinstance(top, ast.If) and "TYPE_CHECKING" in ast.unparse(top.test)
+        for stmt in top.body
+        for inner in ast.walk(stmt)
+    }
+    for node in ast.walk(tree):
+        if id(node) in checking_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -49,6 +53,9 @@ def test_no_import_cycle() -> None:
     modules = _modules()
     known = set(modules)
     graph = {name: _imports(name, path, known) for name, path in modules.items()}
+    # Known, and to go with format 4's move into formats/v4/ (issue 24, item 1):
+    # v4.chunk_works imports v4_jobs, which builds on v4.  Delete this line then.
+    graph.get("qrecover.formats.v4", set()).discard("qrecover.formats.v4_jobs")
     # A package's __init__ importing its own submodules is how packages work;
     # a cycle is a module reaching itself through the imports it makes.
     state: dict[str, int] = {}
@@ -111,3 +118,16 @@ def test_tests_share_helpers_only_through_helpers_and_conftest() -> None:
                 offenders += [f"{path.name}: import {a.name}" for a in node.names
                               if a.name.startswith("test_")]
     assert offenders == []
+
+
+def test_the_cycle_check_counts_an_import_deferred_into_a_function(tmp_path: Path) -> None:
+    module = tmp_path / "a.py"
+    module.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from qrecover import b\n"
+        "if TYPE_CHECKING:\n    from qrecover.d import D\n"
+        "def f() -> None:\n    from qrecover.c import C\n",
+        encoding="utf-8",
+    )
+    known = {"qrecover.a", "qrecover.b", "qrecover.c", "qrecover.d"}
+    assert _imports("qrecover.a", module, known) == {"qrecover.b", "qrecover.c"}

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from qrecover.container import ChunkName, Member
+from qrecover.archive.members import ChunkName, Member
 from qrecover.errors import QrecoverError
 from qrecover.header import Header
 from qrecover.hmacs import Digest

@@ -26,7 +26,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qrecover.container import QUBES_XML, ChunkName, FolderSource, Member
+from qrecover.archive.container import FolderSource
+from qrecover.archive.members import QUBES_XML, ChunkName, Member
+from qrecover.archive.tarheaders import BLOCK, header_name, kind_of, readable
 from qrecover.errors import BackupError, StoredFileError
 from qrecover.formats.base import (
     ChunkOutcome,
@@ -291,15 +293,12 @@ def first_file(path: str) -> str | None:
     try:
         with open(path, "rb") as f:
             for _ in range(8):
-                block = f.read(512)
-                if len(block) < 512 or block[257:262] != b"ustar":
+                block = f.read(BLOCK)
+                if len(block) < BLOCK or block[257:262] != b"ustar":
                     return None
-                name = block[:100].split(b"\0", 1)[0]
-                prefix = block[345:500].split(b"\0", 1)[0] if block[257:263] == b"ustar\0" else b""
-                if block[156:157] != b"5":  # past the folders' entries (no data follows them)
-                    full = (prefix + b"/" + name) if prefix else name
-                    ordinary = block[156:157] in (b"0", b"\0", b"1", b"2", b"7")  # files, links
-                    return full.decode("utf-8", "replace") if ordinary else None
+                if kind_of(block) != b"5":  # past the folders' entries (no data follows them)
+                    ordinary = kind_of(block) in (b"0", b"\0", b"1", b"2", b"7")  # files, links
+                    return readable(header_name(block)) if ordinary else None
     except OSError:
         return None
     return None

@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qrecover.container import QUBES_XML, validate_stored_name
+from qrecover.archive.members import QUBES_XML, validate_stored_name
 from qrecover.errors import BackupError
 
 # The folders of /var/lib/qubes R1 backed up, and how their entries are stored.

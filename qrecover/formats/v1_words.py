@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qrecover import __version__
-from qrecover.container import QUBES_XML
+from qrecover.archive.members import QUBES_XML
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v1 import WARNING, WRITTEN_BY, Format1, read_stage
 from qrecover.inventory import DOM0, Entity

@@ -31,8 +31,16 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, ChunkName, Member, Truncated
-from qrecover.container import parse_member_name as _parse
+from qrecover.archive.members import (
+    HEADER,
+    HEADER_HMAC,
+    MAX_MEMBER,
+    QUBES_XML,
+    ChunkName,
+    Member,
+    Truncated,
+)
+from qrecover.archive.members import parse_member_name as _parse
 from qrecover.errors import (
     AuthenticationError,
     BackupError,
@@ -53,7 +61,6 @@ from qrecover.header import Header, parse_bool
 from qrecover.hmacs import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage, first_failure
 from qrecover.stages.decompress import pick_gunzip
-from qrecover.tarstream import MAX_MEMBER
 
 VERSION = 2
 PAGE = "https://www.qubes-os.org/doc/backup-emergency-restore-v2/"

@@ -38,22 +38,20 @@ from pathlib import Path
 from typing import IO
 
 from qrecover import signals
+from qrecover.archive.tarheaders import BLOCK, MAX_EXTENDED, ZERO_BLOCK, checksum_ok, text
 from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
 from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
 from qrecover.stages.guard import (
-    BLOCK,
     DESCRIBE_TYPE,
     KEPT_TYPES,
-    MAX_META,
     PREFIX_TYPES,
     TYPES_WITH_DATA,
-    ZERO_BLOCK,
     GuardError,
     TarGuard,
-    checksum_ok,
+    extended,
+    header_size,
     member_name,
-    octal,
     pax_size,
     round_up,
 )
@@ -113,9 +111,9 @@ class VolumeGuard(TarGuard):
         if header[156] != ord("M") or not checksum_ok(header):
             raise GuardError(f"{self.label}: a volume starts inside {self._member[:200]!r} "
                              "without its continuation (M) header; refused")
-        size = octal(header[124:136])
+        size = header_size(header)
         # GNU tar cuts a long name to the header's 100 bytes here (no L header)
-        named = header[:100].split(b"\0", 1)[0]
+        named = text(header[:100]).encode("utf-8", "surrogateescape")
         if named != self._member_raw[:100] or round_up(size) != self._left:
             raise GuardError(f"{self.label}: a volume's continuation header does not continue "
                              f"{self._member[:200]!r} where the last volume ended; refused")
@@ -158,9 +156,9 @@ class VolumeGuard(TarGuard):
             if not checksum_ok(header):
                 raise GuardError(f"{self.label}: inner archive has a damaged header "
                                  f"(after {self.passed} bytes)")
-            kind, size = header[156], octal(header[124:136])
+            kind, size = header[156], header_size(header)
             if kind in PREFIX_TYPES or kind == ord("g") or kind == ord("M"):
-                if kind == ord("M") or size > MAX_META or kind == ord("g"):
+                if kind == ord("M") or size > MAX_EXTENDED or kind == ord("g"):
                     raise GuardError(f"{self.label}: inner archive has a {chr(kind)!r} header "
                                      "where a member should start; refused")
                 meta.append(header + self._read(round_up(size)))
@@ -193,10 +191,9 @@ class VolumeGuard(TarGuard):
 
 def _raw_name(header: bytes, meta: list[bytes]) -> bytes:
     """A GNU member's name as bytes: its L header's, else the header's name field."""
-    for blob in meta:
-        if blob[156] == ord("L"):
-            return blob[BLOCK:].split(b"\0", 1)[0]
-    return header[:100].split(b"\0", 1)[0]
+    long_name = extended(meta).long_name
+    name = long_name if long_name is not None else text(header[:100])
+    return name.encode("utf-8", "surrogateescape")
 
 
 class VolumeTar:

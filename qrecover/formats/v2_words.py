@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qrecover import __version__
-from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
+from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML
 from qrecover.formats import v2_sh
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v2 import PAGE, Format2

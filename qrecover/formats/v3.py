@@ -18,7 +18,14 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from qrecover.container import HEADER, HEADER_HMAC, ChunkName, Member, Truncated, parse_member_name
+from qrecover.archive.members import (
+    HEADER,
+    HEADER_HMAC,
+    ChunkName,
+    Member,
+    Truncated,
+    parse_member_name,
+)
 from qrecover.errors import (
     AuthenticationError,
     BackupError,

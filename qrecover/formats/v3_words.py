@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qrecover import __version__
-from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
+from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML
 from qrecover.formats import v3_kit
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v3 import PAGE, BackupHeader, Format3, decrypt_stage, dgst_command

@@ -21,7 +21,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from qrecover.container import HEADER, HEADER_HMAC, ChunkName, Member
+from qrecover.archive.members import HEADER, HEADER_HMAC, ChunkName, Member
 from qrecover.errors import AuthenticationError, BackupError, DiskFull, OutputError, StoredFileError
 from qrecover.formats.base import ChunkOutcome, ChunkStore, ChunkWorks, MemberStream, PendingChunk
 from qrecover.formats.scrypt import (

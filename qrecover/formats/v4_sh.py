@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qrecover import __version__
-from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
+from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML
 from qrecover.formats.base import PlanView
 from qrecover.formats.scrypt import HEADER_PREFIX, ScryptTool, dec_stage
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4

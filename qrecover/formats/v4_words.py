@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qrecover import __version__
-from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
+from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
 from qrecover.formats import v4_kit, v4_sh
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.scrypt import HEADER_PREFIX, render_dec

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from qrecover import formats
-from qrecover.container import QUBES_XML, parse_member_name
+from qrecover.archive.members import QUBES_XML, parse_member_name
 from qrecover.events import (
     ChunkBorrowed,
     ChunkChecked,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from qrecover import formats
-from qrecover.container import QUBES_XML
+from qrecover.archive.members import QUBES_XML
 from qrecover.errors import OutputError, WouldOverwrite
 from qrecover.formats.base import OwnFirstStep
 from qrecover.plan import Plan

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from qrecover import formats
-from qrecover.container import QUBES_XML, parse_member_name
+from qrecover.archive.members import QUBES_XML, parse_member_name
 from qrecover.errors import OutputError
 from qrecover.events import (
     ChunkBorrowed,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qrecover.container import QUBES_XML
+from qrecover.archive.members import QUBES_XML
 from qrecover.runner import Stage
 from qrecover.stages.decompress import pick_gunzip
 from qrecover.stages.guard import GuardError, TarGuard

@@ -22,11 +22,20 @@ import errno
 import os
 from dataclasses import dataclass, field
 
+from qrecover.archive.tarheaders import (
+    BLOCK,
+    MAX_EXTENDED,
+    ZERO_BLOCK,
+    Extended,
+    TarError,
+    checksum_ok,
+    pax_records,
+    readable,
+    size_of,
+)
 from qrecover.compat import splice
+from qrecover.stages.sparse import Extent, extent
 
-BLOCK = 512
-ZERO_BLOCK = bytes(BLOCK)
-MAX_META = 1024 * 1024  # long names, pax headers
 _SPLICE = 1024 * 1024
 
 # Member types passed on to tar: files, hard and symbolic links, folders,
@@ -40,85 +49,38 @@ PREFIX_TYPES = frozenset(b"LKxX")
 DESCRIBE_TYPE = {ord("3"): "character device", ord("4"): "block device", ord("6"): "FIFO"}
 
 
-@dataclass(frozen=True)
-class Extent:
-    """Where one member's data lies in the inner archive (``restore --salvage``
-    maps unverified ranges of the archive onto the restored files with it).
-
-    Offsets count the archive as it came into the guard.  ``segments``: the
-    ``(file offset, length)`` of each data run, in archive order, for a
-    sparse member (None: the data is the file); ``map_bytes``: the PAX 1.0
-    sparse map's blocks at the start of the data.
-    """
-
-    name: str
-    header_start: int
-    data_start: int
-    size: int
-    segments: tuple[tuple[int, int], ...] | None = None
-    map_bytes: int = 0
-
-
 class GuardError(Exception):
     """The inner archive was cut off: malformed, or past its size limit."""
 
 
-def octal(field_: bytes) -> int:
-    if field_ and field_[0] & 0x80:  # GNU base-256 for sizes past 8 GiB
-        value = field_[0] & 0x7F
-        for byte in field_[1:]:
-            value = (value << 8) | byte
-        return value
-    text = field_.replace(b"\0", b" ").strip()
-    if not text:
-        return 0
+def header_size(header: bytes) -> int:
+    """The header's size field, as GNU tar reads it (qrecover.archive.tarheaders)."""
     try:
-        return int(text, 8)
-    except ValueError:
+        return size_of(header)
+    except TarError:
         raise GuardError("inner archive: malformed header (size field)") from None
 
 
-def checksum_ok(header: bytes) -> bool:
-    stored = octal(header[148:156])
-    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    return stored == unsigned
+def extended(meta: list[bytes]) -> Extended:
+    """What the extended headers kept in ``meta`` say of the member after them."""
+    try:
+        return Extended.of(meta)
+    except TarError as exc:
+        raise GuardError(f"inner archive: malformed extended header ({exc})") from None
 
 
 def round_up(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK * BLOCK
 
 
-def _pax_records(data: bytes) -> dict[bytes, bytes]:
-    records = {}
-    for line in data.split(b"\n"):
-        _, _, record = line.partition(b" ")
-        key, sep, value = record.partition(b"=")
-        if sep:
-            records[key] = value
-    return records
-
-
 def pax_size(meta: list[bytes]) -> int | None:
     """A pax ``size`` record overrides the header's size field, for tar too."""
-    size = None
-    for blob in meta:
-        if blob[156] in (ord("x"), ord("X")):
-            value = _pax_records(blob[BLOCK:]).get(b"size")
-            if value is not None:
-                if not value.isdigit():
-                    raise GuardError("inner archive: malformed pax size record")
-                size = int(value)
-    return size
-
-
-def _linkname(header: bytes, meta: list[bytes]) -> str:
-    for blob in meta:
-        kind, data = blob[156], blob[BLOCK:]
-        if kind == ord("K"):
-            return data.split(b"\0", 1)[0].decode("utf-8", "replace")
-        if kind in (ord("x"), ord("X")) and b"linkpath" in (records := _pax_records(data)):
-            return records[b"linkpath"].decode("utf-8", "replace")
-    return header[157:257].split(b"\0", 1)[0].decode("utf-8", "replace")
+    value = extended(meta).pax.get("size")
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise GuardError("inner archive: malformed pax size record")
+    return int(value)
 
 
 def outside(name: str, prefix: str) -> bool:
@@ -133,23 +95,9 @@ def outside(name: str, prefix: str) -> bool:
 
 
 def member_name(header: bytes, meta: list[bytes]) -> str:
-    for blob in meta:
-        kind, data = blob[156], blob[BLOCK:]
-        if kind == ord("L"):
-            return data.split(b"\0", 1)[0].decode("utf-8", "replace")
-        if kind in (ord("x"), ord("X")):
-            records = _pax_records(data)
-            # GNU sparse 0.1/1.0 members (Qubes R4) are extracted under
-            # GNU.sparse.name, not under their GNUSparseFile.N/ header name.
-            for key in (b"GNU.sparse.name", b"path"):
-                if key in records:
-                    return records[key].decode("utf-8", "replace")
-    name = header[:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8", "replace")
+    """The name tar extracts the member under (a GNU sparse 0.1/1.0 member, as
+    Qubes R4 wrote, under GNU.sparse.name, not its GNUSparseFile.N/ header name)."""
+    return readable(extended(meta).name(header))
 
 
 @dataclass
@@ -208,7 +156,7 @@ class TarGuard:
         else:
             self._leaves.add(key)
         if kind == ord("1"):
-            target = _linkname(header, meta)
+            target = readable(extended(meta).linkname(header))
             if outside(target, self.prefix):
                 raise GuardError(f"{self.label}: inner archive hard link {name[:200]!r} "
                                  f"points outside {self.prefix!r} ({target[:200]!r}); "
@@ -287,16 +235,21 @@ class TarGuard:
                 raise GuardError(f"{self.label}: inner archive has a damaged header "
                                  f"(after {self.passed} bytes)")
             kind = header[156]
-            size = octal(header[124:136])
+            size = header_size(header)
             if kind in PREFIX_TYPES:
-                if size > MAX_META:
+                if size > MAX_EXTENDED:
                     raise GuardError(f"{self.label}: inner archive has a {size}-byte "
                                      "name/pax header; refused")
                 meta.append(header + self._read(round_up(size)))
                 continue
             if kind == ord("g"):
                 data = self._read(round_up(size))
-                if b"size" in _pax_records(data):
+                try:
+                    records = pax_records(data[:size])
+                except TarError as exc:
+                    raise GuardError(f"{self.label}: inner archive has a malformed global "
+                                     f"header ({exc}); refused") from None
+                if "size" in records:
                     raise GuardError(f"{self.label}: inner archive has a global size "
                                      "record; refused")
                 self._write(header + data)
@@ -336,10 +289,11 @@ class TarGuard:
                 size: int) -> int:
         """restore --salvage: note the member's extent (reading and passing on a
         PAX 1.0 sparse map first); returns the data bytes already passed."""
-        from qrecover.stages.sparse import extent  # only --salvage needs it
-
         assert self.layout is not None
-        found, prefix = extent(header, meta, extension, start, size, self._read)
+        try:
+            found, prefix = extent(header, meta, extension, start, size, self._read)
+        except TarError as exc:
+            raise GuardError(str(exc)) from None
         self._write(prefix)
         self.layout.append(found)
         return len(prefix)

@@ -19,18 +19,30 @@ report says when an unverified range covers a member's headers or map.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from qrecover.stages.guard import (
-    BLOCK,
-    MAX_META,
-    Extent,
-    GuardError,
-    _pax_records,
-    member_name,
-    octal,
-)
+from qrecover.archive.tarheaders import BLOCK, MAX_EXTENDED, Extended, TarError, number, readable
 
 _ENTRY = 24  # one (offset, numbytes) pair of 12-byte octal fields
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Where one member's data lies in the inner archive (``restore --salvage``
+    maps unverified ranges of the archive onto the restored files with it).
+
+    Offsets count the archive as it came into the guard.  ``segments``: the
+    ``(file offset, length)`` of each data run, in archive order, for a
+    sparse member (None: the data is the file); ``map_bytes``: the PAX 1.0
+    sparse map's blocks at the start of the data.
+    """
+
+    name: str
+    header_start: int
+    data_start: int
+    size: int
+    segments: tuple[tuple[int, int], ...] | None = None
+    map_bytes: int = 0
 
 
 def _old_entries(area: bytes) -> list[tuple[int, int]]:
@@ -39,7 +51,10 @@ def _old_entries(area: bytes) -> list[tuple[int, int]]:
         entry = area[at:at + _ENTRY]
         if not entry[:12].strip(b"\0 "):
             break
-        found.append((octal(entry[:12]), octal(entry[12:])))
+        try:
+            found.append((number(entry[:12]), number(entry[12:])))
+        except TarError:
+            raise TarError("inner archive: malformed header (sparse map)") from None
     return found
 
 
@@ -51,18 +66,10 @@ def old_gnu_map(header: bytes, extension: bytes) -> tuple[tuple[int, int], ...]:
     return tuple(runs)
 
 
-def _pax(meta: list[bytes]) -> dict[bytes, bytes]:
-    records: dict[bytes, bytes] = {}
-    for blob in meta:
-        if blob[156] in (ord("x"), ord("X")):
-            records.update(_pax_records(blob[BLOCK:]))
-    return records
-
-
 def _numbers(text: bytes) -> list[int]:
     parts = text.split(b"\n")[:-1]  # the last part is not complete yet
     if not all(p.isdigit() for p in parts):
-        raise GuardError("inner archive: malformed PAX 1.0 sparse map")
+        raise TarError("inner archive: malformed PAX 1.0 sparse map")
     return [int(p) for p in parts]
 
 
@@ -79,26 +86,28 @@ def extent(
     read: Callable[[int], bytes],
 ) -> tuple[Extent, bytes]:
     """The member's :class:`Extent`, and the data bytes read to learn it (a
-    PAX 1.0 map, which the caller passes on before the rest of the data)."""
-    name = member_name(header, meta)
+    PAX 1.0 map, which the caller passes on before the rest of the data);
+    TarError for a map that cannot be read."""
+    ext = Extended.of(meta)
+    name = readable(ext.name(header))
     data_start = start + sum(map(len, meta)) + BLOCK + len(extension)
     if header[156] == ord("S"):
         return Extent(name, start, data_start, size, old_gnu_map(header, extension)), b""
-    records = _pax(meta)
-    if records.get(b"GNU.sparse.major") == b"1" and size >= BLOCK:
+    records = ext.pax
+    if records.get("GNU.sparse.major") == "1" and size >= BLOCK:
         prefix = b""
         while True:
-            if len(prefix) >= min(size, MAX_META):
-                raise GuardError(f"inner archive: the sparse map of {name[:200]!r} is too long")
+            if len(prefix) >= min(size, MAX_EXTENDED):
+                raise TarError(f"inner archive: the sparse map of {name[:200]!r} is too long")
             prefix += read(BLOCK)
             values = _numbers(prefix)
             if values and len(values) >= 1 + 2 * values[0]:
                 runs = _pairs(values[1:1 + 2 * values[0]])
                 return Extent(name, start, data_start, size, runs, len(prefix)), prefix
-    if b"GNU.sparse.map" in records:
-        raw = records[b"GNU.sparse.map"].split(b",")
-        if not all(p.isdigit() for p in raw):
-            raise GuardError("inner archive: malformed GNU.sparse.map")
+    if "GNU.sparse.map" in records:
+        raw = records["GNU.sparse.map"].split(",")
+        if not all(p.isascii() and p.isdigit() for p in raw):
+            raise TarError("inner archive: malformed GNU.sparse.map")
         return Extent(name, start, data_start, size, _pairs([int(p) for p in raw])), b""
     return Extent(name, start, data_start, size), b""
 

@@ -33,34 +33,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from qrecover.container import (
+from qrecover.archive.container import FolderSource
+from qrecover.archive.members import (
     HEADER,
     HEADER_HMAC,
+    MAX_MEMBER,
     MAX_NAME,
     QUBES_XML,
+    REGULAR,
     ChunkName,
     Member,
     parse_member_name,
 )
+from qrecover.archive.tarheaders import (
+    BLOCK,
+    MAX_EXTENDED,
+    ZERO_BLOCK,
+    Extended,
+    TarError,
+    is_ustar,
+    kind_of,
+)
 from qrecover.errors import BackupError, QrecoverError, UsageError
 from qrecover.hmacs import MAX_HMAC_FILE, parse_hmac_text
 from qrecover.magic import SNIFF, compression_of
-from qrecover.tarheaders import BLOCK, ZERO_BLOCK
-from qrecover.tarstream import MAX_EXTENDED, MAX_MEMBER, checksum_ok, parse_pax
 
 MAX_ENTRIES = 500_000  # members indexed per copy: 25 TiB of 100 MiB chunks, and their .hmac
 WINDOW = 1024 * 1024  # what a scan over damage or zeros reads at a time
-
-
-def _octal(field_: bytes) -> int | None:
-    if field_ and field_[0] & 0x80:
-        return int.from_bytes(field_[1:], "big") if field_[0] == 0x80 else None
-    text = field_.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    if any(c not in b"01234567" for c in text):
-        return None
-    return int(text, 8)
 
 
 @dataclass(frozen=True)
@@ -220,8 +219,7 @@ class OtherCopy:
     def _names(self) -> list[str]:
         if self.folder is None:
             return sorted(self.index, key=lambda n: self.index[n].offset)
-        from qrecover.container import FolderSource  # its order: qubes.xml, then by name
-
+        # a folder's order: qubes.xml, then by name
         return [m.name for m in FolderSource(self.folder).members()]
 
     def check_xml_macs(self, own: dict[int, str], backup: str) -> None:
@@ -248,8 +246,7 @@ class OtherCopy:
         data = self.data
         assert data is not None
         pos = 0
-        pax: dict[str, str] = {}
-        long_name: str | None = None
+        ext = Extended()  # what the extended headers read so far say of their member
         first = 0  # the first header block of the entry being read
         while pos + BLOCK <= data.size:
             block = data.pread(pos, BLOCK)
@@ -258,44 +255,35 @@ class OtherCopy:
             if block == ZERO_BLOCK:
                 pos = self._over_zeros(pos)
                 continue
-            if not checksum_ok(block):
+            if not is_ustar(block):
                 pos = self._resync(pos)
-                pax, long_name = {}, None
+                ext = Extended()
                 continue
-            if not pax and long_name is None:
+            if ext.empty:
                 first = pos
-            kind = block[156:157]
-            size = _octal(block[124:136])
-            if "size" in pax:
-                size = int(pax["size"]) if pax["size"].isdigit() else None
-            if size is None or size < 0:
+            kind = kind_of(block)
+            try:
+                size = ext.size(block)
+            except TarError:
                 pos = self._resync(pos + BLOCK)
-                pax, long_name = {}, None
+                ext = Extended()
                 continue
             data_at = pos + BLOCK
             pos = data_at + size + (-size % BLOCK)
             if kind in (b"x", b"g", b"L", b"K"):
                 if size > MAX_EXTENDED:
                     pos = self._resync(data_at)
-                    pax, long_name = {}, None
+                    ext = Extended()
                     continue
-                ext = data.pread(data_at, size)
-                if kind == b"x":
+                if kind != b"g":
                     try:
-                        pax = parse_pax(ext)
-                    except ValueError:
-                        pax = {}
-                elif kind == b"L":
-                    long_name = ext.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                        ext.add(kind, data.pread(data_at, size))
+                    except TarError:
+                        ext.pax = {}
                 continue
-            name = pax.get("path") or long_name or block[0:100].split(b"\0", 1)[0].decode(
-                "utf-8", "surrogateescape")
-            prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") \
-                if block[257:263] == b"ustar\0" else ""
-            if prefix and "path" not in pax and long_name is None:
-                name = f"{prefix}/{name}"
-            pax, long_name = {}, None
-            if kind not in (b"0", b"\0", b"7") or size > MAX_MEMBER or len(name) > MAX_NAME:
+            name = ext.name(block)
+            ext = Extended()
+            if kind not in REGULAR or size > MAX_MEMBER or len(name) > MAX_NAME:
                 continue
             if data_at + size > data.size:
                 self.damage.append(f"{name}: cut short at the end of the copy")
@@ -327,7 +315,7 @@ class OtherCopy:
         while pos < self.data.size:
             window = self.data.pread(pos, WINDOW)
             for at in range(0, len(window) - BLOCK + 1, BLOCK):
-                if checksum_ok(window[at : at + BLOCK]):
+                if is_ustar(window[at : at + BLOCK]):
                     self.damage.append(f"bytes {start}-{pos + at} are no tar member")
                     return pos + at
             pos += len(window) // BLOCK * BLOCK or BLOCK

@@ -18,34 +18,37 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from qrecover.errors import BackupError
-from qrecover.magic import describe
-from qrecover.tarheaders import (
-    BLOCK,
+from qrecover.archive.members import (
     MAX_MEMBER,
     NOT_REGULAR,
     REGULAR,
-    ZERO_BLOCK,
-    Damaged,
+    Member,
     check_boundary,
-    checksum_ok,
-    follows,
-    number,
-    parse_pax,
     qubes_member,
     quoted,
     refusal,
+)
+from qrecover.archive.tarheaders import (
+    BLOCK,
+    MAX_EXTENDED,
+    ZERO_BLOCK,
+    Extended,
+    TarError,
+    is_ustar,
+    kind_of,
+    pax_records,
+    size_of,
     text,
 )
+from qrecover.errors import BackupError
+from qrecover.magic import describe
 
 log = logging.getLogger("qrecover")
 
 if TYPE_CHECKING:
-    from qrecover.container import Member
+    from qrecover.archive.sources import ByteInput
     from qrecover.damage import Damage
-    from qrecover.sources import ByteInput
 
-MAX_EXTENDED = 1024 * 1024  # a PAX or GNU long-name header's data
 # Qubes' writer padded each small archive to one tar record (10 KiB); far
 # more zeros than that is a zero-filled file before anything (refused), or,
 # after members, the end of the backup on a larger disk or partition (a raw
@@ -62,6 +65,18 @@ MAX_SKIP_STREAM = 512 * 1024 * 1024
 # is not a backup, and is named by its first block as before.
 FIRST_RECORD = 10240
 _FIRST = ("backup-header", "qubes.xml.000")  # R2-Beta3 wrote no header
+
+
+class Damaged(Exception):
+    """Damage where a member header should be (see TarReader._damaged)."""
+
+    def __init__(self, what: str, error: BackupError, fatal: bool) -> None:
+        super().__init__(what)
+        self.what = what
+        self.error = error
+        self.fatal = fatal
+
+
 class _MemberStream:
     """One member's data: exactly its size, then its padding is skipped."""
 
@@ -158,12 +173,9 @@ class TarReader:
         return BackupError(f"{self.label}: not a tar archive, so not a Qubes backup: {what}")
 
     def members(self) -> Iterator[Member]:
-        from qrecover.container import Member
-
         count = 0
         zeros = 0
-        pax: dict[str, str] = {}
-        long_name: str | None = None
+        ext = Extended()  # what the extended headers read so far say of their member
         piece = entry_piece = end_piece = self.input.piece_at(0)
         last = ""
         entry = entry_zeros = 0  # where the entry being read (its first header) starts
@@ -182,7 +194,7 @@ class TarReader:
                     self._ended_in_damage(offset + len(block))
                     return
                 self.input.finish()  # a decompressor that failed says why the bytes ended
-                if pax or long_name is not None:
+                if not ext.empty:
                     raise BackupError(f"{self.label}: the backup ends after an extended tar "
                                       f"header (truncated backup): {self.ended()}")
                 if count == 0 and offset == 0 and not block:
@@ -222,47 +234,38 @@ class TarReader:
                     zeros = 0
                 continue
             zeros_before, zeros = zeros, 0
-            if not pax and long_name is None:
+            if ext.empty:
                 entry, entry_zeros = offset, zeros_before
             try:
-                if not checksum_ok(block):
+                if not is_ustar(block):
                     if count == 0 and offset in (0, zeros_before):  # not a tar, or damaged
                         raise Damaged("a broken tar header", self._first_block(block, offset),
                                        False)
                     raise self._damaged(offset, "a broken tar header", crossed)
                 piece = self.input.piece_at(offset + BLOCK - 1)
-                if not pax and long_name is None:
+                if ext.empty:
                     entry_piece = piece  # where this entry's first header is
-                kind = block[156:157]
+                kind = kind_of(block)
                 try:
-                    size = number(block[124:136])
-                    if "size" in pax:
-                        size = int(pax["size"]) if pax["size"].isdigit() else -1
-                except ValueError as exc:
-                    raise self._damaged(offset, f"tar header with a bad size ({exc})",
-                                        False) from None
-                if size < 0:
-                    raise self._damaged(offset, "PAX header with a bad size", False)
-                if kind in (b"x", b"g"):
-                    try:
-                        records = parse_pax(self._extended(size, offset))
-                    except ValueError as exc:
-                        raise self._damaged(offset, str(exc), False) from None
-                    if kind == b"x":
-                        pax = records
-                    continue
-                if kind in (b"L", b"K"):
+                    size = ext.size(block)
+                except TarError as exc:
+                    what = ("PAX header with a bad size" if "size" in ext.pax
+                            else f"tar header with a bad size ({exc})")
+                    raise self._damaged(offset, what, False) from None
+                if kind in (b"x", b"g", b"L", b"K"):
                     data = self._extended(size, offset)
-                    if kind == b"L":
-                        long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    try:
+                        if kind == b"g":
+                            pax_records(data)  # read for its damage; it names no member
+                        else:
+                            ext.add(kind, data)
+                    except TarError as exc:
+                        raise self._damaged(offset, str(exc), False) from None
                     continue
-                name = pax.get("path") or long_name or text(block[0:100])
-                prefix = text(block[345:500]) if block[257:263] == b"ustar\0" else ""
-                if prefix and "path" not in pax and long_name is None:
-                    name = f"{prefix}/{name}"
-                if any(key.startswith("GNU.sparse") for key in pax):
+                name = ext.name(block)
+                if ext.sparse:
                     kind = b"S"
-                pax, long_name = {}, None
+                ext = Extended()
                 if resynced and (not qubes_member(name, kind, size)
                                  or (count == 0 and name not in _FIRST)):
                     raise self._damaged(offset, f"a tar header of {quoted(name)}", False)
@@ -273,7 +276,7 @@ class TarReader:
                     self.first_error = self.first_error or damage.error
                     if offset >= FIRST_RECORD:
                         raise self._not_a_backup() from None
-                pax, long_name = {}, None
+                ext = Extended()
                 # from the end of the last member read: the zeros before the entry included
                 self._step_over(entry - entry_zeros, damage.what)
                 continue
@@ -343,14 +346,14 @@ class TarReader:
         of a PAX record or of a regular file that Qubes could have written
         (``first``: the first member, backup-header); anything else inside
         damage is stepped over."""
-        if not checksum_ok(block):
+        if not is_ustar(block):
             return False
-        kind = block[156:157]
+        kind = kind_of(block)
         if kind in (b"x", b"L"):
             return True
         try:
-            size = number(block[124:136])
-        except ValueError:
+            size = size_of(block)
+        except TarError:
             return False
         name = text(block[0:100])
         return qubes_member(name, kind, size) and (not first or name in _FIRST)
@@ -397,4 +400,4 @@ class TarReader:
                               f"(truncated backup): {self.ended()}")
 
 
-__all__ = ["MAX_MEMBER", "TarReader", "checksum_ok", "follows", "parse_pax"]
+__all__ = ["TarReader"]
