@@ -15,7 +15,6 @@ from pathlib import Path
 
 from qrecover import __version__
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
-from qrecover.formats import v3_kit
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v3 import PAGE, BackupHeader, Format3, decrypt_stage, dgst_command
 from qrecover.hmacs import Digest
@@ -296,7 +295,7 @@ class Words3:
         return ["openssl"] if self.fmt.header.encrypted else []
 
     def kit_by_hand(self, example: Entity | None) -> list[str]:
-        return v3_kit.by_hand(self.fmt.header, example)
+        return by_hand(self.fmt.header, example)
 
     # -- qrecover script --------------------------------------------------------
 
@@ -393,3 +392,45 @@ class Words3:
             *scriptparts.mount_hint(selected, 8),
         ]
         return "\n".join(lines) + "\n"
+
+
+def by_hand(header: BackupHeader, example: Entity | None) -> list[str]:
+    """WAY 3 of the kit's RECOVERY.txt: the page's steps by hand, corrected."""
+    digest = header.hmac_algorithm.lower()
+    cipher = header.crypto_algorithm
+    stage = decompress_stage(header)
+    unzip = " ".join(stage.argv) if stage is not None else "cat"
+    path = example.backup_path if example is not None else "vm1"
+    stored = f"{path}/private.img" if example is not None and example.name != "dom0" else path
+    return [
+        f"The page: {PAGE}",
+        "It predates today's OpenSSL and globs chunk names; follow it with these",
+        "corrections (they are written into the commands below):",
+        "  - openssl enc needs -md md5 (OpenSSL 1.1 and later default to SHA-256,",
+        "    Qubes R2-R3.2 used OpenSSL 1.0's MD5 key derivation; without it: bad decrypt).",
+        "  - chunks must be joined in numeric order: find ... | sort -V, never",
+        "    NAME.??? (a glob drops chunk .1000 and later of images over 100 GB).",
+        "  - check the HMAC of EVERY chunk (NAME.000, NAME.001, ...) before decrypting",
+        "    any of it, not only the first.",
+        "",
+        "  1. mkdir work && cd work && tar -i -xf /path/to/BACKUP",
+        f"  2. openssl dgst -{digest} -hmac 'PASSPHRASE' backup-header ; cat backup-header.hmac",
+        "     (the hex after '= ' must be the same; else stop: tampered or damaged)",
+        "  3. cat backup-header   (expect:",
+        *(f"        {k}={v}" for k, v in header.fields().items()),
+        "     )",
+        f"  4. for c in $(find {path} -name '*.[0-9][0-9][0-9]*' ! -name '*.hmac' | sort -V); do",
+        f"         openssl dgst -{digest} -hmac 'PASSPHRASE' \"$c\"; cat \"$c.hmac\"; done",
+        "     every pair must match (do the same for qubes.xml.000 and every VM's chunks)",
+        "  5. printf 'passphrase: '; stty -echo; read -r backup_pass; stty echo",
+        "     export backup_pass",
+        f"     find {path} -name '{stored.rsplit('/', 1)[-1]}.[0-9]*' ! -name '*.hmac' | sort -V |",
+        f"         xargs cat | openssl enc -d -md md5 -{cipher} -pass env:backup_pass \\",
+        f"         > {stored}.dec",
+        "     (-pass env: keeps the passphrase out of ps; the page's pass:... does not)",
+        f"  6./7. {unzip} < {stored}.dec | tar -xv --sparse -C OUT",
+        "  8. to read a VM's files: sudo mount -o loop,ro OUT/.../private.img /mnt",
+        "",
+        "Careful: the passphrase typed on a command line (-hmac 'PASSPHRASE') is seen by",
+        "every user of the machine in ps; use a machine no one else is logged in to.",
+    ]
