@@ -50,6 +50,7 @@ from qrecover.container import ChunkName, Member
 from qrecover.errors import QrecoverError
 from qrecover.header import Header
 from qrecover.hmacs import Digest
+from qrecover.procedure import Procedure
 from qrecover.runner import CommandLog, Stage
 
 if TYPE_CHECKING:
@@ -265,7 +266,7 @@ class Words(Protocol):
     """What the renderers ask a format: its page, steps and sh fragments."""
 
     page: str
-    mount_step: int
+    procedure: Procedure
 
     # --transcript
     def transcript_preamble(

@@ -2,9 +2,9 @@
 
 Qubes R1 wrote its backup as a plain folder and its restore copied the files
 back (``cp -rp``).  There is no page to follow, so the steps are qrecover's
-own, few and plain: 1 read qubes.xml from the folder, 2 copy each VM's files
-(``tar -c`` from the folder into ``tar -x``, as ``restore`` does), 3 mount
-an image.  Nothing is checked against an HMAC, because there is none: every
+own, few and plain (:data:`PROCEDURE`): read qubes.xml from the folder, copy
+each VM's files (``tar -c`` from the folder into ``tar -x``, as ``restore``
+does), mount an image.  Nothing is checked against an HMAC, because there is none: every
 text says so.
 """
 
@@ -18,6 +18,7 @@ from qrecover.container import QUBES_XML
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v1 import WARNING, WRITTEN_BY, Format1, read_stage
 from qrecover.inventory import DOM0, Entity
+from qrecover.procedure import Procedure, Step
 from qrecover.render import scriptparts, shell
 from qrecover.runner import Stage, render_pipeline
 from qrecover.stages.extract import extract_stage, qubes_xml_stage
@@ -25,6 +26,16 @@ from qrecover.units import human_bytes
 
 PAGE = "qrecover's own: R1 had no recovery page, its backup is a plain folder of copied files"
 _STAGING = "/QRECOVER-STAGING-PLACEHOLDER"
+PROCEDURE = Procedure(
+    page=PAGE,
+    check="none",
+    steps=(
+        Step("read qubes.xml", "read qubes.xml from the folder", "backup"),
+        Step("copy", "copy each VM's files", "stored file"),
+        Step("mount", "mount an image to read its files", "backup"),
+    ),
+)
+READ_XML, COPY, MOUNT = PROCEDURE.steps
 _BACKUP = "/QRECOVER-BACKUP-PLACEHOLDER"
 
 # What transcripts and scripts of format 1 add to the prelude.  ``feed`` is
@@ -75,7 +86,7 @@ class Words1:
     """What the renderers say for a format-1 backup."""
 
     page = PAGE
-    mount_step = 3
+    procedure = PROCEDURE
     kit_releases = WRITTEN_BY
 
     def __init__(self, fmt: Format | None) -> None:

@@ -1,9 +1,9 @@
 """Format 2's words: the v2 recovery page's steps, its sh fragments, its narration.
 
-Steps as on https://www.qubes-os.org/doc/backup-emergency-restore-v2/:
-1 untar the backup, 2 the passphrase in a variable, 3 verify each chunk's
-HMAC (and, from v2.1.39, the header's), 4 decrypt each chunk, 5 decompress
-it, 6 untar the volumes with ``tar -M`` and a new-volume script, 7 mount.
+Steps as on https://www.qubes-os.org/doc/backup-emergency-restore-v2/,
+declared once in :data:`PROCEDURE`: each chunk is verified (and, from
+v2.1.39, the header), decrypted and decompressed on its own, and the
+volumes are untarred with ``tar -M`` and a new-volume script.
 """
 
 from __future__ import annotations
@@ -19,17 +19,33 @@ from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v2 import PAGE, Format2
 from qrecover.formats.v3 import dgst_command
 from qrecover.inventory import DOM0, Entity
+from qrecover.procedure import Procedure, Step
 from qrecover.render import scriptparts, shell
 from qrecover.runner import Stage
 from qrecover.stages.extract import extract_stage, qubes_xml_stage
 from qrecover.units import human_bytes
+
+PROCEDURE = Procedure(
+    page=PAGE,
+    check="hmac",
+    steps=(
+        Step("untar", "untar the backup", "backup"),
+        Step("passphrase", "the passphrase in a variable", "backup"),
+        Step("verify chunk", "verify each chunk's HMAC (and the header's)", "chunk"),
+        Step("decrypt", "decrypt each chunk", "chunk"),
+        Step("decompress", "decompress each chunk", "chunk"),
+        Step("untar volumes", "untar the volumes with tar -M", "stored file"),
+        Step("mount", "mount an image to read its files", "backup"),
+    ),
+)
+UNTAR, PASSPHRASE, VERIFY_CHUNK, DECRYPT, DECOMPRESS, UNTAR_VOLUMES, MOUNT = PROCEDURE.steps
 
 
 class Words2:
     """What the renderers say for a format-2 backup."""
 
     page = PAGE
-    mount_step = 7
+    procedure = PROCEDURE
     kit_releases = "Qubes R2-Beta3 to R2 (qubes-core-admin v2.1.34 to v2.1.63)"
 
     def __init__(self, fmt: Format | None) -> None:
@@ -266,7 +282,7 @@ class Words2:
             multi = shell.render_argv(v2_sh.replay_stage(
                 extract_stage(Path(scriptparts._STAGING), 0)).argv[:6])
             lines += [line.replace(plain, multi, 1)
-                      for line in scriptparts.vm_block(target, [], intro, enc=False)]
+                      for line in scriptparts.vm_block(target, [], intro)]
         lines += ["", f'say "done: {len(selected)} VM(s) restored into $out, every HMAC matched"',
                   "# ---- step 7: to read a VM's files, mount its private.img (ext4) read-only:",
                   *scriptparts.mount_hint(selected, 7)]

@@ -1,10 +1,8 @@
 """Format 4's words: the v4 recovery page's steps, its sh fragments, its narration.
 
-Steps as on https://www.qubes-os.org/doc/backup-emergency-restore-v4/:
-1 untar, 2 the passphrase, 3 verify the header with scrypt, 4 read it,
-5 the backup id, 6 qubes.xml, 7 find the qube's backup-path, 8 its chunks
-(each decrypted by scrypt into a scratch file, used only once scrypt
-exited 0), 9 mount.
+Steps as on https://www.qubes-os.org/doc/backup-emergency-restore-v4/,
+declared once in :data:`PROCEDURE`; each chunk is decrypted by scrypt into a
+scratch file and used only once scrypt exited 0.
 """
 
 from __future__ import annotations
@@ -20,10 +18,30 @@ from qrecover.formats.scrypt import HEADER_PREFIX, render_dec
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4
 from qrecover.formats.v4_sh import VERIFIED_HEADER, header_checks
 from qrecover.inventory import DOM0, Entity
+from qrecover.procedure import Procedure, Step
 from qrecover.render import scriptparts, shell
 from qrecover.runner import PASS_ENV, Stage
 from qrecover.stages.decompress import decompress_stage
 from qrecover.units import human_bytes
+
+PROCEDURE = Procedure(
+    page=PAGE,
+    check="scrypt",
+    steps=(
+        Step("untar", "untar the backup", "backup"),
+        Step("passphrase", "the passphrase", "backup"),
+        Step("verify header", "verify the header with scrypt, before reading it", "backup"),
+        Step("read header", "read the header", "backup"),
+        Step("backup id", "the backup id", "backup"),
+        Step("qubes.xml", "qubes.xml", "backup"),
+        Step("find", "find the qubes to restore in qubes.xml", "backup"),
+        Step("chunks", "verify and decrypt each chunk", "chunk"),
+        Step("mount", "mount an image to read its files", "backup"),
+    ),
+)
+UNTAR, PASSPHRASE, VERIFY_HEADER, READ_HEADER, BACKUP_ID, XML, FIND, CHUNKS, MOUNT = (
+    PROCEDURE.steps
+)
 
 
 def header_meaning(header: BackupHeaderV4, gunzip: str = "gzip") -> str:
@@ -44,7 +62,7 @@ class Words4:
     """What the renderers say for a format-4 (Qubes R4) backup."""
 
     page = PAGE
-    mount_step = 9
+    procedure = PROCEDURE
     kit_releases = "Qubes R4.0 and later (R4.0, R4.1, R4.2, R4.3)"
 
     def __init__(self, fmt: Format | None) -> None:
@@ -91,7 +109,7 @@ class Words4:
             "",
             "set -u",
             "",
-            v4_sh.prelude(),
+            shell.prelude(hmac=False),
             "",
             v4_sh.scrypt_functions(),
             "",
@@ -325,9 +343,80 @@ class Words4:
     def script(
         self, plan: PlanView, backup: str | None, output: Path, argv: tuple[str, ...]
     ) -> str:
-        """The whole script for a format-4 (Qubes R4) backup, as text."""
-        return v4_sh.script(self.fmt, plan, backup, output, argv)
+        """The whole standalone script for a format-4 (Qubes R4) backup, as text."""
+        header = self.fmt.header
+        programs = ["tar", "scrypt", *(s.program for s in plan.front())]
+        programs += ["cmp", "sed", "wc", "grep", "sort", "awk", "tail", "find"]
+        decompressor = decompress_stage(header)
 
+        def intro(entity: Entity) -> list[str]:
+            found = (
+                f"its backup-path in qubes.xml is {entity.backup_path}/"
+                if entity.name != DOM0
+                else f"dom0's home is stored as {entity.backup_path}"
+            )
+            return [
+                f"# Step 7: {found}; its stored files",
+                "# are found in the listing of step 1. Step 8 for each: the chunks, in numeric",
+                "# order, each taken out, authenticated and decrypted by scrypt into a scratch",
+                "# file, and fed on only once scrypt exited 0; what the stored file held is",
+                "# moved into place only once every stage succeeded.",
+            ]
+
+        text = scriptparts.ScriptText(
+            kind="the Qubes R4 (format 4) backup",
+            tools="# scrypt (1.2.1 or newer), "
+            + (decompressor.program if decompressor else "no decompressor")
+            + " and POSIX utilities (sed, awk, cmp, ...).",
+            scratch="# Scratch space: one chunk at a time, encrypted then decrypted (at most 2 x "
+            f"{shell.MAX_CHUNK_MIB} MiB),",
+            page=[
+                "# It follows the emergency recovery page for format 4, step by step (the",
+                f"# comments name the steps): {PAGE}",
+                "# with its fixes: scrypt gets the passphrase with -P on its stdin (scrypt 1.2.1)",
+                "# or from its environment (scrypt >= 1.3), never on a command line; every '!'",
+                "# is single-quoted (no history expansion, the page's set +H); chunks go in",
+                "# numeric order (.999 then .1000); and, unlike the page's step 8, a chunk goes",
+                "# to the decompressor only once scrypt has authenticated all of it. At the",
+                "# first failing check or program it stops with a message and a non-zero status.",
+            ],
+            functions=[
+                shell.prelude(hmac=False), v4_sh.scrypt_functions(), v4_sh.SCRIPT_FUNCTIONS_V4
+            ],
+            programs=programs,
+            setup=[
+                "# ---- step 2: the passphrase (the page's read -r backup_pass)",
+                *shell.passphrase_lines(),
+                "scrypt_init",
+            ],
+            header=[
+                "# ---- step 1 (header members), step 3: verify backup-header with scrypt before",
+                f"# reading it: {HEADER_HMAC} is {HEADER} encrypted and authenticated under the",
+                f"# passphrase '{HEADER_PREFIX}' followed by yours (the page compares with diff "
+                "-qs)",
+                shell.call("take", HEADER, HEADER_HMAC),
+                shell.call(
+                    "scrypt_dec", HEADER_HMAC, VERIFIED_HEADER, HEADER_PREFIX,
+                    shell.HEADER_MISMATCH,
+                ),
+                shell.call("same_file", HEADER, VERIFIED_HEADER),
+                "# ---- step 4: read the header; this script was written for these values",
+                'cat -- "$work/backup-header" >&2',
+                *(shell.call("header_is", k, v) for k, v in header_checks(header)),
+                "# ---- step 5: the backup id, from the header's last line",
+                f"backup_id={shell.q(header.backup_id)}",
+            ],
+            xml=[
+                "# ---- step 6: qubes.xml, authenticated, decrypted, decompressed and extracted",
+                "# (it lists the qubes; kept in the output folder)",
+            ],
+            chunks="enc_",
+            placeholder=True,
+            intro=intro,
+            done="every chunk authenticated by scrypt",
+            mount_step=9,
+        )
+        return scriptparts.script(text, plan, backup, output, argv)
 
 def by_hand(header: BackupHeaderV4, example: Entity | None) -> list[str]:
     """WAY 3 of the kit's RECOVERY.txt: the page's steps by hand, corrected."""
