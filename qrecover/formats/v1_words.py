@@ -79,7 +79,9 @@ def _stage_names(stages: list[Stage]) -> list[str]:
 
 
 def _steps(stored: str) -> str:
-    return "step 1, read it from the folder" if stored == QUBES_XML else "step 2, copy it"
+    if stored == QUBES_XML:
+        return f"step {READ_XML}, read it from the folder"
+    return f"step {COPY}, copy it"
 
 
 class Words1:
@@ -158,7 +160,7 @@ class Words1:
 
     def explain_intro(self, how: str) -> tuple[str, str]:
         return (
-            "Step 1 - read qubes.xml from the folder",
+            PROCEDURE.heading("read qubes.xml"),
             f"A format-1 backup, written by {WRITTEN_BY}, is a plain folder mirroring "
             "/var/lib/qubes: qubes.xml, appvms/NAME/, servicevms/NAME/, "
             "vm-templates/NAME/ and dom0-home/USER/, each file copied by cp -rp. "
@@ -182,7 +184,8 @@ class Words1:
             "extract": "tar -x into a private staging folder, moved into place once complete",
             "list": "tar -t lists it (verify writes nothing)",
         }.get(kind, "qubes.xml taken out of it")
-        title = "Step 1 - qubes.xml" if stored == QUBES_XML else f"Step 2 - copy {stored}"
+        title = (PROCEDURE.heading("read qubes.xml", "qubes.xml") if stored == QUBES_XML
+                 else PROCEDURE.heading("copy", f"copy {stored}"))
         out.say(
             title,
             "tar -c reads it from the folder (a link stays a link; holes are kept); the "
@@ -222,7 +225,8 @@ class Words1:
         else:
             stored = files
             head = f"  {entity.name}: for each file F of {entity.backup_path}/ (private.img, ...):"
-        return [head, f"  2    {render_pipeline([read_stage(Path(backup), stored)])} | {pipeline}"]
+        read = render_pipeline([read_stage(Path(backup), stored)])
+        return [head, f"  {COPY}    {read} | {pipeline}"]
 
     def plan_footer(self) -> str:
         return (
@@ -288,7 +292,7 @@ class Words1:
             shell.call("say", "WARNING: " + WARNING),
             'make_work "$out"',
             "",
-            "# ---- step 1: qubes.xml (it lists the VMs; kept in the output folder)",
+            f"# ---- step {READ_XML}: qubes.xml (it lists the VMs; kept in the output folder)",
             '[ ! -h "$backup/qubes.xml" ] && [ -f "$backup/qubes.xml" ] || '
             + shell.call("die", "qubes.xml: not a file of the backup folder"),
             "fresh_stage",
@@ -302,19 +306,19 @@ class Words1:
             "",
             shell.call("say", f"done: {len(selected)} VM(s) copied into the output folder; nothing "
                        "could be authenticated (format 1)"),
-            "# ---- step 3: to read a VM's files, mount its private.img (ext4) read-only:",
-            *scriptparts.mount_hint(selected, 3),
+            f"# ---- step {MOUNT}: to read a VM's files, mount its private.img (ext4) read-only:",
+            *scriptparts.mount_hint(selected, MOUNT.number),
         ]
         return "\n".join(lines) + "\n"
 
 
 def _vm_block(entity: Entity, strip: int, folder: str) -> list[str]:
-    """Step 2 for one VM: each of its stored files, as restore names them."""
+    """The copy step for one VM: each of its stored files, as restore names them."""
     stages = [extract_stage(Path(_STAGING), strip)]
     shown = shell.out_path(folder)
     head = [
         "",
-        f"# ==== step 2: {scriptparts.entity_title(entity)} -> {shown}/",
+        f"# ==== step {COPY}: {scriptparts.entity_title(entity)} -> {shown}/",
     ]
     if entity.name == DOM0 or "Template" in entity.type:
         stored = entity.backup_path if entity.name == DOM0 else entity.backup_path + "/."

@@ -75,7 +75,7 @@ class Words4:
         return "on its standard input (scrypt 1.2.1: -P)"
 
     def _header_command(self) -> str:
-        """The v4 page's step 3 for this scrypt, as a person would type it."""
+        """The v4 page's header check (PROCEDURE's verify header) for this scrypt, as typed."""
         return (
             render_dec(self.fmt.tool, HEADER_HMAC, VERIFIED_HEADER, HEADER_PREFIX)
             + f" && cmp {HEADER} {VERIFIED_HEADER}"
@@ -120,7 +120,7 @@ class Words4:
             lines.append(f"out={shell.q(str(output))}  # the output folder")
         lines += [
             "need tar scrypt cmp grep sed wc awk tail",
-            "# step 2: the passphrase (the page's read -r backup_pass)",
+            f"# step {PASSPHRASE}: the passphrase (the page's read -r backup_pass)",
             *shell.passphrase_lines(),
             "scrypt_init",
             'make_work "$out"' if mode == "restore" else 'make_work "${TMPDIR:-/tmp}"',
@@ -131,21 +131,21 @@ class Words4:
         header = self.fmt.header
         return [
             "",
-            "# ---- steps 1-5: the backup header",
-            "# step 1: untar the backup; it is listed once, and each member is taken",
+            f"# ---- steps {PROCEDURE.span('untar', 'backup id')}: the backup header",
+            f"# step {UNTAR}: untar the backup; it is listed once, and each member is taken",
             "# out when it is needed (and deleted once used)",
             "list_members",
             shell.call("take", HEADER, HEADER_HMAC),
-            f"# step 3: verify the header: {HEADER_HMAC} is {HEADER} encrypted and",
+            f"# step {VERIFY_HEADER}: verify the header: {HEADER_HMAC} is {HEADER} encrypted and",
             f"# authenticated by scrypt under the passphrase '{HEADER_PREFIX}' + yours",
             shell.call(
                 "scrypt_dec", HEADER_HMAC, VERIFIED_HEADER, HEADER_PREFIX, shell.HEADER_MISMATCH
             ),
             shell.call("same_file", HEADER, VERIFIED_HEADER),
-            "# step 4: read the header; qrecover checked these values:",
+            f"# step {READ_HEADER}: read the header; qrecover checked these values:",
             'cat -- "$work/backup-header" >&2',
             *(shell.call("header_is", k, v) for k, v in header_checks(header)),
-            f"# step 5: backup_id={header.backup_id}: each chunk's scrypt passphrase is",
+            f"# step {BACKUP_ID}: backup_id={header.backup_id}: each chunk's scrypt passphrase is",
             "# 'BACKUPID!NAME.NNN!' followed by yours (written out below, single-quoted)",
         ]
 
@@ -154,7 +154,7 @@ class Words4:
         name = parse_member_name(member)
         stored = name.stored if name is not None else member
         if error is None:
-            step = "step 6" if stored == QUBES_XML else "step 8"
+            step = f"step {XML if stored == QUBES_XML else CHUNKS}"
             lines = [
                 "",
                 f"# chunk {member}: {step}, take it out of the backup; scrypt decrypts",
@@ -176,7 +176,7 @@ class Words4:
         return lines
 
     def transcript_steps(self, stored: str) -> str:
-        return "step 6" if stored == QUBES_XML else "steps 7-8"
+        return f"step {XML}" if stored == QUBES_XML else f"steps {PROCEDURE.span('find', 'chunks')}"
 
     def transcript_pipeline_intro(self) -> str:
         return "# the chunks, in numeric order, each decrypted by scrypt, through"
@@ -185,7 +185,7 @@ class Words4:
 
     def explain_intro(self, how: str) -> tuple[str, str]:
         return (
-            "Step 1 - untar the backup",
+            PROCEDURE.heading("untar"),
             "This is a Qubes R4 backup (format 4; steps as on " + PAGE + "). It is "
             "many small tar archives one after the other (hence tar -i, --ignore-zeros): "
             "the header, backup-header.hmac (the header encrypted by scrypt), qubes.xml, "
@@ -196,14 +196,14 @@ class Words4:
     def explain_header(self, out: Narration) -> None:
         header = self.fmt.header
         out.say(
-            "Step 2 - the passphrase",
+            PROCEDURE.heading("passphrase"),
             "The page keeps it in a shell variable, typed once and out of the shell's "
             "history. qrecover gives it to scrypt " + self._passing() + ", after the prefix "
             "each file needs; it is never on a command line.",
             "read -r backup_pass",
         )
         out.say(
-            "Step 3 - verify the header with scrypt, before reading it",
+            PROCEDURE.heading("verify header"),
             "In format 4, backup-header.hmac is backup-header encrypted and authenticated "
             "by scrypt under the passphrase 'backup-header!' followed by yours. If scrypt "
             "decrypts it, the passphrase is right; the decrypted copy must then be "
@@ -215,13 +215,13 @@ class Words4:
         )
         fields = ", ".join(f"{k}={v}" for k, v in header.fields().items())
         out.say(
-            "Step 4 - read the header",
+            PROCEDURE.heading("read header"),
             f"{fields}. Every value that reaches a command was checked against an allow-list.",
             f"cat {HEADER}",
             header_meaning(header) + ".",
         )
         out.say(
-            "Step 5 - the backup id",
+            PROCEDURE.heading("backup id"),
             "Each chunk's scrypt passphrase is BACKUPID!NAME.NNN! followed by yours, so no "
             "chunk can be swapped for another, or for one of another backup, unnoticed.",
             f"backup_id={shell.q(header.backup_id)}",
@@ -230,7 +230,7 @@ class Words4:
     def explain_chunk(
         self, out: Narration, member: str, size: int, error: str | None, first: bool
     ) -> None:
-        step = "Step 6" if _data_name(member).startswith(QUBES_XML + ".") else "Step 8"
+        step = "qubes.xml" if _data_name(member).startswith(QUBES_XML + ".") else "chunks"
         if error is None:
             why = (
                 "scrypt checks a chunk's HMAC only at its end and may already have "
@@ -241,14 +241,14 @@ class Words4:
                 else "Nothing of a chunk goes on before scrypt authenticated all of it."
             )
             out.say(
-                f"{step} - verify and decrypt {member}",
+                PROCEDURE.heading(step, f"verify and decrypt {member}"),
                 f"{human_bytes(size)}. {why}",
                 self._dec(member),
                 "scrypt exited 0: the chunk is authentic; its plaintext goes on.",
             )
             return
         out.say(
-            f"{step} - verify and decrypt {member}",
+            PROCEDURE.heading(step, f"verify and decrypt {member}"),
             "scrypt could not authenticate this chunk: it is damaged, or it was tampered "
             "with. Nothing of it is used; this stored file stops here, the others go on.",
             self._dec(member),
@@ -267,9 +267,9 @@ class Words4:
             steps.append("list the inner archive with tar -t (verify writes nothing)")
         else:
             steps.append("take qubes.xml out of the inner archive")
-        step = "Step 6" if stored == QUBES_XML else "Step 8"
+        step = "qubes.xml" if stored == QUBES_XML else "chunks"
         out.say(
-            f"{step} - {stored}",
+            PROCEDURE.heading(step, stored),
             "All its chunks, in numeric order (.999 then .1000), each decrypted by scrypt "
             "into a scratch file, are fed by cat, one after the other and only once scrypt "
             "authenticated them, into one pipeline: " + "; ".join(steps) + ".",
@@ -281,7 +281,7 @@ class Words4:
     ) -> None:
         paths = ", ".join(f"{e.name} {e.backup_path}" for e in selected)
         out.say(
-            "Step 7 - find the qubes to restore in qubes.xml",
+            PROCEDURE.heading("find"),
             "qubes.xml lists every qube; those with data in the backup have a "
             f"backup-path: {names}. Selected, with their backup-path: "
             f"{paths or '(none)'}. Their stored files now follow in the backup; "
@@ -299,11 +299,11 @@ class Words4:
     def plan_header_steps(self, gunzip: str) -> list[str]:
         header = self.fmt.header
         return [
-            "  2    read -r backup_pass",
-            f"  3    {self._header_command()}   (compared in-process)",
-            f"  4    cat {HEADER}   ({header_meaning(header, gunzip)})",
-            f"  5    backup_id={shell.q(header.backup_id)}",
-            "  6    qubes.xml, as in step 8 (already done: it lists the qubes above)",
+            f"  {PASSPHRASE}    read -r backup_pass",
+            f"  {VERIFY_HEADER}    {self._header_command()}   (compared in-process)",
+            f"  {READ_HEADER}    cat {HEADER}   ({header_meaning(header, gunzip)})",
+            f"  {BACKUP_ID}    backup_id={shell.q(header.backup_id)}",
+            f"  {XML}    qubes.xml, as in step {CHUNKS} (already done: it lists the qubes above)",
         ]
 
     def plan_entity(self, entity: Entity, files: str, pipeline: str, backup: str) -> list[str]:
@@ -318,8 +318,8 @@ class Words4:
             f"  {entity.name}: for each stored file {files} (F: private.img, root.img, ...):"
             if entity.name != DOM0
             else f"  {entity.name}: the stored file {files}:",
-            f"  7    {shell.untar_command(backup, folder)}   (its chunks, {chunk}.enc)",
-            f"  8    {scrypt}   (each chunk, in numeric order, into a scratch file)",
+            f"  {FIND}    {shell.untar_command(backup, folder)}   (its chunks, {chunk}.enc)",
+            f"  {CHUNKS}    {scrypt}   (each chunk, in numeric order, into a scratch file)",
             f"       cat {files}.000 {files}.001 ... | {pipeline}   (each chunk only once "
             "scrypt exited 0)",
         ]
@@ -356,8 +356,9 @@ class Words4:
                 else f"dom0's home is stored as {entity.backup_path}"
             )
             return [
-                f"# Step 7: {found}; its stored files",
-                "# are found in the listing of step 1. Step 8 for each: the chunks, in numeric",
+                f"# Step {FIND}: {found}; its stored files",
+                f"# are found in the listing of step {UNTAR}. Step {CHUNKS} for each: the chunks, "
+                "in numeric",
                 "# order, each taken out, authenticated and decrypted by scrypt into a scratch",
                 "# file, and fed on only once scrypt exited 0; what the stored file held is",
                 "# moved into place only once every stage succeeded.",
@@ -376,7 +377,8 @@ class Words4:
                 "# with its fixes: scrypt gets the passphrase with -P on its stdin (scrypt 1.2.1)",
                 "# or from its environment (scrypt >= 1.3), never on a command line; every '!'",
                 "# is single-quoted (no history expansion, the page's set +H); chunks go in",
-                "# numeric order (.999 then .1000); and, unlike the page's step 8, a chunk goes",
+                f"# numeric order (.999 then .1000); and, unlike the page's step {CHUNKS}, a chunk "
+                "goes",
                 "# to the decompressor only once scrypt has authenticated all of it. At the",
                 "# first failing check or program it stops with a message and a non-zero status.",
             ],
@@ -385,12 +387,13 @@ class Words4:
             ],
             programs=programs,
             setup=[
-                "# ---- step 2: the passphrase (the page's read -r backup_pass)",
+                f"# ---- step {PASSPHRASE}: the passphrase (the page's read -r backup_pass)",
                 *shell.passphrase_lines(),
                 "scrypt_init",
             ],
             header=[
-                "# ---- step 1 (header members), step 3: verify backup-header with scrypt before",
+                f"# ---- step {UNTAR} (header members), step {VERIFY_HEADER}: verify backup-header "
+                "with scrypt before",
                 f"# reading it: {HEADER_HMAC} is {HEADER} encrypted and authenticated under the",
                 f"# passphrase '{HEADER_PREFIX}' followed by yours (the page compares with diff "
                 "-qs)",
@@ -400,21 +403,23 @@ class Words4:
                     shell.HEADER_MISMATCH,
                 ),
                 shell.call("same_file", HEADER, VERIFIED_HEADER),
-                "# ---- step 4: read the header; this script was written for these values",
+                f"# ---- step {READ_HEADER}: read the header; this script was written for these "
+                "values",
                 'cat -- "$work/backup-header" >&2',
                 *(shell.call("header_is", k, v) for k, v in header_checks(header)),
-                "# ---- step 5: the backup id, from the header's last line",
+                f"# ---- step {BACKUP_ID}: the backup id, from the header's last line",
                 f"backup_id={shell.q(header.backup_id)}",
             ],
             xml=[
-                "# ---- step 6: qubes.xml, authenticated, decrypted, decompressed and extracted",
+                f"# ---- step {XML}: qubes.xml, authenticated, decrypted, decompressed and "
+                "extracted",
                 "# (it lists the qubes; kept in the output folder)",
             ],
             chunks="enc_",
             placeholder=True,
             intro=intro,
             done="every chunk authenticated by scrypt",
-            mount_step=9,
+            mount_step=MOUNT.number,
         )
         return scriptparts.script(text, plan, backup, output, argv)
 
