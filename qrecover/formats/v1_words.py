@@ -110,35 +110,17 @@ class Words1:
     def transcript_preamble(
         self, mode: str, backup: str | None, output: Path | None, argv: tuple[str, ...]
     ) -> list[str]:
-        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        shown = shell.call("qrecover", *argv) if argv else "qrecover"
-        lines = [
-            "#!/bin/sh",
-            f"# Transcript of: {shell.comment(shown)}",
-            f"# written by qrecover {__version__} on {when}, as the run went.",
-            "#",
+        about = [
             f"# A format-1 backup, written by {WRITTEN_BY}, is a plain folder. There is no",
             "# recovery page: its files are copied. Replay with `sh THIS-FILE` (dash or",
             "# bash, GNU tar and POSIX utilities): each stored file is read again by",
             "# tar -c from the folder and extracted as qrecover did.",
             "# WARNING: " + WARNING + ".",
-            "# The replay stops, non-zero, at the first failing check or stage.",
-            "",
-            "set -u",
-            "",
-            shell.PRELUDE,
-            "",
-            FUNCTIONS,
-            "",
-            *shell.backup_assignment(backup, "qrecover"),
         ]
-        if mode == "restore":
-            assert output is not None
-            lines += [f"out={shell.q(str(output))}  # the output folder", "need tar find",
-                      'make_work "$out"']
-        else:
-            lines += ["need tar find", 'make_work "${TMPDIR:-/tmp}"']
-        return lines
+        out = output if mode == "restore" else None
+        return shell.transcript_head(
+            argv, about, [shell.PRELUDE, FUNCTIONS], backup, out, ["need tar find"]
+        )
 
     def transcript_header(self) -> list[str]:
         return [

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
-from qrecover import __version__
 from qrecover.container import HEADER, HEADER_HMAC
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v3 import PAGE, BackupHeader, Format3, decrypt_stage, dgst_command
@@ -118,42 +116,17 @@ class Words3:
     def transcript_preamble(
         self, mode: str, backup: str | None, output: Path | None, argv: tuple[str, ...]
     ) -> list[str]:
-        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        shown = shell.call("qrecover", *argv) if argv else "qrecover"
-        lines = [
-            "#!/bin/sh",
-            f"# Transcript of: {shell.comment(shown)}",
-            f"# written by qrecover {__version__} on {when}, as the run went.",
-            "#",
+        about = [
             "# Every command qrecover ran, as a shell script that does the same: replay it",
             "# with `sh THIS-FILE` (dash or bash; GNU tar, OpenSSL, the decompressor and",
             "# POSIX utilities only). Each chunk is taken out of the backup again with",
             "# tar -i, its HMAC is checked before any byte of it is used, and it is fed",
             "# into the stored file's pipeline, as qrecover did. Step numbers are those",
             f"# of the recovery page: {PAGE}",
-            "# The replay stops, non-zero, at the first failing check or stage.",
-            "",
-            "set -u",
-            "",
-            shell.PRELUDE,
-            "",
-            *shell.backup_assignment(backup, "qrecover"),
         ]
-        if mode == "restore":
-            assert output is not None
-            lines += [
-                f"out={shell.q(str(output))}  # the output folder",
-                "need tar openssl od sed tr wc awk tail",
-                *shell.passphrase_lines(),
-                'make_work "$out"',
-            ]
-        else:
-            lines += [
-                "need tar openssl od sed tr wc awk tail",
-                *shell.passphrase_lines(),
-                'make_work "${TMPDIR:-/tmp}"',
-            ]
-        return lines
+        setup = ["need tar openssl od sed tr wc awk tail", *shell.passphrase_lines()]
+        out = output if mode == "restore" else None
+        return shell.transcript_head(argv, about, [shell.PRELUDE], backup, out, setup)
 
     def transcript_header(self) -> list[str]:
         header = self.fmt.header

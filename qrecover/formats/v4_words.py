@@ -7,10 +7,8 @@ scratch file and used only once scrypt exited 0.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
-from qrecover import __version__
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
 from qrecover.formats import v4_sh
 from qrecover.formats.base import Format, Narration, PlanView
@@ -90,13 +88,7 @@ class Words4:
     def transcript_preamble(
         self, mode: str, backup: str | None, output: Path | None, argv: tuple[str, ...]
     ) -> list[str]:
-        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        shown = shell.call("qrecover", *argv) if argv else "qrecover"
-        lines = [
-            "#!/bin/sh",
-            f"# Transcript of: {shell.comment(shown)}",
-            f"# written by qrecover {__version__} on {when}, as the run went.",
-            "#",
+        about = [
             "# Every command qrecover ran, as a shell script that does the same: replay it",
             "# with `sh THIS-FILE` (dash or bash; GNU tar, scrypt >= 1.2.1, the decompressor",
             "# and POSIX utilities only). This is a format-4 (Qubes R4) backup: each chunk",
@@ -105,27 +97,16 @@ class Words4:
             "# exited 0 is the plaintext fed into the stored file's pipeline, as qrecover",
             "# did. Step numbers are those of the recovery page for format 4:",
             f"# {PAGE}",
-            "# The replay stops, non-zero, at the first failing check or stage.",
-            "",
-            "set -u",
-            "",
-            shell.prelude(hmac=False),
-            "",
-            v4_sh.scrypt_functions(),
-            "",
-            *shell.backup_assignment(backup, "qrecover"),
         ]
-        if mode == "restore":
-            assert output is not None
-            lines.append(f"out={shell.q(str(output))}  # the output folder")
-        lines += [
+        setup = [
             "need tar scrypt cmp grep sed wc awk tail",
             f"# step {PASSPHRASE}: the passphrase (the page's read -r backup_pass)",
             *shell.passphrase_lines(),
             "scrypt_init",
-            'make_work "$out"' if mode == "restore" else 'make_work "${TMPDIR:-/tmp}"',
         ]
-        return lines
+        out = output if mode == "restore" else None
+        functions = [shell.prelude(hmac=False), v4_sh.scrypt_functions()]
+        return shell.transcript_head(argv, about, functions, backup, out, setup)
 
     def transcript_header(self) -> list[str]:
         header = self.fmt.header

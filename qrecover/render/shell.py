@@ -20,7 +20,10 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 
+from qrecover import __version__
 from qrecover.magic import SNIFF, compression_of
 from qrecover.runner import PASS_ENV, Stage
 from qrecover.stages.decompress import GUNZIPS
@@ -391,6 +394,33 @@ def backup_assignment(backup: str | None, what: str) -> list[str]:
             '[ -n "$backup" ] || die "set backup= at the top of this script to the backup file"',
         ]
     return [f"backup={q(backup)}"]
+
+
+def transcript_head(
+    argv: tuple[str, ...], about: Sequence[str], functions: Sequence[str],
+    backup: str | None, output: Path | None, setup: Sequence[str],
+) -> list[str]:
+    """The start of a --transcript: what it is (``about``), the sh functions,
+    the settings, ``setup`` (``need`` and the passphrase) and its scratch
+    folder, in the output folder when it restores (``output``)."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    shown = call("qrecover", *argv) if argv else "qrecover"
+    return [
+        "#!/bin/sh",
+        f"# Transcript of: {comment(shown)}",
+        f"# written by qrecover {__version__} on {when}, as the run went.",
+        "#",
+        *about,
+        "# The replay stops, non-zero, at the first failing check or stage.",
+        "",
+        "set -u",
+        "",
+        *(line for part in functions for line in (part, "")),
+        *backup_assignment(backup, "qrecover"),
+        *([f"out={q(str(output))}  # the output folder"] if output is not None else []),
+        *setup,
+        'make_work "$out"' if output is not None else 'make_work "${TMPDIR:-/tmp}"',
+    ]
 
 
 def passphrase_lines() -> list[str]:
