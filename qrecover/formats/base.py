@@ -265,8 +265,7 @@ class Narration(Protocol):
 class Words(Protocol):
     """What the renderers ask a format: its page, steps and sh fragments."""
 
-    page: str
-    procedure: Procedure
+    procedure: Procedure  # the page's steps, declared once (qrecover.procedure)
 
     # --transcript
     def transcript_preamble(

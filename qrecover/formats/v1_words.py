@@ -87,7 +87,6 @@ def _steps(stored: str) -> str:
 class Words1:
     """What the renderers say for a format-1 backup."""
 
-    page = PAGE
     procedure = PROCEDURE
     kit_releases = WRITTEN_BY
 

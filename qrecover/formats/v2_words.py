@@ -46,7 +46,6 @@ CHUNK_STEPS_45 = PROCEDURE.span("decrypt", "decompress")  # each chunk on its ow
 class Words2:
     """What the renderers say for a format-2 backup."""
 
-    page = PAGE
     procedure = PROCEDURE
     kit_releases = "Qubes R2-Beta3 to R2 (qubes-core-admin v2.1.34 to v2.1.63)"
 

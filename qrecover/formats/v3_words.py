@@ -98,7 +98,6 @@ def header_meaning(header: BackupHeader, gunzip: str = "gzip") -> str:
 class Words3:
     """What the renderers say for a format-3 backup."""
 
-    page = PAGE
     procedure = PROCEDURE
     kit_releases = "Qubes R2 (final) to R3.2 (R2, R3.0, R3.1, R3.2)"
 

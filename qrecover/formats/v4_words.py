@@ -59,7 +59,6 @@ def _data_name(member: str) -> str:
 class Words4:
     """What the renderers say for a format-4 (Qubes R4) backup."""
 
-    page = PAGE
     procedure = PROCEDURE
     kit_releases = "Qubes R4.0 and later (R4.0, R4.1, R4.2, R4.3)"
 
