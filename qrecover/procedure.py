@@ -44,7 +44,8 @@ class Procedure:
             Step(s.key, s.title, s.per, n) for n, s in enumerate(self.steps, start=1)
         )
         object.__setattr__(self, "steps", numbered)
-        assert len({s.key for s in numbered}) == len(numbered), "a step named twice"
+        if len({s.key for s in numbered}) != len(numbered):
+            raise ValueError("a step named twice")
 
     def __getitem__(self, key: str) -> Step:
         return next(s for s in self.steps if s.key == key)

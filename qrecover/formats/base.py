@@ -1,8 +1,9 @@
 """What a backup format answers, so that the engine and the renderers need not know it.
 
 A format is one object (``Format``), made by authenticating the header, and
-its words (``Words``, the renderers' side: recovery page, step numbers, sh
-fragments, narration).  The engine (qrecover.engine) asks the format:
+its words (``Words``, the renderers' side: the recovery page's procedure,
+declared once with its step numbers (qrecover.procedure), sh fragments,
+narration).  The engine (qrecover.engine) asks the format:
 
 - ``programs`` / ``check_programs``: what must be installed, checked up front;
 - ``owns_chunk``: whether a chunk name has this format's shape;
