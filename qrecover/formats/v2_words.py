@@ -18,6 +18,7 @@ from qrecover.formats import v2_sh
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v2 import PAGE, Format2
 from qrecover.formats.v3 import dgst_command
+from qrecover.formats.v3_words import OPENSSL_FOOTER, explain_hmac_chunk
 from qrecover.inventory import DOM0, Entity
 from qrecover.procedure import Procedure, Step
 from qrecover.render import scriptparts, shell
@@ -189,16 +190,7 @@ class Words2:
     def explain_chunk(
         self, out: Narration, member: str, size: int, error: str | None, first: bool
     ) -> None:
-        if error is None:
-            out.say(PROCEDURE.heading("verify chunk", f"verify {member}"),
-                    f"{human_bytes(size)}. Nothing of a chunk is decrypted before its HMAC "
-                    "matched.", dgst_command(self.fmt.header.digest, member),
-                    f"HMAC matches {member}.hmac: the chunk is authentic.")
-            return
-        out.say(PROCEDURE.heading("verify chunk", f"verify {member}"),
-                "This chunk does not match its HMAC: it is damaged, or it was tampered with. "
-                "It is not decrypted; this stored file stops here, the others go on.",
-                None, f"{error}: {member} rejected.")
+        explain_hmac_chunk(out, PROCEDURE, self.fmt.header.digest, member, size, error)
 
     def explain_pipeline(
         self, out: Narration, stored: str, stages: tuple[Stage, ...], kind: str
@@ -253,8 +245,7 @@ class Words2:
         ]
 
     def plan_footer(self) -> str:
-        return ("($staging is a private folder inside the output folder; $backup_pass is the "
-                "passphrase, given to openssl enc through its environment only.)")
+        return OPENSSL_FOOTER
 
     # -- qrecover kit (RECOVERY.txt) ---------------------------------------------
 

@@ -95,6 +95,36 @@ def header_meaning(header: BackupHeader, gunzip: str = "gzip") -> str:
     return "; ".join(parts)
 
 
+# What the dry run says of the passphrase where openssl enc decrypts (formats 2 and 3).
+OPENSSL_FOOTER = (
+    "($staging is a private folder inside the output folder; $backup_pass is the "
+    "passphrase, given to openssl enc through its environment only.)"
+)
+
+
+def explain_hmac_chunk(
+    out: Narration, procedure: Procedure, digest: Digest, member: str, size: int,
+    error: str | None,
+) -> None:
+    """--explain for a chunk checked against its .hmac (formats 2 and 3)."""
+    heading = procedure.heading("verify chunk", f"verify {member}")
+    if error is None:
+        out.say(
+            heading,
+            f"{human_bytes(size)}. Nothing of a chunk is decrypted before its HMAC matched.",
+            dgst_command(digest, member),
+            f"HMAC matches {member}.hmac: the chunk is authentic.",
+        )
+    else:
+        out.say(
+            heading,
+            "This chunk does not match its HMAC: it is damaged, or it was tampered "
+            "with. It is not decrypted; this stored file stops here, the others go on.",
+            None,
+            f"{error}: {member} rejected.",
+        )
+
+
 class Words3:
     """What the renderers say for a format-3 backup."""
 
@@ -212,21 +242,7 @@ class Words3:
     def explain_chunk(
         self, out: Narration, member: str, size: int, error: str | None, first: bool
     ) -> None:
-        if error is None:
-            out.say(
-                PROCEDURE.heading("verify chunk", f"verify {member}"),
-                f"{human_bytes(size)}. Nothing of a chunk is decrypted before its HMAC matched.",
-                dgst_command(self.fmt.header.digest, member),
-                f"HMAC matches {member}.hmac: the chunk is authentic.",
-            )
-            return
-        out.say(
-            PROCEDURE.heading("verify chunk", f"verify {member}"),
-            "This chunk does not match its HMAC: it is damaged, or it was tampered "
-            "with. It is not decrypted; this stored file stops here, the others go on.",
-            None,
-            f"{error}: {member} rejected.",
-        )
+        explain_hmac_chunk(out, PROCEDURE, self.fmt.header.digest, member, size, error)
 
     def explain_pipeline(
         self, out: Narration, stored: str, stages: tuple[Stage, ...], kind: str
@@ -291,10 +307,7 @@ class Words3:
         ]
 
     def plan_footer(self) -> str:
-        return (
-            "($staging is a private folder inside the output folder; $backup_pass is the "
-            "passphrase, given to openssl enc through its environment only.)"
-        )
+        return OPENSSL_FOOTER
 
     # -- qrecover kit (RECOVERY.txt) ---------------------------------------------
 
