@@ -366,7 +366,7 @@ def test_scrypt_dec_passes_any_passphrase(tmp_path: Path, style: str, sh: str) -
     harness = tmp_path / "h.sh"
     harness.write_text(
         "\n".join([
-            v4_sh.prelude(), "trap - EXIT", v4_sh.scrypt_functions(),
+            shell.prelude(hmac=False), "trap - EXIT", v4_sh.scrypt_functions(),
             f"work={shlex.quote(str(work))}",
             f"scrypt_style={style}",
             shell.call("scrypt_dec", "vm7/private.img.000.enc", "vm7/private.img.000", prefix),
@@ -396,7 +396,7 @@ def test_enc_chunk_list_is_numeric_and_complete(tmp_path: Path) -> None:
     (work / "blocks").write_text("\n".join(blocks) + "\n")
     harness = tmp_path / "h.sh"
     harness.write_text(
-        "\n".join([v4_sh.prelude(), "trap - EXIT", SCRIPT_FUNCTIONS_V4,
+        "\n".join([shell.prelude(hmac=False), "trap - EXIT", SCRIPT_FUNCTIONS_V4,
                    f"work={shlex.quote(str(work))}", "enc_chunk_list vm7/private.img"]) + "\n",
         encoding="utf-8",
     )

@@ -1,8 +1,9 @@
 """What a backup format answers, so that the engine and the renderers need not know it.
 
 A format is one object (``Format``), made by authenticating the header, and
-its words (``Words``, the renderers' side: recovery page, step numbers, sh
-fragments, narration).  The engine (qrecover.engine) asks the format:
+its words (``Words``, the renderers' side: the recovery page's procedure,
+declared once with its step numbers (qrecover.procedure), sh fragments,
+narration).  The engine (qrecover.engine) asks the format:
 
 - ``programs`` / ``check_programs``: what must be installed, checked up front;
 - ``owns_chunk``: whether a chunk name has this format's shape;
@@ -50,6 +51,7 @@ from qrecover.archive.members import ChunkName, Member
 from qrecover.errors import QrecoverError
 from qrecover.header import Header
 from qrecover.hmacs import Digest
+from qrecover.procedure import Procedure
 from qrecover.runner import CommandLog, Stage
 
 if TYPE_CHECKING:
@@ -264,8 +266,7 @@ class Narration(Protocol):
 class Words(Protocol):
     """What the renderers ask a format: its page, steps and sh fragments."""
 
-    page: str
-    mount_step: int
+    procedure: Procedure  # the page's steps, declared once (qrecover.procedure)
 
     # --transcript
     def transcript_preamble(

@@ -2,9 +2,9 @@
 
 Qubes R1 wrote its backup as a plain folder and its restore copied the files
 back (``cp -rp``).  There is no page to follow, so the steps are qrecover's
-own, few and plain: 1 read qubes.xml from the folder, 2 copy each VM's files
-(``tar -c`` from the folder into ``tar -x``, as ``restore`` does), 3 mount
-an image.  Nothing is checked against an HMAC, because there is none: every
+own, few and plain (:data:`PROCEDURE`): read qubes.xml from the folder, copy
+each VM's files (``tar -c`` from the folder into ``tar -x``, as ``restore``
+does), mount an image.  Nothing is checked against an HMAC, because there is none: every
 text says so.
 """
 
@@ -18,6 +18,7 @@ from qrecover.archive.members import QUBES_XML
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v1 import WARNING, WRITTEN_BY, Format1, read_stage
 from qrecover.inventory import DOM0, Entity
+from qrecover.procedure import Procedure, Step
 from qrecover.render import scriptparts, shell
 from qrecover.runner import Stage, render_pipeline
 from qrecover.stages.extract import extract_stage, qubes_xml_stage
@@ -25,6 +26,16 @@ from qrecover.units import human_bytes
 
 PAGE = "qrecover's own: R1 had no recovery page, its backup is a plain folder of copied files"
 _STAGING = "/QRECOVER-STAGING-PLACEHOLDER"
+PROCEDURE = Procedure(
+    page=PAGE,
+    check="none",
+    steps=(
+        Step("read qubes.xml", "read qubes.xml from the folder", "backup"),
+        Step("copy", "copy each VM's files", "stored file"),
+        Step("mount", "mount an image to read its files", "backup"),
+    ),
+)
+READ_XML, COPY, MOUNT = PROCEDURE.steps
 _BACKUP = "/QRECOVER-BACKUP-PLACEHOLDER"
 
 # What transcripts and scripts of format 1 add to the prelude.  ``feed`` is
@@ -68,14 +79,15 @@ def _stage_names(stages: list[Stage]) -> list[str]:
 
 
 def _steps(stored: str) -> str:
-    return "step 1, read it from the folder" if stored == QUBES_XML else "step 2, copy it"
+    if stored == QUBES_XML:
+        return f"step {READ_XML}, read it from the folder"
+    return f"step {COPY}, copy it"
 
 
 class Words1:
     """What the renderers say for a format-1 backup."""
 
-    page = PAGE
-    mount_step = 3
+    procedure = PROCEDURE
     kit_releases = WRITTEN_BY
 
     def __init__(self, fmt: Format | None) -> None:
@@ -97,35 +109,17 @@ class Words1:
     def transcript_preamble(
         self, mode: str, backup: str | None, output: Path | None, argv: tuple[str, ...]
     ) -> list[str]:
-        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        shown = shell.call("qrecover", *argv) if argv else "qrecover"
-        lines = [
-            "#!/bin/sh",
-            f"# Transcript of: {shell.comment(shown)}",
-            f"# written by qrecover {__version__} on {when}, as the run went.",
-            "#",
+        about = [
             f"# A format-1 backup, written by {WRITTEN_BY}, is a plain folder. There is no",
             "# recovery page: its files are copied. Replay with `sh THIS-FILE` (dash or",
             "# bash, GNU tar and POSIX utilities): each stored file is read again by",
             "# tar -c from the folder and extracted as qrecover did.",
             "# WARNING: " + WARNING + ".",
-            "# The replay stops, non-zero, at the first failing check or stage.",
-            "",
-            "set -u",
-            "",
-            shell.PRELUDE,
-            "",
-            FUNCTIONS,
-            "",
-            *shell.backup_assignment(backup, "qrecover"),
         ]
-        if mode == "restore":
-            assert output is not None
-            lines += [f"out={shell.q(str(output))}  # the output folder", "need tar find",
-                      'make_work "$out"']
-        else:
-            lines += ["need tar find", 'make_work "${TMPDIR:-/tmp}"']
-        return lines
+        out = output if mode == "restore" else None
+        return shell.transcript_head(
+            argv, about, [shell.PRELUDE, FUNCTIONS], backup, out, ["need tar find"]
+        )
 
     def transcript_header(self) -> list[str]:
         return [
@@ -147,7 +141,7 @@ class Words1:
 
     def explain_intro(self, how: str) -> tuple[str, str]:
         return (
-            "Step 1 - read qubes.xml from the folder",
+            PROCEDURE.heading("read qubes.xml"),
             f"A format-1 backup, written by {WRITTEN_BY}, is a plain folder mirroring "
             "/var/lib/qubes: qubes.xml, appvms/NAME/, servicevms/NAME/, "
             "vm-templates/NAME/ and dom0-home/USER/, each file copied by cp -rp. "
@@ -171,7 +165,8 @@ class Words1:
             "extract": "tar -x into a private staging folder, moved into place once complete",
             "list": "tar -t lists it (verify writes nothing)",
         }.get(kind, "qubes.xml taken out of it")
-        title = "Step 1 - qubes.xml" if stored == QUBES_XML else f"Step 2 - copy {stored}"
+        title = (PROCEDURE.heading("read qubes.xml", "qubes.xml") if stored == QUBES_XML
+                 else PROCEDURE.heading("copy", f"copy {stored}"))
         out.say(
             title,
             "tar -c reads it from the folder (a link stays a link; holes are kept); the "
@@ -211,7 +206,8 @@ class Words1:
         else:
             stored = files
             head = f"  {entity.name}: for each file F of {entity.backup_path}/ (private.img, ...):"
-        return [head, f"  2    {render_pipeline([read_stage(Path(backup), stored)])} | {pipeline}"]
+        read = render_pipeline([read_stage(Path(backup), stored)])
+        return [head, f"  {COPY}    {read} | {pipeline}"]
 
     def plan_footer(self) -> str:
         return (
@@ -277,7 +273,7 @@ class Words1:
             shell.call("say", "WARNING: " + WARNING),
             'make_work "$out"',
             "",
-            "# ---- step 1: qubes.xml (it lists the VMs; kept in the output folder)",
+            f"# ---- step {READ_XML}: qubes.xml (it lists the VMs; kept in the output folder)",
             '[ ! -h "$backup/qubes.xml" ] && [ -f "$backup/qubes.xml" ] || '
             + shell.call("die", "qubes.xml: not a file of the backup folder"),
             "fresh_stage",
@@ -291,19 +287,19 @@ class Words1:
             "",
             shell.call("say", f"done: {len(selected)} VM(s) copied into the output folder; nothing "
                        "could be authenticated (format 1)"),
-            "# ---- step 3: to read a VM's files, mount its private.img (ext4) read-only:",
-            *scriptparts.mount_hint(selected, 3),
+            f"# ---- step {MOUNT}: to read a VM's files, mount its private.img (ext4) read-only:",
+            *scriptparts.mount_hint(selected, MOUNT.number),
         ]
         return "\n".join(lines) + "\n"
 
 
 def _vm_block(entity: Entity, strip: int, folder: str) -> list[str]:
-    """Step 2 for one VM: each of its stored files, as restore names them."""
+    """The copy step for one VM: each of its stored files, as restore names them."""
     stages = [extract_stage(Path(_STAGING), strip)]
     shown = shell.out_path(folder)
     head = [
         "",
-        f"# ==== step 2: {scriptparts.entity_title(entity)} -> {shown}/",
+        f"# ==== step {COPY}: {scriptparts.entity_title(entity)} -> {shown}/",
     ]
     if entity.name == DOM0 or "Template" in entity.type:
         stored = entity.backup_path if entity.name == DOM0 else entity.backup_path + "/."

@@ -1,9 +1,9 @@
 """Format 2's words: the v2 recovery page's steps, its sh fragments, its narration.
 
-Steps as on https://www.qubes-os.org/doc/backup-emergency-restore-v2/:
-1 untar the backup, 2 the passphrase in a variable, 3 verify each chunk's
-HMAC (and, from v2.1.39, the header's), 4 decrypt each chunk, 5 decompress
-it, 6 untar the volumes with ``tar -M`` and a new-volume script, 7 mount.
+Steps as on https://www.qubes-os.org/doc/backup-emergency-restore-v2/,
+declared once in :data:`PROCEDURE`: each chunk is verified (and, from
+v2.1.39, the header), decrypted and decompressed on its own, and the
+volumes are untarred with ``tar -M`` and a new-volume script.
 """
 
 from __future__ import annotations
@@ -18,18 +18,36 @@ from qrecover.formats import v2_sh
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.v2 import PAGE, Format2
 from qrecover.formats.v3 import dgst_command
+from qrecover.formats.v3_words import OPENSSL_FOOTER, explain_hmac_chunk
 from qrecover.inventory import DOM0, Entity
+from qrecover.procedure import Procedure, Step
 from qrecover.render import scriptparts, shell
 from qrecover.runner import Stage
 from qrecover.stages.extract import extract_stage, qubes_xml_stage
 from qrecover.units import human_bytes
 
+PROCEDURE = Procedure(
+    page=PAGE,
+    check="hmac",
+    steps=(
+        Step("untar", "untar the backup", "backup"),
+        Step("passphrase", "the passphrase in a variable", "backup"),
+        Step("verify chunk", "verify each chunk's HMAC (and the header's)", "chunk"),
+        Step("decrypt", "decrypt each chunk", "chunk"),
+        Step("decompress", "decompress each chunk", "chunk"),
+        Step("untar volumes", "untar the volumes with tar -M", "stored file"),
+        Step("mount", "mount an image to read its files", "backup"),
+    ),
+)
+UNTAR, PASSPHRASE, VERIFY_CHUNK, DECRYPT, DECOMPRESS, UNTAR_VOLUMES, MOUNT = PROCEDURE.steps
+CHUNK_STEPS = PROCEDURE.span("verify chunk", "untar volumes")  # each stored file's
+CHUNK_STEPS_45 = PROCEDURE.span("decrypt", "decompress")  # each chunk on its own
+
 
 class Words2:
     """What the renderers say for a format-2 backup."""
 
-    page = PAGE
-    mount_step = 7
+    procedure = PROCEDURE
     kit_releases = "Qubes R2-Beta3 to R2 (qubes-core-admin v2.1.34 to v2.1.63)"
 
     def __init__(self, fmt: Format | None) -> None:
@@ -105,7 +123,8 @@ class Words2:
             ]
         return [
             shell.call("take", HEADER, HEADER_HMAC),
-            f"# step 3 for the header: its HMAC ({header.hmac_algorithm}) before reading it",
+            f"# step {VERIFY_CHUNK} for the header: its HMAC ({header.hmac_algorithm}) before "
+            "reading it",
             self._hmac_init(),
             shell.call("check_hmac", HEADER, shell.HEADER_MISMATCH),
             "# the header has no version key (format 2); qrecover checked these values:",
@@ -114,11 +133,13 @@ class Words2:
         ]
 
     def transcript_header(self) -> list[str]:
-        return ["", "# ---- step 1: untar the backup (listed once; members taken out as needed)",
+        return ["", f"# ---- step {UNTAR}: untar the backup (listed once; members taken out as "
+                "needed)",
                 "list_members", *self._header_lines()]
 
     def transcript_chunk(self, member: str, error: str | None) -> list[str]:
-        lines = ["", f"# chunk {member}: step 1, take it and its .hmac; step 3, its HMAC",
+        lines = ["", f"# chunk {member}: step {UNTAR}, take it and its .hmac; step {VERIFY_CHUNK}, "
+                 "its HMAC",
                  shell.call("take", member, member + ".hmac"), shell.call("check_hmac", member)]
         if error is not None:
             lines.insert(1, f"# qrecover found it bad ({error}); the replay stops here too")
@@ -126,17 +147,18 @@ class Words2:
         return lines
 
     def transcript_steps(self, stored: str) -> str:
-        return "steps 3-6"
+        return f"steps {CHUNK_STEPS}"
 
     def transcript_pipeline_intro(self) -> str:
-        return ("# steps 3-5 per chunk (feed: decrypt or decompress it alone), step 6: tar -M "
+        return (f"# steps {PROCEDURE.span('verify chunk', 'decompress')} per chunk (feed: "
+                f"decrypt or decompress it alone), step {UNTAR_VOLUMES}: tar -M "
                 "reads the volumes:")
 
     # -- --explain --------------------------------------------------------------
 
     def explain_intro(self, how: str) -> tuple[str, str]:
         return (
-            "Step 1 - untar the backup",
+            PROCEDURE.heading("untar"),
             "A format-2 backup (Qubes R2-Beta3 to R2) is many small tar archives one after "
             "the other (hence tar -i): the header (none in R2-Beta3), qubes.xml, and every "
             "stored file cut in chunks NAME.000, NAME.001, ... each with its NAME.NNN.hmac. "
@@ -147,7 +169,7 @@ class Words2:
         header = self.fmt.header
         if header.encrypted is None:
             out.say(
-                "Step 3 - no header (R2-Beta3)",
+                PROCEDURE.heading("verify chunk", "no header (R2-Beta3)"),
                 "R2-Beta3 wrote no backup-header. Its chunks were HMAC'd with OpenSSL 1.0's "
                 "default digest, MD5, so qubes.xml.000's HMAC is the first check: a wrong "
                 "passphrase stops there, before anything is written. Whether a chunk is "
@@ -156,7 +178,7 @@ class Words2:
             )
             return
         out.say(
-            "Step 3 - verify the header's HMAC, before reading it",
+            PROCEDURE.heading("verify chunk", "verify the header's HMAC, before reading it"),
             "The header says how everything else was written, so it must be authentic before "
             "it is read; qrecover computes the HMAC itself (the passphrase never on a command "
             "line) and compares it with backup-header.hmac.",
@@ -168,16 +190,7 @@ class Words2:
     def explain_chunk(
         self, out: Narration, member: str, size: int, error: str | None, first: bool
     ) -> None:
-        if error is None:
-            out.say(f"Step 3 - verify {member}",
-                    f"{human_bytes(size)}. Nothing of a chunk is decrypted before its HMAC "
-                    "matched.", dgst_command(self.fmt.header.digest, member),
-                    f"HMAC matches {member}.hmac: the chunk is authentic.")
-            return
-        out.say(f"Step 3 - verify {member}",
-                "This chunk does not match its HMAC: it is damaged, or it was tampered with. "
-                "It is not decrypted; this stored file stops here, the others go on.",
-                None, f"{error}: {member} rejected.")
+        explain_hmac_chunk(out, PROCEDURE, self.fmt.header.digest, member, size, error)
 
     def explain_pipeline(
         self, out: Narration, stored: str, stages: tuple[Stage, ...], kind: str
@@ -185,9 +198,10 @@ class Words2:
         what = {"extract": "untar into a private staging folder (moved into place once "
                 "complete)", "list": "list the archive with tar -t (verify writes nothing)"}
         out.say(
-            f"Steps 4-6 - {stored}",
-            f"Steps 4-5, each chunk on its own once its HMAC matched: {self._per_chunk()}. "
-            "Step 6: the plaintexts are the volumes of one GNU multi-volume tar, which GNU "
+            f"Steps {PROCEDURE.span('decrypt', 'untar volumes')} - {stored}",
+            f"Steps {CHUNK_STEPS_45}, each chunk on its own once its HMAC matched: "
+            f"{self._per_chunk()}. Step {UNTAR_VOLUMES}: the plaintexts are the volumes of one "
+            "GNU multi-volume tar, which GNU "
             "tar -M reads in numeric order (.999 then .1000), each one fed only after tar "
             "asked for it through its new-volume script: "
             + what.get(kind, "take qubes.xml out of the archive") + ".",
@@ -198,7 +212,8 @@ class Words2:
         self, out: Narration, names: str, chosen: str, selected: tuple[Entity, ...]
     ) -> None:
         out.say("qubes.xml read",
-                f"qubes.xml (restored with steps 3-6 like any stored file) lists the VMs with "
+                f"qubes.xml (restored with steps {CHUNK_STEPS} like any stored file) lists the "
+                "VMs with "
                 f"data in the backup: {names}. Selected: {chosen}.")
 
     # -- restore --dry-run ------------------------------------------------------
@@ -210,9 +225,10 @@ class Words2:
     def plan_header_steps(self, gunzip: str) -> list[str]:
         header = self.fmt.header
         if header.encrypted is None:
-            return ["  3    no backup-header (R2-Beta3): qubes.xml.000's HMAC-MD5 was the "
-                    "first check"]
-        return [f"  3    {dgst_command(header.digest, HEADER)}   (compared with {HEADER_HMAC}; "
+            return [f"  {VERIFY_CHUNK}    no backup-header (R2-Beta3): qubes.xml.000's HMAC-MD5 "
+                    "was the first check"]
+        return [f"  {VERIFY_CHUNK}    {dgst_command(header.digest, HEADER)}   (compared with "
+                f"{HEADER_HMAC}; "
                 "computed in-process; no version key: format 2)"]
 
     def plan_entity(self, entity: Entity, files: str, pipeline: str, backup: str) -> list[str]:
@@ -220,16 +236,16 @@ class Words2:
                 if entity.name != DOM0 else f"  {entity.name}: the stored file {files}:")
         return [
             head,
-            f"  3    {dgst_command(self.fmt.header.digest, files + '.NNN')}   (every chunk, "
-            "compared with its .hmac, before it is used)",
-            f"  4-5  each chunk on its own: {self._per_chunk().replace('NAME', files)}",
-            f"  6    {pipeline.replace('-f -', '-M -f VOLUME')}   (the volumes "
+            f"  {VERIFY_CHUNK}    {dgst_command(self.fmt.header.digest, files + '.NNN')}   "
+            "(every chunk, compared with its .hmac, before it is used)",
+            f"  {CHUNK_STEPS_45}  each chunk on its own: "
+            + self._per_chunk().replace("NAME", files),
+            f"  {UNTAR_VOLUMES}    {pipeline.replace('-f -', '-M -f VOLUME')}   (the volumes "
             f"{files}.000, {files}.001, ... fed in turn by the new-volume script)",
         ]
 
     def plan_footer(self) -> str:
-        return ("($staging is a private folder inside the output folder; $backup_pass is the "
-                "passphrase, given to openssl enc through its environment only.)")
+        return OPENSSL_FOOTER
 
     # -- qrecover kit (RECOVERY.txt) ---------------------------------------------
 
@@ -252,22 +268,25 @@ class Words2:
         lines += ["#   qubes.xml", *scriptparts.contents(selected), "",
                   scriptparts.SCRIPT_FUNCTIONS, 'make_work "$out"', "next_volume_script", "",
                   *scriptparts.STEP1, *self._header_lines(), "",
-                  "# ---- qubes.xml: steps 3-6 (it lists the VMs; kept in the output folder)",
+                  f"# ---- qubes.xml: steps {CHUNK_STEPS} (it lists the VMs; kept in the output "
+                  "folder)",
                   'chunk_list qubes.xml >"$work/chunks" || exit 1', "fresh_stage"]
         xml_stages = [v2_sh.replay_stage(qubes_xml_stage())]
         lines += shell.pipeline_block(['feed_chunks "$work/chunks"'], xml_stages,
                                       stdout=shell.XML_OUT)
         lines += [shell.pipeline_check(QUBES_XML, xml_stages),
                   f'place_file "$work/qubes.xml" {shell.out_path(QUBES_XML)}']
-        intro = ["# Steps 3-6 for each of its stored files: each chunk verified (step 3),",
+        intro = [f"# Steps {CHUNK_STEPS} for each of its stored files: each chunk verified (step "
+                 f"{VERIFY_CHUNK}),",
                  "# decrypted or decompressed (4-5), the volumes read by tar -M (6)."]
         for target in plan.entities():
             plain = shell.render_argv(extract_stage(Path(scriptparts._STAGING), 0).argv[:4])
             multi = shell.render_argv(v2_sh.replay_stage(
                 extract_stage(Path(scriptparts._STAGING), 0)).argv[:6])
             lines += [line.replace(plain, multi, 1)
-                      for line in scriptparts.vm_block(target, [], intro, enc=False)]
+                      for line in scriptparts.vm_block(target, [], intro)]
         lines += ["", f'say "done: {len(selected)} VM(s) restored into $out, every HMAC matched"',
-                  "# ---- step 7: to read a VM's files, mount its private.img (ext4) read-only:",
-                  *scriptparts.mount_hint(selected, 7)]
+                  f"# ---- step {MOUNT}: to read a VM's files, mount its private.img (ext4) "
+                  "read-only:",
+                  *scriptparts.mount_hint(selected, MOUNT.number)]
         return "\n".join(lines) + "\n"

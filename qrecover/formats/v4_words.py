@@ -1,29 +1,45 @@
 """Format 4's words: the v4 recovery page's steps, its sh fragments, its narration.
 
-Steps as on https://www.qubes-os.org/doc/backup-emergency-restore-v4/:
-1 untar, 2 the passphrase, 3 verify the header with scrypt, 4 read it,
-5 the backup id, 6 qubes.xml, 7 find the qube's backup-path, 8 its chunks
-(each decrypted by scrypt into a scratch file, used only once scrypt
-exited 0), 9 mount.
+Steps as on https://www.qubes-os.org/doc/backup-emergency-restore-v4/,
+declared once in :data:`PROCEDURE`; each chunk is decrypted by scrypt into a
+scratch file and used only once scrypt exited 0.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
-from qrecover import __version__
 from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
-from qrecover.formats import v4_kit, v4_sh
+from qrecover.formats import v4_sh
 from qrecover.formats.base import Format, Narration, PlanView
 from qrecover.formats.scrypt import HEADER_PREFIX, render_dec
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4
 from qrecover.formats.v4_sh import VERIFIED_HEADER, header_checks
 from qrecover.inventory import DOM0, Entity
+from qrecover.procedure import Procedure, Step
 from qrecover.render import scriptparts, shell
 from qrecover.runner import PASS_ENV, Stage
 from qrecover.stages.decompress import decompress_stage
 from qrecover.units import human_bytes
+
+PROCEDURE = Procedure(
+    page=PAGE,
+    check="scrypt",
+    steps=(
+        Step("untar", "untar the backup", "backup"),
+        Step("passphrase", "the passphrase", "backup"),
+        Step("verify header", "verify the header with scrypt, before reading it", "backup"),
+        Step("read header", "read the header", "backup"),
+        Step("backup id", "the backup id", "backup"),
+        Step("qubes.xml", "qubes.xml", "backup"),
+        Step("find", "find the qubes to restore in qubes.xml", "backup"),
+        Step("chunks", "verify and decrypt each chunk", "chunk"),
+        Step("mount", "mount an image to read its files", "backup"),
+    ),
+)
+UNTAR, PASSPHRASE, VERIFY_HEADER, READ_HEADER, BACKUP_ID, XML, FIND, CHUNKS, MOUNT = (
+    PROCEDURE.steps
+)
 
 
 def header_meaning(header: BackupHeaderV4, gunzip: str = "gzip") -> str:
@@ -43,8 +59,7 @@ def _data_name(member: str) -> str:
 class Words4:
     """What the renderers say for a format-4 (Qubes R4) backup."""
 
-    page = PAGE
-    mount_step = 9
+    procedure = PROCEDURE
     kit_releases = "Qubes R4.0 and later (R4.0, R4.1, R4.2, R4.3)"
 
     def __init__(self, fmt: Format | None) -> None:
@@ -57,7 +72,7 @@ class Words4:
         return "on its standard input (scrypt 1.2.1: -P)"
 
     def _header_command(self) -> str:
-        """The v4 page's step 3 for this scrypt, as a person would type it."""
+        """The v4 page's header check (PROCEDURE's verify header) for this scrypt, as typed."""
         return (
             render_dec(self.fmt.tool, HEADER_HMAC, VERIFIED_HEADER, HEADER_PREFIX)
             + f" && cmp {HEADER} {VERIFIED_HEADER}"
@@ -72,13 +87,7 @@ class Words4:
     def transcript_preamble(
         self, mode: str, backup: str | None, output: Path | None, argv: tuple[str, ...]
     ) -> list[str]:
-        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        shown = shell.call("qrecover", *argv) if argv else "qrecover"
-        lines = [
-            "#!/bin/sh",
-            f"# Transcript of: {shell.comment(shown)}",
-            f"# written by qrecover {__version__} on {when}, as the run went.",
-            "#",
+        about = [
             "# Every command qrecover ran, as a shell script that does the same: replay it",
             "# with `sh THIS-FILE` (dash or bash; GNU tar, scrypt >= 1.2.1, the decompressor",
             "# and POSIX utilities only). This is a format-4 (Qubes R4) backup: each chunk",
@@ -87,47 +96,36 @@ class Words4:
             "# exited 0 is the plaintext fed into the stored file's pipeline, as qrecover",
             "# did. Step numbers are those of the recovery page for format 4:",
             f"# {PAGE}",
-            "# The replay stops, non-zero, at the first failing check or stage.",
-            "",
-            "set -u",
-            "",
-            v4_sh.prelude(),
-            "",
-            v4_sh.scrypt_functions(),
-            "",
-            *shell.backup_assignment(backup, "qrecover"),
         ]
-        if mode == "restore":
-            assert output is not None
-            lines.append(f"out={shell.q(str(output))}  # the output folder")
-        lines += [
+        setup = [
             "need tar scrypt cmp grep sed wc awk tail",
-            "# step 2: the passphrase (the page's read -r backup_pass)",
+            f"# step {PASSPHRASE}: the passphrase (the page's read -r backup_pass)",
             *shell.passphrase_lines(),
             "scrypt_init",
-            'make_work "$out"' if mode == "restore" else 'make_work "${TMPDIR:-/tmp}"',
         ]
-        return lines
+        out = output if mode == "restore" else None
+        functions = [shell.prelude(hmac=False), v4_sh.scrypt_functions()]
+        return shell.transcript_head(argv, about, functions, backup, out, setup)
 
     def transcript_header(self) -> list[str]:
         header = self.fmt.header
         return [
             "",
-            "# ---- steps 1-5: the backup header",
-            "# step 1: untar the backup; it is listed once, and each member is taken",
+            f"# ---- steps {PROCEDURE.span('untar', 'backup id')}: the backup header",
+            f"# step {UNTAR}: untar the backup; it is listed once, and each member is taken",
             "# out when it is needed (and deleted once used)",
             "list_members",
             shell.call("take", HEADER, HEADER_HMAC),
-            f"# step 3: verify the header: {HEADER_HMAC} is {HEADER} encrypted and",
+            f"# step {VERIFY_HEADER}: verify the header: {HEADER_HMAC} is {HEADER} encrypted and",
             f"# authenticated by scrypt under the passphrase '{HEADER_PREFIX}' + yours",
             shell.call(
                 "scrypt_dec", HEADER_HMAC, VERIFIED_HEADER, HEADER_PREFIX, shell.HEADER_MISMATCH
             ),
             shell.call("same_file", HEADER, VERIFIED_HEADER),
-            "# step 4: read the header; qrecover checked these values:",
+            f"# step {READ_HEADER}: read the header; qrecover checked these values:",
             'cat -- "$work/backup-header" >&2',
             *(shell.call("header_is", k, v) for k, v in header_checks(header)),
-            f"# step 5: backup_id={header.backup_id}: each chunk's scrypt passphrase is",
+            f"# step {BACKUP_ID}: backup_id={header.backup_id}: each chunk's scrypt passphrase is",
             "# 'BACKUPID!NAME.NNN!' followed by yours (written out below, single-quoted)",
         ]
 
@@ -136,7 +134,7 @@ class Words4:
         name = parse_member_name(member)
         stored = name.stored if name is not None else member
         if error is None:
-            step = "step 6" if stored == QUBES_XML else "step 8"
+            step = f"step {XML if stored == QUBES_XML else CHUNKS}"
             lines = [
                 "",
                 f"# chunk {member}: {step}, take it out of the backup; scrypt decrypts",
@@ -158,7 +156,7 @@ class Words4:
         return lines
 
     def transcript_steps(self, stored: str) -> str:
-        return "step 6" if stored == QUBES_XML else "steps 7-8"
+        return f"step {XML}" if stored == QUBES_XML else f"steps {PROCEDURE.span('find', 'chunks')}"
 
     def transcript_pipeline_intro(self) -> str:
         return "# the chunks, in numeric order, each decrypted by scrypt, through"
@@ -167,7 +165,7 @@ class Words4:
 
     def explain_intro(self, how: str) -> tuple[str, str]:
         return (
-            "Step 1 - untar the backup",
+            PROCEDURE.heading("untar"),
             "This is a Qubes R4 backup (format 4; steps as on " + PAGE + "). It is "
             "many small tar archives one after the other (hence tar -i, --ignore-zeros): "
             "the header, backup-header.hmac (the header encrypted by scrypt), qubes.xml, "
@@ -178,14 +176,14 @@ class Words4:
     def explain_header(self, out: Narration) -> None:
         header = self.fmt.header
         out.say(
-            "Step 2 - the passphrase",
+            PROCEDURE.heading("passphrase"),
             "The page keeps it in a shell variable, typed once and out of the shell's "
             "history. qrecover gives it to scrypt " + self._passing() + ", after the prefix "
             "each file needs; it is never on a command line.",
             "read -r backup_pass",
         )
         out.say(
-            "Step 3 - verify the header with scrypt, before reading it",
+            PROCEDURE.heading("verify header"),
             "In format 4, backup-header.hmac is backup-header encrypted and authenticated "
             "by scrypt under the passphrase 'backup-header!' followed by yours. If scrypt "
             "decrypts it, the passphrase is right; the decrypted copy must then be "
@@ -197,13 +195,13 @@ class Words4:
         )
         fields = ", ".join(f"{k}={v}" for k, v in header.fields().items())
         out.say(
-            "Step 4 - read the header",
+            PROCEDURE.heading("read header"),
             f"{fields}. Every value that reaches a command was checked against an allow-list.",
             f"cat {HEADER}",
             header_meaning(header) + ".",
         )
         out.say(
-            "Step 5 - the backup id",
+            PROCEDURE.heading("backup id"),
             "Each chunk's scrypt passphrase is BACKUPID!NAME.NNN! followed by yours, so no "
             "chunk can be swapped for another, or for one of another backup, unnoticed.",
             f"backup_id={shell.q(header.backup_id)}",
@@ -212,7 +210,7 @@ class Words4:
     def explain_chunk(
         self, out: Narration, member: str, size: int, error: str | None, first: bool
     ) -> None:
-        step = "Step 6" if _data_name(member).startswith(QUBES_XML + ".") else "Step 8"
+        step = "qubes.xml" if _data_name(member).startswith(QUBES_XML + ".") else "chunks"
         if error is None:
             why = (
                 "scrypt checks a chunk's HMAC only at its end and may already have "
@@ -223,14 +221,14 @@ class Words4:
                 else "Nothing of a chunk goes on before scrypt authenticated all of it."
             )
             out.say(
-                f"{step} - verify and decrypt {member}",
+                PROCEDURE.heading(step, f"verify and decrypt {member}"),
                 f"{human_bytes(size)}. {why}",
                 self._dec(member),
                 "scrypt exited 0: the chunk is authentic; its plaintext goes on.",
             )
             return
         out.say(
-            f"{step} - verify and decrypt {member}",
+            PROCEDURE.heading(step, f"verify and decrypt {member}"),
             "scrypt could not authenticate this chunk: it is damaged, or it was tampered "
             "with. Nothing of it is used; this stored file stops here, the others go on.",
             self._dec(member),
@@ -249,9 +247,9 @@ class Words4:
             steps.append("list the inner archive with tar -t (verify writes nothing)")
         else:
             steps.append("take qubes.xml out of the inner archive")
-        step = "Step 6" if stored == QUBES_XML else "Step 8"
+        step = "qubes.xml" if stored == QUBES_XML else "chunks"
         out.say(
-            f"{step} - {stored}",
+            PROCEDURE.heading(step, stored),
             "All its chunks, in numeric order (.999 then .1000), each decrypted by scrypt "
             "into a scratch file, are fed by cat, one after the other and only once scrypt "
             "authenticated them, into one pipeline: " + "; ".join(steps) + ".",
@@ -263,7 +261,7 @@ class Words4:
     ) -> None:
         paths = ", ".join(f"{e.name} {e.backup_path}" for e in selected)
         out.say(
-            "Step 7 - find the qubes to restore in qubes.xml",
+            PROCEDURE.heading("find"),
             "qubes.xml lists every qube; those with data in the backup have a "
             f"backup-path: {names}. Selected, with their backup-path: "
             f"{paths or '(none)'}. Their stored files now follow in the backup; "
@@ -281,11 +279,11 @@ class Words4:
     def plan_header_steps(self, gunzip: str) -> list[str]:
         header = self.fmt.header
         return [
-            "  2    read -r backup_pass",
-            f"  3    {self._header_command()}   (compared in-process)",
-            f"  4    cat {HEADER}   ({header_meaning(header, gunzip)})",
-            f"  5    backup_id={shell.q(header.backup_id)}",
-            "  6    qubes.xml, as in step 8 (already done: it lists the qubes above)",
+            f"  {PASSPHRASE}    read -r backup_pass",
+            f"  {VERIFY_HEADER}    {self._header_command()}   (compared in-process)",
+            f"  {READ_HEADER}    cat {HEADER}   ({header_meaning(header, gunzip)})",
+            f"  {BACKUP_ID}    backup_id={shell.q(header.backup_id)}",
+            f"  {XML}    qubes.xml, as in step {CHUNKS} (already done: it lists the qubes above)",
         ]
 
     def plan_entity(self, entity: Entity, files: str, pipeline: str, backup: str) -> list[str]:
@@ -300,8 +298,8 @@ class Words4:
             f"  {entity.name}: for each stored file {files} (F: private.img, root.img, ...):"
             if entity.name != DOM0
             else f"  {entity.name}: the stored file {files}:",
-            f"  7    {shell.untar_command(backup, folder)}   (its chunks, {chunk}.enc)",
-            f"  8    {scrypt}   (each chunk, in numeric order, into a scratch file)",
+            f"  {FIND}    {shell.untar_command(backup, folder)}   (its chunks, {chunk}.enc)",
+            f"  {CHUNKS}    {scrypt}   (each chunk, in numeric order, into a scratch file)",
             f"       cat {files}.000 {files}.001 ... | {pipeline}   (each chunk only once "
             "scrypt exited 0)",
         ]
@@ -318,12 +316,128 @@ class Words4:
         return ["scrypt"]
 
     def kit_by_hand(self, example: Entity | None) -> list[str]:
-        return v4_kit.by_hand(self.fmt.header, example)
+        return by_hand(self.fmt.header, example)
 
     # -- qrecover script --------------------------------------------------------
 
     def script(
         self, plan: PlanView, backup: str | None, output: Path, argv: tuple[str, ...]
     ) -> str:
-        """The whole script for a format-4 (Qubes R4) backup, as text."""
-        return v4_sh.script(self.fmt, plan, backup, output, argv)
+        """The whole standalone script for a format-4 (Qubes R4) backup, as text."""
+        header = self.fmt.header
+        programs = ["tar", "scrypt", *(s.program for s in plan.front())]
+        programs += ["cmp", "sed", "wc", "grep", "sort", "awk", "tail", "find"]
+        decompressor = decompress_stage(header)
+
+        def intro(entity: Entity) -> list[str]:
+            found = (
+                f"its backup-path in qubes.xml is {entity.backup_path}/"
+                if entity.name != DOM0
+                else f"dom0's home is stored as {entity.backup_path}"
+            )
+            return [
+                f"# Step {FIND}: {found}; its stored files",
+                f"# are found in the listing of step {UNTAR}. Step {CHUNKS} for each: the chunks, "
+                "in numeric",
+                "# order, each taken out, authenticated and decrypted by scrypt into a scratch",
+                "# file, and fed on only once scrypt exited 0; what the stored file held is",
+                "# moved into place only once every stage succeeded.",
+            ]
+
+        text = scriptparts.ScriptText(
+            kind="the Qubes R4 (format 4) backup",
+            tools="# scrypt (1.2.1 or newer), "
+            + (decompressor.program if decompressor else "no decompressor")
+            + " and POSIX utilities (sed, awk, cmp, ...).",
+            scratch="# Scratch space: one chunk at a time, encrypted then decrypted (at most 2 x "
+            f"{shell.MAX_CHUNK_MIB} MiB),",
+            page=[
+                "# It follows the emergency recovery page for format 4, step by step (the",
+                f"# comments name the steps): {PAGE}",
+                "# with its fixes: scrypt gets the passphrase with -P on its stdin (scrypt 1.2.1)",
+                "# or from its environment (scrypt >= 1.3), never on a command line; every '!'",
+                "# is single-quoted (no history expansion, the page's set +H); chunks go in",
+                f"# numeric order (.999 then .1000); and, unlike the page's step {CHUNKS}, a chunk "
+                "goes",
+                "# to the decompressor only once scrypt has authenticated all of it. At the",
+                "# first failing check or program it stops with a message and a non-zero status.",
+            ],
+            functions=[
+                shell.prelude(hmac=False), v4_sh.scrypt_functions(), v4_sh.SCRIPT_FUNCTIONS_V4
+            ],
+            programs=programs,
+            setup=[
+                f"# ---- step {PASSPHRASE}: the passphrase (the page's read -r backup_pass)",
+                *shell.passphrase_lines(),
+                "scrypt_init",
+            ],
+            header=[
+                f"# ---- step {UNTAR} (header members), step {VERIFY_HEADER}: verify backup-header "
+                "with scrypt before",
+                f"# reading it: {HEADER_HMAC} is {HEADER} encrypted and authenticated under the",
+                f"# passphrase '{HEADER_PREFIX}' followed by yours (the page compares with diff "
+                "-qs)",
+                shell.call("take", HEADER, HEADER_HMAC),
+                shell.call(
+                    "scrypt_dec", HEADER_HMAC, VERIFIED_HEADER, HEADER_PREFIX,
+                    shell.HEADER_MISMATCH,
+                ),
+                shell.call("same_file", HEADER, VERIFIED_HEADER),
+                f"# ---- step {READ_HEADER}: read the header; this script was written for these "
+                "values",
+                'cat -- "$work/backup-header" >&2',
+                *(shell.call("header_is", k, v) for k, v in header_checks(header)),
+                f"# ---- step {BACKUP_ID}: the backup id, from the header's last line",
+                f"backup_id={shell.q(header.backup_id)}",
+            ],
+            xml=[
+                f"# ---- step {XML}: qubes.xml, authenticated, decrypted, decompressed and "
+                "extracted",
+                "# (it lists the qubes; kept in the output folder)",
+            ],
+            chunks="enc_",
+            placeholder=True,
+            intro=intro,
+            done="every chunk authenticated by scrypt",
+            mount_step=MOUNT.number,
+        )
+        return scriptparts.script(text, plan, backup, output, argv)
+
+def by_hand(header: BackupHeaderV4, example: Entity | None) -> list[str]:
+    """WAY 3 of the kit's RECOVERY.txt: the page's steps by hand, corrected."""
+    backup_id = header.backup_id
+    stage = decompress_stage(header)
+    unzip = " ".join(stage.argv) if stage is not None else "cat"
+    path = example.backup_path if example is not None else "vm1"
+    stored = f"{path}/private.img"
+    return [
+        f"The page: {PAGE}",
+        "Format 4 has no .hmac files: scrypt both decrypts and authenticates each",
+        "chunk, with its own passphrase. Corrections to the page:",
+        "  - decrypt each chunk to a FILE and use it only once scrypt exited 0",
+        "    (the page pipes scrypt dec into the decompressor: a bad chunk's bytes",
+        "    would then be used before scrypt notices).",
+        "  - chunks must be joined in numeric order: find ... | sort -V, never a glob.",
+        "",
+        "  1. mkdir work && cd work && tar -i -xf /path/to/BACKUP",
+        "  2. scrypt dec -P backup-header.hmac header.check  (passphrase:",
+        "     backup-header!PASSPHRASE), then cmp header.check backup-header",
+        "  3. cat backup-header   (expect:",
+        *(f"        {k}={v}" for k, v in header.fields().items()),
+        "     )",
+        f"  4. for c in $(find {path} -name '*.enc' | sort -V); do",
+        "         n=${c%.enc}",
+        f"         scrypt dec \"$c\" \"$n\" || break   # passphrase: {backup_id}!$n!PASSPHRASE",
+        "     done",
+        "     (each chunk has its own passphrase: the backup id, '!', the chunk's name",
+        "     without .enc, '!', your passphrase; do the same for qubes.xml.000.enc)",
+        f"  5. cat $(find {path} -name '{stored.rsplit('/', 1)[-1]}.[0-9]*' ! -name '*.enc' "
+        "| sort -V) |",
+        f"         {unzip} | tar -xv --sparse -C OUT",
+        "     (one stored file at a time: each is its own stream; its members land",
+        f"     in OUT/{path}/...)",
+        "  6. to read a VM's files: sudo mount -o loop,ro OUT/.../private.img /mnt",
+        "",
+        "scrypt asks for each chunk's passphrase on the terminal; scrypt 1.2.1 and",
+        "later read it from standard input with -P.",
+    ]

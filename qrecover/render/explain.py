@@ -143,7 +143,7 @@ class Narrator:
             return
         image = self.images[0]
         self.say(
-            f"Step {self.words.mount_step} - mount an image to read its files",
+            self.words.procedure.heading("mount"),
             "A VM's private.img is an ext4 file system; its home folder is home/user "
             "inside it. Mount it read-only:",
             shell.render_argv(("sudo", "mount", "-o", "loop,ro", str(image), "/mnt")),

@@ -36,7 +36,7 @@ def plan_text(
         *_targets(plan, root, stops, excused),
         *_kept(kept),
         "",
-        "Commands (steps of " + words.page + "):",
+        "Commands (steps of " + words.procedure.page + "):",
         f"  1    {words.first_step(backup)}" if isinstance(words, OwnFirstStep) else
         f"  1    {shell.untar_command(backup, feed=feed)}"
         "   (qrecover streams instead, one chunk at a time)",

@@ -10,36 +10,48 @@ placed once every stage succeeded), and the comment lines.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qrecover import __version__
+from qrecover.archive.members import QUBES_XML
 from qrecover.inventory import DOM0, Entity
 from qrecover.render.shell import (
     STAGE_DIR,
+    XML_OUT,
+    backup_assignment,
     call,
     comment,
     out_path,
     pipeline_block,
+    pipeline_check,
     q,
     stage_names,
 )
 from qrecover.runner import Stage, render_pipeline
+from qrecover.stages.extract import extract_stage, qubes_xml_stage
+from qrecover.units import human_bytes
 
 if TYPE_CHECKING:
-    from qrecover.formats.base import PlannedVM
-from qrecover.stages.extract import extract_stage
-from qrecover.units import human_bytes
+    from qrecover.formats.base import PlannedVM, PlanView
 
 # Arguments written as shell expressions instead of quoted literals.
 _STAGING = "/QRECOVER-STAGING-PLACEHOLDER"
 
-# Functions only the standalone script needs (the rest is PRELUDE).
-SCRIPT_FUNCTIONS = r"""
+# Functions only the standalone script needs (the rest is the prelude): the
+# stored files of a format-3 backup and their chunks, in order and checked.
+_STORED_FILES = r"""
 stored_files() {  # stored_files PATTERN: the stored files whose chunks are PATTERN.NNN
     sed -n "s|^[^ ]* \($1\)\.[0-9][0-9][0-9][0-9]*\$|\1|p" "$work/blocks" | sort -u
 }
 
+""".strip()
+
+# How every format but 1 finds one stored file's chunks (format 4 with SUFFIX .enc).
+CHUNK_FUNCTIONS = r"""
 check_stored_name() {  # only names of the shapes Qubes wrote reach a command
     case $1 in
         "" | /* | */ | *//* | *[!A-Za-z0-9_.+/-]*) die "refusing the stored file name '$1'" ;;
@@ -73,6 +85,9 @@ chunk_list() {  # chunk_list STORED [SUFFIX]: "BLOCK NAME" of STORED.000, .001, 
         }' "$work/blocks"
 }
 
+""".strip()
+
+_FEED_CHUNKS = r"""
 feed_chunks() {  # feed_chunks LIST: steps 1 and 4 for each chunk of LIST in turn, then its bytes
     while read -r _block _chunk <&5; do
         take_from "$_block" "$_chunk" "$_chunk.hmac"
@@ -81,6 +96,8 @@ feed_chunks() {  # feed_chunks LIST: steps 1 and 4 for each chunk of LIST in tur
     done 5<"$1"
 }
 """.strip()
+
+SCRIPT_FUNCTIONS = "\n\n".join([_STORED_FILES, CHUNK_FUNCTIONS, _FEED_CHUNKS])
 
 
 def _bre(text: str) -> str:
@@ -96,10 +113,15 @@ def entity_title(entity: Entity) -> str:
     return comment(f"{entity.name} ({entity.type}{template})")
 
 
-def vm_block(target: PlannedVM, front: list[Stage], intro: list[str], enc: bool) -> list[str]:
+def vm_block(
+    target: PlannedVM, front: list[Stage], intro: list[str], chunks: str = "",
+    placeholder: bool = False,
+) -> list[str]:
     """One VM's part of a script: its stored files, each through ``front`` and
-    tar; format 4's shell functions take ``.enc`` chunks (``enc_`` names)."""
-    p = "enc_" if enc else ""
+    tar.  ``chunks``: the prefix of the shell functions that find and feed this
+    format's chunks (``enc_`` for NAME.NNN.enc); ``placeholder``: a stored
+    file VM/empty is R4.3's placeholder of a qube without files."""
+    p = chunks
     entity, strip, folder = target.entity, target.strip, target.folder
     if entity.name == DOM0:
         pattern = _bre(entity.backup_path)
@@ -129,7 +151,7 @@ def vm_block(target: PlannedVM, front: list[Stage], intro: list[str], enc: bool)
         indent="    ",
     )
     lines += ['    pipeline_ok "$stored" ' + " ".join(q(n) for n in stage_names(stages))]
-    if enc and entity.name != DOM0:
+    if placeholder and entity.name != DOM0:
         # R4.3's placeholder, as restore handles it (qrecover.plan.PLACEHOLDER)
         lines += [
             f'    if [ "$stored" = {q(entity.backup_path + "/empty")} ]; then',
@@ -141,6 +163,95 @@ def vm_block(target: PlannedVM, front: list[Stage], intro: list[str], enc: bool)
         'done 4<"$work/stored"',
     ]
     return lines
+
+
+@dataclass(frozen=True)
+class ScriptText:
+    """What a format's standalone script says and runs beside what every such
+    script does (list the backup, qubes.xml, each VM's stored files, mount)."""
+
+    kind: str  # "the Qubes backup"
+    tools: str  # what it needs besides sh and GNU tar, one comment line
+    scratch: str  # the scratch one chunk takes, one comment line
+    page: Sequence[str]  # comment lines: the page it follows (and its fixes)
+    functions: Sequence[str]  # the prelude and the format's sh functions
+    programs: Sequence[str]  # what ``need`` checks
+    setup: Sequence[str]  # the passphrase's lines
+    header: Sequence[str]  # the header's steps
+    xml: Sequence[str]  # the comment lines before qubes.xml
+    chunks: str  # see :func:`vm_block`
+    placeholder: bool  # see :func:`vm_block`
+    intro: Callable[[Entity], list[str]]  # the comment lines of one VM's block
+    done: str  # what the last line says was checked
+    mount_step: int
+
+
+def script(
+    text: ScriptText, plan: PlanView, backup: str | None, output: Path, argv: tuple[str, ...]
+) -> str:
+    """The whole standalone recovery script, as text: the plan's VMs through
+    the plan's stages (``gzip -d``, which every rescue system has)."""
+    selected = plan.selected
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    shown = call("qrecover", *argv) if argv else "qrecover script"
+    front = plan.front()
+    xml_stages = [*front, qubes_xml_stage()]
+    p = text.chunks
+    lines = [
+        "#!/bin/sh",
+        f"# Recovery script for {text.kind} " + comment(backup or "(read from standard input)"),
+        f"# written by qrecover {__version__} on {when}:",
+        f"# {comment(shown)}",
+        "#",
+        "# It needs no Python and no qrecover: a POSIX shell (dash or bash), GNU tar,",
+        text.tools,
+        "# Run it with:  sh THIS-FILE   (it asks for the passphrase, or takes it from",
+        "# the environment variable backup_pass; it never writes it anywhere).",
+        "#",
+        "# It restores, into the folder out= below:",
+        "#   qubes.xml",
+        *contents(selected),
+        "#",
+        text.scratch,
+        "# in a private folder inside the output folder, deleted as soon as used and",
+        "# removed on exit; plus room for the restored data: about "
+        + human_bytes(sum(e.size for e in selected)),
+        "# (sizes from the backup's qubes.xml; VM images are restored sparse).",
+        "#",
+        *text.page,
+        "",
+        "set -u",
+        "",
+        *(line for part in text.functions for line in (part, "")),
+        "# ---- settings: change them here if the backup or the output folder moved",
+        *backup_assignment(backup, "qrecover"),
+        f"out={q(str(output))}",
+        "",
+        call("need", *dict.fromkeys(text.programs)),
+        *text.setup,
+        'make_work "$out"',
+        "",
+        *STEP1,
+        "",
+        *text.header,
+        "",
+        *text.xml,
+        f'{p}chunk_list qubes.xml >"$work/chunks" || exit 1',
+        "fresh_stage",
+        *pipeline_block([f'feed_{p}chunks "$work/chunks"'], xml_stages, stdout=XML_OUT),
+        pipeline_check(QUBES_XML, xml_stages),
+        f'place_file "$work/qubes.xml" {out_path(QUBES_XML)}',
+    ]
+    for target in plan.entities():
+        lines += vm_block(target, front, text.intro(target.entity), p, text.placeholder)
+    lines += [
+        "",
+        f'say "done: {len(selected)} VM(s) restored into $out, {text.done}"',
+        f"# ---- step {text.mount_step}: to read a VM's files, mount its private.img (ext4) "
+        "read-only:",
+        *mount_hint(selected, text.mount_step),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # Step 1 of every script: the backup is listed once.

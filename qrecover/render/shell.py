@@ -20,7 +20,10 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 
+from qrecover import __version__
 from qrecover.magic import SNIFF, compression_of
 from qrecover.runner import PASS_ENV, Stage
 from qrecover.stages.decompress import GUNZIPS
@@ -127,7 +130,7 @@ def pipeline_check(what: str, stages: Sequence[Stage], indent: str = "") -> str:
 
 # The functions every script starts with.  Kept readable: they are part of
 # the procedure a person may follow by hand.
-PRELUDE = r"""
+_TOP = r"""
 say() { printf '%s\n' "$*" >&2; }
 die() {
     printf 'STOPPED: %s\n' "$*" >&2
@@ -153,7 +156,7 @@ need() {  # need PROGRAM...: stop early, naming what to install
         *"GNU tar"*) ;;
         *) die "tar is not GNU tar (needed for sparse VM images): install the package tar" ;;
     esac
-    # The HMAC key only ever goes through the shell's own printf (see hmac_init).
+    # @KEY@
     case $(command -V printf 2>/dev/null) in
         *builtin*) ;;
         *) die "this shell has no builtin printf: run this script with dash or bash" ;;
@@ -173,8 +176,7 @@ get_passphrase() {  # from $backup_pass, else asked on the terminal with echo of
         printf '\n' >/dev/tty
         [ -n "$backup_pass" ] || die "no passphrase entered"
     fi
-    # Not exported: it goes into the environment of the one command that
-    # reads it (openssl enc -pass env:backup_pass), never into an argv.
+    # @PASS@
 }
 
 make_work() {  # make_work FOLDER: private scratch, removed on every exit
@@ -188,7 +190,10 @@ make_work() {  # make_work FOLDER: private scratch, removed on every exit
     work=$1/.qrecover-sh.$$
 }
 
-# Steps 2 and 4 compare HMACs.  The recovery page computes them with
+""".strip()
+
+# Format 3's and 2's checks: HMACs (step 2 and 4 of the format-3 page).
+HMAC_FUNCTIONS = r"""# Steps 2 and 4 compare HMACs.  The recovery page computes them with
 #     openssl dgst -sha512 -hmac "your_passphrase" FILE
 # which puts the passphrase on a command line, where any user of the machine
 # can read it (ps).  The same HMAC (RFC 2104) is computed here from plain
@@ -249,7 +254,9 @@ check_hmac() {  # check_hmac MEMBER [WHY]: its HMAC must be the one in MEMBER.hm
     say "  $1: HMAC matches $1.hmac"
 }
 
-list_members() {  # step 1, listing only: "BLOCK NAME" for each member of the backup
+""".strip()
+
+_REST = r"""list_members() {  # step 1, listing only: "BLOCK NAME" for each member of the backup
     if [ -d "$backup" ]; then  # a backup already untarred by hand
         (cd -- "$backup" && find . -type f) | sed 's|^\./|- |' >"$work/blocks" ||
             die "$backup: cannot list it"
@@ -348,6 +355,33 @@ header_is() {  # header_is KEY VALUE: step 3, the header says what this script e
 }
 """.strip()
 
+# How the passphrase stays out of every argv, said where the prelude needs a
+# builtin printf and where it reads the passphrase: with an HMAC check, or with
+# scrypt (format 4, whose prelude has no HMAC functions).
+_NOTES = {
+    True: (
+        "The HMAC key only ever goes through the shell's own printf (see hmac_init).",
+        "Not exported: it goes into the environment of the one command that\n"
+        "    # reads it (openssl enc -pass env:backup_pass), never into an argv.",
+    ),
+    False: (
+        "The passphrase only ever goes through the shell's own printf (see scrypt_dec).",
+        "Not exported: scrypt gets it in its environment or on its stdin\n"
+        "    # (see scrypt_dec), never argv.",
+    ),
+}
+
+
+def prelude(hmac: bool = True) -> str:
+    """The functions every script starts with (``hmac``: with the HMAC checks
+    of formats 2 and 3; format 4's scrypt checks its chunks itself)."""
+    key, passing = _NOTES[hmac]
+    top = _TOP.replace("@KEY@", key).replace("@PASS@", passing)
+    return "\n\n".join([top, HMAC_FUNCTIONS, _REST] if hmac else [top, _REST])
+
+
+PRELUDE = prelude()
+
 
 def backup_assignment(backup: str | None, what: str) -> list[str]:
     """``backup=...`` at the top; for a backup read from a pipe, the user fills it in."""
@@ -360,6 +394,33 @@ def backup_assignment(backup: str | None, what: str) -> list[str]:
             '[ -n "$backup" ] || die "set backup= at the top of this script to the backup file"',
         ]
     return [f"backup={q(backup)}"]
+
+
+def transcript_head(
+    argv: tuple[str, ...], about: Sequence[str], functions: Sequence[str],
+    backup: str | None, output: Path | None, setup: Sequence[str],
+) -> list[str]:
+    """The start of a --transcript: what it is (``about``), the sh functions,
+    the settings, ``setup`` (``need`` and the passphrase) and its scratch
+    folder, in the output folder when it restores (``output``)."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    shown = call("qrecover", *argv) if argv else "qrecover"
+    return [
+        "#!/bin/sh",
+        f"# Transcript of: {comment(shown)}",
+        f"# written by qrecover {__version__} on {when}, as the run went.",
+        "#",
+        *about,
+        "# The replay stops, non-zero, at the first failing check or stage.",
+        "",
+        "set -u",
+        "",
+        *(line for part in functions for line in (part, "")),
+        *backup_assignment(backup, "qrecover"),
+        *([f"out={q(str(output))}  # the output folder"] if output is not None else []),
+        *setup,
+        'make_work "$out"' if output is not None else 'make_work "${TMPDIR:-/tmp}"',
+    ]
 
 
 def passphrase_lines() -> list[str]:
