@@ -55,14 +55,6 @@ _MODELS: dict[int, type[v3.BackupHeader] | type[v4.BackupHeaderV4]] = {
     v3.VERSION: v3.BackupHeader,
     v4.VERSION: v4.BackupHeaderV4,
 }
-_WORDS: dict[int, Callable[[Format | None], Words]] = {
-    v1.VERSION: v1_words.Words1,
-    v2.VERSION: v2_words.Words2,
-    v3.VERSION: v3_words.Words3,
-    v4.VERSION: v4_words.Words4,
-}
-# The words of a transcript whose run stopped before any header was verified.
-DEFAULT_VERSION = v3.VERSION
 
 
 def detect(header_hmac: bytes) -> ModuleType:
@@ -125,9 +117,17 @@ def headerless(first: str) -> Format | None:
 
 
 def words(fmt: Format | None) -> Words:
-    """What the renderers say for ``fmt`` (None: no header was verified)."""
-    version = fmt.version if fmt is not None else DEFAULT_VERSION
-    return _WORDS[version](fmt)
+    """What the renderers say for ``fmt`` (None: no header was verified, and a
+    transcript of the run that stopped follows format 3's page)."""
+    if isinstance(fmt, v1.Format1):
+        return v1_words.Words1(fmt)
+    if isinstance(fmt, v2.Format2):
+        return v2_words.Words2(fmt)
+    if isinstance(fmt, v4.Format4):
+        return v4_words.Words4(fmt)
+    if fmt is None or isinstance(fmt, v3.Format3):
+        return v3_words.Words3(fmt)
+    raise TypeError(f"no words for format {fmt.version}")
 
 
 # -- format 1 (qrecover.formats.v1): a folder with no header ------------------

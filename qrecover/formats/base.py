@@ -45,7 +45,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 from qrecover.archive.members import ChunkName, Member
 from qrecover.errors import QrecoverError
@@ -268,6 +268,11 @@ class Words(Protocol):
 
     procedure: Procedure  # the page's steps, declared once (qrecover.procedure)
 
+    def first_step(self, backup: str) -> str | None:
+        """Step 1's command where it is not the page's ``tar -i -x`` of the backup
+        (format 1: a folder, where nothing is untarred)."""
+        ...
+
     # --transcript
     def transcript_preamble(
         self, mode: str, backup: str | None, output: Path | None, argv: tuple[str, ...]
@@ -275,7 +280,7 @@ class Words(Protocol):
     def transcript_header(self) -> list[str]: ...
     def transcript_chunk(self, member: str, error: str | None) -> list[str]: ...
     def transcript_steps(self, stored: str) -> str: ...
-    def transcript_pipeline_intro(self) -> str: ...
+    pipeline_intro: str  # the comment above a stored file's pipeline
 
     # --explain
     def explain_intro(self, how: str) -> tuple[str, str]: ...
@@ -309,9 +314,35 @@ class Words(Protocol):
     ) -> str: ...
 
 
-@runtime_checkable
-class OwnFirstStep(Protocol):
-    """Words whose step 1 is not the page's ``tar -i -x`` of the backup
-    (format 1: a folder, where nothing is untarred)."""
+F = TypeVar("F")
 
-    def first_step(self, backup: str) -> str: ...
+
+class PageWords(Generic[F]):
+    """What every format's words share: the format they speak for (None
+    before a header was verified: then only the page is asked), and what a
+    format with nothing to say there says."""
+
+    def __init__(self, fmt: F | None) -> None:
+        self._fmt = fmt
+
+    @property
+    def fmt(self) -> F:
+        assert self._fmt is not None, "a verified header"
+        return self._fmt
+
+    def first_step(self, backup: str) -> str | None:
+        return None  # the page's tar -i -x of the backup
+
+    def transcript_chunk(self, member: str, error: str | None) -> list[str]:
+        return []  # no chunk is checked
+
+    def explain_chunk(
+        self, out: Narration, member: str, size: int, error: str | None, first: bool
+    ) -> None:
+        return None  # no chunk is checked
+
+    def plan_header_steps(self, gunzip: str) -> list[str]:
+        return []  # no header
+
+    def kit_programs(self) -> list[str]:
+        return []

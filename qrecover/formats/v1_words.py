@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qrecover import __version__
 from qrecover.archive.members import QUBES_XML
-from qrecover.formats.base import Format, Narration, PlanView
+from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.v1 import WARNING, WRITTEN_BY, Format1, read_stage
 from qrecover.inventory import DOM0, Entity
 from qrecover.procedure import Procedure, Step
@@ -84,20 +84,12 @@ def _steps(stored: str) -> str:
     return f"step {COPY}, copy it"
 
 
-class Words1:
+class Words1(PageWords[Format1]):
     """What the renderers say for a format-1 backup."""
 
     procedure = PROCEDURE
     kit_releases = WRITTEN_BY
-
-    def __init__(self, fmt: Format | None) -> None:
-        assert fmt is None or isinstance(fmt, Format1)
-        self._fmt = fmt
-
-    @property
-    def fmt(self) -> Format1:
-        assert self._fmt is not None, "a format-1 folder"
-        return self._fmt
+    pipeline_intro = "# tar -c reads it from the folder (links as links, holes kept), through"
 
     def first_step(self, backup: str) -> str:
         """Step 1: qubes.xml read from the folder (nothing to untar)."""
@@ -128,14 +120,8 @@ class Words1:
             shell.call("say", "WARNING: " + WARNING),
         ]
 
-    def transcript_chunk(self, member: str, error: str | None) -> list[str]:
-        return []  # no chunk of format 1 is checked: there is nothing to check it with
-
     def transcript_steps(self, stored: str) -> str:
         return _steps(stored)
-
-    def transcript_pipeline_intro(self) -> str:
-        return "# tar -c reads it from the folder (links as links, holes kept), through"
 
     # -- --explain --------------------------------------------------------------
 
@@ -152,11 +138,6 @@ class Words1:
 
     def explain_header(self, out: Narration) -> None:
         out.say("No header to verify", WARNING + ".")
-
-    def explain_chunk(
-        self, out: Narration, member: str, size: int, error: str | None, first: bool
-    ) -> None:
-        return None  # never told: no chunk of format 1 is checked
 
     def explain_pipeline(
         self, out: Narration, stored: str, stages: tuple[Stage, ...], kind: str
@@ -194,9 +175,6 @@ class Words1:
             "can be authenticated (no HMAC, no encryption); nothing was written."
         )
 
-    def plan_header_steps(self, gunzip: str) -> list[str]:
-        return []  # no header
-
     def plan_entity(self, entity: Entity, files: str, pipeline: str, backup: str) -> list[str]:
         if entity.name == DOM0:
             head, stored = f"  {entity.name}: the folder {files}:", files
@@ -216,9 +194,6 @@ class Words1:
         )
 
     # -- qrecover kit (RECOVERY.txt) ---------------------------------------------
-
-    def kit_programs(self) -> list[str]:
-        return []
 
     def kit_by_hand(self, example: Entity | None) -> list[str]:
         return [

@@ -15,7 +15,7 @@ from pathlib import Path
 from qrecover import __version__
 from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML
 from qrecover.formats import v2_sh
-from qrecover.formats.base import Format, Narration, PlanView
+from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.v2 import PAGE, Format2
 from qrecover.formats.v3 import dgst_command
 from qrecover.formats.v3_words import OPENSSL_FOOTER, explain_hmac_chunk
@@ -44,20 +44,15 @@ CHUNK_STEPS = PROCEDURE.span("verify chunk", "untar volumes")  # each stored fil
 CHUNK_STEPS_45 = PROCEDURE.span("decrypt", "decompress")  # each chunk on its own
 
 
-class Words2:
+class Words2(PageWords[Format2]):
     """What the renderers say for a format-2 backup."""
 
     procedure = PROCEDURE
     kit_releases = "Qubes R2-Beta3 to R2 (qubes-core-admin v2.1.34 to v2.1.63)"
-
-    def __init__(self, fmt: Format | None) -> None:
-        assert fmt is None or isinstance(fmt, Format2)
-        self._fmt = fmt
-
-    @property
-    def fmt(self) -> Format2:
-        assert self._fmt is not None, "a verified header"
-        return self._fmt
+    pipeline_intro = (
+        f"# steps {PROCEDURE.span('verify chunk', 'decompress')} per chunk (feed: decrypt or "
+        f"decompress it alone), step {UNTAR_VOLUMES}: tar -M reads the volumes:"
+    )
 
     def _per_chunk(self) -> str:
         header = self.fmt.header
@@ -148,11 +143,6 @@ class Words2:
 
     def transcript_steps(self, stored: str) -> str:
         return f"steps {CHUNK_STEPS}"
-
-    def transcript_pipeline_intro(self) -> str:
-        return (f"# steps {PROCEDURE.span('verify chunk', 'decompress')} per chunk (feed: "
-                f"decrypt or decompress it alone), step {UNTAR_VOLUMES}: tar -M "
-                "reads the volumes:")
 
     # -- --explain --------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qrecover.archive.members import HEADER, HEADER_HMAC
-from qrecover.formats.base import Format, Narration, PlanView
+from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.v3 import PAGE, BackupHeader, Format3, decrypt_stage, dgst_command
 from qrecover.hmacs import Digest
 from qrecover.inventory import DOM0, Entity
@@ -125,20 +125,14 @@ def explain_hmac_chunk(
         )
 
 
-class Words3:
+class Words3(PageWords[Format3]):
     """What the renderers say for a format-3 backup."""
 
     procedure = PROCEDURE
     kit_releases = "Qubes R2 (final) to R3.2 (R2, R3.0, R3.1, R3.2)"
-
-    def __init__(self, fmt: Format | None) -> None:
-        assert fmt is None or isinstance(fmt, Format3)
-        self._fmt = fmt
-
-    @property
-    def fmt(self) -> Format3:
-        assert self._fmt is not None, "a verified header"
-        return self._fmt
+    pipeline_intro = (
+        f"# steps {STREAM_STEPS} in one pipeline: the verified chunks, in numeric order, through"
+    )
 
     # -- --transcript -----------------------------------------------------------
 
@@ -202,12 +196,6 @@ class Words3:
 
     def transcript_steps(self, stored: str) -> str:
         return f"steps {CHUNK_STEPS}"
-
-    def transcript_pipeline_intro(self) -> str:
-        return (
-            f"# steps {STREAM_STEPS} in one pipeline: the verified chunks, in numeric order, "
-            "through"
-        )
 
     # -- --explain --------------------------------------------------------------
 

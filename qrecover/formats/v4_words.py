@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
 from qrecover.formats import v4_sh
-from qrecover.formats.base import Format, Narration, PlanView
+from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.scrypt import HEADER_PREFIX, render_dec
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4
 from qrecover.formats.v4_sh import VERIFIED_HEADER, header_checks
@@ -56,15 +56,12 @@ def _data_name(member: str) -> str:
     return name.data_name if name is not None else member
 
 
-class Words4:
+class Words4(PageWords[Format4]):
     """What the renderers say for a format-4 (Qubes R4) backup."""
 
     procedure = PROCEDURE
     kit_releases = "Qubes R4.0 and later (R4.0, R4.1, R4.2, R4.3)"
-
-    def __init__(self, fmt: Format | None) -> None:
-        assert isinstance(fmt, Format4)
-        self.fmt = fmt
+    pipeline_intro = "# the chunks, in numeric order, each decrypted by scrypt, through"
 
     def _passing(self) -> str:
         if self.fmt.tool.style == "env":
@@ -157,9 +154,6 @@ class Words4:
 
     def transcript_steps(self, stored: str) -> str:
         return f"step {XML}" if stored == QUBES_XML else f"steps {PROCEDURE.span('find', 'chunks')}"
-
-    def transcript_pipeline_intro(self) -> str:
-        return "# the chunks, in numeric order, each decrypted by scrypt, through"
 
     # -- --explain --------------------------------------------------------------
 

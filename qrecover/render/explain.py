@@ -26,7 +26,7 @@ from qrecover.events import (
     PipelineStarted,
     QubesXmlWritten,
 )
-from qrecover.formats.base import OwnFirstStep, Words
+from qrecover.formats.base import Words
 from qrecover.render import shell
 
 
@@ -73,8 +73,7 @@ class Narrator:
                 "as it comes: nothing is untarred to disk except one chunk at a time."
             )
         title, text = words.explain_intro(how)
-        own = words.first_step(backup) if isinstance(words, OwnFirstStep) else None
-        self.say(title, text, own or shell.untar_command(backup))
+        self.say(title, text, words.first_step(backup) or shell.untar_command(backup))
         return words
 
     def say(self, title: str, text: str, command: str | None = None, result: str = "") -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from qrecover import formats
 from qrecover.archive.members import QUBES_XML
 from qrecover.errors import OutputError, WouldOverwrite
-from qrecover.formats.base import OwnFirstStep
 from qrecover.plan import Plan
 from qrecover.render import shell
 from qrecover.stages.extract import extract_stage
@@ -31,14 +30,14 @@ def plan_text(
     assert plan.output is not None
     root = Path(os.path.abspath(plan.output))
     words = formats.words(plan.fmt)
+    own = words.first_step(backup)
     lines = [
         words.plan_title(name or backup),
         *_targets(plan, root, stops, excused),
         *_kept(kept),
         "",
         "Commands (steps of " + words.procedure.page + "):",
-        f"  1    {words.first_step(backup)}" if isinstance(words, OwnFirstStep) else
-        f"  1    {shell.untar_command(backup, feed=feed)}"
+        f"  1    {own}" if own else f"  1    {shell.untar_command(backup, feed=feed)}"
         "   (qrecover streams instead, one chunk at a time)",
         *words.plan_header_steps(plan.gunzip),
     ]

@@ -172,7 +172,7 @@ class TranscriptWriter:
             else:
                 stdout = "/dev/null"
             lines += [
-                words.transcript_pipeline_intro(),
+                words.pipeline_intro,
                 "# " + " | ".join(" ".join(s.argv[:2]) for s in started.stages),
                 "fresh_stage",
             ]
