@@ -8,7 +8,6 @@ volumes are untarred with ``tar -M`` and a new-volume script.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from qrecover.formats import v2_sh
 from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.v2 import PAGE, Format2
 from qrecover.formats.v3 import dgst_command
-from qrecover.formats.v3_words import OPENSSL_FOOTER, explain_hmac_chunk
+from qrecover.formats.v3_words import OPENSSL_FOOTER, explain_hmac_chunk, hmac_init_line, last_stage
 from qrecover.inventory import DOM0, Entity
 from qrecover.procedure import Procedure, Step
 from qrecover.render import scriptparts, shell
@@ -65,11 +64,6 @@ class Words2(PageWords[Format2]):
             return "not encrypted, not compressed: each chunk is a volume as it is"
         return " then ".join(" | ".join(s.render() for s in run) for run in runs)
 
-    def _hmac_init(self) -> str:
-        digest = self.fmt.header.digest
-        size = hashlib.new(digest.hashlib_name).block_size
-        return shell.call("hmac_init", digest.hashlib_name, str(size))
-
     def _preamble(self, title: str, backup: str | None, output: str, argv: tuple[str, ...],
                   what: str) -> list[str]:
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -114,13 +108,13 @@ class Words2(PageWords[Format2]):
             return [
                 "# R2-Beta3 wrote no backup-header: the first check is qubes.xml.000's",
                 "# HMAC-MD5 (OpenSSL 1.0's default digest); a wrong passphrase stops there",
-                self._hmac_init(),
+                hmac_init_line(self.fmt.header.digest),
             ]
         return [
             shell.call("take", HEADER, HEADER_HMAC),
             f"# step {VERIFY_CHUNK} for the header: its HMAC ({header.hmac_algorithm}) before "
             "reading it",
-            self._hmac_init(),
+            hmac_init_line(self.fmt.header.digest),
             shell.call("check_hmac", HEADER, shell.HEADER_MISMATCH),
             "# the header has no version key (format 2); qrecover checked these values:",
             'cat -- "$work/backup-header" >&2',
@@ -185,8 +179,6 @@ class Words2(PageWords[Format2]):
     def explain_pipeline(
         self, out: Narration, stored: str, stages: tuple[Stage, ...], kind: str
     ) -> None:
-        what = {"extract": "untar into a private staging folder (moved into place once "
-                "complete)", "list": "list the archive with tar -t (verify writes nothing)"}
         out.say(
             f"Steps {PROCEDURE.span('decrypt', 'untar volumes')} - {stored}",
             f"Steps {CHUNK_STEPS_45}, each chunk on its own once its HMAC matched: "
@@ -194,7 +186,7 @@ class Words2(PageWords[Format2]):
             "GNU multi-volume tar, which GNU "
             "tar -M reads in numeric order (.999 then .1000), each one fed only after tar "
             "asked for it through its new-volume script: "
-            + what.get(kind, "take qubes.xml out of the archive") + ".",
+            + last_stage(kind, "the archive") + ".",
             " | ".join(s.render() for s in stages),
         )
 

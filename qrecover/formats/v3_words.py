@@ -95,6 +95,15 @@ def header_meaning(header: BackupHeader, gunzip: str = "gzip") -> str:
     return "; ".join(parts)
 
 
+def last_stage(kind: str, archive: str = "the inner archive") -> str:
+    """What a stored file's pipeline ends in (--explain), by the engine's ``kind``."""
+    if kind == "extract":
+        return "untar into a private staging folder (moved into place once complete)"
+    if kind == "list":
+        return f"list {archive} with tar -t (verify writes nothing)"
+    return f"take qubes.xml out of {archive}"
+
+
 # What the dry run says of the passphrase where openssl enc decrypts (formats 2 and 3).
 OPENSSL_FOOTER = (
     "($staging is a private folder inside the output folder; $backup_pass is the "
@@ -240,17 +249,7 @@ class Words3(PageWords[Format3]):
             steps.append(f"{DECRYPT} decrypt (openssl enc -d, -md md5 as OpenSSL 1.0 did)")
         if len(stages) > 1 and stages[-2].program != "openssl":
             steps.append(f"{DECOMPRESS} decompress ({stages[-2].program})")
-        if kind == "extract":
-            steps.append(
-                f"{UNTAR_STORED} untar into a private staging folder (moved into place once "
-                "complete)"
-            )
-        elif kind == "list":
-            steps.append(
-                f"{UNTAR_STORED} list the inner archive with tar -t (verify writes nothing)"
-            )
-        else:
-            steps.append(f"{UNTAR_STORED} take qubes.xml out of the inner archive")
+        steps.append(f"{UNTAR_STORED} {last_stage(kind)}")
         out.say(
             f"Steps {STREAM_STEPS} - {stored}",
             "All its chunks, in numeric order (.999 then .1000), go through one pipeline, "

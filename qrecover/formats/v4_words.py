@@ -13,6 +13,7 @@ from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML, parse_membe
 from qrecover.formats import v4_sh
 from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.scrypt import HEADER_PREFIX, render_dec
+from qrecover.formats.v3_words import last_stage
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4
 from qrecover.formats.v4_sh import VERIFIED_HEADER, header_checks
 from qrecover.inventory import DOM0, Entity
@@ -235,12 +236,7 @@ class Words4(PageWords[Format4]):
         steps = []
         if stages[:-1]:
             steps.append(f"decompress ({stages[-2].program})")
-        if kind == "extract":
-            steps.append("untar into a private staging folder (moved into place once complete)")
-        elif kind == "list":
-            steps.append("list the inner archive with tar -t (verify writes nothing)")
-        else:
-            steps.append("take qubes.xml out of the inner archive")
+        steps.append(last_stage(kind))
         step = "qubes.xml" if stored == QUBES_XML else "chunks"
         out.say(
             PROCEDURE.heading(step, stored),
