@@ -25,7 +25,6 @@ from qrecover.stages.extract import extract_stage, qubes_xml_stage
 from qrecover.units import human_bytes
 
 PAGE = "qrecover's own: R1 had no recovery page, its backup is a plain folder of copied files"
-_STAGING = "/QRECOVER-STAGING-PLACEHOLDER"
 PROCEDURE = Procedure(
     page=PAGE,
     check="none",
@@ -36,7 +35,6 @@ PROCEDURE = Procedure(
     ),
 )
 READ_XML, COPY, MOUNT = PROCEDURE.steps
-_BACKUP = "/QRECOVER-BACKUP-PLACEHOLDER"
 
 # What transcripts and scripts of format 1 add to the prelude.  ``feed`` is
 # redefined: a format-1 stored file is no chunk in scratch but a file of the
@@ -270,7 +268,7 @@ class Words1(PageWords[Format1]):
 
 def _vm_block(entity: Entity, strip: int, folder: str) -> list[str]:
     """The copy step for one VM: each of its stored files, as restore names them."""
-    stages = [extract_stage(Path(_STAGING), strip)]
+    stages = [extract_stage(Path(scriptparts.STAGING), strip)]
     shown = shell.out_path(folder)
     head = [
         "",
@@ -282,7 +280,7 @@ def _vm_block(entity: Entity, strip: int, folder: str) -> list[str]:
             *head,
             "fresh_stage",
             *shell.pipeline_block([shell.call("feed", stored + ".000")], stages,
-                                  {_STAGING: shell.STAGE_DIR}),
+                                  {scriptparts.STAGING: shell.STAGE_DIR}),
             shell.call("pipeline_ok", stored, *_stage_names(stages)),
             f'place "$work/stage" {shown}',
         ]
@@ -298,7 +296,7 @@ def _vm_block(entity: Entity, strip: int, folder: str) -> list[str]:
         "    fresh_stage",
     ]
     lines += shell.pipeline_block(['feed "$stored.000"'], stages,
-                                  {_STAGING: shell.STAGE_DIR}, indent="    ")
+                                  {scriptparts.STAGING: shell.STAGE_DIR}, indent="    ")
     lines += [
         '    pipeline_ok "$stored" ' + " ".join(shell.q(n) for n in _stage_names(stages)),
         f'    place "$work/stage" {shown}',

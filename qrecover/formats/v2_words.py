@@ -260,15 +260,13 @@ class Words2(PageWords[Format2]):
                   f'place_file "$work/qubes.xml" {shell.out_path(QUBES_XML)}']
         intro = [f"# Steps {CHUNK_STEPS} for each of its stored files: each chunk verified (step "
                  f"{VERIFY_CHUNK}),",
-                 "# decrypted or decompressed (4-5), the volumes read by tar -M (6)."]
+                 f"# decrypted or decompressed ({CHUNK_STEPS_45}), the volumes read by tar -M "
+                 f"({UNTAR_VOLUMES})."]
         for target in plan.entities():
-            plain = shell.render_argv(extract_stage(Path(scriptparts._STAGING), 0).argv[:4])
+            plain = shell.render_argv(extract_stage(Path(scriptparts.STAGING), 0).argv[:4])
             multi = shell.render_argv(v2_sh.replay_stage(
-                extract_stage(Path(scriptparts._STAGING), 0)).argv[:6])
+                extract_stage(Path(scriptparts.STAGING), 0)).argv[:6])
             lines += [line.replace(plain, multi, 1)
                       for line in scriptparts.vm_block(target, [], intro)]
-        lines += ["", f'say "done: {len(selected)} VM(s) restored into $out, every HMAC matched"',
-                  f"# ---- step {MOUNT}: to read a VM's files, mount its private.img (ext4) "
-                  "read-only:",
-                  *scriptparts.mount_hint(selected, MOUNT.number)]
+        lines += scriptparts.ending(selected, "every HMAC matched", MOUNT.number)
         return "\n".join(lines) + "\n"

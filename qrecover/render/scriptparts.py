@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from qrecover.formats.base import PlannedVM, PlanView
 
 # Arguments written as shell expressions instead of quoted literals.
-_STAGING = "/QRECOVER-STAGING-PLACEHOLDER"
+STAGING = "/QRECOVER-STAGING-PLACEHOLDER"
 
 # Functions only the standalone script needs (the rest is the prelude): the
 # stored files of a format-3 backup and their chunks, in order and checked.
@@ -129,7 +129,7 @@ def vm_block(
     else:
         pattern = _bre(entity.backup_path) + "/.*"
         where = f"stored under {entity.backup_path}/"
-    stages = [*front, extract_stage(Path(_STAGING), strip)]
+    stages = [*front, extract_stage(Path(STAGING), strip)]
     shown = out_path(folder)
     lines = [
         "",
@@ -147,7 +147,7 @@ def vm_block(
     lines += pipeline_block(
         [f'feed_{p}chunks "$work/chunks"'],
         stages,
-        {_STAGING: STAGE_DIR},
+        {STAGING: STAGE_DIR},
         indent="    ",
     )
     lines += ['    pipeline_ok "$stored" ' + " ".join(q(n) for n in stage_names(stages))]
@@ -244,14 +244,17 @@ def script(
     ]
     for target in plan.entities():
         lines += vm_block(target, front, text.intro(target.entity), p, text.placeholder)
-    lines += [
+    return "\n".join(lines + ending(selected, text.done, text.mount_step)) + "\n"
+
+
+def ending(selected: Sequence[Entity], done: str, step: int) -> list[str]:
+    """A script's last lines: what was restored and checked, and the mount step."""
+    return [
         "",
-        f'say "done: {len(selected)} VM(s) restored into $out, {text.done}"',
-        f"# ---- step {text.mount_step}: to read a VM's files, mount its private.img (ext4) "
-        "read-only:",
-        *mount_hint(selected, text.mount_step),
+        f'say "done: {len(selected)} VM(s) restored into $out, {done}"',
+        f"# ---- step {step}: to read a VM's files, mount its private.img (ext4) read-only:",
+        *mount_hint(selected, step),
     ]
-    return "\n".join(lines) + "\n"
 
 
 # Step 1 of every script: the backup is listed once.
