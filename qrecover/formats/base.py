@@ -283,7 +283,7 @@ class Words(Protocol):
     pipeline_intro: str  # the comment above a stored file's pipeline
 
     # --explain
-    def explain_intro(self, how: str) -> tuple[str, str]: ...
+    intro: str  # step 1: what the backup is (and how it is read, said by the narrator)
     def explain_header(self, out: Narration) -> None: ...
     def explain_chunk(
         self, out: Narration, member: str, size: int, error: str | None, first: bool

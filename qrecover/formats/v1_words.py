@@ -87,6 +87,14 @@ class Words1(PageWords[Format1]):
 
     procedure = PROCEDURE
     kit_releases = WRITTEN_BY
+    intro = (  # --explain's step 1: what the backup is
+        f"A format-1 backup, written by {WRITTEN_BY}, is a plain folder mirroring "
+        "/var/lib/qubes: qubes.xml, appvms/NAME/, servicevms/NAME/, "
+        "vm-templates/NAME/ and dom0-home/USER/, each file copied by cp -rp. "
+        "There is no recovery page: restoring is copying. qrecover reads each "
+        "stored file with tar -c (it never follows a link) into the same guard and "
+        "tar -x as for the other formats."
+    )
     pipeline_intro = "# tar -c reads it from the folder (links as links, holes kept), through"
 
     def first_step(self, backup: str) -> str:
@@ -122,17 +130,6 @@ class Words1(PageWords[Format1]):
         return _steps(stored)
 
     # -- --explain --------------------------------------------------------------
-
-    def explain_intro(self, how: str) -> tuple[str, str]:
-        return (
-            PROCEDURE.heading("read qubes.xml"),
-            f"A format-1 backup, written by {WRITTEN_BY}, is a plain folder mirroring "
-            "/var/lib/qubes: qubes.xml, appvms/NAME/, servicevms/NAME/, "
-            "vm-templates/NAME/ and dom0-home/USER/, each file copied by cp -rp. "
-            "There is no recovery page: restoring is copying. qrecover reads each "
-            "stored file with tar -c (it never follows a link) into the same guard and "
-            "tar -x as for the other formats.",
-        )
 
     def explain_header(self, out: Narration) -> None:
         out.say("No header to verify", WARNING + ".")

@@ -48,6 +48,12 @@ class Words2(PageWords[Format2]):
 
     procedure = PROCEDURE
     kit_releases = "Qubes R2-Beta3 to R2 (qubes-core-admin v2.1.34 to v2.1.63)"
+    intro = (  # --explain's step 1: what the backup is
+        "A format-2 backup (Qubes R2-Beta3 to R2) is many small tar archives one after "
+        "the other (hence tar -i): the header (none in R2-Beta3), qubes.xml, and every "
+        "stored file cut in chunks NAME.000, NAME.001, ... each with its NAME.NNN.hmac. "
+        "Each chunk is one volume of a GNU multi-volume tar."
+    )
     pipeline_intro = (
         f"# steps {PROCEDURE.span('verify chunk', 'decompress')} per chunk (feed: decrypt or "
         f"decompress it alone), step {UNTAR_VOLUMES}: tar -M reads the volumes:"
@@ -139,15 +145,6 @@ class Words2(PageWords[Format2]):
         return f"steps {CHUNK_STEPS}"
 
     # -- --explain --------------------------------------------------------------
-
-    def explain_intro(self, how: str) -> tuple[str, str]:
-        return (
-            PROCEDURE.heading("untar"),
-            "A format-2 backup (Qubes R2-Beta3 to R2) is many small tar archives one after "
-            "the other (hence tar -i): the header (none in R2-Beta3), qubes.xml, and every "
-            "stored file cut in chunks NAME.000, NAME.001, ... each with its NAME.NNN.hmac. "
-            "Each chunk is one volume of a GNU multi-volume tar. " + how,
-        )
 
     def explain_header(self, out: Narration) -> None:
         header = self.fmt.header

@@ -139,6 +139,11 @@ class Words3(PageWords[Format3]):
 
     procedure = PROCEDURE
     kit_releases = "Qubes R2 (final) to R3.2 (R2, R3.0, R3.1, R3.2)"
+    intro = (  # --explain's step 1: what the backup is
+        "A Qubes backup is many small tar archives one after the other (hence "
+        "tar -i, --ignore-zeros): the header, qubes.xml, and every stored file cut "
+        "in chunks NAME.000, NAME.001, ... each with its NAME.NNN.hmac."
+    )
     pipeline_intro = (
         f"# steps {STREAM_STEPS} in one pipeline: the verified chunks, in numeric order, through"
     )
@@ -207,14 +212,6 @@ class Words3(PageWords[Format3]):
         return f"steps {CHUNK_STEPS}"
 
     # -- --explain --------------------------------------------------------------
-
-    def explain_intro(self, how: str) -> tuple[str, str]:
-        return (
-            PROCEDURE.heading("untar"),
-            "A Qubes backup is many small tar archives one after the other (hence "
-            "tar -i, --ignore-zeros): the header, qubes.xml, and every stored file cut "
-            "in chunks NAME.000, NAME.001, ... each with its NAME.NNN.hmac. " + how,
-        )
 
     def explain_header(self, out: Narration) -> None:
         header = self.fmt.header

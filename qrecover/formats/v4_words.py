@@ -62,6 +62,13 @@ class Words4(PageWords[Format4]):
 
     procedure = PROCEDURE
     kit_releases = "Qubes R4.0 and later (R4.0, R4.1, R4.2, R4.3)"
+    intro = (  # --explain's step 1: what the backup is
+        "This is a Qubes R4 backup (format 4; steps as on " + PAGE + "). It is "
+        "many small tar archives one after the other (hence tar -i, --ignore-zeros): "
+        "the header, backup-header.hmac (the header encrypted by scrypt), qubes.xml, "
+        "and every stored file cut in chunks NAME.000.enc, NAME.001.enc, ... each "
+        "encrypted and authenticated by scrypt on its own."
+    )
     pipeline_intro = "# the chunks, in numeric order, each decrypted by scrypt, through"
 
     def _passing(self) -> str:
@@ -157,16 +164,6 @@ class Words4(PageWords[Format4]):
         return f"step {XML}" if stored == QUBES_XML else f"steps {PROCEDURE.span('find', 'chunks')}"
 
     # -- --explain --------------------------------------------------------------
-
-    def explain_intro(self, how: str) -> tuple[str, str]:
-        return (
-            PROCEDURE.heading("untar"),
-            "This is a Qubes R4 backup (format 4; steps as on " + PAGE + "). It is "
-            "many small tar archives one after the other (hence tar -i, --ignore-zeros): "
-            "the header, backup-header.hmac (the header encrypted by scrypt), qubes.xml, "
-            "and every stored file cut in chunks NAME.000.enc, NAME.001.enc, ... each "
-            "encrypted and authenticated by scrypt on its own. " + how,
-        )
 
     def explain_header(self, out: Narration) -> None:
         header = self.fmt.header

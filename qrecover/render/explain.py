@@ -72,8 +72,12 @@ class Narrator:
                 "qrecover reads the backup once, as a stream, and takes each member out "
                 "as it comes: nothing is untarred to disk except one chunk at a time."
             )
-        title, text = words.explain_intro(how)
-        self.say(title, text, words.first_step(backup) or shell.untar_command(backup))
+        own = words.first_step(backup)  # a folder: nothing untarred, no "how"
+        self.say(
+            words.procedure.heading(words.procedure.steps[0].key),
+            words.intro if own else f"{words.intro} {how}",
+            own or shell.untar_command(backup),
+        )
         return words
 
     def say(self, title: str, text: str, command: str | None = None, result: str = "") -> None:
