@@ -19,6 +19,11 @@ import typer
 
 from qrecover import __version__, signals
 from qrecover.commands import (
+    InfoOptions,
+    PassOptions,
+    Reading,
+    RestoreOptions,
+    ScriptOptions,
     Settings,
     info_command,
     restore_command,
@@ -70,6 +75,44 @@ app = typer.Typer(
 
 def _settings(ctx: typer.Context) -> Settings:
     return ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+
+
+def _reading(
+    backup: List[str],
+    passphrase_file: Optional[Path],
+    vm: Optional[List[str]] = None,
+    exclude: Optional[List[str]] = None,
+    skip_dom0_home: bool = False,
+) -> Reading:
+    return Reading(
+        backup=tuple(backup),
+        passphrase_file=passphrase_file,
+        vms=tuple(vm or ()),
+        exclude=tuple(exclude or ()),
+        skip_dom0_home=skip_dom0_home,
+    )
+
+
+def _checks(
+    reading: Reading,
+    *,
+    no_size_limit: bool,
+    jobs: Optional[int],
+    transcript: Optional[Path],
+    explain: bool,
+    as_json: bool,
+    other_copy: Optional[List[str]],
+) -> PassOptions:
+    """verify's options, and restore's pass."""
+    return PassOptions(
+        reading=reading,
+        size_limit=not no_size_limit,
+        jobs=jobs,
+        transcript=transcript,
+        explain=explain,
+        as_json=as_json,
+        other_copies=tuple(other_copy or ()),
+    )
 
 
 def _print_version(value: bool) -> None:
@@ -177,28 +220,20 @@ def restore(
     salvage: SalvageOpt = False,
 ) -> None:
     """qrecover restore (its help and examples: qrecover.help_text)."""
-    raise typer.Exit(
-        restore_command(
-            backup,
-            output,
-            vm or [],
-            force,
-            passphrase_file,
-            size_limit=not no_size_limit,
-            jobs=jobs,
-            files=files,
-            transcript=transcript,
-            explain=explain,
-            dry_run=dry_run,
-            as_json=as_json,
-            resume=resume,
-            settings=_settings(ctx),
-            exclude=exclude or [],
-            skip_dom0_home=skip_dom0_home,
-            salvage=salvage,
-            other_copies=other_copy or [],
-        )
+    options = RestoreOptions(
+        checks=_checks(
+            _reading(backup, passphrase_file, vm, exclude, skip_dom0_home),
+            no_size_limit=no_size_limit, jobs=jobs, transcript=transcript,
+            explain=explain, as_json=as_json, other_copy=other_copy,
+        ),
+        output=output,
+        force=force,
+        files=files,
+        dry_run=dry_run,
+        resume=resume,
+        salvage=salvage,
     )
+    raise typer.Exit(restore_command(options, _settings(ctx)))
 
 
 app.command(help=SUMMARIES["files"], epilog=EXAMPLES["files"])(files)  # files/cli.py
@@ -220,22 +255,12 @@ def verify(
     other_copy: OtherCopyOpt = None,
 ) -> None:
     """qrecover verify (its help and examples: qrecover.help_text)."""
-    raise typer.Exit(
-        verify_command(
-            backup,
-            vm or [],
-            passphrase_file,
-            size_limit=not no_size_limit,
-            jobs=jobs,
-            transcript=transcript,
-            explain=explain,
-            as_json=as_json,
-            settings=_settings(ctx),
-            exclude=exclude or [],
-            skip_dom0_home=skip_dom0_home,
-            other_copies=other_copy or [],
-        )
+    options = _checks(
+        _reading(backup, passphrase_file, vm, exclude, skip_dom0_home),
+        no_size_limit=no_size_limit, jobs=jobs, transcript=transcript,
+        explain=explain, as_json=as_json, other_copy=other_copy,
     )
+    raise typer.Exit(verify_command(options, _settings(ctx)))
 
 
 @app.command(help=SUMMARIES["script"], epilog=EXAMPLES["script"])
@@ -257,10 +282,10 @@ def script(
     passphrase_file: PassFileOpt = None,
 ) -> None:
     """qrecover script (its help and examples: qrecover.help_text)."""
-    code = script_command(
-        backup, output, vm or [], passphrase_file, _settings(ctx), exclude or [], skip_dom0_home
+    options = ScriptOptions(
+        reading=_reading(backup, passphrase_file, vm, exclude, skip_dom0_home), output=output
     )
-    raise typer.Exit(code)
+    raise typer.Exit(script_command(options, _settings(ctx)))
 
 
 @app.command(help=SUMMARIES["kit"], epilog=EXAMPLES["kit"])
@@ -302,7 +327,8 @@ def info(
     passphrase_file: PassFileOpt = None,
 ) -> None:
     """qrecover info (its help and examples: qrecover.help_text)."""
-    raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx)))
+    options = InfoOptions(reading=_reading(backup, passphrase_file), as_json=as_json)
+    raise typer.Exit(info_command(options, _settings(ctx)))
 
 
 def _usage_errors() -> Tuple[Type[Exception], ...]:

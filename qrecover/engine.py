@@ -57,7 +57,7 @@ from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.members import Members, misplaced
 from qrecover.opening import check_programs, read_header
 from qrecover.output import Output
-from qrecover.plan import XML_SINK, Plan, obstacles
+from qrecover.plan import XML_SINK, Mode, Plan, obstacles
 from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
 from qrecover.resume import Resume, identity
 from qrecover.salvage import fill_gap, new_log, record
@@ -98,7 +98,7 @@ class Recovery:
         self.xml_macs: list[str] = []  # qubes.xml's chunk HMACs (format 3): likewise
         self.names: ScratchNames | None = None
         self.borrowing = Borrowing(
-            self.copies, self.report, self.ctx, self.xml_macs, request.mode == "verify"
+            self.copies, self.report, self.ctx, self.xml_macs, request.mode is Mode.VERIFY
         )
         self.report.healed_by_copies = bool(self.borrowing)
         self.works: ChunkWorks | None = None
@@ -123,7 +123,7 @@ class Recovery:
                                      "so a good chunk cannot be told from a bad one")
             self.report.fmt = fmt
             check_programs(fmt, self.gunzip, self.extractor, self.ctx.command)
-            writes = request.mode == "restore" and not request.dry_run
+            writes = request.mode is Mode.RESTORE and not request.dry_run
             if writes:
                 assert request.output is not None
                 self.output = Output(request.output, request.force)
@@ -136,7 +136,7 @@ class Recovery:
             self.works = fmt.chunk_works(self.passphrase, self.scratch, log, jobs)
             # a failed chunk does not cancel the next ones: a copy may replace it, and
             # verify tells every damaged chunk
-            self.works.keep_going = bool(self.copies) or request.mode == "verify"
+            self.works.keep_going = bool(self.copies) or request.mode is Mode.VERIFY
             self.borrowing.fmt = fmt
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
             self.copies.check_xml(self.borrowing.own_xml)  # formats 2 and 3: the same backup?
@@ -146,7 +146,7 @@ class Recovery:
             self.report.selected = selected
             self.ctx.emit(InventoryRead(inventory, selected))
             plan = self.report.plan = self._plan(fmt, selected)
-            if request.mode == "info":
+            if request.mode.plans_only:
                 return self.report
             if request.dry_run:  # what would run and what would stop it; nothing started
                 found = dry_findings(plan, request.resume, fmt, self.header_raw, xml, self.xml_macs)
@@ -182,13 +182,14 @@ class Recovery:
     def _plan(self, fmt: Format, selected: tuple[Entity, ...]) -> Plan:
         request = self.request
         return Plan(
-            fmt,
-            request.mode,
-            selected,
-            self.gunzip,
-            request.output,
-            request.force,
-            request.size_limit, self.extractor,  # bsdtar or GNU tar
+            fmt=fmt,
+            mode=request.mode,
+            selected=selected,
+            gunzip=self.gunzip,
+            output=request.output,
+            force=request.force,
+            size_limit=request.size_limit,
+            extractor=self.extractor,  # bsdtar or GNU tar
         )
 
     def _cleanup(self) -> None:
@@ -215,23 +216,23 @@ class Recovery:
             sink = XML_SINK
         else:
             staging = None
-            if plan.mode == "restore":
+            if plan.mode is Mode.RESTORE:
                 assert self.names is not None
                 staging = self.names.fresh("stage")
                 staging.mkdir(mode=0o700)
             sink = plan.sink(sink_staging, stored, staging, self._spent.get(owner, 0))
         return StoredFile(
-            stored,
-            owner,
-            sink,
-            plan.stages(sink),
-            self.ctx,
-            self.passphrase,
-            self.scratch,
-            self.output,
-            self.resume.placing if self.resume is not None else None,
-            plan.fmt.multi_volume,
-            new_log(self.request.salvage, plan.fmt, self.gunzip, stored, sink),
+            stored=stored,
+            owner=owner,
+            sink=sink,
+            stages=plan.stages(sink),
+            ctx=self.ctx,
+            passphrase=self.passphrase,
+            scratch=self.scratch,
+            output=self.output,
+            placing=self.resume.placing if self.resume is not None else None,
+            multi_volume=plan.fmt.multi_volume,
+            salvage=new_log(self.request.salvage, plan.fmt, self.gunzip, stored, sink),
         )
 
     def _read_qubes_xml(self, members: Members, plan: Plan) -> bytes:
@@ -346,7 +347,7 @@ class Recovery:
             if member.after_damage is not None:  # chunks lost in the damage before it
                 self.costs.lost_before(member.after_damage, name, stored, expected)
             if job.result.error is not None:
-                if self.request.mode == "verify":  # tell every damaged chunk, not the first
+                if self.request.mode is Mode.VERIFY:  # tell every damaged chunk, not the first
                     try:
                         self.borrowing.check_only(store, member, name, members)
                     except Truncated as exc:

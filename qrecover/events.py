@@ -10,9 +10,10 @@ where they are done in-process (the format's HMAC checks), not here.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 from qrecover.inventory import Entity, Inventory
 from qrecover.runner import Stage
@@ -20,7 +21,15 @@ from qrecover.runner import Stage
 if TYPE_CHECKING:
     from qrecover.formats.base import Format
 
-SinkKind = Literal["capture", "list", "extract"]
+class SinkKind(str, enum.Enum):
+    """Where a stored file's inner archive goes (qrecover.plan.Sink)."""
+
+    CAPTURE = "capture"  # kept whole in memory: qubes.xml
+    LIST = "list"  # listed (tar -t): verify, and what a restore does not write
+    EXTRACT = "extract"  # extracted into a private staging folder, then placed
+
+    def __str__(self) -> str:  # its word, on every Python (3.12 changed mixed-in enums)
+        return self.value
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from qrecover.inventory import Entity
+from qrecover.plan import Mode
 from qrecover.progress import Display
 from qrecover.report import FileResult
 from qrecover.units import human_bytes
@@ -14,7 +15,7 @@ from qrecover.units import human_bytes
 class Printer:
     """Prints a line per stored file as it completes; drives the progress display."""
 
-    def __init__(self, mode: str, display: Display | None = None) -> None:
+    def __init__(self, mode: Mode, display: Display | None = None) -> None:
         self.mode = mode
         self.display = display
 
@@ -40,7 +41,7 @@ class Printer:
         print(_file_line(self.mode, result), flush=True)
 
 
-def _file_line(mode: str, result: FileResult) -> str:
+def _file_line(mode: Mode, result: FileResult) -> str:
     where = result.owner or "-"
     if result.kept:  # --resume (qrecover/resume.py)
         places = ", ".join(str(p) for p in result.places)
@@ -54,7 +55,7 @@ def _file_line(mode: str, result: FileResult) -> str:
         places = ", ".join(str(p) for p in result.places)
         return (f"SALVAGED  {where:<16} {result.stored} -> {places} (UNVERIFIED: "
                 f"{len(result.salvage.chunks)} chunk(s) failed authentication; see SALVAGED.txt)")
-    if mode == "verify":
+    if mode is Mode.VERIFY:
         return (
             f"OK        {where:<16} {result.stored}  {result.chunks} chunk(s), "
             f"{human_bytes(result.stored_bytes)} stored, {result.members} member(s) listed"

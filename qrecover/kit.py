@@ -22,6 +22,7 @@ from qrecover.container import open_source
 from qrecover.engine import run
 from qrecover.errors import EXIT_OK, OutputError, UsageError
 from qrecover.passphrase import get_passphrase
+from qrecover.plan import Mode
 from qrecover.pyz import PyzMade, make_pyz
 from qrecover.pyz_wheels import parse_targets
 from qrecover.recovery_text import recovery_text
@@ -34,7 +35,7 @@ def _read_backup(backup: str, passphrase_file: Path | None) -> Report:
     source = open_source(backup)
     # a format-1 folder has nothing to authenticate with, so no passphrase
     passphrase = "" if formats.folder_format(source) else get_passphrase(passphrase_file)
-    return run(source, passphrase, Request("info"))
+    return run(source, passphrase, Request(Mode.KIT))
 
 
 def _check_output(output: Path) -> None:

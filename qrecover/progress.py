@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TextIO
 
 # Re-exported: the progress line and the summary are written with them.
 from qrecover.compat import zip_strict
+from qrecover.plan import Mode
 from qrecover.units import human_bytes as human_bytes
 from qrecover.units import human_duration as human_duration
 from qrecover.units import human_rate as human_rate
@@ -96,10 +97,10 @@ def progress_line(snap: Snapshot, width: int) -> str:
     return line
 
 
-def summary_table(mode: str, results: Sequence[FileResult], elapsed: float) -> str:
+def summary_table(mode: Mode, results: Sequence[FileResult], elapsed: float) -> str:
     """The table printed at the end: one row per stored file, then the totals."""
     rows = [("VM", "STORED FILE", "CHUNKS", "STORED", "RESTORED", "STATUS")]
-    done_word = "verified" if mode == "verify" else "restored"
+    done_word = mode.done_word
     for result in results:
         if result.kept:  # --resume (qrecover/resume.py)
             status = "kept (earlier run)"
@@ -111,7 +112,7 @@ def summary_table(mode: str, results: Sequence[FileResult], elapsed: float) -> s
             status = "FAILED (partial kept)"
         else:
             status = "FAILED"
-        restored = human_bytes(result.restored_bytes) if mode == "restore" else "-"
+        restored = human_bytes(result.restored_bytes) if mode is Mode.RESTORE else "-"
         rows.append(
             (
                 result.owner or "-",
@@ -137,7 +138,7 @@ def summary_table(mode: str, results: Sequence[FileResult], elapsed: float) -> s
         f"{human_bytes(stored)} read in {human_duration(elapsed)} "
         f"({elapsed:.1f} s, {human_rate(rate(stored, elapsed))})"
     )
-    if mode == "restore":
+    if mode is Mode.RESTORE:
         total += f", {human_bytes(sum(r.restored_bytes for r in results))} restored"
     lines.append(total)
     return "\n".join(lines)

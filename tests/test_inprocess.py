@@ -20,11 +20,12 @@ from conftest import PASSPHRASE, Backup, MakeBackup, assert_restored, run_main
 from typer.testing import CliRunner
 
 from qrecover.cli import app, main
-from qrecover.commands import restore_command
+from qrecover.commands import PassOptions, Reading, RestoreOptions, restore_command
 from qrecover.container import open_source
 from qrecover.context import RunContext
 from qrecover.engine import run
 from qrecover.events import ChunkChecked, Event, FileFinished, HeaderVerified, InventoryRead
+from qrecover.plan import Mode
 from qrecover.render.transcript import TranscriptWriter, open_new
 from qrecover.report import Request
 
@@ -65,7 +66,7 @@ def test_main_turns_errors_into_exit_codes(
 
 def _verify(backup: Backup, events: list[Event]) -> bool:
     ctx = RunContext(listeners=[events.append])
-    report = run(open_source(str(backup.path)), PASSPHRASE, Request("verify"), ctx=ctx)
+    report = run(open_source(str(backup.path)), PASSPHRASE, Request(Mode.VERIFY), ctx=ctx)
     return report.ok
 
 
@@ -89,7 +90,7 @@ def test_the_engine_restores_by_a_direct_call_with_a_transcript(
     script = tmp_path / "t.sh"
     writer = TranscriptWriter(open_new(script, False), "restore", None, out)
     ctx = RunContext(listeners=[writer])
-    request = Request("restore", output=out)
+    request = Request(Mode.RESTORE, output=out)
     report = run(open_source(str(default_backup.path)), PASSPHRASE, request, ctx=ctx)
     writer.close(report.ok)
     assert report.ok
@@ -135,11 +136,15 @@ def test_dry_run_and_restore_stop_alike_in_process(
 ) -> None:
     out = tmp_path / "out"
     (out / "work").mkdir(parents=True)
-    args = (str(default_backup.path), out, ["work"])
-    code = restore_command(*args, False, default_backup.passfile, dry_run=True)
+    reading = Reading(
+        backup=(str(default_backup.path),), passphrase_file=default_backup.passfile, vms=("work",)
+    )
+    checks = PassOptions(reading=reading)
+    code = restore_command(RestoreOptions(checks=checks, output=out, dry_run=True))
     assert code == 6
     assert "It would stop" in capsys.readouterr().out
-    assert restore_command(*args, True, default_backup.passfile, dry_run=True) == 0
+    forced = RestoreOptions(checks=checks, output=out, force=True, dry_run=True)
+    assert restore_command(forced) == 0
     assert list((out / "work").iterdir()) == []  # the dry run wrote nothing
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from conftest import ROOT, Backup, MakeBackup, assert_restored, bin_dir, qrecover_exe, run_cli
 
 from qrecover.errors import BackupError
+from qrecover.plan import Mode
 from qrecover.progress import (
     CLEAR,
     Display,
@@ -83,7 +84,7 @@ def test_summary_table_rows_and_statuses() -> None:
     )
     bad.places.append(Path("/o/mail/private.img.partial"))
     lost = FileResult("vm9/root.img", "other", failure=BackupError("openssl exited 1"))
-    text = summary_table("restore", [ok, bad, lost], 12.34)
+    text = summary_table(Mode.RESTORE, [ok, bad, lost], 12.34)
     lines = text.splitlines()
     assert lines[0].split() == ["VM", "STORED", "FILE", "CHUNKS", "STORED", "RESTORED", "STATUS"]
     row = ["work", "vm7/private.img", "7", "659.0", "MiB", "2.0", "GiB", "restored"]
@@ -92,7 +93,7 @@ def test_summary_table_rows_and_statuses() -> None:
     assert lines[3].endswith("FAILED") and lines[3].startswith("other")
     assert lines[4].startswith("total: 3 stored file(s), 2 failed, 660.0 MiB read in 0:12")
     assert "(12.3 s," in lines[4] and lines[4].endswith("2.0 GiB restored")
-    verify = summary_table("verify", [ok], 1.0).splitlines()
+    verify = summary_table(Mode.VERIFY, [ok], 1.0).splitlines()
     assert verify[1].split()[-2:] == ["-", "verified"]
 
 

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from qrecover.commands import Settings, _finish, _run, _showing
+from qrecover.commands import PassOptions, Reading, Settings, _finish, _run, _showing
 from qrecover.errors import BackupError, DiskFull, OutputError, UsageError, WouldOverwrite
 from qrecover.events import InventoryRead
 from qrecover.files.command import files_command
@@ -30,6 +30,7 @@ from qrecover.files.debugfs import find_debugfs
 from qrecover.files.listing import DEFAULT_PATH, dest_name
 from qrecover.inventory import Entity
 from qrecover.output import Output, first_symlink
+from qrecover.plan import Mode
 from qrecover.report import Request
 from qrecover.units import human_bytes
 
@@ -105,14 +106,17 @@ def files_from_backup(
         raise OutputError(f"{out.root}: cannot create a scratch folder ({exc.strerror})") from None
     try:
         check = _SpaceCheck(scratch, name)
-        request = Request("restore", (vm,), scratch, only=(name,),
+        checks = PassOptions(
+            reading=Reading(backup=(backup,), passphrase_file=passphrase_file, vms=(vm,)),
+            transcript=transcript, explain=explain, other_copies=tuple(other_copies),
+        )
+        request = Request(Mode.RESTORE, (vm,), scratch, only=(name,),
                           other_copies=tuple(other_copies))
-        with _showing("restore", [backup], scratch, transcript, explain) as shown:
-            report, elapsed = _run(settings, [backup], passphrase_file, request,
-                                   [*shown.listeners, check])
+        with _showing(Mode.RESTORE, checks, scratch) as shown:
+            report, elapsed = _run(settings, checks.reading, request, [*shown.listeners, check])
             shown.finished(report)
         if not report.ok:
-            return _finish(settings, "restore", report, elapsed)
+            return _finish(settings, Mode.RESTORE, report, elapsed)
         entity = check.entity
         assert entity is not None
         restored = scratch / entity.dest / name
