@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 from qrecover import formats
 from qrecover.compat import zip_strict
+from qrecover.console import Console
 from qrecover.container import open_source
 from qrecover.context import RunContext
 from qrecover.copies import open_copy
@@ -41,7 +41,6 @@ from qrecover.fallback import Copies
 from qrecover.file_lines import Printer
 from qrecover.files import find_debugfs
 from qrecover.files.command import restore_files
-from qrecover.messages import err
 from qrecover.passphrase import get_passphrase
 from qrecover.plan import Mode
 from qrecover.progress import Display, source_size, summary_table
@@ -56,13 +55,6 @@ from qrecover.runner import log_command
 from qrecover.salvage import WARNING
 from qrecover.sources import replay_path
 from qrecover.units import human_bytes
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The global options, kept on typer's context (``ctx.obj``) for the commands."""
-
-    quiet: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,28 +124,28 @@ class InfoOptions:
     as_json: bool = False
 
 
-def _finish(settings: Settings, mode: Mode, report: Report, elapsed: float) -> int:
+def _finish(console: Console, mode: Mode, report: Report, elapsed: float) -> int:
     if report.nothing_left:
-        print(f"nothing left to do: the restore into {report.output} finished already "
-              "(its record says so, and every file it placed is still there)", flush=True)
+        console.say(f"nothing left to do: the restore into {report.output} finished already "
+                    "(its record says so, and every file it placed is still there)")
         return EXIT_OK
     failures = [f for f in report.files if not f.ok]
-    if not settings.quiet:
-        print(summary_table(mode, report.files, elapsed), flush=True)
+    if not console.quiet:
+        console.say(summary_table(mode, report.files, elapsed))
     for note in formats.notes(report.fmt):
-        err(f"note: {note}")
+        console.error(f"note: {note}")
     for damage in report.damage:  # each damaged range once, with what it cost
-        err(damage.line())
+        console.error(damage.line())
     for note in report.notes:
-        err(f"note: {note}")
+        console.error(f"note: {note}")
     for line in damage_lines(mode, report):
-        err(line)
+        console.error(line)
     for problem in report.problems:
-        err(f"problem: {problem}")
+        console.error(f"problem: {problem}")
     if report.salvaged is not None:  # --salvage (qrecover/salvage.py): said last, loudly
-        err(f"{WARNING}: {report.salvaged}")
+        console.error(f"{WARNING}: {report.salvaged}")
     if (warning := formats.unauthenticated(report.fmt)) is not None:
-        err(f"warning: {warning}")
+        console.error(f"warning: {warning}")
     count = len(report.files)
     if report.ok:
         verb = mode.done_word
@@ -163,27 +155,26 @@ def _finish(settings: Settings, mode: Mode, report: Report, elapsed: float) -> i
         checked = report.fmt.verdict if report.fmt is not None else "all HMACs matched"
         if taken := sum(1 for d in report.chunk_damage if d.copy is not None):  # --other-copy
             checked += f" ({taken} chunk(s) taken from the other copies)"
-        print(
+        console.say(
             f"{verb} {count} stored file(s) of {len(report.selected)} VM(s){where}: "
-            f"{checked}, every stage succeeded",
-            flush=True,
+            f"{checked}, every stage succeeded"
         )
         return EXIT_OK
-    err(
+    console.error(
         f"{len(failures)} of {count} stored file(s) failed"
         + (f", {len(report.damage)} damaged range(s)" if report.damage else "")
         + (f", {len(report.problems)} other problem(s)" if report.problems else "")
         + ":"
     )
     for failure in failures:
-        err(f"  {failure.problem}")
+        console.error(f"  {failure.problem}")
     if any(f.output_trouble for f in failures):
         return EXIT_OUTPUT
     return EXIT_BACKUP
 
 
 def _run(
-    settings: Settings,
+    console: Console,
     reading: Reading,
     request: Request,
     listeners: Sequence[EventListener] = (),
@@ -196,11 +187,11 @@ def _run(
         stack.callback(copies.close)
         for value in request.other_copies:  # indexed (seeks only) before any passphrase
             copies.copies.append(open_copy(value, backup))
-        return _run_with(settings, backup, reading.passphrase_file, request, listeners, copies)
+        return _run_with(console, backup, reading.passphrase_file, request, listeners, copies)
 
 
 def _run_with(
-    settings: Settings,
+    console: Console,
     backup: Sequence[str],
     passphrase_file: Path | None,
     request: Request,
@@ -211,16 +202,16 @@ def _run_with(
     warning = formats.unauthenticated(formats.folder_format(source))  # format 1: no passphrase
     passphrase = get_passphrase(passphrase_file) if warning is None else ""
     if warning is not None:
-        err(f"warning: {warning}")
+        console.error(f"warning: {warning}")
     started = time.monotonic()
-    ctx = RunContext(quiet=settings.quiet, listeners=list(listeners))
+    ctx = RunContext(quiet=console.quiet, listeners=list(listeners))
     copies.log = ctx.command
     if request.mode.plans_only:
         return run(source, passphrase, request, ctx=ctx), time.monotonic() - started
-    if not settings.quiet and sys.stderr.isatty():
-        ctx.display = Display(sys.stderr, source_size(source))
+    if not console.quiet and console.err.isatty():
+        ctx.display = Display(console.err, source_size(source))
     try:
-        printer = Printer(request.mode, ctx.display)
+        printer = Printer(request.mode, console.out, ctx.display)
         report = run(source, passphrase, request, printer, ctx, copies)
         return report, time.monotonic() - started
     finally:
@@ -246,6 +237,7 @@ class _Showing:
 
 @contextlib.contextmanager
 def _showing(
+    console: Console,
     mode: Mode,
     checks: PassOptions,
     output: Path | None,
@@ -267,11 +259,11 @@ def _showing(
             "restore" if mode is Mode.RESTORE else "verify",
             replay_path(backup),
             Path(os.path.abspath(output)) if output is not None else None,
-            argv=sys.argv[1:],
+            argv=list(console.argv),
         )
         listeners.append(writer)
     if checks.explain:
-        narrator = Narrator(replay_path(backup) or "-", mode)
+        narrator = Narrator(replay_path(backup) or "-", mode, console.err)
         listeners.append(narrator)
     shown = _Showing(listeners)
     raised = True
@@ -288,19 +280,21 @@ def _showing(
             narrator.close()
 
 
-def restore_command(options: RestoreOptions, settings: Settings | None = None) -> int:
+def restore_command(options: RestoreOptions, console: Console) -> int:
     """qrecover restore."""
     if options.checks.as_json and options.dry_run:
         raise UsageError("--json and --dry-run do not go together")
     checks, output = options.checks, options.output
+    people = console.for_people(checks.as_json)
     try:
-        with json_output(checks.as_json, "restore", checks.reading.backup) as as_doc:
-            code, report = _restore_command(options, settings or Settings())
+        with json_output(checks.as_json, Mode.RESTORE, checks.reading.backup,
+                         console.out) as as_doc:
+            code, report = _restore_command(options, people)
             as_doc.done(report, code)
     except (Interrupted, KeyboardInterrupt):
         if not options.dry_run and (output / RECORD_NAME).is_file():
             # What was placed before the signal stays; tell how not to redo it.
-            err(
+            console.error(
                 f"note: the stored files already placed in {output} are kept; "
                 "run the same restore again with --resume to go on from there"
             )
@@ -308,12 +302,12 @@ def restore_command(options: RestoreOptions, settings: Settings | None = None) -
     return code
 
 
-def _restore_command(options: RestoreOptions, settings: Settings) -> tuple[int, Report]:
+def _restore_command(options: RestoreOptions, console: Console) -> tuple[int, Report]:
     request = options.request()
     reading, output = options.checks.reading, options.output
     backup = reading.backup
     if request.dry_run:
-        report, _ = _run(settings, reading, request)
+        report, _ = _run(console, reading, request)
         assert report.plan is not None
         where = replay_path(backup)
         feed = None if where else feed_command(backup)
@@ -321,59 +315,60 @@ def _restore_command(options: RestoreOptions, settings: Settings) -> tuple[int, 
         if feed:
             many = f"{backup[0]} ... {backup[-1]} ({len(backup)} pieces)"
             name = " ".join(backup) if len(backup) <= 3 else many
-        print(plan_text(report.plan, where or "-", report.stops, feed=feed, name=name,
-                        kept=report.kept, excused=report.excused))
+        console.say(plan_text(report.plan, where or "-", report.stops, feed=feed, name=name,
+                              kept=report.kept, excused=report.excused))
         for copy in request.other_copies:  # its header was checked against BACKUP's
-            print(f"other copy {copy}: the same backup (its header checked); a chunk missing "
-                  "or bad in the backup is taken from it (tail -c +OFFSET COPY | tar -i -x "
-                  "... CHUNK), and checked the same way")
+            console.say(f"other copy {copy}: the same backup (its header checked); a chunk "
+                        "missing or bad in the backup is taken from it (tail -c +OFFSET COPY | "
+                        "tar -i -x ... CHUNK), and checked the same way")
         # What would stop the restore stops the dry run, with the same exit code.
         return (EXIT_OUTPUT if report.stops else EXIT_OK), report
     if options.files:
         find_debugfs()  # a missing debugfs stops us before the restore, not after it
-    with _showing(Mode.RESTORE, options.checks, output, options.force) as shown:
-        report, elapsed = _run(settings, reading, request, shown.listeners)
+    with _showing(console, Mode.RESTORE, options.checks, output, options.force) as shown:
+        report, elapsed = _run(console, reading, request, shown.listeners)
         shown.finished(report)
-    code = _finish(settings, Mode.RESTORE, report, elapsed)
+    code = _finish(console, Mode.RESTORE, report, elapsed)
     if options.files:
-        files_code = restore_files(report, output, options.force)
+        files_code = restore_files(report, output, options.force, out=console.out)
         code = code if code != EXIT_OK else files_code
     return code, report
 
 
-def verify_command(options: PassOptions, settings: Settings | None = None) -> int:
+def verify_command(options: PassOptions, console: Console) -> int:
     """qrecover verify."""
-    settings = settings or Settings()
     request = options.request(Mode.VERIFY)
-    with json_output(options.as_json, "verify", options.reading.backup) as as_doc:
-        with _showing(Mode.VERIFY, options, None) as shown:
-            report, elapsed = _run(settings, options.reading, request, shown.listeners)
+    people = console.for_people(options.as_json)
+    with json_output(options.as_json, Mode.VERIFY, options.reading.backup,
+                     console.out) as as_doc:
+        with _showing(people, Mode.VERIFY, options, None) as shown:
+            report, elapsed = _run(people, options.reading, request, shown.listeners)
             shown.finished(report)
-        code = _finish(settings, Mode.VERIFY, report, elapsed)
+        code = _finish(people, Mode.VERIFY, report, elapsed)
         as_doc.done(report, code)
     return code
 
 
-def script_command(options: ScriptOptions, settings: Settings | None = None) -> int:
+def script_command(options: ScriptOptions, console: Console) -> int:
     """qrecover script."""
     reading = options.reading
-    report, _ = _run(settings or Settings(), reading, reading.request(Mode.SCRIPT))
+    report, _ = _run(console, reading, reading.request(Mode.SCRIPT))
     where = replay_path(reading.backup)
     out = Path(os.path.abspath(options.output))
     assert report.plan is not None
     # A script runs elsewhere: plain gzip -d and GNU tar, which every rescue system has.
     plan = dataclasses.replace(report.plan, gunzip="gzip", extractor="tar")
-    text = formats.words(report.fmt).script(plan, where, out, tuple(sys.argv[1:]))
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    text = formats.words(report.fmt).script(plan, where, out, console.argv)
+    console.out.write(text)
+    console.out.flush()
     return EXIT_OK
 
 
-def info_command(options: InfoOptions, settings: Settings | None = None) -> int:
+def info_command(options: InfoOptions, console: Console) -> int:
     """qrecover info."""
     reading = options.reading
     backup = reading.backup
-    report, _elapsed = _run(settings or Settings(), reading, Request(Mode.INFO))
+    report, _elapsed = _run(console, reading, Request(Mode.INFO))
     assert report.fmt is not None and report.inventory is not None
     fmt = report.fmt
     if options.as_json:
@@ -381,15 +376,15 @@ def info_command(options: InfoOptions, settings: Settings | None = None) -> int:
             "header": fmt.header.fields(),
             "vms": [e.as_json() for e in report.inventory.entities],
         }
-        print(json.dumps(data, indent=2))
+        console.say(json.dumps(data, indent=2))
         return EXIT_OK
-    print(f"Backup {' '.join(backup)}: format {fmt.version}, written by {fmt.written_by}")
+    console.say(f"Backup {' '.join(backup)}: format {fmt.version}, written by {fmt.written_by}")
     warning = formats.unauthenticated(fmt)
-    print(f"  NOT AUTHENTICATED: {warning}" if warning else
-          f"  header verified with {fmt.authenticated_with}")
+    console.say(f"  NOT AUTHENTICATED: {warning}" if warning else
+                f"  header verified with {fmt.authenticated_with}")
     for key, value in fmt.header.fields().items():
-        print(f"  {key}: {value}")
-    print("VMs with data in this backup:")
+        console.say(f"  {key}: {value}")
+    console.say("VMs with data in this backup:")
     rows = [("NAME", "TYPE", "TEMPLATE", "BACKUP PATH", "SIZE")]
     rows += [
         (e.name, e.type, e.template or "-", e.backup_path, human_bytes(e.size))
@@ -397,7 +392,7 @@ def info_command(options: InfoOptions, settings: Settings | None = None) -> int:
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip_strict(row, widths)).rstrip())
+        console.say("  " + "  ".join(cell.ljust(w) for cell, w in zip_strict(row, widths)).rstrip())
     for note in formats.notes(fmt):
-        print(f"  note: {note}")
+        console.say(f"  note: {note}")
     return EXIT_OK

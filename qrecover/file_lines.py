@@ -4,6 +4,7 @@ display it drives (qrecover.progress)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TextIO
 
 from qrecover.inventory import Entity
 from qrecover.plan import Mode
@@ -15,8 +16,9 @@ from qrecover.units import human_bytes
 class Printer:
     """Prints a line per stored file as it completes; drives the progress display."""
 
-    def __init__(self, mode: Mode, display: Display | None = None) -> None:
+    def __init__(self, mode: Mode, out: TextIO, display: Display | None = None) -> None:
         self.mode = mode
+        self.out = out
         self.display = display
 
     def planned(self, selected: Sequence[Entity]) -> None:
@@ -38,7 +40,8 @@ class Printer:
     def file_done(self, result: FileResult) -> None:
         if self.display is not None:
             self.display.file_done(result)
-        print(_file_line(self.mode, result), flush=True)
+        self.out.write(_file_line(self.mode, result) + "\n")
+        self.out.flush()
 
 
 def _file_line(mode: Mode, result: FileResult) -> str:

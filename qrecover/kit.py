@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 from qrecover import formats
+from qrecover.console import Console
 from qrecover.container import open_source
 from qrecover.engine import run
 from qrecover.errors import EXIT_OK, OutputError, UsageError
@@ -74,6 +74,8 @@ def kit_command(
     pythons: Sequence[str] | None = None,
     arches: Sequence[str] | None = None,
     offline: bool = False,
+    *,
+    console: Console,
 ) -> int:
     """Write qrecover.pyz, recover.sh and RECOVERY.txt into ``output``.
 
@@ -90,7 +92,8 @@ def kit_command(
     output.mkdir(parents=True, exist_ok=True)
     where = os.path.abspath(backup)
     restore_to = Path(os.path.abspath(output)) / "restored"
-    argv: Sequence[str] = ("kit", *sys.argv[2:]) if sys.argv[1:2] == ["kit"] else ()
+    called = console.argv
+    argv: Sequence[str] = ("kit", *called[1:]) if called[:1] == ("kit",) else ()
     # recover.sh runs on a rescue system: plain gzip -d, as `qrecover script` writes
     plan = dataclasses.replace(report.plan, gunzip="gzip", extractor="tar")
     script = formats.words(report.fmt).script(plan, where, restore_to, tuple(argv))
@@ -102,13 +105,15 @@ def kit_command(
     text = recovery_text(report.fmt, report.selected, os.path.basename(where),
                          runs_on_text(made), when)
     _write_text(output / "RECOVERY.txt", text)
-    print(f"kit written to {output}: " + ", ".join(KIT_FILES), file=sys.stderr)
-    print(f"  qrecover.pyz runs on: {made.runs_on}", file=sys.stderr)
+    lines = [f"kit written to {output}: " + ", ".join(KIT_FILES),
+             f"  qrecover.pyz runs on: {made.runs_on}"]
     if made.copied_from is not None:
-        print(f"  (a copy of {made.copied_from}, the pyz running now)", file=sys.stderr)
+        lines.append(f"  (a copy of {made.copied_from}, the pyz running now)")
     elif made.offline is not None:
-        print(f"  OFFLINE: it holds what is installed here ({made.offline}), so it runs "
-              "on that Python only; recover.sh needs no Python. Run qrecover kit again "
-              "where the package index can be reached for a pyz that runs on CPython "
-              "3.8-3.13 on x86_64 and aarch64.", file=sys.stderr)
+        lines.append(f"  OFFLINE: it holds what is installed here ({made.offline}), so it runs "
+                     "on that Python only; recover.sh needs no Python. Run qrecover kit again "
+                     "where the package index can be reached for a pyz that runs on CPython "
+                     "3.8-3.13 on x86_64 and aarch64.")
+    console.err.write("".join(f"{line}\n" for line in lines))
+    console.err.flush()
     return EXIT_OK

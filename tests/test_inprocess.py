@@ -10,6 +10,7 @@ they can show something (signals, /proc command lines, programs on PATH).
 from __future__ import annotations
 
 import gc
+import io
 import os
 import threading
 import warnings
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 from qrecover.cli import app, main
 from qrecover.commands import PassOptions, Reading, RestoreOptions, restore_command
+from qrecover.console import Console
 from qrecover.container import open_source
 from qrecover.context import RunContext
 from qrecover.engine import run
@@ -131,20 +133,20 @@ def test_two_runs_at_once_do_not_see_each_other(
     assert not any(m.endswith(".enc") for m in members["r3"])
 
 
-def test_dry_run_and_restore_stop_alike_in_process(
-    default_backup: Backup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_dry_run_and_restore_stop_alike_in_process(default_backup: Backup, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "work").mkdir(parents=True)
     reading = Reading(
         backup=(str(default_backup.path),), passphrase_file=default_backup.passfile, vms=("work",)
     )
     checks = PassOptions(reading=reading)
-    code = restore_command(RestoreOptions(checks=checks, output=out, dry_run=True))
+    stdout = io.StringIO()
+    said = Console(out=stdout, err=io.StringIO())
+    code = restore_command(RestoreOptions(checks=checks, output=out, dry_run=True), said)
     assert code == 6
-    assert "It would stop" in capsys.readouterr().out
+    assert "It would stop" in stdout.getvalue()
     forced = RestoreOptions(checks=checks, output=out, force=True, dry_run=True)
-    assert restore_command(forced) == 0
+    assert restore_command(forced, said) == 0
     assert list((out / "work").iterdir()) == []  # the dry run wrote nothing
 
 
