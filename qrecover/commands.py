@@ -211,8 +211,9 @@ def _run_with(
     if not console.quiet and console.err.isatty():
         ctx.display = Display(console.err, source_size(source))
     try:
-        printer = Printer(request.mode, console.out, ctx.display)
-        report = run(source, passphrase, request, printer, ctx, copies)
+        # the per-file lines and the live line listen to the run's events too
+        ctx.listeners.append(Printer(request.mode, console.out, ctx.display))
+        report = run(source, passphrase, request, ctx, copies)
         return report, time.monotonic() - started
     finally:
         ctx.clear_line()

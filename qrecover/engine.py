@@ -58,7 +58,7 @@ from qrecover.members import Members, misplaced
 from qrecover.opening import check_programs, read_header
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Mode, Plan, obstacles
-from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
+from qrecover.report import FileResult, Observer, Report, Request, missing
 from qrecover.resume import Resume, identity
 from qrecover.salvage import fill_gap, new_log, record
 from qrecover.scratch import ChunkStore, ScratchNames
@@ -74,7 +74,6 @@ class Recovery:
         source: StreamSource | FolderSource,
         passphrase: str,
         request: Request,
-        observer: Observer | None = None,
         ctx: RunContext | None = None,
         copies: Copies | None = None,
     ) -> None:
@@ -85,7 +84,7 @@ class Recovery:
         self.passphrase = passphrase
         self.key = passphrase.encode("utf-8")
         self.request = request
-        self.observer: Observer = observer or Quiet()
+        self.observer: Observer = self.ctx  # the pass's progress, as events of the run
         self.fmt: Format | None = None
         self.output: Output | None = None
         self.scratch: Path | None = None
@@ -153,7 +152,6 @@ class Recovery:
                 self.report.stops, self.report.kept = found.stops, found.kept
                 self.report.excused = found.excused
                 return self.report
-            self.observer.planned(selected)
             if self.output is not None:
                 if request.resume and finished_before(self.output, xml, plan.entities()):
                     self.report.nothing_left = True  # a restore of it into DIR finished
@@ -424,12 +422,11 @@ def run(
     source: StreamSource | FolderSource,
     passphrase: str,
     request: Request,
-    observer: Observer | None = None,
     ctx: RunContext | None = None,
     copies: Copies | None = None,
 ) -> Report:
     """Run the procedure; raises QrecoverError for what stops everything."""
-    return Recovery(source, passphrase, request, observer, ctx, copies).run()
+    return Recovery(source, passphrase, request, ctx, copies).run()
 
 
 __all__ = ["FileResult", "Report", "Request", "run"]

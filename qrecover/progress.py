@@ -154,8 +154,7 @@ def _live_line(stream: TextIO, clock: Callable[[], float], width: int | None) ->
 
 
 class Display:
-    """The live line on stderr; told by the engine's observer calls
-    (qrecover.file_lines.Printer)."""
+    """The live line on stderr, driven by the run's events (qrecover.file_lines.Printer)."""
 
     def __init__(
         self,
@@ -176,7 +175,7 @@ class Display:
         self.progress = _live_line(stream, clock, width)
         self._task = self.progress.add_task("", total=total, file="", file_bytes="", about="")
 
-    # -- the engine's observer calls ----------------------------------------
+    # -- what the run's events tell ------------------------------------------
 
     def planned(self, selected: Sequence[Entity]) -> None:
         if self.total is None:
