@@ -135,10 +135,12 @@ def _live_line(stream: TextIO, clock: Callable[[], float], width: int | None) ->
         return Column(no_wrap=True)
 
     console = Console(file=stream, force_terminal=True, width=width, highlight=False)
+    # a bar only where there is room for it beside the file's name (not at 80 columns)
+    bar = [BarColumn(bar_width=10, table_column=fixed())] if console.width >= 100 else []
     return Progress(
         FileColumn(),
         TextColumn("{task.fields[file_bytes]} |", markup=False, table_column=fixed()),
-        BarColumn(bar_width=10, table_column=fixed()),
+        *bar,
         TextColumn("{task.fields[about]}", markup=False, table_column=fixed()),
         DownloadColumn(binary_units=True, table_column=fixed()),
         TransferSpeedColumn(table_column=fixed()),
