@@ -57,8 +57,8 @@ from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.opening import check_programs, read_header
 from qrecover.output import Output
-from qrecover.plan import XML_SINK, Plan, obstacles
-from qrecover.report import FileResult, Observer, Quiet, Report, Request, missing
+from qrecover.plan import XML_SINK, Mode, Plan, obstacles
+from qrecover.report import FileResult, Observer, Report, Request, missing
 from qrecover.resume import Resume, identity
 from qrecover.salvage import fill_gap, new_log, record
 from qrecover.scratch import ChunkStore, ScratchNames
@@ -74,7 +74,6 @@ class Recovery:
         source: StreamSource | FolderSource,
         passphrase: str,
         request: Request,
-        observer: Observer | None = None,
         ctx: RunContext | None = None,
         copies: Copies | None = None,
     ) -> None:
@@ -85,7 +84,7 @@ class Recovery:
         self.passphrase = passphrase
         self.key = passphrase.encode("utf-8")
         self.request = request
-        self.observer: Observer = observer or Quiet()
+        self.observer: Observer = self.ctx  # the pass's progress, as events of the run
         self.fmt: Format | None = None
         self.output: Output | None = None
         self.scratch: Path | None = None
@@ -98,7 +97,7 @@ class Recovery:
         self.xml_macs: list[str] = []  # qubes.xml's chunk HMACs (format 3): likewise
         self.names: ScratchNames | None = None
         self.borrowing = Borrowing(
-            self.copies, self.report, self.ctx, self.xml_macs, request.mode == "verify"
+            self.copies, self.report, self.ctx, self.xml_macs, request.mode is Mode.VERIFY
         )
         self.report.healed_by_copies = bool(self.borrowing)
         self.works: ChunkWorks | None = None
@@ -123,7 +122,7 @@ class Recovery:
                                      "so a good chunk cannot be told from a bad one")
             self.report.fmt = fmt
             check_programs(fmt, self.gunzip, self.extractor, self.ctx.command)
-            writes = request.mode == "restore" and not request.dry_run
+            writes = request.mode is Mode.RESTORE and not request.dry_run
             if writes:
                 assert request.output is not None
                 self.output = Output(request.output, request.force)
@@ -136,7 +135,7 @@ class Recovery:
             self.works = fmt.chunk_works(self.passphrase, self.scratch, log, jobs)
             # a failed chunk does not cancel the next ones: a copy may replace it, and
             # verify tells every damaged chunk
-            self.works.keep_going = bool(self.copies) or request.mode == "verify"
+            self.works.keep_going = bool(self.copies) or request.mode is Mode.VERIFY
             self.borrowing.fmt = fmt
             xml = self._read_qubes_xml(members, self._plan(fmt, ()))
             self.copies.check_xml(self.borrowing.own_xml)  # formats 2 and 3: the same backup?
@@ -146,14 +145,13 @@ class Recovery:
             self.report.selected = selected
             self.ctx.emit(InventoryRead(inventory, selected))
             plan = self.report.plan = self._plan(fmt, selected)
-            if request.mode == "info":
+            if request.mode.plans_only:
                 return self.report
             if request.dry_run:  # what would run and what would stop it; nothing started
                 found = dry_findings(plan, request.resume, fmt, self.header_raw, xml, self.xml_macs)
                 self.report.stops, self.report.kept = found.stops, found.kept
                 self.report.excused = found.excused
                 return self.report
-            self.observer.planned(selected)
             if self.output is not None:
                 if request.resume and finished_before(self.output, xml, plan.entities()):
                     self.report.nothing_left = True  # a restore of it into DIR finished
@@ -182,13 +180,14 @@ class Recovery:
     def _plan(self, fmt: Format, selected: tuple[Entity, ...]) -> Plan:
         request = self.request
         return Plan(
-            fmt,
-            request.mode,
-            selected,
-            self.gunzip,
-            request.output,
-            request.force,
-            request.size_limit, self.extractor,  # bsdtar or GNU tar
+            fmt=fmt,
+            mode=request.mode,
+            selected=selected,
+            gunzip=self.gunzip,
+            output=request.output,
+            force=request.force,
+            size_limit=request.size_limit,
+            extractor=self.extractor,  # bsdtar or GNU tar
         )
 
     def _cleanup(self) -> None:
@@ -215,23 +214,23 @@ class Recovery:
             sink = XML_SINK
         else:
             staging = None
-            if plan.mode == "restore":
+            if plan.mode is Mode.RESTORE:
                 assert self.names is not None
                 staging = self.names.fresh("stage")
                 staging.mkdir(mode=0o700)
             sink = plan.sink(sink_staging, stored, staging, self._spent.get(owner, 0))
         return StoredFile(
-            stored,
-            owner,
-            sink,
-            plan.stages(sink),
-            self.ctx,
-            self.passphrase,
-            self.scratch,
-            self.output,
-            self.resume.placing if self.resume is not None else None,
-            plan.fmt.multi_volume,
-            new_log(self.request.salvage, plan.fmt, self.gunzip, stored, sink),
+            stored=stored,
+            owner=owner,
+            sink=sink,
+            stages=plan.stages(sink),
+            ctx=self.ctx,
+            passphrase=self.passphrase,
+            scratch=self.scratch,
+            output=self.output,
+            placing=self.resume.placing if self.resume is not None else None,
+            multi_volume=plan.fmt.multi_volume,
+            salvage=new_log(self.request.salvage, plan.fmt, self.gunzip, stored, sink),
         )
 
     def _read_qubes_xml(self, members: Members, plan: Plan) -> bytes:
@@ -346,7 +345,7 @@ class Recovery:
             if member.after_damage is not None:  # chunks lost in the damage before it
                 self.costs.lost_before(member.after_damage, name, stored, expected)
             if job.result.error is not None:
-                if self.request.mode == "verify":  # tell every damaged chunk, not the first
+                if self.request.mode is Mode.VERIFY:  # tell every damaged chunk, not the first
                     try:
                         self.borrowing.check_only(store, member, name, members)
                     except Truncated as exc:
@@ -423,12 +422,11 @@ def run(
     source: StreamSource | FolderSource,
     passphrase: str,
     request: Request,
-    observer: Observer | None = None,
     ctx: RunContext | None = None,
     copies: Copies | None = None,
 ) -> Report:
     """Run the procedure; raises QrecoverError for what stops everything."""
-    return Recovery(source, passphrase, request, observer, ctx, copies).run()
+    return Recovery(source, passphrase, request, ctx, copies).run()
 
 
 __all__ = ["FileResult", "Report", "Request", "run"]

@@ -49,6 +49,7 @@ class StoredFile:
 
     def __init__(
         self,
+        *,
         stored: str,
         owner: str,
         sink: Sink,

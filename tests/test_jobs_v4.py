@@ -233,13 +233,18 @@ def test_interrupted_jobs_2_restore_stops_every_child(
 
 
 def test_progress_line_shows_the_chunks_in_flight() -> None:
-    from qrecover.progress import Snapshot, progress_line
+    import io
 
-    snap = Snapshot("work", "vm7/private.img", 1 << 20, 1.0, 2 << 20, 8 << 20, False, 2.0, 2)
-    assert "vm7/private.img 1.0 MiB" in progress_line(snap, 200)
-    assert "(2 chunks in flight)" in progress_line(snap, 200)
-    snap.in_flight = 0
-    assert "in flight" not in progress_line(snap, 200)
+    from qrecover.progress import Display
+
+    out = io.StringIO()
+    display = Display(out, 8 << 20, width=200)
+    display.file_started("vm7/private.img", "work")
+    display.in_flight(2)
+    display.data_read("vm7/private.img", 1 << 20)
+    assert "work vm7/private.img 1.0 MiB (2 in flight) | " in out.getvalue()
+    display.in_flight(0)
+    assert display.file_bytes() == "1.0 MiB"
 
 
 # -- the memory rule, on chunks written by `scrypt enc` with a stated cost -------
