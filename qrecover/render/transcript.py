@@ -24,6 +24,7 @@ from qrecover.events import (
     ChunkBorrowed,
     ChunkChecked,
     ChunkFed,
+    ChunkSalvaged,
     Event,
     FileFinished,
     HeaderVerified,
@@ -131,6 +132,8 @@ class TranscriptWriter:
             block.chunks += words.transcript_chunk(event.member, event.error)
         elif isinstance(event, ChunkBorrowed):
             self._block_for(event.member).chunks += borrowed_lines(words, event)
+        elif isinstance(event, ChunkSalvaged):
+            self._block_for(event.member).chunks += salvaged_lines(words, event)
         elif isinstance(event, ChunkFed):
             name = parse_member_name(event.member)
             fed = name.data_name if name is not None else event.member
@@ -221,3 +224,27 @@ def borrowed_lines(words: Words, event: ChunkBorrowed) -> list[str]:
                 "die", f"{event.member}: not taken out of the other copy {event.copy}")
         lines.append(line)
     return lines
+
+
+# The lines of a good chunk that check it (formats 2 and 3: its HMAC); a chunk
+# used with --salvage is fed without them.
+_CHECKS = ("check_hmac ",)
+
+
+def salvaged_lines(words: Words, event: ChunkSalvaged) -> list[str]:
+    """restore --salvage: a chunk that failed its check, fed all the same.  The
+    format's lines for a good chunk without its check, so that the replay feeds
+    the same bytes; where qrecover did what these lines cannot repeat (zeros for
+    a missing chunk, a decryption that checks as it goes), the replay stops."""
+    lines = ["", f"# chunk {shell.comment(event.member)}: it FAILED its check "
+             f"({shell.comment(event.reason)[:300]});",
+             "# qrecover used it UNVERIFIED because of --salvage: fed here without its check"]
+    good = words.transcript_chunk(event.member, None)
+    checks = [line for line in good if line.startswith(_CHECKS)]
+    if event.zero_filled or not checks:
+        what = ("missing: qrecover fed zeros in its place" if event.zero_filled
+                else "its check is its decryption, which this replay does not skip")
+        return [*lines, shell.call("die", f"{event.member}: {what} (--salvage); the replay "
+                                   "stops here")]
+    return lines + [line for line in good if line not in checks and line
+                    and not line.startswith("#")]
