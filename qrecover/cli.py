@@ -300,9 +300,11 @@ def info(
         bool, typer.Option("--json", help='Print JSON: {"header": {...}, "vms": [...]}.')
     ] = False,
     passphrase_file: PassFileOpt = None,
+    other_copy: OtherCopyOpt = None,
 ) -> None:
     """qrecover info (its help and examples: qrecover.help_text)."""
-    raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx)))
+    raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx),
+                                  other_copy or []))
 
 
 def _usage_errors() -> Tuple[Type[Exception], ...]:

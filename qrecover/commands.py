@@ -145,7 +145,7 @@ def _run_with(
     ctx = RunContext(quiet=settings.quiet, listeners=list(listeners))
     copies.log = ctx.command
     if request.mode == "info":
-        return run(source, passphrase, request, ctx=ctx), time.monotonic() - started
+        return run(source, passphrase, request, ctx=ctx, copies=copies), time.monotonic() - started
     if not settings.quiet and sys.stderr.isatty():
         ctx.display = Display(sys.stderr, source_size(source))
     try:
@@ -358,8 +358,12 @@ def info_command(
     as_json: bool,
     passphrase_file: Path | None,
     settings: Settings | None = None,
+    other_copies: Sequence[str] = (),
 ) -> int:
-    report, _elapsed = _run(settings or Settings(), backup, passphrase_file, Request("info"))
+    request = Request("info", other_copies=tuple(other_copies))
+    report, _elapsed = _run(settings or Settings(), backup, passphrase_file, request)
+    for note in report.notes:  # a header or qubes.xml taken from another copy
+        err(f"note: {note}")
     assert report.fmt is not None and report.inventory is not None
     fmt = report.fmt
     if as_json:
