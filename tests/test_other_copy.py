@@ -372,15 +372,12 @@ def test_zeroed_header_and_qubes_xml_taken_from_the_other_copy(
     .hmac) under zeros, as ddrescue leaves unreadable sectors: both come from
     the other copy, the VMs' chunks from BACKUP."""
     with tarfile.open(v3.path, ignore_zeros=True) as tar:
-        members = list(tar)
-    after_xml = next(m.offset for m in members if m.name.startswith("vm"))
-    bad = zeroed(v3.path, tmp_path / "A", 1024, after_xml - 1024)
-    chunk = chunks_of(v3, "vm7/private.img")[0]
-    copy = damaged_copy(v3.path, tmp_path / "B", chunk)
-    out = tmp_path / "out"
-    code, text = restore(bad, out, v3.passfile, "--other-copy", copy)
+        after_xml = next(m.offset for m in tar if m.name.startswith("vm"))
+    copy = damaged_copy(v3.path, tmp_path / "B", chunks_of(v3, "vm7/private.img")[0])
+    code, text = restore(zeroed(v3.path, tmp_path / "A", 1024, after_xml - 1024),
+                         tmp_path / "out", v3.passfile, "--other-copy", copy)
     assert code == 0, text
-    assert_restored(out, v3)
+    assert_restored(tmp_path / "out", v3)
     assert f"taken from the other copy {copy}, where it authenticates" in text
     assert "qubes.xml: missing from the backup; its chunks were looked for" in text
 
