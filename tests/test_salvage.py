@@ -377,33 +377,48 @@ def test_format2_damaged_member_header_cuts_and_says_so(
     assert not (tmp_path / "out" / "work" / "private.img").exists()
 
 
-@pytest.mark.parametrize("fmt", [3, 2])
+@pytest.mark.parametrize("fmt,damage", [(3, "flip"), (2, "flip"), (4, "flip"), (3, "cut"),
+                                        (4, "cut")])
 def test_transcript_and_explain_show_the_salvaged_chunk(
-    fmt: int, make: MakeBackup, make2: MakeBackup, vm_image: Path, tmp_path: Path
+    fmt: int, damage: str, make: MakeBackup, make2: MakeBackup, make4: MakeBackup,
+    vm_image: Path, tmp_path: Path,
 ) -> None:
-    """--transcript feeds the salvaged chunk without its check, with a comment
-    saying why; replaying it puts the same bytes in place.  --explain gives
-    the chunk one line, numbered as the format's step that checks it."""
+    """--transcript feeds the salvaged chunk without its check (format 4: what
+    scrypt wrote although it failed; a missing chunk: zeros of its size), with a
+    comment saying why; replaying it puts the same bytes in place.  --explain
+    gives the chunk one line, numbered as the format's step that checks it."""
     import subprocess
 
     from conftest import PASSPHRASE
 
     if fmt == 3:
         backup, step = _backup(make, vm_image, compression=None), "Step 4"
-    else:
+    elif fmt == 2:
         backup, step = _backup2(make2, vm_image), "Step 3"
-    bad = flipped(backup, "vm7/private.img.001", 500_000, tmp_path / "bad")
+    else:
+        backup, step = _backup(make4, vm_image, compression=None), "Step 8"
+    chunk = "vm7/private.img.001" + (".enc" if fmt == 4 else "")
+    if damage == "flip":
+        bad, why = flipped(backup, chunk, 500_000, tmp_path / "bad"), "HMAC mismatch"
+        why = "scrypt exited 1" if fmt == 4 else why
+    else:
+        bad, why = without(backup, chunk, tmp_path / "bad"), "missing from the backup"
+        if fmt == 3:  # its .hmac too
+            data = bad.read_bytes()
+            start, _, end = _spans(bad)[f"{chunk}.hmac"]
+            bad.write_bytes(data[:start] + data[end:])
     out, script = tmp_path / "out", tmp_path / "transcript.sh"
     result = restore(bad, backup, out, "--salvage", "--transcript", script, "--explain")
     assert result.code == 4, result.err
-    assert (f"* {step} - vm7/private.img.001: FAILED its check (HMAC mismatch); used "
-            "UNVERIFIED because of --salvage") in result.err
+    assert f"* {step} - {chunk}: FAILED its check ({why}" in result.err
+    assert "used UNVERIFIED because of --salvage" in result.err
     text = script.read_text()
-    block = text.split("# chunk vm7/private.img.001: it FAILED its check (HMAC mismatch);", 1)[1]
+    block = text.split(f"# chunk {chunk}: it FAILED its check ({why}", 1)[1]
     block = block.split("# chunk vm7/private.img.002", 1)[0]
     assert "used it UNVERIFIED because of --salvage" in block
-    assert "feed vm7/private.img.001" in block and "check_hmac" not in block
-    assert "check_hmac vm7/private.img.000" in text and "check_hmac vm7/private.img.002" in text
+    assert "feed vm7/private.img.001\n" in block and "check_hmac" not in block
+    if fmt != 4:
+        assert "check_hmac vm7/private.img.000" in text and "check_hmac vm7/private.img.002" in text
     placed = (out / "work" / "private.img").read_bytes()
     out.rename(tmp_path / "first-run")  # the replay makes the output folder again
     replay = subprocess.run(["sh", str(script)], capture_output=True, text=True,

@@ -226,25 +226,45 @@ def borrowed_lines(words: Words, event: ChunkBorrowed) -> list[str]:
     return lines
 
 
-# The lines of a good chunk that check it (formats 2 and 3: its HMAC); a chunk
-# used with --salvage is fed without them.
+# The lines of a good chunk that check it: dropped for a chunk used with
+# --salvage (formats 2 and 3: its HMAC); and those whose check is the
+# decryption itself (format 4's scrypt_dec), kept, with what it wrote used.
 _CHECKS = ("check_hmac ",)
+_DECRYPTS = ("scrypt_dec ",)
 
 
 def salvaged_lines(words: Words, event: ChunkSalvaged) -> list[str]:
-    """restore --salvage: a chunk that failed its check, fed all the same.  The
+    """restore --salvage: a chunk that failed its check, fed all the same: the
     format's lines for a good chunk without its check, so that the replay feeds
-    the same bytes; where qrecover did what these lines cannot repeat (zeros for
-    a missing chunk, a decryption that checks as it goes), the replay stops."""
+    the same bytes (a missing one: zeros of the size qrecover fed).  Format 2's
+    missing volume, which qrecover fed as zeros with a rebuilt continuation
+    header, the replay cannot repeat: it stops there."""
     lines = ["", f"# chunk {shell.comment(event.member)}: it FAILED its check "
              f"({shell.comment(event.reason)[:300]});",
              "# qrecover used it UNVERIFIED because of --salvage: fed here without its check"]
-    good = words.transcript_chunk(event.member, None)
-    checks = [line for line in good if line.startswith(_CHECKS)]
-    if event.zero_filled or not checks:
-        what = ("missing: qrecover fed zeros in its place" if event.zero_filled
-                else "its check is its decryption, which this replay does not skip")
-        return [*lines, shell.call("die", f"{event.member}: {what} (--salvage); the replay "
-                                   "stops here")]
-    return lines + [line for line in good if line not in checks and line
-                    and not line.startswith("#")]
+    name = parse_member_name(event.member)
+    fed = name.data_name if name is not None else event.member
+    # made as long as what qrecover fed: zeros after what was there (a hole)
+    fit = f'dd if=/dev/null of="$work/"{shell.q(fed)} bs=1 seek={event.size} count=0 2>/dev/null'
+    good = [line for line in words.transcript_chunk(event.member, None)
+            if line and not line.startswith("#")]
+    if event.zero_filled:
+        fmt = getattr(words, "fmt", None)
+        if fmt is not None and fmt.multi_volume:
+            return [*lines, shell.call("die", f"{event.member}: missing: qrecover fed zeros "
+                                       "with a rebuilt tar -M header (--salvage); the replay "
+                                       "stops here")]
+        return [*lines, f"# missing from the backup: {event.size} zero bytes in its place",
+                f'mkdir -p -- "$(dirname -- "$work/"{shell.q(fed)})"', fit]
+    out = lines
+    for line in good:
+        if line.startswith(_CHECKS):
+            continue
+        if line.startswith(_DECRYPTS):
+            out += ["# scrypt writes the whole plaintext before it reports the failed check:",
+                    "# kept (in a subshell where this script's rm and die do nothing), then made",
+                    "# as long as what qrecover fed",
+                    f"( rm() {{ :; }}; die() {{ exit 0; }}; {line} )", fit]
+            continue
+        out.append(line)
+    return out
