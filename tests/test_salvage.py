@@ -130,6 +130,9 @@ def _salvaged(bad: Path, backup: Backup, out: Path) -> tuple[Any, dict[str, Any]
     assert result.code == 4, result.err
     assert "FAILED AUTHENTICATION" in result.err and "UNVERIFIED" in result.err
     assert "SALVAGED (unverified)" in result.err  # the summary table's status
+    # the damage summary: not the hint to use --salvage, which was used
+    assert "placed with --salvage, its damaged chunks used UNVERIFIED" in result.err
+    assert "restore with --salvage" not in result.err
     doc = json.loads(result.out)
     image = _stored2(doc)
     assert image["status"] == "salvaged"
