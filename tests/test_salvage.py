@@ -428,3 +428,15 @@ def test_transcript_and_explain_show_the_salvaged_chunk(
                             env={**os.environ, "backup_pass": PASSPHRASE}, timeout=300)
     assert replay.returncode == 1 and "qrecover's run ended here" in replay.stderr
     assert (out / "work" / "private.img").read_bytes() == placed  # the same bytes again
+
+
+def test_rebuilt_continuation_header_numbers_past_8_gib() -> None:
+    """A rebuilt M header's size and offset fields hold a 20 GiB image's numbers
+    as GNU tar writes them (base-256 from 8 GiB on), and read back."""
+    from qrecover.formats.v2_volumes import _number
+    from qrecover.stages.guard import octal
+
+    for value in (0, 1044480, 8**11 - 1, 8**11, 20 << 30):
+        field = _number(value)
+        assert len(field) == 12 and octal(field) == value
+    assert _number(20 << 30)[0] == 0x80 and _number(512) == b"00000001000\0"

@@ -183,12 +183,12 @@ class VolumeGuard(TarGuard):
         left = max(self._archived - self._done, 0)
         total = octal(first[483:495]) if first[156] == ord("S") else self._archived
         block = bytearray(first[:100] + first[100:124] + bytes(BLOCK - 124))
-        block[124:136] = b"%011o\0" % left
+        block[124:136] = _number(left)
         block[136:148] = first[136:148]  # mtime
         block[156] = ord("M")
         block[257:265] = first[257:265]  # GNU magic
         block[265:345] = first[265:345]  # user and group names
-        block[369:381] = b"%011o\0" % max(total - left, 0)
+        block[369:381] = _number(max(total - left, 0))
         block[148:156] = b" " * 8
         block[148:156] = b"%06o\0 " % sum(block)
         self.rebuilt = (f"its continuation (M) header {why}: rebuilt from the first "
@@ -275,6 +275,13 @@ class VolumeGuard(TarGuard):
             self._piece(header_start, data_start)
             if self._left:
                 return  # the volume ended inside this member
+
+
+def _number(value: int) -> bytes:
+    """A 12-byte numeric field as GNU tar writes it: octal, or base-256 from 8 GiB on."""
+    if value < 8**11:
+        return b"%011o\0" % value
+    return bytes([0x80]) + value.to_bytes(11, "big")
 
 
 def _raw_name(header: bytes, meta: list[bytes]) -> bytes:
