@@ -335,9 +335,11 @@ def info(
         bool, typer.Option("--json", help='Print JSON: {"header": {...}, "vms": [...]}.')
     ] = False,
     passphrase_file: PassFileOpt = None,
+    other_copy: OtherCopyOpt = None,
 ) -> None:
     """qrecover info (its help and examples: qrecover.help_text)."""
-    options = InfoOptions(reading=_reading(backup, passphrase_file), as_json=as_json)
+    options = InfoOptions(reading=_reading(backup, passphrase_file), as_json=as_json,
+                          other_copies=tuple(other_copy or ()))
     raise typer.Exit(info_command(options, _console(ctx)))
 
 

@@ -122,6 +122,7 @@ class InfoOptions:
 
     reading: Reading
     as_json: bool = False
+    other_copies: tuple[str, ...] = ()  # --other-copy PATH...: a damaged header from a copy
 
 
 def _finish(console: Console, mode: Mode, report: Report, elapsed: float) -> int:
@@ -207,7 +208,7 @@ def _run_with(
     ctx = RunContext(quiet=console.quiet, listeners=list(listeners))
     copies.log = ctx.command
     if request.mode.plans_only:
-        return run(source, passphrase, request, ctx=ctx), time.monotonic() - started
+        return run(source, passphrase, request, ctx=ctx, copies=copies), time.monotonic() - started
     if not console.quiet and console.err.isatty():
         ctx.display = Display(console.err, source_size(source))
     try:
@@ -369,7 +370,10 @@ def info_command(options: InfoOptions, console: Console) -> int:
     """qrecover info."""
     reading = options.reading
     backup = reading.backup
-    report, _elapsed = _run(console, reading, Request(Mode.INFO))
+    request = Request(Mode.INFO, other_copies=options.other_copies)
+    report, _elapsed = _run(console, reading, request)
+    for note in report.notes:  # a header or qubes.xml taken from another copy
+        console.error(f"note: {note}")
     assert report.fmt is not None and report.inventory is not None
     fmt = report.fmt
     if options.as_json:

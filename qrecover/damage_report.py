@@ -18,6 +18,7 @@ SALVAGE_HINT = (
     "no copy given has it good: give another copy with --other-copy PATH, or "
     "restore with --salvage to use its damaged chunks unauthenticated"
 )
+SALVAGED = "placed with --salvage, its damaged chunks used UNVERIFIED: see SALVAGED.txt"
 
 
 @dataclass
@@ -43,7 +44,8 @@ class Damaged:
             "recovered": self.recovered,
             "recovered_from": self.copies,
             "error": None if self.result.ok else self.result.problem,
-            "hint": None if self.recovered else SALVAGE_HINT,
+            "salvaged": self.result.salvage is not None,
+            "hint": None if self.recovered or self.result.salvage is not None else SALVAGE_HINT,
         }
 
 
@@ -80,7 +82,8 @@ def damage_lines(mode: str, report: Report) -> list[str]:
     lines = [f"damage: {len(intact)} stored file(s) intact, {len(damaged)} damaged in the backup:"]
     for item in damaged:
         result = item.result
-        state = "RECOVERED" if item.recovered else "DAMAGED"
+        salvaged = result.salvage is not None
+        state = "RECOVERED" if item.recovered else "SALVAGED" if salvaged else "DAMAGED"
         lines.append(f"  {state:<9} {result.owner or '-':<16} {result.stored}")
         for chunk in item.chunks:
             if chunk.copy is None:
@@ -94,5 +97,5 @@ def damage_lines(mode: str, report: Report) -> list[str]:
         if not item.chunks and not result.ok:
             lines.append(f"      {result.problem}")
         if not item.recovered:
-            lines.append(f"      {SALVAGE_HINT}")
+            lines.append(f"      {SALVAGED if salvaged else SALVAGE_HINT}")
     return lines

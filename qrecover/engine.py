@@ -47,6 +47,7 @@ from qrecover.dry_run import dry_findings
 from qrecover.errors import (
     BackupError,
     OutputError,
+    QrecoverError,
     StoredFileError,
     UsageError,
 )
@@ -205,7 +206,8 @@ class Recovery:
 
     def _read_header(self, members: Members) -> Format:
         label = getattr(self.source, "label", "the backup")
-        fmt, self.header_raw = read_header(members, label, self.passphrase, self.ctx, self.copies)
+        fmt, self.header_raw = read_header(members, label, self.passphrase, self.ctx, self.copies,
+                                           self.report.notes)
         return fmt
 
     def _job(self, plan: Plan, stored: str, owner: str, sink_staging: Entity | None) -> StoredFile:
@@ -234,17 +236,28 @@ class Recovery:
         )
 
     def _read_qubes_xml(self, members: Members, plan: Plan) -> bytes:
-        first = members.require("qubes.xml.000")
-        name = parse_member_name(first.name)
+        try:
+            first = members.require("qubes.xml.000")
+            name = parse_member_name(first.name)
+        except QrecoverError:
+            if not self.copies:
+                raise
+            name = None
         if name is None or name.stored != QUBES_XML:
-            raise BackupError(
-                "qubes.xml.000 is missing after the header: cannot tell which VMs the backup holds"
-            )
+            if not self.copies:
+                raise BackupError("qubes.xml.000 is missing after the header: cannot tell "
+                                  "which VMs the backup holds")
+            # BACKUP lost it: its chunks from the other copies (fill_tail), checked as ever
+            self.report.notes.append("qubes.xml: missing from the backup; its chunks were "
+                                     "looked for in the other copies")
+            members_for_xml = Members(iter(()))
+        else:
+            members_for_xml = members
         job = self._active = self._job(plan, QUBES_XML, "", None)  # killed if the run stops
-        self._consume(members, job)
+        self._consume(members_for_xml, job)
         result = job.finish()
         self._active = None
-        if members.error is not None:
+        if members.error is not None and not (self.copies and result.ok):
             raise members.error
         if not result.ok:
             raise BackupError(f"qubes.xml: {result.error}")

@@ -87,6 +87,19 @@ class PipelineStarted:
 
 
 @dataclass(frozen=True)
+class ChunkSalvaged:
+    """restore --salvage: ``member`` failed its check (``reason``) and is fed
+    all the same (``zero_filled``: it was missing, and ``size`` zero bytes
+    stand for it)."""
+
+    stored: str
+    member: str
+    size: int
+    reason: str
+    zero_filled: bool = False
+
+
+@dataclass(frozen=True)
 class ChunkFed:
     """A checked chunk is being fed into its stored file's pipeline."""
 
@@ -150,6 +163,7 @@ Event = Union[
     HeaderVerified,
     InventoryRead,
     ChunkChecked,
+    ChunkSalvaged,
     ChunkBorrowed,
     PipelineStarted,
     ChunkFed,

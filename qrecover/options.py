@@ -115,8 +115,9 @@ OtherCopyOpt = Annotated[
         "--other-copy",
         help="Another copy of the same backup (repeatable): a file, a folder, or its "
         "pieces joined by commas. A chunk that is missing, unreadable or fails its check "
-        "in BACKUP is taken from the first copy where it authenticates. Its header must be "
-        "BACKUP's, byte for byte, and authenticate with the passphrase.",
+        "in BACKUP is taken from the first copy where it authenticates; so is BACKUP's "
+        "header if it is damaged. Its header must be BACKUP's, byte for byte, and "
+        "authenticate with the passphrase.",
         metavar="PATH",
     ),
 ]

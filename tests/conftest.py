@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_backup as gen  # noqa: E402  (the independent writer, never qrecover code)
+import make_backup_v2 as gen2  # noqa: E402  (the same, for Qubes R2's format 2)
 import make_backup_v4 as gen4  # noqa: E402  (the same, for Qubes R4's format 4)
 from helpers import PASSPHRASE, sha  # noqa: E402  (re-exported: many tests import them from here)
 
@@ -397,6 +398,15 @@ def make4(
 ) -> MakeBackup:
     """Build (and cache) a format-4 backup of the sample tree (R4's writer, real scrypt)."""
     return _backup_maker(tmp_path_factory, sample_tree, gen4.make_backup_v4, "qubes-backup-r4")
+
+
+@pytest.fixture(scope="session")
+def make2(
+    tmp_path_factory: pytest.TempPathFactory, sample_tree: tuple[list[Any], Path]
+) -> MakeBackup:
+    """Build (and cache) a format-2 backup of the sample tree (R2's writer: real
+    ``tar -M`` volumes, openssl or gzip per volume)."""
+    return _backup_maker(tmp_path_factory, sample_tree, gen2.make_backup_v2, "qubes-backup-v2")
 
 
 @pytest.fixture(scope="session")
