@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from qrecover.archive.members import ChunkName
 from qrecover.errors import OutputError
+from qrecover.events import SinkKind
 from qrecover.messages import err
 from qrecover.output import Output
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage
@@ -357,7 +358,7 @@ class VerifiedPrefix:
 
 def new_log(salvage: bool, fmt: Format, gunzip: str, stored: str, sink: Sink) -> SalvageLog | None:
     """The account for one stored file being restored, if --salvage asks for one."""
-    if not salvage or sink.kind != "extract":
+    if not salvage or sink.kind is not SinkKind.EXTRACT:
         return None
     if fmt.multi_volume:
         # format 2: each chunk was encrypted or compressed on its own, and what it

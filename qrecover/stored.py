@@ -20,7 +20,7 @@ from typing import IO, Callable, List  # typing's: Placing is a runtime alias (3
 
 from qrecover.context import RunContext
 from qrecover.errors import DiskFull, FeedFailed, OutputError, QrecoverError, StoredFileError
-from qrecover.events import ChunkFed, ChunkSalvaged, FileFinished, PipelineStarted
+from qrecover.events import ChunkFed, ChunkSalvaged, FileFinished, PipelineStarted, SinkKind
 from qrecover.formats.v2_volumes import VolumeGuard, VolumeTar
 from qrecover.output import Output, tree_size
 from qrecover.plan import PLACEHOLDER, Sink
@@ -94,7 +94,7 @@ class StoredFile:
         read_end, self.feed_w = os.pipe()
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.feed_w, F_SETPIPE_SZ, PIPE_SIZE)
-        if self.sink.kind != "extract":
+        if self.sink.kind is not SinkKind.EXTRACT:
             self.out_file = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115
         try:
             self.pipeline = Pipeline(
@@ -114,7 +114,7 @@ class StoredFile:
         self._started()
 
     def _start_volumes(self) -> None:
-        if self.sink.kind != "extract":
+        if self.sink.kind is not SinkKind.EXTRACT:
             self.out_file = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115
         guard = VolumeGuard(-1, -1, self.sink.limit, self.stored, prefix=self.stored)
         work = Path(tempfile.mkdtemp(prefix="volumes-", dir=self.scratch))
