@@ -12,7 +12,7 @@ The order is the recovery page's, done for every stored file in turn:
    HMAC; format 4: scrypt), and only then does ``cat`` feed it into the
    stored file's one pipeline (qrecover.stored).  The per-chunk step runs
    in the format's ``ChunkWorks`` (format 4: several ``scrypt dec`` at once,
-   qrecover.formats.v4_jobs), whose outcomes come back strictly in chunk
+   qrecover.formats.v4.works), whose outcomes come back strictly in chunk
    order; the engine asks it for room before it reads each chunk, so
    scratch stays bounded (two chunks for format 3, about ``2 * jobs + 2``
    for format 4).

@@ -2,7 +2,7 @@
 
 Shared by transcripts and standalone scripts of a format-4 backup: the
 prelude without HMAC functions, ``scrypt_init``/``scrypt_dec`` (rendered
-from the stages qrecover runs, qrecover.formats.scrypt.dec_stage), and the
+from the stages qrecover runs, qrecover.formats.v4.scrypt_tool.dec_stage), and the
 functions that find and feed ``.enc`` chunks.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 from qrecover import __version__
 from qrecover.container import HEADER, HEADER_HMAC, QUBES_XML
 from qrecover.formats.base import PlanView
-from qrecover.formats.scrypt import HEADER_PREFIX, ScryptTool, dec_stage
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4
+from qrecover.formats.v4.scrypt_tool import HEADER_PREFIX, ScryptTool, dec_stage
 from qrecover.inventory import DOM0
 from qrecover.render import scriptparts, shell
 from qrecover.render.scriptparts import SCRIPT_FUNCTIONS
