@@ -82,6 +82,7 @@ class _Open:
     job: StoredFile
     store: ChunkStore
     owner: Entity | None  # None: qubes.xml
+    members: Members  # the stream it is read from (BACKUP's, or none: from the copies)
     expected: int = 0  # chunks that came in order
     read: bool = False  # every member of it taken off the stream
     tail: bool = True  # ask costs.tail_lost when it ends (the stream still as it left it)
@@ -137,7 +138,6 @@ class Recovery:
         headerless = formats.folder_format(self.source)  # format 1: a folder, no header
         members = Members(headerless.members() if headerless else self.source.members(),
                           self.costs.position)
-        self._members = members
         try:
             self.fmt = fmt = headerless or self._read_header(members)
             if headerless is not None:
@@ -267,7 +267,7 @@ class Recovery:
             )
         job = self._job(plan, QUBES_XML, "", None)  # killed if the run stops
         self._plan_now = plan
-        entry = self._opened(job, None)
+        entry = self._opened(job, None, members)
         self._consume(members, entry)
         entry.read = True
         self._settle()
@@ -320,7 +320,7 @@ class Recovery:
         """Read ``stored``'s chunks into the works; it ends now, or (while its
         chunks are still checked) once a later stored file's first outcome comes."""
         self._plan_now = plan
-        entry = self._opened(self._job(plan, stored, owner.name, owner), owner)
+        entry = self._opened(self._job(plan, stored, owner.name, owner), owner, members)
         entry.expected = self._consume(members, entry)
         entry.read = True
         after = members.peek()
@@ -332,10 +332,10 @@ class Recovery:
         else:
             entry.tail = False  # nothing lost after it: costs.tail_lost would not charge
 
-    def _opened(self, job: StoredFile, owner: Entity | None) -> _Open:
+    def _opened(self, job: StoredFile, owner: Entity | None, members: Members) -> _Open:
         assert self.names is not None
         store = ChunkStore(self.names, self.passphrase, self.ctx.command, self.observer, job)
-        entry = _Open(job, store, owner)
+        entry = _Open(job, store, owner, members)
         self._open.append(entry)
         self._begin()
         return entry
@@ -365,17 +365,19 @@ class Recovery:
             self._end_first()
 
     def _end_first(self) -> None:
+        """The first open stored file ends (placed, or kept as .partial), then the
+        next one begins."""
         entry = self._open[0]
         job = entry.job
         result = job.finish()
-        self._open.popleft()
-        self._begin()
+        self._open.popleft()  # killed with the others if the run stops before this
         if entry.owner is None:  # qubes.xml: read by _read_qubes_xml
+            self._begin()
             return
         plan = self._plan_now
         assert plan is not None
         if not result.ok and entry.tail:  # its last chunks lost in damage after them?
-            self.costs.tail_lost(self._members, job.stored, entry.expected, plan.fmt,
+            self.costs.tail_lost(entry.members, job.stored, entry.expected, plan.fmt,
                                  self.report)
         owner = entry.owner.name
         self._spent[owner] = self._spent.get(owner, 0) + result.expanded
@@ -391,6 +393,7 @@ class Recovery:
         self.observer.file_done(result)
         if isinstance(result.failure, OutputError) and result.failure.fatal:
             raise result.failure
+        self._begin()  # its budget what this one left
 
     def _from_copies(self, plan: Plan, stored: str, owner: Entity) -> None:
         """A stored file BACKUP never reached, whole from the other copies."""
