@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qrecover.fallback import ChunkDamage
+from qrecover.plan import Mode
 from qrecover.report import FileResult, Report
 
 SALVAGE_HINT = (
@@ -74,7 +75,7 @@ def damage_json(report: Report) -> dict[str, object]:
     }
 
 
-def damage_lines(mode: str, report: Report) -> list[str]:
+def damage_lines(mode: Mode, report: Report) -> list[str]:
     """The text: nothing for a backup found whole and good."""
     intact, damaged = sort_out(report)
     if not damaged:
@@ -88,7 +89,7 @@ def damage_lines(mode: str, report: Report) -> list[str]:
         for chunk in item.chunks:
             if chunk.copy is None:
                 where = "in no other copy good" if chunk.tried else "no other copy given"
-            elif mode == "verify":
+            elif mode is Mode.VERIFY:
                 where = f"good in {chunk.copy} (restore with --other-copy {chunk.copy})"
             else:
                 where = f"taken from {chunk.copy}"

@@ -45,9 +45,12 @@ JobsOpt = Annotated[
         "--jobs",
         "-j",
         min=1,
-        help="Format 4: authenticate and decrypt up to N chunks at once (scrypt dec). "
-        "Default: as many as there are cores and the memory holds (each scrypt dec is "
-        "capped with -M to its share).",
+        help="Format 4: authenticate and decrypt up to N chunks at once (scrypt dec), "
+        "across stored files and VMs. Default: as many as there are cores and the memory "
+        "holds (each scrypt dec is capped with -M to its share). Formats 1-3 take no "
+        "jobs: their per-chunk work is an HMAC computed while the chunk is copied, and "
+        "their decryption (openssl enc, its key derived at once) runs in the stored "
+        "file's one stream, so there is nothing costly to run at the same time.",
         metavar="N",
     ),
 ]

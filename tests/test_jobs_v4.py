@@ -271,10 +271,10 @@ def _enc_chunk(folder: Path, index: int, log_n: int) -> tuple[Path, str]:
 
 
 def _works(tmp_path: Path, available: int) -> tuple[object, object]:
-    from qrecover.formats.scrypt import ScryptTool
     from qrecover.formats.v4 import BackupHeaderV4, Format4
-    from qrecover.formats.v4_jobs import ScryptWorks
-    from qrecover.scrypt_cost import HEADROOM, GiB, Memory, plan_jobs
+    from qrecover.formats.v4.scrypt_cost import HEADROOM, GiB, Memory, plan_jobs
+    from qrecover.formats.v4.scrypt_tool import ScryptTool
+    from qrecover.formats.v4.works import ScryptWorks
 
     header = BackupHeaderV4(version=4, hmac_algorithm="scrypt", compressed=False,
                             backup_id=BACKUP_ID)
@@ -289,22 +289,22 @@ def _works(tmp_path: Path, available: int) -> tuple[object, object]:
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    works = ScryptWorks(fmt, PASSPHRASE, scratch, logged.append, None,
+    works = ScryptWorks(fmt.keys, PASSPHRASE, scratch, logged.append, None,
                         planner=planner)  # type: ignore[arg-type]
     return works, fmt
 
 
 def _pending(fmt: object, enc: Path, member: str) -> object:
     from qrecover.archive.members import parse_member_name
-    from qrecover.formats.v4 import ScryptChunk
+    from qrecover.formats.v4.chunks import ScryptChunk
 
     name = parse_member_name(member)
     assert name is not None
-    return ScryptChunk(fmt, None, member, name, enc, True, enc.with_suffix(".p"))  # type: ignore[arg-type]
+    return ScryptChunk(fmt.keys, None, member, name, enc, True, enc.with_suffix(".p"))  # type: ignore[arg-type, attr-defined]
 
 
 def test_a_chunk_alone_over_the_memory_is_exit_6_naming_it(tmp_path: Path) -> None:
-    from qrecover.scrypt_cost import InsufficientMemory, MiB
+    from qrecover.formats.v4.scrypt_cost import InsufficientMemory, MiB
 
     enc, member = _enc_chunk(tmp_path, 0, 14)  # 16 MiB of key derivation
     works, fmt = _works(tmp_path, available=8 * MiB)
@@ -317,7 +317,7 @@ def test_a_chunk_alone_over_the_memory_is_exit_6_naming_it(tmp_path: Path) -> No
 
 
 def test_a_later_chunk_over_the_budget_stops_after_the_earlier_ones(tmp_path: Path) -> None:
-    from qrecover.scrypt_cost import InsufficientMemory, MiB
+    from qrecover.formats.v4.scrypt_cost import InsufficientMemory, MiB
 
     small, first = _enc_chunk(tmp_path, 0, 10)  # 1 MiB of key derivation: fits
     big, second = _enc_chunk(tmp_path, 1, 16)  # 64 MiB: does not
