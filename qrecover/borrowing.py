@@ -76,7 +76,7 @@ class Borrowing:
                     if outcome.plain is not None:
                         store.drop(outcome.plain, outcome.owned)
                     continue
-            if outcome.checked:
+            if outcome.checked and outcome.unverified is None:  # else: ChunkSalvaged, when fed
                 self.ctx.emit(ChunkChecked(chunk.member, chunk.size, outcome.reason))
             if job.stored == QUBES_XML and outcome.mac:
                 self.xml_macs.append(outcome.mac)

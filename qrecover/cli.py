@@ -8,24 +8,31 @@ No ``from __future__ import annotations``: typer cannot evaluate string
 annotations before Python 3.10, so these are as 3.8 evaluates them (Optional).
 """
 
+import contextlib
+import dataclasses
 import importlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Type
+from typing import List, Optional, Sequence, TextIO, Tuple, Type
 
 import typer
 
-from qrecover import __version__, signals
+from qrecover import __version__, messages, signals
 from qrecover.commands import (
-    Settings,
+    InfoOptions,
+    PassOptions,
+    Reading,
+    RestoreOptions,
+    ScriptOptions,
     info_command,
     restore_command,
     script_command,
     verify_command,
 )
 from qrecover.compat import Annotated
+from qrecover.console import Console
 from qrecover.errors import (
     EXIT_INTERNAL,
     EXIT_OK,
@@ -37,7 +44,7 @@ from qrecover.errors import (
 from qrecover.files import DEFAULT_PATH
 from qrecover.files.cli import files
 from qrecover.help_text import EXAMPLES, SUMMARIES, TOP_HELP, Group
-from qrecover.messages import OneLineFormatter, err
+from qrecover.messages import OneLineFormatter
 from qrecover.options import (
     ArchOpt,
     BackupArg,
@@ -68,13 +75,54 @@ app = typer.Typer(
 )
 
 
-def _settings(ctx: typer.Context) -> Settings:
-    return ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+def _console(ctx: typer.Context) -> Console:
+    console = ctx.obj
+    assert isinstance(console, Console)  # made by _main, the callback before every command
+    return console
 
 
-def _print_version(value: bool) -> None:
+def _reading(
+    backup: List[str],
+    passphrase_file: Optional[Path],
+    vm: Optional[List[str]] = None,
+    exclude: Optional[List[str]] = None,
+    skip_dom0_home: bool = False,
+) -> Reading:
+    return Reading(
+        backup=tuple(backup),
+        passphrase_file=passphrase_file,
+        vms=tuple(vm or ()),
+        exclude=tuple(exclude or ()),
+        skip_dom0_home=skip_dom0_home,
+    )
+
+
+def _checks(
+    reading: Reading,
+    *,
+    no_size_limit: bool,
+    jobs: Optional[int],
+    transcript: Optional[Path],
+    explain: bool,
+    as_json: bool,
+    other_copy: Optional[List[str]],
+) -> PassOptions:
+    """verify's options, and restore's pass."""
+    return PassOptions(
+        reading=reading,
+        size_limit=not no_size_limit,
+        jobs=jobs,
+        transcript=transcript,
+        explain=explain,
+        as_json=as_json,
+        other_copies=tuple(other_copy or ()),
+    )
+
+
+def _print_version(ctx: typer.Context, value: bool) -> None:
     if value:
-        print(f"qrecover {__version__}")
+        console = ctx.obj if isinstance(ctx.obj, Console) else _standard(())
+        console.say(f"qrecover {__version__}")
         raise typer.Exit(0)
 
 
@@ -109,8 +157,10 @@ def _main(
     ] = False,
 ) -> None:
     """Global options."""
-    ctx.obj = Settings(quiet=quiet)
-    handler = logging.StreamHandler(sys.stderr)
+    # From main(); from sys.std* when the app is called some other way (typer's CliRunner)
+    console = ctx.obj if isinstance(ctx.obj, Console) else _standard(())
+    ctx.obj = console = dataclasses.replace(console, quiet=quiet)
+    handler = logging.StreamHandler(console.err)
     handler.setFormatter(OneLineFormatter("%(message)s"))
     logger = logging.getLogger("qrecover")
     logger.handlers[:] = [handler]
@@ -177,28 +227,20 @@ def restore(
     salvage: SalvageOpt = False,
 ) -> None:
     """qrecover restore (its help and examples: qrecover.help_text)."""
-    raise typer.Exit(
-        restore_command(
-            backup,
-            output,
-            vm or [],
-            force,
-            passphrase_file,
-            size_limit=not no_size_limit,
-            jobs=jobs,
-            files=files,
-            transcript=transcript,
-            explain=explain,
-            dry_run=dry_run,
-            as_json=as_json,
-            resume=resume,
-            settings=_settings(ctx),
-            exclude=exclude or [],
-            skip_dom0_home=skip_dom0_home,
-            salvage=salvage,
-            other_copies=other_copy or [],
-        )
+    options = RestoreOptions(
+        checks=_checks(
+            _reading(backup, passphrase_file, vm, exclude, skip_dom0_home),
+            no_size_limit=no_size_limit, jobs=jobs, transcript=transcript,
+            explain=explain, as_json=as_json, other_copy=other_copy,
+        ),
+        output=output,
+        force=force,
+        files=files,
+        dry_run=dry_run,
+        resume=resume,
+        salvage=salvage,
     )
+    raise typer.Exit(restore_command(options, _console(ctx)))
 
 
 app.command(help=SUMMARIES["files"], epilog=EXAMPLES["files"])(files)  # files/cli.py
@@ -220,22 +262,12 @@ def verify(
     other_copy: OtherCopyOpt = None,
 ) -> None:
     """qrecover verify (its help and examples: qrecover.help_text)."""
-    raise typer.Exit(
-        verify_command(
-            backup,
-            vm or [],
-            passphrase_file,
-            size_limit=not no_size_limit,
-            jobs=jobs,
-            transcript=transcript,
-            explain=explain,
-            as_json=as_json,
-            settings=_settings(ctx),
-            exclude=exclude or [],
-            skip_dom0_home=skip_dom0_home,
-            other_copies=other_copy or [],
-        )
+    options = _checks(
+        _reading(backup, passphrase_file, vm, exclude, skip_dom0_home),
+        no_size_limit=no_size_limit, jobs=jobs, transcript=transcript,
+        explain=explain, as_json=as_json, other_copy=other_copy,
     )
+    raise typer.Exit(verify_command(options, _console(ctx)))
 
 
 @app.command(help=SUMMARIES["script"], epilog=EXAMPLES["script"])
@@ -257,14 +289,15 @@ def script(
     passphrase_file: PassFileOpt = None,
 ) -> None:
     """qrecover script (its help and examples: qrecover.help_text)."""
-    code = script_command(
-        backup, output, vm or [], passphrase_file, _settings(ctx), exclude or [], skip_dom0_home
+    options = ScriptOptions(
+        reading=_reading(backup, passphrase_file, vm, exclude, skip_dom0_home), output=output
     )
-    raise typer.Exit(code)
+    raise typer.Exit(script_command(options, _console(ctx)))
 
 
 @app.command(help=SUMMARIES["kit"], epilog=EXAMPLES["kit"])
 def kit(
+    ctx: typer.Context,
     backup: Annotated[
         str,
         typer.Argument(
@@ -289,7 +322,9 @@ def kit(
     """qrecover kit (its help and examples: qrecover.help_text)."""
     from qrecover.kit import kit_command  # only this command needs shiv's machinery
 
-    raise typer.Exit(kit_command(backup, output, passphrase_file, python, arch, offline))
+    raise typer.Exit(
+        kit_command(backup, output, passphrase_file, python, arch, offline, console=_console(ctx))
+    )
 
 
 @app.command(help=SUMMARIES["info"], epilog=EXAMPLES["info"])
@@ -300,9 +335,12 @@ def info(
         bool, typer.Option("--json", help='Print JSON: {"header": {...}, "vms": [...]}.')
     ] = False,
     passphrase_file: PassFileOpt = None,
+    other_copy: OtherCopyOpt = None,
 ) -> None:
     """qrecover info (its help and examples: qrecover.help_text)."""
-    raise typer.Exit(info_command(backup, as_json, passphrase_file, _settings(ctx)))
+    options = InfoOptions(reading=_reading(backup, passphrase_file), as_json=as_json,
+                          other_copies=tuple(other_copy or ()))
+    raise typer.Exit(info_command(options, _console(ctx)))
 
 
 def _usage_errors() -> Tuple[Type[Exception], ...]:
@@ -321,18 +359,39 @@ def _usage_errors() -> Tuple[Type[Exception], ...]:
     return tuple(found)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Entry point: the one place where errors become messages and exit codes."""
-    with signals.handled():
-        code = _run(argv)
+def _standard(argv: Sequence[str]) -> Console:
+    return Console(out=sys.stdout, err=sys.stderr, argv=tuple(argv))
+
+
+def main(
+    argv: Optional[Sequence[str]] = None,
+    stdout: Optional[TextIO] = None,
+    stderr: Optional[TextIO] = None,
+) -> None:
+    """Entry point: the one place where errors become messages and exit codes.
+
+    The commands write to ``stdout`` and ``stderr`` and see ``argv`` (default:
+    the process's own); a test passes its own.
+    """
+    console = _standard(sys.argv[1:] if argv is None else argv)
+    if stdout is not None or stderr is not None:
+        console = dataclasses.replace(console, out=stdout or console.out,
+                                      err=stderr or console.err)
+    # click and typer print --help themselves, to sys.stdout: the console's while
+    # the command runs (the commands write to the console they are given)
+    with signals.handled(), messages.writing_to(console.err), \
+            contextlib.redirect_stdout(console.out), contextlib.redirect_stderr(console.err):
+        code = _run(console, prog_name=None if argv is None else "qrecover")
     sys.exit(code)
 
 
-def _run(argv: Optional[Sequence[str]]) -> int:
+def _run(console: Console, prog_name: Optional[str]) -> int:
+    err = console.error
     try:
         try:
             # Without standalone mode, click returns typer.Exit's code instead of raising it.
-            returned = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+            returned = app(args=list(console.argv), prog_name=prog_name, standalone_mode=False,
+                           obj=console)
             code = returned if isinstance(returned, int) else EXIT_OK
         except typer.Exit as exc:
             code = exc.exit_code
@@ -350,7 +409,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         err(f"error: {exc.message}{hint}")
         code = exc.exit_code
     except _usage_errors() as exc:
-        exc.show()  # type: ignore[attr-defined]
+        exc.show(file=console.err)  # type: ignore[attr-defined]
         code = getattr(exc, "exit_code", EXIT_USAGE)
     except Exception as exc:  # a bug: say so, without a traceback unless asked
         err(

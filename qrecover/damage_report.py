@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qrecover.fallback import ChunkDamage
+from qrecover.plan import Mode
 from qrecover.report import FileResult, Report
 
 SALVAGE_HINT = (
     "no copy given has it good: give another copy with --other-copy PATH, or "
     "restore with --salvage to use its damaged chunks unauthenticated"
 )
+SALVAGED = "placed with --salvage, its damaged chunks used UNVERIFIED: see SALVAGED.txt"
 
 
 @dataclass
@@ -43,7 +45,8 @@ class Damaged:
             "recovered": self.recovered,
             "recovered_from": self.copies,
             "error": None if self.result.ok else self.result.problem,
-            "hint": None if self.recovered else SALVAGE_HINT,
+            "salvaged": self.result.salvage is not None,
+            "hint": None if self.recovered or self.result.salvage is not None else SALVAGE_HINT,
         }
 
 
@@ -72,7 +75,7 @@ def damage_json(report: Report) -> dict[str, object]:
     }
 
 
-def damage_lines(mode: str, report: Report) -> list[str]:
+def damage_lines(mode: Mode, report: Report) -> list[str]:
     """The text: nothing for a backup found whole and good."""
     intact, damaged = sort_out(report)
     if not damaged:
@@ -80,12 +83,13 @@ def damage_lines(mode: str, report: Report) -> list[str]:
     lines = [f"damage: {len(intact)} stored file(s) intact, {len(damaged)} damaged in the backup:"]
     for item in damaged:
         result = item.result
-        state = "RECOVERED" if item.recovered else "DAMAGED"
+        salvaged = result.salvage is not None
+        state = "RECOVERED" if item.recovered else "SALVAGED" if salvaged else "DAMAGED"
         lines.append(f"  {state:<9} {result.owner or '-':<16} {result.stored}")
         for chunk in item.chunks:
             if chunk.copy is None:
                 where = "in no other copy good" if chunk.tried else "no other copy given"
-            elif mode == "verify":
+            elif mode is Mode.VERIFY:
                 where = f"good in {chunk.copy} (restore with --other-copy {chunk.copy})"
             else:
                 where = f"taken from {chunk.copy}"
@@ -94,5 +98,5 @@ def damage_lines(mode: str, report: Report) -> list[str]:
         if not item.chunks and not result.ok:
             lines.append(f"      {result.problem}")
         if not item.recovered:
-            lines.append(f"      {SALVAGE_HINT}")
+            lines.append(f"      {SALVAGED if salvaged else SALVAGE_HINT}")
     return lines

@@ -1,26 +1,39 @@
 """What the engine did, step by step: plain data, no rendering.
 
 The engine emits one event per step of the recovery procedure as it
-happens, through its run's :class:`~qrecover.context.RunContext`.  The
-renderers (qrecover.render: ``--transcript``, ``--explain``) turn them into
-words, asking the run's format (qrecover.formats) for what differs.  The
+happens, through its run's :class:`~qrecover.context.RunContext`: one
+stream, which every listener of the run reads.  The renderers
+(qrecover.render: ``--transcript``, ``--explain``) turn them into words,
+asking the run's format (qrecover.formats) for what differs; the per-file
+lines and the live line (qrecover.file_lines, qrecover.progress) follow the
+pass's progress in them.  The
 commands a ``-v`` log shows are logged where they run (qrecover.runner) or
 where they are done in-process (the format's HMAC checks), not here.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 from qrecover.inventory import Entity, Inventory
 from qrecover.runner import Stage
 
 if TYPE_CHECKING:
     from qrecover.formats.base import Format
+    from qrecover.report import FileResult
 
-SinkKind = Literal["capture", "list", "extract"]
+class SinkKind(str, enum.Enum):
+    """Where a stored file's inner archive goes (qrecover.plan.Sink)."""
+
+    CAPTURE = "capture"  # kept whole in memory: qubes.xml
+    LIST = "list"  # listed (tar -t): verify, and what a restore does not write
+    EXTRACT = "extract"  # extracted into a private staging folder, then placed
+
+    def __str__(self) -> str:  # its word, on every Python (3.12 changed mixed-in enums)
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,19 @@ class PipelineStarted:
 
 
 @dataclass(frozen=True)
+class ChunkSalvaged:
+    """restore --salvage: ``member`` failed its check (``reason``) and is fed
+    all the same (``zero_filled``: it was missing, and ``size`` zero bytes
+    stand for it)."""
+
+    stored: str
+    member: str
+    size: int
+    reason: str
+    zero_filled: bool = False
+
+
+@dataclass(frozen=True)
 class ChunkFed:
     """A checked chunk is being fed into its stored file's pipeline."""
 
@@ -98,16 +124,55 @@ class QubesXmlWritten:
     path: Path
 
 
+# The pass's progress: what the live line and the per-file lines show
+# (qrecover.file_lines.Printer); the engine tells them through its RunContext.
+
+
+@dataclass(frozen=True)
+class FileStarted:
+    """The pass reached a stored file's first chunk."""
+
+    stored: str
+    owner: str
+
+
+@dataclass(frozen=True)
+class DataRead:
+    """``nbytes`` of the backup read (a chunk read and checked, or skipped by --resume)."""
+
+    stored: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ChunksInFlight:
+    """Format 4: how many chunks' scrypt dec run now."""
+
+    chunks: int
+
+
+@dataclass(frozen=True)
+class FileDone:
+    """A stored file is done, and this is all that became of it."""
+
+    result: FileResult
+
+
 # typing's Union and Callable: runtime aliases, which Python 3.8 cannot subscript otherwise
 Event = Union[
     HeaderVerified,
     InventoryRead,
     ChunkChecked,
+    ChunkSalvaged,
     ChunkBorrowed,
     PipelineStarted,
     ChunkFed,
     FileFinished,
     QubesXmlWritten,
+    FileStarted,
+    DataRead,
+    ChunksInFlight,
+    FileDone,
 ]
 EventListener = Callable[[Event], None]
 

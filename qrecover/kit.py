@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -19,9 +18,11 @@ from pathlib import Path
 
 from qrecover import formats
 from qrecover.archive.container import open_source
+from qrecover.console import Console
 from qrecover.engine import run
 from qrecover.errors import EXIT_OK, OutputError, UsageError
 from qrecover.passphrase import get_passphrase
+from qrecover.plan import Mode
 from qrecover.pyz import PyzMade, make_pyz
 from qrecover.pyz_wheels import parse_targets
 from qrecover.recovery_text import recovery_text
@@ -34,7 +35,7 @@ def _read_backup(backup: str, passphrase_file: Path | None) -> Report:
     source = open_source(backup)
     # a format-1 folder has nothing to authenticate with, so no passphrase
     passphrase = "" if formats.folder_format(source) else get_passphrase(passphrase_file)
-    return run(source, passphrase, Request("info"))
+    return run(source, passphrase, Request(Mode.KIT))
 
 
 def _check_output(output: Path) -> None:
@@ -73,6 +74,8 @@ def kit_command(
     pythons: Sequence[str] | None = None,
     arches: Sequence[str] | None = None,
     offline: bool = False,
+    *,
+    console: Console,
 ) -> int:
     """Write qrecover.pyz, recover.sh and RECOVERY.txt into ``output``.
 
@@ -89,7 +92,8 @@ def kit_command(
     output.mkdir(parents=True, exist_ok=True)
     where = os.path.abspath(backup)
     restore_to = Path(os.path.abspath(output)) / "restored"
-    argv: Sequence[str] = ("kit", *sys.argv[2:]) if sys.argv[1:2] == ["kit"] else ()
+    called = console.argv
+    argv: Sequence[str] = ("kit", *called[1:]) if called[:1] == ("kit",) else ()
     # recover.sh runs on a rescue system: plain gzip -d, as `qrecover script` writes
     plan = dataclasses.replace(report.plan, gunzip="gzip", extractor="tar")
     script = formats.words(report.fmt).script(plan, where, restore_to, tuple(argv))
@@ -101,13 +105,15 @@ def kit_command(
     text = recovery_text(report.fmt, report.selected, os.path.basename(where),
                          runs_on_text(made), when)
     _write_text(output / "RECOVERY.txt", text)
-    print(f"kit written to {output}: " + ", ".join(KIT_FILES), file=sys.stderr)
-    print(f"  qrecover.pyz runs on: {made.runs_on}", file=sys.stderr)
+    lines = [f"kit written to {output}: " + ", ".join(KIT_FILES),
+             f"  qrecover.pyz runs on: {made.runs_on}"]
     if made.copied_from is not None:
-        print(f"  (a copy of {made.copied_from}, the pyz running now)", file=sys.stderr)
+        lines.append(f"  (a copy of {made.copied_from}, the pyz running now)")
     elif made.offline is not None:
-        print(f"  OFFLINE: it holds what is installed here ({made.offline}), so it runs "
-              "on that Python only; recover.sh needs no Python. Run qrecover kit again "
-              "where the package index can be reached for a pyz that runs on CPython "
-              "3.8-3.13 on x86_64 and aarch64.", file=sys.stderr)
+        lines.append(f"  OFFLINE: it holds what is installed here ({made.offline}), so it runs "
+                     "on that Python only; recover.sh needs no Python. Run qrecover kit again "
+                     "where the package index can be reached for a pyz that runs on CPython "
+                     "3.8-3.13 on x86_64 and aarch64.")
+    console.err.write("".join(f"{line}\n" for line in lines))
+    console.err.flush()
     return EXIT_OK

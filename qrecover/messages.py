@@ -8,8 +8,15 @@ success") or drive the terminal.  Every message is made printable here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+# Where err() writes while a command runs: the stderr cli.main was given
+# (qrecover.console); sys.stderr outside a command.
+_streams: list[TextIO] = []
 
 
 def printable(text: str) -> str:
@@ -21,7 +28,19 @@ def printable(text: str) -> str:
 
 def err(message: str) -> None:
     """One line on stderr, prefixed ``qrecover:``."""
-    print(f"qrecover: {printable(message)}", file=sys.stderr, flush=True)
+    stream = _streams[-1] if _streams else sys.stderr
+    stream.write(f"qrecover: {printable(message)}\n")
+    stream.flush()
+
+
+@contextlib.contextmanager
+def writing_to(stream: TextIO) -> Iterator[None]:
+    """err() writes to ``stream`` inside (cli.main: the command's stderr)."""
+    _streams.append(stream)
+    try:
+        yield
+    finally:
+        _streams.pop()
 
 
 class OneLineFormatter(logging.Formatter):

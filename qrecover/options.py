@@ -45,9 +45,12 @@ JobsOpt = Annotated[
         "--jobs",
         "-j",
         min=1,
-        help="Format 4: authenticate and decrypt up to N chunks at once (scrypt dec). "
-        "Default: as many as there are cores and the memory holds (each scrypt dec is "
-        "capped with -M to its share).",
+        help="Format 4: authenticate and decrypt up to N chunks at once (scrypt dec), "
+        "across stored files and VMs. Default: as many as there are cores and the memory "
+        "holds (each scrypt dec is capped with -M to its share). Formats 1-3 take no "
+        "jobs: their per-chunk work is an HMAC computed while the chunk is copied, and "
+        "their decryption (openssl enc, its key derived at once) runs in the stored "
+        "file's one stream, so there is nothing costly to run at the same time.",
         metavar="N",
     ),
 ]
@@ -115,8 +118,9 @@ OtherCopyOpt = Annotated[
         "--other-copy",
         help="Another copy of the same backup (repeatable): a file, a folder, or its "
         "pieces joined by commas. A chunk that is missing, unreadable or fails its check "
-        "in BACKUP is taken from the first copy where it authenticates. Its header must be "
-        "BACKUP's, byte for byte, and authenticate with the passphrase.",
+        "in BACKUP is taken from the first copy where it authenticates; so is BACKUP's "
+        "header if it is damaged. Its header must be BACKUP's, byte for byte, and "
+        "authenticate with the passphrase.",
         metavar="PATH",
     ),
 ]

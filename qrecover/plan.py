@@ -12,20 +12,44 @@ run and the restore stop for the same reasons.
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from qrecover.archive.members import QUBES_XML
 from qrecover.errors import OutputError, WouldOverwrite
+from qrecover.events import SinkKind
 from qrecover.formats.base import Format
 from qrecover.inventory import DOM0, MAX_XML, Entity
 from qrecover.runner import Stage
 from qrecover.stages.extract import extract_stage, list_stage, placement, qubes_xml_stage
 
-Mode = Literal["info", "verify", "restore"]
+
+class Mode(str, enum.Enum):
+    """What a run does with the backup: each command's own name."""
+
+    INFO = "info"  # qrecover info: the header and qubes.xml, no stored file read
+    SCRIPT = "script"  # qrecover script: the same, for the plan the script prints
+    KIT = "kit"  # qrecover kit: the same, for RECOVERY.txt
+    VERIFY = "verify"  # every stored file read, checked and listed, nothing written
+    RESTORE = "restore"  # ... and extracted into DIR
+
+    def __str__(self) -> str:  # its word, on every Python (3.12 changed mixed-in enums)
+        return self.value
+
+    @property
+    def plans_only(self) -> bool:
+        """Stops once the plan is made: reads no stored file but qubes.xml."""
+        return self in (Mode.INFO, Mode.SCRIPT, Mode.KIT)
+
+    @property
+    def done_word(self) -> str:
+        """What became of a good stored file: ``verified`` or ``restored``."""
+        return "restored" if self is Mode.RESTORE else "verified"
+
+
 # How far an entity's inner archives may exceed the size qubes.xml declares
 # for it (du of the VM's folder) before qrecover calls it a decompression bomb.
 SIZE_FACTOR = 2
@@ -41,7 +65,7 @@ PLACEHOLDER_LIMIT = 1024 * 1024
 class Sink:
     """Where a stored file's inner archive goes."""
 
-    kind: Literal["capture", "list", "extract"]
+    kind: SinkKind
     staging: Path | None = None
     strip: int = 0
     folder_rel: str = ""
@@ -92,9 +116,9 @@ class Plan:
 
     def stages(self, sink: Sink) -> list[Stage]:
         stages = self.front()
-        if sink.kind == "capture":
+        if sink.kind is SinkKind.CAPTURE:
             stages.append(qubes_xml_stage())
-        elif sink.kind == "list":
+        elif sink.kind is SinkKind.LIST:
             stages.append(list_stage())
         else:
             assert sink.staging is not None
@@ -114,12 +138,13 @@ class Plan:
         if placeholder:
             # qubes.xml gives such a qube size 0, that is no budget at all
             limit = PLACEHOLDER_LIMIT if limit is None else min(limit, PLACEHOLDER_LIMIT)
-        if self.mode != "restore":
-            return Sink("list", limit=limit)
+        if self.mode is not Mode.RESTORE:
+            return Sink(SinkKind.LIST, limit=limit)
         assert staging is not None
         strip, folder = placement(entity.backup_path, entity.dest, stored)
         tool = self.extractor_for(stored)
-        return Sink("extract", staging, strip, folder, limit, placeholder, tool)
+        return Sink(SinkKind.EXTRACT, staging, strip, folder_rel=folder, limit=limit,
+                    placeholder=placeholder, extractor=tool)
 
     def entities(self) -> list[EntityPlan]:
         plans = []
@@ -135,7 +160,7 @@ class Plan:
 
 
 # qubes.xml is captured whole, whatever qubes.xml says of sizes.
-XML_SINK = Sink("capture", limit=MAX_XML + SIZE_SLACK)
+XML_SINK = Sink(SinkKind.CAPTURE, limit=MAX_XML + SIZE_SLACK)
 
 
 def existing(root: Path, rels: Sequence[str]) -> list[Path]:

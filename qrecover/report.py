@@ -122,30 +122,13 @@ class Report:
 
 
 class Observer(Protocol):
-    """Told about the pass as it goes (the CLI's lines, the progress display)."""
+    """How the pass tells its progress: a RunContext, which makes each call an
+    event for the run's listeners (the live line, the per-file lines)."""
 
-    def planned(self, selected: Sequence[Entity]) -> None: ...
     def file_started(self, stored: str, owner: str) -> None: ...
     def data_read(self, stored: str, nbytes: int) -> None: ...
     def in_flight(self, chunks: int) -> None: ...
     def file_done(self, result: FileResult) -> None: ...
-
-
-class Quiet:
-    def planned(self, selected: Sequence[Entity]) -> None:
-        pass
-
-    def file_started(self, stored: str, owner: str) -> None:
-        pass
-
-    def data_read(self, stored: str, nbytes: int) -> None:
-        pass
-
-    def in_flight(self, chunks: int) -> None:
-        pass
-
-    def file_done(self, result: FileResult) -> None:
-        pass
 
 
 def missing(

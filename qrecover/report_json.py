@@ -1,21 +1,22 @@
 """``verify --json`` and ``restore --json``: one JSON document on stdout.
 
 While the pass runs, everything meant for a person (the per-file lines, the
-summary table, the verdict) goes to stderr, so that stdout holds nothing but
-the document: a scheduled check can parse it whatever the run printed.
+summary table, the verdict) goes to stderr (the command writes them there:
+``Console.for_people``), so that stdout holds nothing but the document: a
+scheduled check can parse it whatever the run printed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
 from qrecover.damage_report import damage_json
 from qrecover.errors import EXIT_OK, QrecoverError
+from qrecover.plan import Mode
 from qrecover.report import FileResult, Report
 
 
@@ -37,12 +38,12 @@ def file_json(result: FileResult) -> dict[str, object]:
 
 
 def report_json(
-    mode: str, backup: str | list[str], report: Report, exit_code: int
+    mode: Mode, backup: str | list[str], report: Report, exit_code: int
 ) -> dict[str, object]:
     """The whole document for a pass that ran to its end (good or bad)."""
     header = report.header
     return {
-        "command": mode,
+        "command": mode.value,
         "backup": backup,
         "header": header.fields() if header is not None else None,
         "vms": [e.as_json() for e in report.selected],
@@ -59,11 +60,11 @@ def report_json(
     }
 
 
-def error_json(mode: str, backup: str | list[str], error: QrecoverError) -> dict[str, object]:
+def error_json(mode: Mode, backup: str | list[str], error: QrecoverError) -> dict[str, object]:
     """The document for a pass stopped by an error before its end (wrong passphrase,
     missing program, ...): no files, the message, the same exit code as without --json."""
     return {
-        "command": mode,
+        "command": mode.value,
         "backup": backup,
         "header": None,
         "vms": [],
@@ -79,7 +80,7 @@ def error_json(mode: str, backup: str | list[str], error: QrecoverError) -> dict
 class JsonRun:
     """Collects what the document says; ``done`` is called once the verdict is known."""
 
-    mode: str
+    mode: Mode
     backup: str | list[str]
     document: dict[str, object] | None = field(default=None)
 
@@ -88,19 +89,19 @@ class JsonRun:
 
 
 @contextlib.contextmanager
-def json_output(enabled: bool, mode: str, pieces: Sequence[str]) -> Iterator[JsonRun]:
-    """With ``enabled``: human output to stderr inside, the document on stdout after
-    (also when a QrecoverError stops the pass; it is raised on unchanged)."""
+def json_output(
+    enabled: bool, mode: Mode, pieces: Sequence[str], stdout: TextIO
+) -> Iterator[JsonRun]:
+    """With ``enabled``: the document on ``stdout`` after the pass (also when a
+    QrecoverError stops it; it is raised on unchanged)."""
     # One path as a string; the pieces of a split backup as a list, in order.
     backup: str | list[str] = pieces[0] if len(pieces) == 1 else list(pieces)
     run = JsonRun(mode, backup)
     if not enabled:
         yield run
         return
-    stdout: TextIO = sys.stdout
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield run
+        yield run
     except QrecoverError as exc:
         _emit(stdout, error_json(mode, backup, exc))
         raise

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from qrecover.archive.members import ChunkName
 from qrecover.errors import OutputError
+from qrecover.events import SinkKind
 from qrecover.messages import err
 from qrecover.output import Output
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage
@@ -195,12 +196,16 @@ class SalvageLog:
         top-level name -> where it went)."""
         ranges = self.archive_ranges()
         files: list[FileRanges] = []
+        by_member: dict[str, FileRanges] = {}  # format 2: a member in several volumes
         for ext in self.layout:
             path = _restored(ext.name, strip, placed, root)
-            touched = FileRanges(ext.name, path, [])
+            touched = by_member.get(ext.name) or FileRanges(ext.name, path, [])
             for begin, end in ranges:
                 stop = end if end is not None else 1 << 62
-                if begin < ext.data_start + ext.map_bytes and stop > ext.header_start:
+                # (a piece continued in a later volume has no header of its own:
+                # header_start == data_start, and its M header places no byte)
+                if begin < ext.data_start + ext.map_bytes and stop > ext.header_start \
+                        and ext.header_start < ext.data_start:
                     touched.layout_unverified = True
                 if end is None and self.geometry.compressed:
                     if begin < ext.data_start + ext.size:
@@ -212,7 +217,9 @@ class SalvageLog:
             touched.ranges = _merge(touched.ranges)
             if path and root is not None and (root / path).is_file():
                 touched.size = (root / path).stat().st_size
-            if touched.ranges or touched.from_byte is not None or touched.layout_unverified:
+            if (touched.ranges or touched.from_byte is not None or touched.layout_unverified) \
+                    and ext.name not in by_member:
+                by_member[ext.name] = touched
                 files.append(touched)
         return SalvageReport(self.stored, list(self.chunks), files, ranges,
                              not self.geometry.compressed, self.cut)
@@ -350,10 +357,15 @@ class VerifiedPrefix:
 
 
 def new_log(salvage: bool, fmt: Format, gunzip: str, stored: str, sink: Sink) -> SalvageLog | None:
-    """The account for one stored file being restored, if --salvage asks for one
-    (format 2's chunks are each a tar volume of their own: not salvaged)."""
-    if not salvage or sink.kind != "extract" or fmt.multi_volume:
+    """The account for one stored file being restored, if --salvage asks for one."""
+    if not salvage or sink.kind is not SinkKind.EXTRACT:
         return None
+    if fmt.multi_volume:
+        # format 2: each chunk was encrypted or compressed on its own, and what it
+        # gives is its volume, fed as a file of its own: the bytes an unverified
+        # chunk covers are exactly its volume's, whatever the compression, and
+        # the chunks after it are verified again
+        return SalvageLog(stored, Geometry(False, False))
     front = fmt.stream_stages(gunzip)
     encrypted = bool(front) and front[0].program == "openssl"
     return SalvageLog(stored, Geometry(encrypted, len(front) > int(encrypted)))
@@ -363,6 +375,11 @@ def record(report: Report, job: StoredFile, result: FileResult, output: Output) 
     """A stored file was placed with unverified chunks: say so loudly, in the
     report and in SALVAGED.txt at the top of DIR (rewritten as each is placed)."""
     assert job.salvage is not None
+    if not result.ok:  # nothing could be placed (tar found no member it could read)
+        report.problems.append(f"{result.stored}: --salvage used {len(job.salvage.chunks)} "
+                               "chunk(s) that FAILED authentication, but nothing of it could "
+                               "be placed")
+        return
     placed = {p.name: p for p in result.places}
     result.salvage = job.salvage.report(placed, output.root, job.sink.strip)
     report.problems.append(

@@ -20,7 +20,7 @@ from typing import IO, Callable, List  # typing's: Placing is a runtime alias (3
 
 from qrecover.context import RunContext
 from qrecover.errors import DiskFull, FeedFailed, OutputError, QrecoverError, StoredFileError
-from qrecover.events import ChunkFed, FileFinished, PipelineStarted
+from qrecover.events import ChunkFed, ChunkSalvaged, FileFinished, PipelineStarted, SinkKind
 from qrecover.formats.v2_volumes import VolumeGuard, VolumeTar
 from qrecover.output import Output, tree_size
 from qrecover.plan import PLACEHOLDER, Sink
@@ -49,6 +49,7 @@ class StoredFile:
 
     def __init__(
         self,
+        *,
         stored: str,
         owner: str,
         sink: Sink,
@@ -93,7 +94,7 @@ class StoredFile:
         read_end, self.feed_w = os.pipe()
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.feed_w, F_SETPIPE_SZ, PIPE_SIZE)
-        if self.sink.kind != "extract":
+        if self.sink.kind is not SinkKind.EXTRACT:
             self.out_file = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115
         try:
             self.pipeline = Pipeline(
@@ -113,10 +114,12 @@ class StoredFile:
         self._started()
 
     def _start_volumes(self) -> None:
-        if self.sink.kind != "extract":
+        if self.sink.kind is not SinkKind.EXTRACT:
             self.out_file = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115
         guard = VolumeGuard(-1, -1, self.sink.limit, self.stored, prefix=self.stored)
         work = Path(tempfile.mkdtemp(prefix="volumes-", dir=self.scratch))
+        if self.salvage is not None:
+            guard.layout = self.salvage.layout  # where each member's bytes lie
         self.volumes = VolumeTar(self._stages[-1], work, guard, self.out_file,
                                  self.ctx.command, self.stored)
         self.pipeline = self.volumes.pipeline  # started with the first volume
@@ -168,13 +171,19 @@ class StoredFile:
         ``unverified`` says why); returns while cat (or the format's ``feeder``,
         format 1's ``tar -c``) is still feeding it."""
         if self.salvage is not None:
-            self.salvage.fed_chunk(member or path.name, path.stat().st_size, unverified, zeros)
+            size = path.stat().st_size
+            self.salvage.fed_chunk(member or path.name, size, unverified, zeros)
+            if unverified is not None:
+                self.ctx.emit(ChunkSalvaged(self.stored, member or path.name, size,
+                                            unverified, zeros))
         if self.pipeline is None:
             self._feeder = feeder.program if feeder is not None else "cat"  # for the log
             self._start()
         if self.volumes is not None:
-            if self.volumes.feed(path, owned, member or path.name):
+            if self.volumes.feed(path, owned, member or path.name, unverified is not None):
                 self._started()
+            if self.salvage is not None and self.volumes.guard.rebuilt is not None:
+                self.salvage.chunks[-1].reason += f"; {self.volumes.guard.rebuilt}"
             self.ctx.emit(ChunkFed(self.stored, member or path.name, path))
             return
         self._reap_cat()
@@ -291,7 +300,10 @@ class StoredFile:
         assert output is not None and staging is not None
         entries = sorted(staging.iterdir()) if staging.exists() else []
         if not entries:
-            if self.result.ok:
+            if self.result.ok and self.salvage is not None and self.salvage.cut is not None:
+                self.fail(StoredFileError(f"{self.stored}: --salvage could restore nothing of "
+                                          f"it: {self.salvage.cut}"))
+            elif self.result.ok:
                 self.fail(StoredFileError(f"{self.stored}: its archive held nothing to restore"))
             return
         folder = output.ensure_dir(self.sink.folder_rel)

@@ -16,10 +16,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar  # typing's Callable: a runtime alias (3.8)
@@ -30,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_backup as gen  # noqa: E402  (the independent writer, never qrecover code)
+import make_backup_v2 as gen2  # noqa: E402  (the same, for Qubes R2's format 2)
 import make_backup_v4 as gen4  # noqa: E402  (the same, for Qubes R4's format 4)
 from helpers import PASSPHRASE, sha  # noqa: E402  (re-exported: many tests import them from here)
 
@@ -83,71 +82,46 @@ def run_main(
     *args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> Run:
     """``qrecover ARGS`` as ``run_cli`` runs it, but in this process: ``cli.main``, the
-    function the installed script calls, with file descriptors 0, 1 and 2 and
-    ``sys.std*`` of its own (standard input an empty pipe; the programs it starts
-    write to the same stdout and stderr, as they would), the environment, folder and
-    argv the program would have; all put back afterwards.  It saves the start of a
-    Python process per run; ``run_cli`` stays for what only a separate process shows
-    (signals, /proc, standard input, programs on PATH)."""
+    function the installed script calls, given the argv and the standard output and
+    error the program would have (text streams encoded as Python encodes a pipe's),
+    with the environment and folder of its own; all put back afterwards.  It saves the
+    start of a Python process per run; ``run_cli`` stays for what only a separate
+    process shows (signals, /proc, standard input, programs on PATH)."""
     from qrecover.cli import main
 
     saved_env = dict(os.environ)
     saved_cwd = os.getcwd()
-    saved_std = (sys.stdin, sys.stdout, sys.stderr)
-    saved_argv, saved_main = sys.argv, sys.modules["__main__"]
     saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    saved_fds = [os.dup(fd) for fd in (0, 1, 2)]
-    empty, writer = os.pipe()
-    os.close(writer)
+    out_bytes, err_bytes = io.BytesIO(), io.BytesIO()
+    out = io.TextIOWrapper(out_bytes)
+    err = io.TextIOWrapper(err_bytes, errors="backslashreplace", line_buffering=True)
     code: int | str | None
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    try:
+        os.environ.pop("QRECOVER_PASSPHRASE", None)
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
         try:
-            os.environ.pop("QRECOVER_PASSPHRASE", None)
-            os.environ.update(env or {})
-            if cwd is not None:
-                os.chdir(cwd)
-            for fd, target in ((0, empty), (1, out.fileno()), (2, err.fileno())):
-                os.dup2(target, fd)
-            # as Python sets them up for a pipe: stdout block-buffered, stderr by line
-            sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)))
-            sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)))
-            sys.stderr = io.TextIOWrapper(
-                io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
-                errors="backslashreplace", line_buffering=True,
-            )
-            # the installed script's argv and __main__: click names the program from them
-            sys.argv = ["qrecover", *map(str, args)]
-            sys.modules["__main__"] = types.ModuleType("__main__")
-            try:
-                main([str(a) for a in args])
-                code = 0
-            except SystemExit as exc:
-                code = exc.code
-            except BaseException:  # what the interpreter would print, and its exit 1
-                traceback.print_exc()
-                code = 1
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(ValueError, OSError):
-                    stream.flush()
-            for fd, saved in zip((0, 1, 2), saved_fds):
-                os.dup2(saved, fd)
-                os.close(saved)
-            os.close(empty)
-            sys.stdin, sys.stdout, sys.stderr = saved_std
-            sys.argv, sys.modules["__main__"] = saved_argv, saved_main
-            for signum, handler in saved_signals.items():
-                signal.signal(signum, handler)
-            os.chdir(saved_cwd)
-            os.environ.clear()
-            os.environ.update(saved_env)
-        out.seek(0)
-        err.seek(0)
-        return Run(
-            code if isinstance(code, int) else (0 if code is None else 1),
-            out.read().decode("utf-8", "replace"),
-            err.read().decode("utf-8", "replace"),
-        )
+            main([str(a) for a in args], stdout=out, stderr=err)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        except BaseException:  # what the interpreter would print, and its exit 1
+            traceback.print_exc(file=err)
+            code = 1
+    finally:
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    out.flush()
+    err.flush()
+    return Run(
+        code if isinstance(code, int) else (0 if code is None else 1),
+        out_bytes.getvalue().decode("utf-8", "replace"),
+        err_bytes.getvalue().decode("utf-8", "replace"),
+    )
 
 
 @dataclass
@@ -424,6 +398,15 @@ def make4(
 ) -> MakeBackup:
     """Build (and cache) a format-4 backup of the sample tree (R4's writer, real scrypt)."""
     return _backup_maker(tmp_path_factory, sample_tree, gen4.make_backup_v4, "qubes-backup-r4")
+
+
+@pytest.fixture(scope="session")
+def make2(
+    tmp_path_factory: pytest.TempPathFactory, sample_tree: tuple[list[Any], Path]
+) -> MakeBackup:
+    """Build (and cache) a format-2 backup of the sample tree (R2's writer: real
+    ``tar -M`` volumes, openssl or gzip per volume)."""
+    return _backup_maker(tmp_path_factory, sample_tree, gen2.make_backup_v2, "qubes-backup-v2")
 
 
 @pytest.fixture(scope="session")

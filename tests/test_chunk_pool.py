@@ -1,4 +1,4 @@
-"""qrecover.chunk_pool with the real scrypt: order, concurrency, failure, cancel.
+"""qrecover.formats.v4.chunk_pool with the real scrypt: order, concurrency, failure, cancel.
 
 Chunks are written by ``scrypt enc`` at a cheap cost (``--logN`` small),
 except where a test needs a chunk to be slower than the ones after it.
@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from qrecover import signals
-from qrecover.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed
 from qrecover.errors import EXIT_OUTPUT
-from qrecover.formats.scrypt import ScryptTool
+from qrecover.formats.v4.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed
+from qrecover.formats.v4.scrypt_cost import InsufficientMemory, JobPlan, MiB, read_params
+from qrecover.formats.v4.scrypt_tool import ScryptTool
 from qrecover.runner import Stage
-from qrecover.scrypt_cost import InsufficientMemory, JobPlan, MiB, read_params
 
 PASS = "the passphrase ünï"
 BACKUP_ID = "20261202T120000-1"

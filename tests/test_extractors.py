@@ -511,10 +511,11 @@ def test_names_bsdtar_would_refuse_go_to_gnu_tar(tmp_path: Path) -> None:
 
 
 def _plan_tool(stored: str) -> str:
-    from qrecover.plan import Plan
+    from qrecover.plan import Mode, Plan
 
     class _Fmt:
         multi_volume = False
 
-    plan = Plan(_Fmt(), "restore", (), "gzip", extractor="bsdtar")  # type: ignore[arg-type]
+    plan = Plan(fmt=_Fmt(), mode=Mode.RESTORE, selected=(), gunzip="gzip",  # type: ignore[arg-type]
+                extractor="bsdtar")
     return plan.extractor_for(stored)

@@ -301,16 +301,21 @@ def test_read_partitions_of_an_mbr_disk(private: tuple[Path, Path], tmp_path: Pa
 
 
 def test_files_command_prints_one_line_per_path(
-    private: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    private: tuple[Path, Path], tmp_path: Path
 ) -> None:
     img, _tree = private
     out = tmp_path / "out"
-    assert command.files_command(img, out, ["/config"], list_only=False, force=False) == EXIT_OK
-    assert capsys.readouterr().out == (
+    said = io.StringIO()
+    copied = command.files_command(img, out, ["/config"], list_only=False, force=False, out=said)
+    assert copied == EXIT_OK
+    assert said.getvalue() == (
         f"COPIED    /config -> {out / 'config'} (1 file(s), 1 folder(s), 0 symlink(s), 10 B)\n"
     )
-    assert command.files_command(img, None, ["/usrlocal"], list_only=True, force=False) == EXIT_OK
-    lines = capsys.readouterr().out.splitlines()
+    said = io.StringIO()
+    listed = command.files_command(img, None, ["/usrlocal"], list_only=True, force=False,
+                                   out=said)
+    assert listed == EXIT_OK
+    lines = said.getvalue().splitlines()
     assert [line.split()[-1] for line in lines] == [
         "/usrlocal/",
         "/usrlocal/bin/",
@@ -318,7 +323,7 @@ def test_files_command_prints_one_line_per_path(
     ]
     assert lines[0].startswith("drwxr-xr-x            -  ")
     with pytest.raises(UsageError, match="--output DIR is needed"):
-        command.files_command(img, None, [], list_only=False, force=False)
+        command.files_command(img, None, [], list_only=False, force=False, out=said)
 
 
 def test_restore_files_copies_each_restored_home(
@@ -339,18 +344,19 @@ def test_restore_files_copies_each_restored_home(
             FileResult("vm8/private.img", "half", failure=BackupError("x")),
         ],
     )
-    assert command.restore_files(report, out, force=False) == EXIT_OK
-    captured = capsys.readouterr()
-    assert captured.out.startswith(f"FILES     work             {out}/work/private.img:{HOME}\n")
-    assert "half: not restored completely; its files are not copied" in captured.err
+    said = io.StringIO()
+    assert command.restore_files(report, out, force=False, out=said) == EXIT_OK
+    assert said.getvalue().startswith(f"FILES     work             {out}/work/private.img:{HOME}\n")
+    assert "half: not restored completely; its files are not copied" in capsys.readouterr().err
     notes = "Documents/deep/er/still deeper/notes.md"
     assert sha(out / "work" / "files" / "user" / notes) == sha(tree / "home" / "user" / notes)
     assert not (out / "half" / "files").exists()
     # files/ made by the backup as a symbolic link: not followed, the VM fails
     (out / "work" / "files").rename(tmp_path / "moved")
     (out / "work" / "files").symlink_to(tmp_path / "moved")
-    assert command.restore_files(report, out, force=True) == EXIT_BACKUP
-    assert "is a symbolic link (made by the backup?); not followed" in capsys.readouterr().out
+    said = io.StringIO()
+    assert command.restore_files(report, out, force=True, out=said) == EXIT_BACKUP
+    assert "is a symbolic link (made by the backup?); not followed" in said.getvalue()
     assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == ["user"]
 
 

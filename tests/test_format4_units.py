@@ -13,8 +13,8 @@ from qrecover.archive.members import ChunkName, parse_member_name
 from qrecover.compat import removesuffix
 from qrecover.errors import BackupError
 from qrecover.formats import parse_header
-from qrecover.formats.scrypt import ScryptTool, dec_stage, is_scrypt_file, render_dec
 from qrecover.formats.v4 import BackupHeaderV4
+from qrecover.formats.v4.scrypt_tool import ScryptTool, dec_stage, is_scrypt_file, render_dec
 from qrecover.runner import PASS_ENV
 
 R4 = (

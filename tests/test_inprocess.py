@@ -10,6 +10,7 @@ they can show something (signals, /proc command lines, programs on PATH).
 from __future__ import annotations
 
 import gc
+import io
 import os
 import threading
 import warnings
@@ -21,10 +22,12 @@ from typer.testing import CliRunner
 
 from qrecover.archive.container import open_source
 from qrecover.cli import app, main
-from qrecover.commands import restore_command
+from qrecover.commands import PassOptions, Reading, RestoreOptions, restore_command
+from qrecover.console import Console
 from qrecover.context import RunContext
 from qrecover.engine import run
 from qrecover.events import ChunkChecked, Event, FileFinished, HeaderVerified, InventoryRead
+from qrecover.plan import Mode
 from qrecover.render.transcript import TranscriptWriter, open_new
 from qrecover.report import Request
 
@@ -65,7 +68,7 @@ def test_main_turns_errors_into_exit_codes(
 
 def _verify(backup: Backup, events: list[Event]) -> bool:
     ctx = RunContext(listeners=[events.append])
-    report = run(open_source(str(backup.path)), PASSPHRASE, Request("verify"), ctx=ctx)
+    report = run(open_source(str(backup.path)), PASSPHRASE, Request(Mode.VERIFY), ctx=ctx)
     return report.ok
 
 
@@ -89,7 +92,7 @@ def test_the_engine_restores_by_a_direct_call_with_a_transcript(
     script = tmp_path / "t.sh"
     writer = TranscriptWriter(open_new(script, False), "restore", None, out)
     ctx = RunContext(listeners=[writer])
-    request = Request("restore", output=out)
+    request = Request(Mode.RESTORE, output=out)
     report = run(open_source(str(default_backup.path)), PASSPHRASE, request, ctx=ctx)
     writer.close(report.ok)
     assert report.ok
@@ -130,16 +133,20 @@ def test_two_runs_at_once_do_not_see_each_other(
     assert not any(m.endswith(".enc") for m in members["r3"])
 
 
-def test_dry_run_and_restore_stop_alike_in_process(
-    default_backup: Backup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_dry_run_and_restore_stop_alike_in_process(default_backup: Backup, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "work").mkdir(parents=True)
-    args = (str(default_backup.path), out, ["work"])
-    code = restore_command(*args, False, default_backup.passfile, dry_run=True)
+    reading = Reading(
+        backup=(str(default_backup.path),), passphrase_file=default_backup.passfile, vms=("work",)
+    )
+    checks = PassOptions(reading=reading)
+    stdout = io.StringIO()
+    said = Console(out=stdout, err=io.StringIO())
+    code = restore_command(RestoreOptions(checks=checks, output=out, dry_run=True), said)
     assert code == 6
-    assert "It would stop" in capsys.readouterr().out
-    assert restore_command(*args, True, default_backup.passfile, dry_run=True) == 0
+    assert "It would stop" in stdout.getvalue()
+    forced = RestoreOptions(checks=checks, output=out, force=True, dry_run=True)
+    assert restore_command(forced, said) == 0
     assert list((out / "work").iterdir()) == []  # the dry run wrote nothing
 
 

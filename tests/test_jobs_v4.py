@@ -233,13 +233,18 @@ def test_interrupted_jobs_2_restore_stops_every_child(
 
 
 def test_progress_line_shows_the_chunks_in_flight() -> None:
-    from qrecover.progress import Snapshot, progress_line
+    import io
 
-    snap = Snapshot("work", "vm7/private.img", 1 << 20, 1.0, 2 << 20, 8 << 20, False, 2.0, 2)
-    assert "vm7/private.img 1.0 MiB" in progress_line(snap, 200)
-    assert "(2 chunks in flight)" in progress_line(snap, 200)
-    snap.in_flight = 0
-    assert "in flight" not in progress_line(snap, 200)
+    from qrecover.progress import Display
+
+    out = io.StringIO()
+    display = Display(out, 8 << 20, width=200)
+    display.file_started("vm7/private.img", "work")
+    display.in_flight(2)
+    display.data_read("vm7/private.img", 1 << 20)
+    assert "work vm7/private.img 1.0 MiB (2 in flight) | " in out.getvalue()
+    display.in_flight(0)
+    assert display.file_bytes() == "1.0 MiB"
 
 
 # -- the memory rule, on chunks written by `scrypt enc` with a stated cost -------
@@ -266,10 +271,10 @@ def _enc_chunk(folder: Path, index: int, log_n: int) -> tuple[Path, str]:
 
 
 def _works(tmp_path: Path, available: int) -> tuple[object, object]:
-    from qrecover.formats.scrypt import ScryptTool
     from qrecover.formats.v4 import BackupHeaderV4, Format4
-    from qrecover.formats.v4_jobs import ScryptWorks
-    from qrecover.scrypt_cost import HEADROOM, GiB, Memory, plan_jobs
+    from qrecover.formats.v4.scrypt_cost import HEADROOM, GiB, Memory, plan_jobs
+    from qrecover.formats.v4.scrypt_tool import ScryptTool
+    from qrecover.formats.v4.works import ScryptWorks
 
     header = BackupHeaderV4(version=4, hmac_algorithm="scrypt", compressed=False,
                             backup_id=BACKUP_ID)
@@ -284,22 +289,22 @@ def _works(tmp_path: Path, available: int) -> tuple[object, object]:
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    works = ScryptWorks(fmt, PASSPHRASE, scratch, logged.append, None,
+    works = ScryptWorks(fmt.keys, PASSPHRASE, scratch, logged.append, None,
                         planner=planner)  # type: ignore[arg-type]
     return works, fmt
 
 
 def _pending(fmt: object, enc: Path, member: str) -> object:
     from qrecover.archive.members import parse_member_name
-    from qrecover.formats.v4 import ScryptChunk
+    from qrecover.formats.v4.chunks import ScryptChunk
 
     name = parse_member_name(member)
     assert name is not None
-    return ScryptChunk(fmt, None, member, name, enc, True, enc.with_suffix(".p"))  # type: ignore[arg-type]
+    return ScryptChunk(fmt.keys, None, member, name, enc, True, enc.with_suffix(".p"))  # type: ignore[arg-type, attr-defined]
 
 
 def test_a_chunk_alone_over_the_memory_is_exit_6_naming_it(tmp_path: Path) -> None:
-    from qrecover.scrypt_cost import InsufficientMemory, MiB
+    from qrecover.formats.v4.scrypt_cost import InsufficientMemory, MiB
 
     enc, member = _enc_chunk(tmp_path, 0, 14)  # 16 MiB of key derivation
     works, fmt = _works(tmp_path, available=8 * MiB)
@@ -312,7 +317,7 @@ def test_a_chunk_alone_over_the_memory_is_exit_6_naming_it(tmp_path: Path) -> No
 
 
 def test_a_later_chunk_over_the_budget_stops_after_the_earlier_ones(tmp_path: Path) -> None:
-    from qrecover.scrypt_cost import InsufficientMemory, MiB
+    from qrecover.formats.v4.scrypt_cost import InsufficientMemory, MiB
 
     small, first = _enc_chunk(tmp_path, 0, 10)  # 1 MiB of key derivation: fits
     big, second = _enc_chunk(tmp_path, 1, 16)  # 64 MiB: does not

@@ -53,9 +53,6 @@ def test_no_import_cycle() -> None:
     modules = _modules()
     known = set(modules)
     graph = {name: _imports(name, path, known) for name, path in modules.items()}
-    # Known, and to go with format 4's move into formats/v4/ (issue 24, item 1):
-    # v4.chunk_works imports v4_jobs, which builds on v4.  Delete this line then.
-    graph.get("qrecover.formats.v4", set()).discard("qrecover.formats.v4_jobs")
     # A package's __init__ importing its own submodules is how packages work;
     # a cycle is a module reaching itself through the imports it makes.
     state: dict[str, int] = {}
@@ -131,3 +128,26 @@ def test_the_cycle_check_counts_an_import_deferred_into_a_function(tmp_path: Pat
     )
     known = {"qrecover.a", "qrecover.b", "qrecover.c", "qrecover.d"}
     assert _imports("qrecover.a", module, known) == {"qrecover.b", "qrecover.c"}
+
+
+def test_commands_write_to_the_streams_they_are_given() -> None:
+    """Only cli.main reads the process's argv and standard output (qrecover.console):
+    no print() to stdout, no sys.stdout, no sys.argv, no redirect_stdout elsewhere;
+    pyz.py reads sys.argv[0], the file this process runs from, and nothing else."""
+    found = []
+    for name, path in _modules().items():
+        if name == "qrecover.cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"{path.name}:{getattr(node, 'lineno', 0)}"
+            to_file = isinstance(node, ast.Call) and any(k.arg == "file" for k in node.keywords)
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "print" and not to_file):
+                found.append(f"{where} print() to stdout")
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "sys" and node.attr in ("stdout", "argv")
+                    and not (name == "qrecover.pyz" and node.attr == "argv")):
+                found.append(f"{where} sys.{node.attr}")
+            elif isinstance(node, ast.Attribute) and node.attr == "redirect_stdout":
+                found.append(f"{where} redirect_stdout")
+    assert not found, found

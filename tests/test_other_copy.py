@@ -304,3 +304,89 @@ def test_format4_verify_names_every_damaged_chunk(make4: MakeBackup, tmp_path: P
     (damaged,) = json.loads(result.out)["integrity"]["damaged"]
     assert [c["chunk"] for c in damaged["chunks"]] == [chunks[0], chunks[2]]
     assert all("scrypt" in c["problem"] for c in damaged["chunks"])
+
+
+# -- BACKUP's header (and qubes.xml) damaged: taken from the other copy -----------------
+
+
+def zeroed(src: Path, dst: Path, start: int, length: int) -> Path:
+    """A copy of ``src`` with ``length`` bytes from ``start`` zeroed (an unreadable
+    sector, as ddrescue leaves it)."""
+    data = bytearray(src.read_bytes())
+    data[start:start + length] = bytes(length)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("fmt", [3, 4])
+def test_damaged_header_taken_from_the_other_copy(
+    fmt: int, v3: Backup, make4: MakeBackup, tmp_path: Path
+) -> None:
+    """BACKUP's backup-header fails its check (a flipped byte); the other copy,
+    damaged in a chunk, has it good: the header comes from there, BACKUP's
+    chunks are read on, the damaged chunk from the copy: a perfect restore,
+    exit 0, and the header's origin said.  info and verify too.  Without the
+    copy: exit 3, as before; with a wrong passphrase, exit 3 still."""
+    backup = v3 if fmt == 3 else make4(chunk_size=16 * 1024)
+    chunk = chunks_of(backup, "vm7/private.img")[1]
+    bad_header = damaged_copy(backup.path, tmp_path / "A", "backup-header")
+    copy = damaged_copy(backup.path, tmp_path / "B", chunk)
+    code, text = restore(bad_header, tmp_path / "alone", backup.passfile)
+    assert code == 3 and not (tmp_path / "alone").exists(), text
+
+    out = tmp_path / "out"
+    code, text = restore(bad_header, out, backup.passfile, "--other-copy", copy, "--json")
+    assert code == 0, text
+    assert_restored(out, backup)
+    said = (f"note: backup-header: in {bad_header} it does not authenticate with the "
+            f"passphrase (damaged); taken from the other copy {copy}, where it authenticates")
+    assert said in text
+    doc = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    assert any("taken from the other copy" in n for n in doc["integrity"]["notes"])
+
+    info = run_main("info", bad_header, "--passphrase-file", backup.passfile,
+                    "--other-copy", copy)
+    assert info.code == 0 and "VMs with data in this backup" in info.out, info.text
+    assert said in info.err
+    verify = run_main("verify", bad_header, "--passphrase-file", backup.passfile,
+                      "--other-copy", copy)
+    assert verify.code == 0 and said in verify.err, verify.text
+
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    refused = run_main("info", bad_header, "--passphrase-file", wrong, "--other-copy", copy)
+    assert refused.code == 3, refused.text
+
+
+def test_zeroed_header_and_qubes_xml_taken_from_the_other_copy(
+    v3: Backup, tmp_path: Path
+) -> None:
+    """The backup's first members (backup-header, its .hmac, qubes.xml.000 and its
+    .hmac) under zeros, as ddrescue leaves unreadable sectors: both come from
+    the other copy, the VMs' chunks from BACKUP."""
+    with tarfile.open(v3.path, ignore_zeros=True) as tar:
+        after_xml = next(m.offset for m in tar if m.name.startswith("vm"))
+    copy = damaged_copy(v3.path, tmp_path / "B", chunks_of(v3, "vm7/private.img")[0])
+    code, text = restore(zeroed(v3.path, tmp_path / "A", 1024, after_xml - 1024),
+                         tmp_path / "out", v3.passfile, "--other-copy", copy)
+    assert code == 0, text
+    assert_restored(tmp_path / "out", v3)
+    assert f"taken from the other copy {copy}, where it authenticates" in text
+    assert "qubes.xml: missing from the backup; its chunks were looked for" in text
+
+
+def test_format2_damaged_header_taken_from_the_other_copy(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "private.img").write_bytes(bytes(range(256)) * 800)
+    passfile = tmp_path / "pass"
+    passfile.write_text(PASSPHRASE + "\n", encoding="utf-8")
+    path = tmp_path / "v2"
+    gen2.make_backup_v2(path, PASSPHRASE, [gen.VmSpec("tiny", 7, source=src)],
+                        tape_length_kib=40, workdir=tmp_path)
+    bad = damaged_copy(path, tmp_path / "A", "backup-header")
+    out = tmp_path / "out"
+    code, text = restore(bad, out, passfile, "--other-copy", path)
+    assert code == 0, text
+    assert sha(out / "tiny" / "private.img") == sha(src / "private.img")
+    assert f"taken from the other copy {path}" in text

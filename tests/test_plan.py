@@ -10,10 +10,11 @@ from pathlib import Path
 from conftest import Backup, bin_dir, run_main
 
 from qrecover.errors import OutputError, WouldOverwrite
+from qrecover.events import SinkKind
 from qrecover.formats import parse_header
 from qrecover.formats.v3 import BackupHeader, Format3
 from qrecover.inventory import Entity
-from qrecover.plan import Plan, Sink, obstacles
+from qrecover.plan import Mode, Plan, Sink, obstacles
 from qrecover.render.plantext import plan_text
 
 HEADER = b"version=3\nhmac-algorithm=SHA512\nencrypted=True\ncompressed=True\n"
@@ -29,7 +30,8 @@ def _fmt() -> Format3:
 
 def test_the_plan_front_is_what_runs_with_the_decompressor_it_was_given(tmp_path: Path) -> None:
     for gunzip in ("igzip", "pigz", "gzip"):
-        plan = Plan(_fmt(), "restore", (WORK,), gunzip, tmp_path / "out")
+        plan = Plan(fmt=_fmt(), mode=Mode.RESTORE, selected=(WORK,), gunzip=gunzip,
+                    output=tmp_path / "out")
         assert [s.program for s in plan.front()] == ["openssl", gunzip]
         stages = plan.stages(plan.sink(WORK, "vm7/private.img", tmp_path / "stage", 0))
         assert [s.program for s in stages] == ["openssl", gunzip, "tar"]
@@ -39,16 +41,20 @@ def test_the_plan_front_is_what_runs_with_the_decompressor_it_was_given(tmp_path
 
 
 def test_the_plan_budget_and_placement() -> None:
-    plan = Plan(_fmt(), "restore", (WORK, HOME), "gzip", Path("/o"))
+    plan = Plan(fmt=_fmt(), mode=Mode.RESTORE, selected=(WORK, HOME), gunzip="gzip",
+                output=Path("/o"))
     sink = plan.sink(WORK, "vm7/private.img", Path("/s"), spent=1000)
-    assert sink == Sink("extract", Path("/s"), 1, "work", 2 * WORK.size + 64 * 2**20 - 1000)
+    assert sink == Sink(SinkKind.EXTRACT, Path("/s"), 1, "work",
+                        2 * WORK.size + 64 * 2**20 - 1000)
     home = plan.sink(HOME, "dom0-home/user", Path("/s"), spent=0)
     assert (home.strip, home.folder_rel) == (1, "dom0-home")
-    assert Plan(_fmt(), "restore", (WORK,), "gzip", Path("/o"), size_limit=False).sink(
+    assert Plan(fmt=_fmt(), mode=Mode.RESTORE, selected=(WORK,), gunzip="gzip", output=Path("/o"),
+                size_limit=False).sink(
         WORK, "vm7/x", Path("/s"), 0
     ).limit is None
-    listing = Plan(_fmt(), "verify", (WORK,), "gzip").sink(WORK, "vm7/x", None, 0)
-    assert listing.kind == "list" and listing.staging is None
+    verify = Plan(fmt=_fmt(), mode=Mode.VERIFY, selected=(WORK,), gunzip="gzip")
+    listing = verify.sink(WORK, "vm7/x", None, 0)
+    assert listing.kind is SinkKind.LIST and listing.staging is None
 
 
 def test_obstacles_are_the_restores_with_and_without_force(tmp_path: Path) -> None:
@@ -56,7 +62,8 @@ def test_obstacles_are_the_restores_with_and_without_force(tmp_path: Path) -> No
     out.mkdir()
 
     def stops(force: bool) -> list[OutputError]:
-        return obstacles(Plan(_fmt(), "restore", (WORK,), "gzip", out, force=force))
+        return obstacles(Plan(fmt=_fmt(), mode=Mode.RESTORE, selected=(WORK,), gunzip="gzip",
+                                    output=out, force=force))
 
     assert stops(False) == [] and stops(True) == []
     (out / "work").mkdir()

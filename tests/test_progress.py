@@ -13,21 +13,13 @@ from pathlib import Path
 from conftest import ROOT, Backup, MakeBackup, assert_restored, bin_dir, qrecover_exe, run_cli
 
 from qrecover.errors import BackupError
-from qrecover.progress import (
-    CLEAR,
-    Display,
-    Snapshot,
-    eta,
-    human_bytes,
-    human_duration,
-    percent,
-    progress_line,
-    rate,
-    summary_table,
-)
+from qrecover.plan import Mode
+from qrecover.progress import Display, summary_table
 from qrecover.report import FileResult
+from qrecover.units import human_bytes, human_duration, human_rate
 
 MiB = 1024 * 1024
+ERASE = "\x1b[2K"  # rich's "erase the line"
 
 
 # -- pure functions ---------------------------------------------------------------
@@ -43,36 +35,7 @@ def test_human_units() -> None:
     assert human_duration(7.4) == "0:07"
     assert human_duration(754) == "12:34"
     assert human_duration(3723) == "1:02:03"
-
-
-def test_rate_eta_and_percent() -> None:
-    assert rate(0, 5.0) is None and rate(10, 0.0) is None
-    assert rate(100 * MiB, 2.0) == 50 * MiB
-    # 100 MiB of 400 MiB in 2 s: 300 MiB left at 50 MiB/s
-    assert eta(100 * MiB, 400 * MiB, 2.0) == 6.0
-    assert eta(400 * MiB, 400 * MiB, 8.0) == 0.0
-    assert eta(500 * MiB, 400 * MiB, 8.0) == 0.0  # an estimate that was too low
-    assert eta(100 * MiB, None, 2.0) is None  # size unknown
-    assert eta(1, 400 * MiB, 0.01) is None  # too early to tell
-    assert percent(1, 3) == 33 and percent(5, 4) == 100 and percent(1, None) is None
-
-
-def _snap(**changes: object) -> Snapshot:
-    base = Snapshot("work", "vm7/private.img", 50 * MiB, 1.0, 100 * MiB, 400 * MiB, False, 2.0)
-    for key, value in changes.items():
-        setattr(base, key, value)
-    return base
-
-
-def test_progress_line_content_and_width() -> None:
-    line = progress_line(_snap(), 200)
-    assert line == (
-        "work vm7/private.img 50.0 MiB 50.0 MiB/s | 25% of 400.0 MiB 50.0 MiB/s ETA 0:06"
-    )
-    assert "~400.0 MiB" in progress_line(_snap(estimated=True), 200)
-    assert "100.0 MiB read" in progress_line(_snap(total=None), 200)
-    assert "ETA --:--" in progress_line(_snap(total=None), 200)
-    assert len(progress_line(_snap(), 30)) == 29  # never wraps onto a second line
+    assert human_rate(None) == "-- MiB/s" and human_rate(1.5 * MiB) == "1.5 MiB/s"
 
 
 def test_summary_table_rows_and_statuses() -> None:
@@ -83,7 +46,7 @@ def test_summary_table_rows_and_statuses() -> None:
     )
     bad.places.append(Path("/o/mail/private.img.partial"))
     lost = FileResult("vm9/root.img", "other", failure=BackupError("openssl exited 1"))
-    text = summary_table("restore", [ok, bad, lost], 12.34)
+    text = summary_table(Mode.RESTORE, [ok, bad, lost], 12.34)
     lines = text.splitlines()
     assert lines[0].split() == ["VM", "STORED", "FILE", "CHUNKS", "STORED", "RESTORED", "STATUS"]
     row = ["work", "vm7/private.img", "7", "659.0", "MiB", "2.0", "GiB", "restored"]
@@ -92,8 +55,35 @@ def test_summary_table_rows_and_statuses() -> None:
     assert lines[3].endswith("FAILED") and lines[3].startswith("other")
     assert lines[4].startswith("total: 3 stored file(s), 2 failed, 660.0 MiB read in 0:12")
     assert "(12.3 s," in lines[4] and lines[4].endswith("2.0 GiB restored")
-    verify = summary_table("verify", [ok], 1.0).splitlines()
+    verify = summary_table(Mode.VERIFY, [ok], 1.0).splitlines()
     assert verify[1].split()[-2:] == ["-", "verified"]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_summary_table_is_plain_text_in_fixed_columns() -> None:
+    """Laid out by rich, byte for byte as before: columns two spaces apart, the
+    numbers right-aligned under left-aligned headers, no colour, no trailing space."""
+    ok = FileResult("vm7/private.img", "work", chunks=7, stored_bytes=659 * MiB)
+    ok.restored_bytes = 2048 * MiB
+    odd = FileResult("vm12/[bold]x", "", chunks=1234, stored_bytes=5)
+    assert summary_table(Mode.RESTORE, [ok, odd], 7.6) == (
+        "VM    STORED FILE      CHUNKS  STORED     RESTORED  STATUS\n"
+        "work  vm7/private.img       7  659.0 MiB   2.0 GiB  restored\n"
+        "-     vm12/[bold]x       1234        5 B       0 B  restored\n"
+        "total: 2 stored file(s), 0 failed, 659.0 MiB read in 0:08 (7.6 s, 86.7 MiB/s), "
+        "2.0 GiB restored"
+    )
+    assert summary_table(Mode.VERIFY, [], 0.0) == (
+        "VM  STORED FILE  CHUNKS  STORED  RESTORED  STATUS\n"
+        "total: 0 stored file(s), 0 failed, 0 B read in 0:00 (0.0 s, -- MiB/s)"
+    )
 
 
 class _Clock:
@@ -114,15 +104,32 @@ def test_display_throttles_redraws_and_clears() -> None:
     for _ in range(50):  # many blocks within the same 0.1 s: one redraw
         display.data_read("vm7/private.img", MiB)
         clock.now += 0.001
-    assert out.getvalue().count(CLEAR) == 1
+    assert out.getvalue().count("work vm7/private.img") == 1
     clock.now += 0.1
+    display.in_flight(2)
     display.data_read("vm7/private.img", MiB)
-    assert out.getvalue().count(CLEAR) == 2
-    assert "work vm7/private.img 51.0 MiB" in out.getvalue().split(CLEAR)[-1]
+    drawn = out.getvalue()
+    assert drawn.count("work vm7/private.img") == 2
+    last = drawn.split(ERASE)[-1]
+    assert "work vm7/private.img" in last and " 51.0 MiB (2 in flight) | " in last
+    assert "51.0/1,000.0 MiB" in last and "ETA" in last and "\n" not in last
     display.file_done(FileResult("vm7/private.img", "work"))
-    assert out.getvalue().endswith(CLEAR)
+    assert out.getvalue().endswith(ERASE)  # erased: what follows starts on a clean line
+    erased = out.getvalue()
     display.clear()  # nothing shown any more: nothing written
-    assert out.getvalue().count(CLEAR) == 3
+    assert out.getvalue() == erased
+
+
+def test_display_stays_one_line_on_a_narrow_terminal() -> None:
+    out = io.StringIO()
+    clock = _Clock()
+    display = Display(out, 5 * 1024 * MiB, clock=clock, width=80)
+    display.file_started("vm7/private.img", "a-vm-name-long-enough-to-fill-half-the-line")
+    display.data_read("vm7/private.img", 21 * MiB)
+    line = out.getvalue().split("\x1b[?25l")[-1]  # drawn after rich hides the cursor
+    assert "\n" not in line
+    assert "a-vm-name-long-enough-to-fill" in line and "… 21.0 MiB | " in line  # it gives way
+    assert "/5.0 GiB" in line and "ETA" in line
 
 
 def test_display_estimates_total_from_qubes_xml_when_reading_a_pipe() -> None:
@@ -145,7 +152,10 @@ def _run_with_tty_stderr(*args: str | Path) -> tuple[int, str, str]:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=slave,
-        env={k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"},
+        # a terminal of 120 columns (an unsized pty counts as 80, where a long
+        # name is cut short: tested in test_display_stays_one_line_on_a_narrow_terminal)
+        env={**{k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"},
+             "COLUMNS": "120"},
     )
     os.close(slave)
     chunks: list[bytes] = []
@@ -176,15 +186,15 @@ def test_progress_on_a_terminal_not_with_quiet(default_backup: Backup, tmp_path:
         "restore", default_backup.path, "-o", tmp_path / "a", "--passphrase-file", pf
     )
     assert code == 0, out + err
-    assert "\x1b[K" in err and "private.img" in err and "ETA" in err and " | " in err
-    assert "\x1b[K" not in out  # the live line never goes to stdout
+    assert ERASE in err and "private.img" in err and "ETA" in err and " | " in err
+    assert "\x1b[" not in out  # the live line never goes to stdout
     assert "all HMACs matched" in out and "STATUS" in out
 
     code, out, err = _run_with_tty_stderr(
         "--quiet", "restore", default_backup.path, "-o", tmp_path / "b", "--passphrase-file", pf
     )
     assert code == 0, out + err
-    assert "\x1b[K" not in err and "ETA" not in err
+    assert ERASE not in err and "ETA" not in err
     assert "STATUS" not in out and "total:" not in out  # no summary either
     assert "RESTORED" in out and "all HMACs matched" in out
 

@@ -1,4 +1,4 @@
-"""qrecover.scrypt_cost: a chunk's stated cost, the memory model, the job count.
+"""qrecover.formats.v4.scrypt_cost: a chunk's stated cost, the memory model, the job count.
 
 Headers come from the real ``scrypt enc`` with chosen parameters; the memory
 model is checked against the peak RSS the kernel reports for a real
@@ -18,7 +18,7 @@ import make_backup_v4 as gen4
 import pytest
 
 from qrecover.errors import EXIT_BACKUP, EXIT_OUTPUT, BackupError, OutputError
-from qrecover.scrypt_cost import (
+from qrecover.formats.v4.scrypt_cost import (
     HEADROOM,
     InsufficientMemory,
     Memory,

@@ -8,8 +8,8 @@ from typing import List, Optional  # typer evaluates them: no X | None, list[str
 
 import typer
 
-from qrecover.commands import Settings
 from qrecover.compat import Annotated
+from qrecover.console import Console
 from qrecover.errors import UsageError
 from qrecover.files.command import files_command
 from qrecover.files.from_backup import check_options, files_from_backup
@@ -99,14 +99,17 @@ def files(
     note.
     """
     check_options(vm, image_name, passphrase_file, transcript, explain, bool(other_copy))
+    console = ctx.obj
+    assert isinstance(console, Console)  # made by qrecover.cli's callback
     if vm is None:
-        raise typer.Exit(files_command(image, output, paths or [], list_only, force, partition))
+        raise typer.Exit(files_command(image, output, paths or [], list_only, force, partition,
+                                       out=console.out))
     if output is None:
         raise UsageError("--output DIR is needed with --vm (the image is restored inside it)")
-    settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
     raise typer.Exit(
         files_from_backup(
             str(image), vm, image_name or "private", paths or [], output, force, partition,
-            list_only, passphrase_file, transcript, explain, settings, other_copy or [],
+            list_only, passphrase_file, transcript, explain, console=console,
+            other_copies=other_copy or [],
         )
     )

@@ -11,7 +11,7 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from qrecover.errors import EXIT_BACKUP, EXIT_OK, EXIT_OUTPUT, QrecoverError, UsageError
 from qrecover.files.copy import CopyResult, FilesRequest, copy_files, list_trees
@@ -26,22 +26,27 @@ if TYPE_CHECKING:
     from qrecover.report import Report
 
 
-def print_copy(result: CopyResult) -> None:
-    """One PATH done: its notes on stderr, ``COPIED`` or ``FAILED`` on stdout."""
+def _say(out: TextIO, line: str = "") -> None:
+    out.write(line + "\n")
+    out.flush()
+
+
+def print_copy(result: CopyResult, out: TextIO) -> None:
+    """One PATH done: its notes on stderr, ``COPIED`` or ``FAILED`` on ``out``."""
     for skipped in result.skipped:
         err(f"note: skipped special file {skipped}: not copied")
     if result.ok:
-        print(
+        _say(
+            out,
             f"COPIED    {show(result.path)} -> {result.place} ({result.files} file(s), "
             f"{result.folders} folder(s), {result.links} symlink(s), {human_bytes(result.bytes)})",
-            flush=True,
         )
     else:
         kept = f" (kept as {result.place})" if result.place else ""
-        print(f"FAILED    {show(result.path)}: {result.error}{kept}", flush=True)
+        _say(out, f"FAILED    {show(result.path)}: {result.error}{kept}")
 
 
-def restore_files(report: Report, output: Path, force: bool) -> int:
+def restore_files(report: Report, output: Path, force: bool, *, out: TextIO) -> int:
     """After a restore: each restored VM's home files into DIR/<vm>/files/."""
     failed: list[str] = []
     trouble = False
@@ -61,25 +66,25 @@ def restore_files(report: Report, output: Path, force: bool) -> int:
         )
         if link is not None:
             message = f"{link} is a symbolic link (made by the backup?); not followed"
-            print(f"FAILED    {entity.name}: {message}", flush=True)
+            _say(out, f"FAILED    {entity.name}: {message}")
             failed.append(f"{entity.name}: {message}")
             continue
         if not image.is_file():
             continue
-        print(f"FILES     {entity.name:<16} {image}:{DEFAULT_PATH}", flush=True)
+        _say(out, f"FILES     {entity.name:<16} {image}:{DEFAULT_PATH}")
         if any(f.salvage is not None for f in results):
             name_damaged(image)  # the restore's exit is 4 already
         try:
             copied = copy_files(
                 FilesRequest(image, (DEFAULT_PATH,), image.parent / "files", force),
-                print_copy,
+                lambda result: print_copy(result, out),
             )
         except PathNotFound:
             err(f"note: {entity.name}: no {DEFAULT_PATH} in its private.img; nothing to copy")
             continue
         except QrecoverError as exc:
             hint = f" ({exc.hint})" if exc.hint else ""
-            print(f"FAILED    {entity.name}: {exc.message}{hint}", flush=True)
+            _say(out, f"FAILED    {entity.name}: {exc.message}{hint}")
             failed.append(f"{entity.name}: {exc.message}")
             trouble = trouble or exc.exit_code == EXIT_OUTPUT
             continue
@@ -102,6 +107,8 @@ def files_command(
     list_only: bool,
     force: bool,
     partition: int | None = None,
+    *,
+    out: TextIO,
 ) -> int:
     """``qrecover files``: copy each PATH of ``image`` into ``output``, or list it."""
     request = FilesRequest(image, tuple(paths) or (DEFAULT_PATH,), output, force, partition)
@@ -109,9 +116,9 @@ def files_command(
         raise UsageError("--output DIR is needed to copy files (or use --list)")
     damaged = name_damaged(image) if image.is_file() else 0  # restore --salvage's record
     if list_only:
-        code = list_files(request, bool(paths))
+        code = list_files(request, out, bool(paths))
         return EXIT_BACKUP if damaged and code == EXIT_OK else code
-    results = copy_files(request, print_copy)
+    results = copy_files(request, lambda result: print_copy(result, out))
     failures = [r for r in results if not r.ok]
     if not failures:
         return EXIT_BACKUP if damaged else EXIT_OK
@@ -121,7 +128,7 @@ def files_command(
     return EXIT_OUTPUT if any(r.output_trouble for r in failures) else EXIT_BACKUP
 
 
-def list_partitions(request: FilesRequest, paths_given: bool) -> bool:
+def list_partitions(request: FilesRequest, out: TextIO, paths_given: bool) -> bool:
     """A whole-disk image's partitions (stdout), the one read marked; False if it has none.
 
     Its notes go to stderr; without a PATH, how to list a partition's files too.
@@ -135,7 +142,7 @@ def list_partitions(request: FilesRequest, paths_given: bool) -> bool:
     except QrecoverError as exc:
         error = exc
     for line in table_lines(request.image, table, chosen):
-        print(line, flush=True)
+        _say(out, line)
     for note in table.notes:
         err(f"note: {request.image}: {note}")
     if error is not None and (paths_given or request.partition is not None):
@@ -147,15 +154,15 @@ def list_partitions(request: FilesRequest, paths_given: bool) -> bool:
     return True
 
 
-def list_files(request: FilesRequest, paths_given: bool = True) -> int:
+def list_files(request: FilesRequest, out: TextIO, paths_given: bool = True) -> int:
     """``qrecover files --list``: the tree below each PATH on stdout, problems on stderr.
 
     A whole-disk image's partition table comes first; without a PATH it is all.
     """
-    if list_partitions(request, paths_given):
+    if list_partitions(request, out, paths_given):
         if not paths_given:
             return EXIT_OK
-        print(flush=True)
+        _say(out)
     code = EXIT_OK
     for tree in list_trees(request):
         # Sorted by path, so each folder's contents follow it.
@@ -163,7 +170,8 @@ def list_files(request: FilesRequest, paths_given: bool = True) -> int:
             mode = stat.filemode(entry.mode)
             size = "-" if entry.kind == "dir" else str(entry.size)
             suffix = "/" if entry.kind == "dir" and entry.image_path != "/" else ""
-            print(f"{mode} {size:>12}  {show(entry.image_path)}{suffix}")
+            out.write(f"{mode} {size:>12}  {show(entry.image_path)}{suffix}\n")
+        out.flush()
         for problem in tree.problems:
             err(f"problem: {problem}")
             code = EXIT_BACKUP

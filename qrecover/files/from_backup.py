@@ -21,7 +21,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from qrecover.commands import Settings, _finish, _run, _showing
+from qrecover.commands import PassOptions, Reading, _finish, _run, _showing
+from qrecover.console import Console
 from qrecover.errors import BackupError, DiskFull, OutputError, UsageError, WouldOverwrite
 from qrecover.events import InventoryRead
 from qrecover.files.command import files_command
@@ -30,6 +31,7 @@ from qrecover.files.debugfs import find_debugfs
 from qrecover.files.listing import DEFAULT_PATH, dest_name
 from qrecover.inventory import Entity
 from qrecover.output import Output, first_symlink
+from qrecover.plan import Mode
 from qrecover.report import Request
 from qrecover.units import human_bytes
 
@@ -40,7 +42,8 @@ SCRATCH_PREFIX = ".qrecover-image-"
 class _SpaceCheck:
     """Says what the image will take, and refuses when DIR's disk cannot hold it."""
 
-    def __init__(self, scratch: Path, image: str) -> None:
+    def __init__(self, scratch: Path, image: str, console: Console) -> None:
+        self.console = console
         self.scratch = scratch
         self.image = image
         self.entity: Entity | None = None
@@ -54,17 +57,15 @@ class _SpaceCheck:
         free = shutil.disk_usage(self.scratch).free
         where = f"private scratch in {self.scratch.parent}"
         if entity.size <= 0:
-            print(
+            self.console.say(
                 f"IMAGE     {entity.name}: restoring its {self.image} into {where} "
-                f"(qubes.xml gives no size; {human_bytes(free)} free); removed when done",
-                flush=True,
+                f"(qubes.xml gives no size; {human_bytes(free)} free); removed when done"
             )
             return
-        print(
+        self.console.say(
             f"IMAGE     {entity.name}: restoring its {self.image} into {where}: needs up to "
             f"{human_bytes(entity.size)} (qubes.xml's size of the VM), {human_bytes(free)} "
-            "free; removed when done",
-            flush=True,
+            "free; removed when done"
         )
         if entity.size > free:
             raise DiskFull(
@@ -86,10 +87,10 @@ def files_from_backup(
     passphrase_file: Path | None,
     transcript: Path | None = None,
     explain: bool = False,
-    settings: Settings | None = None,
+    *,
+    console: Console,
     other_copies: Sequence[str] = (),
 ) -> int:
-    settings = settings or Settings()
     name = IMAGES[image]
     find_debugfs()  # missing: stop now, not after restoring the image
     out = Output(output, force)
@@ -104,15 +105,18 @@ def files_from_backup(
     except OSError as exc:
         raise OutputError(f"{out.root}: cannot create a scratch folder ({exc.strerror})") from None
     try:
-        check = _SpaceCheck(scratch, name)
-        request = Request("restore", (vm,), scratch, only=(name,),
+        check = _SpaceCheck(scratch, name, console)
+        checks = PassOptions(
+            reading=Reading(backup=(backup,), passphrase_file=passphrase_file, vms=(vm,)),
+            transcript=transcript, explain=explain, other_copies=tuple(other_copies),
+        )
+        request = Request(Mode.RESTORE, (vm,), scratch, only=(name,),
                           other_copies=tuple(other_copies))
-        with _showing("restore", [backup], scratch, transcript, explain) as shown:
-            report, elapsed = _run(settings, [backup], passphrase_file, request,
-                                   [*shown.listeners, check])
+        with _showing(console, Mode.RESTORE, checks, scratch) as shown:
+            report, elapsed = _run(console, checks.reading, request, [*shown.listeners, check])
             shown.finished(report)
         if not report.ok:
-            return _finish(settings, "restore", report, elapsed)
+            return _finish(console, Mode.RESTORE, report, elapsed)
         entity = check.entity
         assert entity is not None
         restored = scratch / entity.dest / name
@@ -127,7 +131,8 @@ def files_from_backup(
                 hint="a template or standalone VM also has --image root" if image == "private"
                 else "only templates and standalone VMs have a root.img",
             )
-        return files_command(restored, output, paths, list_only, force, partition)
+        return files_command(restored, output, paths, list_only, force, partition,
+                             out=console.out)
     finally:
         _force_rmtree(scratch)
         if out.created:

@@ -59,7 +59,7 @@ from qrecover.formats.base import (
 from qrecover.formats.v3 import allowed_cipher, allowed_digest, authenticate_header, dgst_command
 from qrecover.header import Header, parse_bool
 from qrecover.hmacs import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
-from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage, first_failure
+from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage, StageResult, first_failure
 from qrecover.stages.decompress import pick_gunzip
 
 VERSION = 2
@@ -73,6 +73,8 @@ MAX_VOLUME = MAX_MEMBER
 _SALTED = b"Salted__"
 BETA3_HEX = 32  # hex digits of an HMAC-MD5
 _GZIP = b"\x1f\x8b"
+_CIPHER_BLOCK = 16  # the block of every cipher format 2 allows (its padding)
+_TAR_BLOCK = 512  # a volume is whole tar blocks
 
 
 class BackupHeaderV2(BaseModel):
@@ -206,7 +208,12 @@ def _zlib(head: bytes) -> bool:
 
 @dataclass
 class _Volume:
-    """A chunk whose HMAC matched; :meth:`complete` makes its plaintext volume."""
+    """A chunk whose HMAC matched; :meth:`complete` makes its plaintext volume.
+
+    With ``restore --salvage``, also a chunk that failed its check
+    (``unverified`` says why): decrypted or decompressed all the same, and
+    what the program wrote before it failed is kept (see :meth:`_salvaged`).
+    """
 
     fmt: Format2
     store: ChunkStore
@@ -214,6 +221,9 @@ class _Volume:
     path: Path
     owned: bool
     mac: str
+    unverified: str | None = None
+    checked: bool = True
+    said: str = ""  # --salvage: what became of it on the way (a program that failed)
 
     def _run(self, stages: list[Stage], stdin: Path | None, note: str) -> Path:
         out = self.store.scratch_file()
@@ -224,7 +234,7 @@ class _Volume:
                             log=self.store.log).start().wait()
         failure = first_failure(done)
         too_big = out.stat().st_size > MAX_VOLUME  # head -c stopped it (and its feeder)
-        if not too_big and failure is None:
+        if not too_big and (failure is None or self._salvaged(out, failure)):
             return out
         out.unlink()
         if too_big:
@@ -234,13 +244,50 @@ class _Volume:
         message = f"{self.member}: {failure.describe()}"
         raise DiskFull(message) if failure.disk_full else StoredFileError(message)
 
+    def _salvaged(self, out: Path, failure: StageResult) -> bool:
+        """--salvage: the decryptor or decompressor failed on a chunk that failed
+        its check.  What it wrote is kept, and made as long as the volume was
+        (``openssl enc``: the ciphertext less its 16-byte header and a block of
+        padding; gzip: the size its trailer states), so that the volumes after
+        it stay where tar expects them.  False: not salvaging, or no room."""
+        if self.unverified is None or failure.disk_full or failure.output_trouble:
+            return False
+        have = out.stat().st_size
+        said = f"{failure.describe()} after writing {have} bytes"
+        size = self._volume_size()
+        if size is not None and size != have:
+            with out.open("r+b") as f:
+                f.truncate(size)  # zeros after what it wrote (or cut to the size)
+            said += (f"; {size - have} zero bytes fed after them" if size > have
+                     else f"; cut to {size} bytes")
+        self.said += f"; {said}"
+        return True
+
+    def _volume_size(self) -> int | None:
+        """The plaintext volume's size, as far as the damaged chunk tells it."""
+        header = self.fmt.header
+        chunk = self.path.stat().st_size
+        if header.encrypted and not header.compressed_flag:
+            size = chunk - len(_SALTED) - 8 - _CIPHER_BLOCK  # a volume is whole blocks
+        elif header.encrypted is False and header.compressed_flag:
+            with self.path.open("rb") as fh:
+                fh.seek(max(chunk - 4, 0))
+                size = int.from_bytes(fh.read(4), "little")  # gzip's ISIZE
+        else:
+            return None
+        return size if 0 < size <= MAX_VOLUME and size % _TAR_BLOCK == 0 else None
+
     def complete(self) -> ChunkOutcome:
         try:
             plain = self._plain()
         except (StoredFileError, DiskFull) as exc:
-            return ChunkOutcome(error=exc, checked=True)
+            return ChunkOutcome(error=exc, checked=self.checked,
+                                reason=self.unverified if self.checked else None)
         owned = True if plain != self.path else self.owned
-        return ChunkOutcome(plain=plain, owned=owned, checked=True, mac=self.mac)
+        return ChunkOutcome(plain=plain, owned=owned, checked=self.checked, mac=self.mac,
+                            reason=self.unverified if self.checked else None,
+                            unverified=None if self.unverified is None
+                            else self.unverified + self.said)
 
     def _plain(self) -> Path:
         header = self.fmt.header
@@ -250,6 +297,8 @@ class _Volume:
         if encrypted is None:  # R2-Beta3: the authenticated chunk tells
             # anything else is a bare volume, which the guard and tar judge
             encrypted, compressed = head.startswith(_SALTED), head.startswith(_GZIP)
+        # --salvage: GNU gzip, which writes all it decoded before the damage
+        gunzip = pick_gunzip() if self.unverified is None else "gzip"
         try:
             if encrypted:
                 plain = self._run([decrypt_stage(header.crypto_algorithm, str(self.path))],
@@ -269,7 +318,7 @@ class _Volume:
                     return inflated
                 return plain
             if compressed:
-                return self._run([Stage((pick_gunzip(), "-d", "-c")), bound_stage()], self.path,
+                return self._run([Stage((gunzip, "-d", "-c")), bound_stage()], self.path,
                                  f"{self.member} decompressed into private scratch")
             return self.path
         finally:
@@ -359,6 +408,9 @@ class Format2:
         path, owned, got = store.copy(member, digest)
         nxt = members.peek()
         if nxt is None or _parse(nxt.name) != ChunkName(name.stored, name.index, True):
+            if store.salvage:  # used all the same, knowingly
+                return _Volume(self, store, member.name, path, owned, "",
+                               "its .hmac is missing", checked=False)
             store.drop(path, owned)
             return _Done(ChunkOutcome(error=StoredFileError(
                 f"{member.name}.hmac is missing: the chunk cannot be verified")))
@@ -375,6 +427,10 @@ class Format2:
             raise BackupError(f"{nxt.name}: not an HMAC-MD5, so not R2-Beta3's backup (which "
                               "wrote no backup-header): a backup whose header is missing?")
         if want is None or not matches(got, want):
+            reason = "not an HMAC line" if want is None else "HMAC mismatch"
+            if store.salvage and not first:  # used all the same, knowingly
+                return _Volume(self, store, member.name, path, owned, "", reason,
+                               checked=want is not None)
             store.drop(path, owned)
             if first:
                 raise AuthenticationError(
@@ -382,7 +438,6 @@ class Format2:
                     "(wrong passphrase, or the chunk is damaged); nothing was written",
                     hint="R2-Beta3 wrote no backup-header: qubes.xml.000's HMAC is the first "
                     "check; the passphrase is case-sensitive")
-            reason = "not an HMAC line" if want is None else "HMAC mismatch"
             return _Done(ChunkOutcome(error=StoredFileError(
                 f"{member.name}: {reason}: the chunk is damaged or was tampered with; "
                 "nothing of it was used"), checked=want is not None, reason=reason))

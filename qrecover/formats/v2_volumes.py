@@ -24,6 +24,16 @@ Every volume goes through :class:`VolumeGuard` on its way into scratch: the
 guard of the other formats (device nodes and FIFOs dropped, names kept
 under the stored file, the expansion budget) carried across volumes, which
 understands the ``M`` header at a volume's start.
+
+``restore --salvage`` (qrecover.salvage) may feed a volume that failed its
+check, or zeros standing for a missing one.  GNU tar reads a later volume
+only if its ``M`` header names the member it was in and the offset it had
+reached; a damaged one makes tar refuse that volume and every volume after
+it.  So for such a volume only, a continuation header that does not check
+out is rebuilt from what the guard knows (the member's header, how much of
+its data is left) and tar reads on; and the guard notes where each member's
+data lies in the volumes (``layout``), so that the unverified bytes can be
+told as ranges of the restored files.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from pathlib import Path
 from typing import IO
 
 from qrecover import signals
-from qrecover.archive.tarheaders import BLOCK, MAX_EXTENDED, ZERO_BLOCK, checksum_ok, text
+from qrecover.archive.tarheaders import BLOCK, MAX_EXTENDED, ZERO_BLOCK, checksum_ok, number, text
 from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
 from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
@@ -55,6 +65,7 @@ from qrecover.stages.guard import (
     pax_size,
     round_up,
 )
+from qrecover.stages.sparse import Extent, old_gnu_map
 
 _COPY = 1024 * 1024
 _POLL = 0.05  # seconds between looks at tar while waiting for it
@@ -69,12 +80,48 @@ class VolumeGuard(TarGuard):
     _member: str = ""  # the member a volume boundary fell into
     _member_raw: bytes = b""  # its name's bytes, as its header or L header holds it
     _dropped: int = 0  # bytes left out of this volume (dropped special files)
+    _archived: int = 0  # the member's data in the archive (its size field)
     _in_map: bool = False  # the volume ended inside a sparse member's extension blocks
+    # restore --salvage: whether this volume failed its check (its M header may
+    # then be rebuilt: ``rebuilt`` says so), and what the layout needs: where
+    # this volume starts in the volumes fed, the member's header, its data
+    # runs (file offset, length) and how much of its data has passed
+    salvaged: bool = False
+    rebuilt: str | None = None
+    _base: int = 0
+    _next_base: int = 0
+    _first: bytes = b""
+    _runs: tuple[tuple[int, int], ...] = ()
+    _done: int = 0
 
-    def volume(self, src: int, dst: int) -> None:
+    def volume(self, src: int, dst: int, salvaged: bool = False) -> None:
         """Screen one volume from ``src`` into ``dst`` (both closed after)."""
         self.src, self.dst, self._dropped = src, dst, 0
+        self.salvaged, self.rebuilt = salvaged, None
+        self._base = self._next_base
+        self._next_base += os.fstat(src).st_size
         self.run()
+
+    def _at(self) -> int:
+        """Where the guard is in the volumes fed, all counted one after another."""
+        return self._base + os.lseek(self.src, 0, os.SEEK_CUR)
+
+    def _piece(self, header_start: int, data_start: int) -> None:
+        """restore --salvage: the member's data that this volume held (up to here)."""
+        if self.layout is None:
+            return
+        moved = self._at() - data_start
+        begin, end = self._done, self._done + moved
+        self._done = end
+        runs, at = [], 0
+        for offset, length in self._runs:
+            lo, hi = max(begin, at), min(end, at + length)
+            if lo < hi:
+                runs.append((offset + lo - at, hi - lo))
+            at += length
+        if runs:
+            self.layout.append(Extent(self._member, header_start, data_start,
+                                      sum(n for _, n in runs), tuple(runs)))
 
     def _header(self) -> bytes | None:
         header = os.read(self.src, BLOCK)
@@ -109,33 +156,63 @@ class VolumeGuard(TarGuard):
                              "cannot read back (neither could Qubes R2's restore); this stored "
                              "file cannot be restored")
         if header[156] != ord("M") or not checksum_ok(header):
-            raise GuardError(f"{self.label}: a volume starts inside {self._member[:200]!r} "
-                             "without its continuation (M) header; refused")
+            if self.salvaged:
+                header = self._rebuild("is all zeros" if header == ZERO_BLOCK else "is damaged")
+            else:
+                raise GuardError(f"{self.label}: a volume starts inside {self._member[:200]!r} "
+                                 "without its continuation (M) header; refused")
         size = header_size(header)
         # GNU tar cuts a long name to the header's 100 bytes here (no L header)
         named = text(header[:100]).encode("utf-8", "surrogateescape")
         if named != self._member_raw[:100] or round_up(size) != self._left:
-            raise GuardError(f"{self.label}: a volume's continuation header does not continue "
-                             f"{self._member[:200]!r} where the last volume ended; refused")
+            if not self.salvaged:
+                raise GuardError(f"{self.label}: a volume's continuation header does not "
+                                 f"continue {self._member[:200]!r} where the last volume "
+                                 "ended; refused")
+            header = self._rebuild("does not continue the member where the last volume ended")
         self._write(header)
 
-    def _sparse_map(self) -> bool:
+    def _rebuild(self, why: str) -> bytes:
+        """--salvage, a volume that failed its check: the ``M`` header GNU tar
+        writes there (the member's first header, type M, its size what is left
+        of its data, its offset what tar has counted), so that tar reads on."""
+        first = self._first
+        left = max(self._archived - self._done, 0)
+        total = number(first[483:495]) if first[156] == ord("S") else self._archived
+        block = bytearray(first[:100] + first[100:124] + bytes(BLOCK - 124))
+        block[124:136] = _number(left)
+        block[136:148] = first[136:148]  # mtime
+        block[156] = ord("M")
+        block[257:265] = first[257:265]  # GNU magic
+        block[265:345] = first[265:345]  # user and group names
+        block[369:381] = _number(max(total - left, 0))
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block)
+        self.rebuilt = (f"its continuation (M) header {why}: rebuilt from the first "
+                        f"header of {self._member[:200]} so that tar reads on")
+        return bytes(block)
+
+    def _sparse_map(self) -> tuple[bool, bytes]:
         """Pass an old GNU sparse member's extension blocks, up to the one that
-        says it is the last; True if the volume ends first."""
+        says it is the last; True if the volume ends first, and the blocks."""
+        blocks = b""
         while True:
             block = self._header()
             if block is None:
-                return True
+                return True, blocks
             self._write(block)
+            blocks += block
             if not block[504]:
-                return False
+                return False, blocks
 
     def _run(self) -> None:
         if self.ended:
             raise GuardError(f"{self.label}: a volume after the end of the archive; refused")
         if self._left:
             self._continuation(self._header())
+            data_start = self._at()
             self._data(self._left)
+            self._piece(data_start, data_start)  # an M header places no byte: not layout
             if self._left:
                 return  # the whole volume was this member's data
         meta: list[bytes] = []
@@ -179,14 +256,29 @@ class VolumeGuard(TarGuard):
             if self.prefix is not None:
                 self._check_names(kind, header, meta)
             self._member, self._member_raw = member_name(header, meta), _raw_name(header, meta)
+            header_start = self._at() - BLOCK - sum(map(len, meta))
             self._write(b"".join(meta) + header)
             meta.clear()
-            if kind == ord("S") and header[482] and self._sparse_map():
-                self._in_map, self._left = True, round_up(size)
-                return  # the volume ended inside the sparse map
+            extension = b""
+            if kind == ord("S") and header[482]:
+                ended, extension = self._sparse_map()
+                if ended:
+                    self._in_map, self._left = True, round_up(size)
+                    return  # the volume ended inside the sparse map
+            self._first, self._archived, self._done = header, size, 0
+            self._runs = old_gnu_map(header, extension) if kind == ord("S") else ((0, size),)
+            data_start = self._at()
             self._data(round_up(size))
+            self._piece(header_start, data_start)
             if self._left:
                 return  # the volume ended inside this member
+
+
+def _number(value: int) -> bytes:
+    """A 12-byte numeric field as GNU tar writes it: octal, or base-256 from 8 GiB on."""
+    if value < 8**11:
+        return b"%011o\0" % value
+    return bytes([0x80]) + value.to_bytes(11, "big")
 
 
 def _raw_name(header: bytes, meta: list[bytes]) -> bytes:
@@ -252,10 +344,11 @@ class VolumeTar:
         with contextlib.suppress(BrokenPipeError):  # tar is gone: nothing to answer
             os.write(self._answer, text.encode() + b"\n")
 
-    def feed(self, path: Path, owned: bool, member: str) -> bool:
+    def feed(self, path: Path, owned: bool, member: str, salvaged: bool = False) -> bool:
         """Screen the next volume into scratch and give it to tar (started with
         the first: True then).  A volume the guard stopped in is given as far as
-        it passed, as a stream cut there would be; nothing after it is."""
+        it passed, as a stream cut there would be; nothing after it is
+        (``salvaged``: the volume failed its check, see the module's text)."""
         if self.error is not None or self.guard.error is not None:
             _drop(path, owned)
             return False
@@ -269,7 +362,7 @@ class VolumeTar:
         finally:
             _drop(path, owned)  # open or not: the name is no longer needed
         dst = os.open(self._volume(number), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self.guard.volume(src, dst)  # closes both; a problem is the guard's error
+        self.guard.volume(src, dst, salvaged)  # closes both; a problem is the guard's error
         if number == 1:
             try:
                 self.pipeline.start()

@@ -2,15 +2,15 @@
 
 Shared by transcripts and standalone scripts of a format-4 backup: the
 prelude without HMAC functions, ``scrypt_init``/``scrypt_dec`` (rendered
-from the stages qrecover runs, qrecover.formats.scrypt.dec_stage), and the
+from the stages qrecover runs, qrecover.formats.v4.scrypt_tool.dec_stage), and the
 functions that find and feed ``.enc`` chunks.
 """
 
 from __future__ import annotations
 
 from qrecover.archive.members import HEADER
-from qrecover.formats.scrypt import ScryptTool, dec_stage
 from qrecover.formats.v4 import BackupHeaderV4
+from qrecover.formats.v4.scrypt_tool import ScryptTool, dec_stage
 from qrecover.render.scriptparts import CHUNK_FUNCTIONS
 from qrecover.render.shell import render_argv
 from qrecover.runner import PASS_ENV

@@ -12,9 +12,9 @@ from pathlib import Path
 from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
 from qrecover.formats import v4_sh
 from qrecover.formats.base import Narration, PageWords, PlanView
-from qrecover.formats.scrypt import HEADER_PREFIX, render_dec
 from qrecover.formats.v3_words import last_stage
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4
+from qrecover.formats.v4.scrypt_tool import HEADER_PREFIX, render_dec
 from qrecover.formats.v4_sh import VERIFIED_HEADER, header_checks
 from qrecover.inventory import DOM0, Entity
 from qrecover.procedure import Procedure, Step

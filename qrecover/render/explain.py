@@ -19,6 +19,7 @@ from qrecover.events import (
     ChunkBorrowed,
     ChunkChecked,
     ChunkFed,
+    ChunkSalvaged,
     Event,
     FileFinished,
     HeaderVerified,
@@ -106,6 +107,8 @@ class Narrator:
                 "chunk went through the same check, and passed it.",
                 event.command,
             )
+        elif isinstance(event, ChunkSalvaged):
+            self._salvaged(words, event)
         elif isinstance(event, PipelineStarted):
             words.explain_pipeline(self, event.stored, event.stages, event.kind)
         elif isinstance(event, ChunkFed):
@@ -124,6 +127,20 @@ class Narrator:
             words.explain_inventory(self, names, chosen, event.selected)
         elif isinstance(event, QubesXmlWritten):
             print(f"  -> qubes.xml kept as {event.path}", file=self.out, flush=True)
+
+    def _salvaged(self, words: Words, event: ChunkSalvaged) -> None:
+        """One line: the chunk, numbered as the format's step that checks it."""
+        titles: list[str] = []
+
+        class _Title:  # what the format would say of a good chunk: only its title
+            def say(self, title: str, text: str, command: str | None = None,
+                    result: str = "") -> None:
+                titles.append(title)
+
+        words.explain_chunk(_Title(), event.member, event.size, None, False)
+        step = titles[0].split(" - ", 1)[0] if titles else "Step"
+        print(f"* {step} - {event.member}: FAILED its check ({event.reason}); used "
+              "UNVERIFIED because of --salvage", file=self.out, flush=True)
 
     def _finished(self, event: FileFinished) -> None:
         if event.error is not None:

@@ -24,6 +24,7 @@ from qrecover.events import (
     ChunkBorrowed,
     ChunkChecked,
     ChunkFed,
+    ChunkSalvaged,
     Event,
     FileFinished,
     HeaderVerified,
@@ -131,6 +132,8 @@ class TranscriptWriter:
             block.chunks += words.transcript_chunk(event.member, event.error)
         elif isinstance(event, ChunkBorrowed):
             self._block_for(event.member).chunks += borrowed_lines(words, event)
+        elif isinstance(event, ChunkSalvaged):
+            self._block_for(event.member).chunks += salvaged_lines(words, event)
         elif isinstance(event, ChunkFed):
             name = parse_member_name(event.member)
             fed = name.data_name if name is not None else event.member
@@ -221,3 +224,47 @@ def borrowed_lines(words: Words, event: ChunkBorrowed) -> list[str]:
                 "die", f"{event.member}: not taken out of the other copy {event.copy}")
         lines.append(line)
     return lines
+
+
+# The lines of a good chunk that check it: dropped for a chunk used with
+# --salvage (formats 2 and 3: its HMAC); and those whose check is the
+# decryption itself (format 4's scrypt_dec), kept, with what it wrote used.
+_CHECKS = ("check_hmac ",)
+_DECRYPTS = ("scrypt_dec ",)
+
+
+def salvaged_lines(words: Words, event: ChunkSalvaged) -> list[str]:
+    """restore --salvage: a chunk that failed its check, fed all the same: the
+    format's lines for a good chunk without its check, so that the replay feeds
+    the same bytes (a missing one: zeros of the size qrecover fed).  Format 2's
+    missing volume, which qrecover fed as zeros with a rebuilt continuation
+    header, the replay cannot repeat: it stops there."""
+    lines = ["", f"# chunk {shell.comment(event.member)}: it FAILED its check "
+             f"({shell.comment(event.reason)[:300]});",
+             "# qrecover used it UNVERIFIED because of --salvage: fed here without its check"]
+    name = parse_member_name(event.member)
+    fed = name.data_name if name is not None else event.member
+    # made as long as what qrecover fed: zeros after what was there (a hole)
+    fit = f'dd if=/dev/null of="$work/"{shell.q(fed)} bs=1 seek={event.size} count=0 2>/dev/null'
+    good = [line for line in words.transcript_chunk(event.member, None)
+            if line and not line.startswith("#")]
+    if event.zero_filled:
+        fmt = getattr(words, "fmt", None)
+        if fmt is not None and fmt.multi_volume:
+            return [*lines, shell.call("die", f"{event.member}: missing: qrecover fed zeros "
+                                       "with a rebuilt tar -M header (--salvage); the replay "
+                                       "stops here")]
+        return [*lines, f"# missing from the backup: {event.size} zero bytes in its place",
+                f'mkdir -p -- "$(dirname -- "$work/"{shell.q(fed)})"', fit]
+    out = lines
+    for line in good:
+        if line.startswith(_CHECKS):
+            continue
+        if line.startswith(_DECRYPTS):
+            out += ["# scrypt writes the whole plaintext before it reports the failed check:",
+                    "# kept (in a subshell where this script's rm and die do nothing), then made",
+                    "# as long as what qrecover fed",
+                    f"( rm() {{ :; }}; die() {{ exit 0; }}; {line} )", fit]
+            continue
+        out.append(line)
+    return out

@@ -1,12 +1,12 @@
 """Format 4's chunks, several ``scrypt dec`` at once, handed back in chunk order.
 
-The engine reads each chunk off the stream (qrecover.formats.v4
-``read_chunk``) and submits it here; a :class:`~qrecover.chunk_pool.ChunkPool`
+The engine reads each chunk off the stream (qrecover.formats.v4.format
+``read_chunk``) and submits it here; a :class:`~qrecover.formats.v4.chunk_pool.ChunkPool`
 runs the ``scrypt dec``, each into private scratch and under its ``-M``
 cap, and returns them strictly in chunk order, each only once scrypt exited 0.
 
 How many run at once is planned from the first chunk's stated cost
-(qrecover.scrypt_cost.plan_here: never more than the cores, never more
+(qrecover.formats.v4.scrypt_cost.plan_here: never more than the cores, never more
 than ``MemAvailable`` less headroom holds, never more than ``--jobs``); a
 later chunk that alone needs more than that budget stops the run
 (InsufficientMemory, exit 6).  A chunk whose scrypt header is damaged
@@ -19,14 +19,12 @@ import contextlib
 from pathlib import Path
 from typing import Callable  # typing's: Planner is a runtime alias (3.8)
 
-from qrecover.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed, Outcome
 from qrecover.compat import removeprefix, removesuffix
 from qrecover.errors import BackupError, OutputError, StoredFileError
 from qrecover.formats.base import ChunkOutcome, Completed, PendingChunk
-from qrecover.formats.scrypt import render_stage
-from qrecover.formats.v4 import SCRYPT_OVERHEAD, Format4, ScryptChunk, failure_outcome
-from qrecover.runner import CommandLog, Stage
-from qrecover.scrypt_cost import (
+from qrecover.formats.v4.chunk_pool import ChunkJob, ChunkPool, Decrypted, Failed, Outcome
+from qrecover.formats.v4.chunks import SCRYPT_OVERHEAD, ChunkKeys, ScryptChunk, failure_outcome
+from qrecover.formats.v4.scrypt_cost import (
     JobPlan,
     ScryptParams,
     check_fits,
@@ -35,6 +33,8 @@ from qrecover.scrypt_cost import (
     read_params,
     scrypt_ceiling,
 )
+from qrecover.formats.v4.scrypt_tool import render_stage
+from qrecover.runner import CommandLog, Stage
 
 # How the jobs are planned from the first chunk's cost (scrypt_cost.plan_here:
 # this machine's cores and memory); a test gives a machine of its own.
@@ -46,14 +46,14 @@ class ScryptWorks:
 
     def __init__(
         self,
-        fmt: Format4,
+        keys: ChunkKeys,
         passphrase: str,
         scratch: Path,
         log: CommandLog,
         jobs: int | None,
         planner: Planner = plan_here,
     ) -> None:
-        self.fmt = fmt
+        self.keys = keys
         self.passphrase = passphrase
         self.scratch = scratch
         self.log = log
@@ -97,7 +97,7 @@ class ScryptWorks:
             group=member if salvage or self.keep_going else pending.name.stored,
             index=pending.name.index,
             name=member,
-            prefix=self.fmt.chunk_prefix(pending.name.data_name),
+            prefix=self.keys.prefix(pending.name.data_name),
             src=pending.src,
             src_owned=pending.owned and not salvage,
             params=params,
@@ -128,7 +128,7 @@ class ScryptWorks:
                 self.plan = self.planner(params, member, self.jobs)
                 self._ceiling = scrypt_ceiling(read_memory().total)
                 self._pool = ChunkPool(
-                    self.fmt.tool, self.passphrase, self.scratch, self.plan,
+                    self.keys.tool, self.passphrase, self.scratch, self.plan,
                     on_start=self._started,
                 )
             else:
@@ -148,7 +148,7 @@ class ScryptWorks:
         """``-v``: the command as a person would replay it, named after the chunk."""
         data_name = removesuffix(job.name, ".enc")
         shown = Stage((*stage.argv[:-2], job.name, data_name), secret_env=stage.secret_env)
-        self.log(render_stage(self.fmt.tool, shown, job.prefix))
+        self.log(render_stage(self.keys.tool, shown, job.prefix))
 
     def _completed(self, outcome: Outcome) -> Completed:
         member = outcome.job.name
@@ -178,7 +178,7 @@ class ScryptWorks:
         header: all zeros), so that what follows keeps its place."""
         plain = pending.store.scratch_file()
         try:
-            self.fmt.decrypt_chunk(pending.name, pending.src, plain, self.passphrase, self.log)
+            self.keys.decrypt(pending.name, pending.src, plain, self.passphrase, self.log)
             return _padded(pending, plain, said)
         except OSError as exc:
             return ChunkOutcome(error=StoredFileError(f"{pending.member}: --salvage could not "

@@ -23,7 +23,7 @@ The caller's thread submits and takes; worker threads only wait on their
 ``scrypt dec`` (the CPU is in scrypt).  All state is on the pool; closing it
 (also on Interrupted) kills every child and removes all its scratch.
 
-The engine's loop (qrecover.formats.v4_jobs is its format-4 side), one pool::
+The engine's loop (qrecover.formats.v4.works is its format-4 side), one pool::
 
     with ChunkPool(tool, passphrase, scratch, plan) as pool:
         for chunk in chunks:                  # as the reader meets them
@@ -50,9 +50,15 @@ from types import TracebackType
 from typing import Callable, Literal, Union
 
 from qrecover import signals
-from qrecover.formats.scrypt import ScryptTool, dec_stage
+from qrecover.formats.v4.scrypt_cost import (
+    InsufficientMemory,
+    JobPlan,
+    ScryptParams,
+    human,
+    limit_args,
+)
+from qrecover.formats.v4.scrypt_tool import ScryptTool, dec_stage
 from qrecover.runner import PASS_ENV, Pipeline, Stage, StageResult
-from qrecover.scrypt_cost import InsufficientMemory, JobPlan, ScryptParams, human, limit_args
 
 _PIPE_SAFE = 4096  # a pipe holds this much without a reader (scrypt -P's passphrase)
 

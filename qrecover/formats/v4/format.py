@@ -22,19 +22,20 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from qrecover.archive.members import HEADER, HEADER_HMAC, ChunkName, Member
-from qrecover.errors import AuthenticationError, BackupError, DiskFull, OutputError, StoredFileError
-from qrecover.formats.base import ChunkOutcome, ChunkStore, ChunkWorks, MemberStream, PendingChunk
-from qrecover.formats.scrypt import (
+from qrecover.errors import AuthenticationError, BackupError
+from qrecover.formats.base import ChunkStore, ChunkWorks, MemberStream, PendingChunk
+from qrecover.formats.v4.chunks import SCRYPT_OVERHEAD, ChunkKeys, ScryptChunk
+from qrecover.formats.v4.scrypt_tool import (
     HEADER_PREFIX,
     ScryptTool,
-    chunk_prefix,
     decrypt_file,
     detect_scrypt,
     is_scrypt_file,
     render_dec,
 )
+from qrecover.formats.v4.works import ScryptWorks
 from qrecover.header import MAX_HEADER, Header, check_filter_value, compression, parse_bool
-from qrecover.runner import CommandLog, Stage, StageResult
+from qrecover.runner import CommandLog, Stage
 from qrecover.stages.decompress import decompress_stage
 
 VERSION = 4
@@ -42,8 +43,6 @@ PAGE = "https://www.qubes-os.org/doc/backup-emergency-restore-v4/"
 # Qubes R4 writes `%Y%m%dT%H%M%S-PID`; it only ever goes into scrypt's
 # passphrase, never onto a command line, but is bounded all the same.
 BACKUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
-# scrypt adds a 96-byte header and a 32-byte HMAC to what it encrypts.
-SCRYPT_OVERHEAD = 128
 MAX_HEADER_HMAC = MAX_HEADER + SCRYPT_OVERHEAD
 
 
@@ -158,56 +157,6 @@ def _scrypt_header(tool: ScryptTool, header_hmac: bytes, passphrase: str, log: C
             return f.read(MAX_HEADER + 1)
 
 
-@dataclass
-class ScryptChunk:
-    """A chunk copied off the stream, still to be authenticated and decrypted."""
-
-    fmt: Format4
-    store: ChunkStore
-    member: str
-    name: ChunkName
-    src: Path
-    owned: bool
-    plain: Path
-
-    def complete(self) -> ChunkOutcome:
-        """scrypt dec into a scratch file, used only if scrypt exited 0 (it may
-        write plaintext before it finds the damage)."""
-        store, member = self.store, self.member
-        result: StageResult | None = None
-        try:
-            result = self.fmt.decrypt_chunk(
-                self.name, self.src, self.plain, store.passphrase, store.log
-            )
-        except OSError as exc:
-            return ChunkOutcome(
-                error=StoredFileError(f"{member}: could not run scrypt ({exc})")
-            )
-        finally:
-            store.drop(self.src, self.owned)
-            if result is None or not result.ok:
-                store.drop(self.plain, True)
-        if result.ok:
-            return ChunkOutcome(plain=self.plain, owned=True, checked=True)
-        return failure_outcome(member, result)
-
-
-def failure_outcome(member: str, result: StageResult) -> ChunkOutcome:
-    """What a chunk scrypt did not exit 0 on becomes: nothing of it is used."""
-    said = result.describe()
-    if result.output_trouble:
-        message = f"{member}: {said}"
-        error: OutputError | StoredFileError = (
-            DiskFull(message) if result.disk_full else OutputError(message)
-        )
-    else:
-        error = StoredFileError(
-            f"{member}: scrypt could not authenticate the chunk: it is damaged "
-            f"or was tampered with; nothing of it was used ({said})"
-        )
-    return ChunkOutcome(error=error, checked=True, reason=said)
-
-
 @dataclass(frozen=True)
 class Format4:
     """Qubes R4: every chunk is scrypt-encrypted and authenticated on its own."""
@@ -242,17 +191,14 @@ class Format4:
         added as scrypt authenticated it."""
         return b"\0qubes.xml\0" + hashlib.sha256(xml).digest()
 
+    @property
+    def keys(self) -> ChunkKeys:
+        """How each chunk's key is derived and the chunk decrypted."""
+        return ChunkKeys(self.tool, self.header.backup_id)
+
     def chunk_prefix(self, chunk: str) -> str:
         """``BACKUPID!vm7/private.img.000!``: what precedes the passphrase."""
-        return chunk_prefix(self.header.backup_id, chunk)
-
-    def decrypt_chunk(
-        self, chunk: ChunkName, src: Path, dst: Path, passphrase: str, log: CommandLog
-    ) -> StageResult:
-        """Authenticate and decrypt one chunk into ``dst`` (usable only if ok)."""
-        prefix = self.chunk_prefix(chunk.data_name)
-        shown = render_dec(self.tool, chunk.name, chunk.data_name, prefix)
-        return decrypt_file(self.tool, src, dst, prefix + passphrase, shown, log)
+        return self.keys.prefix(chunk)
 
     def read_chunk(
         self, store: ChunkStore, member: Member, name: ChunkName, members: MemberStream
@@ -260,13 +206,11 @@ class Format4:
         """Copy the ``.enc`` chunk off the stream (from a folder scrypt reads it in
         place: what it writes is what is fed on); raises Truncated."""
         src, owned, _ = store.copy(member, None)
-        return ScryptChunk(self, store, member.name, name, src, owned, store.scratch_file())
+        return ScryptChunk(self.keys, store, member.name, name, src, owned, store.scratch_file())
 
     def chunk_works(
         self, passphrase: str, scratch: Path, log: CommandLog, jobs: int | None
     ) -> ChunkWorks:
-        """Several ``scrypt dec`` at once (qrecover.formats.v4_jobs), at most
+        """Several ``scrypt dec`` at once (qrecover.formats.v4.works), at most
         ``jobs`` (None: as many as the cores and the memory allow)."""
-        from qrecover.formats.v4_jobs import ScryptWorks  # it builds on this module
-
-        return ScryptWorks(self, passphrase, scratch, log, jobs)
+        return ScryptWorks(self.keys, passphrase, scratch, log, jobs)
