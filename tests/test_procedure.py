@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from qrecover import formats
 from qrecover.formats import v1_words, v2_words, v3_words, v4_words
 from qrecover.procedure import Procedure, Step
 
@@ -62,3 +63,17 @@ def test_a_step_named_twice_is_refused() -> None:
     with pytest.raises(ValueError, match="named twice"):
         Procedure(page="p", check="none",
                   steps=(Step("a", "a", "backup"), Step("a", "b", "backup")))
+
+
+def test_words_before_any_header() -> None:
+    """A run that stopped before a header was verified is told on format 3's
+    page without asking anything of a format: the page's own step 1 (tar -i),
+    and a chunk's lines."""
+    words = formats.words(None)
+    assert words.procedure is v3_words.PROCEDURE
+    assert words.first_step("backup.bin") is None
+    assert "(hence tar -i, --ignore-zeros)" in words.intro
+    assert words.transcript_chunk("vm1/private.img.000", None)[-2:] == [
+        "take vm1/private.img.000 vm1/private.img.000.hmac",
+        "check_hmac vm1/private.img.000",
+    ]

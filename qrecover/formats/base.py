@@ -3,7 +3,8 @@
 A format is one object (``Format``), made by authenticating the header, and
 its words (``Words``, the renderers' side: the recovery page's procedure,
 declared once with its step numbers (qrecover.procedure), sh fragments,
-narration).  The engine (qrecover.engine) asks the format:
+narration; each format's words class extends :class:`PageWords`).  The
+engine (qrecover.engine) asks the format:
 
 - ``programs`` / ``check_programs``: what must be installed, checked up front;
 - ``owns_chunk``: whether a chunk name has this format's shape;
