@@ -52,7 +52,7 @@ from qrecover.archive.members import ChunkName, Member
 from qrecover.errors import QrecoverError
 from qrecover.header import Header
 from qrecover.hmacs import Digest
-from qrecover.procedure import Procedure
+from qrecover.procedure import Procedure, Step
 from qrecover.runner import CommandLog, Stage
 
 if TYPE_CHECKING:
@@ -274,6 +274,10 @@ class Words(Protocol):
         (format 1: a folder, where nothing is untarred)."""
         ...
 
+    def chunk_step(self, member: str) -> Step | None:
+        """The step that checks the chunk ``member`` (None: no chunk is checked)."""
+        ...
+
     # --transcript
     def transcript_preamble(
         self, mode: str, backup: str | None, output: Path | None, argv: tuple[str, ...]
@@ -323,6 +327,8 @@ class PageWords(Generic[F]):
     before a header was verified: then only the page is asked), and what a
     format with nothing to say there says."""
 
+    procedure: Procedure
+
     def __init__(self, fmt: F | None) -> None:
         self._fmt = fmt
 
@@ -333,6 +339,9 @@ class PageWords(Generic[F]):
 
     def first_step(self, backup: str) -> str | None:
         return None  # the page's tar -i -x of the backup
+
+    def chunk_step(self, member: str) -> Step | None:
+        return next((s for s in self.procedure.steps if s.per == "chunk"), None)
 
     def transcript_chunk(self, member: str, error: str | None) -> list[str]:
         return []  # no chunk is checked

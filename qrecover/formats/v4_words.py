@@ -87,6 +87,9 @@ class Words4(PageWords[Format4]):
         plain = _data_name(member)
         return render_dec(self.fmt.tool, member, plain, self.fmt.chunk_prefix(plain))
 
+    def chunk_step(self, member: str) -> Step:
+        return XML if _data_name(member).startswith(QUBES_XML + ".") else CHUNKS
+
     # -- --transcript -----------------------------------------------------------
 
     def transcript_preamble(
@@ -202,7 +205,7 @@ class Words4(PageWords[Format4]):
     def explain_chunk(
         self, out: Narration, member: str, size: int, error: str | None, first: bool
     ) -> None:
-        step = "qubes.xml" if _data_name(member).startswith(QUBES_XML + ".") else "chunks"
+        step = self.chunk_step(member).key
         if error is None:
             why = (
                 "scrypt checks a chunk's HMAC only at its end and may already have "

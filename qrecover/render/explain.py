@@ -130,16 +130,9 @@ class Narrator:
 
     def _salvaged(self, words: Words, event: ChunkSalvaged) -> None:
         """One line: the chunk, numbered as the format's step that checks it."""
-        titles: list[str] = []
-
-        class _Title:  # what the format would say of a good chunk: only its title
-            def say(self, title: str, text: str, command: str | None = None,
-                    result: str = "") -> None:
-                titles.append(title)
-
-        words.explain_chunk(_Title(), event.member, event.size, None, False)
-        step = titles[0].split(" - ", 1)[0] if titles else "Step"
-        print(f"* {step} - {event.member}: FAILED its check ({event.reason}); used "
+        step = words.chunk_step(event.member)
+        heading = f"Step {step}" if step else "Step"
+        print(f"* {heading} - {event.member}: FAILED its check ({event.reason}); used "
               "UNVERIFIED because of --salvage", file=self.out, flush=True)
 
     def _finished(self, event: FileFinished) -> None:
