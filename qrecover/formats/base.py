@@ -269,6 +269,11 @@ class Words(Protocol):
 
     procedure: Procedure  # the page's steps, declared once (qrecover.procedure)
 
+    @property
+    def fmt(self) -> Format:
+        """The format, once its header was verified."""
+        ...
+
     def first_step(self, backup: str) -> str | None:
         """Step 1's command where it is not the page's ``tar -i -x`` of the backup
         (format 1: a folder, where nothing is untarred)."""
@@ -319,7 +324,7 @@ class Words(Protocol):
     ) -> str: ...
 
 
-F = TypeVar("F")
+F = TypeVar("F", bound=Format)
 
 
 class PageWords(Generic[F]):

@@ -249,8 +249,7 @@ def salvaged_lines(words: Words, event: ChunkSalvaged) -> list[str]:
     good = [line for line in words.transcript_chunk(event.member, None)
             if line and not line.startswith("#")]
     if event.zero_filled:
-        fmt = getattr(words, "fmt", None)
-        if fmt is not None and fmt.multi_volume:
+        if words.fmt.multi_volume:
             return [*lines, shell.call("die", f"{event.member}: missing: qrecover fed zeros "
                                        "with a rebuilt tar -M header (--salvage); the replay "
                                        "stops here")]
