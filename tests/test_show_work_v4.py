@@ -31,8 +31,8 @@ from helpers import (
     untar,
 )
 
-from qrecover.formats import v4_sh
-from qrecover.formats.v4_sh import SCRIPT_FUNCTIONS_V4
+from qrecover.formats.v4 import sh as v4_sh
+from qrecover.formats.v4.sh import SCRIPT_FUNCTIONS_V4
 from qrecover.render import shell
 from qrecover.stages.decompress import pick_gunzip
 from qrecover.stages.extract import pick_extractor

@@ -23,8 +23,9 @@ from types import ModuleType
 from typing import Protocol
 
 from qrecover.errors import BackupError
-from qrecover.formats import v1, v1_words, v2, v2_words, v3, v3_words, v4, v4_words
+from qrecover.formats import v1, v1_words, v2, v2_words, v3, v3_words, v4
 from qrecover.formats.base import Format, HeaderlessFormat, Words
+from qrecover.formats.v4 import words as v4_words
 from qrecover.header import Header, split_header, validate
 from qrecover.hmacs import MAX_HMAC_FILE
 from qrecover.inventory import Inventory, parse_inventory

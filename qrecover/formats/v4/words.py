@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
-from qrecover.formats import v4_sh
 from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.v3_words import last_stage
-from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4
+from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4, sh
 from qrecover.formats.v4.scrypt_tool import HEADER_PREFIX, render_dec
-from qrecover.formats.v4_sh import VERIFIED_HEADER, header_checks
+from qrecover.formats.v4.sh import VERIFIED_HEADER, header_checks
 from qrecover.inventory import DOM0, Entity
 from qrecover.procedure import Procedure, Step
 from qrecover.render import scriptparts, shell
@@ -112,7 +111,7 @@ class Words4(PageWords[Format4]):
             "scrypt_init",
         ]
         out = output if mode == "restore" else None
-        functions = [shell.prelude(hmac=False), v4_sh.scrypt_functions()]
+        functions = [shell.prelude(hmac=False), sh.scrypt_functions()]
         return shell.transcript_head(argv, about, functions, backup, out, setup)
 
     def transcript_header(self) -> list[str]:
@@ -353,7 +352,7 @@ class Words4(PageWords[Format4]):
                 "# first failing check or program it stops with a message and a non-zero status.",
             ],
             functions=[
-                shell.prelude(hmac=False), v4_sh.scrypt_functions(), v4_sh.SCRIPT_FUNCTIONS_V4
+                shell.prelude(hmac=False), sh.scrypt_functions(), sh.SCRIPT_FUNCTIONS_V4
             ],
             programs=programs,
             setup=[
