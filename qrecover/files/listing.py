@@ -21,7 +21,6 @@ from qrecover.errors import BackupError, UsageError
 from qrecover.files.debugfs import RawEntry, Reader
 
 DEFAULT_PATH = "/home/user"
-ROOT_INODE = 2  # the root folder of every ext2/3/4 file system
 ROOT_NAME = "rw"  # what "/" of a private image is called in its VM (mounted at /rw)
 
 Kind = Literal["dir", "file", "symlink", "special"]
