@@ -8,25 +8,31 @@ and the same message, and leaves nothing in the temporary folder."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import Backup, MakeBackup, bin_dir, run_cli, run_main
+from conftest import Backup, MakeBackup, bin_dir, qrecover_exe, run_cli, run_main
 from helpers import untar
 
 from qrecover.archive.members import Member
+from qrecover.errors import EXIT_SIGTERM
 from qrecover.formats.v4 import head_start  # the module, not begin_early
 from qrecover.formats.v4.scrypt_cost import cores
 
 pytestmark = pytest.mark.xdist_group("test_format4_e2e")  # make4's backups built once
 
 
-def _logging_scrypt(tmp_path: Path) -> tuple[Path, Path]:
+def _logging_scrypt(tmp_path: Path, hold: Path | None = None) -> tuple[Path, Path]:
     """A PATH folder with tar, gzip, cat and a scrypt that logs ``start``/``end`` of
-    each ``dec`` with its input file, around the real scrypt."""
+    each ``dec`` with its input file, around the real scrypt; ``hold``: the
+    header's waits until that file exists."""
     bindir = bin_dir(tmp_path, ["tar", "gzip", "cat"])
     log = tmp_path / "scrypt.log"
     real = shutil.which("scrypt")
@@ -34,10 +40,11 @@ def _logging_scrypt(tmp_path: Path) -> tuple[Path, Path]:
     script.write_text(
         "#!/bin/sh\n"
         'if [ "$1" != dec ]; then exec ' f'{real} "$@"; fi\n'
-        'for last; do :; done\n'  # the output file; the input is the one before it
-        'eval "input=\\${$(($# - 1))}"\n'
+        'eval "input=\\${$(($# - 1))}"\n'  # the input: the one before the output file
         f'echo "start $input" >> {log}\n'
-        f'{real} "$@"; code=$?\n'
+        + (f'case "$input" in *backup-header.hmac) while [ ! -e {hold} ]; do sleep 0.1; done;;'
+           ' esac\n' if hold is not None else "")
+        + f'{real} "$@"; code=$?\n'
         f'echo "end $input" >> {log}\n'
         'exit $code\n'
     )
@@ -56,12 +63,12 @@ def _events(log: Path) -> list[str]:
     return out
 
 
-def test_info_derives_both_keys_at_once_and_says_the_same(
-    make4: MakeBackup, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("source", ["file", "folder"])
+def test_info_derives_both_keys_at_once(make4: MakeBackup, tmp_path: Path, source: str) -> None:
     backup = make4()
+    where = backup.path if source == "file" else untar(backup.path, tmp_path / "untarred")
     bindir, log = _logging_scrypt(tmp_path)
-    result = run_main("info", backup.path, "--passphrase-file", backup.passfile,
+    result = run_main("info", where, "--passphrase-file", backup.passfile,
                       env={"PATH": str(bindir)})
     assert result.code == 0, result.text
     events = _events(log)
@@ -173,3 +180,32 @@ def test_jobs_1_starts_nothing_early(make4: MakeBackup, tmp_path: Path) -> None:
     mac = (folder / "backup-header.hmac").read_bytes()
     assert head_start.start(member, header, mac, "pass", 1) is None
     assert member.stream is None
+
+
+def test_sigterm_while_the_header_is_authenticated_stops_both(
+    make4: MakeBackup, tmp_path: Path
+) -> None:
+    """SIGTERM while the header's scrypt runs (held until told) and qubes.xml's was
+    begun: the exit code of SIGTERM, and nothing left in the temporary folder."""
+    backup = make4()
+    bindir, log = _logging_scrypt(tmp_path, hold=tmp_path / "never")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "QRECOVER_PASSPHRASE"}
+    proc = subprocess.Popen(
+        [*qrecover_exe(), "info", str(backup.path), "--passphrase-file", str(backup.passfile)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**env, "PATH": str(bindir), "TMPDIR": str(tmp)},
+    )
+    deadline = time.monotonic() + 120  # a bound on the wait, not a measurement
+    while "start header" not in (_events(log) if log.exists() else []):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_SIGTERM, err
+    assert b"Traceback" not in err
+    assert list(tmp.iterdir()) == []
+    events = _events(log)
+    if cores() >= 2:
+        assert events.index("start xml") < events.index("start header"), events
