@@ -64,7 +64,7 @@ from qrecover.fallback import Copies
 from qrecover.finished import finished_before
 from qrecover.formats.base import ChunkWorks, Completed, Format
 from qrecover.inventory import MAX_XML, Entity, Inventory
-from qrecover.opening import check_programs, read_header
+from qrecover.opening import Started, check_programs, read_header
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Mode, Plan, obstacles
 from qrecover.report import FileResult, Observer, Report, Request, missing
@@ -126,6 +126,7 @@ class Recovery:
         )
         self.report.healed_by_copies = bool(self.borrowing)
         self.works: ChunkWorks | None = None
+        self._early: list[Started] = []  # begun with the header (format 4: qubes.xml's scrypt)
         # igzip or pigz, and bsdtar, when installed: faster than gzip -d, GNU tar
         self.gunzip, self.extractor = pick_programs()
         self.costs = Costs.of(source)  # damaged ranges, and what each cost
@@ -219,6 +220,8 @@ class Recovery:
         if self.works is not None:
             self.works.close()  # its children stopped and its scratch gone first
             self.works = None
+        for early in self._early:
+            early.close()  # killed if still running, its private folder removed
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
@@ -231,7 +234,7 @@ class Recovery:
     def _read_header(self, members: Members) -> Format:
         label = getattr(self.source, "label", "the backup")
         fmt, self.header_raw = read_header(members, label, self.passphrase, self.ctx, self.copies,
-                                           self.report.notes)
+                                           self.report.notes, self.request.jobs, self._early)
         return fmt
 
     def _job(self, plan: Plan, stored: str, owner: str, sink_staging: Entity | None) -> StoredFile:

@@ -11,6 +11,7 @@ passphrase is still exit 3)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from qrecover import formats
 from qrecover.archive.members import HEADER, HEADER_HMAC, Member, Members
@@ -30,13 +31,23 @@ from qrecover.header import MAX_HEADER
 from qrecover.runner import CommandLog, control, which
 
 
+class Started(Protocol):
+    """Work a format started before the header authenticated (format 4: qubes.xml's
+    key derivation); ``close`` stops it and removes what it wrote."""
+
+    def close(self) -> None: ...
+
+
 def read_header(
     members: Members, label: str, passphrase: str, ctx: RunContext, copies: Copies,
-    notes: list[str] | None = None,
+    notes: list[str] | None = None, jobs: int | None = None,
+    started: list[Started] | None = None,
 ) -> tuple[Format, bytes]:
     """The authenticated format, and the header's raw bytes with its HMAC's
     (part of the backup's identity; empty for R2-Beta3, which wrote none).
-    ``notes``: where a header taken from another copy is said."""
+    ``notes``: where a header taken from another copy is said.  ``started``:
+    where work begun while the header is authenticated is put, for the
+    caller to close when the run ends (``jobs`` 1: none is begun)."""
     if members.peek() is None and members.error is None:
         raise BackupError("the backup is empty (no members): not a Qubes backup")
 
@@ -58,10 +69,14 @@ def read_header(
             return _verified(found, ctx, copies, authenticates)
         ctx.emit(HeaderVerified(bare))  # none to verify: qubes.xml.000's HMAC is first
         return bare, b""
+    early: Started | None = None
     try:
         data, hmac_text = _own_header(members, first, label, bool(copies))
+        early = _head_start(members, data, hmac_text, passphrase, jobs, started)
         fmt = authenticates(data, hmac_text)
     except QrecoverError as exc:
+        if early is not None:
+            early.close()  # killed, its output removed: nothing of it is used
         why = (f"in {label} it does not authenticate with the passphrase (damaged)"
                if isinstance(exc, AuthenticationError) else exc.message)
         found = _from_copies(copies, authenticates, why, label, notes)
@@ -69,6 +84,23 @@ def read_header(
             raise
         return _verified(found, ctx, copies, authenticates)
     return _verified((fmt, data, hmac_text), ctx, copies, authenticates)
+
+
+def _head_start(
+    members: Members, data: bytes, hmac_text: bytes, passphrase: str, jobs: int | None,
+    started: list[Started] | None,
+) -> Started | None:
+    """What the format begins on the member after the header while the header is
+    authenticated (format 4: qubes.xml's first chunk's key derivation, kept in
+    private scratch, used only under the authenticated header's backup id)."""
+    begin = getattr(formats.detect(hmac_text), "begin_early", None)
+    if started is None or begin is None:
+        return None
+    after = members.peek()
+    early: Started | None = begin(after, data, hmac_text, passphrase, jobs) if after else None
+    if early is not None:
+        started.append(early)
+    return early
 
 
 def _own_header(members: Members, first: Member, label: str, copies: bool) -> tuple[bytes, bytes]:

@@ -7,7 +7,8 @@ The package's modules, each what it holds:
 - ``works``: the chunks through the pool, handed back in chunk order;
 - ``chunk_pool``: several ``scrypt dec`` at once, bounded, released in order;
 - ``scrypt_cost``: what a chunk's key derivation costs, how many fit at once;
-- ``scrypt_tool``: the installed ``scrypt``, its ``dec`` stage and shell form.
+- ``scrypt_tool``: the installed ``scrypt``, its ``dec`` stage and shell form;
+- ``head_start``: qubes.xml's key derivation started while the header's runs.
 
 What the rest of qrecover.formats uses of it is named here.
 """
@@ -23,6 +24,7 @@ from qrecover.formats.v4.format import (
     claims,
     open_format,
 )
+from qrecover.formats.v4.head_start import start as begin_early
 
 __all__ = [
     "MAX_HEADER_HMAC",
@@ -30,6 +32,7 @@ __all__ = [
     "VERSION",
     "BackupHeaderV4",
     "Format4",
+    "begin_early",
     "claims",
     "open_format",
 ]

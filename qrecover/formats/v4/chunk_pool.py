@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -47,7 +46,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Literal, Union
+from typing import TYPE_CHECKING, Callable, Literal, Union
 
 from qrecover import signals
 from qrecover.formats.v4.scrypt_cost import (
@@ -57,8 +56,11 @@ from qrecover.formats.v4.scrypt_cost import (
     human,
     limit_args,
 )
-from qrecover.formats.v4.scrypt_tool import ScryptTool, dec_stage
-from qrecover.runner import PASS_ENV, Pipeline, Stage, StageResult
+from qrecover.formats.v4.scrypt_tool import ScryptTool, dec_pipeline, dec_stage
+from qrecover.runner import Pipeline, Stage, StageResult, log_command
+
+if TYPE_CHECKING:
+    from qrecover.formats.v4.head_start import HeadStart
 
 _PIPE_SAFE = 4096  # a pipe holds this much without a reader (scrypt -P's passphrase)
 
@@ -74,6 +76,9 @@ class ChunkJob:
     src: Path  # what scrypt reads
     src_owned: bool  # a scratch copy, removed once scrypt is done with it
     params: ScryptParams  # its stated cost (scrypt_cost.read_params of src)
+    # its scrypt dec already running since before the header authenticated
+    # (qrecover.formats.v4.head_start): waited for instead of a new one
+    started: HeadStart | None = None
 
 
 @dataclass(frozen=True)
@@ -335,11 +340,6 @@ class ChunkPool:
 
     # -- a worker: one scrypt dec -------------------------------------------
 
-    def _stage(self, job: ChunkJob, plain: Path) -> Stage:
-        base = dec_stage(self.tool, str(job.src), str(plain))
-        argv = (*base.argv[:2], *limit_args(job.params), *base.argv[2:])
-        return Stage(argv, secret_env=base.secret_env)
-
     def _run(self, entry: _Entry) -> None:
         job = entry.job
         result: StageResult | None = None
@@ -375,23 +375,12 @@ class ChunkPool:
 
     def _decrypt(self, entry: _Entry) -> StageResult | None:
         job = entry.job
-        stage = self._stage(job, entry.plain)
+        if job.started is not None:
+            return self._adopt(entry, job.started)
+        stage = limited_stage(self.tool, job.params, job.src, entry.plain)
         if self._on_start is not None:
             self._on_start(job, stage)
-        secret = job.prefix + self._passphrase
-        read_end = -1
-        if self.tool.style == "env":
-            pipeline = Pipeline([stage], stdin=subprocess.DEVNULL, secrets={PASS_ENV: secret})
-        else:
-            line = (secret + "\n").encode("utf-8")
-            if len(line) > _PIPE_SAFE:
-                raise ValueError("the passphrase is too long for scrypt -P (over 4000 bytes)")
-            read_end, write_end = os.pipe()
-            try:
-                os.write(write_end, line)
-            finally:
-                os.close(write_end)
-            pipeline = Pipeline([stage], stdin=read_end)
+        pipeline, read_end = dec_pipeline(self.tool, stage, job.prefix + self._passphrase)
         try:
             with self._lock:
                 if entry.cancelled:
@@ -404,3 +393,29 @@ class ChunkPool:
             if read_end >= 0:
                 os.close(read_end)
         return result
+
+    def _adopt(self, entry: _Entry, started: HeadStart) -> StageResult | None:
+        """The chunk's scrypt dec, started before the header authenticated:
+        waited for as if started now; its plaintext moved to ``entry.plain``."""
+        if self._on_start is not None:
+            self._on_start(entry.job, started.stage)
+        log_command(started.pipeline.render())
+        with self._lock:
+            if entry.cancelled:
+                return None
+            entry.pipeline = started.pipeline
+        try:
+            result = started.wait()
+            if result.ok:
+                shutil.move(str(started.plain), str(entry.plain))
+        finally:
+            started.close()  # its folder: the input, and the plaintext if not moved
+        return result
+
+
+def limited_stage(tool: ScryptTool, params: ScryptParams, src: Path, plain: Path) -> Stage:
+    """``scrypt dec`` of ``src`` into ``plain`` under ``-M``, the chunk's own cost."""
+    base = dec_stage(tool, str(src), str(plain))
+    argv = (*base.argv[:2], *limit_args(params), *base.argv[2:])
+    return Stage(argv, secret_env=base.secret_env)
+

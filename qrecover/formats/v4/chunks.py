@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qrecover.archive.members import ChunkName
 from qrecover.errors import DiskFull, OutputError, StoredFileError
 from qrecover.formats.base import ChunkOutcome, ChunkStore
 from qrecover.formats.v4.scrypt_tool import ScryptTool, chunk_prefix, decrypt_file, render_dec
 from qrecover.runner import CommandLog, StageResult
+
+if TYPE_CHECKING:
+    from qrecover.formats.v4.head_start import HeadStart
 
 # scrypt adds a 96-byte header and a 32-byte HMAC to what it encrypts.
 SCRYPT_OVERHEAD = 128
@@ -53,6 +57,7 @@ class ScryptChunk:
     src: Path
     owned: bool
     plain: Path
+    started: HeadStart | None = None  # its scrypt dec, running since before the header
 
     def complete(self) -> ChunkOutcome:
         """scrypt dec into a scratch file, used only if scrypt exited 0 (it may

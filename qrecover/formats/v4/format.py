@@ -25,6 +25,7 @@ from qrecover.archive.members import HEADER, HEADER_HMAC, ChunkName, Member
 from qrecover.errors import AuthenticationError, BackupError
 from qrecover.formats.base import ChunkStore, ChunkWorks, MemberStream, PendingChunk
 from qrecover.formats.v4.chunks import SCRYPT_OVERHEAD, ChunkKeys, ScryptChunk
+from qrecover.formats.v4.head_start import Replay
 from qrecover.formats.v4.scrypt_tool import (
     HEADER_PREFIX,
     ScryptTool,
@@ -205,8 +206,11 @@ class Format4:
     ) -> PendingChunk:
         """Copy the ``.enc`` chunk off the stream (from a folder scrypt reads it in
         place: what it writes is what is fed on); raises Truncated."""
+        early = member.stream.started if isinstance(member.stream, Replay) else None
         src, owned, _ = store.copy(member, None)
-        return ScryptChunk(self.keys, store, member.name, name, src, owned, store.scratch_file())
+        started = early.claim(member.name, self.header.backup_id) if early else None
+        return ScryptChunk(self.keys, store, member.name, name, src, owned, store.scratch_file(),
+                           started)
 
     def chunk_works(
         self, passphrase: str, scratch: Path, log: CommandLog, jobs: int | None

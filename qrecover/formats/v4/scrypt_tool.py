@@ -126,27 +126,31 @@ def decrypt_file(
     ``shown``: how it is logged (see :func:`render_dec`).
     """
     stage = dec_stage(tool, str(infile), str(outfile))
-    if tool.style == "env":
-        pipeline = Pipeline(
-            [stage],
-            stdin=subprocess.DEVNULL,
-            secrets={PASS_ENV: secret},
-            shown=shown,
-            log=log,
-        )
+    pipeline, read_end = dec_pipeline(tool, stage, secret, log, shown)
+    try:
         (result,) = pipeline.start().wait()
-        return result
+    finally:
+        if read_end >= 0:
+            os.close(read_end)
+    return result
+
+
+def dec_pipeline(
+    tool: ScryptTool, stage: Stage, secret: str, log: CommandLog = log_command,
+    shown: str | None = None,
+) -> tuple[Pipeline, int]:
+    """``stage``'s pipeline, not started, given ``secret`` the way ``tool`` takes
+    it; and the read end of the pipe that holds it (-1: none), the caller's to
+    close once scrypt has exited."""
+    if tool.style == "env":
+        return Pipeline([stage], stdin=subprocess.DEVNULL, secrets={PASS_ENV: secret},
+                        shown=shown, log=log), -1
     line = (secret + "\n").encode("utf-8")
     if len(line) > _PIPE_SAFE:
         raise UsageError("the passphrase is too long for scrypt -P (over 4000 bytes)")
     read_end, write_end = os.pipe()
     try:
         os.write(write_end, line)
-        os.close(write_end)
-        write_end = -1
-        (result,) = Pipeline([stage], stdin=read_end, shown=shown, log=log).start().wait()
     finally:
-        os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
-    return result
+        os.close(write_end)
+    return Pipeline([stage], stdin=read_end, shown=shown, log=log), read_end

@@ -101,6 +101,8 @@ class ScryptWorks:
             src=pending.src,
             src_owned=pending.owned and not salvage,
             params=params,
+            # qubes.xml's first chunk: the scrypt dec started with the header's
+            started=pending.started,
         )
         if salvage:
             self._kept[member] = pending
