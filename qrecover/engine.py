@@ -135,7 +135,7 @@ class Recovery:
 
     def run(self) -> Report:
         request = self.request
-        headerless = formats.folder_format(self.source)  # format 1: a folder, no header
+        headerless = formats.detect(source=self.source)  # format 1: a folder, no header
         members = Members(headerless.members() if headerless else self.source.members(),
                           self.costs.position)
         try:
@@ -255,7 +255,7 @@ class Recovery:
             scratch=self.scratch,
             output=self.output,
             placing=self.resume.placing if self.resume is not None else None,
-            multi_volume=plan.fmt.multi_volume,
+            fmt=plan.fmt,
             salvage=new_log(self.request.salvage, plan.fmt, self.gunzip, stored, sink),
         )
 

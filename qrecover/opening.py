@@ -50,7 +50,7 @@ def read_header(
         if found is None:
             raise
         return _verified(found, ctx, copies, authenticates)
-    if first.name != HEADER and (bare := formats.headerless(first.name)) is not None:
+    if first.name != HEADER and (bare := formats.detect(first=first.name)) is not None:
         # R2-Beta3 wrote none; or the header was lost, and a copy still has it
         found = _from_copies(copies, authenticates, f"missing from {label} (it starts with "
                              f"{first.name})", label, notes)
@@ -79,10 +79,9 @@ def _own_header(members: Members, first: Member, label: str, copies: bool) -> tu
                           ".hmac: the header lost in damage?)")
     if first.name != HEADER:
         name = first.name.encode("ascii", "backslashreplace").decode()[:80]
-        raise BackupError(formats.packed_hint(name) or (  # a packed format-1 folder?
-            f"{label}: does not start with backup-header (found {name!r}): "
-            "not a Qubes backup of format 2, 3 or 4"
-        ))
+        formats.detect(first=name, refuse_packed=True)  # a packed format-1 folder?
+        raise BackupError(f"{label}: does not start with backup-header (found {name!r}): "
+                          "not a Qubes backup of format 2, 3 or 4")
     members.take()
     data = first.read_all(MAX_HEADER)
     second = members.require("backup-header.hmac")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from qrecover.formats.v4.format import (
     MAX_HEADER_HMAC,
     PAGE,
+    RECOGNISED,
     VERSION,
     BackupHeaderV4,
     Format4,
@@ -27,6 +28,7 @@ from qrecover.formats.v4.format import (
 __all__ = [
     "MAX_HEADER_HMAC",
     "PAGE",
+    "RECOGNISED",
     "VERSION",
     "BackupHeaderV4",
     "Format4",

@@ -23,7 +23,14 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from qrecover.archive.members import HEADER, HEADER_HMAC, ChunkName, Member
 from qrecover.errors import AuthenticationError, BackupError
-from qrecover.formats.base import ChunkStore, ChunkWorks, MemberStream, PendingChunk
+from qrecover.formats.base import (
+    ChunkStore,
+    ChunkWorks,
+    MemberStream,
+    PendingChunk,
+    Recognition,
+    StreamFed,
+)
 from qrecover.formats.v4.chunks import SCRYPT_OVERHEAD, ChunkKeys, ScryptChunk
 from qrecover.formats.v4.scrypt_tool import (
     HEADER_PREFIX,
@@ -158,7 +165,7 @@ def _scrypt_header(tool: ScryptTool, header_hmac: bytes, passphrase: str, log: C
 
 
 @dataclass(frozen=True)
-class Format4:
+class Format4(StreamFed):
     """Qubes R4: every chunk is scrypt-encrypted and authenticated on its own."""
 
     header: BackupHeaderV4
@@ -166,7 +173,6 @@ class Format4:
     version = VERSION
     written_by = "Qubes R4"
     verdict = "every chunk authenticated by scrypt"
-    multi_volume = False
 
     @property
     def authenticated_with(self) -> str:
@@ -214,3 +220,8 @@ class Format4:
         """Several ``scrypt dec`` at once (qrecover.formats.v4.works), at most
         ``jobs`` (None: as many as the cores and the memory allow)."""
         return ScryptWorks(self.keys, passphrase, scratch, log, jobs)
+
+
+# Found by its header's .hmac, which scrypt enc wrote.
+RECOGNISED = Recognition(VERSION, header=lambda _header, mac: claims(mac),
+                         authenticate=open_format)
