@@ -191,7 +191,7 @@ def test_the_import_check_catches_a_format_module(tmp_path: Path) -> None:
         "from qrecover import formats\n"
         "from qrecover.formats.base import Format\n"
         "from qrecover.formats import Words\n"
-        "from qrecover.formats.v2_volumes import VolumeTar\n"
+        "from qrecover.formats.v2.volumes import VolumeTar\n"
         "from qrecover.formats import v3\n"
         "import qrecover.formats.v1\n"
         "if TYPE_CHECKING:\n    from qrecover.formats.v4.works import ScryptWorks\n"
@@ -199,7 +199,7 @@ def test_the_import_check_catches_a_format_module(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert [hit.split(" ")[1] for hit in _format_modules_imported(module)] == [
-        "qrecover.formats.v2_volumes", "qrecover.formats.v3", "qrecover.formats.v1",
+        "qrecover.formats.v2.volumes", "qrecover.formats.v3", "qrecover.formats.v1",
         "qrecover.formats.v4.works", "qrecover.formats.v4",
     ]
 

@@ -23,7 +23,7 @@ How the formats still to come fit without changing the engine's shape:
   format 3 does and compares; ``complete`` runs the per-chunk ``openssl enc
   -d`` or ``gzip -d`` into scratch; ``stream_stages`` is empty and
   ``own_feed`` gives the stored file's ``tar -M``, fed each plaintext as one
-  volume (qrecover.formats.v2_volumes).
+  volume (qrecover.formats.v2.volumes).
 - Format 1 (no authentication at all; qrecover.formats.v1): a folder, no
   header.  ``formats.detect`` finds it and its ``members`` stand for the
   outer archive; ``read_chunk`` copies nothing and checks nothing
@@ -175,7 +175,7 @@ class MemberStream(Protocol):
 
 class OwnFeed(Protocol):
     """A stored file's extraction that the format feeds itself, each plaintext
-    whole (format 2: one volume of ``tar -M`` each; qrecover.formats.v2_volumes),
+    whole (format 2: one volume of ``tar -M`` each; qrecover.formats.v2.volumes),
     instead of ``cat`` feeding the chunks into one stream."""
 
     pipeline: Pipeline  # started with the first plaintext

@@ -6,7 +6,7 @@ own*, and the chunks' plaintexts are the volumes of one GNU multi-volume tar
 (``tar -M``, 102,400,000-byte volumes; volume 2 on starts with a GNU ``M``
 continuation header).  So each chunk is checked, then decrypted or
 decompressed alone into private scratch (:class:`_Volume`), and GNU ``tar
--M`` reads the volumes in order (qrecover.formats.v2_volumes).
+-M`` reads the volumes in order (qrecover.formats.v2.volumes).
 
 Two shapes of header (fixtures/README.md, "Format 2"):
 
@@ -57,7 +57,7 @@ from qrecover.formats.base import (
     PendingChunk,
     Recognition,
 )
-from qrecover.formats.v2_volumes import VolumeTar
+from qrecover.formats.v2.volumes import VolumeTar
 from qrecover.formats.v3 import allowed_cipher, allowed_digest, authenticate_header, dgst_command
 from qrecover.header import Header, parse_bool
 from qrecover.hmacs import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
