@@ -182,7 +182,7 @@ def _run(
 ) -> tuple[Report, float]:
     """Run the pass; returns the report and its time (from after the passphrase)."""
     backup = reading.backup
-    formats.refuse_packed_folder(backup)  # a tar of a format-1 folder: before any passphrase
+    formats.detect(paths=backup)  # a tar of a format-1 folder: refused before any passphrase
     with contextlib.ExitStack() as stack:
         copies = Copies([], " ".join(backup), log_command)
         stack.callback(copies.close)
@@ -200,7 +200,7 @@ def _run_with(
     copies: Copies,
 ) -> tuple[Report, float]:
     source = open_source(backup)
-    warning = formats.unauthenticated(formats.folder_format(source))  # format 1: no passphrase
+    warning = formats.unauthenticated(formats.detect(source=source))  # format 1: no passphrase
     passphrase = get_passphrase(passphrase_file) if warning is None else ""
     if warning is not None:
         console.error(f"warning: {warning}")

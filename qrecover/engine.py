@@ -62,9 +62,9 @@ from qrecover.errors import (
 from qrecover.events import HeaderVerified, InventoryRead
 from qrecover.fallback import Copies
 from qrecover.finished import finished_before
-from qrecover.formats.base import ChunkWorks, Completed, Format
+from qrecover.formats.base import ChunkWorks, Completed, Format, Started
 from qrecover.inventory import MAX_XML, Entity, Inventory
-from qrecover.opening import Started, check_programs, read_header
+from qrecover.opening import check_programs, read_header
 from qrecover.output import Output
 from qrecover.plan import XML_SINK, Mode, Plan, obstacles
 from qrecover.report import FileResult, Observer, Report, Request, missing
@@ -136,7 +136,7 @@ class Recovery:
 
     def run(self) -> Report:
         request = self.request
-        headerless = formats.folder_format(self.source)  # format 1: a folder, no header
+        headerless = formats.detect(source=self.source)  # format 1: a folder, no header
         members = Members(headerless.members() if headerless else self.source.members(),
                           self.costs.position)
         try:
@@ -258,7 +258,7 @@ class Recovery:
             scratch=self.scratch,
             output=self.output,
             placing=self.resume.placing if self.resume is not None else None,
-            multi_volume=plan.fmt.multi_volume,
+            fmt=plan.fmt,
             salvage=new_log(self.request.salvage, plan.fmt, self.gunzip, stored, sink),
         )
 

@@ -34,7 +34,7 @@ KIT_FILES = ("qrecover.pyz", "recover.sh", "RECOVERY.txt")
 def _read_backup(backup: str, passphrase_file: Path | None) -> Report:
     source = open_source(backup)
     # a format-1 folder has nothing to authenticate with, so no passphrase
-    passphrase = "" if formats.folder_format(source) else get_passphrase(passphrase_file)
+    passphrase = "" if formats.detect(source=source) else get_passphrase(passphrase_file)
     return run(source, passphrase, Request(Mode.KIT))
 
 

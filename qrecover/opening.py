@@ -11,7 +11,6 @@ passphrase is still exit 3)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 from qrecover import formats
 from qrecover.archive.members import HEADER, HEADER_HMAC, Member, Members
@@ -26,16 +25,9 @@ from qrecover.errors import (
 )
 from qrecover.events import HeaderVerified
 from qrecover.fallback import Copies
-from qrecover.formats.base import Format
+from qrecover.formats.base import Format, Started
 from qrecover.header import MAX_HEADER
 from qrecover.runner import CommandLog, control, which
-
-
-class Started(Protocol):
-    """Work a format started before the header authenticated (format 4: qubes.xml's
-    key derivation); ``close`` stops it and removes what it wrote."""
-
-    def close(self) -> None: ...
 
 
 def read_header(
@@ -61,7 +53,7 @@ def read_header(
         if found is None:
             raise
         return _verified(found, ctx, copies, authenticates)
-    if first.name != HEADER and (bare := formats.headerless(first.name)) is not None:
+    if first.name != HEADER and (bare := formats.detect(first=first.name)) is not None:
         # R2-Beta3 wrote none; or the header was lost, and a copy still has it
         found = _from_copies(copies, authenticates, f"missing from {label} (it starts with "
                              f"{first.name})", label, notes)
@@ -93,7 +85,7 @@ def _head_start(
     """What the format begins on the member after the header while the header is
     authenticated (format 4: qubes.xml's first chunk's key derivation, kept in
     private scratch, used only under the authenticated header's backup id)."""
-    begin = getattr(formats.detect(hmac_text), "begin_early", None)
+    begin = formats.head_start(data, hmac_text)
     if started is None or begin is None:
         return None
     after = members.peek()
@@ -111,10 +103,9 @@ def _own_header(members: Members, first: Member, label: str, copies: bool) -> tu
                           ".hmac: the header lost in damage?)")
     if first.name != HEADER:
         name = first.name.encode("ascii", "backslashreplace").decode()[:80]
-        raise BackupError(formats.packed_hint(name) or (  # a packed format-1 folder?
-            f"{label}: does not start with backup-header (found {name!r}): "
-            "not a Qubes backup of format 2, 3 or 4"
-        ))
+        formats.detect(first=name, refuse_packed=True)  # a packed format-1 folder?
+        raise BackupError(f"{label}: does not start with backup-header (found {name!r}): "
+                          "not a Qubes backup of format 2, 3 or 4")
     members.take()
     data = first.read_all(MAX_HEADER)
     second = members.require("backup-header.hmac")

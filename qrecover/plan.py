@@ -97,8 +97,8 @@ class Plan:
 
     @property
     def extract_with(self) -> str:
-        """The extractor that runs: GNU tar for a multi-volume format (tar -M)."""
-        return "tar" if self.fmt.multi_volume else self.extractor
+        """The extractor that runs: the format's say (GNU tar for tar -M)."""
+        return self.fmt.extract_with(self.extractor)
 
     def extractor_for(self, stored: str) -> str:
         """bsdtar only for a stored file that is one disk image (``vm7/private.img``):

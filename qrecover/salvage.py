@@ -360,12 +360,10 @@ def new_log(salvage: bool, fmt: Format, gunzip: str, stored: str, sink: Sink) ->
     """The account for one stored file being restored, if --salvage asks for one."""
     if not salvage or sink.kind is not SinkKind.EXTRACT:
         return None
-    if fmt.multi_volume:
-        # format 2: each chunk was encrypted or compressed on its own, and what it
-        # gives is its volume, fed as a file of its own: the bytes an unverified
-        # chunk covers are exactly its volume's, whatever the compression, and
-        # the chunks after it are verified again
-        return SalvageLog(stored, Geometry(False, False))
+    # Format 2's front is empty: each chunk was encrypted or compressed on its
+    # own, and what it gives is its volume, fed as a file of its own: the bytes
+    # an unverified chunk covers are exactly its volume's, whatever the
+    # compression, and the chunks after it are verified again.
     front = fmt.stream_stages(gunzip)
     encrypted = bool(front) and front[0].program == "openssl"
     return SalvageLog(stored, Geometry(encrypted, len(front) > int(encrypted)))

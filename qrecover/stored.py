@@ -21,7 +21,7 @@ from typing import IO, Callable, List  # typing's: Placing is a runtime alias (3
 from qrecover.context import RunContext
 from qrecover.errors import DiskFull, FeedFailed, OutputError, QrecoverError, StoredFileError
 from qrecover.events import ChunkFed, ChunkSalvaged, FileFinished, PipelineStarted, SinkKind
-from qrecover.formats.v2_volumes import VolumeGuard, VolumeTar
+from qrecover.formats.base import Format, OwnFeed
 from qrecover.output import Output, tree_size
 from qrecover.plan import PLACEHOLDER, Sink
 from qrecover.report import FileResult
@@ -58,8 +58,8 @@ class StoredFile:
         passphrase: str,
         scratch: Path,
         output: Output | None,
+        fmt: Format,
         placing: Placing | None = None,
-        multi_volume: bool = False,
         salvage: SalvageLog | None = None,
     ) -> None:
         self.stored = stored
@@ -77,8 +77,8 @@ class StoredFile:
         self.cat: Pipeline | None = None
         self.cat_path: Path | None = None
         self.cat_owned = False
-        self.multi_volume = multi_volume  # each chunk one volume of tar -M (format 2)
-        self.volumes: VolumeTar | None = None
+        self.fmt = fmt
+        self.volumes: OwnFeed | None = None  # fed by the format itself (format 2's tar -M)
         self._feeder = "cat"
         # restore --salvage: the account of unverified chunks (qrecover.salvage),
         # and for a compressed stream the second decompressor that counts what
@@ -88,14 +88,13 @@ class StoredFile:
 
     def _start(self) -> None:
         stages = self._stages
-        if self.multi_volume:
-            self._start_volumes()
+        if self.sink.kind is not SinkKind.EXTRACT:
+            self.out_file = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115
+        if self._start_own_feed():
             return
         read_end, self.feed_w = os.pipe()
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.feed_w, F_SETPIPE_SZ, PIPE_SIZE)
-        if self.sink.kind is not SinkKind.EXTRACT:
-            self.out_file = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115
         try:
             self.pipeline = Pipeline(
                 stages,
@@ -113,16 +112,16 @@ class StoredFile:
                                           self.ctx.command, self.stored)
         self._started()
 
-    def _start_volumes(self) -> None:
-        if self.sink.kind is not SinkKind.EXTRACT:
-            self.out_file = tempfile.TemporaryFile(dir=self.scratch)  # noqa: SIM115
-        guard = VolumeGuard(-1, -1, self.sink.limit, self.stored, prefix=self.stored)
-        work = Path(tempfile.mkdtemp(prefix="volumes-", dir=self.scratch))
-        if self.salvage is not None:
-            guard.layout = self.salvage.layout  # where each member's bytes lie
-        self.volumes = VolumeTar(self._stages[-1], work, guard, self.out_file,
-                                 self.ctx.command, self.stored)
+    def _start_own_feed(self) -> bool:
+        """The format's own feed (format 2: each plaintext one volume of tar -M),
+        if it feeds this stored file itself; False: cat feeds one stream."""
+        layout = self.salvage.layout if self.salvage is not None else None  # --salvage
+        self.volumes = self.fmt.own_feed(self._stages[-1], self.scratch, self.sink.limit,
+                                         self.stored, self.out_file, self.ctx.command, layout)
+        if self.volumes is None:
+            return False
         self.pipeline = self.volumes.pipeline  # started with the first volume
+        return True
 
     def _started(self) -> None:
         stages = list(self.volumes.shown) if self.volumes is not None else self._stages
@@ -182,8 +181,8 @@ class StoredFile:
         if self.volumes is not None:
             if self.volumes.feed(path, owned, member or path.name, unverified is not None):
                 self._started()
-            if self.salvage is not None and self.volumes.guard.rebuilt is not None:
-                self.salvage.chunks[-1].reason += f"; {self.volumes.guard.rebuilt}"
+            if self.salvage is not None and self.volumes.rebuilt is not None:
+                self.salvage.chunks[-1].reason += f"; {self.volumes.rebuilt}"
             self.ctx.emit(ChunkFed(self.stored, member or path.name, path))
             return
         self._reap_cat()

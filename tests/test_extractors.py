@@ -511,11 +511,9 @@ def test_names_bsdtar_would_refuse_go_to_gnu_tar(tmp_path: Path) -> None:
 
 
 def _plan_tool(stored: str) -> str:
+    from qrecover.formats.base import StreamFed
     from qrecover.plan import Mode, Plan
 
-    class _Fmt:
-        multi_volume = False
-
-    plan = Plan(fmt=_Fmt(), mode=Mode.RESTORE, selected=(), gunzip="gzip",  # type: ignore[arg-type]
+    plan = Plan(fmt=StreamFed(), mode=Mode.RESTORE, selected=(), gunzip="gzip",  # type: ignore[arg-type]
                 extractor="bsdtar")
     return plan.extractor_for(stored)

@@ -39,13 +39,13 @@ def folder(tmp_path: Path) -> Path:
 
 def test_detection(tmp_path: Path) -> None:
     root = folder(tmp_path)
-    assert formats.folder_format(FolderSource(root)) is not None
+    assert formats.detect(source=FolderSource(root)) is not None
     (root / "backup-header").write_text("version=3\n")
-    assert formats.folder_format(FolderSource(root)) is None  # format 3, untarred by hand
-    assert formats.folder_format(FolderSource(tmp_path / "nothing")) is None
+    assert formats.detect(source=FolderSource(root)) is None  # format 3, untarred by hand
+    assert formats.detect(source=FolderSource(tmp_path / "nothing")) is None
     (root / "backup-header").unlink()
     (root / "qubes.xml.000").write_bytes(b"x")  # an untarred R2-Beta3 backup: format 2
-    assert formats.folder_format(FolderSource(root)) is None
+    assert formats.detect(source=FolderSource(root)) is None
     empty = tmp_path / "empty"
     empty.mkdir()
     assert not v1.claims(empty)
@@ -136,7 +136,12 @@ def test_read_stage_follows_nothing() -> None:
     ("appvms", False),
 ])
 def test_a_packed_folder_is_named(first: str, packed: bool) -> None:
-    assert (formats.packed_hint(first) is not None) == packed
+    if packed:
+        with pytest.raises(BackupError, match="packed into an archive"):
+            formats.detect(first=first, refuse_packed=True)
+    else:
+        formats.detect(first=first, refuse_packed=True)
+    formats.detect(first=first)  # only where a header was looked for and not found
 
 
 def test_a_packed_folder_is_named_before_any_passphrase(tmp_path: Path) -> None:
@@ -147,6 +152,6 @@ def test_a_packed_folder_is_named_before_any_passphrase(tmp_path: Path) -> None:
     subprocess.run(["tar", "-c", "-f", str(packed), "-C", str(tmp_path), root.name], check=True)
     assert v1.first_file(str(packed)) == f"{root.name}/appvms/work/icon.png"
     with pytest.raises(BackupError, match="packed into an archive"):
-        formats.refuse_packed_folder([str(packed)])
-    formats.refuse_packed_folder([str(root / "qubes.xml")])  # not a tar: left to the run
-    formats.refuse_packed_folder(["-"])
+        formats.detect(paths=[str(packed)])
+    formats.detect(paths=[str(root / "qubes.xml")])  # not a tar: left to the run
+    formats.detect(paths=["-"])

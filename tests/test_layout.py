@@ -151,3 +151,103 @@ def test_commands_write_to_the_streams_they_are_given() -> None:
             elif isinstance(node, ast.Attribute) and node.attr == "redirect_stdout":
                 found.append(f"{where} redirect_stdout")
     assert not found, found
+
+
+def _outside_formats() -> dict[str, Path]:
+    return {name: path for name, path in _modules().items()
+            if name != "qrecover.formats" and not name.startswith("qrecover.formats.")}
+
+
+# What outside qrecover/formats/ may import of it: the registry and the seam's types.
+_SEAM = {"qrecover.formats", "qrecover.formats.base"}
+
+
+def _format_modules_imported(path: Path) -> list[str]:
+    """Each format module ``path`` imports, at the top, in a function or for
+    type checking only: any module of qrecover/formats/ but the seam."""
+    modules = set(_modules())
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        found += [f"{path.name}:{node.lineno} {name}" for name in names
+                  if name in modules and name.startswith("qrecover.formats") and name not in _SEAM]
+    return found
+
+
+def test_nothing_outside_formats_imports_a_format_module() -> None:
+    offenders = [hit for path in _outside_formats().values()
+                 for hit in _format_modules_imported(path)]
+    assert offenders == []
+
+
+def test_the_import_check_catches_a_format_module(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from qrecover import formats\n"
+        "from qrecover.formats.base import Format\n"
+        "from qrecover.formats import Words\n"
+        "from qrecover.formats.v2.volumes import VolumeTar\n"
+        "from qrecover.formats import v3\n"
+        "import qrecover.formats.v1\n"
+        "if TYPE_CHECKING:\n    from qrecover.formats.v4.works import ScryptWorks\n"
+        "def f() -> None:\n    from qrecover.formats.v4 import Format4\n",
+        encoding="utf-8",
+    )
+    assert [hit.split(" ")[1] for hit in _format_modules_imported(module)] == [
+        "qrecover.formats.v2.volumes", "qrecover.formats.v3", "qrecover.formats.v1",
+        "qrecover.formats.v4.works", "qrecover.formats.v4",
+    ]
+
+
+def _format_traits() -> set[str]:
+    """The Format protocol's plain flags (``multi_volume``): what a format is,
+    which only the format itself may act on."""
+    tree = ast.parse((PACKAGE / "formats" / "base.py").read_text(encoding="utf-8"))
+    protocol = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Format")
+    return {stmt.target.id for stmt in protocol.body
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+            and ast.unparse(stmt.annotation) == "bool"}
+
+
+def _trait_branches(source: str, traits: set[str]) -> list[int]:
+    """The lines where a test (if, while, a conditional expression, a boolean
+    operation, an assert) reads one of ``traits`` as an attribute."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        tests: list[ast.AST] = []
+        if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
+            tests = [node.test]
+        elif isinstance(node, ast.BoolOp):
+            tests = list(node.values)
+        elif isinstance(node, ast.comprehension):
+            tests = list(node.ifs)
+        found += [inner.lineno for test in tests for inner in ast.walk(test)
+                  if isinstance(inner, ast.Attribute) and inner.attr in traits]
+    return sorted(set(found))
+
+
+# Left to the renderers' rework (issue 24, item 1): the transcript's words of a
+# zero-filled volume under --salvage.
+_TRAIT_BRANCHES_LEFT = {"qrecover.render.transcript"}
+
+
+def test_nothing_outside_formats_branches_on_a_format_trait() -> None:
+    traits = _format_traits()
+    assert "multi_volume" in traits
+    offenders = [f"{path.name}:{line}" for name, path in _outside_formats().items()
+                 if name not in _TRAIT_BRANCHES_LEFT
+                 for line in _trait_branches(path.read_text(encoding="utf-8"), traits)]
+    assert offenders == []
+
+
+def test_the_trait_check_catches_a_branch() -> None:
+    traits = {"multi_volume"}
+    assert _trait_branches("if fmt.multi_volume:\n    pass\n", traits) == [1]
+    assert _trait_branches("x = 'tar' if plan.fmt.multi_volume else y\n", traits) == [1]
+    assert _trait_branches("ok = a and fmt.multi_volume\n", traits) == [1]
+    assert _trait_branches("print(fmt.version)\nfeed = fmt.own_feed()\n", traits) == []

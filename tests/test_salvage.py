@@ -414,7 +414,7 @@ def test_rebuilt_continuation_header_numbers_past_8_gib() -> None:
     """A rebuilt M header's size and offset fields hold a 20 GiB image's numbers
     as GNU tar writes them (base-256 from 8 GiB on), and read back."""
     from qrecover.archive.tarheaders import number
-    from qrecover.formats.v2_volumes import _number
+    from qrecover.formats.v2.volumes import _number
 
     for value in (0, 1044480, 8**11 - 1, 8**11, 20 << 30):
         field = _number(value)

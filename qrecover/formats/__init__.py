@@ -1,30 +1,32 @@
-"""Every backup format, behind one seam (see base.py): detection and the registry.
+"""Every backup format, behind one seam (see base.py): the registry, and detection.
 
-The header cannot be trusted before it is authenticated, and each format
-authenticates it its own way, so the format is decided by the *shape* of
-``backup-header.hmac`` (:func:`detect`): a file written by ``scrypt enc``
-is format 4, anything else must be a format-3 HMAC line.  Only once
+Each format module declares how it is recognised (its ``RECOGNISED``, a
+:class:`~qrecover.formats.base.Recognition`), and :data:`FORMATS` lists them
+in the order they are tried.  The header cannot be trusted before it is
+authenticated, and each format authenticates it its own way, so a format
+with a header is decided by the *shape* of ``backup-header`` and its
+``.hmac`` (:func:`authenticate`): a ``.hmac`` written by ``scrypt enc`` is
+format 4, a header naming no ``version`` is format 2's (Qubes R2 wrote four
+keys and no version), anything else must be a format-3 HMAC line.  Only once
 authenticated is the header parsed (:func:`parse_header`, with the model of
 the version it names), and that version must be the one it was
-authenticated as.  A header authenticated by an HMAC line but naming no
-``version`` is format 2's (Qubes R2 wrote four keys and no version); a
-backup with no header at all, starting with ``qubes.xml.000``, is R2-Beta3's
-(:func:`headerless`).
+authenticated as.  What is recognised before any header (:func:`detect`): a
+folder with no header (format 1), a stream with no header starting with
+``qubes.xml.000`` (R2-Beta3's), a format-1 folder packed into a tar (refused).
 
-Adding a format is adding a module here and a line to ``_KINDS``: nothing
+Adding a format is adding a module here and a line to ``FORMATS``: nothing
 outside this package names a format or branches on its version.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from types import ModuleType
-from typing import Protocol
+from collections.abc import Sequence
+from typing import overload
 
 from qrecover.errors import BackupError
 from qrecover.formats import v1, v1_words, v2, v2_words, v3, v3_words, v4
-from qrecover.formats.base import Format, HeaderlessFormat, Words
+from qrecover.formats.base import Format, HeaderlessFormat, HeadStart, Recognition, Words
 from qrecover.formats.v4 import words as v4_words
 from qrecover.header import Header, split_header, validate
 from qrecover.hmacs import MAX_HMAC_FILE
@@ -35,32 +37,69 @@ from qrecover.runner import CommandLog, log_command
 MAX_HEADER_HMAC = max(v4.MAX_HEADER_HMAC, MAX_HMAC_FILE)
 
 
-class _Kind(Protocol):
-    VERSION: int
-
-    def claims(self, header_hmac: bytes) -> bool: ...
-
-    def open_format(
-        self,
-        header: bytes,
-        header_hmac: bytes,
-        passphrase: str,
-        log: CommandLog,
-        parse: Callable[[bytes], Header],
-    ) -> Format: ...
-
-
-# Tried in this order; the last claims whatever the others did not.
-_KINDS: tuple[ModuleType, ...] = (v4, v3)
+# Every format, in the order it is tried (format 3's header claims whatever
+# the others' did not, so it comes after them).
+FORMATS: tuple[Recognition, ...] = (
+    v4.RECOGNISED,
+    v2.RECOGNISED,
+    v3.RECOGNISED,
+    v1.RECOGNISED,
+)
 _MODELS: dict[int, type[v3.BackupHeader] | type[v4.BackupHeaderV4]] = {
     v3.VERSION: v3.BackupHeader,
     v4.VERSION: v4.BackupHeaderV4,
 }
 
 
-def detect(header_hmac: bytes) -> ModuleType:
-    """The format module whose ``backup-header.hmac`` has this shape."""
-    return next(kind for kind in _KINDS if kind.claims(header_hmac))
+@overload
+def detect(*, paths: Sequence[str]) -> None: ...
+@overload
+def detect(*, source: object) -> HeaderlessFormat | None: ...
+@overload
+def detect(*, first: str, refuse_packed: bool = False) -> Format | None: ...
+
+
+def detect(
+    *,
+    paths: Sequence[str] = (),
+    source: object = None,
+    first: str | None = None,
+    refuse_packed: bool = False,
+) -> Format | None:
+    """The backup's format as far as it is told before any header is
+    authenticated, from what is known of BACKUP so far, the ways each format
+    declares (its ``RECOGNISED``) tried in the registry's order:
+
+    - ``paths``, BACKUP as given: one plain tar file holding a format's folder
+      is refused (BackupError), before any passphrase is asked;
+    - ``source``, BACKUP opened: a folder of a format with no header (format
+      1), read with no passphrase;
+    - ``first``, the first member of a stream that does not start with
+      backup-header: a format that wrote none (R2-Beta3's); with
+      ``refuse_packed``, a format's folder packed into it is refused.
+
+    None: the format is the one that authenticates the header (:func:`authenticate`).
+    """
+    one_file = len(paths) == 1 and paths[0] != "-" and os.path.isfile(paths[0])
+    for kind in FORMATS:
+        found: Format | None = None
+        if one_file and kind.packed_file is not None:
+            _refuse(kind.packed_file(paths[0]))
+        if source is not None and kind.folder is not None:
+            found = kind.folder(source)
+        if first is not None and kind.first_member is not None:
+            found = kind.first_member(first)
+        if found is not None:
+            return found
+    for kind in FORMATS:
+        if first is not None and refuse_packed and kind.packed is not None:
+            _refuse(kind.packed(first))
+    return None
+
+
+def _refuse(why: str | None) -> None:
+    if why is not None:
+        raise BackupError(why)
 
 
 def parse_header(data: bytes) -> Header:
@@ -99,22 +138,27 @@ def read_header(data: bytes, hmac_text: bytes, passphrase: bytes) -> v3.BackupHe
 def authenticate(
     header: bytes, header_hmac: bytes, passphrase: str, log: CommandLog = log_command
 ) -> Format:
-    """Authenticate ``backup-header`` with ``backup-header.hmac``, then parse it.
+    """Authenticate ``backup-header`` with ``backup-header.hmac``, then parse it,
+    as the first format of the registry whose shape they have.
 
     Raises AuthenticationError (exit 3) when the passphrase does not
     authenticate the header, BackupError (exit 4) for a malformed header or
     one naming a version that is not the one it was authenticated as.
     """
-    kind: _Kind = detect(header_hmac)
-    if kind is v3 and not v2.names_version(header):
-        kind = v2  # the same HMAC line; R2 (v2.1.39-63) wrote no version key
-    return kind.open_format(header, header_hmac, passphrase, log, parse_header)
+    kind = _by_header(header, header_hmac)
+    assert kind.authenticate is not None  # a format found by its header authenticates it
+    return kind.authenticate(header, header_hmac, passphrase, log, parse_header)
 
 
-def headerless(first: str) -> Format | None:
-    """The format of a backup whose first member ``first`` is not backup-header:
-    R2-Beta3's, which starts with qubes.xml.000; None for anything else."""
-    return v2.headerless(first)
+def _by_header(header: bytes, header_hmac: bytes) -> Recognition:
+    """The first format of the registry whose header shape these have."""
+    return next(k for k in FORMATS if k.header is not None and k.header(header, header_hmac))
+
+
+def head_start(header: bytes, header_hmac: bytes) -> HeadStart | None:
+    """What the format of this (not yet authenticated) header begins while it is
+    authenticated (qrecover.opening), if anything."""
+    return _by_header(header, header_hmac).head_start
 
 
 def words(fmt: Format | None) -> Words:
@@ -129,15 +173,6 @@ def words(fmt: Format | None) -> Words:
     if fmt is None or isinstance(fmt, v3.Format3):
         return v3_words.Words3(fmt)
     raise TypeError(f"no words for format {fmt.version}")
-
-
-# -- format 1 (qrecover.formats.v1): a folder with no header ------------------
-
-
-def folder_format(source: object) -> HeaderlessFormat | None:
-    """The format of a backup that has no header to authenticate (a format-1
-    folder: qubes.xml and no backup-header), else None."""
-    return v1.open_folder(source)
 
 
 def read_inventory(fmt: Format, xml: bytes, problems: list[str]) -> Inventory:
@@ -160,39 +195,11 @@ def notes(fmt: Format | None) -> list[str]:
     return fmt.notes if isinstance(fmt, HeaderlessFormat) else []
 
 
-def packed_hint(first_member: str) -> str | None:
-    """A tar archive with no header whose first file is one of R1's tree (qubes.xml,
-    appvms/...): a format-1 folder someone packed; read only as the folder."""
-    parts = [p for p in first_member.split("/") if p not in ("", ".")]
-    if len(parts) > 1 and parts[1] in v1.TREE:
-        parts = parts[1:]  # the folder itself (qubes-YYYY-MM-DD-HHMMSS) was packed
-    if (len(parts) > 1 and parts[0] in v1.TREE[1:]) or parts == [v1.TREE[0]]:
-        return (
-            f"the backup starts with {first_member!r} and has no backup-header: this looks "
-            "like a format-1 backup (Qubes R1) packed into an archive; unpack it "
-            "(tar -xf FILE) and give qrecover the folder that holds qubes.xml"
-        )
-    return None
-
-
-def refuse_packed_folder(backups: Sequence[str]) -> None:
-    """Raise the packed-folder message when BACKUP is one plain tar file whose
-    first file is one of R1's tree; checked before any passphrase is asked."""
-    if len(backups) != 1 or backups[0] == "-" or not os.path.isfile(backups[0]):
-        return
-    first = v1.first_file(backups[0])
-    hint = packed_hint(first) if first is not None else None
-    if hint is not None:
-        raise BackupError(hint)
-
-
 __all__ = [
     "Format",
     "Words",
     "authenticate",
     "detect",
-    "folder_format",
-    "headerless",
     "notes",
     "parse_header",
     "read_inventory",

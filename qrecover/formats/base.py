@@ -23,10 +23,10 @@ How the formats still to come fit without changing the engine's shape:
   multi-volume tar): ``read_chunk`` reads the chunk and its ``.hmac`` as
   format 3 does and compares; ``complete`` runs the per-chunk ``openssl enc
   -d`` or ``gzip -d`` into scratch; ``stream_stages`` is empty and
-  ``multi_volume`` is True: the stored file's tar runs as ``tar -M`` and is
-  fed each plaintext as one volume (qrecover.formats.v2_volumes).
+  ``own_feed`` gives the stored file's ``tar -M``, fed each plaintext as one
+  volume (qrecover.formats.v2.volumes).
 - Format 1 (no authentication at all; qrecover.formats.v1): a folder, no
-  header.  ``formats.folder_format`` finds it and its ``members`` stand for the
+  header.  ``formats.detect`` finds it and its ``members`` stand for the
   outer archive; ``read_chunk`` copies nothing and checks nothing
   (``checked`` stays False), and its outcome's ``feeder`` (``tar -c``) takes
   the place of ``cat``, so the guard and ``tar -x`` see an inner archive as
@@ -43,17 +43,18 @@ How the formats still to come fit without changing the engine's shape:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
+from typing import IO, TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 from qrecover.archive.members import ChunkName, Member
 from qrecover.errors import QrecoverError
 from qrecover.header import Header
 from qrecover.hmacs import Digest
 from qrecover.procedure import Procedure, Step
-from qrecover.runner import CommandLog, Stage
+from qrecover.runner import CommandLog, Pipeline, Stage
+from qrecover.stages.sparse import Extent
 
 if TYPE_CHECKING:
     from qrecover.inventory import Entity, Inventory
@@ -173,6 +174,28 @@ class MemberStream(Protocol):
     def take(self) -> Member | None: ...
 
 
+class OwnFeed(Protocol):
+    """A stored file's extraction that the format feeds itself, each plaintext
+    whole (format 2: one volume of ``tar -M`` each; qrecover.formats.v2.volumes),
+    instead of ``cat`` feeding the chunks into one stream."""
+
+    pipeline: Pipeline  # started with the first plaintext
+    shown: tuple[Stage, ...]  # what a --transcript replays instead
+
+    @property
+    def rebuilt(self) -> str | None:
+        """--salvage: what was rebuilt to feed the last (unverified) plaintext."""
+        ...
+
+    def feed(self, path: Path, owned: bool, member: str, salvaged: bool = False) -> bool:
+        """Give it one plaintext; True once the pipeline was started by it."""
+        ...
+
+    def close(self) -> QrecoverError | None: ...
+
+    def kill(self) -> None: ...
+
+
 class Format(Protocol):
     """One backup format version, once its header is authenticated."""
 
@@ -180,7 +203,8 @@ class Format(Protocol):
     written_by: str  # "Qubes R2-R3.2"
     verdict: str  # what a clean run says it checked: "all HMACs matched"
     # Each fed plaintext is one volume of a GNU multi-volume tar (format 2),
-    # not a piece of one stream: tar -M reads them in turn.
+    # not a piece of one stream: tar -M reads them in turn.  Nothing outside
+    # qrecover/formats/ branches on it (tests/test_layout.py): see own_feed.
     multi_volume: bool
 
     @property
@@ -212,11 +236,76 @@ class Format(Protocol):
         """Where this run's per-chunk steps run (``jobs``: the user's --jobs)."""
         ...
 
+    def extract_with(self, chosen: str) -> str:
+        """The extractor that runs where ``chosen`` (bsdtar or GNU tar) was picked."""
+        ...
+
+    def own_feed(self, tar: Stage, scratch: Path, limit: int | None, stored: str,
+                 stdout: IO[bytes] | None, log: CommandLog,
+                 layout: list[Extent] | None) -> OwnFeed | None:
+        """The extraction of ``stored`` fed by the format itself, or None: its
+        chunks are fed by ``cat`` into one stream (``stream_stages``, then ``tar``)."""
+        ...
+
+
+class StreamFed:
+    """What a format whose chunks of a stored file make one stream answers
+    (formats 1, 3 and 4): the extractor picked runs, and ``cat`` feeds it."""
+
+    multi_volume = False
+
+    def extract_with(self, chosen: str) -> str:
+        return chosen
+
+    def own_feed(self, tar: Stage, scratch: Path, limit: int | None, stored: str,
+                 stdout: IO[bytes] | None, log: CommandLog,
+                 layout: list[Extent] | None) -> OwnFeed | None:
+        return None
+
+
+class Started(Protocol):
+    """Work a format started before its header authenticated (format 4: qubes.xml's
+    key derivation); ``close`` stops it and removes what it wrote."""
+
+    def close(self) -> None: ...
+
+
+# (the member after the header, header, .hmac, passphrase, --jobs) -> the work begun
+HeadStart = Callable[[Member, bytes, bytes, str, "int | None"], "Started | None"]
+
+
+@dataclass(frozen=True)
+class Recognition:
+    """How a format is recognised, before anything of it is authenticated
+    (qrecover.formats.detect, in the registry's order); each way is None
+    where the format is not recognised that way."""
+
+    version: int
+    # (backup-header, backup-header.hmac), neither yet trusted: whether this
+    # format authenticates them, where no format before it in the registry did
+    header: Callable[[bytes, bytes], bool] | None = None
+    # authenticate them: (header, .hmac, passphrase, log, parse) -> the format
+    authenticate: Callable[
+        [bytes, bytes, str, CommandLog, Callable[[bytes], Header]], Format
+    ] | None = None
+    # a stream that does not start with backup-header, by its first member
+    first_member: Callable[[str], Format | None] | None = None
+    # BACKUP given as a folder: the format it is, with no header to authenticate
+    folder: Callable[[object], HeaderlessFormat | None] | None = None
+    # the first member of a stream that holds this format's folder packed into a
+    # tar: why it is refused (read only as the folder)
+    packed: Callable[[str], str | None] | None = None
+    # the same for BACKUP given as one file (its path), before any passphrase
+    packed_file: Callable[[str], str | None] | None = None
+    # what it begins on the member after its header while the header is
+    # authenticated, used only once it is (format 4: qubes.xml's key derivation)
+    head_start: HeadStart | None = None
+
 
 @runtime_checkable
 class HeaderlessFormat(Format, Protocol):
     """A format with no header to authenticate (format 1: a folder).  Found by
-    the shape of BACKUP (``formats.folder_format``), it gives the members itself,
+    the shape of BACKUP (``formats.detect``), it gives the members itself,
     reads qubes.xml its own way, and says why nothing can be authenticated;
     its ``authenticated_with`` says "nothing"."""
 

@@ -37,6 +37,8 @@ from qrecover.formats.base import (
     InOrder,
     MemberStream,
     PendingChunk,
+    Recognition,
+    StreamFed,
 )
 from qrecover.formats.v1_folder import KNOWN, Scan, path_is_safe, qubes_xml_file, scan_folder
 from qrecover.inventory import (
@@ -123,7 +125,7 @@ class _Ready:
 
 
 @dataclass
-class Format1:
+class Format1(StreamFed):
     """A Qubes R1 backup folder."""
 
     root: Path
@@ -134,7 +136,6 @@ class Format1:
         "no encryption)"
     )
     warning = WARNING
-    multi_volume = False  # (format 2's Format attribute: each stored file is one archive)
     header: HeaderV1 = field(default_factory=HeaderV1)
     absent: list[str] = field(default_factory=list)  # in qubes.xml, no folder here
     unlisted: list[str] = field(default_factory=list)  # a VM's folder here, not in qubes.xml
@@ -309,3 +310,29 @@ def open_folder(source: object) -> Format1 | None:
     if isinstance(source, FolderSource) and claims(source.root):
         return Format1(Path(os.path.abspath(source.root)))  # shown in commands
     return None
+
+
+def packed_hint(first_member: str) -> str | None:
+    """A tar archive with no header whose first file is one of R1's tree (qubes.xml,
+    appvms/...): a format-1 folder someone packed; read only as the folder."""
+    parts = [p for p in first_member.split("/") if p not in ("", ".")]
+    if len(parts) > 1 and parts[1] in TREE:
+        parts = parts[1:]  # the folder itself (qubes-YYYY-MM-DD-HHMMSS) was packed
+    if (len(parts) > 1 and parts[0] in TREE[1:]) or parts == [TREE[0]]:
+        return (
+            f"the backup starts with {first_member!r} and has no backup-header: this looks "
+            "like a format-1 backup (Qubes R1) packed into an archive; unpack it "
+            "(tar -xf FILE) and give qrecover the folder that holds qubes.xml"
+        )
+    return None
+
+
+def packed_file(path: str) -> str | None:
+    """The same for BACKUP given as one plain tar file, told before any passphrase."""
+    first = first_file(path)
+    return packed_hint(first) if first is not None else None
+
+
+# Found as a folder (qubes.xml, no backup-header), and refused packed into a tar.
+RECOGNISED = Recognition(VERSION, folder=open_folder, packed=packed_hint,
+                         packed_file=packed_file)

@@ -12,20 +12,8 @@ instead of bash's ``$[ ]``, and only NAME.NNN chunks, never their .hmac.
 from __future__ import annotations
 
 from qrecover.formats.v2 import PAGE, BackupHeaderV2
+from qrecover.formats.v2.volumes import replay_stage as replay_stage  # (moved: v2_words)
 from qrecover.inventory import Entity
-from qrecover.runner import Stage
-
-# How a script runs tar for format 2: its new-volume script (below) gives
-# tar the next volume; sh -c runs it with the exported $work.
-NEXT_VOLUME = '--new-volume-script=sh "$work/next-volume"'
-
-
-def replay_stage(tar: Stage) -> Stage:
-    """The stored file's tar (``tar -x -f - ...``) as a script runs it: ``-M``."""
-    argv = list(tar.argv)
-    at = argv.index("-f")
-    argv[at:at] = ["-M", NEXT_VOLUME]
-    return Stage(tuple(argv))
 
 
 def _decrypt(cipher: str, out: str = "") -> str:

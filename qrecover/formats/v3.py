@@ -40,6 +40,8 @@ from qrecover.formats.base import (
     InOrder,
     MemberStream,
     PendingChunk,
+    Recognition,
+    StreamFed,
 )
 from qrecover.header import Header, check_filter_value, compression, parse_bool
 from qrecover.hmacs import ALL_DIGESTS, DIGESTS, MAX_HMAC_FILE, Digest, matches, parse_hmac_text
@@ -203,7 +205,7 @@ def read_header(
     return header
 
 
-def claims(header_hmac: bytes) -> bool:
+def claims(header: bytes, header_hmac: bytes) -> bool:
     """Anything that is not another format's must be a format-3 HMAC line."""
     return True
 
@@ -244,14 +246,13 @@ class _Done:
 
 
 @dataclass(frozen=True)
-class Format3:
+class Format3(StreamFed):
     """Qubes R2-R3.2: HMAC per chunk, one openssl stream per stored file."""
 
     header: BackupHeader
     version = VERSION
     written_by = "Qubes R2-R3.2"
     verdict = "all HMACs matched"
-    multi_volume = False
 
     @property
     def authenticated_with(self) -> str:
@@ -335,3 +336,7 @@ class Format3:
             ))
         store.log(dgst_command(digest, member.name) + f"  # done in-process: matches {nxt.name}")
         return _Done(ChunkOutcome(plain=path, owned=owned, checked=True, mac=digest_hex))
+
+
+# Found by its header: the last the registry tries, it claims whatever is left.
+RECOGNISED = Recognition(VERSION, header=claims, authenticate=open_format)

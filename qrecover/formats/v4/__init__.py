@@ -18,21 +18,21 @@ from __future__ import annotations
 from qrecover.formats.v4.format import (
     MAX_HEADER_HMAC,
     PAGE,
+    RECOGNISED,
     VERSION,
     BackupHeaderV4,
     Format4,
     claims,
     open_format,
 )
-from qrecover.formats.v4.head_start import start as begin_early
 
 __all__ = [
     "MAX_HEADER_HMAC",
     "PAGE",
+    "RECOGNISED",
     "VERSION",
     "BackupHeaderV4",
     "Format4",
-    "begin_early",
     "claims",
     "open_format",
 ]

@@ -23,9 +23,17 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from qrecover.archive.members import HEADER, HEADER_HMAC, ChunkName, Member
 from qrecover.errors import AuthenticationError, BackupError
-from qrecover.formats.base import ChunkStore, ChunkWorks, MemberStream, PendingChunk
+from qrecover.formats.base import (
+    ChunkStore,
+    ChunkWorks,
+    MemberStream,
+    PendingChunk,
+    Recognition,
+    StreamFed,
+)
 from qrecover.formats.v4.chunks import SCRYPT_OVERHEAD, ChunkKeys, ScryptChunk
 from qrecover.formats.v4.head_start import Replay
+from qrecover.formats.v4.head_start import start as start_head
 from qrecover.formats.v4.scrypt_tool import (
     HEADER_PREFIX,
     ScryptTool,
@@ -159,7 +167,7 @@ def _scrypt_header(tool: ScryptTool, header_hmac: bytes, passphrase: str, log: C
 
 
 @dataclass(frozen=True)
-class Format4:
+class Format4(StreamFed):
     """Qubes R4: every chunk is scrypt-encrypted and authenticated on its own."""
 
     header: BackupHeaderV4
@@ -167,7 +175,6 @@ class Format4:
     version = VERSION
     written_by = "Qubes R4"
     verdict = "every chunk authenticated by scrypt"
-    multi_volume = False
 
     @property
     def authenticated_with(self) -> str:
@@ -218,3 +225,10 @@ class Format4:
         """Several ``scrypt dec`` at once (qrecover.formats.v4.works), at most
         ``jobs`` (None: as many as the cores and the memory allow)."""
         return ScryptWorks(self.keys, passphrase, scratch, log, jobs)
+
+
+# Found by its header's .hmac, which scrypt enc wrote.
+# While its header is authenticated, qubes.xml's first chunk's key derivation
+# begins (qrecover.formats.v4.head_start), used only under the authenticated id.
+RECOGNISED = Recognition(VERSION, header=lambda _header, mac: claims(mac),
+                         authenticate=open_format, head_start=start_head)

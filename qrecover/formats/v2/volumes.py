@@ -43,6 +43,7 @@ import os
 import select
 import shlex
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -50,7 +51,6 @@ from typing import IO
 from qrecover import signals
 from qrecover.archive.tarheaders import BLOCK, MAX_EXTENDED, ZERO_BLOCK, checksum_ok, number, text
 from qrecover.errors import FeedFailed, QrecoverError, StoredFileError
-from qrecover.formats.v2_sh import replay_stage
 from qrecover.runner import CommandLog, Pipeline, Stage
 from qrecover.stages.guard import (
     DESCRIBE_TYPE,
@@ -68,6 +68,9 @@ from qrecover.stages.guard import (
 from qrecover.stages.sparse import Extent, old_gnu_map
 
 _COPY = 1024 * 1024
+# How a script runs tar for format 2 (qrecover.formats.v2_sh): its new-volume
+# script gives tar the next volume; sh -c runs it with the exported $work.
+NEXT_VOLUME = '--new-volume-script=sh "$work/next-volume"'
 _POLL = 0.05  # seconds between looks at tar while waiting for it
 
 
@@ -314,12 +317,29 @@ class VolumeTar:
         self.pipeline = Pipeline([Stage(tuple(argv))], stdin=self._answer_r, stdout=stdout,
                                  note=f"given the volumes of {stored} one by one", log=log)
         self.pipeline.guarded = guard
-        self.shown = (replay_stage(tar),)  # what a --transcript replays instead
+        self.shown: tuple[Stage, ...] = (replay_stage(tar),)  # what a --transcript replays instead
         # What went wrong feeding; a consequence (FeedFailed) when tar, which
         # stopped first, may say why itself (GNU tar cannot read some volumes).
         self.error: QrecoverError | None = None
         self._fed = 0
         self._pending = b""
+
+    @classmethod
+    def start(cls, tar: Stage, scratch: Path, limit: int | None, stored: str,
+              stdout: IO[bytes] | None, log: CommandLog,
+              layout: list[Extent] | None) -> VolumeTar:
+        """The ``tar -M`` of one stored file, its volumes screened by a
+        :class:`VolumeGuard` (``layout``: --salvage's record of where each
+        member's bytes lie) in a private folder of ``scratch``."""
+        guard = VolumeGuard(-1, -1, limit, stored, prefix=stored)
+        work = Path(tempfile.mkdtemp(prefix="volumes-", dir=scratch))
+        if layout is not None:
+            guard.layout = layout
+        return cls(tar, work, guard, stdout, log, stored)
+
+    @property
+    def rebuilt(self) -> str | None:
+        return self.guard.rebuilt
 
     def _volume(self, number: int) -> Path:
         return self.work / f"volume-{number}"
@@ -415,10 +435,18 @@ class VolumeTar:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+def replay_stage(tar: Stage) -> Stage:
+    """The stored file's tar (``tar -x -f - ...``) as a script runs it: ``-M``."""
+    argv = list(tar.argv)
+    at = argv.index("-f")
+    argv[at:at] = ["-M", NEXT_VOLUME]
+    return Stage(tuple(argv))
+
+
 def _drop(path: Path, owned: bool) -> None:
     if owned:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
 
-__all__ = ["VolumeGuard", "VolumeTar"]
+__all__ = ["NEXT_VOLUME", "VolumeGuard", "VolumeTar", "replay_stage"]

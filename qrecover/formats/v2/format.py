@@ -6,7 +6,7 @@ own*, and the chunks' plaintexts are the volumes of one GNU multi-volume tar
 (``tar -M``, 102,400,000-byte volumes; volume 2 on starts with a GNU ``M``
 continuation header).  So each chunk is checked, then decrypted or
 decompressed alone into private scratch (:class:`_Volume`), and GNU ``tar
--M`` reads the volumes in order (qrecover.formats.v2_volumes).
+-M`` reads the volumes in order (qrecover.formats.v2.volumes).
 
 Two shapes of header (fixtures/README.md, "Format 2"):
 
@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -55,12 +55,15 @@ from qrecover.formats.base import (
     InOrder,
     MemberStream,
     PendingChunk,
+    Recognition,
 )
+from qrecover.formats.v2.volumes import VolumeTar
 from qrecover.formats.v3 import allowed_cipher, allowed_digest, authenticate_header, dgst_command
 from qrecover.header import Header, parse_bool
 from qrecover.hmacs import MAX_HMAC_FILE, Digest, matches, parse_hmac_text
 from qrecover.runner import PASS_ENV, CommandLog, Pipeline, Stage, StageResult, first_failure
 from qrecover.stages.decompress import pick_gunzip
+from qrecover.stages.sparse import Extent
 
 VERSION = 2
 PAGE = "https://www.qubes-os.org/doc/backup-emergency-restore-v2/"
@@ -142,9 +145,10 @@ BETA3_HEADER = BackupHeaderV2.model_construct(
 )
 
 
-def claims(header_hmac: bytes) -> bool:
-    """Never by the .hmac's shape alone (it is format 3's): see :func:`names_version`."""
-    return False
+def claims(header: bytes, header_hmac: bytes) -> bool:
+    """Not by the .hmac's shape (it is format 3's, tried after this one), but by
+    a header naming no version: R2 (v2.1.39-63) wrote no version key."""
+    return not names_version(header)
 
 
 def names_version(header: bytes) -> bool:
@@ -346,13 +350,23 @@ class Format2:
     written_by = "Qubes R2-Beta3 to R2 (qubes-core-admin v2.1.39 to v2.1.63)"
     version = VERSION
     verdict = "all HMACs matched"
-    multi_volume = True
+    multi_volume = True  # (the Format protocol's trait: each plaintext one volume)
 
     @property
     def authenticated_with(self) -> str:
         if self.beta3:
             return "HMAC-MD5 of qubes.xml.000 (R2-Beta3 wrote no header)"
         return f"HMAC-{self.header.hmac_algorithm}"
+
+    def extract_with(self, chosen: str) -> str:
+        """GNU tar, whatever was picked: only it reads a multi-volume archive (-M)."""
+        return "tar"
+
+    def own_feed(self, tar: Stage, scratch: Path, limit: int | None, stored: str,
+                 stdout: IO[bytes] | None, log: CommandLog,
+                 layout: list[Extent] | None) -> VolumeTar:
+        """``tar -M`` given each chunk's plaintext as one volume, in turn."""
+        return VolumeTar.start(tar, scratch, limit, stored, stdout, log, layout)
 
     def stream_stages(self, gunzip: str = "gzip") -> list[Stage]:
         """Nothing between the fed volumes and tar -M: each chunk was decrypted
@@ -456,3 +470,8 @@ class FormatBeta3(Format2):
 
     beta3 = True
     written_by = BETA3_RELEASES
+
+
+# Found by its header (no version key) and, for R2-Beta3, by qubes.xml.000 first.
+RECOGNISED = Recognition(VERSION, header=claims, authenticate=open_format,
+                         first_member=headerless)
