@@ -43,6 +43,7 @@ How the formats still to come fit without changing the engine's shape:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,8 +271,10 @@ class Started(Protocol):
     def close(self) -> None: ...
 
 
-# (the member after the header, header, .hmac, passphrase, --jobs) -> the work begun
-HeadStart = Callable[[Member, bytes, bytes, str, "int | None"], "Started | None"]
+# (the member after the header, header, .hmac, passphrase, --jobs) -> the work begun;
+# typing's Callable and Optional: a runtime alias, which CPython 3.8 must subscript
+HeadStart = typing.Callable[[Member, bytes, bytes, str, typing.Optional[int]],
+                            typing.Optional[Started]]
 
 
 @dataclass(frozen=True)
