@@ -17,28 +17,32 @@ engine (qrecover.engine) asks the format:
 - ``stream_stages``: what the fed chunks of a stored file go through before
   tar (``openssl enc -d | gzip -d``, or ``gzip -d``).
 
-How the formats still to come fit without changing the engine's shape:
+How each format fills these in:
 
-- Format 2 (per-chunk HMAC, then decrypt or decompress each chunk, and a
-  multi-volume tar): ``read_chunk`` reads the chunk and its ``.hmac`` as
-  format 3 does and compares; ``complete`` runs the per-chunk ``openssl enc
-  -d`` or ``gzip -d`` into scratch; ``stream_stages`` is empty and
-  ``own_feed`` gives the stored file's ``tar -M``, fed each plaintext as one
-  volume (qrecover.formats.v2.volumes).
-- Format 1 (no authentication at all; qrecover.formats.v1): a folder, no
-  header.  ``formats.detect`` finds it and its ``members`` stand for the
-  outer archive; ``read_chunk`` copies nothing and checks nothing
-  (``checked`` stays False), and its outcome's ``feeder`` (``tar -c``) takes
-  the place of ``cat``, so the guard and ``tar -x`` see an inner archive as
-  for the other formats.  Its verdict says that nothing was authenticated.
-- Parallel per-chunk work (issue 14): ``read_chunk`` is the only step that
-  touches the stream, so it stays sequential; ``complete`` reads and writes
-  only its own scratch files and returns plain data (no events, no shared
-  state), so the engine may run several in a bounded pool and feed their
-  outcomes strictly in chunk order.  Scratch is then bounded by the pool's
-  size instead of one chunk.  ``chunk_works`` gives the engine that pool
-  (:class:`ChunkWorks`): format 4's runs several ``scrypt dec`` at once,
-  the others complete each chunk :class:`InOrder`.
+- Format 3: ``read_chunk`` copies the chunk and its ``.hmac`` into scratch,
+  computing the HMAC while copying; nothing is left for ``complete``;
+  ``stream_stages`` is ``openssl enc -d`` and the decompressor.
+- Format 4 (qrecover.formats.v4): ``complete`` is ``scrypt dec``, which
+  authenticates and decrypts at once; ``chunk_works`` runs several at once
+  in a bounded pool and hands outcomes back strictly in chunk order, across
+  stored files; its ``Recognition.head_start`` begins qubes.xml's key
+  derivation while the header's runs.
+- Format 2 (qrecover.formats.v2): the chunk and its ``.hmac`` as in format 3;
+  ``complete`` runs the per-chunk ``openssl enc -d`` or ``gzip -d`` into
+  scratch; ``stream_stages`` is empty and ``own_feed`` gives the stored
+  file's ``tar -M``, fed each plaintext as one volume.
+- Format 1 (qrecover.formats.v1): a folder, no header.  ``formats.detect``
+  finds it and its ``members`` stand for the outer archive; ``read_chunk``
+  copies nothing and checks nothing (``checked`` stays False), and its
+  outcome's ``feeder`` (``tar -c``) takes the place of ``cat``, so the guard
+  and ``tar -x`` see an inner archive as for the other formats.  Its verdict
+  says that nothing was authenticated.
+
+``read_chunk`` is the only step that touches the stream, so it stays
+sequential; ``complete`` reads and writes only its own scratch files and
+returns plain data (no events, no shared state), so scratch is bounded by the
+pool's size (:class:`ChunkWorks`; the formats but 4 complete each chunk
+:class:`InOrder`).
 """
 
 from __future__ import annotations
