@@ -388,7 +388,11 @@ def _scratch_bytes(out: Path) -> int:
     folder, which holds what is being restored)."""
     total = 0
     for scratch in out.glob(".qrecover-*"):
-        for entry in scratch.iterdir():
+        try:
+            entries = list(scratch.iterdir())
+        except FileNotFoundError:  # the run ended and removed it since the glob
+            continue
+        for entry in entries:
             if entry.name.startswith(("chunk-", "plain-")):
                 with contextlib.suppress(OSError):
                     total += entry.stat().st_size
