@@ -37,13 +37,12 @@ from qrecover.errors import (
     QrecoverError,
     UsageError,
 )
-from qrecover.events import EventListener
+from qrecover.events import EventListener, Mode
 from qrecover.fallback import Copies
 from qrecover.file_lines import Printer
 from qrecover.files import find_debugfs
 from qrecover.files.command import restore_files
 from qrecover.passphrase import get_passphrase
-from qrecover.plan import Mode
 from qrecover.progress import Display, source_size, summary_table
 from qrecover.render.explain import Narrator
 from qrecover.render.plantext import plan_text
@@ -258,7 +257,7 @@ def _showing(
     if transcript is not None:
         writer = TranscriptWriter(
             open_new(transcript, force),
-            "restore" if mode is Mode.RESTORE else "verify",
+            Mode.RESTORE if mode is Mode.RESTORE else Mode.VERIFY,
             replay_path(backup),
             Path(os.path.abspath(output)) if output is not None else None,
             argv=list(console.argv),

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qrecover.events import Mode
 from qrecover.fallback import ChunkDamage
-from qrecover.plan import Mode
 from qrecover.report import FileResult, Report
 
 SALVAGE_HINT = (

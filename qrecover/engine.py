@@ -59,14 +59,14 @@ from qrecover.errors import (
     StoredFileError,
     UsageError,
 )
-from qrecover.events import HeaderVerified, InventoryRead
+from qrecover.events import HeaderVerified, InventoryRead, Mode
 from qrecover.fallback import Copies
 from qrecover.finished import finished_before
 from qrecover.formats.base import ChunkWorks, Completed, Format, Started
 from qrecover.inventory import MAX_XML, Entity, Inventory
 from qrecover.opening import check_programs, read_header
 from qrecover.output import Output
-from qrecover.plan import XML_SINK, Mode, Plan, obstacles
+from qrecover.plan import XML_SINK, Plan, obstacles
 from qrecover.report import FileResult, Observer, Report, Request, missing
 from qrecover.resume import Resume, identity
 from qrecover.salvage import fill_gap, new_log, record

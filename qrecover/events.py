@@ -25,6 +25,29 @@ if TYPE_CHECKING:
     from qrecover.formats.base import Format
     from qrecover.report import FileResult
 
+class Mode(str, enum.Enum):
+    """What a run does with the backup: each command's own name."""
+
+    INFO = "info"  # qrecover info: the header and qubes.xml, no stored file read
+    SCRIPT = "script"  # qrecover script: the same, for the plan the script prints
+    KIT = "kit"  # qrecover kit: the same, for RECOVERY.txt
+    VERIFY = "verify"  # every stored file read, checked and listed, nothing written
+    RESTORE = "restore"  # ... and extracted into DIR
+
+    def __str__(self) -> str:  # its word, on every Python (3.12 changed mixed-in enums)
+        return self.value
+
+    @property
+    def plans_only(self) -> bool:
+        """Stops once the plan is made: reads no stored file but qubes.xml."""
+        return self in (Mode.INFO, Mode.SCRIPT, Mode.KIT)
+
+    @property
+    def done_word(self) -> str:
+        """What became of a good stored file: ``verified`` or ``restored``."""
+        return "restored" if self is Mode.RESTORE else "verified"
+
+
 class SinkKind(str, enum.Enum):
     """Where a stored file's inner archive goes (qrecover.plan.Sink)."""
 

@@ -12,8 +12,8 @@ from qrecover.events import (
     FileDone,
     FileStarted,
     InventoryRead,
+    Mode,
 )
-from qrecover.plan import Mode
 from qrecover.progress import Display
 from qrecover.report import FileResult
 from qrecover.units import human_bytes

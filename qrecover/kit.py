@@ -21,8 +21,8 @@ from qrecover.archive.container import open_source
 from qrecover.console import Console
 from qrecover.engine import run
 from qrecover.errors import EXIT_OK, OutputError, UsageError
+from qrecover.events import Mode
 from qrecover.passphrase import get_passphrase
-from qrecover.plan import Mode
 from qrecover.pyz import PyzMade, make_pyz
 from qrecover.pyz_wheels import parse_targets
 from qrecover.recovery_text import recovery_text

@@ -12,7 +12,6 @@ run and the restore stop for the same reasons.
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,35 +19,11 @@ from pathlib import Path
 
 from qrecover.archive.members import QUBES_XML
 from qrecover.errors import OutputError, WouldOverwrite
-from qrecover.events import SinkKind
+from qrecover.events import Mode, SinkKind
 from qrecover.formats.base import Format
 from qrecover.inventory import DOM0, MAX_XML, Entity
 from qrecover.runner import Stage
 from qrecover.stages.extract import extract_stage, list_stage, placement, qubes_xml_stage
-
-
-class Mode(str, enum.Enum):
-    """What a run does with the backup: each command's own name."""
-
-    INFO = "info"  # qrecover info: the header and qubes.xml, no stored file read
-    SCRIPT = "script"  # qrecover script: the same, for the plan the script prints
-    KIT = "kit"  # qrecover kit: the same, for RECOVERY.txt
-    VERIFY = "verify"  # every stored file read, checked and listed, nothing written
-    RESTORE = "restore"  # ... and extracted into DIR
-
-    def __str__(self) -> str:  # its word, on every Python (3.12 changed mixed-in enums)
-        return self.value
-
-    @property
-    def plans_only(self) -> bool:
-        """Stops once the plan is made: reads no stored file but qubes.xml."""
-        return self in (Mode.INFO, Mode.SCRIPT, Mode.KIT)
-
-    @property
-    def done_word(self) -> str:
-        """What became of a good stored file: ``verified`` or ``restored``."""
-        return "restored" if self is Mode.RESTORE else "verified"
-
 
 # How far an entity's inner archives may exceed the size qubes.xml declares
 # for it (du of the VM's folder) before qrecover calls it a decompression bomb.

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from qrecover.archive.container import FolderSource
-from qrecover.plan import Mode
+from qrecover.events import Mode
 from qrecover.units import human_bytes, human_duration, human_rate
 
 if TYPE_CHECKING:

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from qrecover.errors import OutputError, QrecoverError
-from qrecover.events import about
+from qrecover.events import Mode, about
 from qrecover.inventory import Entity, Inventory
-from qrecover.plan import Mode
 
 if TYPE_CHECKING:
     from qrecover.damage import Damage

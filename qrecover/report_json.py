@@ -16,7 +16,7 @@ from typing import TextIO
 
 from qrecover.damage_report import damage_json
 from qrecover.errors import EXIT_OK, QrecoverError
-from qrecover.plan import Mode
+from qrecover.events import Mode
 from qrecover.report import FileResult, Report
 
 

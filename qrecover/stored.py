@@ -266,11 +266,11 @@ class StoredFile:
             self.counter.kill()  # every chunk was verified: nothing to count
         if self.out_file is not None:
             self.out_file.seek(0)
-        if self.sink.kind == "list" and self.out_file is not None:
+        if self.sink.kind == SinkKind.LIST and self.out_file is not None:
             self.result.members = sum(1 for _ in self.out_file)
             self.out_file.close()  # a listing is only counted (the xml one is read on)
             self.out_file = None
-        if self.sink.kind == "extract":
+        if self.sink.kind == SinkKind.EXTRACT:
             self._place()
         r = self.result
         finished = FileFinished(r.stored, r.owner, r.error, tuple(r.places), r.restored_bytes)

@@ -511,8 +511,9 @@ def test_names_bsdtar_would_refuse_go_to_gnu_tar(tmp_path: Path) -> None:
 
 
 def _plan_tool(stored: str) -> str:
+    from qrecover.events import Mode
     from qrecover.formats.base import StreamFed
-    from qrecover.plan import Mode, Plan
+    from qrecover.plan import Plan
 
     plan = Plan(fmt=StreamFed(), mode=Mode.RESTORE, selected=(), gunzip="gzip",  # type: ignore[arg-type]
                 extractor="bsdtar")

@@ -26,8 +26,7 @@ from qrecover.commands import PassOptions, Reading, RestoreOptions, restore_comm
 from qrecover.console import Console
 from qrecover.context import RunContext
 from qrecover.engine import run
-from qrecover.events import ChunkChecked, Event, FileFinished, HeaderVerified, InventoryRead
-from qrecover.plan import Mode
+from qrecover.events import ChunkChecked, Event, FileFinished, HeaderVerified, InventoryRead, Mode
 from qrecover.render.transcript import TranscriptWriter, open_new
 from qrecover.report import Request
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from conftest import Backup, bin_dir, run_main
 
 from qrecover.errors import OutputError, WouldOverwrite
-from qrecover.events import SinkKind
+from qrecover.events import Mode, SinkKind
 from qrecover.formats import parse_header
 from qrecover.formats.v3 import BackupHeader, Format3
 from qrecover.inventory import Entity
-from qrecover.plan import Mode, Plan, Sink, obstacles
+from qrecover.plan import Plan, Sink, obstacles
 from qrecover.render.plantext import plan_text
 
 HEADER = b"version=3\nhmac-algorithm=SHA512\nencrypted=True\ncompressed=True\n"

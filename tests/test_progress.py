@@ -13,7 +13,7 @@ from pathlib import Path
 from conftest import ROOT, Backup, MakeBackup, assert_restored, bin_dir, qrecover_exe, run_cli
 
 from qrecover.errors import BackupError
-from qrecover.plan import Mode
+from qrecover.events import Mode
 from qrecover.progress import Display, summary_table
 from qrecover.report import FileResult
 from qrecover.units import human_bytes, human_duration, human_rate

@@ -24,14 +24,13 @@ from pathlib import Path
 from qrecover.commands import PassOptions, Reading, _finish, _run, _showing
 from qrecover.console import Console
 from qrecover.errors import BackupError, DiskFull, OutputError, UsageError, WouldOverwrite
-from qrecover.events import InventoryRead
+from qrecover.events import InventoryRead, Mode
 from qrecover.files.command import files_command
 from qrecover.files.copy import _force_rmtree
 from qrecover.files.debugfs import find_debugfs
 from qrecover.files.listing import DEFAULT_PATH, dest_name
 from qrecover.inventory import Entity
 from qrecover.output import Output, first_symlink
-from qrecover.plan import Mode
 from qrecover.report import Request
 from qrecover.units import human_bytes
 

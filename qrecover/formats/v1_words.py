@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qrecover import __version__
 from qrecover.archive.members import QUBES_XML
+from qrecover.events import Mode
 from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.v1 import WARNING, WRITTEN_BY, Format1, read_stage
 from qrecover.inventory import DOM0, Entity
@@ -114,7 +115,7 @@ class Words1(PageWords[Format1]):
             "# tar -c from the folder and extracted as qrecover did.",
             "# WARNING: " + WARNING + ".",
         ]
-        out = output if mode == "restore" else None
+        out = output if mode == Mode.RESTORE else None
         return shell.transcript_head(
             argv, about, [shell.PRELUDE, FUNCTIONS], backup, out, ["need tar find"]
         )

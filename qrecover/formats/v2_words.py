@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qrecover import __version__
 from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML
+from qrecover.events import Mode
 from qrecover.formats import v2_sh
 from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.v2 import PAGE, Format2
@@ -104,7 +105,7 @@ class Words2(PageWords[Format2]):
         where = f"out={shell.q(str(output))}  # the output folder" if output else ""
         lines = self._preamble("Transcript of", backup, where, argv,
                                "Replay it with `sh THIS-FILE`; it stops at the first failure.")
-        lines += ['make_work "$out"' if mode == "restore" and output else
+        lines += ['make_work "$out"' if mode == Mode.RESTORE and output else
                   'make_work "${TMPDIR:-/tmp}"', "next_volume_script"]
         return lines
 

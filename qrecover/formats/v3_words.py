@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qrecover.archive.members import HEADER, HEADER_HMAC
+from qrecover.events import Mode, SinkKind
 from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.v3 import PAGE, BackupHeader, Format3, decrypt_stage, dgst_command
 from qrecover.hmacs import Digest
@@ -97,9 +98,9 @@ def header_meaning(header: BackupHeader, gunzip: str = "gzip") -> str:
 
 def last_stage(kind: str, archive: str = "the inner archive") -> str:
     """What a stored file's pipeline ends in (--explain), by the engine's ``kind``."""
-    if kind == "extract":
+    if kind == SinkKind.EXTRACT:
         return "untar into a private staging folder (moved into place once complete)"
-    if kind == "list":
+    if kind == SinkKind.LIST:
         return f"list {archive} with tar -t (verify writes nothing)"
     return f"take qubes.xml out of {archive}"
 
@@ -162,7 +163,7 @@ class Words3(PageWords[Format3]):
             f"# of the recovery page: {PAGE}",
         ]
         setup = ["need tar openssl od sed tr wc awk tail", *shell.passphrase_lines()]
-        out = output if mode == "restore" else None
+        out = output if mode == Mode.RESTORE else None
         return shell.transcript_head(argv, about, [shell.PRELUDE], backup, out, setup)
 
     def transcript_header(self) -> list[str]:

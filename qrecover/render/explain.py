@@ -24,6 +24,7 @@ from qrecover.events import (
     FileFinished,
     HeaderVerified,
     InventoryRead,
+    Mode,
     PipelineStarted,
     QubesXmlWritten,
 )
@@ -152,7 +153,7 @@ class Narrator:
             )
 
     def close(self) -> None:
-        if self.mode != "restore" or not self.images or self.words is None:
+        if self.mode != Mode.RESTORE or not self.images or self.words is None:
             return
         image = self.images[0]
         self.say(

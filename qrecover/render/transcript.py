@@ -15,7 +15,6 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from qrecover import formats
 from qrecover.archive.members import QUBES_XML, parse_member_name
@@ -28,8 +27,10 @@ from qrecover.events import (
     Event,
     FileFinished,
     HeaderVerified,
+    Mode,
     PipelineStarted,
     QubesXmlWritten,
+    SinkKind,
     about,
 )
 from qrecover.formats.base import Words
@@ -95,7 +96,7 @@ class TranscriptWriter:
     def __init__(
         self,
         file: PendingFile,
-        mode: Literal["verify", "restore"],
+        mode: Mode,
         backup: str | None,
         output: Path | None,
         argv: Sequence[str] = (),
@@ -167,10 +168,10 @@ class TranscriptWriter:
         else:
             subst: dict[str, str] = {}
             stdout: str | None = None
-            if started.kind == "extract":
+            if started.kind == SinkKind.EXTRACT:
                 assert started.staging is not None
                 subst[str(started.staging)] = shell.STAGE_DIR
-            elif started.kind == "capture":
+            elif started.kind == SinkKind.CAPTURE:
                 stdout = shell.XML_OUT
             else:
                 stdout = "/dev/null"
@@ -181,7 +182,7 @@ class TranscriptWriter:
             ]
             lines += shell.pipeline_block(block.chunks, started.stages, subst, stdout)
             lines.append(shell.pipeline_check(event.stored, started.stages))
-            if started.kind == "extract" and event.error is None and started.placeholder:
+            if started.kind == SinkKind.EXTRACT and event.error is None and started.placeholder:
                 folder = shell.out_path(started.folder)
                 lines += [
                     "# R4.3's placeholder for a qube without files: its folder, left empty",
@@ -190,7 +191,7 @@ class TranscriptWriter:
                     'rm -f -- "$work/stage/empty"',
                     f"mkdir -p -- {folder} || " + shell.call("die", "cannot create the folder"),
                 ]
-            elif started.kind == "extract" and event.error is None:
+            elif started.kind == SinkKind.EXTRACT and event.error is None:
                 lines.append(f'place "$work/stage" {shell.out_path(started.folder)}')
         if event.error is not None:
             problem = about(event.stored, event.error)
@@ -204,7 +205,7 @@ class TranscriptWriter:
             lines += ["", f"# qrecover stopped while working on {stored}"]
         self.blocks.clear()
         if ok:
-            what = "restored" if self.mode == "restore" else "verified"
+            what = "restored" if self.mode == Mode.RESTORE else "verified"
             lines += ["", shell.call("say", f"replay done: everything {what} as qrecover did")]
         else:
             lines += ["", shell.call("die", f"qrecover's run ended here: {note or 'it failed'}")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML, parse_member_name
+from qrecover.events import Mode
 from qrecover.formats.base import Narration, PageWords, PlanView
 from qrecover.formats.v3_words import last_stage
 from qrecover.formats.v4 import PAGE, BackupHeaderV4, Format4, sh
@@ -110,7 +111,7 @@ class Words4(PageWords[Format4]):
             *shell.passphrase_lines(),
             "scrypt_init",
         ]
-        out = output if mode == "restore" else None
+        out = output if mode == Mode.RESTORE else None
         functions = [shell.prelude(hmac=False), sh.scrypt_functions()]
         return shell.transcript_head(argv, about, functions, backup, out, setup)
 
