@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from qrecover import formats
-from qrecover.formats import v1_words, v2_words, v3_words
+from qrecover.formats import v1_words, v3_words
+from qrecover.formats.v2 import words as v2_words
 from qrecover.formats.v4 import words as v4_words
 from qrecover.procedure import Procedure, Step
 

@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from typing import overload
 
 from qrecover.errors import BackupError
-from qrecover.formats import v1, v1_words, v2, v2_words, v3, v3_words, v4
+from qrecover.formats import v1, v1_words, v2, v3, v3_words, v4
 from qrecover.formats.base import Format, HeaderlessFormat, HeadStart, Recognition, Words
+from qrecover.formats.v2 import words as v2_words
 from qrecover.formats.v4 import words as v4_words
 from qrecover.header import Header, split_header, validate
 from qrecover.hmacs import MAX_HMAC_FILE

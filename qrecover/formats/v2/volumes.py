@@ -68,7 +68,7 @@ from qrecover.stages.guard import (
 from qrecover.stages.sparse import Extent, old_gnu_map
 
 _COPY = 1024 * 1024
-# How a script runs tar for format 2 (qrecover.formats.v2_sh): its new-volume
+# How a script runs tar for format 2 (qrecover.formats.v2.sh): its new-volume
 # script gives tar the next volume; sh -c runs it with the exported $work.
 NEXT_VOLUME = '--new-volume-script=sh "$work/next-volume"'
 _POLL = 0.05  # seconds between looks at tar while waiting for it

@@ -14,9 +14,8 @@ from pathlib import Path
 from qrecover import __version__
 from qrecover.archive.members import HEADER, HEADER_HMAC, QUBES_XML
 from qrecover.events import Mode
-from qrecover.formats import v2_sh
 from qrecover.formats.base import Narration, PageWords, PlanView
-from qrecover.formats.v2 import PAGE, Format2
+from qrecover.formats.v2 import PAGE, Format2, sh
 from qrecover.formats.v3 import dgst_command
 from qrecover.formats.v3_words import OPENSSL_FOOTER, explain_hmac_chunk, hmac_init_line, last_stage
 from qrecover.inventory import DOM0, Entity
@@ -90,10 +89,10 @@ class Words2(PageWords[Format2]):
             "set -u",
             "",
             shell.PRELUDE,
-            *v2_sh.functions(self.fmt.header),
+            *sh.functions(self.fmt.header),
             *shell.backup_assignment(backup, "qrecover"),
             output,
-            shell.call("need", *v2_sh.programs(self.fmt.header)),
+            shell.call("need", *sh.programs(self.fmt.header)),
             *shell.passphrase_lines(),
         ]
 
@@ -125,7 +124,7 @@ class Words2(PageWords[Format2]):
             shell.call("check_hmac", HEADER, shell.HEADER_MISMATCH),
             "# the header has no version key (format 2); qrecover checked these values:",
             'cat -- "$work/backup-header" >&2',
-            *(shell.call("header_is", k, v) for k, v in v2_sh.header_checks(header)),
+            *(shell.call("header_is", k, v) for k, v in sh.header_checks(header)),
         ]
 
     def transcript_header(self) -> list[str]:
@@ -230,10 +229,10 @@ class Words2(PageWords[Format2]):
     # -- qrecover kit (RECOVERY.txt) ---------------------------------------------
 
     def kit_programs(self) -> list[str]:
-        return [p for p in v2_sh.programs(self.fmt.header) if p in ("openssl", "pigz")]
+        return [p for p in sh.programs(self.fmt.header) if p in ("openssl", "pigz")]
 
     def kit_by_hand(self, example: Entity | None) -> list[str]:
-        return v2_sh.by_hand(self.fmt.header, example)
+        return sh.by_hand(self.fmt.header, example)
 
     # -- qrecover script --------------------------------------------------------
 
@@ -251,7 +250,7 @@ class Words2(PageWords[Format2]):
                   f"# ---- qubes.xml: steps {CHUNK_STEPS} (it lists the VMs; kept in the output "
                   "folder)",
                   'chunk_list qubes.xml >"$work/chunks" || exit 1', "fresh_stage"]
-        xml_stages = [v2_sh.replay_stage(qubes_xml_stage())]
+        xml_stages = [sh.replay_stage(qubes_xml_stage())]
         lines += shell.pipeline_block(['feed_chunks "$work/chunks"'], xml_stages,
                                       stdout=shell.XML_OUT)
         lines += [shell.pipeline_check(QUBES_XML, xml_stages),
@@ -262,7 +261,7 @@ class Words2(PageWords[Format2]):
                  f"({UNTAR_VOLUMES})."]
         for target in plan.entities():
             plain = shell.render_argv(extract_stage(Path(scriptparts.STAGING), 0).argv[:4])
-            multi = shell.render_argv(v2_sh.replay_stage(
+            multi = shell.render_argv(sh.replay_stage(
                 extract_stage(Path(scriptparts.STAGING), 0)).argv[:6])
             lines += [line.replace(plain, multi, 1)
                       for line in scriptparts.vm_block(target, [], intro)]

@@ -12,7 +12,7 @@ instead of bash's ``$[ ]``, and only NAME.NNN chunks, never their .hmac.
 from __future__ import annotations
 
 from qrecover.formats.v2 import PAGE, BackupHeaderV2
-from qrecover.formats.v2.volumes import replay_stage as replay_stage  # (moved: v2_words)
+from qrecover.formats.v2.volumes import replay_stage as replay_stage  # (moved: words)
 from qrecover.inventory import Entity
 
 
